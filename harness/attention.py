@@ -1,0 +1,188 @@
+"""The attention-mechanism contract, mask helpers and the dense float64 oracle.
+
+A mechanism *mixes*: the backbone projects the input to queries, keys and values and
+projects the mixed result back; the mechanism maps
+
+    q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, D)  ->  (B, H, Lq, D)
+
+Conventions every mechanism follows:
+
+* ``key_padding_mask`` is a bool tensor of shape (B, Lk), **True at padded keys**.
+  A padded key has no influence at all on any output (linear mechanisms zero the
+  padded rows of their key features; they do not just add -inf).
+* ``causal=True`` means query ``i`` sees key ``j`` only when ``j <= i + (Lk - Lq)``
+  (bottom-right aligned, so a decoder step with a cache of past keys works).
+* A query whose every key is masked returns zeros, never NaN.
+* ``self.aux_loss`` is None or a scalar tensor that the trainer adds to the task loss.
+* ``metrics()`` returns floats worth logging (sparsity, gate density, learned spans).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+CAPABILITIES = ("causal", "cross", "key_padding", "relations")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a mechanism can do; callers check these before they call."""
+
+    causal: bool = False  # honours causal=True
+    cross: bool = False  # accepts Lq != Lk (keys from another sequence)
+    key_padding: bool = False  # honours key_padding_mask
+    relations: bool = False  # uses context.relations (B, Lq, Lk) integer ids
+
+    def as_dict(self) -> dict[str, bool]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def missing(self, required: set[str] | frozenset[str]) -> list[str]:
+        """The required capabilities this mechanism lacks, sorted."""
+        unknown = set(required) - set(CAPABILITIES)
+        if unknown:
+            raise ValueError(f"unknown capabilities {sorted(unknown)}; valid: {list(CAPABILITIES)}")
+        return sorted(c for c in required if not getattr(self, c))
+
+
+class UnsupportedCapability(RuntimeError):
+    """A mechanism was asked for something its capability flags do not allow."""
+
+
+@dataclass
+class AttentionContext:
+    """What some mechanisms need besides q, k, v.
+
+    positions: (B, L) integer positions of the query tokens (None: 0..L-1).
+    relations: (B, Lq, Lk) integer relation ids (schema linking for Spider).
+    step:      the global training step (for feature redraw schedules, annealing).
+    """
+
+    positions: Tensor | None = None
+    relations: Tensor | None = None
+    step: int = 0
+
+
+class Attention(nn.Module):
+    """Base class of every mechanism. Subclasses are registered with
+    ``harness.registry.register_mechanism`` which also sets ``name``, ``capabilities``
+    and ``config_class``."""
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    config_class: ClassVar[type] = object
+
+    def __init__(self, cfg: Any, *, heads: int, dim_head: int, max_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.heads = heads
+        self.dim_head = dim_head
+        self.max_len = max_len
+        self.aux_loss: Tensor | None = None
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        context: AttentionContext | None = None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars describing the last forward pass (e.g. sparsity), for logging."""
+        return {}
+
+    def check_call(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> None:
+        """Raise UnsupportedCapability when the call needs a flag this mechanism lacks."""
+        caps = self.capabilities
+        if causal and not caps.causal:
+            raise UnsupportedCapability(f"mechanism '{self.name}' does not support causal attention")
+        if q.shape[-2] != k.shape[-2] and not caps.cross:
+            raise UnsupportedCapability(
+                f"mechanism '{self.name}' does not support cross attention (Lq={q.shape[-2]}, Lk={k.shape[-2]})"
+            )
+        if key_padding_mask is not None and not caps.key_padding and bool(key_padding_mask.any()):
+            raise UnsupportedCapability(f"mechanism '{self.name}' does not support key padding masks")
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dim_head={self.dim_head}, cfg={self.cfg}"
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def causal_mask(lq: int, lk: int, device: torch.device | None = None) -> Tensor:
+    """(Lq, Lk) bool, True where query i may see key j: j <= i + (Lk - Lq)."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i + (lk - lq)
+
+
+def allowed_mask(
+    lq: int,
+    lk: int,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """Combined bool mask, True = may attend, broadcastable to (B, H, Lq, Lk).
+
+    Returns None when nothing is masked (the fast path for SDPA)."""
+    mask = None
+    if causal:
+        mask = causal_mask(lq, lk, device)[None, None]  # (1, 1, Lq, Lk)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+        mask = keep if mask is None else mask & keep
+    return mask
+
+
+def zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """Zero the rows of x (B, H, L, F) at padded positions (B, L): for linear mechanisms,
+    so that padded keys contribute exactly nothing to any sum."""
+    if key_padding_mask is None:
+        return x
+    return x.masked_fill(key_padding_mask.bool()[:, None, :, None], 0.0)
+
+
+# ----------------------------------------------------------------------------- oracle
+
+
+def dense_attention_oracle(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Reference softmax attention in float64, written out with no shortcuts.
+
+    out[b,h,i] = sum_j softmax_j(q_i.k_j * scale + bias_ij over allowed j) v_j, and 0 for a
+    query with no allowed key. ``bias`` broadcasts to (B, H, Lq, Lk). Returns float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    allowed = allowed_mask(q.shape[-2], k.shape[-2], key_padding_mask=key_padding_mask, causal=causal, device=q.device)
+    if allowed is None:
+        allowed = torch.ones_like(scores, dtype=torch.bool)
+    allowed = allowed.expand_as(scores)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True).clamp_min(-1e300)  # finite even for empty rows
+    weights = torch.exp(scores - row_max) * allowed
+    denom = weights.sum(-1, keepdim=True)
+    weights = torch.where(denom > 0, weights / denom.clamp_min(1e-300), torch.zeros_like(weights))
+    return torch.einsum("bhij,bhjd->bhid", weights, v)

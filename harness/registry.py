@@ -1,0 +1,331 @@
+"""One front door for mechanisms and tasks: registration, discovery, construction.
+
+A mechanism is one file in ``mechanisms/`` (or a module exposed through the entry-point
+group ``harness.mechanisms`` of another installed package)::
+
+    @dataclass
+    class MyConfig:
+        rank: int = 64
+
+    @register_mechanism("mine", MyConfig, causal=True, key_padding=True)
+    class Mine(Attention): ...
+
+Registration stores the typed config in Hydra's ConfigStore under the group
+``mechanism`` (tasks: ``task``), so ``mechanism=mine mechanism.rank=32`` works and is
+type-checked with no YAML. Discovery imports every ``mechanisms/*.py`` and
+``tasks/*.py`` not starting with ``_``, the entry-point groups, and the directories in
+``$HARNESS_PLUGIN_PATH`` (os.pathsep-separated). A plugin that fails to import is
+recorded in ``plugin_errors()`` with its error and never stops the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pkgutil
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.core.config_store import ConfigStore
+
+from harness.attention import CAPABILITIES, Attention, Capabilities
+
+log = logging.getLogger(__name__)
+
+MECHANISM_ENTRY_POINTS = "harness.mechanisms"
+TASK_ENTRY_POINTS = "harness.tasks"
+PLUGIN_PATH_ENV = "HARNESS_PLUGIN_PATH"
+
+
+class UnknownNameError(KeyError):
+    """An unknown mechanism or task name; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass
+class MechanismSpec:
+    name: str
+    cls: type[Attention]
+    config_class: type
+    capabilities: Capabilities
+    module: str
+
+    @property
+    def doc(self) -> str:
+        return first_line(self.cls.__doc__) or first_line(sys.modules[self.cls.__module__].__doc__)
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    cls: type
+    config_class: type
+    sources: tuple[str, ...]
+    module: str
+    requires: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def doc(self) -> str:
+        return first_line(self.cls.__doc__) or first_line(sys.modules[self.cls.__module__].__doc__)
+
+
+_MECHANISMS: dict[str, MechanismSpec] = {}
+_TASKS: dict[str, TaskSpec] = {}
+_ERRORS: dict[str, str] = {}
+_DISCOVERED = False
+
+
+def first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""
+
+
+def _config_node(name: str, config_class: type) -> type:
+    """The dataclass stored in Hydra: the mechanism's config plus its ``name``."""
+    if not dataclasses.is_dataclass(config_class):
+        raise TypeError(f"config of '{name}' must be a dataclass, got {config_class!r}")
+    for f in dataclasses.fields(config_class):
+        if f.name == "name":
+            raise TypeError(f"config of '{name}' may not have a field called 'name' (it is reserved)")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TypeError(f"config field '{name}.{f.name}' needs a default")
+    return dataclasses.make_dataclass(
+        f"{config_class.__name__}Node", [("name", str, field(default=name))], bases=(config_class,)
+    )
+
+
+def _check_new(kind: str, registry: dict, name: str, cls: type) -> None:
+    old = registry.get(name)
+    if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"{kind} '{name}' is registered twice: by {old.module} and by {cls.__module__}")
+
+
+def register_mechanism(
+    name: str,
+    config_class: type,
+    *,
+    causal: bool = False,
+    cross: bool = False,
+    key_padding: bool = False,
+    relations: bool = False,
+) -> Callable[[type[Attention]], type[Attention]]:
+    """Class decorator: make an ``Attention`` subclass known as ``name``."""
+
+    def decorate(cls: type[Attention]) -> type[Attention]:
+        if not (isinstance(cls, type) and issubclass(cls, Attention)):
+            raise TypeError(f"mechanism '{name}' must subclass harness.attention.Attention")
+        _check_new("mechanism", _MECHANISMS, name, cls)
+        caps = Capabilities(causal=causal, cross=cross, key_padding=key_padding, relations=relations)
+        cls.name, cls.capabilities, cls.config_class = name, caps, config_class
+        ConfigStore.instance().store(group="mechanism", name=name, node=_config_node(name, config_class))
+        _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__)
+        return cls
+
+    return decorate
+
+
+def register_task(
+    name: str,
+    config_class: type,
+    *,
+    sources: tuple[str, ...],
+    requires: tuple[str, ...] = (),
+    scales: dict[str, dict[str, Any]] | None = None,
+) -> Callable[[type], type]:
+    """Class decorator: make a ``harness.data.Task`` subclass known as ``name``.
+
+    ``sources`` names the data sources the config's ``source`` field accepts (the
+    offline default first). ``requires`` lists capabilities every mechanism must have
+    to run it (e.g. ``("causal",)``). ``scales`` maps a scale name to config overrides
+    for that task at that scale, e.g. ``{"lra": {"task": {"max_len": 2000},
+    "model": {"dim": 512}}}``; they are stored as Hydra config ``task_scale/<task>_<scale>``
+    and composed after the scale, so command-line overrides still win.
+    """
+    unknown = set(requires) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"task '{name}' requires unknown capabilities {sorted(unknown)}; valid: {CAPABILITIES}")
+
+    def decorate(cls: type) -> type:
+        _check_new("task", _TASKS, name, cls)
+        cls.name, cls.config_class, cls.sources, cls.requires = name, config_class, tuple(sources), frozenset(requires)
+        store = ConfigStore.instance()
+        store.store(group="task", name=name, node=_config_node(name, config_class))
+        for scale, preset in (scales or {}).items():
+            store.store(group="task_scale", name=f"{name}_{scale}", node=preset, package="_global_")
+        _TASKS[name] = TaskSpec(name, cls, config_class, tuple(sources), cls.__module__, frozenset(requires))
+        return cls
+
+    return decorate
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _import_package_modules(package: str) -> None:
+    try:
+        pkg = importlib.import_module(package)
+    except Exception as exc:  # the package itself is broken: report, go on
+        _ERRORS[package] = _describe(exc)
+        return
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        _guarded_import(f"{package}.{info.name}", lambda n=f"{package}.{info.name}": importlib.import_module(n))
+
+
+def _import_file(path: Path) -> None:
+    module_name = f"harness_plugin_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _guarded_import(label: str, load: Callable[[], Any]) -> None:
+    try:
+        load()
+        _ERRORS.pop(label, None)
+    except Exception as exc:
+        _ERRORS[label] = _describe(exc)
+        log.warning("plugin %s failed to load: %s", label, _ERRORS[label])
+
+
+def discover(extra_paths: list[str | Path] | None = None, *, force: bool = False) -> None:
+    """Import every mechanism and task: built-in packages, entry points, plugin paths.
+
+    Safe to call many times; built-ins and entry points load once unless ``force``."""
+    global _DISCOVERED
+    if not _DISCOVERED or force:
+        _import_package_modules("mechanisms")
+        _import_package_modules("tasks")
+        for group in (MECHANISM_ENTRY_POINTS, TASK_ENTRY_POINTS):
+            for ep in importlib.metadata.entry_points(group=group):
+                _guarded_import(f"{group}:{ep.name}", ep.load)
+        _DISCOVERED = True
+    paths = [p for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]
+    for folder in [*paths, *(extra_paths or [])]:
+        folder = Path(folder)
+        if not folder.is_dir():
+            _ERRORS[str(folder)] = f"plugin folder {folder} does not exist"
+            continue
+        for path in sorted(folder.glob("*.py")):
+            if not path.name.startswith("_"):
+                _guarded_import(str(path), lambda p=path: _import_file(p))
+
+
+def plugin_errors() -> dict[str, str]:
+    """Plugins that failed to import, with their error (one line each)."""
+    return dict(_ERRORS)
+
+
+# ----------------------------------------------------------------------------- lookup
+
+
+def _lookup(kind: str, registry: dict, name: str):
+    discover()
+    if name not in registry:
+        valid = ", ".join(sorted(registry)) or "(none)"
+        hint = f" (failed plugins: {', '.join(sorted(_ERRORS))})" if _ERRORS else ""
+        raise UnknownNameError(f"unknown {kind} '{name}'; registered {kind}s: {valid}{hint}")
+    return registry[name]
+
+
+def get_mechanism(name: str) -> MechanismSpec:
+    return _lookup("mechanism", _MECHANISMS, name)
+
+
+def get_task(name: str) -> TaskSpec:
+    return _lookup("task", _TASKS, name)
+
+
+def list_mechanisms() -> list[str]:
+    discover()
+    return sorted(_MECHANISMS)
+
+
+def list_tasks() -> list[str]:
+    discover()
+    return sorted(_TASKS)
+
+
+def build_config(config_class: type, overrides: dict[str, Any] | Any | None, *, what: str) -> Any:
+    """A typed config from a dict / DictConfig / dataclass of overrides, rejecting unknown
+    fields and wrongly typed values (through OmegaConf's structured-config validation)."""
+    from omegaconf import OmegaConf
+
+    if overrides is None:
+        return config_class()
+    if dataclasses.is_dataclass(overrides) and not isinstance(overrides, type):
+        overrides = dataclasses.asdict(overrides)
+    elif not isinstance(overrides, dict):
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    overrides = {k: v for k, v in dict(overrides).items() if k != "name"}
+    valid = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(f"{what} has no field(s) {unknown}; its fields are {sorted(valid)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(config_class), overrides)
+    except Exception as exc:
+        raise TypeError(f"bad value for {what}: {exc}".splitlines()[0]) from exc
+    return OmegaConf.to_object(merged)
+
+
+def create_mechanism(name: str, *, heads: int, dim_head: int, max_len: int, **config_overrides: Any) -> Attention:
+    """Build a registered mechanism, ready to call (like timm's ``create_model``)."""
+    spec = get_mechanism(name)
+    cfg = build_config(spec.config_class, config_overrides, what=f"mechanism '{name}'")
+    return spec.cls(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
+
+
+def create_task(name: str, *, scale: str = "tiny", **config_overrides: Any):
+    """Build a registered task object from its typed config."""
+    spec = get_task(name)
+    cfg = build_config(spec.config_class, config_overrides, what=f"task '{name}'")
+    return spec.cls(cfg, scale=scale)
+
+
+def describe() -> dict[str, Any]:
+    """Everything registered, as plain data (what ``python -m harness list --json`` prints)."""
+    discover()
+    mechanisms = {
+        name: {
+            "capabilities": spec.capabilities.as_dict(),
+            "config": {f.name: _default(f) for f in dataclasses.fields(spec.config_class)},
+            "doc": spec.doc,
+            "module": spec.module,
+        }
+        for name, spec in sorted(_MECHANISMS.items())
+    }
+    tasks = {
+        name: {
+            "sources": list(spec.sources),
+            "requires": sorted(spec.requires),
+            "config": {f.name: _default(f) for f in dataclasses.fields(spec.config_class)},
+            "doc": spec.doc,
+            "module": spec.module,
+        }
+        for name, spec in sorted(_TASKS.items())
+    }
+    return {"mechanisms": mechanisms, "tasks": tasks, "errors": plugin_errors()}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else repr(value)
