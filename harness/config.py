@@ -1,0 +1,86 @@
+"""The typed schema of a run, registered in Hydra's ConfigStore, and ``compose``.
+
+``conf/config.yaml`` composes: this schema, ``task=`` (a registered task config),
+``mechanism=`` (a registered mechanism config), ``scale=`` (model size and training
+budget), ``trainer=`` (hardware), and ``task_scale/<task>_<scale>`` (the task's own
+settings at that scale, registered with the task). Command-line overrides come last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from harness.model import ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+RERUN = ("none", "failed", "all")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation budget; set by the scale, refined per task by its scale preset."""
+
+    max_steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | rsqrt | constant (after linear warm-up)
+    eval_every: int = 50  # validate every N training steps (and at the end)
+    eval_batches: int = 0  # limit validation batches (0 = all)
+    grad_clip: float = 1.0
+    time_limit_s: float = 0.0  # stop a cell as "timeout" after this long (0 = none)
+
+
+@dataclass
+class TrainerConfig:
+    """Where and how Lightning runs (conf/trainer/*.yaml)."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"  # bf16-mixed on GPUs
+    num_workers: int = 0
+    deterministic: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class ScaleConfig:
+    name: str = "tiny"
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class RunConfig:
+    task: Any = MISSING
+    mechanism: Any = MISSING
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    results_dir: str = "results"
+    cache_dir: str = "${oc.env:HARNESS_CACHE_DIR,.cache/data}"
+    rerun: str = "none"  # none: skip recorded cells | failed: retry failed ones | all
+    keep_checkpoints: bool = False
+
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def compose(overrides: list[str] | None = None, *, config_name: str = "config") -> DictConfig:
+    """Compose the run config as ``python -m harness run`` would (for tests and tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from harness.registry import discover
+
+    discover()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

@@ -1,0 +1,259 @@
+"""The backbone: embeddings + positions, pre-norm Transformer blocks with a pluggable
+mechanism, and the task heads (classifier, two-tower matcher, causal LM).
+
+    x = embed(ids) + pos                       (B, L, dim)
+    x = x + Wo · mechanism(Wq x, Wk x, Wv x)   per block, on LayerNorm(x)
+    x = x + MLP(LayerNorm(x))
+    head(LayerNorm(x))
+
+Heads take a batch dict (see ``harness.data``) and return logits; ``Head.loss`` turns
+logits into the loss and summable statistics (``correct``, ``count``, ``nll``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.attention import Attention, AttentionContext
+from harness.registry import create_mechanism
+
+POSITIONS = ("sinusoidal", "learned", "none")
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 64  # embedding / residual width
+    depth: int = 2  # number of blocks
+    heads: int = 4  # dim must be divisible by heads
+    mlp_dim: int = 128  # hidden width of each block's MLP
+    dropout: float = 0.1
+    positions: str = "sinusoidal"  # sinusoidal | learned | none
+    pooling: str = "mean"  # mean (over non-pad tokens) | cls
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"model.positions='{self.positions}'; valid: {', '.join(POSITIONS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling='{self.pooling}'; valid: {', '.join(POOLINGS)}")
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> Tensor:
+    """(L, dim) table of "Attention Is All You Need": sin on even, cos on odd channels."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+class MultiHeadMixing(nn.Module):
+    """Q/K/V projections, the mechanism, the output projection."""
+
+    def __init__(self, dim: int, heads: int, mechanism: Attention):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim // heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.mechanism = mechanism
+
+    def split(self, x: Tensor) -> Tensor:  # (B, L, H·D) -> (B, H, L, D)
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def forward(self, x, *, memory=None, key_padding_mask=None, causal=False, context=None) -> Tensor:
+        source = x if memory is None else memory
+        q = self.split(self.to_q(x))
+        k, v = (self.split(t) for t in self.to_kv(source).chunk(2, dim=-1))
+        self.mechanism.check_call(q, k, key_padding_mask, causal)
+        out = self.mechanism(q, k, v, key_padding_mask=key_padding_mask, causal=causal, context=context)
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + mix(LN x), then x + MLP(LN x)."""
+
+    def __init__(self, cfg: ModelConfig, mechanism: Attention):
+        super().__init__()
+        self.norm_mix, self.norm_mlp = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.mix = MultiHeadMixing(cfg.dim, cfg.heads, mechanism)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.mlp_dim, cfg.dim)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, *, key_padding_mask=None, causal=False, context=None) -> Tensor:
+        x = x + self.drop(self.mix(self.norm_mix(x), key_padding_mask=key_padding_mask, causal=causal, context=context))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+class Encoder(nn.Module):
+    """Token ids (B, L) -> states (B, L', dim); L' = L + 1 with a CLS token in front."""
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_len: int, mechanism: str, mechanism_cfg: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.use_cls = cfg.pooling == "cls"
+        self.max_len = max_len + int(self.use_cls)
+        self.embed = nn.Embedding(vocab_size + int(self.use_cls), cfg.dim)  # last id = CLS
+        self.cls_id = vocab_size
+        self.pos = nn.Embedding(self.max_len, cfg.dim) if cfg.positions == "learned" else None
+        overrides = _as_overrides(mechanism_cfg)
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg,
+                create_mechanism(
+                    mechanism, heads=cfg.heads, dim_head=cfg.dim // cfg.heads, max_len=self.max_len, **overrides
+                ),
+            )
+            for _ in range(cfg.depth)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    @property
+    def mechanisms(self) -> list[Attention]:
+        return [block.mix.mechanism for block in self.blocks]
+
+    def forward(self, ids: Tensor, padding_mask: Tensor, *, causal=False, relations=None, step: int = 0):
+        """Returns (states (B, L', dim), padding_mask (B, L'))."""
+        if self.use_cls:
+            cls = torch.full_like(ids[:, :1], self.cls_id)
+            ids = torch.cat([cls, ids], dim=1)
+            padding_mask = torch.cat([torch.zeros_like(padding_mask[:, :1]), padding_mask], dim=1)
+        b, n = ids.shape
+        if n > self.max_len:
+            raise ValueError(f"sequence of length {n} exceeds the model's max_len {self.max_len}")
+        x = self.embed(ids)
+        if self.cfg.positions == "sinusoidal":
+            x = x + sinusoidal_positions(n, self.cfg.dim, ids.device).to(x.dtype)
+        elif self.pos is not None:
+            x = x + self.pos.weight[:n]
+        x = self.drop(x)
+        context = AttentionContext(positions=torch.arange(n, device=ids.device).expand(b, n), relations=relations, step=step)
+        # All-False masks are dropped so mechanisms without key_padding run unpadded batches.
+        kpm = padding_mask if bool(padding_mask.any()) else None
+        for block in self.blocks:
+            x = block(x, key_padding_mask=kpm, causal=causal, context=context)
+        return self.norm(x), padding_mask
+
+    def pool(self, states: Tensor, padding_mask: Tensor) -> Tensor:
+        """(B, dim): the CLS state, or the mean over non-pad tokens."""
+        if self.use_cls:
+            return states[:, 0]
+        keep = (~padding_mask).unsqueeze(-1).to(states.dtype)
+        return (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def _as_overrides(mechanism_cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if mechanism_cfg is None:
+        return {}
+    if isinstance(mechanism_cfg, DictConfig):
+        mechanism_cfg = OmegaConf.to_container(mechanism_cfg, resolve=True)
+    elif dataclasses.is_dataclass(mechanism_cfg):
+        mechanism_cfg = dataclasses.asdict(mechanism_cfg)
+    return {k: v for k, v in dict(mechanism_cfg).items() if k != "name"}
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+class Head(nn.Module):
+    """Maps a batch to logits and logits to (loss, stats)."""
+
+    causal = False
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = batch["label"]
+        loss = F.cross_entropy(logits.float(), labels)
+        correct = (logits.argmax(-1) == labels).sum()
+        return loss, {"correct": correct, "count": torch.tensor(labels.numel()), "nll": loss.detach() * labels.numel()}
+
+
+class ClassifierHead(Head):
+    """Pooled encoder state -> class logits."""
+
+    def __init__(self, encoder: Encoder, num_classes: int):
+        super().__init__(encoder)
+        self.out = nn.Linear(encoder.cfg.dim, num_classes)
+
+    def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
+        states, mask = self.encoder(batch["input_ids"], batch["padding_mask"], relations=batch.get("relations"), step=step)
+        return self.out(self.encoder.pool(states, mask))
+
+
+class MatcherHead(Head):
+    """LRA's two-tower matcher: one shared encoder, pooled X1, X2, then an MLP on
+    [X1, X2, X1*X2, X1-X2] (Tay et al. 2021, the AAN retrieval task)."""
+
+    def __init__(self, encoder: Encoder, num_classes: int):
+        super().__init__(encoder)
+        dim = encoder.cfg.dim
+        self.out = nn.Sequential(nn.Linear(4 * dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
+
+    def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
+        x1 = self.encoder.pool(*self.encoder(batch["input_ids_1"], batch["padding_mask_1"], step=step))
+        x2 = self.encoder.pool(*self.encoder(batch["input_ids_2"], batch["padding_mask_2"], step=step))
+        return self.out(torch.cat([x1, x2, x1 * x2, x1 - x2], dim=-1))
+
+
+class LanguageModelHead(Head):
+    """Causal next-token prediction; logits (B, L, vocab), loss over non-pad targets.
+    Stats: ``nll`` in nats summed over predicted tokens (bits/token = nll / count / ln 2)."""
+
+    causal = True
+
+    def __init__(self, encoder: Encoder, vocab_size: int):
+        super().__init__(encoder)
+        if encoder.use_cls:
+            raise ValueError("a language model cannot use CLS pooling; set model.pooling=mean")
+        self.out = nn.Linear(encoder.cfg.dim, vocab_size)
+
+    def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
+        states, _ = self.encoder(batch["input_ids"], batch["padding_mask"], causal=True, step=step)
+        return self.out(states)
+
+    def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        targets = batch["input_ids"][:, 1:]
+        valid = ~batch["padding_mask"][:, 1:]
+        pred = logits[:, :-1].float()
+        nll = F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")[valid]
+        count = valid.sum()
+        loss = nll.sum() / count.clamp_min(1)
+        correct = (pred.argmax(-1) == targets)[valid].sum()
+        return loss, {"correct": correct, "count": count, "nll": nll.detach().sum()}
+
+
+HEADS = {"classifier": ClassifierHead, "matcher": MatcherHead, "lm": LanguageModelHead}
+
+
+def build_model(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: Any = None) -> Head:
+    """The model for a task: its encoder with ``mechanism`` in every block, and its head."""
+    if task.head not in HEADS:
+        raise ValueError(f"task '{task.name}' asks for head '{task.head}'; valid heads: {', '.join(HEADS)}")
+    encoder = Encoder(model_cfg, vocab_size=task.vocab_size, max_len=task.max_len, mechanism=mechanism, mechanism_cfg=mechanism_cfg)
+    size = task.vocab_size if task.head == "lm" else task.num_classes
+    return HEADS[task.head](encoder, size)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,201 @@
+"""Lightning pieces: the module (loss + mechanism aux losses, metrics), the data module
+over the cached ``datasets`` splits, and the callbacks that measure a cell.
+
+Metrics are accumulated as sums (``correct``, ``count``, ``nll``) over a whole split, so
+``accuracy`` and ``bits_per_token`` are exact, not means of batch means.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from harness.config import TrainConfig
+from harness.data import collate
+from harness.model import Head
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN/inf loss."""
+
+
+class CellTimeout(TimeoutError):
+    """The cell ran past train.time_limit_s."""
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base lr at a step: linear warm-up, then cosine/rsqrt/constant."""
+    warmup = max(1, warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "rsqrt":
+            return math.sqrt(warmup / (step + 1))
+        if schedule == "constant":
+            return 1.0
+        raise ValueError(f"train.schedule='{schedule}'; valid: cosine, rsqrt, constant")
+
+    return factor
+
+
+class TaskModule(L.LightningModule):
+    """Trains a task head; logs ``<split>/accuracy`` (and ``bits_per_token`` for LMs)."""
+
+    def __init__(self, model: Head, train_cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.train_cfg = train_cfg
+        self._sums: dict[str, dict[str, float]] = {}
+        self.final_metrics: dict[str, dict[str, float]] = {}
+
+    def aux_loss(self) -> torch.Tensor | None:
+        terms = [m.aux_loss for m in self.model.encoder.mechanisms if m.aux_loss is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch, step=self.global_step)
+        loss, stats = self.model.loss(logits, batch)
+        aux = self.aux_loss()
+        total = loss if aux is None else loss + aux
+        if not torch.isfinite(total):
+            raise NonFiniteLoss(f"non-finite training loss {total.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        if aux is not None:
+            self.log("train/aux_loss", aux)
+        self.log("train/accuracy", stats["correct"].float() / stats["count"].clamp_min(1), prog_bar=True)
+        return total
+
+    # -- evaluation: exact sums over the split --------------------------------------------
+    def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        logits = self.model(batch, step=self.global_step)
+        _, stats = self.model.loss(logits, batch)
+        sums = self._sums.setdefault(split, {})
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        for mech in self.model.encoder.mechanisms:
+            for key, value in mech.metrics().items():
+                sums[f"mech/{key}"] = sums.get(f"mech/{key}", 0.0) + float(value)
+        sums["batches"] = sums.get("batches", 0.0) + 1.0
+
+    def _eval_end(self, split: str) -> None:
+        sums = self._sums.pop(split, {})
+        if not sums:
+            return
+        if self.trainer.world_size > 1:  # exact metrics under DDP: add up every rank's sums
+            keys = sorted(sums)
+            total = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum")
+            sums = dict(zip(keys, total.tolist()))
+        count = max(sums["count"], 1.0)
+        metrics = {"accuracy": sums["correct"] / count, "loss": sums["nll"] / count}
+        if self.model.causal:
+            metrics["bits_per_token"] = sums["nll"] / count / math.log(2)
+        layers = len(self.model.encoder.mechanisms) * sums["batches"]
+        metrics.update({k[5:]: v / layers for k, v in sums.items() if k.startswith("mech/")})
+        for key, value in metrics.items():
+            self.log(f"{split}/{key}", value, prog_bar=key == "accuracy", sync_dist=False)
+        self.final_metrics[split] = metrics
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Batches of a prepared DatasetDict, padded per batch (``harness.data.collate``)."""
+
+    def __init__(self, dataset_dict, *, batch_size: int, seed: int, num_workers: int = 0, eval_batch_size: int | None = None):
+        super().__init__()
+        self.dsd = dataset_dict
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dsd[split],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("validation", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+
+class CellMeter(L.Callback):
+    """Measures training throughput (tokens/s, padded tokens as the model sees them,
+    after the first ``skip`` steps), and enforces the cell's time limit."""
+
+    def __init__(self, time_limit_s: float = 0.0, skip: int = 2):
+        self.time_limit_s = time_limit_s
+        self.skip = skip
+        self.tokens = 0
+        self.train_time = 0.0
+        self.steps = 0
+        self._t0 = 0.0
+        self._start = time.perf_counter()
+
+    @staticmethod
+    def _sync(module: L.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.time_limit_s and time.perf_counter() - self._start > self.time_limit_s:
+            raise CellTimeout(f"cell exceeded train.time_limit_s={self.time_limit_s:g}s at step {trainer.global_step}")
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: dict[str, Any], batch_idx: int) -> None:
+        self._sync(pl_module)
+        self.steps += 1
+        if self.steps <= self.skip:
+            return
+        self.train_time += time.perf_counter() - self._t0
+        self.tokens += sum(v.numel() for k, v in batch.items() if k.startswith("input_ids"))
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.train_time if self.train_time > 0 else None
