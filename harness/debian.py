@@ -56,6 +56,10 @@ def fetch_package(package: str) -> Path:
     log.info("fetching Debian package %s into %s", package, root)
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            log.info("apt-get download %s failed; refreshing the package lists once", package)
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            done = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         debs = list(Path(tmp).glob("*.deb"))
         if done.returncode != 0 or not debs:
             detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no .deb downloaded"]

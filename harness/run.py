@@ -181,6 +181,22 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
+def check_names(overrides: list[str]) -> None:
+    """Fail with one line listing the valid names when task=/mechanism= names an unknown one."""
+    from harness.registry import UnknownNameError, get_mechanism, get_task
+
+    lookups = {"task": get_task, "mechanism": get_mechanism}
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if sep and key in lookups:
+            for name in value.split(","):
+                try:
+                    lookups[key](name.strip())
+                except UnknownNameError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    sys.exit(2)
+
+
 def main() -> None:
     """Hydra entry point (``python -m harness.run ...``, or ``--multirun`` for a sweep)."""
     import hydra
@@ -189,6 +205,7 @@ def main() -> None:
     from harness.registry import discover
 
     discover()
+    check_names(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _main(cfg: DictConfig) -> None:

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -6,7 +5,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/mechanism_checks.py
-os.environ.setdefault("HARNESS_NO_APT", "1")  # tests never install system packages
 
 
 @pytest.fixture(autouse=True)

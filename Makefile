@@ -1,0 +1,55 @@
+# Long-sequence attention benchmark. `make` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+GRID ?= default
+SCALE ?= auto
+SEEDS ?=
+RESULTS ?= results
+
+help: ## show this help
+	@grep -hE '^[a-z][a-z-]*:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=default  SEEDS=0,1,2  RESULTS=results"
+
+install: $(STAMP) ## create .venv and install torch==2.13.0, then the project with [dev] and the peer plugins
+
+$(STAMP): pyproject.toml plugins/peers/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e plugins/peers
+	touch $@
+
+data: install ## prepare every task's offline data (fetches the Debian packages it needs)
+	$(PY) -m harness data task=all scale=$(if $(filter auto,$(SCALE)),small,$(SCALE))
+
+benchmark: install ## run the grid (scale=lra on a GPU, small otherwise), then write the leaderboard
+	$(PY) -m harness grid grid=$(GRID) scale=$(SCALE) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
+	status=$$?; $(PY) -m harness report results_dir=$(RESULTS); exit $$status
+
+smoke: install ## the grid at scale=tiny (minutes on a CPU), then the leaderboard
+	$(PY) -m harness grid grid=$(GRID) scale=tiny results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
+	status=$$?; $(PY) -m harness report results_dir=$(RESULTS); exit $$status
+
+speed: install ## speed and memory of every mechanism across sequence lengths (results/speed/)
+	$(PY) -m harness speed out=$(RESULTS)/speed
+	$(PY) -m harness report results_dir=$(RESULTS)
+
+report: install ## regenerate results/leaderboard.md and results/plots/ from the results
+	$(PY) -m harness report results_dir=$(RESULTS)
+
+test: install ## the fast test suite (what CI runs)
+	$(PY) -m pytest -q -m "not slow" -n 2
+
+test-all: install ## every test, slow ones included
+	$(PY) -m pytest -q -n 2
+
+lint: install ## ruff
+	$(PY) -m ruff check .
+
+.PHONY: help install data benchmark smoke speed report test test-all lint

@@ -1,0 +1,198 @@
+"""Nyström attention (Xiong, Zeng, Chakraborty, Tan, Fung, Li & Singh 2021, "Nyströmformer:
+A Nyström-Based Algorithm for Approximating Self-Attention", arXiv:2102.03902).
+
+The softmax matrix S = softmax(Q Kᵀ/√d) is approximated from m landmarks Q̃, K̃ (means of
+m contiguous segments of the queries and keys), eq. (15) of the paper:
+
+    Ŝ V = softmax(Q K̃ᵀ/√d) · pinv(softmax(Q̃ K̃ᵀ/√d)) · (softmax(Q̃ Kᵀ/√d) · V)
+            (L × m)              (m × m)                    (m × L)(L × d)
+
+plus (optionally) a depthwise convolution of V along the sequence as a residual. pinv is
+the iterative Moore–Penrose method of the paper (Razavi et al. 2014),
+
+    Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞),   Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))),
+
+with the scaling ‖A‖₁‖A‖∞ computed for each (example, head) matrix — never a max over the
+batch as in the published code, which makes one example's output depend on the others.
+
+Accuracy/speed trade-off: ``num_landmarks`` (m; more landmarks = closer to softmax, exact
+when every token is its own landmark, m ≥ L) and ``pinv_iterations`` (more = closer to the
+true pseudo-inverse). Cost O(L·m·d + m³·iterations) time, O(L·m) memory; the products are
+taken right to left so no L × m × m term appears.
+
+Lengths that are not a multiple of m (and L < m, where m = L: every token its own
+landmark): the sequence is padded internally to m·⌈L/m⌉ with the padding slots spread over
+the m segments, so segment sizes differ by at most one and no landmark is wasted on pure
+padding (padding only at the end would leave e.g. 31 of 64 segments empty at L = 65).
+Padding slots and key-padded positions are left out of the landmark means; a segment with
+no valid token is a masked landmark (zero row and column of the middle factor, whose
+pseudo-inverse is then zero there too), so it never makes NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.attention import Attention, AttentionContext, zero_padded
+from harness.registry import register_mechanism
+
+
+@dataclass
+class NystromConfig:
+    num_landmarks: int = 64  # m segment-mean landmarks: the accuracy/speed knob (exact when m >= L)
+    pinv_iterations: int = 6  # iterations of the Moore–Penrose method: more = closer to the exact pinv
+    conv_kernel_size: int = 33  # depthwise conv residual on V along the sequence; 0 disables it
+
+
+def segment_means(x: Tensor, valid: Tensor | None, num_segments: int) -> tuple[Tensor, Tensor | None]:
+    """Means of n = min(num_segments, L) contiguous segments over valid positions only.
+
+    Each segment has ⌈L/n⌉ slots: the sequence is padded to n·⌈L/n⌉ with the padding slots
+    spread over the segments (segment i holds tokens ⌈iL/n⌉ … ⌈(i+1)L/n⌉ - 1, so sizes
+    differ by at most one and no segment is all padding). Padding slots and invalid tokens
+    are left out of the means.
+
+    x: (B, H, L, D), valid: (B, L) bool (True = real token) or None.
+    Returns (B, H, n, D) in at least float32, and the (B, n) bool validity of each segment
+    (None when every segment holds a valid token)."""
+    b, h, length, d = x.shape
+    n = min(num_segments, length)
+    slots = -(-length // n)  # ⌈L/n⌉
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if length % n == 0:  # equal segments: a reshape
+        if valid is None:
+            return x.reshape(b, h, n, slots, d).mean(3), None
+        keep = valid  # (B, n·slots)
+    else:
+        i = torch.arange(n, device=x.device)
+        start = (i * length + n - 1) // n  # ⌈iL/n⌉
+        size = ((i + 1) * length + n - 1) // n - start  # (n,) ⌊L/n⌋ or ⌈L/n⌉
+        j = torch.arange(slots, device=x.device)
+        index = (start[:, None] + j).clamp(max=length - 1).reshape(-1)  # (n·slots,)
+        x = x.index_select(2, index)  # (B, H, n·slots, D)
+        keep = (j < size[:, None]).reshape(1, -1)  # (1, n·slots), False at padding slots
+        keep = keep if valid is None else keep & valid[:, index]  # (B|1, n·slots)
+    x = x.masked_fill(~keep[:, None, :, None], 0.0)
+    count = keep.reshape(keep.shape[0], n, slots).sum(-1)  # (B|1, n)
+    means = x.reshape(b, h, n, slots, d).sum(3) / count.clamp_min(1).to(x.dtype)[:, None, :, None]
+    return means, (None if valid is None else count > 0)
+
+
+def masked_softmax(scores: Tensor, col_valid: Tensor | None, row_valid: Tensor | None) -> Tensor:
+    """Softmax over the last axis of scores (B, H, R, C) in at least float32, with columns
+    where col_valid (B, C) is False given weight exactly 0 and rows where row_valid (B, R)
+    is False set to 0. A row with no valid column is finite (uniform) — callers zero it."""
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if col_valid is not None:
+        scores = scores.masked_fill(~col_valid[:, None, None, :], torch.finfo(scores.dtype).min)
+    weights = scores.softmax(-1)
+    if row_valid is not None:
+        weights = weights.masked_fill(~row_valid[:, None, :, None], 0.0)
+    return weights
+
+
+def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
+    """Moore–Penrose pseudo-inverse of each matrix a (..., R, C) -> (..., C, R), by the
+    iteration of Razavi et al. (2014) used in Nyströmformer, in at least float32 with
+    autocast off. Z₀ = Aᵀ/(‖A‖₁‖A‖∞) per matrix: valid for any real matrix (σ_max² ≤
+    ‖A‖₁‖A‖∞), so every singular value of AZ₀ lies in (0, 1] and the iteration converges
+    to pinv(A) (zero where A is zero); a zero matrix gives zero."""
+    with torch.autocast(a.device.type, enabled=False):
+        a = a.to(torch.promote_types(a.dtype, torch.float32))
+        magnitude = a.abs()
+        norm_1 = magnitude.sum(-2).amax(-1)  # (...,) max column sum of this matrix
+        norm_inf = magnitude.sum(-1).amax(-1)  # (...,) max row sum of this matrix
+        scale = (norm_1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)
+        z = a.transpose(-1, -2) / scale[..., None, None]  # (..., C, R)
+        eye = torch.eye(a.shape[-2], dtype=a.dtype, device=a.device)
+        for _ in range(iterations):
+            az = a @ z  # (..., R, R)
+            z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+        return z
+
+
+def nystrom_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_landmarks: int,
+    pinv_iterations: int,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, int]:
+    """q, k, v: (B, H, L, D) -> (Ŝ V: (B, H, L, D) in at least float32, landmarks used).
+
+    Scores are taken under the ambient autocast; softmax, pinv and the three products in
+    float32 (float64 inputs stay float64)."""
+    dim = q.shape[-1]
+    valid = None if key_padding_mask is None else ~key_padding_mask.bool()  # (B, L)
+    q = q * (dim**-0.5)
+    q_land, land_valid = segment_means(q, valid, num_landmarks)  # (B, H, m, D), (B, m)
+    k_land, _ = segment_means(k, valid, num_landmarks)
+    q_land, k_land = q_land.to(q.dtype), k_land.to(k.dtype)
+    kernel_1 = masked_softmax(q @ k_land.transpose(-1, -2), land_valid, None)  # (B, H, L, m)
+    kernel_2 = masked_softmax(q_land @ k_land.transpose(-1, -2), land_valid, land_valid)  # (B, H, m, m)
+    kernel_3 = masked_softmax(q_land @ k.transpose(-1, -2), valid, land_valid)  # (B, H, m, L)
+    kernel_2_inv = iterative_pinv(kernel_2, pinv_iterations)  # (B, H, m, m)
+    with torch.autocast(q.device.type, enabled=False):
+        v = zero_padded(v, key_padding_mask).to(kernel_3.dtype)
+        out = kernel_1 @ (kernel_2_inv @ (kernel_3 @ v))  # (B, H, L, D)
+    return out, q_land.shape[-2]
+
+
+def value_conv_residual(v: Tensor, conv: nn.Conv2d, key_padding_mask: Tensor | None) -> Tensor:
+    """Depthwise convolution of v (B, H, L, D) along L, one kernel per head, zero-padded
+    ends, padded keys zeroed first so they do not leak into their neighbours."""
+    length = v.shape[-2]
+    weight = conv.weight.to(v.dtype)  # (H, 1, kernel, 1); autocast may still lower both
+    out = F.conv2d(zero_padded(v, key_padding_mask), weight, padding=conv.padding, groups=conv.groups)
+    return out[:, :, :length]  # an even kernel gives L + 1 rows
+
+
+@register_mechanism("nystrom", NystromConfig, key_padding=True)
+class NystromAttention(Attention):
+    """Nyströmformer (Xiong et al. 2021): segment-mean landmarks, iterative pinv, conv residual."""
+
+    def __init__(self, cfg: NystromConfig, *, heads: int, dim_head: int, max_len: int):
+        super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
+        if cfg.num_landmarks < 1 or cfg.pinv_iterations < 0 or cfg.conv_kernel_size < 0:
+            raise ValueError(
+                f"nystrom needs num_landmarks >= 1, pinv_iterations >= 0 and conv_kernel_size >= 0, got {cfg}"
+            )
+        self.value_conv: nn.Conv2d | None = None
+        if cfg.conv_kernel_size > 0:
+            kernel = cfg.conv_kernel_size
+            self.value_conv = nn.Conv2d(
+                heads, heads, (kernel, 1), padding=(kernel // 2, 0), groups=heads, bias=False
+            )
+        self._landmarks = 0
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        context: AttentionContext | None = None,
+    ) -> Tensor:
+        self.check_call(q, k, key_padding_mask, causal)
+        out, self._landmarks = nystrom_attention(
+            q,
+            k,
+            v,
+            num_landmarks=self.cfg.num_landmarks,
+            pinv_iterations=self.cfg.pinv_iterations,
+            key_padding_mask=key_padding_mask,
+        )
+        if self.value_conv is not None:
+            out = out + value_conv_residual(v, self.value_conv, key_padding_mask)
+        return out.to(q.dtype)
+
+    def metrics(self) -> dict[str, float]:
+        return {"landmarks": float(self._landmarks)}

@@ -1,0 +1,254 @@
+"""Performer / FAVOR+ (Choromanski, Likhosherstov, Dohan, Song, Gane, Sarlos, Hawkins, Davis,
+Mohiuddin, Kaiser, Belanger, Colwell, Weller 2021, "Rethinking Attention with Performers",
+arXiv:2009.14794).
+
+The softmax kernel is an expectation over Gaussian projections w ~ N(0, I_d):
+
+    exp(q·k) = E_w[φ(q)ᵀ φ(k)],   φ(x) = exp(Wx − |x|²/2) / √m     (W: m × d, "positive random features")
+    Attention(Q, K, V)_i ≈ φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ  /  φ(q_i)ᵀ Σ_j φ(k_j)
+
+with q, k pre-scaled by d^(-1/4) so that q·k carries softmax's 1/√d. The rows of W are
+block-orthogonal (QR of Gaussian blocks) and rescaled by chi(d)-distributed norms, which keeps
+each row's marginal Gaussian and lowers the estimator's variance. ``kernel="relu"`` is the
+paper's generalised attention φ(x) = ReLU(Wx) + ε (not an approximation of softmax).
+Stabilisers: each query's features are divided by their row maximum, the keys' by their
+maximum over all valid keys; both cancel in the ratio. Causal attention uses prefix sums
+over chunks: inside a chunk the C × C masked score block is formed, across chunks the
+states Σ φ(k) vᵀ are summed exclusively (in float32).
+
+Accuracy/speed: ``num_features`` (m). The estimator's error falls like 1/√m; time is
+O(L·m·d), memory O(L·m) (+ O((L/C)·m·d + L·C) in causal mode, C = ``causal_chunk_size``,
+i.e. O(L·m) for C ≥ d). Redrawing W every ``redraw_interval`` training passes avoids
+fitting one unlucky draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.attention import Attention, AttentionContext, zero_padded
+from harness.registry import register_mechanism
+
+KERNELS = ("softmax", "relu")
+
+
+@dataclass
+class PerformerConfig:
+    num_features: int = 256  # random features m: error ~ 1/√m, cost O(L·m·d) — the accuracy/speed knob
+    kernel: str = "softmax"  # "softmax" (FAVOR+ positive features) or "relu" (generalised attention)
+    orthogonal_features: bool = True  # block-orthogonal rows with chi norms (False: i.i.d. Gaussian)
+    redraw_interval: int = 1000  # training forward passes between feature redraws; 0 = never
+    feature_eps: float = 1e-4  # added to query features (softmax) or all features (relu): positive denominators
+    causal_chunk_size: int = 128  # keys per block of the chunked causal prefix sum
+
+
+# ----------------------------------------------------------------------------- feature maps
+
+
+def gaussian_orthogonal_random_matrix(
+    num_features: int, dim: int, *, orthogonal: bool = True, device: torch.device | None = None
+) -> Tensor:
+    """(m, d) projection whose rows are marginally N(0, I_d): block-orthogonal rows (QR of
+    Gaussian d×d blocks, stacked and truncated) rescaled by chi(d) norms, or i.i.d. rows."""
+    if not orthogonal:
+        return torch.randn(num_features, dim, device=device)
+    blocks = math.ceil(num_features / dim)
+    q, r = torch.linalg.qr(torch.randn(blocks, dim, dim, device=device))  # (N, d, d)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar-uniform columns
+    rows = q.transpose(-2, -1).reshape(blocks * dim, dim)[:num_features]  # (m, d), orthonormal per block
+    norms = torch.randn(num_features, dim, device=device).norm(dim=-1)  # (m,) ~ chi(d)
+    return rows * norms[:, None]
+
+
+def softmax_kernel_features(
+    x: Tensor, projection: Tensor, *, is_query: bool, key_padding_mask: Tensor | None = None, eps: float = 1e-4
+) -> Tensor:
+    """FAVOR+ features φ(x) = exp(w·x' − |x'|²/2 − stabiliser)/√m, x' = x·d^(-1/4).
+
+    x: (B, H, L, D), projection: (m, D) -> (B, H, L, m) in float32 (float64 for float64 x).
+    Queries: stabiliser = row max, then + eps. Keys: stabiliser = max over valid keys (so padded
+    keys cannot move it), padded rows zeroed."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype) * x.shape[-1] ** -0.25
+    logits = x @ projection.to(dtype).t() - x.square().sum(-1, keepdim=True) / 2  # (B, H, L, m)
+    if is_query:
+        feats = torch.exp(logits - logits.amax(-1, keepdim=True).detach()) + eps
+    else:
+        valid = logits if key_padding_mask is None else logits.masked_fill(key_padding_mask[:, None, :, None], -math.inf)
+        stab = valid.amax(dim=(-2, -1), keepdim=True).detach()  # (B, H, 1, 1)
+        feats = torch.exp(logits - torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab)))
+    return zero_padded(feats * projection.shape[0] ** -0.5, None if is_query else key_padding_mask)
+
+
+def relu_kernel_features(
+    x: Tensor, projection: Tensor, *, key_padding_mask: Tensor | None = None, eps: float = 1e-3
+) -> Tensor:
+    """Generalised-attention features ReLU(W x·d^(-1/4)) + eps: (B, H, L, D) -> (B, H, L, m)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    feats = F.relu((x.to(dtype) * x.shape[-1] ** -0.25) @ projection.to(dtype).t()) + eps
+    return zero_padded(feats, key_padding_mask)
+
+
+# ----------------------------------------------------------------------------- linear attention
+
+
+def _divide(num: Tensor, den: Tensor) -> Tensor:
+    """num / den with den ≥ 0; a row with den = 0 (no visible key) has num = 0 and gives 0."""
+    den = den.float() if den.dtype in (torch.float16, torch.bfloat16) else den
+    return (num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]).to(num.dtype)
+
+
+def linear_attention(q_feats: Tensor, k_feats: Tensor, v: Tensor) -> Tensor:
+    """Non-causal: (B, H, Lq, m), (B, H, Lk, m), (B, H, Lk, D) -> (B, H, Lq, D)."""
+    kv = torch.einsum("bhjm,bhjd->bhmd", k_feats, v)  # (B, H, m, D)
+    num = q_feats @ kv  # (B, H, Lq, D)
+    den = q_feats @ k_feats.sum(-2, keepdim=True).transpose(-2, -1)  # (B, H, Lq, 1)
+    return _divide(num, den.squeeze(-1))
+
+
+def causal_linear_attention(q_feats: Tensor, k_feats: Tensor, v: Tensor, *, chunk_size: int = 128) -> Tensor:
+    """Causal (query i sees key j ≤ i + Lk − Lq) by chunked prefix sums, no O(L·m·D) tensor.
+
+    (B, H, Lq, m), (B, H, Lk, m), (B, H, Lk, D) -> (B, H, Lq, D)."""
+    b, h, lq, m = q_feats.shape
+    d = v.shape[-1]
+    offset = k_feats.shape[-2] - lq
+    if offset < 0:  # the first -offset queries see no key: prepend all-zero keys (they add nothing)
+        k_feats, v = F.pad(k_feats, (0, 0, -offset, 0)), F.pad(v, (0, 0, -offset, 0))
+        offset = 0
+    acc = torch.promote_types(v.dtype, torch.float32)  # prefix sums over chunks in float32 at least
+    # keys before the first query's diagonal are seen by every query
+    kv0 = torch.einsum("bhjm,bhjd->bhmd", k_feats[:, :, :offset], v[:, :, :offset]).to(acc)  # (B, H, m, D)
+    z0 = k_feats[:, :, :offset].sum(-2).to(acc)  # (B, H, m)
+    k_feats, v = k_feats[:, :, offset:], v[:, :, offset:]
+
+    c = max(1, min(chunk_size, lq))
+    n = math.ceil(lq / c)
+    pad = n * c - lq
+    qc = F.pad(q_feats, (0, 0, 0, pad)).reshape(b, h, n, c, m)
+    kc = F.pad(k_feats, (0, 0, 0, pad)).reshape(b, h, n, c, m)
+    vc = F.pad(v, (0, 0, 0, pad)).reshape(b, h, n, c, d)
+
+    chunk_kv = torch.einsum("bhncm,bhncd->bhnmd", kc, vc).to(acc)  # (B, H, N, m, D)
+    chunk_z = kc.sum(-2).to(acc)  # (B, H, N, m)
+    # exclusive prefix: state before chunk n = kv0 + Σ_{n' < n} chunk_kv[n']
+    kv_state = torch.cat([kv0[:, :, None], chunk_kv[:, :, :-1]], 2).cumsum(2).to(q_feats.dtype)
+    z_state = torch.cat([z0[:, :, None], chunk_z[:, :, :-1]], 2).cumsum(2).to(q_feats.dtype)
+
+    scores = torch.einsum("bhncm,bhnkm->bhnck", qc, kc)  # (B, H, N, C, C)
+    tril = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
+    scores = scores.masked_fill(~tril, 0.0)
+    num = qc @ kv_state + scores @ vc  # (B, H, N, C, D)
+    den = (qc @ z_state.unsqueeze(-1)).squeeze(-1) + scores.sum(-1)  # (B, H, N, C)
+    out = _divide(num, den).reshape(b, h, n * c, d)
+    return out[:, :, :lq]
+
+
+def output_dtype(x: Tensor) -> torch.dtype:
+    """What a mechanism returns: the autocast dtype under autocast, else the input's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def work_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of the feature products: bf16/fp32/fp64 as given; float16 is too narrow for
+    stabilised exp-features, so it works in float32."""
+    dtype = output_dtype(x)
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class RandomFeatureProjection(nn.Module):
+    """The (m, d) random projection as a buffer, redrawn every ``redraw_interval`` training
+    forward passes (never in eval): passes 0..n-1 use draw 0, n..2n-1 draw 1, ..."""
+
+    def __init__(self, num_features: int, dim: int, *, orthogonal: bool, redraw_interval: int):
+        super().__init__()
+        self.num_features, self.dim, self.orthogonal = num_features, dim, orthogonal
+        self.redraw_interval = redraw_interval
+        self.register_buffer("weight", gaussian_orthogonal_random_matrix(num_features, dim, orthogonal=orthogonal))
+        self.training_passes = 0
+        self.redraws = 0
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        new = gaussian_orthogonal_random_matrix(
+            self.num_features, self.dim, orthogonal=self.orthogonal, device=self.weight.device
+        )
+        self.weight.copy_(new)
+        self.redraws += 1
+
+    def step(self) -> Tensor:
+        """Count a forward pass, redraw when due (training only), return the projection."""
+        if self.training and self.redraw_interval > 0:
+            if self.training_passes > 0 and self.training_passes % self.redraw_interval == 0:
+                self.redraw()
+            self.training_passes += 1
+        return self.weight
+
+
+def check_kernel_config(num_features: int, redraw_interval: int, feature_eps: float) -> None:
+    if num_features < 1:
+        raise ValueError(f"num_features must be >= 1, got {num_features}")
+    if redraw_interval < 0:
+        raise ValueError(f"redraw_interval must be >= 0 (0 = never redraw), got {redraw_interval}")
+    if feature_eps < 0:
+        raise ValueError(f"feature_eps must be >= 0, got {feature_eps}")
+
+
+@register_mechanism("performer", PerformerConfig, causal=True, cross=True, key_padding=True)
+class PerformerAttention(Attention):
+    """Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features, O(L·m·d)."""
+
+    def __init__(self, cfg: PerformerConfig, *, heads: int, dim_head: int, max_len: int):
+        super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
+        check_kernel_config(cfg.num_features, cfg.redraw_interval, cfg.feature_eps)
+        if cfg.kernel not in KERNELS:
+            raise ValueError(f"performer kernel must be one of {KERNELS}, got '{cfg.kernel}'")
+        if cfg.causal_chunk_size < 1:
+            raise ValueError(f"causal_chunk_size must be >= 1, got {cfg.causal_chunk_size}")
+        self.projection = RandomFeatureProjection(
+            cfg.num_features, dim_head, orthogonal=cfg.orthogonal_features, redraw_interval=cfg.redraw_interval
+        )
+
+    def features(self, x: Tensor, projection: Tensor, *, is_query: bool, key_padding_mask: Tensor | None) -> Tensor:
+        if self.cfg.kernel == "relu":
+            return relu_kernel_features(x, projection, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps)
+        return softmax_kernel_features(
+            x, projection, is_query=is_query, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps
+        )
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        context: AttentionContext | None = None,
+    ) -> Tensor:
+        self.check_call(q, k, key_padding_mask, causal)
+        kpm = None if key_padding_mask is None else key_padding_mask.bool()
+        projection = self.projection.step()
+        out_dtype, dtype = output_dtype(q), work_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):  # exp features in float32, products in `dtype`
+            q_feats = self.features(q, projection, is_query=True, key_padding_mask=None).to(dtype)
+            k_feats = self.features(k, projection, is_query=False, key_padding_mask=kpm).to(dtype)
+            v = v.to(dtype)
+            if causal:
+                out = causal_linear_attention(q_feats, k_feats, v, chunk_size=self.cfg.causal_chunk_size)
+            else:
+                out = linear_attention(q_feats, k_feats, v)
+        return out.to(out_dtype)
+
+    def metrics(self) -> dict[str, float]:
+        return {"feature_redraws": float(self.projection.redraws)}

@@ -1,0 +1,126 @@
+"""ReLA-Nyström: the Nyström approximation (Xiong et al. 2021, arXiv:2102.03902) of
+row-normalised Rectified Linear Attention (Zhang, Titov & Sennrich 2021, arXiv:2104.07012).
+
+Dense form approximated here (N = row normalisation, N(X)ᵢⱼ = Xᵢⱼ / max(Σⱼ Xᵢⱼ, 1e-6), so a
+row with no positive score stays 0; masked entries are 0 before the sum):
+
+    P = N(ReLU(Q Kᵀ/√d)),    O = RMSNorm(P V) ⊙ σ(q W_g + b_g)        (gated RMSNorm of ReLA)
+
+Its Nyström approximation, with segment-mean landmarks Q̃, K̃ exactly as in ``nystrom``:
+
+    P V ≈ N(ReLU(Q K̃ᵀ/√d)) · pinv(N(ReLU(Q̃ K̃ᵀ/√d))) · (N(ReLU(Q̃ Kᵀ/√d)) · V)
+            (L × m)              (m × m)                     (m × L)(L × d)
+
+The middle factor of a ReLU kernel is a general matrix (rows may be all zero, so it is not
+stochastic and may be singular): its pseudo-inverse uses the iteration of ``nystrom`` with
+Z₀ = Aᵀ/(‖A‖₁‖A‖∞) per matrix, which is valid for any real matrix (σ_max² ≤ ‖A‖₁‖A‖∞) and
+converges to the Moore–Penrose inverse, not to an inverse that need not exist. When every
+token is its own landmark (m ≥ L) the three factors equal P and P·pinv(P)·P = P: the
+mechanism is dense row-normalised ReLA up to the pinv iterations. Because RMSNorm is
+invariant to a positive scale of each row, row normalisation changes ReLA's output only
+through ε, so dense row-normalised ReLA ≈ ``rela`` with the same parameters.
+
+Accuracy/speed trade-off: ``num_landmarks`` (m) and ``pinv_iterations``, as in ``nystrom``.
+Cost O(L·m·d + m³·iterations), O(L·m) memory. ``metrics()['sparsity']`` is the share of
+exact zeros among the allowed entries of the two ReLU factors (L × m and m × L),
+averaged over the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.attention import AttentionContext, zero_padded
+from harness.registry import register_mechanism
+from mechanisms.nystrom import iterative_pinv, segment_means
+from mechanisms.rela import ReLAAttention, ReLAConfig, zero_share
+
+ROW_SUM_FLOOR = 1e-6  # denominators of the row normalisation are at least this
+
+
+@dataclass
+class ReLANystromConfig(ReLAConfig):
+    num_landmarks: int = 64  # m segment-mean landmarks: the accuracy/speed knob (exact when m >= L)
+    pinv_iterations: int = 6  # iterations of the Moore–Penrose method: more = closer to the exact pinv
+
+
+def relu_row_normalised(
+    scores: Tensor, row_valid: Tensor | None, col_valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """scores: (B, H, R, C); row_valid (B, R) / col_valid (B, C) bool or None.
+
+    Returns N(ReLU(scores)) with invalid rows and columns 0 (at least float32), the ReLU
+    weights before normalisation and their allowed mask (for the sparsity metric)."""
+    weights = F.relu(scores.to(torch.promote_types(scores.dtype, torch.float32)))
+    allowed = None
+    if row_valid is not None:
+        allowed = row_valid[:, None, :, None]  # (B, 1, R, 1)
+    if col_valid is not None:
+        cols = col_valid[:, None, None, :]  # (B, 1, 1, C)
+        allowed = cols if allowed is None else allowed & cols
+    if allowed is not None:
+        weights = weights.masked_fill(~allowed, 0.0)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR), weights, allowed
+
+
+def relu_nystrom_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_landmarks: int,
+    pinv_iterations: int,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """q, k, v: (B, H, L, D) -> (≈ P V: (B, H, L, D) in at least float32, sparsity: 0-dim).
+
+    Scores under the ambient autocast; ReLU, normalisation, pinv and products in float32."""
+    valid = None if key_padding_mask is None else ~key_padding_mask.bool()  # (B, L)
+    q = q * (q.shape[-1] ** -0.5)
+    q_land, land_valid = segment_means(q, valid, num_landmarks)  # (B, H, m, D), (B, m)
+    k_land, _ = segment_means(k, valid, num_landmarks)
+    q_land, k_land = q_land.to(q.dtype), k_land.to(k.dtype)
+    kernel_1, relu_1, allowed_1 = relu_row_normalised(q @ k_land.transpose(-1, -2), valid, land_valid)  # (B,H,L,m)
+    kernel_2, _, _ = relu_row_normalised(q_land @ k_land.transpose(-1, -2), land_valid, land_valid)  # (B,H,m,m)
+    kernel_3, relu_3, allowed_3 = relu_row_normalised(q_land @ k.transpose(-1, -2), land_valid, valid)  # (B,H,m,L)
+    kernel_2_inv = iterative_pinv(kernel_2, pinv_iterations)  # (B, H, m, m)
+    with torch.autocast(q.device.type, enabled=False):
+        v = zero_padded(v, key_padding_mask).to(kernel_3.dtype)
+        out = kernel_1 @ (kernel_2_inv @ (kernel_3 @ v))  # (B, H, L, D)
+    sparsity = (zero_share(relu_1, allowed_1) + zero_share(relu_3, allowed_3)) / 2
+    return out, sparsity
+
+
+@register_mechanism("rela_nystrom", ReLANystromConfig, key_padding=True)
+class ReLANystromAttention(ReLAAttention):
+    """Nyström approximation of row-normalised ReLA, followed by ReLA's gated RMSNorm."""
+
+    def __init__(self, cfg: ReLANystromConfig, *, heads: int, dim_head: int, max_len: int):
+        super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
+        if cfg.num_landmarks < 1 or cfg.pinv_iterations < 0:
+            raise ValueError(f"rela_nystrom needs num_landmarks >= 1 and pinv_iterations >= 0, got {cfg}")
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        context: AttentionContext | None = None,
+    ) -> Tensor:
+        self.check_call(q, k, key_padding_mask, causal)
+        out, self._sparsity = relu_nystrom_attention(
+            q,
+            k,
+            v,
+            num_landmarks=self.cfg.num_landmarks,
+            pinv_iterations=self.cfg.pinv_iterations,
+            key_padding_mask=key_padding_mask,
+        )
+        return self.normalise(out, q).to(q.dtype)
