@@ -83,6 +83,9 @@ class Attention(nn.Module):
         self.dim_head = dim_head
         self.max_len = max_len
         self.aux_loss: Tensor | None = None
+        # Every call is checked against the capability flags before forward runs, so a
+        # mechanism can never silently ignore a causal flag, cross shapes or a padding mask.
+        self.register_forward_pre_hook(_check_capabilities, with_kwargs=True)
 
     def forward(
         self,
@@ -114,6 +117,12 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, cfg={self.cfg}"
+
+
+def _check_capabilities(module: Attention, args: tuple, kwargs: dict) -> None:
+    q = args[0] if len(args) > 0 else kwargs["q"]
+    k = args[1] if len(args) > 1 else kwargs["k"]
+    module.check_call(q, k, kwargs.get("key_padding_mask"), bool(kwargs.get("causal", False)))
 
 
 # ----------------------------------------------------------------------------- masks

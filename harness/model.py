@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.attention import Attention, AttentionContext
+from harness.data import PAD_ID
 from harness.registry import create_mechanism
 
 POSITIONS = ("sinusoidal", "learned", "none")
@@ -75,7 +76,6 @@ class MultiHeadMixing(nn.Module):
         source = x if memory is None else memory
         q = self.split(self.to_q(x))
         k, v = (self.split(t) for t in self.to_kv(source).chunk(2, dim=-1))
-        self.mechanism.check_call(q, k, key_padding_mask, causal)
         out = self.mechanism(q, k, v, key_padding_mask=key_padding_mask, causal=causal, context=context)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
@@ -211,9 +211,19 @@ class MatcherHead(Head):
         self.out = nn.Sequential(nn.Linear(4 * dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
 
     def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
-        x1 = self.encoder.pool(*self.encoder(batch["input_ids_1"], batch["padding_mask_1"], step=step))
-        x2 = self.encoder.pool(*self.encoder(batch["input_ids_2"], batch["padding_mask_2"], step=step))
+        # Both towers in one encoder pass (stacked along the batch), so the mechanisms'
+        # aux losses and metrics cover both documents.
+        ids, mask = _stack_padded([batch["input_ids_1"], batch["input_ids_2"]], [batch["padding_mask_1"], batch["padding_mask_2"]])
+        x1, x2 = self.encoder.pool(*self.encoder(ids, mask, step=step)).chunk(2, dim=0)
         return self.out(torch.cat([x1, x2, x1 * x2, x1 - x2], dim=-1))
+
+
+def _stack_padded(ids: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Concatenate (B, L_i) id/mask pairs along the batch, right-padding to the longest L_i."""
+    length = max(x.shape[1] for x in ids)
+    ids = [F.pad(x, (0, length - x.shape[1]), value=PAD_ID) for x in ids]
+    masks = [F.pad(m, (0, length - m.shape[1]), value=True) for m in masks]
+    return torch.cat(ids), torch.cat(masks)
 
 
 class LanguageModelHead(Head):
