@@ -17,7 +17,7 @@ from collections import Counter
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR
-from harness.registry import describe, get_mechanism, get_task, list_mechanisms
+from harness.registry import describe, get_mechanism, get_task, list_mechanisms, list_tasks
 from harness.results import FINISHED, read_result, result_path
 
 GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "results_dir")
@@ -62,6 +62,8 @@ def expand(own: dict[str, str]) -> dict[str, list[str] | str]:
         raise SystemExit(f"unknown scale '{scale}'; scales: {valid}")
     tasks = _split(own.get("tasks")) or _split(grid.get("tasks"))
     mechanisms = _split(own.get("mechanisms")) or _split(grid.get("mechanisms"))
+    if tasks == ["all"]:
+        tasks = list_tasks()
     if mechanisms == ["all"]:
         mechanisms = list_mechanisms()
     for task in tasks:

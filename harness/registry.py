@@ -29,9 +29,10 @@ import os
 import pkgutil
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
