@@ -119,21 +119,32 @@ def tasks_table(cells: pd.DataFrame) -> str:
 
 
 def throughput_table(cells: pd.DataFrame) -> str:
-    """Training tokens/s, peak memory and parameters of the grid cells themselves."""
+    """Mechanism × task: training tokens/s (thousands) · peak memory MB of the grid cells
+    themselves, plus each mechanism's parameter count (of its model on the first task)."""
     ok = cells[cells.status == "ok"]
     if ok.empty:
         return "_no finished cells_"
-    agg = ok.groupby(["task", "mechanism"]).agg(
-        tokens_per_s=("tokens_per_s", "median"), peak_memory_mb=("peak_memory_mb", "median"), params=("params", "first"),
-        wall_s=("wall_s", "median"),
-    ).reset_index()
-    rows = [
-        [r.task, r.mechanism, f"{r.tokens_per_s:,.0f}" if pd.notna(r.tokens_per_s) else "–",
-         f"{r.peak_memory_mb:,.0f}" if pd.notna(r.peak_memory_mb) else "–", f"{int(r.params):,}", f"{r.wall_s:.0f}"]
-        for r in agg.itertuples()
-    ]
-    return tabulate(rows, headers=["task", "mechanism", "train tokens/s", "peak memory MB", "parameters", "wall s"],
-                    tablefmt="github", disable_numparse=True)
+    agg = ok.groupby(["mechanism", "task"]).agg(
+        tokens_per_s=("tokens_per_s", "median"), peak_memory_mb=("peak_memory_mb", "median"), params=("params", "first")
+    )
+    tasks = sorted(ok.task.unique())
+    mechanisms = sorted(ok.mechanism.unique(), key=lambda m: (m != "softmax", m))
+    rows = []
+    for mech in mechanisms:
+        row = [mech]
+        for task in tasks:
+            if (mech, task) not in agg.index:
+                row.append("–")
+                continue
+            r = agg.loc[(mech, task)]
+            speed = f"{r.tokens_per_s / 1e3:,.1f}k" if pd.notna(r.tokens_per_s) else "–"
+            memory = f"{r.peak_memory_mb:,.0f}" if pd.notna(r.peak_memory_mb) else "–"
+            row.append(f"{speed} · {memory}")
+        first = agg.loc[mech].iloc[0]
+        row.append(f"{int(first.params):,} ({agg.loc[mech].index[0]})")
+        rows.append(row)
+    headers = ["mechanism"] + [f"{t}: tokens/s · MB" for t in tasks] + ["parameters (task)"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def details_table(cells: pd.DataFrame) -> str:
@@ -187,10 +198,12 @@ def write_report(results_dir: str | Path = "results") -> Path:
                       "`✗ status`: the cell failed (see run details). Average over accuracy tasks.", "", table, ""]
             lines += [f"### Tasks — scale `{scale}`", "", tasks_table(scale_cells), ""]
             lines += [f"### Training throughput — scale `{scale}`", "",
-                      "Measured during the grid's own training (median over seeds): padded tokens per second of "
-                      "training steps after warm-up; peak memory is CUDA max allocated, or process peak RSS on CPU.",
+                      "Measured during the grid's own training (median over seeds): thousands of padded tokens per "
+                      "second of training steps after warm-up · peak memory in MB (CUDA max allocated, or the "
+                      "process's peak RSS on CPU). Cells train at the task's own length, so compare within a column.",
                       "", throughput_table(scale_cells), ""]
-        params = cells[cells.status == "ok"].groupby("mechanism").params.median().astype(int).to_dict()
+        ok = cells[cells.status == "ok"].sort_values(["task"], key=lambda t: t != "listops")
+        params = ok.groupby("mechanism", sort=False).params.first().astype(int).to_dict()  # ListOps model where run
         lines += ["## Run details", "", details_table(cells), ""]
     lines.append(efficiency_section(results_dir, averages, params))
     out.parent.mkdir(parents=True, exist_ok=True)

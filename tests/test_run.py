@@ -84,7 +84,8 @@ def test_report_renders_ok_failed_and_unsupported(workdir):
     path = write_report(workdir / "results")
     text = path.read_text()
     assert "| majority baseline" in text
-    row = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    accuracy_section = text.split("## Accuracy", 1)[1].split("###", 1)[0]
+    row = {line.split("|")[1].strip(): line for line in accuracy_section.splitlines() if line.startswith("| ")}
     assert "✗ failed" in row["raises"] and "n/a" in row["no_padding"]
     accuracy = read_results(workdir / "results")
     ok = [r for r in accuracy if r["mechanism"] == "softmax" and r["seed"] == 0][0]
