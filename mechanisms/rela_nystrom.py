@@ -20,7 +20,9 @@ mechanism is dense row-normalised ReLA up to the pinv iterations. Because RMSNor
 invariant to a positive scale of each row, row normalisation changes ReLA's output only
 through ε, so dense row-normalised ReLA ≈ ``rela`` with the same parameters.
 
-Accuracy/speed trade-off: ``num_landmarks`` (m) and ``pinv_iterations``, as in ``nystrom``.
+Accuracy/speed trade-off: ``num_landmarks`` (m) and ``pinv_iterations``, as in ``nystrom``
+(and as there, the truncated 6-iteration pinv regularises: a converged one can amplify the
+error for m < L, more so here, since a ReLU middle factor is often near-singular).
 Cost O(L·m·d + m³·iterations), O(L·m) memory. ``metrics()['sparsity']`` is the share of
 exact zeros among the allowed entries of the two ReLU factors (L × m and m × L),
 averaged over the two.
@@ -114,7 +116,6 @@ class ReLANystromAttention(ReLAAttention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         out, self._sparsity = relu_nystrom_attention(
             q,
             k,

@@ -11,5 +11,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/mechanism_chec
 def _seed():
     import torch
 
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and xdist runs 2 workers)
     torch.manual_seed(0)
     yield

@@ -1,0 +1,186 @@
+import math
+
+import pytest
+import torch
+from mechanism_checks import (
+    assert_causal,
+    assert_fully_padded_row_finite,
+    assert_gradients_finite,
+    assert_padding_invariant,
+    build,
+    call,
+    dense_attention_oracle,
+    padding_mask,
+    qkv,
+)
+
+from harness.registry import create_mechanism
+from mechanisms.performer import (
+    causal_linear_attention,
+    gaussian_orthogonal_random_matrix,
+    softmax_kernel_features,
+)
+
+
+def dense_kernel_attention(q_feats, k_feats, v, *, causal=False):
+    """The same features written as an explicit (Lq, Lk) matrix A = φ(Q)φ(K)ᵀ, float64:
+    out = A V / A 1, with A zeroed above the bottom-right aligned diagonal when causal."""
+    a = torch.einsum("bhim,bhjm->bhij", q_feats.double(), k_feats.double())
+    if causal:
+        lq, lk = a.shape[-2:]
+        a = a * (torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq))
+    den = a.sum(-1, keepdim=True)
+    return torch.where(den > 0, (a @ v.double()) / den.clamp_min(1e-300), torch.zeros(()))
+
+
+def test_error_against_softmax_oracle_falls_as_num_features_grows():
+    q, k, v = qkv(lq=16, dtype=torch.float64, scale=0.6)
+    ref = dense_attention_oracle(q, k, v)
+    mean_errors = []
+    for num_features in (16, 128, 1024, 4096):
+        errors = []
+        for draw in range(3):
+            torch.manual_seed(draw)
+            mech = create_mechanism("performer", heads=2, dim_head=8, max_len=64, num_features=num_features).eval()
+            errors.append(float((mech(q, k, v) - ref).norm() / ref.norm()))
+        mean_errors.append(sum(errors) / len(errors))
+    assert all(a > b for a, b in zip(mean_errors, mean_errors[1:])), mean_errors
+    # Monte Carlo error ~ 1/√m: 256× the features, ≥ 4× less error (16× in expectation)
+    assert mean_errors[-1] < mean_errors[0] / 4 and mean_errors[-1] < 0.1, mean_errors
+
+
+def test_softmax_features_estimate_the_exponential_kernel():
+    """E[φ(q)ᵀφ(k)] = exp(q·k/√d) up to the stabilisers, which cancel in the ratio: with many
+    features the ratio kernel(q, k) / kernel(q, k₀) matches exp((q·k − q·k₀)/√d)."""
+    torch.manual_seed(0)
+    q, k, _ = qkv(batch=1, heads=1, lq=4, lk=6, dtype=torch.float64, scale=0.5)
+    w = gaussian_orthogonal_random_matrix(200_000, 8).double()
+    kernel = softmax_kernel_features(q, w, is_query=True, eps=0.0) @ softmax_kernel_features(
+        k, w, is_query=False
+    ).transpose(-1, -2)
+    exact = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(8))
+    torch.testing.assert_close(kernel / kernel[..., :1], exact / exact[..., :1], rtol=0.04, atol=0)
+
+
+def test_relu_kernel_is_generalised_attention():
+    """kernel="relu": out = φ(Q)φ(K)ᵀV / φ(Q)φ(K)ᵀ1 with φ(x) = ReLU(W x d^(-1/4)) + ε."""
+    mech = build("performer", kernel="relu", num_features=32, feature_eps=1e-3)
+    q, k, v = qkv(lq=9, lk=11)
+    kpm = padding_mask(2, 11, [11, 7])
+    w = mech.projection.weight.double()
+
+    def phi(x):
+        return torch.relu(x.double() * 8**-0.25 @ w.t()) + 1e-3
+
+    for causal in (False, True):
+        out = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
+        ref = dense_kernel_attention(phi(q), phi(k).masked_fill(kpm[:, None, :, None], 0.0), v, causal=causal)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert (phi(q) >= 1e-3).all()  # positive features: denominators never vanish
+
+
+def test_orthogonal_features_are_orthogonal_within_blocks_with_chi_norms():
+    torch.manual_seed(0)
+    dim, num_features = 8, 20  # blocks of 8, 8 and 4 rows
+    w = gaussian_orthogonal_random_matrix(num_features, dim)
+    for start in range(0, num_features, dim):
+        block = w[start : start + dim]
+        gram = block @ block.t()
+        off_diagonal = gram - torch.diag(torch.diagonal(gram))
+        assert off_diagonal.abs().max() < 1e-4 * gram.diagonal().max()
+    across = w[:dim] @ w[dim : 2 * dim].t()  # rows of different blocks are independent, not orthogonal
+    assert across.abs().max() > 0.1
+    norms = gaussian_orthogonal_random_matrix(20_000, dim).norm(dim=-1)  # chi(8): mean √2 Γ(4.5)/Γ(4)
+    chi_mean = math.sqrt(2) * math.exp(math.lgamma(4.5) - math.lgamma(4.0))
+    assert abs(float(norms.mean()) - chi_mean) < 0.02 and abs(float(norms.square().mean()) - dim) < 0.2
+    iid = gaussian_orthogonal_random_matrix(num_features, dim, orthogonal=False)
+    assert (iid[:dim] @ iid[:dim].t() - torch.diag((iid[:dim] ** 2).sum(-1))).abs().max() > 0.1
+
+
+def test_features_are_redrawn_on_schedule_in_training_only():
+    mech = build("performer", num_features=16, redraw_interval=3).train()
+    q, k, v = qkv(lq=6)
+    used = []  # the projection each training pass used
+    for _ in range(7):
+        mech(q, k, v)
+        used.append(mech.projection.weight.clone())
+    same = [torch.equal(a, b) for a, b in zip(used, used[1:])]
+    # passes 0-2 use draw 0, passes 3-5 draw 1, pass 6 draw 2
+    assert same == [True, True, False, True, True, False], same
+    assert mech.metrics() == {"feature_redraws": 2.0}
+    mech.eval()
+    before = mech.projection.weight.clone()
+    for _ in range(5):
+        mech(q, k, v)
+    assert torch.equal(before, mech.projection.weight)
+    never = build("performer", num_features=16, redraw_interval=0).train()
+    before = never.projection.weight.clone()
+    for _ in range(5):
+        never(q, k, v)
+    assert torch.equal(before, never.projection.weight)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 128])
+@pytest.mark.parametrize("lq,lk", [(10, 10), (4, 10), (10, 4)])
+def test_chunked_causal_prefix_sum_equals_dense_causal_form(chunk_size, lq, lk):
+    torch.manual_seed(0)
+    q, k, v = qkv(lq=lq, lk=lk, dtype=torch.float64)
+    w = gaussian_orthogonal_random_matrix(24, 8).double()
+    kpm = padding_mask(2, lk, [lk, max(lk - 3, 1)])
+    q_feats = softmax_kernel_features(q, w, is_query=True)
+    k_feats = softmax_kernel_features(k, w, is_query=False, key_padding_mask=kpm)
+    out = causal_linear_attention(q_feats, k_feats, v, chunk_size=chunk_size)
+    torch.testing.assert_close(out, dense_kernel_attention(q_feats, k_feats, v, causal=True), atol=1e-12, rtol=1e-10)
+    if lq > lk:  # the first Lq − Lk queries see no key
+        assert out[:, :, : lq - lk].abs().max() == 0
+
+
+def test_causal_module_matches_dense_form_for_every_chunk_size():
+    q, k, v = qkv(lq=13)
+    outs = [call(build("performer", num_features=32, causal_chunk_size=c), q, k, v, causal=True) for c in (1, 5, 64)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+    assert_causal(build("performer", num_features=32, causal_chunk_size=4))
+    assert_causal(build("performer", num_features=32, kernel="relu"), length=13, t=3)
+
+
+def test_padded_keys_contribute_exactly_nothing():
+    """With padding, the output equals the output over the valid keys alone: the padded
+    feature rows are zero and the key stabiliser ignores them."""
+    mech = build("performer", num_features=32)
+    q, k, v = qkv(lq=10)
+    kpm = padding_mask(2, 10, [10, 6])
+    k_feats = softmax_kernel_features(k, mech.projection.weight, is_query=False, key_padding_mask=kpm)
+    assert k_feats[1, :, 6:].abs().max() == 0 and k_feats[1, :, :6].min() > 0
+    k[1, :, 6:] = 1e3  # huge padded keys would dominate the stabiliser if it saw them
+    for causal in (False, True):
+        out = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
+        queries = 6 if causal else 10  # causal: queries 0..5 see exactly the valid keys 0..i
+        alone = call(mech, q[1:, :, :queries], k[1:, :, :6], v[1:, :, :6], causal=causal)
+        torch.testing.assert_close(out[1:, :, :queries], alone, atol=1e-6, rtol=1e-5)
+    for kernel in ("softmax", "relu"):
+        for causal in (False, True):
+            assert_padding_invariant(build("performer", kernel=kernel, num_features=32), causal=causal)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_fully_padded_rows_gradients_and_bf16(kernel):
+    mech = build("performer", kernel=kernel, num_features=32)
+    for causal in (False, True):
+        assert_fully_padded_row_finite(mech, causal=causal)
+        q, k, v = qkv(lq=10)
+        assert call(mech, q, k, v, key_padding_mask=padding_mask(2, 10, [10, 0]), causal=causal)[1].abs().max() == 0
+    assert_gradients_finite(mech)
+    assert_gradients_finite(mech, causal=True, key_padding=True)
+    q, k, v = qkv(lq=70)
+    out = call(mech, q, k, v, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = call(mech, q, k, v, causal=True)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert (low.float() - out).abs().max() < 0.1
+
+
+def test_config_is_validated():
+    for bad in ({"kernel": "cosine"}, {"num_features": 0}, {"causal_chunk_size": 0}, {"redraw_interval": -1}):
+        with pytest.raises(ValueError):
+            build("performer", **bad)
