@@ -27,6 +27,16 @@ from harness.results import FINISHED, Result, environment, read_result, result_p
 log = logging.getLogger("harness.run")
 
 
+class _DropAdvertising(logging.Filter):
+    """Lightning prints a LitLogger advertisement on every Trainer; keep cell logs readable."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertising())
+
+
 def _status_of(exc: BaseException) -> str:
     import torch
 
@@ -112,6 +122,7 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
 
     from harness.model import ModelConfig, build_model, count_parameters
     from harness.registry import create_task, get_mechanism
@@ -155,7 +166,10 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
         deterministic="warn" if cfg.trainer.deterministic else False,
         callbacks=[checkpoint, meter, *([progress] if cfg.trainer.progress_bar else [])],
         enable_progress_bar=bool(cfg.trainer.progress_bar),
-        logger=False,
+        # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/seed<k>/metrics.csv
+        logger=CSVLogger(Path(cfg.results_dir) / "logs", name=f"{result.scale}/{result.task}/{result.mechanism}",
+                         version=f"seed{result.seed}"),
+        log_every_n_steps=max(1, min(50, train.max_steps // 10)),
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
