@@ -29,6 +29,7 @@ The roff → text converter (``roff_to_text``) is deliberately simple and keeps 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -330,15 +331,19 @@ class ManPage:
     path: Path
     roff: str
     aliases: set[str] = field(default_factory=set)  # other keys that redirect here
+    _texts: dict[tuple[str, ...], str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def names(self) -> set[str]:
         return {self.title} | {a.split("(")[0] for a in self.aliases}
 
     def text(self, *, drop: tuple[str, ...] = ()) -> str:
-        """Plain text without ``.TH``, without the sections in ``drop``, own mentions unsectioned."""
-        roff = drop_sections(self.roff, set(drop)) if drop else self.roff
-        return remove_self_mentions(roff_to_text(roff), self.names)
+        """Plain text without ``.TH``, without the sections in ``drop``, own mentions unsectioned
+        (converted once per ``drop``)."""
+        if drop not in self._texts:
+            roff = drop_sections(self.roff, set(drop)) if drop else self.roff
+            self._texts[drop] = remove_self_mentions(roff_to_text(roff), self.names)
+        return self._texts[drop]
 
 
 def package_files(package: str) -> list[Path]:
@@ -384,8 +389,10 @@ def read_gzip(path: Path) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+@functools.lru_cache(maxsize=2)
 def load_corpus(packages: tuple[str, ...] = PACKAGES) -> dict[str, ManPage]:
-    """{key: ManPage} of every document in ``packages``, redirects folded in as aliases."""
+    """{key: ManPage} of every document in ``packages``, redirects folded in as aliases.
+    Read once per process (treat the result as read-only)."""
     pages: dict[str, ManPage] = {}
     redirects: dict[str, str] = {}  # alias key -> man-relative target "man2/read.2.gz"
     by_relative: dict[str, str] = {}  # "man2/read.2.gz" -> key

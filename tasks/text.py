@@ -246,8 +246,9 @@ def build_imdb(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int]]]:
     scales={
         # CI: the first 256 bytes of each page, a few hundred pages.
         "tiny": {"task": {"max_len": 256}},
-        # 2 CPU cores: 1 KB windows, up to 3 per page (pages split by document).
-        "small": {"task": {"max_len": 1024, "windows_per_doc": 3}},
+        # 2 CPU cores: 256-byte windows, up to 4 per page (pages split by document), 1,758 train
+        # examples; softmax: 0.78 test accuracy vs 0.50 majority, ~60 s of CPU for 600 steps.
+        "small": {"task": {"max_len": 256, "windows_per_doc": 4}},
         # LRA's released text config (lra_benchmarks/text_classification/configs/base_tc_config.py):
         # max_length 1000 (the paper's table says 4K: task.max_len=4000), emb_dim 256, 4 layers,
         # 4 heads, qkv 256, mlp 1024, batch 32, lr 0.05, weight decay 0.1, 20,000 steps,
@@ -265,6 +266,13 @@ class Text(Task):
 
     head = "classifier"
     debian_packages: ClassVar[tuple[str, ...]] = ("manpages", "manpages-dev")
+
+    def __init__(self, cfg: TextConfig, *, scale: str = "tiny"):
+        super().__init__(cfg, scale=scale)
+        if cfg.source == "manpages":
+            parse_sections(cfg.sections)  # a bad task.sections fails here, not after training starts
+        if cfg.max_len < 1:
+            raise ValueError(f"task.max_len={cfg.max_len} must be >= 1")
 
     @property
     def vocab_size(self) -> int:
