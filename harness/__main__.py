@@ -62,11 +62,12 @@ def cmd_data(argv: list[str]) -> int:
     tasks = list_tasks() if names in ([], ["all"]) else names
     status = 0
     for name in tasks:
-        for package in getattr(get_task(name).cls, "debian_packages", ()):
-            fetch_package(package)
         cfg = compose([f"task={name}", *rest])
         task_cfg = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
         try:
+            if task_cfg.get("source") == get_task(name).sources[0]:  # the offline default: its Debian packages
+                for package in getattr(get_task(name).cls, "debian_packages", ()):
+                    fetch_package(package)
             _, info = create_task(name, scale=cfg.scale.name, **task_cfg).load(cfg.cache_dir)
         except Exception as exc:  # one task's broken source doesn't stop the others
             print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)

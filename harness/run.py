@@ -66,6 +66,10 @@ def _peak_memory_mb(device_type: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def checkpoint_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int) -> Path:
+    return Path(results_dir) / "checkpoints" / scale / task / mechanism / f"seed{seed}"
+
+
 def _container(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
@@ -86,6 +90,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             log.info("skip %s/%s/%s/seed%d: recorded as %s (rerun=%s to redo)", scale, task_name, mech_name, seed,
                      previous["status"], "all" if previous["status"] in FINISHED else "failed")
             return previous
+
+    if previous is not None:  # a recorded cell redone starts afresh; only a killed (unrecorded) one resumes
+        shutil.rmtree(checkpoint_dir(cfg.results_dir, scale, task_name, mech_name, seed), ignore_errors=True)
 
     mechanism_config = {k: v for k, v in _container(cfg.mechanism).items() if k != "name"}
     result = Result(
@@ -149,7 +156,7 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
     train = OmegaConf.to_object(cfg.train)
     module = TaskModule(model, train)
     data = TaskDataModule(dsd, batch_size=train.batch_size, seed=result.seed, num_workers=cfg.trainer.num_workers)
-    ckpt_dir = Path(cfg.results_dir) / "checkpoints" / result.scale / result.task / result.mechanism / f"seed{result.seed}"
+    ckpt_dir = checkpoint_dir(cfg.results_dir, result.scale, result.task, result.mechanism, result.seed)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val/accuracy", mode="max", save_last=True, filename="best")
     meter = CellMeter(time_limit_s=train.time_limit_s)
     progress = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, train.eval_every // 5))

@@ -1,0 +1,495 @@
+"""Speed-benchmark records → efficiency tables (markdown) and scaling plots.
+
+The story of the section: read ``results/speed/**/*.json`` → one row per measurement →
+for each mode (training step, attention layer) and masking (non-causal, causal): speed
+relative to softmax per sequence length with the crossover length, peak memory relative to
+softmax, absolute tokens/s and MB (LRA's efficiency table, Tay et al. 2021, table 2) →
+ours vs the peer implementations → parameters → the harness's own overhead. Plots
+(matplotlib, Agg): tokens/s and peak memory vs length, log-log with O(L) and O(L²) guide
+lines, and accuracy vs speed with memory as bubble size (LRA's figure 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+log = logging.getLogger(__name__)
+
+MODE_TITLES = {
+    "train_step": "Training step (forward + backward + AdamW, whole model)",
+    "attention": "Attention layer (mechanism forward + backward)",
+}
+FAILURE_MARK = {"oom": "✗ oom", "timeout": "✗ timeout", "failed": "✗ failed", "skipped": "– skipped"}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_records(folder: str | Path) -> list[dict[str, Any]]:
+    """Every readable record under ``folder`` (speed measurements and the overhead record);
+    an unreadable file is skipped with a warning that names it."""
+    folder = Path(folder)
+    records = []
+    for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping unreadable speed record %s: %s", path, exc)
+            continue
+        if not isinstance(record, dict) or record.get("kind") not in ("speed", "overhead"):
+            log.warning("skipping %s: not a speed or overhead record", path)
+            continue
+        record["_path"] = str(path)
+        records.append(record)
+    return records
+
+
+def speed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per speed measurement."""
+    rows = []
+    for r in records:
+        if r.get("kind") != "speed":
+            continue
+        rows.append({
+            "mechanism": r["mechanism"], "peer_of": r.get("peer_of"), "mode": r["mode"], "causal": bool(r["causal"]),
+            "length": int(r["length"]), "status": r["status"], "error": r.get("error"),
+            "tokens_per_s": r.get("tokens_per_s"), "time_s": r.get("step_time_s"),
+            "iqr_s": (r.get("time_s") or {}).get("iqr"), "memory_mb": r.get("peak_memory_mb"), "params": r.get("params"),
+        })
+    columns = ["mechanism", "peer_of", "mode", "causal", "length", "status", "error", "tokens_per_s", "time_s",
+               "iqr_s", "memory_mb", "params"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def mechanism_order(names) -> list[str]:
+    """softmax first, then alphabetical."""
+    return sorted(set(names), key=lambda n: (n != "softmax", n))
+
+
+def length_label(length: int) -> str:
+    return f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
+
+
+def _groups(frame: pd.DataFrame):
+    """(mode, causal, rows) in reading order: training step first, non-causal first."""
+    for mode in sorted(frame["mode"].unique(), key=lambda m: (m != "train_step", m)):
+        for causal in (False, True):
+            group = frame[(frame["mode"] == mode) & (frame["causal"] == causal)]
+            if not group.empty:
+                yield mode, causal, group
+
+
+# ----------------------------------------------------------------------------- relative numbers
+
+
+def relative_to_softmax(group: pd.DataFrame, column: str, *, invert: bool) -> dict[tuple[str, int], float | None]:
+    """(mechanism, length) -> softmax/mechanism (``invert``: speed from times) or
+    mechanism/softmax (memory); None where either is not ok; inf where only softmax failed."""
+    ok = group[group.status == "ok"].set_index(["mechanism", "length"])[column]
+    softmax_status = group[group.mechanism == "softmax"].set_index("length").status
+    out: dict[tuple[str, int], float | None] = {}
+    for (mech, length), value in ok.items():
+        base = ok.get(("softmax", length))
+        if base is not None and value and base:
+            out[(mech, length)] = base / value if invert else value / base
+        elif invert and softmax_status.get(length) in ("oom", "timeout", "skipped"):
+            out[(mech, length)] = math.inf  # softmax could not run at all: faster
+        else:
+            out[(mech, length)] = None
+    return out
+
+
+def crossover_length(speedups: dict[int, float | None]) -> str:
+    """The length from which a mechanism is faster than softmax (speed-up > 1) at every longer
+    measured length, interpolated log-log between the last slower and first faster length."""
+    points = sorted((length, s) for length, s in speedups.items() if s is not None)
+    if not points:
+        return "–"
+    first_faster = None
+    for i in range(len(points) - 1, -1, -1):
+        if points[i][1] > 1.0:
+            first_faster = i
+        else:
+            break
+    if first_faster is None:
+        return f"> {length_label(points[-1][0])}"
+    if first_faster == 0:
+        return f"≤ {length_label(points[0][0])}"
+    (l0, s0), (l1, s1) = points[first_faster - 1], points[first_faster]
+    if math.isinf(s1) or s0 <= 0:
+        return f"{length_label(l0)}–{length_label(l1)}"
+    t = (0.0 - math.log(s0)) / (math.log(s1) - math.log(s0))
+    estimate = math.exp(math.log(l0) + t * (math.log(l1) - math.log(l0)))
+    return f"≈ {_round_length(estimate)}"
+
+
+def _round_length(length: float) -> str:
+    return f"{length / 1024:.1f}K" if length >= 1024 else f"{length:.0f}"
+
+
+def _status_cell(group: pd.DataFrame, mech: str, length: int) -> str | None:
+    row = group[(group.mechanism == mech) & (group.length == length)]
+    if row.empty:
+        return "–"
+    status = row.status.iloc[0]
+    return None if status == "ok" else FAILURE_MARK.get(status, status)
+
+
+def _ratio_cell(value: float | None, softmax_status: str | None) -> str:
+    if value is None:
+        return "–" if softmax_status in (None, "ok") else f"softmax {FAILURE_MARK.get(softmax_status, softmax_status)}"
+    if math.isinf(value):
+        return f"faster (softmax {FAILURE_MARK.get(softmax_status, softmax_status)})"
+    return f"{value:.2f}"
+
+
+def relative_tables(group: pd.DataFrame) -> tuple[str, str, str]:
+    """Markdown: speed relative to softmax (+ crossover), memory relative to softmax, absolute."""
+    lengths = sorted(group.length.unique())
+    mechanisms = mechanism_order(group.mechanism)
+    speed = relative_to_softmax(group, "time_s", invert=True)
+    memory = relative_to_softmax(group, "memory_mb", invert=False)
+    softmax_status = group[group.mechanism == "softmax"].set_index("length").status.to_dict()
+    speed_rows, memory_rows, absolute_rows = [], [], []
+    for mech in mechanisms:
+        s_row, m_row, a_row = [mech], [mech], [mech]
+        for length in lengths:
+            failure = _status_cell(group, mech, length)
+            if failure is not None:
+                s_row.append(failure), m_row.append(failure), a_row.append(failure)
+                continue
+            s_row.append(_ratio_cell(speed.get((mech, length)), softmax_status.get(length)))
+            m_row.append(_ratio_cell(memory.get((mech, length)), softmax_status.get(length)))
+            r = group[(group.mechanism == mech) & (group.length == length)].iloc[0]
+            a_row.append(f"{_si(r.tokens_per_s)} · {r.memory_mb:,.0f}")
+        crossover = "–" if mech == "softmax" else _crossover_cell(group, speed, mech, lengths)
+        speed_rows.append(s_row + [crossover])
+        memory_rows.append(m_row)
+        absolute_rows.append(a_row)
+    header = ["mechanism"] + [length_label(L) for L in lengths]
+    fmt = {"tablefmt": "github", "disable_numparse": True}
+    return (tabulate(speed_rows, headers=header + ["faster than softmax from"], **fmt),
+            tabulate(memory_rows, headers=header, **fmt), tabulate(absolute_rows, headers=header, **fmt))
+
+
+def _crossover_cell(group: pd.DataFrame, speed: dict, mech: str, lengths: list[int]) -> str:
+    """The crossover from the lengths where both ran, and the first length where the
+    mechanism failed while softmax ran (beyond it, it is not faster: it does not run)."""
+    status = group[group.mechanism == mech].set_index("length").status
+    softmax = group[group.mechanism == "softmax"].set_index("length").status
+    text = crossover_length({L: speed[(mech, L)] for L in lengths if speed.get((mech, L)) is not None})
+    failed = [L for L in lengths if status.get(L) not in (None, "ok") and softmax.get(L) == "ok"]
+    return f"{text} (✗ from {length_label(failed[0])})" if failed else text
+
+
+def _si(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+# ----------------------------------------------------------------------------- peers, parameters, overhead
+
+
+def peer_table(frame: pd.DataFrame) -> str | None:
+    """Ours vs peer at equal settings: speed = peer time / our time (> 1: ours faster), memory =
+    ours / peer (< 1: ours smaller)."""
+    pairs = frame.dropna(subset=["peer_of"])[["mechanism", "peer_of"]].drop_duplicates()
+    if pairs.empty:
+        return None
+    lengths = sorted(frame.length.unique())
+    rows = []
+    for peer, ours in pairs.itertuples(index=False):
+        for mode, causal, group in _groups(frame):
+            mine = group[group.mechanism == ours].set_index("length")
+            theirs = group[group.mechanism == peer].set_index("length")
+            if mine.empty or theirs.empty:
+                continue
+            row = [f"{ours} / {peer}", f"{mode}{' causal' if causal else ''}"]
+            for length in lengths:
+                if length not in mine.index or length not in theirs.index:
+                    row.append("–")
+                    continue
+                a, b = mine.loc[length], theirs.loc[length]
+                if a.status != "ok" or b.status != "ok":
+                    row.append(f"ours {FAILURE_MARK.get(a.status, a.status)}" if a.status != "ok"
+                               else f"peer {FAILURE_MARK.get(b.status, b.status)}")
+                    continue
+                memory = f"{a.memory_mb / b.memory_mb:.2f}" if b.memory_mb else "–"
+                row.append(f"{b.time_s / a.time_s:.2f} · {memory}")
+            rows.append(row)
+    if not rows:
+        return None
+    header = ["ours / peer", "mode"] + [length_label(L) for L in lengths]
+    return tabulate(rows, headers=header, tablefmt="github", disable_numparse=True)
+
+
+def parameter_table(frame: pd.DataFrame, params: dict[str, int]) -> str:
+    names = mechanism_order(set(frame.mechanism) | set(params))
+    rows = []
+    for mech in names:
+        step = frame[(frame.mechanism == mech) & (frame["mode"] == "train_step") & (frame.status == "ok") & ~frame.causal]
+        layer = frame[(frame.mechanism == mech) & (frame["mode"] == "attention") & (frame.status == "ok")]
+        rows.append([
+            mech,
+            f"{int(params[mech]):,}" if mech in params and pd.notna(params[mech]) else "–",
+            f"{int(step.sort_values('length').params.iloc[0]):,}" if not step.empty and pd.notna(step.params.iloc[0]) else "–",
+            f"{int(layer.sort_values('length').params.iloc[0]):,}" if not layer.empty and pd.notna(layer.params.iloc[0]) else "–",
+        ])
+    return tabulate(rows, headers=["mechanism", "ListOps model (grid)", "speed model (train step)",
+                                   "mechanism alone (per layer)"], tablefmt="github", disable_numparse=True)
+
+
+def overhead_markdown(record: dict[str, Any]) -> str:
+    lines = ["### Harness overhead", ""]
+    training = record.get("training") or {}
+    if training:
+        mark = "✓" if training["ratio"] >= training["target"] else "✗"
+        lines += [
+            f"Training epoch of `{training['task']}` at scale `{training['scale']}` with `{training['mechanism']}` "
+            f"({training['steps']} steps of batch {training['batch_size']}, the first {training['skip']} untimed), "
+            f"Lightning path (`TaskModule` + `Trainer`) vs a bare PyTorch loop: "
+            f"**{training['ratio']:.3f}** of the bare loop's throughput (target ≥ {training['target']:.2f} {mark}); "
+            f"{_si(_median(training['lightning_tokens_per_s']))} vs {_si(_median(training['bare_tokens_per_s']))} "
+            "tokens/s (medians over alternating rounds).", "",
+        ]
+    contract = record.get("contract") or []
+    if contract:
+        target = record.get("contract_target", 1.05)
+        rows = [[r["length"], "causal" if r["causal"] else "non-causal", f"{1e3 * r['contract_s']:.3f}",
+                 f"{1e3 * r['sdpa_s']:.3f}", f"{r['ratio']:.3f}", f"{r['overhead_us']:.0f}",
+                 "✓" if r["ratio"] <= target else "✗"] for r in contract]
+        first = contract[0]
+        lines += [f"Softmax through the mechanism contract vs a bare `scaled_dot_product_attention` call, forward, "
+                  f"batch {first['batch_size']}, {first['heads']} heads × {first['dim_head']} dims "
+                  f"(target: within {100 * (target - 1):.0f}%):", "",
+                  tabulate(rows, headers=["L", "masking", "contract ms", "SDPA ms", "ratio", "overhead µs",
+                                          f"≤ {target:.2f}"], tablefmt="github", disable_numparse=True), ""]
+    return "\n".join(lines)
+
+
+def _median(values: list[float]) -> float:
+    return float(pd.Series(values).median())
+
+
+def method_markdown(records: list[dict[str, Any]]) -> str:
+    speed = [r for r in records if r.get("kind") == "speed"]
+    sample = next((r for r in speed if r["mechanism"] == "softmax" and r["status"] == "ok"), None) or speed[0]
+    hw = (sample.get("env") or {}).get("hardware") or {}
+    device = hw.get("gpu") or f"{hw.get('cpu', '?')} ({hw.get('logical_cores', '?')} logical cores)"
+    model = next((r["model"] for r in speed if r.get("model")), None)
+    method = sample.get("method") or {}
+    parts = [
+        f"Measured by `python -m harness speed` on {device}, torch {(sample.get('env') or {}).get('torch', '?')}, "
+        f"{sample.get('threads', '?')} threads, {sample.get('dtype', '?')}; batch {sample.get('batch_size')}, "
+        f"{sample.get('heads')} heads × {sample.get('dim_head')} dims per head.",
+    ]
+    if model:
+        parts.append(f"Training step: the scale model (dim {model['dim']}, depth {model['depth']}, "
+                     f"{model['heads']} heads, MLP {model['mlp_dim']}) on random tokens, AdamW.")
+    varying = _varying_settings(speed)
+    parts.append(f"Timing: {method.get('timing', '?')}. Memory: {method.get('memory') or '?'}. "
+                 f"Isolation: {method.get('isolation', '?')}; per-measurement limit {method.get('timeout_s', '?')} s.")
+    if varying:
+        parts.append(f"Not all records share these settings ({varying}): each record holds its own method.")
+    return " ".join(parts)
+
+
+def _varying_settings(speed: list[dict[str, Any]]) -> str:
+    """Method/shape settings that differ between records, as "name: a / b"."""
+    keys = ("warmup", "min_reps", "max_reps", "min_time_s", "timeout_s")
+    values: dict[str, set] = {}
+    for r in speed:
+        for key in keys:
+            values.setdefault(key, set()).add((r.get("method") or {}).get(key))
+        for key in ("threads", "batch_size", "heads", "dim_head", "dtype"):
+            values.setdefault(key, set()).add(r.get(key))
+    return "; ".join(f"{k}: {' / '.join(str(v) for v in sorted(vs, key=str))}" for k, vs in values.items() if len(vs) > 1)
+
+
+# ----------------------------------------------------------------------------- the section
+
+
+def efficiency_markdown(records: list[dict[str, Any]], params: dict[str, int] | None = None) -> str:
+    """The leaderboard's efficiency section from speed (and overhead) records."""
+    params = dict(params or {})
+    frame = speed_frame(records)
+    lines = ["## Efficiency", ""]
+    if not frame.empty:
+        lines += [method_markdown(records), "",
+                  "Speed: softmax's time / the mechanism's time at the same length (> 1: faster than softmax); "
+                  "memory: the mechanism's peak / softmax's (< 1: less). `✗ oom` / `✗ timeout`: the measurement ran "
+                  "out of memory or time; `– skipped`: a shorter length already did; `–`: not measured.", ""]
+        for mode, causal, group in _groups(frame):
+            title = f"{MODE_TITLES.get(mode, mode)}, {'causal' if causal else 'non-causal'}"
+            speed, memory, absolute = relative_tables(group)
+            lines += [f"### {title}", "", "Speed relative to softmax:", "", speed, "",
+                      "Peak memory relative to softmax:", "", memory, "",
+                      "Absolute: tokens/s · peak MB:", "", absolute, ""]
+        peers = peer_table(frame)
+        if peers:
+            lines += ["### Ours vs peer implementations", "",
+                      "Same settings (the peer takes our configuration: features, landmarks). Each cell: "
+                      "speed = peer time / our time (> 1: ours faster) · memory = our peak / peer peak (< 1: ours "
+                      "smaller).", "", peers, ""]
+        lines += ["### Parameters", "", parameter_table(frame, params), ""]
+    overhead = [r for r in records if r.get("kind") == "overhead"]
+    if overhead:
+        lines.append(overhead_markdown(overhead[-1]))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _style(mechanisms: list[str], frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """A colour per mechanism; a peer takes its counterpart's colour, dashed, hollow markers."""
+    import matplotlib
+
+    peer_of = frame.dropna(subset=["peer_of"]).groupby("mechanism").peer_of.first().to_dict()
+    ours = [m for m in mechanisms if m not in peer_of]
+    cmap = matplotlib.colormaps["tab20"]
+    palette = [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]  # strong shades first
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(ours)}
+    markers = "osD^v<>pPXh*"
+    style = {}
+    for i, mech in enumerate(ours):
+        style[mech] = {"color": colours[mech], "marker": markers[i % len(markers)], "linestyle": "-",
+                       "linewidth": 2.2 if mech == "softmax" else 1.4}
+    for mech, counterpart in peer_of.items():
+        base = style.get(counterpart, {"color": "grey", "marker": "o"})
+        style[mech] = {"color": base["color"], "marker": base["marker"], "linestyle": "--", "linewidth": 1.4,
+                       "markerfacecolor": "none"}
+    return style
+
+
+def _guides(ax, anchor: tuple[float, float], lengths: list[int], kind: str) -> None:
+    """O(L) and O(L²) guide lines through ``anchor`` (L0, y0)."""
+    l0, y0 = anchor
+    xs = [min(lengths), max(lengths)]
+    if kind == "throughput":  # cost O(L): constant tokens/s; O(L²): tokens/s ∝ 1/L
+        ax.plot(xs, [y0, y0], color="black", linestyle=":", linewidth=1, label="O(L) time (constant tokens/s)")
+        ax.plot(xs, [y0 * l0 / x for x in xs], color="black", linestyle="-.", linewidth=1, label="O(L²) time")
+    else:
+        ax.plot(xs, [y0 * x / l0 for x in xs], color="black", linestyle=":", linewidth=1, label="O(L) memory")
+        ax.plot(xs, [y0 * (x / l0) ** 2 for x in xs], color="black", linestyle="-.", linewidth=1, label="O(L²) memory")
+
+
+def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    column = "tokens_per_s" if kind == "throughput" else "memory_mb"
+    data = frame[(frame.causal == causal) & (frame.status == "ok")]
+    data = data[data[column].notna() & (data[column] > 0)]
+    modes = [m for m in ("train_step", "attention") if m in set(data["mode"])]
+    if not modes:
+        return None
+    style = _style(mechanism_order(frame.mechanism), frame)
+    fig, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes), 6), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        group = data[data["mode"] == mode]
+        lengths = sorted(group.length.unique())
+        for mech in mechanism_order(group.mechanism):
+            points = group[group.mechanism == mech].sort_values("length")
+            ax.plot(points.length, points[column], label=mech, markersize=5, **style[mech])
+        anchor_rows = group[group.mechanism == "softmax"].sort_values("length")
+        if anchor_rows.empty:
+            anchor_rows = group.sort_values("length")
+        first = anchor_rows.iloc[0]
+        _guides(ax, (first.length, first[column]), lengths, kind)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(lengths, [length_label(L) for L in lengths])
+        ax.set_xlabel("sequence length L (tokens)")
+        ax.set_ylabel("throughput (tokens/s)" if kind == "throughput" else "peak memory (MB)")
+        ax.set_title(MODE_TITLES.get(mode, mode), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    what = "Throughput" if kind == "throughput" else "Peak memory"
+    fig.suptitle(f"{what} vs sequence length ({'causal' if causal else 'non-causal'}; log-log)")
+    fig.tight_layout(rect=(0, 0, 0.8, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def choose_speed_length(frame: pd.DataFrame, mechanisms: list[str]) -> int | None:
+    """The longest length at which the most of ``mechanisms`` have an ok non-causal training step."""
+    ok = frame[(frame["mode"] == "train_step") & ~frame.causal & (frame.status == "ok")
+               & frame.mechanism.isin(mechanisms)]
+    if ok.empty:
+        return None
+    counts = ok.groupby("length").mechanism.nunique()
+    return int(max(counts.index, key=lambda L: (counts[L], L)))
+
+
+def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, length: int | None = None) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    averages = averages.dropna()
+    mechanisms = [m for m in averages.index if m in set(frame.mechanism)]
+    length = length or choose_speed_length(frame, mechanisms)
+    if length is None:
+        return None
+    ok = frame[(frame["mode"] == "train_step") & ~frame.causal & (frame.status == "ok") & (frame.length == length)
+               & frame.mechanism.isin(mechanisms)].set_index("mechanism")
+    if ok.empty:
+        return None
+    style = _style(mechanism_order(frame.mechanism), frame)
+    memory = ok.memory_mb.clip(lower=1e-3)
+    sizes = 80 + 1500 * memory / memory.max()
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for mech in mechanism_order(ok.index):
+        accuracy = 100 * averages[mech]
+        ax.scatter(ok.tokens_per_s[mech], accuracy, s=sizes[mech], color=style[mech]["color"], alpha=0.6,
+                   edgecolors="black", linewidths=0.6, label=f"{mech} ({ok.memory_mb[mech]:,.0f} MB)")
+        ax.annotate(mech, (ok.tokens_per_s[mech], accuracy), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"training throughput at L = {length_label(length)} (tokens/s, log scale)")
+    ax.set_ylabel("average test accuracy over tasks (%)")
+    ax.set_title(f"Accuracy vs speed at L = {length_label(length)}; bubble area ∝ peak memory")
+    ax.grid(True, alpha=0.3)
+    ax.margins(0.15)
+    ax.legend(fontsize=7, loc="best", markerscale=0.4, labelspacing=1.2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(records: list[dict[str, Any]], averages: pd.Series | None, plots_dir: str | Path,
+                *, speed_length: int | None = None) -> list[Path]:
+    """Write the scaling plots (and the accuracy-vs-speed plot when accuracies exist)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plots_dir = Path(plots_dir)
+    frame = speed_frame(records)
+    if frame.empty:
+        return []
+    written = []
+    for causal in (False, True):
+        suffix = "_causal" if causal else ""
+        for kind, name in (("throughput", "throughput_vs_length"), ("memory", "memory_vs_length")):
+            path = _scaling_plot(frame, causal, kind, plots_dir / f"{name}{suffix}.png")
+            if path:
+                written.append(path)
+    if averages is not None and not averages.dropna().empty:
+        path = accuracy_speed_plot(frame, averages, plots_dir / "accuracy_vs_speed.png", speed_length)
+        if path:
+            written.append(path)
+    log.info("efficiency plots: %s", ", ".join(str(p) for p in written))
+    return written
