@@ -80,16 +80,21 @@ def accuracy_table(cells: pd.DataFrame) -> tuple[str, pd.Series]:
     for mech in mechanisms:
         row, accs = [mech], []
         for task in tasks:
+            statuses = cells[(cells.task == task) & (cells.mechanism == mech)].status
             if (task, mech) in stats.index:
                 s = stats.loc[(task, mech)]
                 if task in lower_better:
                     text = f"{s['mean']:.3f}" if s["count"] == 1 else f"{s['mean']:.3f} ± {s['std']:.3f}"
-                    row.append(f"**{text}**" if s["mean"] == best[task] else text)
+                    text = f"**{text}**" if s["mean"] == best[task] else text
                 else:
-                    row.append(_fmt(s["mean"], s["std"], int(s["count"]), s["mean"] == best[task]))
+                    text = _fmt(s["mean"], s["std"], int(s["count"]), s["mean"] == best[task])
                     accs.append(s["mean"])
+                failed = statuses[~statuses.isin(["ok", "unsupported"])]
+                if len(failed):  # some seeds failed: the mean is over the others, and says so
+                    marks = " / ".join(sorted({FAILURE_MARK.get(x, x) for x in failed}))
+                    text += f" ({marks} {len(failed)}/{len(statuses)} seeds)"
+                row.append(text)
                 continue
-            statuses = cells[(cells.task == task) & (cells.mechanism == mech)].status
             if statuses.empty:
                 row.append("–")
             elif (statuses == "unsupported").all():

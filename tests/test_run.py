@@ -87,9 +87,12 @@ def test_report_renders_ok_failed_and_unsupported(workdir):
     accuracy_section = text.split("## Accuracy", 1)[1].split("###", 1)[0]
     row = {line.split("|")[1].strip(): line for line in accuracy_section.splitlines() if line.startswith("| ")}
     assert "✗ failed" in row["raises"] and "n/a" in row["no_padding"]
-    accuracy = read_results(workdir / "results")
-    ok = [r for r in accuracy if r["mechanism"] == "softmax" and r["seed"] == 0][0]
-    assert f"{100 * ok['metrics']['test']['accuracy']:.1f}" in row["softmax"]
+    records = read_results(workdir / "results")
+    softmax = [r["metrics"]["test"]["accuracy"] for r in records if r["mechanism"] == "softmax" and r["status"] == "ok"]
+    assert f"{100 * sum(softmax) / len(softmax):.1f}" in row["softmax"]
+    raises = [r["status"] for r in records if r["mechanism"] == "raises"]
+    if "ok" in raises:  # a retried seed succeeded: the others' failure is still shown
+        assert f"{raises.count('failed')}/{len(raises)} seeds" in row["raises"]
     assert "## Run details" in text and "generated" in text
 
 
