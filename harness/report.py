@@ -47,7 +47,7 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "test": test.get(metric), "val": val.get(metric), "params": r.get("params"),
                 "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
                 "wall_s": r.get("wall_s"), "source": data.get("source"), "fingerprint": data.get("fingerprint"),
-                "majority": data.get("majority_accuracy"), "sizes": data.get("sizes"),
+                "majority": data.get("majority_accuracy"), "unigram_bits": data.get("unigram_bits_per_token"), "sizes": data.get("sizes"),
                 "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
                 "num_classes": data.get("num_classes"), "commit": (r.get("env") or {}).get("commit"),
                 "device": (r.get("env") or {}).get("device"),
@@ -76,7 +76,14 @@ def accuracy_table(cells: pd.DataFrame) -> tuple[str, pd.Series]:
     header = ["mechanism"] + [f"{t} (bits/token ↓)" if t in lower_better else t for t in tasks] + ["average"]
     rows, averages = [], {}
     majority = cells.groupby("task").majority.first()
-    rows.append(["majority baseline"] + [f"{100 * majority[t]:.1f}" if pd.notna(majority.get(t)) else "–" for t in tasks] + [""])
+    unigram = cells.groupby("task").unigram_bits.first()
+
+    def baseline(task: str) -> str:  # majority class; for a language model, the unigram bits/token
+        if task in lower_better:
+            return f"{unigram[task]:.3f} (unigram)" if pd.notna(unigram.get(task)) else "–"
+        return f"{100 * majority[task]:.1f}" if pd.notna(majority.get(task)) else "–"
+
+    rows.append(["majority baseline"] + [baseline(t) for t in tasks] + [""])
     for mech in mechanisms:
         row, accs = [mech], []
         for task in tasks:

@@ -119,6 +119,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
 def _summary(result: Result) -> str:
     test = result.metrics.get("test", {})
     parts = [f"test accuracy {test['accuracy']:.4f}" if "accuracy" in test else None,
+             f"test bits/token {test['bits_per_token']:.4f}" if "bits_per_token" in test else None,
              f"majority {result.data['majority_accuracy']:.4f}" if result.data.get("majority_accuracy") else None,
              f"{result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s else None,
              f"{result.wall_s}s" if result.wall_s else None, result.error]
@@ -157,7 +158,9 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
     module = TaskModule(model, train)
     data = TaskDataModule(dsd, batch_size=train.batch_size, seed=result.seed, num_workers=cfg.trainer.num_workers)
     ckpt_dir = checkpoint_dir(cfg.results_dir, result.scale, result.task, result.mechanism, result.seed)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val/accuracy", mode="max", save_last=True, filename="best")
+    # Select on validation accuracy, or on validation loss (bits/token) for a language model.
+    monitor, mode = ("val/loss", "min") if model.causal else ("val/accuracy", "max")
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_last=True, filename="best")
     meter = CellMeter(time_limit_s=train.time_limit_s)
     progress = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, train.eval_every // 5))
     trainer = L.Trainer(
@@ -187,7 +190,8 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None)
     result.steps = trainer.global_step
     best = checkpoint.best_model_path or None
-    result.metrics["val"] = {"accuracy": float(checkpoint.best_model_score)} if checkpoint.best_model_score is not None else {}
+    score = checkpoint.best_model_score
+    result.metrics["val"] = {monitor.split("/")[1]: float(score)} if score is not None else {}
     trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     result.metrics["test"] = module.final_metrics.get("test", {})
     if best:  # re-validate the selected checkpoint for its full validation metrics

@@ -206,7 +206,8 @@ def read_tsv(path: Path) -> list[tuple[list[int], int]]:
         "lra": {
             "task": {"max_len": 2000},
             "model": {"dim": 512, "depth": 6, "heads": 8, "mlp_dim": 2048, "dropout": 0.1, "positions": "learned"},
-            "train": {"max_steps": 5000, "batch_size": 32, "lr": 0.05, "schedule": "rsqrt", "warmup_steps": 1000, "weight_decay": 0.1, "eval_every": 500},
+            # LRA: lr 0.05 × rsqrt(max(step, warmup)) peaks at 0.05/√1000; our rsqrt schedule peaks at lr.
+            "train": {"max_steps": 5000, "batch_size": 32, "lr": 1.58e-3, "schedule": "rsqrt", "warmup_steps": 1000, "weight_decay": 0.1, "eval_every": 500},
         },
     },
 )

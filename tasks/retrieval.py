@@ -313,7 +313,8 @@ def _pairs_dataset(ids1: list[list[int]], ids2: list[list[int]], labels: list[in
         "lra": {
             "task": {"max_len": 4000},
             "model": {"dim": 128, "depth": 4, "heads": 4, "mlp_dim": 512, "dropout": 0.1, "positions": "sinusoidal", "pooling": "cls"},
-            "train": {"max_steps": 5000, "batch_size": 32, "lr": 0.05, "weight_decay": 0.1, "warmup_steps": 8000, "schedule": "rsqrt", "eval_every": 100},
+            # LRA: lr 0.05 × rsqrt(max(step, warmup)) peaks at 0.05/√8000; our rsqrt schedule peaks at lr.
+            "train": {"max_steps": 5000, "batch_size": 32, "lr": 5.59e-4, "weight_decay": 0.1, "warmup_steps": 8000, "schedule": "rsqrt", "eval_every": 100},
         },
     },
 )

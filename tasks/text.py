@@ -257,7 +257,8 @@ def build_imdb(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int]]]:
         "lra": {
             "task": {"max_len": 1000},
             "model": {"dim": 256, "depth": 4, "heads": 4, "mlp_dim": 1024, "dropout": 0.1, "positions": "sinusoidal", "pooling": "cls"},
-            "train": {"max_steps": 20000, "batch_size": 32, "lr": 0.05, "weight_decay": 0.1, "warmup_steps": 8000, "schedule": "rsqrt", "eval_every": 100},
+            # LRA: lr 0.05 × rsqrt(max(step, warmup)) peaks at 0.05/√8000; our rsqrt schedule peaks at lr.
+            "train": {"max_steps": 20000, "batch_size": 32, "lr": 5.59e-4, "weight_decay": 0.1, "warmup_steps": 8000, "schedule": "rsqrt", "eval_every": 100},
         },
     },
 )
