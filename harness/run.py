@@ -70,6 +70,11 @@ def checkpoint_dir(results_dir: str | Path, scale: str, task: str, mechanism: st
     return Path(results_dir) / "checkpoints" / scale / task / mechanism / f"seed{seed}"
 
 
+def log_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int) -> Path:
+    """Where the cell's Hydra log (run.log) and training curves go."""
+    return Path(results_dir) / "logs" / scale / task / mechanism / f"seed{seed}"
+
+
 def _container(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
@@ -93,6 +98,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
 
     if previous is not None:  # a recorded cell redone starts afresh; only a killed (unrecorded) one resumes
         shutil.rmtree(checkpoint_dir(cfg.results_dir, scale, task_name, mech_name, seed), ignore_errors=True)
+        shutil.rmtree(log_dir(cfg.results_dir, scale, task_name, mech_name, seed) / "curves", ignore_errors=True)
 
     mechanism_config = {k: v for k, v in _container(cfg.mechanism).items() if k != "name"}
     result = Result(
@@ -176,9 +182,9 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
         deterministic="warn" if cfg.trainer.deterministic else False,
         callbacks=[checkpoint, meter, *([progress] if cfg.trainer.progress_bar else [])],
         enable_progress_bar=bool(cfg.trainer.progress_bar),
-        # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/seed<k>/metrics.csv
-        logger=CSVLogger(Path(cfg.results_dir) / "logs", name=f"{result.scale}/{result.task}/{result.mechanism}",
-                         version=f"seed{result.seed}"),
+        # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/seed<k>/curves/metrics.csv
+        logger=CSVLogger(log_dir(cfg.results_dir, result.scale, result.task, result.mechanism, result.seed),
+                         name="", version="curves"),
         log_every_n_steps=max(1, min(50, train.max_steps // 10)),
         num_sanity_val_steps=0,
         enable_model_summary=False,
