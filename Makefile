@@ -10,10 +10,11 @@ GRID ?= default
 SCALE ?= auto
 SEEDS ?=
 RESULTS ?= results
+SPEED_ARGS ?=
 
 help: ## show this help
 	@grep -hE '^[a-z][a-z-]*:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=default  SEEDS=0,1,2  RESULTS=results"
+	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=default  SEEDS=0,1,2  RESULTS=results  SPEED_ARGS='threads=1 lengths=[256,1024]'"
 
 install: $(STAMP) ## create .venv and install torch==2.13.0, then the project with [dev] and the peer plugins
 
@@ -37,7 +38,7 @@ smoke: install ## the grid at scale=tiny (minutes on a CPU), then the leaderboar
 	status=$$?; $(PY) -m harness report results_dir=$(RESULTS); exit $$status
 
 speed: install ## speed and memory of every mechanism across sequence lengths (results/speed/)
-	$(PY) -m harness speed out=$(RESULTS)/speed
+	$(PY) -m harness speed out=$(RESULTS)/speed $(SPEED_ARGS)
 	$(PY) -m harness report results_dir=$(RESULTS)
 
 report: install ## regenerate results/leaderboard.md and results/plots/ from the results

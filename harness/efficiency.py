@@ -261,7 +261,7 @@ def overhead_markdown(record: dict[str, Any]) -> str:
             f"Lightning path (`TaskModule` + `Trainer`) vs a bare PyTorch loop: "
             f"**{training['ratio']:.3f}** of the bare loop's throughput (target ≥ {training['target']:.2f} {mark}); "
             f"{_si(_median(training['lightning_tokens_per_s']))} vs {_si(_median(training['bare_tokens_per_s']))} "
-            "tokens/s (medians over alternating rounds).", "",
+            "tokens/s (medians; the ratio is the median over adjacent pairs of alternating rounds).", "",
         ]
     contract = record.get("contract") or []
     if contract:

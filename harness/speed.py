@@ -87,10 +87,10 @@ class SpeedConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads in each measurement; 0 = torch's default
     warmup: int = 1  # untimed iterations first
-    min_reps: int = 3  # timed iterations, at least
+    min_reps: int = 2  # timed iterations, at least
     max_reps: int = 20  # timed iterations, at most
     min_time_s: float = 1.0  # keep timing (up to max_reps) until this much timed work
-    timeout_s: float = 90.0  # per measurement, set-up included; past it: "timeout"
+    timeout_s: float = 45.0  # per measurement, set-up included; past it: "timeout"
     memory_limit_mb: float = 0.0  # CPU: address-space cap above the child's start; 0 = auto (half the RAM)
     isolate: bool = True  # a fresh process per measurement (False: in this process, for tests)
     out: str = "results/speed"

@@ -76,5 +76,4 @@ class PerformerPeer(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        self.check_call(q, k, key_padding_mask, causal)
         return self.fast(q, k, v)  # (B, H, Lq, D)

@@ -1,0 +1,218 @@
+"""The speed benchmark: valid records for every mechanism, failures recorded while the sweep
+goes on, oom/timeout skipping longer lengths, resume, process isolation, peers at equal settings.
+No timing assertions: only that the numbers exist, are consistent and come from where they should."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import speed
+from harness.registry import discover, get_mechanism, list_mechanisms
+
+FAULTY_SPEED = '''
+"""Mechanisms that fail on purpose, from a given length on (speed-benchmark tests)."""
+import time
+from dataclasses import dataclass
+
+from harness.attention import Attention
+from harness.registry import register_mechanism
+
+
+@dataclass
+class FailFromConfig:
+    fail_from: int = 32  # sequence length from which the forward pass misbehaves
+    sleep_s: float = 0.0
+
+
+@register_mechanism("speed_raises", FailFromConfig, causal=True)
+class SpeedRaises(Attention):
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if q.shape[-2] >= self.cfg.fail_from:
+            raise RuntimeError(f"deliberate failure at L={q.shape[-2]}")
+        return v * 1.0
+
+
+@register_mechanism("speed_oom", FailFromConfig)
+class SpeedOutOfMemory(Attention):
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if q.shape[-2] >= self.cfg.fail_from:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
+        return v * 1.0
+
+
+@register_mechanism("speed_sleeps", FailFromConfig)
+class SpeedSleeps(Attention):
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if q.shape[-2] >= self.cfg.fail_from:
+            time.sleep(self.cfg.sleep_s)
+        return v * 1.0
+'''
+
+TINY = {
+    "lengths": [16, 32], "batch_size": 1, "heads": 2, "dim_head": 8, "scale": "tiny",
+    "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "dropout": 0.0},
+    "warmup": 1, "min_reps": 2, "max_reps": 2, "min_time_s": 0.0, "threads": 1,
+    "progress": False, "overhead": False, "isolate": False, "device": "cpu",
+}
+RECORD_KEYS = {"kind", "mechanism", "mechanism_config", "peer_of", "mode", "causal", "length", "batch_size", "heads",
+               "dim_head", "precision", "dtype", "status", "error", "params", "tokens_per_s", "step_time_s", "time_s",
+               "peak_memory_mb", "threads", "method", "env", "settings_key", "measured_at"}
+
+
+@pytest.fixture(scope="module")
+def faulty_plugins(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("speed_plugins")
+    (folder / "faulty_speed.py").write_text(FAULTY_SPEED)
+    discover(extra_paths=[folder])
+    return folder
+
+
+def config(tmp_path: Path, **overrides) -> speed.SpeedConfig:
+    return speed.SpeedConfig(**{**TINY, "out": str(tmp_path / "speed"), **overrides})
+
+
+def by_key(records):
+    return {(r["mode"], r["causal"], r["length"], r["mechanism"]): r for r in records}
+
+
+def built_in_mechanisms():
+    """Every mechanism of mechanisms/ and the installed plugins (not test fixtures)."""
+    discover()
+    return [n for n in list_mechanisms() if not get_mechanism(n).module.startswith("harness_plugin_")]
+
+
+@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_every_mechanism_writes_valid_records_at_two_lengths(tmp_path, causal):
+    names = built_in_mechanisms()
+    threads = torch.get_num_threads()
+    records = speed.run_sweep(config(tmp_path, mechanisms=names, causal=[causal]))
+    expected = {(mode, causal, length, name) for mode in speed.MODES for length in (16, 32)
+                for name in names if not causal or get_mechanism(name).capabilities.causal}
+    assert set(by_key(records)) == expected
+    for r in records:
+        assert RECORD_KEYS <= set(r), sorted(RECORD_KEYS - set(r))
+        assert r["status"] == "ok", (r["mechanism"], r["mode"], r["error"])
+        assert r["time_s"]["reps"] == 2 and len(r["time_s"]["times"]) == 2
+        assert r["time_s"]["min"] <= r["step_time_s"] <= r["time_s"]["max"]
+        assert r["tokens_per_s"] == pytest.approx(r["length"] / r["step_time_s"])  # batch 1
+        assert r["peak_memory_mb"] >= 0 and r["params"] >= 0 and r["threads"] == 1
+        assert r["dtype"] == "float32" and r["env"]["torch"] == torch.__version__ and r["env"]["hardware"]["cpu"]
+        assert r["method"]["warmup"] == 1 and "median" in r["method"]["timing"] and r["method"]["memory"]
+        path = tmp_path / "speed" / r["mode"] / r["mechanism"] / f"{'causal' if r['causal'] else 'noncausal'}-L{r['length']}.json"
+        assert json.loads(path.read_text())["settings_key"] == r["settings_key"]
+    train = [r for r in records if r["mode"] == "train_step"]
+    assert all(r["params"] > 0 for r in train) and all(r["model"]["dim"] == 16 for r in train)
+    assert torch.get_num_threads() == threads  # in-process runs leave the caller's thread count alone
+
+
+def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, faulty_plugins):
+    cfg = config(tmp_path, mechanisms=["speed_raises", "softmax", "speed_oom"], lengths=[16, 32, 64], modes=["attention"],
+                 causal=[False])
+    records = by_key(speed.run_sweep(cfg))
+    raises = [records[("attention", False, L, "speed_raises")] for L in (16, 32, 64)]
+    assert [r["status"] for r in raises] == ["ok", "failed", "failed"]  # a plain failure does not stop the series
+    assert raises[1]["error"] == "RuntimeError: deliberate failure at L=32"
+    assert all(records[("attention", False, L, "softmax")]["status"] == "ok" for L in (16, 32, 64))
+    oom = [records[("attention", False, L, "speed_oom")] for L in (16, 32, 64)]
+    assert [r["status"] for r in oom] == ["ok", "oom", "skipped"]
+    assert "can't allocate memory" in oom[1]["error"] and oom[2]["error"] == "skipped: oom at L=32"
+    assert oom[2]["tokens_per_s"] is None and oom[2]["peak_memory_mb"] is None
+
+
+def test_a_measurement_past_its_time_limit_is_a_timeout_and_longer_lengths_are_skipped(tmp_path, faulty_plugins):
+    cfg = config(tmp_path, mechanisms=["speed_sleeps"], lengths=[16, 32, 64], modes=["attention"], causal=[False],
+                 timeout_s=0.5, mechanism_config={"speed_sleeps": {"fail_from": 32, "sleep_s": 0.4}})
+    records = by_key(speed.run_sweep(cfg))
+    statuses = [records[("attention", False, L, "speed_sleeps")]["status"] for L in (16, 32, 64)]
+    assert statuses == ["ok", "timeout", "skipped"]
+    assert "timeout_s=0.5" in records[("attention", False, 32, "speed_sleeps")]["error"]
+    # a larger limit re-measures the timed-out length (and re-evaluates the skipped one)
+    again = by_key(speed.run_sweep(dataclasses.replace(cfg, timeout_s=30.0)))
+    assert [again[("attention", False, L, "speed_sleeps")]["status"] for L in (16, 32, 64)] == ["ok", "ok", "ok"]
+
+
+def test_recorded_measurements_are_kept_unless_settings_change_or_asked(tmp_path):
+    cfg = config(tmp_path, mechanisms=["softmax"], lengths=[16], modes=["attention"], causal=[False])
+    first = speed.run_sweep(cfg)[0]
+    assert speed.run_sweep(cfg)[0]["time_s"] == first["time_s"]  # the record, not a new measurement
+    redone = speed.run_sweep(dataclasses.replace(cfg, rerun="all"))[0]
+    assert redone["time_s"]["times"] != first["time_s"]["times"]
+    bigger = speed.run_sweep(dataclasses.replace(cfg, batch_size=2))[0]
+    assert bigger["batch_size"] == 2 and bigger["settings_key"] != first["settings_key"]
+
+
+def test_a_measurement_runs_in_a_fresh_process(tmp_path):
+    cfg = config(tmp_path, mechanisms=["softmax"], lengths=[16], modes=["attention"], causal=[False], isolate=True)
+    record = speed.run_sweep(cfg)[0]
+    assert record["status"] == "ok", record["error"]
+    assert record["pid"] != os.getpid() and "forked process" in record["method"]["isolation"]
+    assert record["peak_memory_mb"] > 0 and record["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_hung_measurement_process_is_killed_and_recorded_as_timeout(tmp_path, faulty_plugins):
+    cfg = config(tmp_path, mechanisms=["speed_sleeps", "softmax"], lengths=[16, 32], modes=["attention"], causal=[False],
+                 isolate=True, warmup=0, timeout_s=1.0, mechanism_config={"speed_sleeps": {"fail_from": 16, "sleep_s": 600}})
+    records = by_key(speed.run_sweep(cfg))
+    hung = records[("attention", False, 16, "speed_sleeps")]
+    assert hung["status"] == "timeout" and "killed after timeout_s=1" in hung["error"]
+    assert records[("attention", False, 32, "speed_sleeps")]["status"] == "skipped"
+    assert records[("attention", False, 16, "softmax")]["status"] == "ok"  # the mechanism from a plugin file ran
+    assert records[("attention", False, 32, "softmax")]["status"] == "ok"
+
+
+def test_peak_memory_sees_an_allocation():
+    memory = speed.PeakMemory("cpu")
+    memory.start()
+    block = torch.ones(16 * 2**20)  # 64 MB, written
+    assert block.sum() > 0
+    del block
+    assert memory.peak_mb() > 50
+
+
+def test_peers_run_with_their_counterparts_settings_right_after_them():
+    pytest.importorskip("harness_peers")
+    overrides = {"performer": {"num_features": 48, "kernel": "relu"}, "nystrom": {"num_landmarks": 8}}
+    performer, peer_of = speed.resolve_mechanism_config("performer_pytorch", overrides)
+    assert peer_of == "performer" and performer == {"num_features": 48, "kernel": "relu"}
+    nystrom, peer_of = speed.resolve_mechanism_config("nystrom_attention", overrides)
+    assert peer_of == "nystrom" and nystrom["num_landmarks"] == 8
+    order = speed.ordered_mechanisms(["performer_pytorch", "rela", "nystrom_attention", "performer", "softmax", "nystrom"])
+    assert order == ["softmax", "nystrom", "nystrom_attention", "performer", "performer_pytorch", "rela"]
+
+
+def test_command_line_settings_are_typed_and_checked():
+    cfg = speed.parse_config(["lengths=[256,512]", "mechanisms=[softmax,performer]", "causal=[false]",
+                              "mechanism_config.performer.num_features=64", "timeout_s=30"])
+    assert cfg.lengths == [256, 512] and cfg.mechanisms == ["softmax", "performer"] and cfg.causal == [False]
+    assert cfg.mechanism_config == {"performer": {"num_features": 64}} and cfg.timeout_s == 30.0
+    assert speed.parse_config(["mechanisms=softmax,rela"]).mechanisms == ["softmax", "rela"]
+    with pytest.raises(SystemExit, match="lenghts"):
+        speed.parse_config(["lenghts=[256]"])
+    with pytest.raises(SystemExit, match="key=value"):
+        speed.parse_config(["softmax"])
+    with pytest.raises(ValueError, match="valid: attention, train_step"):
+        speed.plan(speed.SpeedConfig(modes=["inference"], device="cpu"))
+
+
+@pytest.mark.slow
+def test_overhead_measures_both_ratios(tmp_path):
+    from harness import overhead
+
+    threads = torch.get_num_threads()
+    record = overhead.run_overhead(out=str(tmp_path), scale="tiny", max_steps=12, rounds=1, progress_bar=False,
+                                   contract_lengths=[32], contract_min_run_time=0.05, cache_dir=str(tmp_path / "cache"),
+                                   device="cpu", threads=1)
+    assert json.loads((tmp_path / "overhead.json").read_text())["kind"] == "overhead"
+    training = record["training"]
+    assert training["steps"] == 12 and len(training["lightning_tokens_per_s"]) == len(training["bare_tokens_per_s"]) == 1
+    assert training["ratio"] == pytest.approx(training["lightning_tokens_per_s"][0] / training["bare_tokens_per_s"][0])
+    assert overhead.median_paired_ratio([("a", 2.0), ("b", 1.0), ("b", 4.0), ("a", 4.0), ("a", 9.0), ("b", 3.0)],
+                                        "a", "b") == 2.0
+    assert [(r["length"], r["causal"]) for r in record["contract"]] == [(32, False), (32, True)]
+    assert all(r["contract_s"] > 0 and r["sdpa_s"] > 0 for r in record["contract"])
+    assert torch.get_num_threads() == threads
