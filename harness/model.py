@@ -26,6 +26,7 @@ from harness.registry import create_mechanism
 
 POSITIONS = ("sinusoidal", "learned", "none")
 POOLINGS = ("mean", "cls")
+FEEDFORWARDS = ("mlp", "none")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelConfig:
     dropout: float = 0.1
     positions: str = "sinusoidal"  # sinusoidal | learned | none
     pooling: str = "mean"  # mean (over non-pad tokens) | cls
+    feedforward: str = "mlp"  # mlp | none (all-attention blocks, e.g. persistent memory replacing the MLP)
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -45,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"model.positions='{self.positions}'; valid: {', '.join(POSITIONS)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling='{self.pooling}'; valid: {', '.join(POOLINGS)}")
+        if self.feedforward not in FEEDFORWARDS:
+            raise ValueError(f"model.feedforward='{self.feedforward}'; valid: {', '.join(FEEDFORWARDS)}")
 
 
 def sinusoidal_positions(length: int, dim: int, device=None) -> Tensor:
@@ -82,19 +86,27 @@ class MultiHeadMixing(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + mix(LN x), then x + MLP(LN x)."""
+    """Pre-norm Transformer block: x + mix(LN x), then x + MLP(LN x).
+
+    With ``model.feedforward=none`` the block is attention only (the all-attention layer of
+    Sukhbaatar et al. 2019, where persistent memory vectors take the MLP's place)."""
 
     def __init__(self, cfg: ModelConfig, mechanism: Attention):
         super().__init__()
-        self.norm_mix, self.norm_mlp = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.norm_mix = nn.LayerNorm(cfg.dim)
         self.mix = MultiHeadMixing(cfg.dim, cfg.heads, mechanism)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.mlp_dim, cfg.dim)
-        )
+        self.norm_mlp = self.mlp = None
+        if cfg.feedforward == "mlp":
+            self.norm_mlp = nn.LayerNorm(cfg.dim)
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.mlp_dim, cfg.dim)
+            )
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, *, key_padding_mask=None, causal=False, context=None) -> Tensor:
         x = x + self.drop(self.mix(self.norm_mix(x), key_padding_mask=key_padding_mask, causal=causal, context=context))
+        if self.mlp is None:
+            return x
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 

@@ -1,12 +1,22 @@
 """The result of one grid cell: a dataclass, written atomically as JSON, read back.
 
-Path: ``<results_dir>/runs/<scale>/<task>/<mechanism>/seed<k>.json``.
+A cell is its whole effective config (task with its source and data, mechanism, model,
+train, trainer precision): ``config`` holds it, ``config_hash`` identifies it. The cell
+with the scale's presets is the *default* variant (``variant == ""``); any other config is
+its own record under a folder named by its hash, so two configs never share a result:
+
+    <results_dir>/runs/<scale>/<task>/<mechanism>/seed<k>.json              (presets)
+    <results_dir>/runs/<scale>/<task>/<mechanism>/<variant>/seed<k>.json    (any other config)
+
+``variant_label`` says in words how a variant differs from the presets
+(e.g. ``mechanism.num_features=128, model.depth=2``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -40,6 +50,12 @@ class Result:
     mechanism_metrics: dict[str, float] = field(default_factory=dict)
     steps: int | None = None
     best_step: int | None = None
+    variant: str = ""  # "" for the scale's presets, else the config hash
+    variant_label: str = ""  # how the config differs from the presets, in override syntax
+    config_hash: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    resumed_from_step: int | None = None  # set when a killed run was resumed from its checkpoint
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -49,8 +65,9 @@ class Result:
         return dataclasses.asdict(self)
 
 
-def result_path(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int) -> Path:
-    return Path(results_dir) / "runs" / scale / task / mechanism / f"seed{seed}.json"
+def result_path(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
+    folder = Path(results_dir) / "runs" / scale / task / mechanism
+    return (folder / variant if variant else folder) / f"seed{seed}.json"
 
 
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -60,7 +77,7 @@ def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=_jsonable)
+            json.dump(_finite(payload), f, indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -71,36 +88,87 @@ def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
-        return value.item()
+        return _finite(value.item())
     return str(value)
 
 
+def _finite(value: Any) -> Any:
+    """Non-finite floats become null: a result file is always valid JSON (the status says
+    why a metric is missing, e.g. ``nan``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_result(results_dir: str | Path, result: Result) -> Path:
-    path = result_path(results_dir, result.scale, result.task, result.mechanism, result.seed)
+    path = result_path(results_dir, result.scale, result.task, result.mechanism, result.seed, result.variant)
     return write_json_atomic(path, result.as_dict())
 
 
-def read_result(path: str | Path) -> dict[str, Any] | None:
+REQUIRED_KEYS = ("task", "mechanism", "scale", "seed", "status")
+
+
+class UnreadableResult(ValueError):
+    """A result file that is truncated, empty, binary, not an object or lacks a key."""
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    """The record in ``path``; UnreadableResult (saying why) for anything that isn't one."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise UnreadableResult(f"cannot read: {exc.strerror or exc}") from None
+    if not raw.strip():
+        raise UnreadableResult("empty file")
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UnreadableResult("not UTF-8 text (binary?)") from None
+    except json.JSONDecodeError as exc:
+        raise UnreadableResult(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(record, dict):
+        raise UnreadableResult(f"not a JSON object but {type(record).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise UnreadableResult(f"no {', '.join(missing)} (not a result record)")
+    if record["status"] not in STATUSES:
+        raise UnreadableResult(f"unknown status {record['status']!r}")
+    record.setdefault("variant", "")
+    record.setdefault("variant_label", "")
+    return record
+
+
+def read_result(path: str | Path) -> dict[str, Any] | None:
+    """The record in ``path``, or None when there is none or it is unreadable."""
+    try:
+        return load_result(path)
+    except UnreadableResult:
         return None
 
 
-def read_results(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every readable result under ``<results_dir>/runs``; unreadable files are skipped
-    with a warning (a report never dies on one bad file)."""
-    import logging
-
-    out = []
-    for path in sorted((Path(results_dir) / "runs").glob("*/*/*/seed*.json")):
-        record = read_result(path)
-        if record is None or "status" not in record:
-            logging.getLogger(__name__).warning("skipping unreadable result %s", path)
+def scan_results(results_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """(records, unreadable) under ``<results_dir>/runs``: every readable record (with its
+    ``_path``), and ``{"path", "reason"}`` for every file that is not one. Never raises on a
+    bad file, so a report or a grid survives any of them."""
+    records, unreadable = [], []
+    for path in sorted((Path(results_dir) / "runs").rglob("seed*.json")):
+        try:
+            record = load_result(path)
+        except UnreadableResult as exc:
+            unreadable.append({"path": str(path), "reason": str(exc)})
             continue
         record["_path"] = str(path)
-        out.append(record)
-    return out
+        records.append(record)
+    return records, unreadable
+
+
+def read_results(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every readable result under ``<results_dir>/runs`` (see ``scan_results``)."""
+    return scan_results(results_dir)[0]
 
 
 def environment() -> dict[str, Any]:

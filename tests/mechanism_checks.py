@@ -92,3 +92,45 @@ def assert_gradients_finite(mech: Attention, *, length=12, dim=8, causal=False, 
         if p.requires_grad and p.grad is not None:
             assert torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
     mech.eval()
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (in elements) that any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out
+
+
+def largest_intermediate(mech: Attention, *, length: int, heads: int = 1, dim: int = 16, causal: bool = False,
+                         key_padding: bool = False, backward: bool = True) -> tuple[int, str]:
+    """(elements, op) of the largest tensor built by one forward (and backward) call at
+    ``length`` with batch 1: a mechanism that claims sub-quadratic cost must stay far below
+    length², the size of the (L, L) score matrix it claims never to build."""
+    q, k, v = qkv(batch=1, heads=heads, lq=length, dim=dim)
+    kpm = padding_mask(1, length, [length - 3]) if key_padding else None
+    if backward:
+        for x in (q, k, v):
+            x.requires_grad_()
+    with _LargestTensor() as mode:
+        out = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
+        if backward:
+            out.square().mean().backward()
+    return mode.largest, mode.op
+
+
+def assert_subquadratic(mech: Attention, *, length: int = 8192, fraction: float = 1 / 16, **kwargs) -> None:
+    """No tensor of one forward+backward at ``length`` reaches ``fraction`` · length² elements."""
+    largest, op = largest_intermediate(mech, length=length, **kwargs)
+    assert largest < fraction * length**2, (
+        f"{mech.name}: a tensor of {largest} elements ({op}) at L={length} is quadratic-sized "
+        f"(limit {fraction} · L² = {int(fraction * length**2)})"
+    )
