@@ -216,3 +216,32 @@ def test_overhead_measures_both_ratios(tmp_path):
     assert [(r["length"], r["causal"]) for r in record["contract"]] == [(32, False), (32, True)]
     assert all(r["contract_s"] > 0 and r["sdpa_s"] > 0 for r in record["contract"])
     assert torch.get_num_threads() == threads
+
+
+def test_a_mechanism_and_length_list_measures_only_those(tmp_path):
+    cfg = config(tmp_path, mechanisms=["softmax"], lengths=[24], modes=["attention"], causal=[False])
+    jobs, _ = speed.plan(cfg)
+    assert [(j.mechanism, j.mode, j.causal, j.length) for j in jobs] == [("softmax", "attention", False, 24)]
+    records = speed.run_sweep(cfg)
+    assert [(r["mechanism"], r["length"]) for r in records] == [("softmax", 24)]
+    written = sorted(p.relative_to(tmp_path / "speed").as_posix() for p in (tmp_path / "speed").rglob("*.json"))
+    assert written == ["attention/softmax/noncausal-L24.json"]
+
+
+def test_overhead_runs_only_when_asked(tmp_path, monkeypatch):
+    from harness import overhead
+
+    calls = []
+    monkeypatch.setattr(speed, "run_sweep", lambda cfg: calls.append(("sweep", cfg.mechanisms)) or [])
+    monkeypatch.setattr(overhead, "run_overhead", lambda **kw: calls.append(("overhead", kw["out"])))
+    monkeypatch.setattr(overhead, "main", lambda argv: calls.append(("overhead_main", list(argv))) or 0)
+    out = str(tmp_path / "speed")
+    assert speed.parse_config([]).overhead is False
+    speed.main(["mechanisms=[softmax]", "lengths=[16]", f"out={out}"])
+    assert calls == [("sweep", ["softmax"])], "a sweep must not run the overhead study unannounced"
+    calls.clear()
+    speed.main(["mechanisms=[softmax]", "overhead=true", f"out={out}"])
+    assert calls == [("sweep", ["softmax"]), ("overhead", out)]
+    calls.clear()
+    speed.main(["overhead", "max_steps=3"])
+    assert calls == [("overhead_main", ["max_steps=3"])], "`speed overhead` runs the overhead study alone"
