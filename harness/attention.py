@@ -76,16 +76,31 @@ class Attention(nn.Module):
     capabilities: ClassVar[Capabilities] = Capabilities()
     config_class: ClassVar[type] = object
 
-    def __init__(self, cfg: Any, *, heads: int, dim_head: int, max_len: int):
+    def __init__(self, cfg: Any = None, *, heads: int | None = None, dim_head: int | None = None,
+                 max_len: int | None = None):
         super().__init__()
+        if cfg is None and heads is None:  # `super().__init__()` with no arguments, the usual PyTorch way
+            if not _BUILDING:
+                raise TypeError(
+                    f"{type(self).__name__}: build mechanisms with harness.registry.create_mechanism(name, heads=, "
+                    "dim_head=, max_len=), or call super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)"
+                )
+            cfg, heads, dim_head, max_len = _BUILDING[-1]
+        elif heads is None or dim_head is None or max_len is None:
+            raise TypeError(
+                f"{type(self).__name__}: write super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len) "
+                "or plain super().__init__()"
+            )
         self.cfg = cfg
         self.heads = heads
         self.dim_head = dim_head
         self.max_len = max_len
         self.aux_loss: Tensor | None = None
         # Every call is checked against the capability flags before forward runs, so a
-        # mechanism can never silently ignore a causal flag, cross shapes or a padding mask.
+        # mechanism can never silently ignore a causal flag, cross shapes or a padding mask;
+        # and its output is checked against the contract's shape after.
         self.register_forward_pre_hook(_check_capabilities, with_kwargs=True)
+        self.register_forward_hook(_check_output, with_kwargs=True)
 
     def forward(
         self,
@@ -119,10 +134,33 @@ class Attention(nn.Module):
         return f"heads={self.heads}, dim_head={self.dim_head}, cfg={self.cfg}"
 
 
+# (cfg, heads, dim_head, max_len) of the mechanism create_mechanism is building, so that a
+# subclass may call the base's __init__ with no arguments.
+_BUILDING: list[tuple[Any, int, int, int]] = []
+
+
+def _qkv_of(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    names = ("q", "k", "v")
+    return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))  # type: ignore[return-value]
+
+
 def _check_capabilities(module: Attention, args: tuple, kwargs: dict) -> None:
-    q = args[0] if len(args) > 0 else kwargs["q"]
-    k = args[1] if len(args) > 1 else kwargs["k"]
+    q, k, _ = _qkv_of(args, kwargs)
     module.check_call(q, k, kwargs.get("key_padding_mask"), bool(kwargs.get("causal", False)))
+
+
+class ContractViolation(RuntimeError):
+    """A mechanism returned something the contract does not allow (e.g. the wrong shape)."""
+
+
+def _check_output(module: Attention, args: tuple, kwargs: dict, out: Any) -> None:
+    q, _, v = _qkv_of(args, kwargs)
+    expected = (*q.shape[:-1], v.shape[-1])
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ContractViolation(
+            f"mechanism '{module.name}' returned {got}; the contract is (B, H, Lq, D) = {expected}"
+        )
 
 
 # ----------------------------------------------------------------------------- masks

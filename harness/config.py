@@ -19,6 +19,7 @@ from harness.model import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RERUN = ("none", "failed", "all")
+ON_LOCKED = ("skip", "wait")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RunConfig:
     results_dir: str = "results"
     cache_dir: str = "${oc.env:HARNESS_CACHE_DIR,.cache/data}"
     rerun: str = "none"  # none: skip recorded cells | failed: retry failed ones | all
+    on_locked: str = "skip"  # a cell running in another process: skip it | wait for it
     keep_checkpoints: bool = False
 
 
@@ -84,3 +86,18 @@ def compose(overrides: list[str] | None = None, *, config_name: str = "config") 
     discover()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def compose_isolated(overrides: list[str] | None = None) -> DictConfig:
+    """``compose`` that also works inside a running Hydra app (a cell computing its
+    presets, a launcher computing a cell's identity): Hydra's global state is saved and
+    restored around it."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        return compose(overrides)
+    finally:
+        restore_gh_from_backup(backup)

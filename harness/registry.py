@@ -173,7 +173,7 @@ def register_task(
 def _import_package_modules(package: str) -> None:
     try:
         pkg = importlib.import_module(package)
-    except Exception as exc:  # the package itself is broken: report, go on
+    except (Exception, SystemExit) as exc:  # the package itself is broken: report, go on
         _ERRORS[package] = _describe(exc)
         return
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
@@ -202,8 +202,8 @@ def _guarded_import(label: str, load: Callable[[], Any]) -> None:
     try:
         load()
         _ERRORS.pop(label, None)
-    except Exception as exc:
-        _ERRORS[label] = _describe(exc)
+    except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() on import is just broken
+        _ERRORS[label] = _describe(exc) if not isinstance(exc, SystemExit) else f"SystemExit({exc.code!r}) on import"
         log.warning("plugin %s failed to load: %s", label, _ERRORS[label])
 
 
@@ -290,9 +290,15 @@ def build_config(config_class: type, overrides: dict[str, Any] | Any | None, *, 
 
 def create_mechanism(name: str, *, heads: int, dim_head: int, max_len: int, **config_overrides: Any) -> Attention:
     """Build a registered mechanism, ready to call (like timm's ``create_model``)."""
+    from harness.attention import _BUILDING
+
     spec = get_mechanism(name)
     cfg = build_config(spec.config_class, config_overrides, what=f"mechanism '{name}'")
-    return spec.cls(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
+    _BUILDING.append((cfg, heads, dim_head, max_len))
+    try:
+        return spec.cls(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
+    finally:
+        _BUILDING.pop()
 
 
 def create_task(name: str, *, scale: str = "tiny", **config_overrides: Any):

@@ -12,6 +12,7 @@ from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -22,6 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from filelock import Timeout
+
+from harness.cells import Cell, cell_lock, resolve_cell
 from harness.results import FINISHED, Result, environment, read_result, result_path, write_result
 
 log = logging.getLogger("harness.run")
@@ -56,6 +60,20 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _reset_peak_memory(device_type: str) -> None:
+    """Start measuring this cell's own peak: CUDA's allocator peak, or the process's peak
+    resident set (VmHWM, reset through /proc/self/clear_refs on Linux)."""
+    import torch
+
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not permitted: the process peak is what we get
+        pass
+
+
 def _peak_memory_mb(device_type: str) -> float:
     import resource
 
@@ -63,63 +81,160 @@ def _peak_memory_mb(device_type: str) -> float:
 
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def checkpoint_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int) -> Path:
-    return Path(results_dir) / "checkpoints" / scale / task / mechanism / f"seed{seed}"
+def checkpoint_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
+    folder = Path(results_dir) / "checkpoints" / scale / task / mechanism
+    return (folder / variant if variant else folder) / f"seed{seed}"
 
 
-def log_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int) -> Path:
+def log_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
     """Where the cell's Hydra log (run.log) and training curves go."""
-    return Path(results_dir) / "logs" / scale / task / mechanism / f"seed{seed}"
+    folder = Path(results_dir) / "logs" / scale / task / mechanism
+    return (folder / variant if variant else folder) / f"seed{seed}"
 
 
 def _container(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
+def check_run_settings(cfg: DictConfig) -> None:
+    """Settings with a fixed set of values fail with one line listing them."""
+    from harness.config import ON_LOCKED, RERUN
+
+    if cfg.rerun not in RERUN:
+        raise ValueError(f"rerun={cfg.rerun!r} is not one of {', '.join(RERUN)}")
+    if cfg.get("on_locked", "skip") not in ON_LOCKED:
+        raise ValueError(f"on_locked={cfg.on_locked!r} is not one of {', '.join(ON_LOCKED)}")
+
+
+def _set_aside(cell: Cell, previous: dict[str, Any]) -> Path | None:
+    """A record at the preset path whose config is not today's presets (the presets
+    changed): move it to its own variant folder, so nothing is lost or reused."""
+    from harness.results import write_json_atomic
+
+    old_hash = previous.get("config_hash") or "legacy"
+    target = result_path(cell.results_dir, cell.scale, cell.task, cell.mechanism, cell.seed, old_hash)
+    if target.exists():
+        cell.result_path.unlink(missing_ok=True)
+        return target
+    previous = {k: v for k, v in previous.items() if not k.startswith("_")}
+    previous["variant"] = old_hash
+    previous["variant_label"] = previous.get("variant_label") or "earlier presets"
+    write_json_atomic(target, previous)
+    cell.result_path.unlink(missing_ok=True)
+    return target
+
+
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
-    """Run one cell (or skip it when already recorded); return its result record."""
+    """Run one cell (or skip it when already recorded); return its result record.
+
+    The last line printed is always the result's path, for a skipped cell too."""
     from harness.registry import discover, plugin_errors
 
     discover()
     for plugin, error in plugin_errors().items():
         log.warning("plugin %s failed to load: %s", plugin, error)
+    check_run_settings(cfg)
+    cell = resolve_cell(cfg)
+    if cell.variant:
+        log.info("cell %s: config %s differs from the presets: %s", cell.name, cell.config_hash, cell.variant_label)
+    lock = cell_lock(cell)
+    try:
+        lock.acquire(timeout=0 if cfg.get("on_locked", "skip") == "skip" else -1)
+    except Timeout:
+        log.warning("skip %s: it is running in another process (lock %s; on_locked=wait to wait for it)",
+                    cell.name, cell.lock_path)
+        print(cell.result_path, flush=True)
+        return {"status": "running", "task": cell.task, "mechanism": cell.mechanism, "scale": cell.scale,
+                "seed": cell.seed, "variant": cell.variant, "_path": str(cell.result_path)}
+    handler = _cell_log_handler(cell)
+    try:
+        return _run_locked(cfg, cell)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        lock.release()
 
-    task_name, mech_name, scale, seed = cfg.task.name, cfg.mechanism.name, cfg.scale.name, int(cfg.seed)
-    path = result_path(cfg.results_dir, scale, task_name, mech_name, seed)
-    previous = read_result(path)
+
+def _cell_log_handler(cell: Cell) -> logging.Handler:
+    """The cell's own log, ``<log_dir>/cell.log`` (appended across resumes)."""
+    cell.log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(cell.log_dir / "cell.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
+    previous = read_result(cell.result_path)
+    if previous is not None and previous.get("config_hash") != cell.config_hash:
+        moved = _set_aside(cell, previous)
+        log.warning("%s held a result of another config (%s); kept as %s, running this config anew",
+                    cell.result_path, previous.get("config_hash") or "unrecorded", moved)
+        previous = None
     if previous is not None and cfg.rerun != "all":
         if previous["status"] in FINISHED or cfg.rerun == "none":
-            log.info("skip %s/%s/%s/seed%d: recorded as %s (rerun=%s to redo)", scale, task_name, mech_name, seed,
-                     previous["status"], "all" if previous["status"] in FINISHED else "failed")
+            log.info("skip %s: recorded as %s (rerun=%s to redo)", cell.name, previous["status"],
+                     "all" if previous["status"] in FINISHED else "failed")
+            print(cell.result_path, flush=True)
             return previous
 
+    ckpt = cell.checkpoint_dir
     if previous is not None:  # a recorded cell redone starts afresh; only a killed (unrecorded) one resumes
-        shutil.rmtree(checkpoint_dir(cfg.results_dir, scale, task_name, mech_name, seed), ignore_errors=True)
-        shutil.rmtree(log_dir(cfg.results_dir, scale, task_name, mech_name, seed) / "curves", ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(cell.log_dir / "curves", ignore_errors=True)
+    _claim_checkpoints(cell)
 
-    mechanism_config = {k: v for k, v in _container(cfg.mechanism).items() if k != "name"}
     result = Result(
-        task=task_name, mechanism=mech_name, mechanism_config=mechanism_config, scale=scale, seed=seed,
-        status="failed", env=environment(), task_config={k: v for k, v in _container(cfg.task).items() if k != "name"}, model_config=_container(cfg.model),
-        train_config=_container(cfg.train),
+        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status="failed",
+        mechanism_config={k: v for k, v in cell.identity["mechanism"].items() if k != "name"},
+        env=environment(), task_config={k: v for k, v in cell.identity["task"].items() if k != "name"},
+        model_config=cell.identity["model"], train_config=_container(cfg.train),
+        variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
     )
     start = time.perf_counter()
     try:
-        _train_and_test(cfg, result)
+        _train_and_test(cfg, cell, result)
     except BaseException as exc:  # recorded, never lost
         if isinstance(exc, KeyboardInterrupt):
             raise
         result.status, result.error = _status_of(exc), _last_line(exc)
-        log.error("cell %s/%s/seed%d %s: %s", task_name, mech_name, seed, result.status, result.error)
+        log.error("cell %s %s: %s", cell.name, result.status, result.error)
         log.debug("traceback:\n%s", traceback.format_exc())
-    result.wall_s = round(time.perf_counter() - start, 2)
+    if result.wall_s is None:
+        result.wall_s = round(time.perf_counter() - start, 2)
     written = write_result(cfg.results_dir, result)
-    log.info("%s %s/%s/seed%d: %s", result.status, task_name, mech_name, seed, _summary(result))
+    log.info("%s %s: %s", result.status, cell.name, _summary(result))
     print(written, flush=True)
     return result.as_dict()
+
+
+def _claim_checkpoints(cell: Cell) -> None:
+    """Checkpoints belong to one config: a folder holding another config's is cleared
+    before this cell resumes or starts (``seed<k>.cell.json`` beside it names the config)."""
+    marker = cell.checkpoint_dir.with_name(cell.checkpoint_dir.name + ".cell.json")
+    if cell.checkpoint_dir.exists():
+        try:
+            recorded = json.loads(marker.read_text()).get("config_hash")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != cell.config_hash:
+            log.warning("checkpoints in %s are of another config (%s); starting %s from scratch",
+                        cell.checkpoint_dir, recorded or "unrecorded", cell.name)
+            shutil.rmtree(cell.checkpoint_dir, ignore_errors=True)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"config_hash": cell.config_hash, "config": cell.identity}, indent=1, default=str))
 
 
 def _summary(result: Result) -> str:
@@ -132,7 +247,7 @@ def _summary(result: Result) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def _train_and_test(cfg: DictConfig, result: Result) -> None:
+def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
@@ -148,6 +263,9 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
     log.info("data: %s (source=%s)", task.name, task.source)
     dsd, data_info = task.load(cfg.cache_dir)
     result.data = data_info.as_dict()
+    for warning in result.data.get("warnings") or []:
+        log.warning("data: %s", warning)
+        result.warnings.append(warning)
 
     missing = get_mechanism(result.mechanism).capabilities.missing(task.requires)
     if missing:
@@ -163,12 +281,16 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
     train = OmegaConf.to_object(cfg.train)
     module = TaskModule(model, train)
     data = TaskDataModule(dsd, batch_size=train.batch_size, seed=result.seed, num_workers=cfg.trainer.num_workers)
-    ckpt_dir = checkpoint_dir(cfg.results_dir, result.scale, result.task, result.mechanism, result.seed)
+    ckpt_dir = cell.checkpoint_dir
     # Select on validation accuracy, or on validation loss (bits/token) for a language model.
     monitor, mode = ("val/loss", "min") if model.causal else ("val/accuracy", "max")
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_last=True, filename="best")
     meter = CellMeter(time_limit_s=train.time_limit_s)
-    progress = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=max(1, train.eval_every // 5))
+    show_progress = bool(cfg.trainer.progress_bar) and sys.stdout.isatty()  # no bars in log files
+    progress = RichProgressBar() if show_progress else TQDMProgressBar(refresh_rate=max(1, train.eval_every // 5))
+    resume = ckpt_dir / "last.ckpt"
+    curves = cell.log_dir / "curves" / "metrics.csv"
+    earlier_curves = _read_curves(curves) if resume.exists() else []
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -180,36 +302,83 @@ def _train_and_test(cfg: DictConfig, result: Result) -> None:
         limit_val_batches=train.eval_batches or None,
         gradient_clip_val=train.grad_clip or None,
         deterministic="warn" if cfg.trainer.deterministic else False,
-        callbacks=[checkpoint, meter, *([progress] if cfg.trainer.progress_bar else [])],
-        enable_progress_bar=bool(cfg.trainer.progress_bar),
-        # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/seed<k>/curves/metrics.csv
-        logger=CSVLogger(log_dir(cfg.results_dir, result.scale, result.task, result.mechanism, result.seed),
-                         name="", version="curves"),
+        callbacks=[checkpoint, meter, *([progress] if show_progress else [])],
+        enable_progress_bar=show_progress,
+        # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/curves/metrics.csv
+        logger=CSVLogger(cell.log_dir, name="", version="curves"),
         log_every_n_steps=max(1, min(50, train.max_steps // 10)),
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
     device_type = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    resume = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None)
-    result.steps = trainer.global_step
-    best = checkpoint.best_model_path or None
-    score = checkpoint.best_model_score
-    result.metrics["val"] = {monitor.split("/")[1]: float(score)} if score is not None else {}
-    trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
-    result.metrics["test"] = module.final_metrics.get("test", {})
-    if best:  # re-validate the selected checkpoint for its full validation metrics
-        trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False)
-        result.metrics["val"] = module.final_metrics.get("val", result.metrics["val"])
-        result.best_step = int(torch.load(best, map_location="cpu", weights_only=False).get("global_step", 0))
-    result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items() if k not in ("accuracy", "loss", "bits_per_token")}
+    _reset_peak_memory(device_type)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None, weights_only=True)
+        result.resumed_from_step = meter.resumed_from_step
+        if meter.resumed_from_step is not None:
+            log.info("resumed %s from step %d (%s)", cell.name, meter.resumed_from_step, resume)
+        result.steps = trainer.global_step
+        best = checkpoint.best_model_path or None
+        score = checkpoint.best_model_score
+        result.metrics["val"] = {monitor.split("/")[1]: float(score)} if score is not None else {}
+        trainer.test(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
+        result.metrics["test"] = module.final_metrics.get("test", {})
+        if best:  # re-validate the selected checkpoint for its full validation metrics
+            trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
+            result.metrics["val"] = module.final_metrics.get("val", result.metrics["val"])
+            result.best_step = int(torch.load(best, map_location="cpu", weights_only=True).get("global_step", 0))
+        evaluate = getattr(task, "evaluate_predictions", None)
+        if evaluate is not None:  # task-level metrics that need decoding (e.g. Spider's exact match)
+            module.eval()
+            extra = evaluate(module.model, dsd["test"], device=module.device, batch_size=train.batch_size)
+            result.metrics["test"].update(extra)
+    finally:
+        meter.stop_timer()
+        result.resumed_from_step = meter.resumed_from_step
+        result.wall_s = round(meter.wall_s, 2)
+        if earlier_curves:
+            _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
+    result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items()
+                                if k not in ("accuracy", "loss", "bits_per_token")}
     result.tokens_per_s = meter.tokens_per_s
     result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)
     result.status = "ok"
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _read_curves(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def _prepend_curves(path: Path, earlier: list[dict[str, str]], *, before_step: int | None) -> None:
+    """A resumed cell's curves continue the killed run's: its rows before the resume step,
+    then the new ones (Lightning's CSV logger starts a fresh file)."""
+    import csv
+
+    keep = [r for r in earlier if before_step is None or _as_int(r.get("step")) < before_step]
+    rows = keep + _read_curves(path)
+    if not rows:
+        return
+    fields = sorted({k for r in rows for k in r})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return -1
 
 
 def check_names(overrides: list[str]) -> None:
@@ -219,7 +388,7 @@ def check_names(overrides: list[str]) -> None:
     lookups = {"task": get_task, "mechanism": get_mechanism}
     for arg in overrides:
         key, sep, value = arg.partition("=")
-        if sep and key in lookups:
+        if sep and key in lookups and "(" not in value:  # glob(), choice(), ...: Hydra's sweep grammar checks them
             for name in value.split(","):
                 try:
                     lookups[key](name.strip())
@@ -242,9 +411,16 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        record = run_cell(cfg)
+        from harness.cells import UnsafeName
+        from harness.registry import UnknownNameError
+
+        try:
+            record = run_cell(cfg)
+        except (UnknownNameError, UnsafeName, ValueError) as exc:  # bad settings: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
-        if record["status"] not in FINISHED and not multirun:
+        if record["status"] not in (*FINISHED, "running") and not multirun:
             sys.exit(1)
 
     _main()

@@ -96,6 +96,9 @@ class TaskModule(L.LightningModule):
             sums = dict(zip(keys, total.tolist()))
         count = max(sums["count"], 1.0)
         metrics = {"accuracy": sums["correct"] / count, "loss": sums["nll"] / count}
+        if not math.isfinite(metrics["loss"]):
+            name = {"val": "validation"}.get(split, split)
+            raise NonFiniteLoss(f"non-finite {name} loss {metrics['loss']} at step {self.global_step}")
         if self.model.causal:
             metrics["bits_per_token"] = sums["nll"] / count / math.log(2)
         layers = len(self.model.encoder.mechanisms) * sums["batches"]
@@ -166,7 +169,12 @@ class TaskDataModule(L.LightningDataModule):
 
 class CellMeter(L.Callback):
     """Measures training throughput (tokens/s, padded tokens as the model sees them,
-    after the first ``skip`` steps), and enforces the cell's time limit."""
+    after the first ``skip`` steps) and enforces the cell's time limit, also in the middle
+    of a batch (a SIGALRM timer in the main thread interrupts a hanging forward).
+
+    Its state (tokens, train time, elapsed wall time) is saved in checkpoints, so a resumed
+    cell's throughput and wall time cover the whole cell; ``resumed_from_step`` is the step
+    a resumed run started from (None for a fresh one)."""
 
     def __init__(self, time_limit_s: float = 0.0, skip: int = 2):
         self.time_limit_s = time_limit_s
@@ -174,9 +182,60 @@ class CellMeter(L.Callback):
         self.tokens = 0
         self.train_time = 0.0
         self.steps = 0
+        self.elapsed_before = 0.0  # wall time of earlier (killed) runs of this cell
+        self.resumed_from_step: int | None = None
         self._t0 = 0.0
         self._start = time.perf_counter()
+        self._alarm = False
 
+    # -- state saved in checkpoints -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "train_time": self.train_time, "steps": self.steps,
+                "elapsed": self.elapsed_before + (time.perf_counter() - self._start)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens = int(state.get("tokens", 0))
+        self.train_time = float(state.get("train_time", 0.0))
+        self.steps = int(state.get("steps", 0))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.resumed_from_step = -1  # set to the real step in on_train_start
+
+    @property
+    def wall_s(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._start)
+
+    # -- time limit -----------------------------------------------------------------------
+    def _on_alarm(self, signum, frame):
+        raise CellTimeout(f"cell exceeded train.time_limit_s={self.time_limit_s:g}s")
+
+    def start_timer(self) -> None:
+        """Arm the time limit (main thread only); the cell's whole run counts."""
+        import signal
+        import threading
+
+        if not self.time_limit_s or threading.current_thread() is not threading.main_thread():
+            return
+        remaining = max(0.01, self.time_limit_s - (time.perf_counter() - self._start))
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, remaining)
+        self._alarm = True
+
+    def stop_timer(self) -> None:
+        import signal
+
+        if self._alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            self._alarm = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start_timer()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.resumed_from_step is not None:
+            self.resumed_from_step = int(trainer.global_step)
+
+    # -- throughput -----------------------------------------------------------------------
     @staticmethod
     def _sync(module: L.LightningModule) -> None:
         if module.device.type == "cuda":

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from plugin_fixtures import FAULTY, ROOT, readme_mechanism
@@ -10,7 +11,7 @@ from plugin_fixtures import FAULTY, ROOT, readme_mechanism
 from harness.config import compose
 from harness.registry import discover
 from harness.report import write_report
-from harness.results import STATUSES, read_results
+from harness.results import STATUSES, read_results, result_path
 from harness.run import run_cell
 
 TINY = ["scale=tiny", "trainer.progress_bar=false", "train.max_steps=12", "train.eval_every=6"]
@@ -42,7 +43,9 @@ def test_tiny_cell_writes_a_valid_result(workdir, capsys):
     assert result["data"]["source"] == "generated" and len(result["data"]["fingerprint"]) == 16
     assert 0 < result["data"]["majority_accuracy"] < 1
     assert result["env"]["torch"] and result["env"]["device"]
-    path = workdir / "results/runs/tiny/listops/softmax/seed0.json"
+    assert result["variant"] and result["config_hash"] == result["variant"]  # TINY's overrides: not the presets
+    assert "train.max_steps=12" in result["variant_label"]
+    path = result_path(workdir / "results", "tiny", "listops", "softmax", 0, result["variant"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)  # last line printed: the path
     assert json.loads(path.read_text())["status"] == "ok"
 
@@ -71,11 +74,16 @@ def test_failures_are_recorded_with_status_and_error(workdir, mechanism, status,
 
 
 def test_failed_cell_retried_only_when_asked(workdir):
-    run_cell(cell(workdir, "mechanism=raises", "seed=2"))
-    skipped = run_cell(cell(workdir, "mechanism=raises", "seed=2", "mechanism.fail_at_step=1000"))
-    assert skipped["status"] == "failed"
-    retried = run_cell(cell(workdir, "mechanism=raises", "seed=2", "mechanism.fail_at_step=1000", "rerun=failed"))
-    assert retried["status"] == "ok"
+    first = run_cell(cell(workdir, "mechanism=raises", "seed=2"))
+    path = result_path(workdir / "results", "tiny", "listops", "raises", 2, first["variant"])
+    stamp = path.stat().st_mtime_ns
+    skipped = run_cell(cell(workdir, "mechanism=raises", "seed=2"))
+    assert skipped["status"] == "failed" and path.stat().st_mtime_ns == stamp  # not re-run
+    retried = run_cell(cell(workdir, "mechanism=raises", "seed=2", "rerun=failed"))
+    assert retried["status"] == "failed" and path.stat().st_mtime_ns != stamp  # re-run, same config, same fault
+    other = run_cell(cell(workdir, "mechanism=raises", "seed=2", "mechanism.fail_at_step=1000"))
+    assert other["status"] == "ok" and other["variant"] != first["variant"]  # another config: its own record
+    assert read_results(workdir / "results") and path.exists()
 
 
 def test_report_renders_ok_failed_and_unsupported(workdir):
@@ -104,7 +112,7 @@ def test_cli_run_exits_nonzero_on_a_failed_cell(workdir):
         capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "HARNESS_PLUGIN_PATH": env_plugins},
     )
     assert done.returncode == 1
-    record = json.loads((workdir / "results/runs/tiny/listops/raises/seed7.json").read_text())
+    record = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
     assert record["status"] == "failed"
 
 

@@ -1,0 +1,164 @@
+"""What a grid cell *is*: its identity (the whole effective config), where its record,
+checkpoints and logs live, and the lock that lets one process at a time run it.
+
+The identity of a cell is its resolved config: the task (source and data paths included),
+the mechanism, the model, the training recipe and the trainer's numerics (precision,
+gradient accumulation). Paths to results, logs and caches, progress settings and the time
+limit are not part of it. ``config_hash`` hashes the identity without the seed, so the
+seeds of one config share a hash.
+
+The cell with the scale's presets (``task=T mechanism=M scale=S`` and nothing else) is the
+*default* variant and keeps the short paths; any other config is a variant named by its
+hash, with ``variant_label`` listing how it differs from the presets::
+
+    runs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>.json
+    checkpoints/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/
+    logs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.results import result_path
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TRAIN_KEYS_NOT_IN_IDENTITY = ("time_limit_s",)
+TRAINER_KEYS_IN_IDENTITY = ("precision", "accumulate_grad_batches")
+
+
+class UnsafeName(ValueError):
+    """A name that becomes part of a path is not a plain name."""
+
+
+def check_safe_name(kind: str, value: Any) -> str:
+    """``value`` if it is a plain file name (letters, digits, ``_.-``, not starting with a
+    dot); else UnsafeName, before any path is built from it."""
+    text = str(value)
+    if not SAFE_NAME.match(text) or ".." in text:
+        raise UnsafeName(f"{kind}={text!r} is not a plain name (letters, digits, '_', '.', '-'; no '..' or '/')")
+    return text
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def cell_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config that makes a cell what it is (see the module docstring)."""
+    train = {k: v for k, v in _plain(cfg.train).items() if k not in TRAIN_KEYS_NOT_IN_IDENTITY}
+    trainer = _plain(cfg.trainer)
+    return {
+        "scale": cfg.scale.name,
+        "task": _plain(cfg.task),
+        "mechanism": _plain(cfg.mechanism),
+        "model": _plain(cfg.model),
+        "train": train,
+        "trainer": {k: trainer.get(k) for k in TRAINER_KEYS_IN_IDENTITY if k in trainer},
+    }
+
+
+def config_hash(identity: dict[str, Any]) -> str:
+    blob = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def difference(identity: dict[str, Any], preset: dict[str, Any]) -> str:
+    """How ``identity`` differs from ``preset``, as overrides: ``model.depth=2, train.lr=0.001``."""
+    a, b = _flatten(identity), _flatten(preset)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    return ", ".join(f"{k}={json.dumps(a[k]) if not isinstance(a.get(k), (int, float, str)) else a[k]}"
+                     if k in a else f"~{k}" for k in keys)
+
+
+def preset_identity(task: str, mechanism: str, scale: str) -> dict[str, Any]:
+    """The identity of the scale's preset cell for (task, mechanism)."""
+    from harness.config import compose_isolated
+
+    return cell_identity(compose_isolated([f"task={task}", f"mechanism={mechanism}", f"scale={scale}"]))
+
+
+@dataclass
+class Cell:
+    """One grid cell, resolved: names, identity, variant and every path it owns."""
+
+    results_dir: Path
+    scale: str
+    task: str
+    mechanism: str
+    seed: int
+    identity: dict[str, Any]
+    config_hash: str
+    variant: str = ""
+    variant_label: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        variant = f"[{self.variant}]" if self.variant else ""
+        return f"{self.scale}/{self.task}/{self.mechanism}{variant}/seed{self.seed}"
+
+    def _folder(self, kind: str) -> Path:
+        folder = self.results_dir / kind / self.scale / self.task / self.mechanism
+        return (folder / self.variant if self.variant else folder) / f"seed{self.seed}"
+
+    @property
+    def result_path(self) -> Path:
+        return result_path(self.results_dir, self.scale, self.task, self.mechanism, self.seed, self.variant)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._folder("checkpoints")
+
+    @property
+    def log_dir(self) -> Path:
+        return self._folder("logs")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.result_path.with_suffix(".lock")
+
+
+def resolve_cell(cfg: DictConfig) -> Cell:
+    """The cell a composed run config describes; names are checked before any path exists."""
+    from harness.registry import get_mechanism, get_task
+
+    get_task(cfg.task.name)  # unknown names fail here, listing the valid ones
+    get_mechanism(cfg.mechanism.name)
+    check_safe_name("scale.name", cfg.scale.name)
+    check_safe_name("task.name", cfg.task.name)
+    check_safe_name("mechanism.name", cfg.mechanism.name)
+    identity = cell_identity(cfg)
+    digest = config_hash(identity)
+    preset = preset_identity(cfg.task.name, cfg.mechanism.name, cfg.scale.name)
+    variant = "" if config_hash(preset) == digest else digest
+    return Cell(
+        results_dir=Path(cfg.results_dir), scale=cfg.scale.name, task=cfg.task.name, mechanism=cfg.mechanism.name,
+        seed=int(cfg.seed), identity=identity, config_hash=digest, variant=variant,
+        variant_label=difference(identity, preset) if variant else "",
+    )
+
+
+def cell_lock(cell: Cell):
+    """A lock file per cell (``filelock``: released by the kernel when its holder dies)."""
+    from filelock import FileLock
+
+    cell.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(cell.lock_path))
