@@ -12,13 +12,32 @@ slots are never masked — they play the role of the feed-forward layer in the p
 they are visible to every query, and a query whose every sequence key is padded still
 attends to the memory (finite output, not zeros).
 
+Slot parametrisation, as the authors' reference code (facebookresearch/adaptive-span,
+``persistent_memory.py``: ``self.key = randn(H, D, N) / sqrt(D)`` used as ``key * sqrt(D)``,
+``self.val = randn(H, N, D) / sqrt(N)`` used as ``val * sqrt(N)``): the stored parameters are
+small and rescaled at use, so the effective slots start at unit scale,
+
+    M_k = √d · P_k,  P_k ~ N(0, 1/d)        M_v = √N · P_v,  P_v ~ N(0, 1/N)
+
+(unit-variance keys and values, like the projected sequence keys/values they are
+concatenated with, §3 of the paper), and a gradient step on P moves M by √d (√N) times
+more: the reference's per-slot learning-rate scaling.
+
+The paper's point is the *all-attention* layer: the persistent vectors replace the
+feed-forward sublayer. ``+preset=all_attention`` (conf/preset/all_attention.yaml) builds
+that network: ``model.feedforward=none`` and this mechanism with the paper's N = 1024 slots
+(its small 18-layer, d = 512 model; 2048 for the large one; enwik8_pers*.sh in the reference).
+
 This is exact softmax attention over Lk + N keys (no approximation): O(Lq·(Lk+N)·d) time
 and O(Lq·(Lk+N)) memory (less when SDPA picks a fused kernel). ``num_slots`` trades
-capacity of the memory for (small) extra cost.
+capacity of the memory for (small) extra cost. Deviation from the reference: no adaptive
+span on the sequence part (that is the separate ``adaptive`` mechanism) and memory slots
+are also used with cross attention / key padding (the reference has neither).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +50,7 @@ from harness.registry import register_mechanism
 
 @dataclass
 class PersistentMemoryConfig:
-    num_slots: int = 16  # learned key/value slots per head, visible to every query
+    num_slots: int = 16  # learned key/value slots per head, visible to every query (paper: 1024 / 2048)
     dropout: float = 0.0  # attention-weight dropout, training only
 
 
@@ -91,10 +110,14 @@ class PersistentMemoryAttention(Attention):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
         if cfg.num_slots < 1:
             raise ValueError(f"persistent_memory needs num_slots >= 1, got {cfg.num_slots}")
-        # Keys ~ N(0, 1/√D) so that q·m_k/√D starts at the scale of q·k/√D; values ~ N(0, 1)
-        # like the projected sequence values.
-        self.memory_keys = nn.Parameter(torch.randn(heads, cfg.num_slots, dim_head) * dim_head**-0.5)
-        self.memory_values = nn.Parameter(torch.randn(heads, cfg.num_slots, dim_head))
+        # The reference's parametrisation: stored P_k ~ N(0, 1/D), P_v ~ N(0, 1/N), used as
+        # √D·P_k and √N·P_v (unit-scale slots; see the module docstring).
+        self.memory_keys = nn.Parameter(torch.randn(heads, cfg.num_slots, dim_head) / math.sqrt(dim_head))
+        self.memory_values = nn.Parameter(torch.randn(heads, cfg.num_slots, dim_head) / math.sqrt(cfg.num_slots))
+
+    def memory(self) -> tuple[Tensor, Tensor]:
+        """The effective slots (M_k, M_v), each (H, N, D): √D·P_k and √N·P_v."""
+        return self.memory_keys * math.sqrt(self.dim_head), self.memory_values * math.sqrt(self.cfg.num_slots)
 
     def forward(
         self,
@@ -107,12 +130,13 @@ class PersistentMemoryAttention(Attention):
         context: AttentionContext | None = None,
     ) -> Tensor:
         dropout = self.cfg.dropout if self.training else 0.0
+        memory_keys, memory_values = self.memory()
         return persistent_memory_attention(
             q,
             k,
             v,
-            self.memory_keys,
-            self.memory_values,
+            memory_keys,
+            memory_values,
             key_padding_mask=key_padding_mask,
             causal=causal,
             dropout=dropout,
