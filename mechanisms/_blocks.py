@@ -1,0 +1,141 @@
+"""Block-sparse attention over gathered key positions: the shared engine of ``local``,
+``sparse``, ``longformer`` and ``bigbird`` (a private helper, not a mechanism).
+
+A pattern is given per *query block* of ``block`` consecutive queries: ``key_index``
+(P, N, S) lists the S key positions block n gathers (-1 = no key; P = 1 for a pattern
+shared by the heads, P = H for one per head), and ``allowed`` (P, N, block, S) says which
+of those S keys each query of the block may see (e.g. an exact band inside the gathered
+blocks). The attention of block n is a softmax over its S gathered keys only, so the
+score tensor is (B, H, N, block, S) = (B, H, L, S): O(L·S), never (L, L).
+
+Queries whose rows are dense (global tokens) go through :func:`dense_rows` and are written
+over the block output with :func:`replace_rows`. :func:`pattern_as_dense` scatters a block
+pattern into the (P, Lq, Lk) bool matrix it stands for; tests compare it with each
+mechanism's plain pattern formula and the float64 oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def dedup_keep_first(key_index: Tensor) -> Tensor:
+    """(..., S) long: every repeat of a key position after its first occurrence in the
+    same row becomes -1, so a key gathered twice (global and in the window) counts once."""
+    ordered, order = torch.sort(key_index, dim=-1, stable=True)  # equal values keep their order
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    repeat = torch.zeros_like(repeat).scatter(-1, order, repeat)  # back to the original order
+    return key_index.masked_fill(repeat | (key_index < 0), -1)
+
+
+def block_range(blocks: Tensor, block: int, length: int) -> Tensor:
+    """Positions of key blocks: (..., M) block ids -> (..., M·block), -1 outside [0, length)."""
+    pos = blocks[..., None] * block + torch.arange(block, device=blocks.device)  # (..., M, block)
+    pos = pos.masked_fill((blocks[..., None] < 0) | (pos >= length), -1)
+    return pos.flatten(-2)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last axis among ``mask`` entries, in float32 at least; a row with
+    no allowed entry gives all zeros (never NaN)."""
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    s = scores.to(dtype).masked_fill(~mask, -math.inf)
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.exp(s - row_max)  # exp(-inf) = 0 at masked entries
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+
+
+def gathered_block_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_index: Tensor,
+    allowed: Tensor | None,
+    *,
+    block: int,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """softmax(q·kᵀ·scale) v restricted, per query block, to the gathered keys.
+
+    q: (B, H, Lq, D), k/v: (B, H, Lk, D), key_index: (P, N, S) with N = ⌈Lq/block⌉,
+    allowed: (P, N, block, S) bool or None -> (B, H, Lq, D). Causal: query i sees key j iff
+    j <= i + Lk - Lq. Padded keys (key_padding_mask (B, Lk), True = pad) are masked out."""
+    b, h, lq, d = q.shape
+    lk = k.shape[-2]
+    p, n, s = key_index.shape
+    scale = d**-0.5 if scale is None else scale
+    if n * block < lq:
+        raise ValueError(f"key_index has {n} query blocks of {block}; {lq} queries need {math.ceil(lq / block)}")
+    qb = F.pad(q, (0, 0, 0, n * block - lq)).reshape(b, h, n, block, d)  # (B, H, N, blk, D)
+    valid = key_index >= 0  # (P, N, S)
+    idx = key_index.clamp_min(0)
+    if p == 1:
+        kg, vg = k[:, :, idx[0]], v[:, :, idx[0]]  # (B, H, N, S, D)
+    else:
+        heads = torch.arange(h, device=q.device)[:, None, None]  # (H, 1, 1)
+        kg, vg = k[:, heads, idx], v[:, heads, idx]  # (B, H, N, S, D)
+    scores = torch.einsum("bhnid,bhnsd->bhnis", qb, kg) * scale  # (B, H, N, blk, S)
+
+    mask = valid[:, :, None, :]  # (P, N, 1, S)
+    if allowed is not None:
+        mask = mask & allowed
+    if causal:
+        qpos = torch.arange(n * block, device=q.device).view(n, block) + (lk - lq)  # (N, blk)
+        mask = mask & (key_index[:, :, None, :] <= qpos[None, :, :, None])
+    mask = mask[None]  # (1, P, N, blk|1, S)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.bool()[:, idx]  # (B, P, N, S)
+        mask = mask & keep[:, :, :, None, :]
+    weights = masked_softmax(scores, mask).to(vg.dtype)
+    out = torch.einsum("bhnis,bhnsd->bhnid", weights, vg)  # (B, H, N, blk, D)
+    return out.reshape(b, h, n * block, d)[:, :, :lq]
+
+
+def dense_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Full softmax attention of the query rows ``rows`` (G,) to every key: (B, H, G, D).
+    O(G·Lk): for a few global tokens."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qg = q[:, :, rows]  # (B, H, G, D)
+    scores = torch.einsum("bhgd,bhjd->bhgj", qg, k) * scale  # (B, H, G, Lk)
+    mask = torch.ones(1, 1, rows.numel(), lk, dtype=torch.bool, device=q.device)
+    if causal:
+        mask = mask & (torch.arange(lk, device=q.device)[None, :] <= rows[:, None] + (lk - lq))
+    if key_padding_mask is not None:
+        mask = mask & ~key_padding_mask.bool()[:, None, None, :]
+    weights = masked_softmax(scores, mask).to(v.dtype)
+    return torch.einsum("bhgj,bhjd->bhgd", weights, v)
+
+
+def replace_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """out with out[:, :, rows] = values (out of place, differentiable)."""
+    return out.index_copy(2, rows, values.to(out.dtype))
+
+
+def pattern_as_dense(key_index: Tensor, allowed: Tensor | None, *, block: int, query_len: int, key_len: int) -> Tensor:
+    """The (P, Lq, Lk) bool matrix a block pattern stands for (for tests and plots)."""
+    p, n, s = key_index.shape
+    mask = (key_index >= 0)[:, :, None, :].expand(p, n, block, s)
+    if allowed is not None:
+        mask = mask & allowed
+    dense = torch.zeros(p, n, block, key_len + 1, dtype=torch.uint8, device=key_index.device)  # last column: "no key"
+    idx = key_index.masked_fill(key_index < 0, key_len)[:, :, None, :].expand(p, n, block, s)
+    dense.scatter_reduce_(-1, idx, mask.to(torch.uint8), reduce="amax")
+    return dense[..., :key_len].bool().reshape(p, n * block, key_len)[:, :query_len]

@@ -1,0 +1,83 @@
+"""Linformer (Wang, Li, Khabsa, Fang, Ma 2020, "Linformer: Self-Attention with Linear
+Complexity", arXiv:2006.04768), eq. 7: keys and values are projected along the sequence to
+k rows by learned E, F ∈ R^{n×k} before softmax attention,
+
+    out = softmax(Q (Eᵀ K)ᵀ / √d) (Fᵀ V),      Eᵀ K, Fᵀ V ∈ R^{k×d}
+
+with E, F of shape (max_len, k); an input of Lk < max_len keys uses their first Lk rows
+(as lucidrains' ``linformer`` does, ``linformer/linformer.py``: ``proj_k[:kv_len]``).
+Padded keys and values are zeroed before projecting, so they add exactly nothing to Eᵀ K
+and Fᵀ V. One (E, F) pair per layer shared by the heads (the paper's "headwise sharing";
+``share_kv`` = its "key-value sharing", E = F). Cost O(L·k·d) time, O(L·k) memory.
+
+Not causal (the projection mixes all positions; the capability flag is off). ``cross``:
+yes, any Lk ≤ max_len. Deviations: the authors' fairseq code
+(``examples/linformer/linformer_src/modules/multihead_linear_attention.py``) holds E, F as
+``nn.Linear(max_seq_len, k)`` layers and pads inputs to the maximum length; here they are
+(max_len, k) matrices sliced to Lk, initialised uniform in ±1/√k as lucidrains does (the
+fairseq ``compress_k`` uses Xavier-uniform). No layerwise sharing across layers (each
+mechanism instance owns its projections).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from harness.attention import Attention, AttentionContext, zero_padded
+from harness.registry import register_mechanism
+
+
+@dataclass
+class LinformerConfig:
+    k: int = 256  # projected length: keys/values are compressed to k rows; cost O(L·k) — the accuracy/speed knob
+    share_kv: bool = False  # one projection for keys and values (E = F)
+
+
+def linformer_attention(
+    q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Tensor, *, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """q: (B, H, Lq, D), k/v: (B, H, Lk, D), proj_k/proj_v: (≥Lk, k) -> (B, H, Lq, D)."""
+    lk = k.shape[-2]
+    e, f = proj_k[:lk].to(k.dtype), proj_v[:lk].to(v.dtype)  # (Lk, k)
+    k = zero_padded(k, key_padding_mask)
+    v = zero_padded(v, key_padding_mask)
+    k_low = torch.einsum("bhjd,jr->bhrd", k, e)  # (B, H, k, D) = Eᵀ K
+    v_low = torch.einsum("bhjd,jr->bhrd", v, f)  # (B, H, k, D) = Fᵀ V
+    scores = torch.einsum("bhid,bhrd->bhir", q, k_low) / math.sqrt(q.shape[-1])  # (B, H, Lq, k)
+    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v_low.dtype)
+    return weights @ v_low
+
+
+@register_mechanism("linformer", LinformerConfig, cross=True, key_padding=True)
+class Linformer(Attention):
+    """Linformer (Wang et al. 2020): learned sequence projections of K and V to k rows, O(L·k)."""
+
+    def __init__(self, cfg: LinformerConfig, *, heads: int, dim_head: int, max_len: int):
+        super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
+        if cfg.k < 1:
+            raise ValueError(f"linformer.k (projected length) must be >= 1, got {cfg.k}")
+        bound = 1.0 / math.sqrt(cfg.k)
+        self.proj_k = nn.Parameter(torch.empty(max_len, cfg.k).uniform_(-bound, bound))  # E: (max_len, k)
+        self.proj_v = None if cfg.share_kv else nn.Parameter(torch.empty(max_len, cfg.k).uniform_(-bound, bound))
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        context: AttentionContext | None = None,
+    ) -> Tensor:
+        if k.shape[-2] > self.max_len:
+            raise ValueError(
+                f"linformer was built for at most max_len={self.max_len} keys, got {k.shape[-2]}; "
+                f"build it with max_len >= {k.shape[-2]}"
+            )
+        proj_v = self.proj_k if self.proj_v is None else self.proj_v
+        return linformer_attention(q, k, v, self.proj_k, proj_v, key_padding_mask=key_padding_mask)
