@@ -34,6 +34,9 @@ def toeplitz_matrix(rel_bias, lq, lk, *, causal):
 def dense_kernel_rpe(mech, q, k, v, *, key_padding_mask=None, causal=False):
     """z_i = Σ_j φ(q_i)·φ(k_j) C_ij v_j / Σ_j φ(q_i)·φ(k_j) C_ij over valid keys, as dense (Lq, Lk) matrices."""
     w = mech.projection.weight.double()
+    if mech.cfg.normalize_qk:  # §3.3: the kernel is exp(q̂·k̂)
+        q = torch.nn.functional.normalize(q.double(), dim=-1) * q.shape[-1] ** 0.25
+        k = torch.nn.functional.normalize(k.double(), dim=-1) * k.shape[-1] ** 0.25
     q_feats = softmax_kernel_features(q.double(), w, is_query=True, eps=mech.cfg.feature_eps)
     k_feats = softmax_kernel_features(k.double(), w, is_query=False, key_padding_mask=key_padding_mask)
     a = torch.einsum("bhim,bhjm->bhij", q_feats, k_feats) * toeplitz_matrix(
@@ -79,6 +82,57 @@ def test_matches_dense_formula(causal, lq, lk):
         torch.testing.assert_close(out32.double(), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("leaf", [1, 2, 4])
+@pytest.mark.parametrize("lq,lk", [(16, 16), (13, 13), (5, 11), (11, 5)])
+def test_blocked_causal_path_matches_dense_formula(leaf, lq, lk):
+    """Leaves smaller than L: every recursive-doubling level (FFT between sibling blocks, running
+    stabiliser) against the explicit lower-triangular formula, in float64 and in float32."""
+    mech = build_rpe(num_features=24, fft_dtype="float64", fft_feature_block=7, causal_leaf=leaf)
+    q, k, v = qkv(lq=lq, lk=lk, seed=leaf)
+    kpm = padding_mask(2, lk, [lk, max(lk - 4, 1)])
+    for mask in (None, kpm):
+        ref = dense_kernel_rpe(mech, q, k, v, key_padding_mask=mask, causal=True)
+        out64 = call(mech, q.double(), k.double(), v.double(), key_padding_mask=mask, causal=True)
+        torch.testing.assert_close(out64, ref, atol=1e-10, rtol=1e-9)
+        out32 = call(build_rpe(num_features=24, causal_leaf=leaf), q, k, v, key_padding_mask=mask, causal=True)
+        torch.testing.assert_close(out32.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_causal_path_equals_plain_reference_with_a_dominant_future_key():
+    """The blocked path against the plain formula (global stabiliser, explicit matrices) in
+    float64, with a key aligned with a random feature late in the sequence: every row, before
+    and after it, matches, and the float32 blocked rows before it match too."""
+    g = torch.Generator().manual_seed(7)
+    b, h, length, d, m = 1, 2, 24, 8, 16
+    w = torch.randn(m, d, generator=g, dtype=torch.float64)
+    q, k, v = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    k[:, :, 20] = w[3] * d**0.25  # log-feature |w|²/2: the largest a positive feature can be
+    v[:, :, 20] = 1e4
+    q_feats = softmax_kernel_features(q, w, is_query=True)
+    logits = kernel_rpe.key_log_features(k, w, None)
+    decay = torch.rand(h, length, generator=g, dtype=torch.float64) + 0.01  # c_0..c_{L−1} > 0
+    ref = kernel_rpe.causal_kernelized_rpe_reference(q_feats, logits, v, decay)
+    for leaf in (1, 4, 32):
+        out = kernel_rpe.causal_kernelized_rpe_attention(q_feats, logits, v, decay, leaf=leaf, block=5)
+        torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+        out32 = kernel_rpe.causal_kernelized_rpe_attention(
+            q_feats.float(), logits.float(), v.float(), decay.float(), leaf=leaf, block=5
+        )
+        torch.testing.assert_close(out32[:, :, :20].double(), ref[:, :, :20], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_normalised_qk_option(causal):
+    """§3.3 recipe: with ℓ2-normalised q and k the output follows the formula on q̂, k̂ and is
+    invariant to the norms of q and k (the features' variance no longer grows with them)."""
+    mech = build_rpe(num_features=24, fft_dtype="float64", normalize_qk=True, causal_leaf=4)
+    q, k, v = qkv(lq=13, dtype=torch.float64)
+    out = call(mech, q, k, v, causal=causal)
+    torch.testing.assert_close(out, dense_kernel_rpe(mech, q, k, v, causal=causal), atol=1e-10, rtol=1e-9)
+    scale = torch.rand(2, 2, 13, 1, dtype=torch.float64) * 50 + 0.1
+    torch.testing.assert_close(call(mech, q * scale, k / scale, v, causal=causal), out, atol=1e-10, rtol=1e-9)
+
+
 def test_approaches_softmax_with_relative_bias_as_features_grow():
     """exp(q·k/√d + b_{j−i}) is what the features estimate: error vs the float64 oracle with
     the same bias falls as num_features grows."""
@@ -100,24 +154,25 @@ def test_approaches_softmax_with_relative_bias_as_features_grow():
     assert errors[1] < errors[0] / 3 and errors[1] < 0.1, errors
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("fft_dtype,expected", [("float32", torch.float32), ("float64", torch.float64)])
-def test_fft_runs_in_fft_dtype_under_bf16_autocast(monkeypatch, fft_dtype, expected):
+def test_fft_runs_in_fft_dtype_under_bf16_autocast(monkeypatch, fft_dtype, expected, causal):
     seen = []
-    original = kernel_rpe.toeplitz_multiply
+    original = torch.fft.rfft
 
-    def spy(coeffs, x, lq):
-        seen.append((coeffs.dtype, x.dtype, torch.is_autocast_enabled("cpu")))
-        return original(coeffs, x, lq)
+    def spy(x, *args, **kwargs):
+        seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(kernel_rpe, "toeplitz_multiply", spy)
-    mech = build_rpe(num_features=16, fft_dtype=fft_dtype)
+    monkeypatch.setattr(torch.fft, "rfft", spy)
+    mech = build_rpe(num_features=16, fft_dtype=fft_dtype, causal_leaf=4)  # causal: 2 FFT levels above the leaves
     q, k, v = qkv(lq=13)
     kpm = padding_mask(2, 13, [13, 9])
-    ref = call(mech, q, k, v, key_padding_mask=kpm, causal=True)
+    ref = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
     seen.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = call(mech, q, k, v, key_padding_mask=kpm, causal=True)
-    assert seen and all(s == (expected, expected, False) for s in seen), seen
+        low = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
+    assert seen and all(s == (expected, False) for s in seen), seen
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert (low.float() - ref).abs().max() < 0.05
 
@@ -145,9 +200,14 @@ def test_gradients_reach_the_relative_bias():
     grad = mech.rel_bias.grad
     assert grad[:, MAX_LEN - 9 : MAX_LEN].abs().sum() > 0  # p = −8..0 are used by a causal L = 9 pass
     assert grad[:, MAX_LEN:].abs().max() == 0 and grad[:, : MAX_LEN - 9].abs().max() == 0  # unused biases
-    checkpointed = build_rpe(num_features=16, checkpoint_fft=True)
-    checkpointed(q, k, v, causal=True).square().mean().backward()
-    torch.testing.assert_close(checkpointed.rel_bias.grad, grad, atol=1e-6, rtol=1e-5)
+    for leaf in (2, 256):  # FFT levels and the dense leaf, each with and without recomputation
+        grads = []
+        for ckpt in (False, True):
+            mech = build_rpe(num_features=16, checkpoint_fft=ckpt, causal_leaf=leaf)
+            mech(q, k, v, causal=True).square().mean().backward()
+            grads.append(mech.rel_bias.grad)
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grads[0], grad, atol=1e-5, rtol=1e-4)
 
 
 def test_lengths_beyond_max_len_and_bad_config_raise():
@@ -155,6 +215,6 @@ def test_lengths_beyond_max_len_and_bad_config_raise():
     q, k, v = qkv(lq=MAX_LEN + 1)
     with pytest.raises(ValueError, match="max_len"):
         mech(q, k, v)
-    for bad in ({"fft_dtype": "float16"}, {"fft_feature_block": 0}, {"num_features": 0}):
+    for bad in ({"fft_dtype": "float16"}, {"fft_feature_block": 0}, {"num_features": 0}, {"causal_leaf": 3}):
         with pytest.raises(ValueError):
             build("kernel_rpe", **bad)
