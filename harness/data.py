@@ -195,14 +195,33 @@ def pad_sequences(seqs: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Te
     return ids, torch.arange(length)[None, :] >= lengths[:, None]
 
 
-def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Pad every ``input_ids*`` column (adding ``padding_mask*``), stack the rest."""
-    batch: dict[str, torch.Tensor] = {}
+def pad_nested(values: list[list], pad_id: int = PAD_ID) -> torch.Tensor:
+    """Stack per-example nested lists of unequal sizes, e.g. (L,), (L, F) or (L, L), into one
+    long tensor (B, *max sizes), right-padded with ``pad_id``."""
+    arrays = [np.asarray(v, dtype=np.int64) for v in values]
+    ndim = max(a.ndim for a in arrays)
+    arrays = [a.reshape(a.shape + (0,) * (ndim - a.ndim)) if a.size == 0 else a for a in arrays]
+    shape = [max(a.shape[d] for a in arrays) for d in range(ndim)]
+    out = np.full((len(arrays), *shape), pad_id, dtype=np.int64)
+    for i, a in enumerate(arrays):
+        out[(i, *(slice(0, n) for n in a.shape))] = a
+    return torch.from_numpy(out)
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad every ``input_ids*`` column (adding ``padding_mask*``); pad ``relations`` (B, L, L)
+    and any other ``*_ids``/``*_links`` column of unequal lengths (decoder targets, copy ids)
+    with PAD_ID; keep string columns as lists; stack the rest."""
+    batch: dict[str, Any] = {}
     for key in examples[0]:
         values = [e[key] for e in examples]
         if key.startswith("input_ids"):
             suffix = key[len("input_ids") :]
             batch[key], batch[f"padding_mask{suffix}"] = pad_sequences(values)
+        elif values and isinstance(values[0], str) or (isinstance(values[0], list) and values[0] and isinstance(values[0][0], str)):
+            batch[key] = values
+        elif key == "relations" or key.endswith("_ids") or key.endswith("_links"):
+            batch[key] = pad_nested(values)
         else:
             batch[key] = torch.as_tensor(values)
     return batch

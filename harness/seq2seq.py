@@ -1,0 +1,202 @@
+"""Encoder–decoder head with a copy (pointer) distribution, for sequence-to-sequence tasks
+(Spider text-to-SQL), built from the backbone's ``Encoder`` and ``MultiHeadMixing``.
+
+    memory = Encoder(source)                                   (B, Ls, dim)
+    y      = embed(target[:-1]) + pos                          (B, T, dim)
+    y      = y + SelfMix(LN y, causal)  ;  y = y + CrossMix(LN y, memory)  ;  y = y + MLP(LN y)
+    p_gen  = σ(w · h_t)                                        h_t = LN(y_t)
+    P(w)   = p_gen · softmax(W h_t)_w + (1 - p_gen) · Σ_{j: src_j = w} softmax_j(h_t · U m_j / √d)
+
+The copy term is the pointer-generator of See et al. (2017, arXiv:1704.04368), as in the
+copying seq2seq baseline of Spider's authors (``baselines/seq2seq_attention_copy``): a
+token outside the output vocabulary (an unseen table, column or value) is produced by
+pointing at its position in the input. The forward pass returns log-probabilities over
+the extended space [output vocabulary | input positions] (B, T, V + Ls).
+
+``task.mechanism_scope``: ``encoder`` puts the mechanism under test in the encoder's
+self-attention and softmax in the decoder; ``all`` also in the decoder's causal
+self-attention and its cross-attention. Decoder mechanisms take part in the aux losses
+and metrics only with ``all`` (``encoder.mechanisms`` lists them then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.attention import AttentionContext
+from harness.model import Encoder, Head, ModelConfig, MultiHeadMixing, _as_overrides, sinusoidal_positions
+from harness.registry import create_mechanism
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Seq2SeqEncoder(Encoder):
+    """The backbone's encoder; ``mechanisms`` also lists the decoder's when they are the
+    mechanism under test (so the trainer adds their aux losses)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_mechanisms: list = []  # plain list: the modules are registered in the decoder
+
+    @property
+    def mechanisms(self):
+        return [block.mix.mechanism for block in self.blocks] + list(self.extra_mechanisms)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm decoder block: causal self-mixing, cross-mixing over the memory, MLP."""
+
+    def __init__(self, cfg: ModelConfig, self_mechanism, cross_mechanism):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_mlp = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.self_mix = MultiHeadMixing(cfg.dim, cfg.heads, self_mechanism)
+        self.cross_mix = MultiHeadMixing(cfg.dim, cfg.heads, cross_mechanism)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.mlp_dim, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, y, memory, memory_mask, context) -> Tensor:
+        # Targets are right-padded, so with causal masking no real query sees a padded key.
+        y = y + self.drop(self.self_mix(self.norm_self(y), causal=True, context=context))
+        y = y + self.drop(self.cross_mix(self.norm_cross(y), memory=memory, key_padding_mask=memory_mask))
+        return y + self.drop(self.mlp(self.norm_mlp(y)))
+
+
+def copy_generate_log_probs(h: Tensor, memory: Tensor, memory_mask: Tensor | None, vocab_logits: Tensor,
+                            copy_query: Tensor, gate_logit: Tensor) -> Tensor:
+    """log P over [vocabulary | input positions].
+
+    h: (B, T, dim), memory: (B, Ls, dim), memory_mask: (B, Ls) True at padding,
+    vocab_logits: (B, T, V), copy_query: (B, T, dim), gate_logit: (B, T, 1) -> (B, T, V + Ls)."""
+    copy_scores = torch.einsum("btd,bsd->bts", copy_query, memory).float() / math.sqrt(h.shape[-1])  # (B, T, Ls)
+    if memory_mask is not None:
+        copy_scores = copy_scores.masked_fill(memory_mask[:, None, :], float("-inf"))
+    gate = gate_logit.float()
+    log_vocab = F.logsigmoid(gate) + torch.log_softmax(vocab_logits.float(), dim=-1)  # (B, T, V)
+    log_copy = F.logsigmoid(-gate) + torch.log_softmax(copy_scores, dim=-1)  # (B, T, Ls)
+    return torch.cat([log_vocab, log_copy], dim=-1)
+
+
+class Seq2SeqHead(Head):
+    """Encoder–decoder with copying. Batch columns: ``input_ids``/``padding_mask`` (source),
+    ``source_copy_ids`` and ``target_copy_ids`` (string identity, for copying),
+    ``source_target_ids`` (each source token's output-vocabulary id), ``target_ids``
+    (``<bos> … <eos>``), optionally ``schema_links`` for relations."""
+
+    def __init__(self, encoder: Seq2SeqEncoder, blocks: list[DecoderBlock], *, target_vocab_size: int, max_target_len: int,
+                 relations_fn: Callable[[dict], Tensor] | None = None):
+        super().__init__(encoder)
+        dim = encoder.cfg.dim
+        self.target_vocab_size, self.max_target_len = target_vocab_size, max_target_len
+        self.embed = nn.Embedding(target_vocab_size, dim)
+        self.pos = nn.Embedding(max_target_len, dim) if encoder.cfg.positions == "learned" else None
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, target_vocab_size)
+        self.copy = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, 1)
+        self.drop = nn.Dropout(encoder.cfg.dropout)
+        self.relations_fn = relations_fn
+        self.uses_relations = relations_fn is not None and all(m.capabilities.relations for m in encoder.mechanisms[: len(encoder.blocks)])
+
+    def encode(self, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, Tensor | None]:
+        relations = self.relations_fn(batch) if self.uses_relations else None
+        memory, mask = self.encoder(batch["input_ids"], batch["padding_mask"], relations=relations, step=step)
+        return memory, (mask if bool(mask.any()) else None)
+
+    def decode(self, target_in: Tensor, memory: Tensor, memory_mask: Tensor | None, step: int = 0) -> Tensor:
+        """target_in (B, T) -> log P (B, T, V + Ls)."""
+        b, t = target_in.shape
+        if t > self.max_target_len:
+            raise ValueError(f"target of length {t} exceeds max_target_len {self.max_target_len}")
+        y = self.embed(target_in)
+        if self.pos is not None:
+            y = y + self.pos.weight[:t]
+        elif self.encoder.cfg.positions == "sinusoidal":
+            y = y + sinusoidal_positions(t, y.shape[-1], y.device).to(y.dtype)
+        y = self.drop(y)
+        context = AttentionContext(positions=torch.arange(t, device=y.device).expand(b, t), step=step)
+        for block in self.blocks:
+            y = block(y, memory, memory_mask, context)
+        h = self.norm(y)
+        return copy_generate_log_probs(h, memory, memory_mask, self.out(h), self.copy(h), self.gate(h))
+
+    def forward(self, batch: dict[str, Any], step: int = 0) -> Tensor:
+        memory, mask = self.encode(batch, step)
+        return self.decode(batch["target_ids"][:, :-1], memory, mask, step)
+
+    def loss(self, logits: Tensor, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """NLL per token of the mixture; stats per query: ``correct`` = all its tokens right."""
+        target = batch["target_ids"][:, 1:]  # (B, T)
+        target_str = batch["target_copy_ids"][:, 1:]
+        source_str = batch["source_copy_ids"]  # (B, Ls)
+        valid = target != PAD_ID
+        v = self.target_vocab_size
+        vocab_lp = logits[..., :v].gather(-1, target[..., None]).squeeze(-1)  # (B, T)
+        matches = (source_str[:, None, :] == target_str[..., None]) & (source_str[:, None, :] != PAD_ID)  # (B, T, Ls)
+        copy_lp = logits[..., v:].masked_fill(~matches, float("-inf")).logsumexp(-1)  # (B, T)
+        # An out-of-vocabulary target counts only through copying (See et al.); with no
+        # source position to copy from, <unk> is the target.
+        vocab_lp = vocab_lp.masked_fill((target == UNK_ID) & matches.any(-1), float("-inf"))
+        nll = -torch.logaddexp(vocab_lp, copy_lp)
+        nll = nll.masked_fill(~valid, 0.0)
+        tokens = valid.sum().clamp_min(1)
+        loss = nll.sum() / tokens
+        pred = logits.argmax(-1)  # (B, T)
+        copied = pred >= v
+        copy_str = source_str.gather(1, (pred - v).clamp_min(0))
+        right = torch.where(copied, copy_str == target_str, (pred == target) & ((target != UNK_ID) | ~matches.any(-1)))
+        correct = (right | ~valid).all(-1).sum()
+        count = torch.tensor(target.shape[0], device=target.device)
+        return loss, {"correct": correct, "count": count, "nll": nll.detach().sum()}
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], max_len: int | None = None) -> Tensor:
+        """Greedy decoding: (B, steps) indices into [vocabulary | input positions]; stops
+        when every row has produced <eos> (later entries are <eos>)."""
+        max_len = min(max_len or self.max_target_len, self.max_target_len)
+        memory, mask = self.encode(batch)
+        b = memory.shape[0]
+        v = self.target_vocab_size
+        inputs = torch.full((b, 1), BOS_ID, dtype=torch.long, device=memory.device)
+        outputs, done = [], torch.zeros(b, dtype=torch.bool, device=memory.device)
+        for _ in range(max_len - 1):
+            log_probs = self.decode(inputs, memory, mask)[:, -1]  # (B, V + Ls)
+            choice = log_probs.argmax(-1)
+            choice = torch.where(done, torch.full_like(choice, EOS_ID), choice)
+            outputs.append(choice)
+            done = done | (choice == EOS_ID)
+            as_input = torch.where(choice < v, choice, batch["source_target_ids"].gather(1, (choice - v).clamp_min(0)[:, None])[:, 0])
+            inputs = torch.cat([inputs, as_input[:, None]], dim=1)
+            if bool(done.all()):
+                break
+        return torch.stack(outputs, dim=1) if outputs else inputs[:, :0]
+
+
+def build_seq2seq(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: Any = None) -> Seq2SeqHead:
+    """The encoder–decoder for a task with ``head = "seq2seq"``: the task supplies
+    ``vocab_size``, ``target_vocab_size``, ``max_len``, ``max_target_len``,
+    ``mechanism_scope`` (encoder | all) and optionally ``batch_relations(batch)``."""
+    scope = getattr(task, "mechanism_scope", "encoder")
+    if scope not in ("encoder", "all"):
+        raise ValueError(f"mechanism_scope='{scope}'; valid: encoder, all")
+    enc_cfg = dataclasses.replace(model_cfg, pooling="mean")  # no CLS token in front of the source
+    encoder = Seq2SeqEncoder(enc_cfg, vocab_size=task.vocab_size, max_len=task.max_len, mechanism=mechanism,
+                             mechanism_cfg=mechanism_cfg)
+    dec_name, dec_overrides = (mechanism, _as_overrides(mechanism_cfg)) if scope == "all" else ("softmax", {})
+    heads, dim_head = model_cfg.heads, model_cfg.dim // model_cfg.heads
+    cross_len = max(task.max_len, task.max_target_len)
+    blocks = [DecoderBlock(model_cfg,
+                           create_mechanism(dec_name, heads=heads, dim_head=dim_head, max_len=task.max_target_len, **dec_overrides),
+                           create_mechanism(dec_name, heads=heads, dim_head=dim_head, max_len=cross_len, **dec_overrides))
+              for _ in range(model_cfg.depth)]
+    head = Seq2SeqHead(encoder, blocks, target_vocab_size=task.target_vocab_size, max_target_len=task.max_target_len,
+                       relations_fn=getattr(task, "batch_relations", None))
+    if scope == "all":
+        encoder.extra_mechanisms = [m for blk in head.blocks for m in (blk.self_mix.mechanism, blk.cross_mix.mechanism)]
+    return head
