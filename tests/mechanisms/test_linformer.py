@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+from mechanism_checks import assert_padding_invariant, assert_subquadratic, build, call, dense_attention_oracle, padding_mask, qkv
+
+
+def test_identity_projections_give_softmax():
+    """E = F = I (k = L = max_len): Eᵀ K = K, Fᵀ V = V, so Linformer is softmax attention."""
+    mech = build("linformer", max_len=11, k=11).double()
+    with torch.no_grad():
+        mech.proj_k.copy_(torch.eye(11))
+        mech.proj_v.copy_(torch.eye(11))
+    q, k, v = qkv(lq=11, dtype=torch.float64)
+    torch.testing.assert_close(call(mech, q, k, v), dense_attention_oracle(q, k, v))
+
+
+def test_shorter_inputs_use_the_leading_rows_of_the_projections():
+    mech = build("linformer", max_len=32, k=6).double()
+    q, k, v = qkv(lq=5, lk=20, dtype=torch.float64)
+    kpm = padding_mask(2, 20, [20, 14])
+    out = call(mech, q, k, v, key_padding_mask=kpm)
+    keep = (~kpm).double()[:, None, :, None]
+    e, f = mech.proj_k[:20].detach(), mech.proj_v[:20].detach()
+    k_low = torch.einsum("bhjd,jr->bhrd", k * keep, e)
+    v_low = torch.einsum("bhjd,jr->bhrd", v * keep, f)
+    ref = torch.softmax(q @ k_low.transpose(-1, -2) / math.sqrt(8), -1) @ v_low
+    torch.testing.assert_close(out, ref)
+
+
+def test_padded_keys_have_no_influence_and_empty_rows_are_zero():
+    mech = build("linformer", k=8)
+    assert_padding_invariant(mech, lq=17)
+    q, k, v = qkv(lq=9)
+    out = call(mech, q, k, v, key_padding_mask=padding_mask(2, 9, [9, 0]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_share_kv_uses_one_projection():
+    shared, separate = build("linformer", share_kv=True, k=8), build("linformer", k=8)
+    assert shared.proj_v is None
+    assert sum(p.numel() for p in separate.parameters()) == 2 * sum(p.numel() for p in shared.parameters())
+
+
+def test_projections_are_learned():
+    mech = build("linformer", k=8).train()
+    q, k, v = qkv(lq=12)
+    call(mech, q, k, v).square().mean().backward()
+    assert mech.proj_k.grad.abs().sum() > 0 and mech.proj_v.grad.abs().sum() > 0
+    assert mech.proj_k.grad[12:].abs().sum() == 0, "rows past the input length are not used"
+
+
+def test_too_long_input_is_refused_with_the_fix():
+    mech = build("linformer", max_len=16, k=4)
+    q, k, v = qkv(lq=20)
+    with pytest.raises(ValueError, match="max_len >= 20"):
+        mech(q, k, v)
+
+
+def test_causal_is_refused():
+    q, k, v = qkv(lq=8)
+    with pytest.raises(Exception, match="causal"):
+        build("linformer")(q, k, v, causal=True)
+
+
+@pytest.mark.slow
+def test_no_quadratic_tensor():
+    assert_subquadratic(build("linformer", heads=1, dim_head=16, max_len=8192), length=8192, key_padding=True)
