@@ -12,7 +12,8 @@ from mechanism_checks import (
     qkv,
 )
 
-from mechanisms.gated import gate_logits, sample_gates
+from harness.attention import allowed_mask
+from mechanisms.gated import blocked_gated_attention, gate_logits, gated_attention, sample_gates
 
 
 def logits_of(mech, k):
@@ -151,3 +152,52 @@ def test_contract_checks():
         assert_gradients_finite(mech, causal=causal, key_padding=True)
     assert_causal(mech)
     assert_causal(mech, length=13, t=12)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lq,lk", [(13, 13), (6, 13), (13, 6)])
+def test_blocked_path_equals_the_plain_formula_in_float64(soft, causal, lq, lk):
+    """Outputs and gradients (q, k, v and the gates, closed ones included) of the blocked
+    recomputing path equal autograd through the plain formula, with padding and a query row
+    whose every key is closed."""
+    q, k, v = qkv(lq=lq, lk=lk, dtype=torch.float64, scale=2.0)
+    g = torch.Generator().manual_seed(3)
+    gates = torch.rand(2, 2, lk, generator=g, dtype=torch.float64)
+    gates = gates if soft else (gates > 0.4).double()
+    gates[1, 1] = 0.0  # a head with every gate closed
+    kpm = padding_mask(2, lk, [lk, max(lk - 4, 1)])
+    grad = torch.randn(2, 2, lq, 8, generator=g, dtype=torch.float64)
+    results = []
+    for fast in (False, True):
+        x = [t.clone().requires_grad_() for t in (q, k, v, gates)]
+        if fast:
+            out = blocked_gated_attention(*x, key_padding_mask=kpm, causal=causal, block_size=4)
+        else:
+            allowed = allowed_mask(lq, lk, key_padding_mask=kpm, causal=causal)
+            out = gated_attention(*x, allowed=allowed)
+        (out * grad).sum().backward()
+        results.append([out.detach()] + [t.grad for t in x])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert results[1][4][0].abs().sum() > 0  # closed gates get a gradient too
+
+
+def test_blocked_path_keeps_nothing_quadratic_for_backward():
+    q, k, v = (t.requires_grad_() for t in qkv(batch=1, heads=1, lq=64, dim=4))
+    gates = torch.ones(1, 1, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        blocked_gated_attention(q, k, v, gates, block_size=16)
+    assert max(saved) <= 64 * 4
+
+
+def test_module_fast_and_plain_paths_agree():
+    q, k, v = qkv(lq=11)
+    kpm = padding_mask(2, 11, [11, 7])
+    fast, plain = build("gated", gate_bias=0.0), build("gated", gate_bias=0.0, block_size=0)
+    for causal in (False, True):
+        torch.testing.assert_close(
+            call(fast, q, k, v, key_padding_mask=kpm, causal=causal),
+            call(plain, q, k, v, key_padding_mask=kpm, causal=causal), atol=1e-6, rtol=1e-5,
+        )
