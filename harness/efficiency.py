@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -352,20 +353,29 @@ def efficiency_markdown(records: list[dict[str, Any]], params: dict[str, int] | 
 # ----------------------------------------------------------------------------- plots
 
 
-def _style(mechanisms: list[str], frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """A colour per mechanism; a peer takes its counterpart's colour, dashed, hollow markers."""
+MARKERS = "osD^v<>pPXh*d8H"
+
+
+def series_style(names: list[str]) -> dict[str, dict[str, Any]]:
+    """A distinct (colour, marker, line style) per name, for 15+ series: 20 tab20 colours (strong
+    shades first) crossed with 14 markers, solid lines first, then dashed; softmax drawn thicker."""
     import matplotlib
 
+    cmap = matplotlib.colormaps["tab20"]
+    palette = [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]
+    style = {}
+    for i, name in enumerate(names):
+        style[name] = {"color": palette[i % len(palette)], "marker": MARKERS[i % len(MARKERS)],
+                       "linestyle": "-" if (i // len(palette)) % 2 == 0 else "--",
+                       "linewidth": 2.2 if name == "softmax" else 1.4}
+    return style
+
+
+def _style(mechanisms: list[str], frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """A colour per mechanism; a peer takes its counterpart's colour, dashed, hollow markers."""
     peer_of = frame.dropna(subset=["peer_of"]).groupby("mechanism").peer_of.first().to_dict()
     ours = [m for m in mechanisms if m not in peer_of]
-    cmap = matplotlib.colormaps["tab20"]
-    palette = [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]  # strong shades first
-    colours = {m: palette[i % len(palette)] for i, m in enumerate(ours)}
-    markers = "osD^v<>pPXh*"
-    style = {}
-    for i, mech in enumerate(ours):
-        style[mech] = {"color": colours[mech], "marker": markers[i % len(markers)], "linestyle": "-",
-                       "linewidth": 2.2 if mech == "softmax" else 1.4}
+    style = series_style(ours)
     for mech, counterpart in peer_of.items():
         base = style.get(counterpart, {"color": "grey", "marker": "o"})
         style[mech] = {"color": base["color"], "marker": base["marker"], "linestyle": "--", "linewidth": 1.4,
@@ -373,16 +383,36 @@ def _style(mechanisms: list[str], frame: pd.DataFrame) -> dict[str, dict[str, An
     return style
 
 
-def _guides(ax, anchor: tuple[float, float], lengths: list[int], kind: str) -> None:
-    """O(L) and O(L²) guide lines through ``anchor`` (L0, y0)."""
+def mark_stops(ax, points: pd.DataFrame, failures: pd.DataFrame, column: str, color) -> bool:
+    """Where a series stops (oom/timeout/failed at a longer length than its last ok point), a
+    cross at that length on the level of the last ok point, labelled with the status."""
+    if points.empty or failures.empty:
+        return False
+    last = points.sort_values("length").iloc[-1]
+    later = failures[failures.length > last.length].sort_values("length")
+    if later.empty:
+        return False
+    stop = later.iloc[0]
+    ax.plot([last.length, stop.length], [last[column], last[column]], color=color, linestyle=":", linewidth=1)
+    ax.plot([stop.length], [last[column]], marker="x", markersize=9, markeredgewidth=2, color=color, linestyle="none")
+    ax.annotate(stop.status, (stop.length, last[column]), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                color=color)
+    return True
+
+
+def _guides(ax, anchor: tuple[float, float], lengths: list[int], kind: str, y_range: tuple[float, float]) -> None:
+    """O(L) and O(L²) guide lines through ``anchor`` (L0, y0), clipped to the data's range:
+    the axes keep the data's y limits (with a margin), so a guide never stretches the plot."""
     l0, y0 = anchor
-    xs = [min(lengths), max(lengths)]
+    xs = np.geomspace(min(lengths), max(lengths), 64)
     if kind == "throughput":  # cost O(L): constant tokens/s; O(L²): tokens/s ∝ 1/L
-        ax.plot(xs, [y0, y0], color="black", linestyle=":", linewidth=1, label="O(L) time (constant tokens/s)")
-        ax.plot(xs, [y0 * l0 / x for x in xs], color="black", linestyle="-.", linewidth=1, label="O(L²) time")
+        ax.plot(xs, np.full_like(xs, y0), color="black", linestyle=":", linewidth=1, label="O(L) time (constant tokens/s)")
+        ax.plot(xs, y0 * l0 / xs, color="black", linestyle="-.", linewidth=1, label="O(L²) time")
     else:
-        ax.plot(xs, [y0 * x / l0 for x in xs], color="black", linestyle=":", linewidth=1, label="O(L) memory")
-        ax.plot(xs, [y0 * (x / l0) ** 2 for x in xs], color="black", linestyle="-.", linewidth=1, label="O(L²) memory")
+        ax.plot(xs, y0 * xs / l0, color="black", linestyle=":", linewidth=1, label="O(L) memory")
+        ax.plot(xs, y0 * (xs / l0) ** 2, color="black", linestyle="-.", linewidth=1, label="O(L²) memory")
+    low, high = y_range
+    ax.set_ylim(low / 1.3, high * 1.3)
 
 
 def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> Path | None:
@@ -391,22 +421,25 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
     column = "tokens_per_s" if kind == "throughput" else "memory_mb"
     data = frame[(frame.causal == causal) & (frame.status == "ok")]
     data = data[data[column].notna() & (data[column] > 0)]
+    stopped = frame[(frame.causal == causal) & frame.status.isin(["oom", "timeout", "failed"])]
     modes = [m for m in ("train_step", "attention") if m in set(data["mode"])]
     if not modes:
         return None
     style = _style(mechanism_order(frame.mechanism), frame)
-    fig, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes) + 3, 6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         group = data[data["mode"] == mode]
-        lengths = sorted(group.length.unique())
+        lengths = sorted(set(group.length) | set(stopped[stopped["mode"] == mode].length))
         for mech in mechanism_order(group.mechanism):
             points = group[group.mechanism == mech].sort_values("length")
             ax.plot(points.length, points[column], label=mech, markersize=5, **style[mech])
+            failures = stopped[(stopped["mode"] == mode) & (stopped.mechanism == mech)]
+            mark_stops(ax, points, failures, column, style[mech]["color"])
         anchor_rows = group[group.mechanism == "softmax"].sort_values("length")
         if anchor_rows.empty:
             anchor_rows = group.sort_values("length")
         first = anchor_rows.iloc[0]
-        _guides(ax, (first.length, first[column]), lengths, kind)
+        _guides(ax, (first.length, first[column]), lengths, kind, (group[column].min(), group[column].max()))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(lengths, [length_label(L) for L in lengths])
@@ -415,9 +448,10 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
         ax.set_title(MODE_TITLES.get(mode, mode), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)  # beside the axes, off the data
     what = "Throughput" if kind == "throughput" else "Peak memory"
-    fig.suptitle(f"{what} vs sequence length ({'causal' if causal else 'non-causal'}; log-log)")
+    fig.suptitle(f"{what} vs sequence length ({'causal' if causal else 'non-causal'}; log-log; "
+                 "✕ where a series stops: oom / timeout)")
     fig.tight_layout(rect=(0, 0, 0.8, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -435,7 +469,23 @@ def choose_speed_length(frame: pd.DataFrame, mechanisms: list[str]) -> int | Non
     return int(max(counts.index, key=lambda L: (counts[L], L)))
 
 
-def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, length: int | None = None) -> Path | None:
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names not dominated in (speed, accuracy), both higher-better, ordered by speed: no other
+    point is at least as fast and as accurate and better in one."""
+    front = []
+    for name, (speed, accuracy) in points.items():
+        dominated = any(s >= speed and a >= accuracy and (s > speed or a > accuracy)
+                        for other, (s, a) in points.items() if other != name)
+        if not dominated:
+            front.append(name)
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, length: int | None = None,
+                        *, scale: str | None = None, accuracy_label: str = "average test accuracy over tasks (%)"
+                        ) -> Path | None:
+    """LRA's figure 3: accuracy vs training throughput at one length, bubble area ∝ peak memory,
+    the Pareto front drawn; the title states the scale of the accuracies and the length."""
     import matplotlib.pyplot as plt
 
     averages = averages.dropna()
@@ -448,21 +498,27 @@ def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, le
     if ok.empty:
         return None
     style = _style(mechanism_order(frame.mechanism), frame)
-    memory = ok.memory_mb.clip(lower=1e-3)
+    memory = ok.memory_mb.fillna(0).clip(lower=1e-3)
     sizes = 80 + 1500 * memory / memory.max()
-    fig, ax = plt.subplots(figsize=(8, 6))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    points = {m: (float(ok.tokens_per_s[m]), 100 * float(averages[m])) for m in ok.index}
     for mech in mechanism_order(ok.index):
-        accuracy = 100 * averages[mech]
-        ax.scatter(ok.tokens_per_s[mech], accuracy, s=sizes[mech], color=style[mech]["color"], alpha=0.6,
+        speed, accuracy = points[mech]
+        ax.scatter(speed, accuracy, s=sizes[mech], color=style[mech]["color"], marker=style[mech]["marker"], alpha=0.6,
                    edgecolors="black", linewidths=0.6, label=f"{mech} ({ok.memory_mb[mech]:,.0f} MB)")
-        ax.annotate(mech, (ok.tokens_per_s[mech], accuracy), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.annotate(mech, (speed, accuracy), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    front = pareto_front(points)
+    ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", linestyle="--",
+            linewidth=1, drawstyle="steps-post" if len(front) > 1 else "default", label="Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel(f"training throughput at L = {length_label(length)} (tokens/s, log scale)")
-    ax.set_ylabel("average test accuracy over tasks (%)")
-    ax.set_title(f"Accuracy vs speed at L = {length_label(length)}; bubble area ∝ peak memory")
+    ax.set_xlabel(f"training throughput at L = {length_label(length)} (tokens/s, log scale; speed benchmark)")
+    ax.set_ylabel(accuracy_label)
+    where = f"scale `{scale}`" if scale else "the grid"
+    ax.set_title(f"Accuracy ({where}) vs speed at L = {length_label(length)}; bubble area ∝ peak memory", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.margins(0.15)
-    ax.legend(fontsize=7, loc="best", markerscale=0.4, labelspacing=1.2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=0.4, labelspacing=1.2,
+              frameon=False)  # off the data
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -471,7 +527,7 @@ def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, le
 
 
 def write_plots(records: list[dict[str, Any]], averages: pd.Series | None, plots_dir: str | Path,
-                *, speed_length: int | None = None) -> list[Path]:
+                *, speed_length: int | None = None, scale: str | None = None) -> list[Path]:
     """Write the scaling plots (and the accuracy-vs-speed plot when accuracies exist)."""
     import matplotlib
 
@@ -488,7 +544,7 @@ def write_plots(records: list[dict[str, Any]], averages: pd.Series | None, plots
             if path:
                 written.append(path)
     if averages is not None and not averages.dropna().empty:
-        path = accuracy_speed_plot(frame, averages, plots_dir / "accuracy_vs_speed.png", speed_length)
+        path = accuracy_speed_plot(frame, averages, plots_dir / "accuracy_vs_speed.png", speed_length, scale=scale)
         if path:
             written.append(path)
     log.info("efficiency plots: %s", ", ".join(str(p) for p in written))

@@ -1,15 +1,24 @@
 """Results → ``results/leaderboard.md`` (and plots): ``python -m harness report``.
 
-The story of the table: read every result JSON → one row per cell → per scale, a
-mechanism × task table of the task's primary metric (mean ± std over seeds, best per
-column in bold, a majority-class row, "n/a" for unsupported cells and the status for
-failed ones) → the tasks table → training throughput/memory/parameters from the cells →
-efficiency tables from the speed benchmark → run details.
+The story of the table: scan every result file (an unreadable one is listed, never fatal)
+→ one row per cell → cells grouped by (scale, task, mechanism, variant), seeds averaged only
+within one config → per scale: the accuracy table with a column per task and sequence
+length, baselines computed from the same splits (``harness.baselines``), 95% intervals
+from the test size, bold only beyond them → accuracy against length → the recommendation
+(per task and length band, the mechanisms within the interval of the best, by throughput)
+→ tasks, throughput, parameters → published reference rows beside our ``scale=lra`` cells
+→ the efficiency section from the speed benchmark → run details (only what is not ok).
+
+Uncertainty: an accuracy's 95% interval is Wilson's binomial interval for the (seed-mean)
+accuracy on the test-set size; a bits/token interval is ±1.96 standard errors over test
+sequences, measured on the task's n-gram baseline (the cells do not record per-token
+losses, so the test set's sampling width is taken from the baseline on the same split).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +27,64 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from harness.results import read_results
+from harness.results import scan_results
 
 log = logging.getLogger(__name__)
 
 FAILURE_MARK = {"failed": "✗ failed", "oom": "✗ oom", "nan": "✗ nan", "timeout": "✗ timeout"}
+NOT_OK = ("failed", "oom", "nan", "timeout")
+Z95 = 1.959963984540054
+CI_TARGET_POINTS = 3.5  # a test split is "too small" when its worst-case 95% half-width rounds above ±3 points
+PARAMS_BUDGET = 1.10  # LRA's rule: at most 10% more parameters than the Transformer
+LENGTH_KEYS = ("max_len", "max_length")  # task config caps on tokens per sequence (the smallest applies)
+LENGTH_OVERRIDES = ("task.max_len", "task.max_length", "task.min_length", "task.resolution")
+BANDS = ((256, "≤ 256"), (512, "257–512"), (1024, "513–1K"), (2048, "1K–2K"), (4096, "2K–4K"), (math.inf, "> 4K"))
+SCALE_ORDER = ("tiny", "small", "lra")
+# Sources that are the published data a paper's number was measured on (task -> sources).
+REAL_SOURCES = {"listops": {"lra"}, "text": {"imdb"}, "retrieval": {"aan"}, "image": {"cifar10", "cifar10_hf"},
+                "pathfinder": {"lra"}}
+
+# Tay et al., "Long Range Arena: A Benchmark for Efficient Transformers", ICLR 2021, arXiv:2011.04006,
+# Table 1 (also the leaderboard of github.com/google-research/long-range-arena, README as of 8 Nov 2020).
+# Columns: ListOps, Text, Retrieval, Image, Pathfinder, Avg (Path-X: FAIL for every model, omitted).
+LRA_TABLE1 = [
+    ("Transformer", 36.37, 64.27, 57.46, 42.44, 71.40, 54.39),
+    ("Local Attention", 15.82, 52.98, 53.39, 41.46, 66.63, 46.06),
+    ("Sparse Trans.", 17.07, 63.58, 59.59, 44.24, 71.71, 51.24),
+    ("Longformer", 35.63, 62.85, 56.89, 42.22, 69.71, 53.46),
+    ("Linformer", 35.70, 53.94, 52.27, 38.56, 76.34, 51.36),
+    ("Reformer", 37.27, 56.10, 53.40, 38.07, 68.50, 50.67),
+    ("Sinkhorn Trans.", 33.67, 61.20, 53.83, 41.23, 67.45, 51.29),
+    ("Synthesizer", 36.99, 61.68, 54.67, 41.61, 69.45, 52.88),
+    ("BigBird", 36.05, 64.02, 59.29, 40.83, 74.87, 55.01),
+    ("Linear Trans.", 16.13, 65.90, 53.09, 42.34, 75.30, 50.55),
+    ("Performer", 18.01, 65.40, 53.82, 42.77, 77.05, 51.41),
+]
+LRA_CITATION = ("Tay et al. 2021, *Long Range Arena* (ICLR 2021, arXiv:2011.04006), Table 1; "
+                "github.com/google-research/long-range-arena README")
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion ``p`` measured on ``n`` examples."""
+    if not n or n <= 0 or p is None or not math.isfinite(p):
+        return math.nan, math.nan
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def worst_half_width(n: int) -> float:
+    """The widest 95% Wilson half-width a test split of ``n`` allows (at 50% accuracy), in points."""
+    lo, hi = wilson(0.5, n)
+    return 100 * (hi - lo) / 2
+
+
+# ----------------------------------------------------------------------------- cells
 
 
 def primary_metric(metrics: dict[str, float]) -> tuple[str, bool]:
@@ -32,192 +94,586 @@ def primary_metric(metrics: dict[str, float]) -> tuple[str, bool]:
     return "accuracy", True
 
 
+def sequence_length(record: dict[str, Any]) -> int | None:
+    """The cell's sequence length: the smallest length cap of its task config (``max_len``,
+    ``max_length``), else the longest test sequence of its data."""
+    config = record.get("task_config") or {}
+    caps = [int(config[k]) for k in LENGTH_KEYS if isinstance(config.get(k), (int, float)) and config[k]]
+    if caps:
+        return min(caps)
+    longest = (record.get("data") or {}).get("length_max")
+    return int(longest) if longest else None
+
+
+def other_differences(variant_label: str) -> str:
+    """The variant label without its length settings (length is a column, not a row)."""
+    parts = [p.strip() for p in (variant_label or "").split(",") if p.strip()]
+    return ", ".join(p for p in parts if p.split("=")[0].strip() not in LENGTH_OVERRIDES)
+
+
+def log_folder(record: dict[str, Any]) -> str:
+    """The cell's log folder relative to the results folder (Hydra log and curves/metrics.csv)."""
+    parts = ["logs", record["scale"], record["task"], record["mechanism"]]
+    if record.get("variant"):
+        parts.append(record["variant"])
+    return "/".join(parts + [f"seed{record['seed']}"])
+
+
 def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per result: identity, status, primary test/val metric, efficiency."""
+    """One row per result: identity, status, primary test metric, data, efficiency."""
     rows = []
     for r in records:
-        test = (r.get("metrics") or {}).get("test") or {}
-        val = (r.get("metrics") or {}).get("val") or {}
+        metrics = r.get("metrics") or {}
+        test = metrics.get("test") or {}
         metric, higher = primary_metric(test)
+        if metric == "accuracy" and r["task"].endswith("_lm"):
+            metric, higher = "bits_per_token", False
         data = r.get("data") or {}
-        rows.append(
-            {
-                "scale": r["scale"], "task": r["task"], "mechanism": r["mechanism"], "seed": r["seed"],
-                "status": r["status"], "error": r.get("error"), "metric": metric, "higher_better": higher,
-                "test": test.get(metric), "val": val.get(metric), "params": r.get("params"),
-                "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
-                "wall_s": r.get("wall_s"), "source": data.get("source"), "fingerprint": data.get("fingerprint"),
-                "majority": data.get("majority_accuracy"), "unigram_bits": data.get("unigram_bits_per_token"), "sizes": data.get("sizes"),
-                "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
-                "num_classes": data.get("num_classes"), "commit": (r.get("env") or {}).get("commit"),
-                "device": (r.get("env") or {}).get("device"),
-            }
-        )
-    return pd.DataFrame(rows)
+        env = r.get("env") or {}
+        sizes = data.get("sizes") or {}
+        other = other_differences(r.get("variant_label", ""))
+        rows.append({
+            "scale": r["scale"], "task": r["task"], "mechanism": r["mechanism"], "seed": r["seed"],
+            "variant": r.get("variant") or "", "variant_label": r.get("variant_label") or "",
+            "row": f"{r['mechanism']} [{other}]" if other else r["mechanism"],
+            "length": sequence_length(r), "status": r["status"], "error": r.get("error"),
+            "metric": metric, "higher_better": higher, "test": test.get(metric),
+            "params": r.get("params"), "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
+            "wall_s": r.get("wall_s"), "source": data.get("source"), "fingerprint": data.get("fingerprint"),
+            "cache_path": data.get("cache_path"), "majority": data.get("majority_accuracy"),
+            "unigram_bits": data.get("unigram_bits_per_token"), "sizes": sizes, "n_test": sizes.get("test"),
+            "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
+            "num_classes": data.get("num_classes"), "commit": env.get("commit"), "device": env.get("device"),
+            "torch": env.get("torch"), "log": log_folder(r),
+        })
+    columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "row", "length", "status", "error",
+               "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s", "source",
+               "fingerprint", "cache_path", "majority", "unigram_bits", "sizes", "n_test", "length_mean", "length_max",
+               "num_classes", "commit", "device", "torch", "log"]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def _fmt(mean: float, std: float, n: int, bold: bool) -> str:
-    text = f"{100 * mean:.1f}" if n == 1 else f"{100 * mean:.1f} ± {100 * std:.1f}"
-    return f"**{text}**" if bold else text
+def length_label(length) -> str:
+    if length is None or (isinstance(length, float) and math.isnan(length)):
+        return "?"
+    length = int(length)
+    return f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
 
 
-def accuracy_table(cells: pd.DataFrame) -> tuple[str, pd.Series]:
-    """Markdown mechanism × task table for one scale, and each mechanism's average."""
-    tasks = sorted(cells.task.unique())
-    mechanisms = sorted(cells.mechanism.unique(), key=lambda m: (m != "softmax", m))
-    ok = cells[cells.status == "ok"]
-    stats = ok.groupby(["task", "mechanism"]).test.agg(["mean", "std", "count"]).fillna({"std": 0.0})
-    lower_better = {t for t in tasks if not cells[cells.task == t].higher_better.iloc[0]}
-    best = {}
-    for task in tasks:
-        if task in stats.index.get_level_values(0):
-            means = stats.loc[task]["mean"]
-            best[task] = means.min() if task in lower_better else means.max()
-    header = ["mechanism"] + [f"{t} (bits/token ↓)" if t in lower_better else t for t in tasks] + ["average"]
-    rows, averages = [], {}
-    majority = cells.groupby("task").majority.first()
-    unigram = cells.groupby("task").unigram_bits.first()
+def band_of(length) -> str:
+    for upper, label in BANDS:
+        if length <= upper:
+            return label
+    return BANDS[-1][1]
 
-    def baseline(task: str) -> str:  # majority class; for a language model, the unigram bits/token
-        if task in lower_better:
-            return f"{unigram[task]:.3f} (unigram)" if pd.notna(unigram.get(task)) else "–"
-        return f"{100 * majority[task]:.1f}" if pd.notna(majority.get(task)) else "–"
 
-    rows.append(["majority baseline"] + [baseline(t) for t in tasks] + [""])
-    for mech in mechanisms:
-        row, accs = [mech], []
-        for task in tasks:
-            statuses = cells[(cells.task == task) & (cells.mechanism == mech)].status
-            if (task, mech) in stats.index:
-                s = stats.loc[(task, mech)]
-                if task in lower_better:
-                    text = f"{s['mean']:.3f}" if s["count"] == 1 else f"{s['mean']:.3f} ± {s['std']:.3f}"
-                    text = f"**{text}**" if s["mean"] == best[task] else text
-                else:
-                    text = _fmt(s["mean"], s["std"], int(s["count"]), s["mean"] == best[task])
-                    accs.append(s["mean"])
-                failed = statuses[~statuses.isin(["ok", "unsupported"])]
-                if len(failed):  # some seeds failed: the mean is over the others, and says so
-                    marks = " / ".join(sorted({FAILURE_MARK.get(x, x) for x in failed}))
-                    text += f" ({marks} {len(failed)}/{len(statuses)} seeds)"
-                row.append(text)
-                continue
-            if statuses.empty:
-                row.append("–")
-            elif (statuses == "unsupported").all():
-                row.append("n/a")
+# ----------------------------------------------------------------------------- columns and groups
+
+
+def column_key(task: str, length) -> tuple[str, int]:
+    return task, -1 if length is None or pd.isna(length) else int(length)
+
+
+def column_baselines(cells: pd.DataFrame, store: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(task, length) -> {"baselines": [...], "error": ...} from the column's (most common) data."""
+    out = {}
+    for (task, length), group in cells.groupby(["task", cells.length.fillna(-1).astype(int)]):
+        with_data = group.dropna(subset=["fingerprint"])
+        if with_data.empty:
+            out[(task, int(length))] = {"baselines": [], "error": "no cell recorded its data"}
+            continue
+        fingerprint = with_data.fingerprint.mode().iloc[0]
+        first = with_data[with_data.fingerprint == fingerprint].iloc[0]
+        from harness.baselines import baselines_for
+
+        found = baselines_for(task, fingerprint, first.cache_path, store)
+        if not found.get("baselines"):  # fall back on what the result itself records
+            recorded = []
+            if pd.notna(first.majority) and first.metric == "accuracy":
+                recorded.append({"name": "majority", "metric": "accuracy", "value": float(first.majority),
+                                 "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
+            if pd.notna(first.unigram_bits):
+                recorded.append({"name": "unigram", "metric": "bits_per_token", "value": float(first.unigram_bits),
+                                 "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
+            found = {"baselines": recorded, "error": found.get("error")}
+        out[(task, int(length))] = found
+    return out
+
+
+def strongest(baselines: list[dict[str, Any]], higher: bool) -> dict[str, Any] | None:
+    metric = "accuracy" if higher else "bits_per_token"
+    usable = [b for b in baselines if b.get("metric") == metric and b.get("value") is not None]
+    if not usable:
+        return None
+    return (max if higher else min)(usable, key=lambda b: b["value"])
+
+
+def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
+    """One row per (task, length, row label): seeds of one config averaged, with the 95% interval,
+    whether it beats the strongest baseline beyond it and whether it is bold."""
+    rows = []
+    for (task, length, row, variant), group in cells.groupby(
+            ["task", cells.length.fillna(-1).astype(int), "row", "variant"], sort=False):
+        ok = group[group.status == "ok"].dropna(subset=["test"])
+        higher = bool(group.higher_better.iloc[0])
+        n_test = group.n_test.dropna().iloc[0] if group.n_test.notna().any() else None
+        entry = {"task": task, "length": int(length), "row": row, "mechanism": group.mechanism.iloc[0],
+                 "variant": variant, "higher": higher, "statuses": list(group.status), "seeds": len(group),
+                 "n_ok": len(ok), "n_test": n_test, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan,
+                 "tokens_per_s": ok.tokens_per_s.median() if len(ok) else math.nan,
+                 "peak_memory_mb": ok.peak_memory_mb.median() if len(ok) else math.nan,
+                 "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan}
+        if len(ok):
+            mean = float(ok.test.mean())
+            entry.update(mean=mean, std=float(ok.test.std(ddof=1)) if len(ok) > 1 else 0.0)
+            if higher:
+                entry["lo"], entry["hi"] = wilson(mean, int(n_test)) if n_test else (math.nan, math.nan)
             else:
-                row.append(" / ".join(sorted({FAILURE_MARK.get(s, s) for s in statuses})))
-        accuracy_tasks = [t for t in tasks if t not in lower_better]
-        complete = len(accs) == len(accuracy_tasks) and accs
-        averages[mech] = sum(accs) / len(accs) if complete else float("nan")
-        row.append(f"{100 * averages[mech]:.1f}" if complete else "–")
+                best = strongest(baselines.get((task, int(length)), {}).get("baselines", []), higher=False)
+                half = best.get("half_width") if best else None
+                if half is not None and math.isfinite(half):
+                    entry["lo"], entry["hi"] = mean - half, mean + half
+        rows.append(entry)
+    stats = pd.DataFrame(rows)
+    if stats.empty:
+        return stats
+    stats["beats_baseline"] = False
+    stats["bold"] = False
+    for (task, length), column in stats.groupby(["task", "length"]):
+        base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), bool(column.higher.iloc[0]))
+        finished = column.dropna(subset=["mean"])
+        if finished.empty:
+            continue
+        higher = bool(column.higher.iloc[0])
+        best = finished.loc[finished["mean"].idxmax() if higher else finished["mean"].idxmin()]
+        for index, entry in finished.iterrows():
+            if base is None or not math.isfinite(entry.lo):
+                continue
+            beats = entry.lo > base["value"] if higher else entry.hi < base["value"]
+            within = entry["mean"] >= best.lo if higher else entry["mean"] <= best.hi
+            stats.loc[index, "beats_baseline"] = bool(beats)
+            stats.loc[index, "bold"] = bool(beats and within)
+    return stats
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _value(entry, digits: int) -> str:
+    if entry.higher:
+        text = f"{100 * entry['mean']:.1f}" if entry.n_ok == 1 else f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+        interval = f" [{100 * entry.lo:.1f}, {100 * entry.hi:.1f}]" if math.isfinite(entry.lo) else ""
+    else:
+        text = f"{entry['mean']:.{digits}f}" if entry.n_ok == 1 else f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+        interval = f" [{entry.lo:.{digits}f}, {entry.hi:.{digits}f}]" if math.isfinite(entry.lo) else ""
+    return text, interval
+
+
+def cell_text(entry) -> str:
+    """``mean ± std [95% interval]``, bold by the rule, ◦ where it does not beat the shortcut
+    baseline beyond the interval, and the failed seeds."""
+    statuses = pd.Series(entry.statuses)
+    if entry.n_ok:
+        text, interval = _value(entry, 3)
+        text = f"**{text}**" if entry.bold else text
+        text += interval + ("" if entry.beats_baseline else " ◦")
+        failed = statuses[statuses.isin(NOT_OK)]
+        if len(failed):
+            marks = " / ".join(sorted({FAILURE_MARK[x] for x in failed}))
+            text += f" ({marks} {len(failed)}/{len(statuses)} seeds)"
+        return text
+    if (statuses == "unsupported").all():
+        return "n/a"
+    return " / ".join(sorted({FAILURE_MARK.get(s, s) for s in statuses if s != "unsupported"}))
+
+
+def baseline_text(base: dict[str, Any] | None, higher: bool) -> str:
+    if base is None or base.get("value") is None:
+        return "–"
+    value = base["value"]
+    if higher:
+        lo, hi = wilson(value, int(base["n_test"])) if base.get("n_test") else (math.nan, math.nan)
+        return f"{100 * value:.1f}" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if math.isfinite(lo) else "")
+    half = base.get("half_width")
+    return f"{value:.3f}" + (f" ± {half:.3f}" if half is not None and math.isfinite(half) else "")
+
+
+def columns_of(stats: pd.DataFrame) -> list[tuple[str, int]]:
+    return sorted({(t, int(L)) for t, L in zip(stats.task, stats.length)})
+
+
+def column_title(task: str, length: int, higher: bool) -> str:
+    return f"{task} L={length_label(length if length >= 0 else None)}" + ("" if higher else " (bits ↓)")
+
+
+def primary_columns(stats: pd.DataFrame) -> dict[str, int]:
+    """Per task, the length with the most rows (ties: the shortest): where the average looks."""
+    out = {}
+    for task, group in stats.groupby("task"):
+        counts = group.groupby("length").row.nunique()
+        out[task] = int(min(counts.index, key=lambda L: (-counts[L], L)))
+    return out
+
+
+def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series]:
+    """Markdown: rows = baselines then mechanisms (variants labelled); a column per task and
+    length; plus each row's average over the accuracy tasks at their primary length."""
+    columns = columns_of(stats)
+    higher = {c: bool(stats[(stats.task == c[0]) & (stats.length == c[1])].higher.iloc[0]) for c in columns}
+    primary = primary_columns(stats)
+    header = ["mechanism"] + [column_title(t, L, higher[(t, L)]) for t, L in columns] + ["average"]
+    names = sorted({b["name"] for c in columns for b in baselines.get(c, {}).get("baselines", [])},
+                   key=lambda n: (n != "majority", n))
+    rows = []
+    for name in names:
+        row = [f"baseline: {name}"]
+        for c in columns:
+            match = [b for b in baselines.get(c, {}).get("baselines", []) if b["name"] == name]
+            row.append(baseline_text(match[0], higher[c]) if match else "")
+        rows.append(row + [""])
+    order = sorted(stats.row.unique(), key=lambda r: (not r.startswith("softmax"), r))
+    averages = {}
+    for label in order:
+        row, accs = [label], []
+        for c in columns:
+            entry = stats[(stats.task == c[0]) & (stats.length == c[1]) & (stats.row == label)]
+            if entry.empty:
+                row.append("–")
+                continue
+            entry = entry.iloc[0]
+            row.append(cell_text(entry))
+            if higher[c] and primary.get(c[0]) == c[1] and entry.n_ok:
+                accs.append(entry["mean"])
+        wanted = [t for t in primary if higher[(t, primary[t])]]
+        complete = bool(accs) and len(accs) == len(wanted)
+        averages[label] = sum(accs) / len(accs) if complete else math.nan
+        row.append(f"{100 * averages[label]:.1f}" if complete else "–")
         rows.append(row)
     return tabulate(rows, headers=header, tablefmt="github", disable_numparse=True), pd.Series(averages, dtype=float)
 
 
 def tasks_table(cells: pd.DataFrame) -> str:
     rows = []
-    for (task, source), group in cells.dropna(subset=["fingerprint"]).groupby(["task", "source"]):
+    for (task, source, fingerprint), group in cells.dropna(subset=["fingerprint"]).groupby(["task", "source", "fingerprint"]):
         first = group.iloc[0]
         sizes = first.sizes or {}
+        n = sizes.get("test")
+        half = worst_half_width(int(n)) if n else math.nan
+        flag = "" if not math.isfinite(half) or half <= CI_TARGET_POINTS else " ⚠ too small for ±3 points"
         rows.append([
-            task, source, f"{sizes.get('train', '?')}/{sizes.get('validation', '?')}/{sizes.get('test', '?')}",
-            f"{first.length_mean:.0f} / {first.length_max}", first.num_classes if pd.notna(first.num_classes) else "–",
-            f"{100 * first.majority:.1f}" if pd.notna(first.majority) else "–", first.fingerprint,
+            task, source, length_label(first.length), f"{sizes.get('train', '?')}/{sizes.get('validation', '?')}/{n or '?'}",
+            f"{first.length_mean:.0f} / {first.length_max}" if pd.notna(first.length_mean) else "–",
+            int(first.num_classes) if pd.notna(first.num_classes) else "–",
+            (f"±{half:.1f}" if math.isfinite(half) else "–") + flag, fingerprint,
         ])
-    headers = ["task", "source", "train/val/test", "length mean / max (test)", "classes", "majority (test)", "fingerprint"]
+    headers = ["task", "source", "L", "train/val/test", "length mean / max (test)", "classes",
+               "95% half-width at 50% (points)", "fingerprint"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def throughput_table(cells: pd.DataFrame) -> str:
-    """Mechanism × task: training tokens/s (thousands) · peak memory MB of the grid cells
-    themselves, plus each mechanism's parameter count (of its model on the first task)."""
-    ok = cells[cells.status == "ok"]
+def throughput_table(stats: pd.DataFrame) -> str:
+    """Row × (task, length): training tokens/s (thousands) · peak memory MB of the cells themselves."""
+    ok = stats[stats.n_ok > 0]
     if ok.empty:
         return "_no finished cells_"
-    agg = ok.groupby(["mechanism", "task"]).agg(
-        tokens_per_s=("tokens_per_s", "median"), peak_memory_mb=("peak_memory_mb", "median"), params=("params", "first")
-    )
-    tasks = sorted(ok.task.unique())
-    mechanisms = sorted(ok.mechanism.unique(), key=lambda m: (m != "softmax", m))
+    columns = columns_of(ok)
     rows = []
-    for mech in mechanisms:
-        row = [mech]
-        for task in tasks:
-            if (mech, task) not in agg.index:
+    for label in sorted(ok.row.unique(), key=lambda r: (not r.startswith("softmax"), r)):
+        row = [label]
+        for task, length in columns:
+            entry = ok[(ok.task == task) & (ok.length == length) & (ok.row == label)]
+            if entry.empty:
                 row.append("–")
                 continue
-            r = agg.loc[(mech, task)]
-            speed = f"{r.tokens_per_s / 1e3:,.1f}k" if pd.notna(r.tokens_per_s) else "–"
-            memory = f"{r.peak_memory_mb:,.0f}" if pd.notna(r.peak_memory_mb) else "–"
+            e = entry.iloc[0]
+            speed = f"{e.tokens_per_s / 1e3:,.1f}k" if pd.notna(e.tokens_per_s) else "–"
+            memory = f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–"
             row.append(f"{speed} · {memory}")
-        first = agg.loc[mech].iloc[0]
-        row.append(f"{int(first.params):,} ({agg.loc[mech].index[0]})")
         rows.append(row)
-    headers = ["mechanism"] + [f"{t}: tokens/s · MB" for t in tasks] + ["parameters (task)"]
+    headers = ["mechanism"] + [f"{t} L={length_label(L)}" for t, L in columns]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def details_table(cells: pd.DataFrame) -> str:
+def params_table(stats: pd.DataFrame) -> str:
+    """Parameters per row and task (its primary length), flagged > 10% over softmax (LRA's budget)."""
+    primary = primary_columns(stats)
     rows = []
-    for (scale, task, mech), group in cells.groupby(["scale", "task", "mechanism"]):
-        seeds = ",".join(str(s) for s in sorted(group.seed))
-        statuses = ", ".join(f"{s} {n}" for s, n in group.status.value_counts().sort_index().items())
-        errors = "; ".join(sorted({e for e in group.error.dropna()}))[:120]
-        rows.append([scale, task, mech, seeds, statuses, group.source.dropna().iloc[0] if group.source.notna().any() else "–",
-                     ",".join(sorted(set(group.commit.dropna()))), errors])
-    return tabulate(rows, headers=["scale", "task", "mechanism", "seeds", "status", "data source", "commit", "error"],
-                    tablefmt="github", disable_numparse=True)
+    for label in sorted(stats.row.unique(), key=lambda r: (not r.startswith("softmax"), r)):
+        row = [label]
+        for task, length in sorted(primary.items()):
+            column = stats[(stats.task == task) & (stats.length == length)]
+            entry = column[column.row == label]
+            if entry.empty or pd.isna(entry.params.iloc[0]):
+                row.append("–")
+                continue
+            params = int(entry.params.iloc[0])
+            softmax = column[(column.row == "softmax")].params
+            text = f"{params:,}"
+            if len(softmax) and pd.notna(softmax.iloc[0]) and label != "softmax":
+                ratio = params / float(softmax.iloc[0])
+                text += f" ({100 * (ratio - 1):+.0f}%{' ⚠' if ratio > PARAMS_BUDGET else ''})"
+            row.append(text)
+        rows.append(row)
+    headers = ["mechanism"] + [f"{t} L={length_label(L)}" for t, L in sorted(primary.items())]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def efficiency_section(results_dir: Path, averages: pd.Series, params: dict[str, int]) -> str:
+def recommendation_table(stats: pd.DataFrame, baselines: dict) -> str:
+    """Per task and length band: the rows within the 95% interval of the best, fastest first;
+    ✓ marks the Pareto front of (accuracy, training throughput)."""
+    from harness.efficiency import pareto_front
+
+    ok = stats[stats.n_ok > 0].copy()
+    if ok.empty:
+        return "_no finished cells_"
+    ok["band"] = [band_of(L) for L in ok.length]
+    rows = []
+    band_order = [label for _, label in BANDS]
+    for (task, band), group in sorted(ok.groupby(["task", "band"]), key=lambda kv: (kv[0][0], band_order.index(kv[0][1]))):
+        higher = bool(group.higher.iloc[0])
+        best = group.loc[group["mean"].idxmax() if higher else group["mean"].idxmin()]
+        threshold = best.lo if higher else best.hi
+        if not math.isfinite(threshold):
+            threshold = best["mean"]
+        within = group[group["mean"] >= threshold] if higher else group[group["mean"] <= threshold]
+        within = within.sort_values("tokens_per_s", ascending=False, na_position="last")
+        points = {i: (e.tokens_per_s if pd.notna(e.tokens_per_s) else 0.0, e["mean"] if higher else -e["mean"])
+                  for i, e in within.iterrows()}
+        front = set(pareto_front(points))
+        note = "" if within.beats_baseline.any() else " (none beats the shortcut baseline)"
+        for i, e in within.iterrows():
+            value = f"{100 * e['mean']:.1f}" if higher else f"{e['mean']:.3f}"
+            rows.append([task, band + note, length_label(e.length), e.row, value,
+                         f"{e.tokens_per_s / 1e3:,.1f}k" if pd.notna(e.tokens_per_s) else "–",
+                         f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–",
+                         "✓" if i in front else "", "" if e.beats_baseline else "◦"])
+            note = ""
+    headers = ["task", "length band", "L", "mechanism", "accuracy (or bits ↓)", "train tokens/s", "peak MB",
+               "Pareto", "≤ baseline"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def reference_section(cells: pd.DataFrame) -> str:
+    """LRA's published Table 1 beside our ``scale=lra`` cells on the same real sources."""
+    header = ["model", "source", *[t for t in LRA_TASKS], "avg"]
+    rows = [[name, "published", *[f"{v:.2f}" for v in values[:5]], f"{values[5]:.2f}"] for name, *values in LRA_TABLE1]
+    ours = cells[(cells.scale == "lra") & (cells.status == "ok") & (cells.variant == "")]
+    ours = ours[pd.Series([s in REAL_SOURCES.get(t, set()) for t, s in zip(ours.task, ours.source)], index=ours.index,
+                          dtype=bool)]
+    mine = []
+    for mech, group in ours.groupby("mechanism"):
+        values = []
+        for task in LRA_TASKS:
+            scores = group[group.task == task].test.dropna()
+            values.append(100 * scores.mean() if len(scores) else math.nan)
+        complete = all(math.isfinite(v) for v in values)
+        mine.append([f"{mech} (ours)", "measured here", *[f"{v:.2f}" if math.isfinite(v) else "–" for v in values],
+                     f"{sum(values) / len(values):.2f}" if complete else "–"])
+    lines = ["## Published reference numbers", "",
+             f"Test accuracy (%) as published: {LRA_CITATION}. Beside them, ours at `scale=lra` on the same real "
+             "sources (LRA's ListOps, IMDB bytes, AAN, CIFAR-10, Pathfinder-32 hard), default variants only, mean "
+             "over seeds. Published rows are never part of our means or bold marks.", "",
+             tabulate(rows + mine, headers=header, tablefmt="github", disable_numparse=True), ""]
+    if not mine:
+        lines += ["_No `scale=lra` cells on the real sources yet: run `make benchmark SCALE=lra` with the LRA data "
+                  "(see README, tasks)._", ""]
+    return "\n".join(lines)
+
+
+def details_section(cells: pd.DataFrame, unreadable: list[dict[str, str]], results_dir: Path) -> str:
+    """Only what is not ok (failed, oom, nan, timeout, unreadable), each with its log and curves."""
+    bad = cells[cells.status.isin(NOT_OK)]
+    rows = []
+    for _, c in bad.sort_values(["scale", "task", "mechanism", "variant", "seed"]).iterrows():
+        links = f"[log]({c.log}/) · [curves]({c.log}/curves/metrics.csv)"
+        rows.append([c.scale, c.task, c.mechanism, c.variant_label or "default", c.seed, FAILURE_MARK[c.status],
+                     (c.error or "")[:120].replace("|", "\\|"), links])
+    for item in unreadable:
+        path = Path(item["path"])
+        try:
+            shown = path.relative_to(results_dir).as_posix()
+        except ValueError:
+            shown = str(path)
+        rows.append(["?", "?", "?", "?", "?", "✗ unreadable", item["reason"].replace("|", "\\|"), f"`{shown}`"])
+    counts = cells[~cells.status.isin(NOT_OK)].status.value_counts()
+    rest = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+    lines = ["## Run details", "", f"Cells not ok: {len(bad)}; unreadable result files: {len(unreadable)}; "
+             f"the other cells: {rest}. Links are relative to this file's folder.", ""]
+    if rows:
+        lines += [tabulate(rows, headers=["scale", "task", "mechanism", "variant", "seed", "status", "error", "files"],
+                           tablefmt="github", disable_numparse=True), ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str) -> Path | None:
+    """Accuracy (bits for LM tasks) against sequence length, a panel per task, a line per row;
+    the strongest baseline dashed grey; ✕ where a series stops (failed/oom/nan/timeout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.efficiency import series_style
+
+    tasks = sorted(stats.task.unique())
+    if not tasks:
+        return None
+    style = series_style(sorted(stats.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
+    cols = min(3, len(tasks))
+    rows_n = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 3, 4 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        group = stats[(stats.task == task) & (stats.length > 0)]
+        higher = bool(group.higher.iloc[0]) if len(group) else True
+        scale_y = 100 if higher else 1
+        for label in style:
+            series = group[group.row == label].sort_values("length")
+            if series.empty:
+                continue
+            done = series[series.n_ok > 0]
+            ax.plot(done.length, scale_y * done["mean"], label=label, markersize=5, **style[label])
+            stopped = series[(series.n_ok == 0) & series.statuses.map(lambda s: any(x in NOT_OK for x in s))]
+            if len(stopped):
+                level = scale_y * done["mean"].iloc[-1] if len(done) else None
+                for _, e in stopped.iterrows():
+                    y = level if level is not None else ax.get_ylim()[0]
+                    ax.plot([e.length], [y], marker="x", markersize=9, markeredgewidth=2, color=style[label]["color"],
+                            linestyle="none")
+        base_points = []
+        for length in sorted(group.length.unique()):
+            base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), higher)
+            if base:
+                base_points.append((length, scale_y * base["value"]))
+        if base_points:
+            ax.plot(*zip(*base_points), color="grey", linestyle="--", linewidth=1.2, marker="_", markersize=14,
+                    label="strongest baseline")
+        lengths = sorted(group.length.unique())
+        if lengths:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [length_label(L) for L in lengths])
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("sequence length L (tokens)")
+        ax.set_ylabel("test accuracy (%)" if higher else "test bits/token (lower is better)")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(f"Accuracy vs sequence length — scale `{scale}` (✕: the cell failed, oom or timed out there)")
+    fig.tight_layout(rect=(0, 0, 0.8, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def header_lines(cells: pd.DataFrame, speed_records: list[dict[str, Any]], results_dir: Path) -> list[str]:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"Generated {stamp} from {len(cells)} cell results in `{results_dir}/runs` by `python -m harness report`.", ""]
+    if cells.empty:
+        return lines
+    seeds = "; ".join(f"`{s}`: {', '.join(str(x) for x in sorted(set(g.seed)))}" for s, g in cells.groupby("scale"))
+    grid_wall = float(cells.wall_s.fillna(0).sum())
+    speed_wall = float(sum((r.get("wall_s") or 0) for r in speed_records if r.get("kind") == "speed"))
+    total = grid_wall + speed_wall
+    lines += [
+        f"- **scale(s)**: {', '.join(f'`{s}`' for s in sorted(cells.scale.unique()))}; **seeds**: {seeds}",
+        f"- **hardware**: {', '.join(sorted(set(cells.device.dropna()))) or '?'}; "
+        f"**torch**: {', '.join(sorted(set(cells.torch.dropna()))) or '?'}; "
+        f"**commit(s)**: {', '.join(sorted(set(cells.commit.dropna()))) or '?'}",
+        f"- **total wall time**: {total / 3600:.2f} h (cells {grid_wall / 3600:.2f} h + speed sweep "
+        f"{speed_wall / 3600:.2f} h, summed from the records)", ""]
+    return lines
+
+
+LEGEND = ("Test metric of the checkpoint selected on validation: accuracy (%) or bits/token (↓). Each cell: "
+          "mean ± std over seeds (one config; seeds only), then the 95% interval from the test-set size "
+          "[Wilson for accuracy; ±1.96 SE over test sequences for bits, measured on the n-gram baseline]. "
+          "**Bold**: beats the strongest baseline row of its column beyond that interval *and* lies within the "
+          "interval of the column's best. ◦: does not beat the strongest (shortcut) baseline beyond the interval. "
+          "Baselines are computed from the same splits (`harness/baselines.py`). A label in brackets is a variant "
+          "(its config differs from the scale's presets); length is the column. `n/a`: the mechanism lacks a "
+          "capability the task needs; `✗ status`: failed (see run details). Average: over accuracy tasks at each "
+          "task's most-populated length.")
+
+
+def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[list[str], pd.Series]:
+    baselines = column_baselines(cells, results_dir / "baselines")
+    stats = group_stats(cells, baselines)
+    table, averages = accuracy_table(stats, baselines)
+    lines = [f"## Accuracy — scale `{scale}`", "", LEGEND, "", table, ""]
+    errors = sorted({f"{t} L={length_label(L)}: {v['error']}" for (t, L), v in baselines.items() if v.get("error")})
+    if errors:
+        lines += ["Baselines not computed from the splits: " + "; ".join(errors), ""]
+    plot = accuracy_length_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_length_{scale}.png", scale)
+    lines += [f"### Accuracy against sequence length — scale `{scale}`", ""]
+    if plot:
+        lines += [f"![accuracy vs length]({plot.relative_to(results_dir).as_posix()})", ""]
+    lines += [f"### Recommendation — scale `{scale}`", "",
+              "Per task and length band: the mechanisms whose accuracy lies within the 95% interval of the band's "
+              "best, fastest training first (tokens/s and peak memory of the cells themselves); ✓: on the Pareto "
+              "front of accuracy and throughput; ◦: does not beat the shortcut baseline.", "",
+              recommendation_table(stats, baselines), ""]
+    lines += [f"### Tasks — scale `{scale}`", "", tasks_table(cells), ""]
+    lines += [f"### Training throughput — scale `{scale}`", "",
+              "Measured during the grid's own training (median over seeds): thousands of padded tokens per "
+              "second of training steps after warm-up · peak memory in MB (CUDA max allocated, or the "
+              "process's peak RSS on CPU). Compare within a column.", "", throughput_table(stats), ""]
+    lines += [f"### Parameters — scale `{scale}`", "",
+              "Model parameters per task (at its most-populated length), relative to softmax; ⚠: more than 10% "
+              "over softmax (LRA's parameter budget).", "", params_table(stats), ""]
+    return lines, averages
+
+
+def efficiency_section(results_dir: Path, averages: pd.Series, params: dict[str, int], scale: str | None,
+                       records: list[dict[str, Any]]) -> str:
     """Tables and plots from the speed benchmark (``harness.speed``), when it has run."""
-    try:
-        from harness import efficiency
-    except ImportError:
-        return ""
-    records = efficiency.load_records(results_dir / "speed") if hasattr(efficiency, "load_records") else []
+    from harness import efficiency
+
     if not records:
         return "\n## Efficiency\n\n_No speed benchmark yet: run `make speed`._\n"
     text = efficiency.efficiency_markdown(records, params=params)
-    efficiency.write_plots(records, averages.dropna(), results_dir / "plots")
-    return "\n" + text + "\n"
+    written = efficiency.write_plots(records, averages.dropna(), results_dir / "plots", scale=scale)
+    images = "\n".join(f"![{p.stem}]({p.relative_to(results_dir).as_posix()})" for p in written)
+    return "\n" + text + ("\n" + images + "\n" if images else "")
 
 
 def write_report(results_dir: str | Path = "results") -> Path:
     results_dir = Path(results_dir)
-    records = read_results(results_dir)
+    records, unreadable = scan_results(results_dir)
+    from harness import efficiency
+
+    speed_records = efficiency.load_records(results_dir / "speed")
     out = results_dir / "leaderboard.md"
-    lines = ["# Leaderboard", ""]
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines.append(f"Generated {stamp} from {len(records)} cell results in `{results_dir}/runs` by `python -m harness report`.")
-    lines.append("")
+    cells = cells_frame(records)
+    lines = ["# Leaderboard", "", *header_lines(cells, speed_records, results_dir)]
     averages = pd.Series(dtype=float)
     params: dict[str, int] = {}
-    if not records:
-        lines.append("_No results yet: run `make smoke` or `make benchmark`._")
+    plot_scale = None
+    if cells.empty:
+        lines += ["_No results yet: run `make smoke` or `make benchmark`._", ""]
     else:
-        cells = cells_frame(records)
-        for scale in sorted(cells.scale.unique(), key=lambda s: ("tiny", "small", "lra").index(s) if s in ("tiny", "small", "lra") else 9):
-            scale_cells = cells[cells.scale == scale]
-            table, averages_s = accuracy_table(scale_cells)
+        scales = sorted(cells.scale.unique(), key=lambda s: (SCALE_ORDER.index(s) if s in SCALE_ORDER else 9, s))
+        for scale in scales:
+            section, averages_s = scale_section(scale, cells[cells.scale == scale], results_dir)
+            lines += section
             if scale != "tiny" or averages.empty:
-                averages = averages_s
-            lines += [f"## Accuracy — scale `{scale}`", "",
-                      "Test accuracy (%) of the checkpoint selected on validation; mean ± std over seeds; "
-                      "best per column in **bold**. `n/a`: the mechanism lacks a capability the task needs; "
-                      "`✗ status`: the cell failed (see run details). Average over accuracy tasks.", "", table, ""]
-            lines += [f"### Tasks — scale `{scale}`", "", tasks_table(scale_cells), ""]
-            lines += [f"### Training throughput — scale `{scale}`", "",
-                      "Measured during the grid's own training (median over seeds): thousands of padded tokens per "
-                      "second of training steps after warm-up · peak memory in MB (CUDA max allocated, or the "
-                      "process's peak RSS on CPU). Cells train at the task's own length, so compare within a column.",
-                      "", throughput_table(scale_cells), ""]
-        ok = cells[cells.status == "ok"].sort_values(["task"], key=lambda t: t != "listops")
-        params = ok.groupby("mechanism", sort=False).params.first().astype(int).to_dict()  # ListOps model where run
-        lines += ["## Run details", "", details_table(cells), ""]
-    lines.append(efficiency_section(results_dir, averages, params))
+                averages, plot_scale = averages_s, scale
+        averages = averages[[not label.count("[") for label in averages.index]]  # default variants only
+        ok = cells[(cells.status == "ok") & (cells.variant == "")].sort_values(["task"], key=lambda t: t != "listops")
+        params = ok.dropna(subset=["params"]).groupby("mechanism", sort=False).params.first().astype(int).to_dict()
+        lines.append(reference_section(cells))
+    lines.append(efficiency_section(results_dir, averages, params, plot_scale, speed_records))
+    lines.append(details_section(cells, unreadable, results_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out

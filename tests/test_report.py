@@ -1,0 +1,189 @@
+"""The leaderboard from synthetic result records: intervals, the bold rule, the recommendation,
+the length axis on a tiny grid, variants kept apart, and unreadable result files."""
+
+import math
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import report
+from harness.results import result_path, write_json_atomic
+
+
+def record(task="listops", mechanism="softmax", *, seed=0, accuracy=0.5, status="ok", scale="small", max_len=128,
+           variant="", label="", n_test=1000, majority=0.5, tokens_per_s=1000.0, memory=100.0, params=1000,
+           fingerprint="fp", cache_path="", error=None, bits=None, wall_s=60.0):
+    test = {"bits_per_token": bits, "loss": 1.0} if bits is not None else {"accuracy": accuracy, "loss": 1.0}
+    return {
+        "task": task, "mechanism": mechanism, "mechanism_config": {}, "scale": scale, "seed": seed, "status": status,
+        "error": error, "metrics": {"val": test, "test": test} if status == "ok" else {},
+        "params": params, "tokens_per_s": tokens_per_s, "peak_memory_mb": memory, "wall_s": wall_s,
+        "data": {"source": "generated", "fingerprint": fingerprint, "majority_accuracy": majority,
+                 "sizes": {"train": 100, "validation": 50, "test": n_test}, "length_mean": max_len / 2,
+                 "length_max": max_len - 1, "num_classes": 2, "cache_path": cache_path},
+        "env": {"commit": "abc1234", "torch": "2.13.0+cpu", "device": "cpu (test, 2 threads)"},
+        "task_config": {"max_len": max_len}, "variant": variant, "variant_label": label, "config_hash": variant or "h0",
+    }
+
+
+def write(tmp_path, r):
+    write_json_atomic(result_path(tmp_path, r["scale"], r["task"], r["mechanism"], r["seed"], r["variant"]), r)
+
+
+def stats_of(records, tmp_path):
+    cells = report.cells_frame(records)
+    baselines = report.column_baselines(cells, tmp_path / "baselines")
+    return report.group_stats(cells, baselines), baselines
+
+
+def test_wilson_interval_and_the_test_size_flag():
+    lo, hi = report.wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = report.wilson(0.0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert report.worst_half_width(1000) == pytest.approx(3.1, abs=0.05)
+    cells = report.cells_frame([record(n_test=500, fingerprint="a"), record(task="text", n_test=2000, fingerprint="b")])
+    table = report.tasks_table(cells)
+    small = next(line for line in table.splitlines() if line.startswith("| listops"))
+    large = next(line for line in table.splitlines() if line.startswith("| text"))
+    assert "too small for ±3 points" in small and "±4.4" in small
+    assert "too small" not in large and "±2.2" in large
+
+
+def test_bold_only_beyond_the_baseline_and_within_the_best(tmp_path):
+    records = [record(mechanism="softmax", accuracy=0.80), record(mechanism="nystrom", accuracy=0.79),
+               record(mechanism="performer", accuracy=0.70), record(mechanism="linear", accuracy=0.52)]
+    stats, _ = stats_of(records, tmp_path)
+    by = stats.set_index("row")
+    assert by.loc["softmax"].bold and by.loc["nystrom"].bold  # 0.79 lies in softmax's interval [0.774, 0.824]
+    assert not by.loc["performer"].bold and by.loc["performer"].beats_baseline
+    assert not by.loc["linear"].bold and not by.loc["linear"].beats_baseline  # 0.52: lower bound 0.489 < 0.5
+    assert report.cell_text(by.loc["linear"].rename("linear")).endswith("◦")
+
+
+def test_cells_that_only_tie_the_majority_are_never_bold(tmp_path):
+    records = [record(task="pathfinder", mechanism=m, accuracy=0.5, n_test=256) for m in ("softmax", "performer")]
+    stats, _ = stats_of(records, tmp_path)
+    assert not stats.bold.any() and not stats.beats_baseline.any()
+
+
+def test_lm_bits_use_the_baseline_interval_and_lower_is_better(tmp_path):
+    records = [record(task="protein_lm", mechanism="softmax", bits=3.9), record(task="protein_lm", mechanism="performer", bits=4.3)]
+    for r in records:
+        r["data"]["unigram_bits_per_token"] = 4.2
+        r["data"]["majority_accuracy"] = None
+    cells = report.cells_frame(records)
+    baselines = report.column_baselines(cells, tmp_path / "b")
+    key = ("protein_lm", 128)
+    baselines[key]["baselines"][0]["half_width"] = 0.05  # as the n-gram baseline measures it
+    stats = report.group_stats(cells, baselines).set_index("row")
+    assert stats.loc["softmax"].bold and stats.loc["softmax"].hi == pytest.approx(3.95)
+    assert not stats.loc["performer"].bold and not stats.loc["performer"].beats_baseline
+
+
+def test_recommendation_keeps_the_best_interval_ordered_by_throughput(tmp_path):
+    records = [record(mechanism="softmax", accuracy=0.80, tokens_per_s=1000, max_len=1024),
+               record(mechanism="nystrom", accuracy=0.79, tokens_per_s=5000, max_len=1024),
+               record(mechanism="slow", accuracy=0.785, tokens_per_s=500, max_len=1024),
+               record(mechanism="performer", accuracy=0.70, tokens_per_s=9000, max_len=1024)]
+    stats, baselines = stats_of(records, tmp_path)
+    table = report.recommendation_table(stats, baselines)
+    lines = [line for line in table.splitlines()[2:]]
+    names = [[c.strip() for c in line.strip("|").split("|")][3] for line in lines]
+    assert names == ["nystrom", "softmax", "slow"]  # performer is outside softmax's interval
+    pareto = {[c.strip() for c in line.strip("|").split("|")][3]: "✓" in line for line in lines}
+    assert pareto == {"nystrom": True, "softmax": True, "slow": False}
+    assert "513–1K" in lines[0]
+
+
+def test_variants_are_kept_apart_and_seeds_average_within_one_config(tmp_path):
+    records = [record(mechanism="performer", seed=0, accuracy=0.70), record(mechanism="performer", seed=1, accuracy=0.74),
+               record(mechanism="performer", variant="a1b2c3", label="mechanism.num_features=128", accuracy=0.60)]
+    stats, baselines = stats_of(records, tmp_path)
+    by = stats.set_index("row")
+    assert by.loc["performer"]["mean"] == pytest.approx(0.72) and by.loc["performer"].n_ok == 2
+    assert by.loc["performer [mechanism.num_features=128]"]["mean"] == pytest.approx(0.60)
+    table, _ = report.accuracy_table(stats, baselines)
+    assert "72.0 ± 2.8" in table and "| performer [mechanism.num_features=128]" in table
+
+
+def test_parameters_flagged_over_ten_percent_of_softmax(tmp_path):
+    records = [record(mechanism="softmax", params=1000), record(mechanism="poly", params=1200),
+               record(mechanism="nystrom", params=1050)]
+    stats, _ = stats_of(records, tmp_path)
+    table = report.params_table(stats)
+    assert "1,200 (+20% ⚠)" in table and "1,050 (+5%)" in table
+
+
+def tiny_text_cache(path):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = [i % 2 for i in range(n)]
+        ids = [(rng.integers(10, 40, size=12).tolist() + ([7] if y else [8])) for y in labels]
+        return datasets.Dataset.from_dict({"input_ids": ids, "label": labels})
+
+    datasets.DatasetDict({"train": split(60), "validation": split(20), "test": split(40)}).save_to_disk(str(path / "data"))
+    return str(path)
+
+
+def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
+    """A tiny grid: listops at two lengths (the longer a variant), a timeout where softmax stops,
+    text with baselines computed from its cached splits, and four broken result files."""
+    cache = tiny_text_cache(tmp_path / "cache")
+    long = dict(max_len=1024, variant="f00d", label="task.max_len=1024, task.max_length=1024", fingerprint="long")
+    records = [
+        record(mechanism="softmax", accuracy=0.60), record(mechanism="performer", accuracy=0.55),
+        record(mechanism="softmax", status="timeout", error="CellTimeout: 900 s", **long),
+        record(mechanism="performer", accuracy=0.58, **long),
+        record(task="text", mechanism="softmax", accuracy=0.9, n_test=40, fingerprint="text1", cache_path=cache),
+    ]
+    for r in records:
+        write(tmp_path, r)
+    runs = tmp_path / "runs" / "small" / "listops"
+    (runs / "broken").mkdir(parents=True)
+    (runs / "broken" / "seed0.json").write_text('{"task": "listops", "mech')  # truncated
+    (runs / "broken" / "seed1.json").write_text("")  # empty
+    (runs / "broken" / "seed2.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")  # binary
+    (runs / "broken" / "seed3.json").write_text('{"hello": 1}')  # no schema
+    text = report.write_report(tmp_path).read_text()
+    accuracy = text[text.index("## Accuracy — scale `small`"):text.index("### Accuracy against")]
+    assert "listops L=128" in accuracy and "listops L=1K" in accuracy and "text L=128" in accuracy
+    performer = next(line for line in accuracy.splitlines() if line.startswith("| performer"))
+    assert "55.0" in performer and "58.0" in performer  # one row, a column per length
+    softmax = next(line for line in accuracy.splitlines() if line.startswith("| softmax"))
+    assert "✗ timeout" in softmax
+    assert "| baseline: bag-of-n-grams LR" in accuracy  # computed from the text cell's own splits
+    assert (tmp_path / "baselines" / "text-text1-v1.json").exists()
+    assert (tmp_path / "plots" / "accuracy_vs_length_small.png").stat().st_size > 5000
+    details = text[text.index("## Run details"):]
+    assert details.count("✗ unreadable") == 4 and "unreadable result files: 4" in details
+    for name in ("seed0.json", "seed1.json", "seed2.json", "seed3.json"):
+        assert f"runs/small/listops/broken/{name}" in details
+    assert "[curves](logs/small/listops/softmax/f00d/seed0/curves/metrics.csv)" in details
+    assert "the other cells: 4 ok" in details
+    assert "performer" not in details  # ok cells are only counted
+    assert "**total wall time**: 0.08 h" in text  # 5 cells x 60 s
+    assert "Tay et al. 2021" in text
+    transformer = next(line for line in text.splitlines() if line.startswith("| Transformer "))
+    assert [c.strip() for c in transformer.strip("|").split("|")] == [
+        "Transformer", "published", "36.37", "64.27", "57.46", "42.44", "71.40", "54.39"]
+
+
+def test_report_main_survives_an_empty_folder(tmp_path, capsys):
+    assert report.main([f"results_dir={tmp_path}"]) == 0
+    text = (tmp_path / "leaderboard.md").read_text()
+    assert "_No results yet" in text and "## Run details" in text
+    with pytest.raises(SystemExit, match="usage"):
+        report.main(["results=x"])
+
+
+def test_sequence_length_and_variant_labels():
+    assert report.sequence_length({"task_config": {"max_len": 4096, "max_length": 1024}}) == 1024
+    assert report.sequence_length({"task_config": {}, "data": {"length_max": 300}}) == 300
+    assert report.other_differences("task.max_len=1024, mechanism.num_features=128") == "mechanism.num_features=128"
+    assert report.band_of(1000) == "513–1K" and report.band_of(2000) == "1K–2K" and report.band_of(128) == "≤ 256"
+    assert math.isnan(report.wilson(0.5, 0)[0])
+    assert isinstance(report.cells_frame([]), pd.DataFrame)
