@@ -1,0 +1,297 @@
+"""Spider: loader on a fixture in Spider's layout, the offline builder, exact match,
+hardness, execution accuracy, safety against hostile predictions, relations, the head."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.data import DataSourceError, MalformedRecord
+from tasks import _spider_build as build
+from tasks._spider_eval import Schema, evaluate, exact_match, hardness, parse_sql, results_equal
+from tasks.spider import REL, Spider, SpiderConfig, detokenize_sql, read_tables, schema_relations, serialise, tokenize_sql
+
+# ----------------------------------------------------------------------------- fixture
+
+
+def make_layout(root: Path) -> Path:
+    """Two small databases in Spider's layout, with questions for both."""
+    shop = [
+        build.Table("singer", ["id", "name", "country", "age"],
+                    [(1, "Joe", "France", 30), (2, "Ann", "Spain", 25), (3, "Bo", "France", 41), (4, "Cy", "Italy", 25)]),
+        build.Table("song", ["id", "title", "singer_id", "sales"],
+                    [(1, "Rain", 1, 10.5), (2, "Sun", 1, 3.0), (3, "Sky", 3, 7.25)], "id", {"singer_id": ("singer", "id")}),
+    ]
+    zoo = [build.Table("animal", ["id", "kind", "legs"], [(1, "cat", 4), (2, "bird", 2), (3, "dog", 4)])]
+    entries = []
+    for db_id, tables in (("shop", shop), ("zoo", zoo)):
+        build.write_sqlite(root / "database" / db_id / f"{db_id}.sqlite", tables)
+        entries.append(build.tables_entry(db_id, tables))
+    (root / "tables.json").write_text(json.dumps(entries))
+    train = [{"db_id": "shop", "question": "how many singers are there ?", "query": "SELECT count(*) FROM singer"},
+             {"db_id": "shop", "question": "names of singers from France", "query": "SELECT name FROM singer WHERE country = 'France'"},
+             {"db_id": "zoo", "question": "how many animal are there ?", "query": "SELECT count(*) FROM animal"},
+             {"db_id": "zoo", "question": "kind of animal with 4 legs", "query": "SELECT kind FROM animal WHERE legs = 4"}]
+    (root / "train_spider.json").write_text(json.dumps(train))
+    (root / "dev.json").write_text(json.dumps([{"db_id": "zoo", "question": "list the kind of all animal",
+                                               "query": "SELECT kind FROM animal"}]))
+    return root
+
+
+@pytest.fixture()
+def layout(tmp_path):
+    return make_layout(tmp_path / "spider")
+
+
+@pytest.fixture()
+def shop(layout):
+    return Schema.from_entry(read_tables(layout / "tables.json")["shop"])
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.sqlite"))}
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def test_loader_reads_spider_layout(layout):
+    task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1))
+    tables, splits = task.read_splits()
+    assert set(tables) == {"shop", "zoo"}
+    assert {it["db_id"] for it in splits["train"]}.isdisjoint({it["db_id"] for it in splits["validation"]})
+    assert [it["query"] for it in splits["test"]] == ["SELECT kind FROM animal"]
+    dsd = task.build()
+    assert dsd["test"][0]["hardness"] == "easy"
+    assert dsd["test"][0]["source_tokens"][:6] == ["list", "the", "kind", "of", "all", "animal"]
+
+
+def test_malformed_files_name_file_and_entry(layout):
+    data = json.loads((layout / "dev.json").read_text())
+    data.append({"db_id": "nowhere", "question": "q", "query": "SELECT 1"})
+    (layout / "dev.json").write_text(json.dumps(data))
+    task = Spider(SpiderConfig(source="spider", data_dir=str(layout)))
+    with pytest.raises(MalformedRecord, match=r"dev.json, entry 1: db_id 'nowhere' is not in tables.json"):
+        task.read_splits()
+    entries = json.loads((layout / "tables.json").read_text())
+    entries[1]["column_names_original"].append([7, "ghost"])
+    (layout / "tables.json").write_text(json.dumps(entries))
+    with pytest.raises(MalformedRecord, match=r"tables.json, entry 1 \(db_id 'zoo'\): column \[7, 'ghost'\]"):
+        read_tables(layout / "tables.json")
+    with pytest.raises(DataSourceError, match="task.data_dir"):
+        Spider(SpiderConfig(source="spider")).read_splits()
+
+
+def test_sql_tokens_round_trip():
+    sql = "SELECT T1.name FROM singer AS T1 WHERE T1.country = 'New Zealand' AND age >= 30"
+    tokens = tokenize_sql(sql)
+    assert tokens[:4] == ["select", "T1", ".", "name"] and ["'", "New", "Zealand", "'"] == tokens[13:17]
+    assert detokenize_sql(tokens) == "select T1.name from singer as T1 where T1.country = 'New Zealand' and age >= 30"
+
+
+# ----------------------------------------------------------------------------- offline builder
+
+
+def test_offline_builder_gold_queries_execute_with_hardness_spread(tmp_path):
+    dbs = build.vega_and_sklearn_databases()
+    assert len(dbs) >= 6
+    levels, seen_dbs = set(), set()
+    for db_id in ("barley", "linnerud", "iris"):
+        path = tmp_path / db_id / f"{db_id}.sqlite"
+        build.write_sqlite(path, dbs[db_id])
+        schema = Schema.from_entry(build.tables_entry(db_id, dbs[db_id]))
+        items = build.generate_questions(db_id, dbs[db_id], path, 40, seed=0)
+        assert len(items) >= 30
+        conn = sqlite3.connect(path)
+        for it in items:
+            assert conn.execute(it["query"]).fetchall(), it["query"]
+            levels.add(hardness(parse_sql(it["query"], schema)))
+            seen_dbs.add(it["db_id"])
+        conn.close()
+    assert levels == {"easy", "medium", "hard", "extra"}
+    assert seen_dbs == {"barley", "linnerud", "iris"}
+
+
+@pytest.mark.slow
+def test_full_offline_source_splits_by_database(tmp_path):
+    task = Spider(SpiderConfig(questions_per_db=20), scale="tiny")
+    dsd, _ = task.load(tmp_path)
+    dbs = {s: set(dsd[s]["db_id"]) for s in ("train", "validation", "test")}
+    assert not (dbs["train"] & dbs["validation"]) and not (dbs["train"] & dbs["test"]) and not (dbs["validation"] & dbs["test"])
+    assert len(set().union(*dbs.values())) >= 6 and "chinook" in set().union(*dbs.values())
+
+
+# ----------------------------------------------------------------------------- exact match + hardness
+
+
+@pytest.mark.parametrize("pred, gold, same", [
+    ("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id",
+     "select a.name from song b join singer a on b.singer_id = a.id", True),  # aliases, join order
+    ("SELECT name FROM singer WHERE age > 20 AND country = 'Spain'",
+     "SELECT name FROM singer WHERE country = 'France' AND age > 30", True),  # condition order; values ignored
+    ("SELECT age, name FROM singer", "SELECT name, age FROM singer", True),  # column order in SELECT
+    ("SELECT name FROM singer WHERE age > 20", "SELECT name FROM singer WHERE age < 20", False),  # operator
+    ("SELECT name FROM singer WHERE age > 20 OR country = 'x'", "SELECT name FROM singer WHERE age > 20 AND country = 'x'", False),
+    ("SELECT max(age) FROM singer", "SELECT min(age) FROM singer", False),
+    ("SELECT name FROM singer ORDER BY age DESC", "SELECT name FROM singer ORDER BY age DESC LIMIT 1", False),
+    ("SELECT name FROM singer", "SELECT name FROM singer INTERSECT SELECT name FROM singer WHERE age > 3", False),
+])
+def test_exact_match_pairs(shop, pred, gold, same):
+    assert exact_match(parse_sql(pred, shop), parse_sql(gold, shop)) is same
+
+
+def test_values_compared_when_asked(shop):
+    a = "SELECT name FROM singer WHERE country = 'France'"
+    b = "SELECT name FROM singer WHERE country = 'Spain'"
+    assert exact_match(parse_sql(a, shop), parse_sql(b, shop))
+    assert not exact_match(parse_sql(a, shop, values=True), parse_sql(b, shop, values=True))
+
+
+@pytest.mark.parametrize("sql, level", [
+    ("SELECT count(*) FROM singer", "easy"),
+    ("SELECT name FROM singer ORDER BY age DESC LIMIT 1", "medium"),
+    ("SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer)", "hard"),
+    ("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id GROUP BY T2.singer_id ORDER BY count(*) DESC LIMIT 1", "extra"),
+])
+def test_hardness_levels(shop, sql, level):
+    assert hardness(parse_sql(sql, shop)) == level
+
+
+# ----------------------------------------------------------------------------- execution + safety
+
+
+def test_execution_accuracy_multisets_and_order(layout, shop):
+    schemas = {"shop": shop}
+    items = [("SELECT name FROM singer ORDER BY age", "SELECT name FROM singer ORDER BY age DESC", "shop"),
+             ("SELECT name FROM singer", "SELECT name FROM singer ORDER BY age DESC", "shop"),
+             ("SELECT name, age FROM singer WHERE age > 26", "SELECT age, name FROM singer WHERE age >= 30", "shop"),
+             ("SELECT count(*) FROM singer", "SELECT count(*) FROM song", "shop")]
+    scores = evaluate(items, schemas, layout / "database")
+    assert [it["execution"] for it in scores["items"]] == [False, True, True, False]
+    assert results_equal([(1,), (1,), (2,)], [(2,), (1,), (1,)], ordered=False)
+    assert not results_equal([(1,), (1,), (2,)], [(1,), (2,), (2,)], ordered=False)
+    assert not results_equal([(1,), (2,)], [(2,), (1,)], ordered=True)
+
+
+def test_hostile_predictions_leave_files_identical_and_score_wrong(layout, shop):
+    before = digest(layout)
+    hostile = ["DROP TABLE singer", "UPDATE singer SET age = 0", "ATTACH DATABASE '/tmp/x.sqlite' AS x",
+               "SELECT load_extension('/tmp/evil')", "PRAGMA query_only = OFF", "SELECT 1; DROP TABLE singer",
+               "INSERT INTO singer VALUES (9, 'x', 'y', 1)",
+               "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c"]
+    start = time.perf_counter()
+    scores = evaluate([("SELECT count(*) FROM singer", h, "shop") for h in hostile], {"shop": shop}, layout / "database",
+                      timeout_s=0.3)
+    elapsed = time.perf_counter() - start
+    assert all(not it["execution"] and not it["exact"] and it["error"] for it in scores["items"]), scores["items"]
+    assert "time budget" in scores["items"][-1]["error"]
+    assert scores["valid_sql"] == 0.0
+    assert elapsed < 0.3 * len(hostile) + 5  # the recursive query was stopped, not run to the end
+    assert digest(layout) == before
+    assert not Path("/tmp/x.sqlite").exists() or Path("/tmp/x.sqlite").stat().st_size == 0
+
+
+def test_cli_json_shape(layout, tmp_path):
+    gold = tmp_path / "gold.sql"
+    pred = tmp_path / "pred.sql"
+    gold.write_text("SELECT name FROM singer WHERE age > 26\tshop\nSELECT kind FROM animal\tzoo\n")
+    pred.write_text("SELECT name FROM singer WHERE age > 29\nSELECT legs FROM animal\n")
+    out = subprocess.run([sys.executable, "-m", "tasks.spider", "evaluate", "--gold", str(gold), "--pred", str(pred),
+                          "--tables", str(layout / "tables.json"), "--db-dir", str(layout / "database"), "--json"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
+    scores = json.loads(out.stdout)
+    assert set(scores) == {"exact", "execution", "valid_sql", "items"}
+    assert scores["exact"]["all"] == 0.5 and scores["execution"]["all"] == 0.5 and scores["valid_sql"] == 1.0
+    assert scores["items"][0] == {"hardness": "easy", "exact": True, "execution": True, "error": None}
+    assert set(scores["exact"]) == {"easy", "medium", "hard", "extra", "all"}
+
+
+# ----------------------------------------------------------------------------- relations
+
+
+def test_relation_ids_on_known_example(layout):
+    entry = read_tables(layout / "tables.json")["shop"]
+    question = ["name", "of", "singer", "country", "France"]
+    tokens, links = serialise(question, entry)
+    rel = schema_relations(torch.tensor([links]))[0]
+    assert rel.shape == (len(tokens), len(tokens))
+    at = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first occurrence
+    col = lambda table, name: next(i for i, t in enumerate(tokens) if t == name and links[i][1] == table)  # noqa: E731
+    singer_t, song_t = tokens.index("singer", 6), tokens.index("song")
+    assert rel[at["singer"], singer_t] == REL["q-t exact"] and rel[singer_t, at["singer"]] == REL["t-q exact"]
+    assert rel[at["country"], col(1, "country")] == REL["q-c exact"]
+    assert rel[at["of"], col(1, "age")] == REL["q-schema"]
+    assert rel[0, 1] == REL["qq+1"] and rel[3, 0] == REL["qq-2"]
+    assert rel[col(2, "singer_id"), col(1, "id")] == REL["c-c foreign key"]
+    assert rel[col(1, "id"), col(2, "singer_id")] == REL["c-c foreign key reverse"]
+    assert rel[col(1, "id"), singer_t] == REL["c-t primary key"] and rel[col(1, "age"), singer_t] == REL["c-t belongs"]
+    assert rel[col(1, "age"), col(1, "name")] == REL["c-c same table"] and rel[col(1, "age"), song_t] == REL["c-t"]
+    assert rel[song_t, singer_t] == REL["t-t foreign key"] and rel[singer_t, song_t] == REL["t-t foreign key reverse"]
+    assert rel[at["<sep>"], 0] == REL["other"]
+    padded = schema_relations(torch.tensor([links + [[0] * 8]]))[0]
+    assert (padded[-1] == REL["pad"]).all() and (padded[:, -1] == REL["pad"]).all() and max(REL.values()) < 32
+
+
+# ----------------------------------------------------------------------------- head + decoding
+
+
+def test_seq2seq_head_trains_decodes_and_evaluates(layout):
+    from harness.data import collate
+    from harness.model import ModelConfig, build_model
+
+    for mechanism, scope in (("relation_aware", "encoder"), ("softmax", "all")):
+        task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, max_target_len=24,
+                                   mechanism_scope=scope))
+        dsd = task.build()
+        task._vocab = {k: [t for t, kk in zip(dsd["vocabulary"]["token"], dsd["vocabulary"]["kind"]) if kk == k]
+                       for k in ("source", "target")}
+        torch.manual_seed(0)
+        model = build_model(task, ModelConfig(dim=32, depth=1, heads=2, mlp_dim=32, dropout=0.0), mechanism)
+        assert model.uses_relations is (mechanism == "relation_aware")
+        assert len(model.encoder.mechanisms) == (1 if scope == "encoder" else 3)
+        assert task.requires == ({"key_padding"} if scope == "encoder" else {"key_padding", "causal", "cross"})
+        ds = dsd["train"]
+        batch = collate([{c: ds[i][c] for c in ds.column_names} for i in range(len(ds))])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(60):
+            loss, stats = model.loss(model(batch), batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert stats["correct"] == len(ds)  # memorised under teacher forcing
+        metrics = task.evaluate_predictions(model, ds, device="cpu", batch_size=2)
+        assert metrics["exact"] == 1.0 and metrics["execution"] == 1.0 and metrics["valid_sql"] == 1.0, metrics
+
+
+def test_copying_produces_unseen_tokens(layout):
+    """A target token outside the output vocabulary gets probability only by copying."""
+    from harness.seq2seq import copy_generate_log_probs
+
+    b, t, s, v, d = 1, 1, 3, 4, 8
+    h = torch.zeros(b, t, d)
+    log_p = copy_generate_log_probs(h, torch.randn(b, s, d), torch.tensor([[False, False, True]]), torch.zeros(b, t, v),
+                                    torch.zeros(b, t, d), torch.zeros(b, t, 1))
+    assert torch.allclose(log_p.exp().sum(-1), torch.ones(1, 1))
+    assert log_p[0, 0, v + 2] == float("-inf")  # padded source position
+    assert torch.allclose(log_p[0, 0, v:v + 2].exp(), torch.full((2,), 0.25))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_tiny_cell_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness", "run", "task=spider", "mechanism=softmax", "scale=tiny",
+                          f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "trainer.progress_bar=false"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(Path(out.stdout.strip().splitlines()[-1]).read_text())
+    assert record["status"] == "ok" and record["task"] == "spider"
