@@ -100,6 +100,7 @@ def test_sql_tokens_round_trip():
 # ----------------------------------------------------------------------------- offline builder
 
 
+@pytest.mark.slow
 def test_offline_builder_gold_queries_execute_with_hardness_spread(tmp_path):
     dbs = build.vega_and_sklearn_databases()
     assert len(dbs) >= 6
@@ -199,15 +200,16 @@ def test_hostile_predictions_leave_files_identical_and_score_wrong(layout, shop)
     assert not Path("/tmp/x.sqlite").exists() or Path("/tmp/x.sqlite").stat().st_size == 0
 
 
-def test_cli_json_shape(layout, tmp_path):
+def test_cli_json_shape(layout, tmp_path, capsys):
     gold = tmp_path / "gold.sql"
     pred = tmp_path / "pred.sql"
     gold.write_text("SELECT name FROM singer WHERE age > 26\tshop\nSELECT kind FROM animal\tzoo\n")
     pred.write_text("SELECT name FROM singer WHERE age > 29\nSELECT legs FROM animal\n")
-    out = subprocess.run([sys.executable, "-m", "tasks.spider", "evaluate", "--gold", str(gold), "--pred", str(pred),
-                          "--tables", str(layout / "tables.json"), "--db-dir", str(layout / "database"), "--json"],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
-    scores = json.loads(out.stdout)
+    from tasks.spider import main
+
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--tables", str(layout / "tables.json"),
+                 "--db-dir", str(layout / "database"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
     assert set(scores) == {"exact", "execution", "valid_sql", "items"}
     assert scores["exact"]["all"] == 0.5 and scores["execution"]["all"] == 0.5 and scores["valid_sql"] == 1.0
     assert scores["items"][0] == {"hardness": "easy", "exact": True, "execution": True, "error": None}
@@ -243,6 +245,7 @@ def test_relation_ids_on_known_example(layout):
 # ----------------------------------------------------------------------------- head + decoding
 
 
+@pytest.mark.slow
 def test_seq2seq_head_trains_decodes_and_evaluates(layout):
     from harness.data import collate
     from harness.model import ModelConfig, build_model
