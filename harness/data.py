@@ -1,4 +1,4 @@
-"""Tasks: the base class every task subclasses, the data cache, batching.
+"""Tasks: the base class every task subclasses, the data cache, batching, text readers.
 
 A task turns its source (``cfg.source``) into a ``datasets.DatasetDict`` with splits
 ``train``, ``validation``, ``test``. Columns by head:
@@ -7,10 +7,24 @@ A task turns its source (``cfg.source``) into a ``datasets.DatasetDict`` with sp
 * ``matcher``:    ``input_ids_1``, ``input_ids_2``, ``label``  (two-tower retrieval)
 * ``lm``:         ``input_ids``  (next-token prediction; the causal capability is required)
 
-Token id 0 is padding for every task (``PAD_ID``). Prepared data is saved once with
-``save_to_disk`` under ``<cache_dir>/<task>/<source>-<key>/``, the key a hash of the
-task's config, so the grid never regenerates it; a ``meta.json`` beside it holds the
-content fingerprint, split sizes, lengths and the majority-class baseline.
+Token id 0 is padding for every task (``PAD_ID``).
+
+The cache. Prepared data is saved once with ``save_to_disk`` under
+``<cache_dir>/<task>/<source>-<key>/``, so the grid never regenerates it; a ``meta.json``
+beside it holds the content fingerprint, split sizes, lengths, the majority-class baseline
+and warnings about the data. The key hashes the task's config (``cache_params``) **and**
+the size and modification time of every file the task reads (``source_files``): a source
+file edited, added or removed after the first preparation gives another key, so stale
+data is never served. A build runs under a file lock per cache path (``<key>.lock``
+beside it): a second process preparing the same data waits, then loads what the first
+saved. A split that comes out empty is an error, never cached. A cache that cannot be read
+(truncated or deleted Arrow files, a broken ``meta.json``, sizes that disagree with it) is
+rebuilt once, with a warning naming its path. Temporary folders ``.<name>-*`` left by a
+killed build are removed when no process holds their lock.
+
+Readers of real files share ``text_lines``: LF or CRLF line ends, an optional UTF-8 byte
+order mark, binary content reported as ``MalformedRecord(file, line)``, an empty file as a
+``DataSourceError`` naming it.
 """
 
 from __future__ import annotations
@@ -50,6 +64,137 @@ class MalformedRecord(DataSourceError):
         super().__init__(f"{path}, {where}: {problem}")
 
 
+# ----------------------------------------------------------------------------- text files as released
+
+UTF8_BOM = b"\xef\xbb\xbf"
+# Bytes no text file holds: C0 controls other than tab, line feed, vertical tab, form feed,
+# carriage return and escape (0x1b, seen in terminal-coloured text). NUL is the usual sign of binary data.
+_BINARY_BYTES = bytes(c for c in range(32) if c not in (9, 10, 11, 12, 13, 27))
+
+
+def _binary_column(line: bytes) -> int:
+    """1-based column of the first byte no text holds, 0 if none."""
+    if len(line.translate(None, _BINARY_BYTES)) == len(line):
+        return 0
+    return next(i for i, b in enumerate(line, start=1) if b in _BINARY_BYTES)
+
+
+def decode_text(path: str | Path, raw: bytes, *, encoding: str = "utf-8", what: str = "a text file") -> str:
+    """A whole text file's bytes as a string, as ``text_lines`` reads lines: a UTF-8 BOM
+    dropped, CRLF read as LF; binary or undecodable content raises ``MalformedRecord(path, line)``."""
+    if raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM) :]
+    if len(raw.translate(None, _BINARY_BYTES)) != len(raw):
+        at = next(i for i, b in enumerate(raw) if b in _BINARY_BYTES)
+        line_start = raw.rfind(b"\n", 0, at) + 1
+        raise MalformedRecord(path, raw.count(b"\n", 0, at) + 1, f"byte 0x{raw[at]:02x} at column {at - line_start + 1}: "
+                                                                 f"binary data, not {what}")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        raise MalformedRecord(path, raw.count(b"\n", 0, exc.start) + 1, f"not {encoding} text ({exc.reason} at column "
+                                                                         f"{exc.start - line_start + 1}); expected {what}") from exc
+    return text.replace("\r\n", "\n")
+
+
+def text_lines(path: str | Path, *, encoding: str = "utf-8", what: str = "a text file"):
+    """(line number, line) of a text file as its publisher wrote it, streamed.
+
+    Accepts LF and CRLF line ends (a lone CR inside a line is kept) and a UTF-8 byte order
+    mark before line 1; ``.gz`` files are decompressed. A line with bytes that no text file
+    holds (NUL and other C0 controls) or that does not decode as ``encoding`` raises
+    ``MalformedRecord(path, line)``; an empty file (nothing but whitespace and a BOM)
+    raises ``DataSourceError`` naming it. ``what`` says what the file should be, for the
+    messages. Line numbers count every line, blank ones included."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    empty = True
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if line_no == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM):]
+                if raw.endswith(b"\n"):
+                    raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+                column = _binary_column(raw)
+                if column:
+                    raise MalformedRecord(path, line_no, f"byte 0x{raw[column - 1]:02x} at column {column}: binary data, "
+                                                         f"not {what}")
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError as exc:
+                    raise MalformedRecord(path, line_no, f"not {encoding} text ({exc.reason} at column {exc.start + 1}); "
+                                                         f"expected {what}") from exc
+                empty = empty and not line.strip()
+                yield line_no, line
+    except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated stream
+        raise MalformedRecord(path, "file", f"cannot be read ({exc}); expected {what}") from exc
+    if empty:
+        raise DataSourceError(f"{path} is empty; expected {what}")
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def cache_lock(path: Path, timeout: float = -1):
+    """The file lock guarding the cache folder ``path`` (``<path>.lock`` beside it)."""
+    from filelock import FileLock
+
+    return FileLock(str(path.parent / f"{path.name}.lock"), timeout=timeout)
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove temporary cache folders ``.<name>-*`` in ``folder`` that no build is writing
+    now (their ``<name>.lock`` is free); returns what was removed."""
+    from filelock import Timeout
+
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        if not (entry.name.startswith(".") and "-" in entry.name and entry.is_dir()):
+            continue
+        lock = cache_lock(folder / entry.name[1:].rsplit("-", 1)[0], timeout=0)
+        try:
+            with lock:
+                if entry.exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        except Timeout:  # a build of that cache is running and owns the folder
+            continue
+    if removed:
+        log.info("removed %d temporary cache folder(s) left by interrupted builds: %s", len(removed),
+                 ", ".join(str(p) for p in removed))
+    return removed
+
+
+def stat_files(paths) -> list[tuple[str, int, int]]:
+    """(path, size, mtime in ns) per file, sorted; a missing file is (path, -1, -1)."""
+    stats = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats.append((str(p), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((str(p), -1, -1))
+    return sorted(stats)
+
+
+def files_under(folder: str | Path, *patterns: str) -> list[Path]:
+    """The files below ``folder`` (recursively) matching any of ``patterns`` (default: all);
+    none when the folder does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found: set[Path] = set()
+    for pattern in patterns or ("*",):
+        found.update(p for p in folder.rglob(pattern) if p.is_file())
+    return sorted(found)
+
+
 @dataclass
 class DataInfo:
     """What a result records about the data it was trained and tested on."""
@@ -62,6 +207,7 @@ class DataInfo:
     length_mean: float = 0.0
     length_max: int = 0
     cache_path: str = ""
+    warnings: list[str] = field(default_factory=list)  # about the data (e.g. a single-class test split); into the result
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,10 +216,12 @@ class DataInfo:
 class Task:
     """Base class of a task. Subclasses are registered with ``register_task`` and set:
 
-    head          which model head: "classifier", "matcher" or "lm"
-    vocab_size    number of token ids, padding (0) included
-    num_classes   classes for classifier/matcher heads
-    build()       the DatasetDict from ``self.cfg.source`` (uncached; the base caches it)
+    head            which model head: "classifier", "matcher" or "lm"
+    vocab_size      number of token ids, padding (0) included
+    num_classes     classes for classifier/matcher heads
+    build()         the DatasetDict from ``self.cfg.source`` (uncached; the base caches it)
+    source_files()  the files ``build()`` reads (default: none, e.g. a seeded generator);
+                    their sizes and modification times are part of the cache key
     """
 
     name: ClassVar[str] = ""
@@ -108,6 +256,12 @@ class Task:
         """Return a datasets.DatasetDict with the splits train/validation/test."""
         raise NotImplementedError
 
+    def source_files(self) -> list[Path]:
+        """The files ``build()`` reads for the configured source (none by default). Listing
+        them must be cheap and must not fail on a missing source (``build()`` says what is
+        missing): return what exists."""
+        return []
+
     # -- caching ------------------------------------------------------------------------
     @property
     def source(self) -> str:
@@ -118,7 +272,12 @@ class Task:
         return {"task": self.name, "version": self.data_version, **dataclasses.asdict(self.cfg)}
 
     def cache_key(self) -> str:
-        blob = json.dumps(self.cache_params(), sort_keys=True, default=str)
+        """Hash of ``cache_params()`` and of the size and mtime of every ``source_files()``."""
+        params = self.cache_params()
+        stats = stat_files(self.source_files())
+        if stats:
+            params = {**params, "source_files": hashlib.sha256(json.dumps(stats).encode()).hexdigest()}
+        blob = json.dumps(params, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def cache_path(self, cache_dir: str | Path | None = None) -> Path:
@@ -126,35 +285,87 @@ class Task:
         return root / self.name / f"{self.source}-{self.cache_key()}"
 
     def load(self, cache_dir: str | Path | None = None):
-        """(DatasetDict, DataInfo): from the cache, building and saving it the first time."""
-        import datasets
+        """(DatasetDict, DataInfo): from the cache, building and saving it the first time.
+
+        Reading a complete cache takes no lock. Building takes the cache's lock; a process
+        that finds it taken waits, then loads what the other one saved."""
+        from filelock import Timeout
 
         path = self.cache_path(cache_dir)
-        meta_path = path / "meta.json"
-        if not meta_path.exists():
-            log.info("preparing %s data (source=%s) into %s", self.name, self.source, path)
-            dsd = self.build()
-            missing = [s for s in SPLITS if s not in dsd]
-            if missing:
-                raise DataSourceError(f"task '{self.name}' built no split(s) {missing}")
-            info = self.describe(dsd)
+        loaded = self._read_cache(path, quiet=True) if (path / "meta.json").exists() else None
+        if loaded is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+            lock = cache_lock(path)
             try:
-                dsd.save_to_disk(str(tmp / "data"))
-                (tmp / "meta.json").write_text(json.dumps(info.as_dict(), indent=1))
-                if path.exists():  # a half-written cache from a killed run
-                    shutil.rmtree(path)
-                os.replace(tmp, path)
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("another process is preparing %s; waiting for it", path)
+                lock.acquire()
+            try:
+                remove_orphans(path.parent)
+                loaded = self._read_cache(path) if path.exists() else None
+                if loaded is None:
+                    self._build_cache(path)
+                    loaded = self._read_cache(path, rebuilt=True)
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        dsd = datasets.load_from_disk(str(path / "data"))
-        info = DataInfo(**json.loads(meta_path.read_text()))
+                lock.release()
+        dsd, info = loaded
+        for warning in info.warnings:
+            log.warning("%s data (source=%s): %s", self.name, self.source, warning)
+        return dsd, info
+
+    def _read_cache(self, path: Path, *, quiet: bool = False, rebuilt: bool = False):
+        """(DatasetDict, DataInfo) of a cache folder, or None when it cannot be read (then
+        it is moved aside for a rebuild, unless ``quiet``: a lock-free look that may race a
+        build). Freshly ``rebuilt`` and unreadable is an error naming the path."""
+        import datasets
+
+        try:
+            info = DataInfo(**json.loads((path / "meta.json").read_text()))
+            dsd = datasets.load_from_disk(str(path / "data"))
+            sizes = {s: len(dsd[s]) for s in SPLITS}
+            if sizes != info.sizes:
+                raise DataSourceError(f"split sizes {sizes} differ from meta.json's {info.sizes}")
+        except Exception as exc:  # noqa: BLE001 - any failure to read means the cache is broken
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if rebuilt:
+                raise DataSourceError(f"the data cache {path} was just built but cannot be read ({problem}); "
+                                      f"check the disk (space, permissions) and run again") from exc
+            if not quiet:
+                log.warning("data cache %s cannot be read (%s); rebuilding it", path, problem)
+                aside = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+                os.replace(path, aside / "broken")
+                shutil.rmtree(aside, ignore_errors=True)
+            return None
         info.cache_path = str(path)
         return dsd, info
 
+    def _build_cache(self, path: Path) -> None:
+        """Build the data, check it, save it to ``path`` atomically (temp folder + rename)."""
+        log.info("preparing %s data (source=%s) into %s", self.name, self.source, path)
+        dsd = self.build()
+        missing = [s for s in SPLITS if s not in dsd]
+        if missing:
+            raise DataSourceError(f"task '{self.name}' built no split(s) {missing}")
+        empty = [s for s in SPLITS if len(dsd[s]) == 0]
+        if empty:
+            raise DataSourceError(
+                f"task '{self.name}' (source={self.source}) built an empty {', '.join(empty)} split; nothing was "
+                f"cached. Check the source files (every split needs examples) or the task's size settings"
+            )
+        info = self.describe(dsd)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            dsd.save_to_disk(str(tmp / "data"))
+            (tmp / "meta.json").write_text(json.dumps(info.as_dict(), indent=1))
+            if path.exists():  # a folder without meta.json, or moved aside above
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def describe(self, dsd) -> DataInfo:
-        """Statistics of prepared data: sizes, lengths, majority baseline, fingerprint."""
+        """Statistics of prepared data: sizes, lengths, majority baseline, fingerprint, warnings."""
         digest = hashlib.sha256()
         lengths: list[int] = []
         for split in SPLITS:
@@ -169,11 +380,18 @@ class Task:
                 else:
                     digest.update(json.dumps(values, default=str).encode())
         majority = None
+        warnings: list[str] = []
         if "label" in dsd["test"].column_names and len(dsd["test"]):
             train_counts = Counter(dsd["train"]["label"])
             majority_label = train_counts.most_common(1)[0][0]
             test_labels = dsd["test"]["label"]
             majority = sum(1 for y in test_labels if y == majority_label) / len(test_labels)
+            for split in ("validation", "test"):
+                classes = Counter(dsd[split]["label"])
+                if len(classes) == 1:
+                    (label, count), = classes.items()
+                    warnings.append(f"the {split} split holds a single class (label {label}, all {count} examples): "
+                                    f"its accuracy only says how often the model predicts that class")
         return DataInfo(
             source=self.source,
             fingerprint=digest.hexdigest()[:16],
@@ -182,6 +400,7 @@ class Task:
             sizes={s: len(dsd[s]) for s in SPLITS},
             length_mean=float(np.mean(lengths)) if lengths else 0.0,
             length_max=int(max(lengths)) if lengths else 0,
+            warnings=warnings,
         )
 
 

@@ -366,6 +366,18 @@ def package_files(package: str) -> list[Path]:
     return sorted(p for p in (root / MAN_ROOT).glob("man*/*.gz"))
 
 
+def source_files(packages: tuple[str, ...] = PACKAGES) -> list[Path]:
+    """Every man page file of ``packages`` (the data cache keys on their sizes and times);
+    none when a package is not available (the build then says how to get it)."""
+    files: list[Path] = []
+    for package in packages:
+        try:
+            files += package_files(package)
+        except DataSourceError:
+            return []
+    return files
+
+
 def _unpacked(package: str) -> Path:
     from harness.debian import unpack_root
 

@@ -12,7 +12,6 @@ million residues of metastudent's MFO database read in seconds.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import struct
 from collections import Counter, defaultdict
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord
+from harness.data import DataSourceError, MalformedRecord, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +149,6 @@ PFAM_WHAT = (
 )
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="latin-1")
-    return open(path, encoding="latin-1")
-
-
 def _stem(path: Path) -> str:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     return name.rsplit(".", 1)[0] if "." in name else name
@@ -183,25 +176,24 @@ def read_fasta(path: Path, reader: ResidueReader) -> Iterator[tuple[str, np.ndar
             raise MalformedRecord(path, where, "has no residues (only gaps)")
         return name, ids
 
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.startswith(">"):
-                if name is not None:
-                    yield finish()
-                fields = line[1:].split()
-                if not fields:
-                    raise MalformedRecord(path, line_no, "FASTA header '>' without an id")
-                name, header_line, chunks = fields[0], line_no, []
-                if name in seen:
-                    raise MalformedRecord(
-                        path, f"record '{name}' (line {line_no})", f"duplicate id (first at line {seen[name]})"
-                    )
-                seen[name] = line_no
-            elif name is None:
-                if line.strip():
-                    raise MalformedRecord(path, line_no, "sequence data before the first '>' header: not a FASTA file?")
-            else:
-                chunks.append(line)
+    for line_no, line in text_lines(path, encoding="latin-1", what="a FASTA file"):
+        if line.startswith(">"):
+            if name is not None:
+                yield finish()
+            fields = line[1:].split()
+            if not fields:
+                raise MalformedRecord(path, line_no, "FASTA header '>' without an id")
+            name, header_line, chunks = fields[0], line_no, []
+            if name in seen:
+                raise MalformedRecord(
+                    path, f"record '{name}' (line {line_no})", f"duplicate id (first at line {seen[name]})"
+                )
+            seen[name] = line_no
+        elif name is None:
+            if line.strip():
+                raise MalformedRecord(path, line_no, "sequence data before the first '>' header: not a FASTA file?")
+        else:
+            chunks.append(line)
     if name is not None:
         yield finish()
 
@@ -212,44 +204,43 @@ def read_stockholm(path: Path, reader: ResidueReader) -> Iterator[tuple[str, str
     residues kept. The family is the alignment's ``#=GF ID``, else the file name."""
     stem = _stem(path)
     family, order, parts, start, inside, line_no = None, [], {}, 0, False, 0
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            text = line.strip()
-            if not inside:
-                if not text:
-                    continue
-                if not text.startswith("# STOCKHOLM"):
-                    raise MalformedRecord(
-                        path, line_no, f"expected '# STOCKHOLM 1.0', got {text[:40]!r}: not a Stockholm file?"
-                    )
-                inside, family, order, parts, start = True, None, [], {}, line_no
-            elif text == "//":
-                label = family or stem
-                for name in order:
-                    where = f"sequence '{name}' of alignment '{label}'"
-                    ids = reader.encode("".join(parts[name]), path, where)
-                    if ids.size == 0:
-                        raise MalformedRecord(path, where, "has no residues (only gaps)")
-                    yield label, name, ids
-                inside = False
-            elif text.startswith("#=GF"):
-                fields = text.split(None, 2)
-                if len(fields) == 3 and fields[1] == "ID":
-                    family = fields[2].strip()
-            elif text and not text.startswith("#"):  # a sequence line (#=GS, #=GR, #=GC are skipped)
-                fields = text.split()
-                if len(fields) != 2:
-                    problem = (
-                        "has no sequence"
-                        if len(fields) == 1
-                        else f"has {len(fields)} fields, expected '<name> <aligned sequence>'"
-                    )
-                    raise MalformedRecord(path, line_no, f"sequence line '{fields[0]}' {problem}")
-                name, aligned = fields
-                if name not in parts:
-                    order.append(name)
-                    parts[name] = []
-                parts[name].append(aligned)
+    for line_no, line in text_lines(path, encoding="latin-1", what="a Stockholm alignment"):
+        text = line.strip()
+        if not inside:
+            if not text:
+                continue
+            if not text.startswith("# STOCKHOLM"):
+                raise MalformedRecord(
+                    path, line_no, f"expected '# STOCKHOLM 1.0', got {text[:40]!r}: not a Stockholm file?"
+                )
+            inside, family, order, parts, start = True, None, [], {}, line_no
+        elif text == "//":
+            label = family or stem
+            for name in order:
+                where = f"sequence '{name}' of alignment '{label}'"
+                ids = reader.encode("".join(parts[name]), path, where)
+                if ids.size == 0:
+                    raise MalformedRecord(path, where, "has no residues (only gaps)")
+                yield label, name, ids
+            inside = False
+        elif text.startswith("#=GF"):
+            fields = text.split(None, 2)
+            if len(fields) == 3 and fields[1] == "ID":
+                family = fields[2].strip()
+        elif text and not text.startswith("#"):  # a sequence line (#=GS, #=GR, #=GC are skipped)
+            fields = text.split()
+            if len(fields) != 2:
+                problem = (
+                    "has no sequence"
+                    if len(fields) == 1
+                    else f"has {len(fields)} fields, expected '<name> <aligned sequence>'"
+                )
+                raise MalformedRecord(path, line_no, f"sequence line '{fields[0]}' {problem}")
+            name, aligned = fields
+            if name not in parts:
+                order.append(name)
+                parts[name] = []
+            parts[name].append(aligned)
     if inside:
         raise MalformedRecord(
             path,
@@ -259,31 +250,31 @@ def read_stockholm(path: Path, reader: ResidueReader) -> Iterator[tuple[str, str
 
 
 def read_labels(path: Path) -> dict[str, str]:
-    """``id<TAB>label`` rows (an optional header ``id<TAB>label``); bad rows name file and line."""
+    """``id<TAB>label`` rows (an optional header ``id<TAB>label``), UTF-8, LF or CRLF, an
+    optional BOM; bad rows name file and line; an empty or header-only file names the file."""
     labels: dict[str, str] = {}
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            fields = [x.strip() for x in line.rstrip("\r\n").split("\t")]
-            if line_no == 1 and [x.lower() for x in fields] == ["id", "label"]:
-                continue
-            if len(fields) != 2:
-                raise MalformedRecord(
-                    path, line_no, f"expected 2 tab-separated fields 'id<TAB>label', got {len(fields)}"
-                )
-            seq_id, label = fields
-            if not seq_id or not label:
-                raise MalformedRecord(path, line_no, "empty id or label")
-            if seq_id in labels and labels[seq_id] != label:
-                raise MalformedRecord(
-                    path,
-                    line_no,
-                    f"id '{seq_id}' labelled '{label}', but '{labels[seq_id]}' at line {first_line[seq_id]}",
-                )
-            labels[seq_id] = label
-            first_line.setdefault(seq_id, line_no)
+    for line_no, line in text_lines(path, what="labels.tsv (id<TAB>label rows)"):
+        if not line.strip():
+            continue
+        fields = [x.strip() for x in line.split("\t")]
+        if line_no == 1 and [x.lower() for x in fields] == ["id", "label"]:
+            continue
+        if len(fields) != 2:
+            raise MalformedRecord(path, line_no, f"expected 2 tab-separated fields 'id<TAB>label', got {len(fields)}")
+        seq_id, label = fields
+        if not seq_id or not label:
+            raise MalformedRecord(path, line_no, "empty id or label")
+        if seq_id in labels and labels[seq_id] != label:
+            raise MalformedRecord(
+                path,
+                line_no,
+                f"id '{seq_id}' labelled '{label}', but '{labels[seq_id]}' at line {first_line[seq_id]}",
+            )
+        labels[seq_id] = label
+        first_line.setdefault(seq_id, line_no)
+    if not labels:
+        raise DataSourceError(f"{path} holds only its header, no 'id<TAB>label' rows")
     return labels
 
 
@@ -587,16 +578,32 @@ def read_sequences(source: str, data_dir: str, *, ontology: str = "MFO", num_cla
 
 def protein_cache_params(cfg, params: dict) -> dict:
     """Cache-key parts of the protein tasks: the ontology matters only for metastudent; a
-    source folder is keyed by its resolved path and its files' names and sizes."""
+    source folder is keyed by its resolved path (its files by ``protein_source_files``)."""
     if cfg.source != "metastudent":
         params.pop("ontology", None)
     if cfg.data_dir:
-        folder = Path(cfg.data_dir).resolve()
-        params["data_dir"] = str(folder)
-        params["files"] = (
-            sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-        )
+        params["data_dir"] = str(Path(cfg.data_dir).resolve())
     return params
+
+
+def protein_source_files(cfg, *, with_labels: bool) -> list[Path]:
+    """The files ``read_sequences`` reads for ``cfg`` (for the data cache key); none when the
+    source is missing (the build says what to provide)."""
+    if cfg.source == "metastudent":
+        try:
+            folder = metastudent_folder(cfg.data_dir, cfg.ontology)
+        except DataSourceError:
+            return []
+        db = [folder / cfg.ontology / f"goasp.fasta.{ext}" for ext in ("pin", "psq", "phr")]
+        return db + ([folder / cfg.ontology / "goasp_annot.dat", folder / "goGraph.txt", folder / "nameMapping.txt"]
+                     if with_labels else [])
+    folder = Path(cfg.data_dir) if cfg.data_dir else None
+    if folder is None or not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.is_file() and file_kind(p))
+    if cfg.source == "fasta":
+        files = [p for p in files if file_kind(p) == "fasta"] + ([folder / "labels.tsv"] if with_labels else [])
+    return files
 
 
 # ----------------------------------------------------------------------------- de-duplication and splitting

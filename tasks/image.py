@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord, Task, stratified_split
+from harness.data import DataSourceError, MalformedRecord, Task, files_under, stratified_split
 from harness.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"https://www.cs.toronto.edu/~kriz/cifar.html, unpack it, and set task.data_dir to its "
             f"cifar-10-batches-py folder (data_batch_1..5, test_batch)"
         )
+    if path.stat().st_size == 0:
+        raise DataSourceError(f"{path} is empty; expected a CIFAR-10 python batch (a pickled dict)")
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
@@ -332,6 +334,23 @@ class ImageClassification(Task):
         else:
             params["data_dir"] = str(Path(self.cfg.data_dir).resolve())
         return params
+
+    def source_files(self) -> list[Path]:
+        cfg = self.cfg
+        if cfg.source == "fashion_mnist":
+            from harness.debian import debian_path
+
+            try:
+                folder = debian_path(FASHION_PACKAGE, FASHION_DIR)
+            except DataSourceError:  # build() says how to get it
+                return []
+            return [folder / name for pair in FASHION_FILES.values() for name in pair]
+        if not cfg.data_dir:
+            return []
+        if cfg.source == "cifar10":
+            folder = cifar_folder(cfg.data_dir)
+            return [folder / name for name in (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH)]
+        return files_under(cfg.data_dir)
 
     def read_source(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{"train"/"test": (uint8 (N, 32, 32), int64 labels)} from ``cfg.source``."""

@@ -11,7 +11,8 @@ Evaluate a nested list expression over the digits 0-9, e.g. ``[MAX 2 9 [MIN 4 7 
   every pair, as LRA writes it. Length = values + 2 per operator; a tree is kept when
   ``min_length < length < max_length``; duplicates are dropped (first occurrence kept,
   so the same seed gives the same files).
-* ``lra``: LRA's released ``basic_{train,val,test}.tsv`` in ``task.data_dir``.
+* ``lra``: LRA's released ``basic_{train,val,test}.tsv`` in ``task.data_dir``, read as its
+  generator writes them (Python's ``csv`` defaults: CRLF line ends; LF and a BOM are read too).
 
 Tokenised as LRA's input pipeline does: parentheses dropped, operators, digits and
 ``]`` are the tokens. ``python -m tasks.listops generate --out DIR ...`` writes the
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord, Task
+from harness.data import DataSourceError, MalformedRecord, Task, text_lines
 from harness.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ VALUES = tuple(range(10))
 VALUE_P = 0.25
 TOKENS = ("<pad>", *map(str, VALUES), *OPERATORS, END)
 TOKEN_ID = {t: i for i, t in enumerate(TOKENS)}
+DIGITS = frozenset(map(str, VALUES))
 SPLIT_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv", "test": "basic_test.tsv"}
 
 
@@ -143,9 +145,10 @@ def generate_split_rows(cfg: ListOpsConfig) -> dict[str, list[tuple[str, int]]]:
 
 
 def write_tsv(path: Path, rows: list[tuple[str, int]]) -> None:
-    """LRA's file format: header ``Source\\tTarget``, one expression per line."""
+    """LRA's file format, as its generator writes it: ``csv.writer(f, delimiter='\\t')``
+    (CRLF line ends), header ``Source\\tTarget``, one expression per line."""
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer = csv.writer(f, delimiter="\t")
         writer.writerow(["Source", "Target"])
         writer.writerows(rows)
 
@@ -163,7 +166,9 @@ def encode(source: str) -> list[int]:
 
 
 def read_tsv(path: Path) -> list[tuple[list[int], int]]:
-    """(token ids, label) per row of an LRA ListOps TSV; malformed rows name file and line."""
+    """(token ids, label) per row of an LRA ListOps TSV, as LRA's generator writes it
+    (``csv.writer(f, delimiter='\\t')``: CRLF line ends; LF and a UTF-8 BOM are read too).
+    Malformed rows name file and line; an empty or header-only file is an error naming it."""
     if not path.exists():
         raise DataSourceError(
             f"{path} not found. Download LRA's release (lra_release.gz from "
@@ -171,24 +176,25 @@ def read_tsv(path: Path) -> list[tuple[list[int], int]]:
             f"listops-1000 folder with basic_train.tsv, basic_val.tsv, basic_test.tsv"
         )
     rows = []
-    with open(path, newline="") as f:
-        for line_no, line in enumerate(f, start=1):
-            fields = line.rstrip("\n").split("\t")
-            if line_no == 1:
-                if fields != ["Source", "Target"]:
-                    raise MalformedRecord(path, 1, f"expected header 'Source<TAB>Target', got {line.strip()[:60]!r}")
-                continue
-            if not line.strip():
-                continue
-            if len(fields) != 2:
-                raise MalformedRecord(path, line_no, f"expected 2 tab-separated fields, got {len(fields)}")
-            source, target = fields
-            unknown = sorted({t for t in tokenize(source) if t not in TOKEN_ID})
-            if unknown:
-                raise MalformedRecord(path, line_no, f"unknown tokens {unknown[:5]}; valid: {' '.join(TOKENS[1:])}")
-            if not target.strip().isdigit() or not 0 <= int(target) <= 9:
-                raise MalformedRecord(path, line_no, f"target {target!r} is not a digit 0-9")
-            rows.append((encode(source), int(target)))
+    for line_no, line in text_lines(path, what="a ListOps TSV (header Source<TAB>Target)"):
+        fields = line.split("\t")
+        if line_no == 1:
+            if fields != ["Source", "Target"]:
+                raise MalformedRecord(path, 1, f"expected header 'Source<TAB>Target', got {line.strip()[:60]!r}")
+            continue
+        if not line.strip():
+            continue
+        if len(fields) != 2:
+            raise MalformedRecord(path, line_no, f"expected 2 tab-separated fields, got {len(fields)}")
+        source, target = fields
+        unknown = sorted({t for t in tokenize(source) if t not in TOKEN_ID})
+        if unknown:
+            raise MalformedRecord(path, line_no, f"unknown tokens {unknown[:5]}; valid: {' '.join(TOKENS[1:])}")
+        if target.strip() not in DIGITS:
+            raise MalformedRecord(path, line_no, f"target {target!r} is not a digit 0-9")
+        rows.append((encode(source), int(target)))
+    if not rows:
+        raise DataSourceError(f"{path} holds only its header, no expressions; expected LRA's basic_*.tsv rows")
     return rows
 
 
@@ -231,6 +237,11 @@ class ListOps(Task):
                 params.pop(key)
             params["data_dir"] = str(Path(self.cfg.data_dir).resolve())
         return params
+
+    def source_files(self) -> list[Path]:
+        if self.cfg.source == "lra" and self.cfg.data_dir:
+            return [Path(self.cfg.data_dir) / name for name in SPLIT_FILES.values()]
+        return []
 
     def build(self):
         import datasets

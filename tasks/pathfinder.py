@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord, Task
+from harness.data import DataSourceError, MalformedRecord, Task, decode_text, files_under
 from harness.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -419,18 +419,18 @@ def metadata_files(folder: Path) -> list[Path]:
 
 def read_metadata(path: Path) -> list[tuple[int, str, str, int]]:
     """(line, image folder, image file, label) per row of a metadata file."""
+    what = "a pathfinder metadata file (rows 'imgs/<n> sample_<k>.png <k> <label> ...')"
     blob = path.read_bytes()
     if blob.startswith(NPY_MAGIC):  # np.save of the rows, as snakes2.py writes them
         try:
             array = np.load(io.BytesIO(blob), allow_pickle=False)
         except Exception as exc:
             raise MalformedRecord(path, "file", f"a NumPy file that cannot be read: {exc}") from exc
-        lines = [" ".join(str(v) for v in np.atleast_1d(row)) for row in np.atleast_2d(array)]
-    else:
-        try:
-            lines = blob.decode("utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise MalformedRecord(path, "file", f"neither text rows nor a NumPy array: {exc}") from exc
+        lines = [" ".join(str(v) for v in np.atleast_1d(row)) for row in np.atleast_2d(array)] if array.size else []
+    else:  # text rows, as in LRA's release (LF; CRLF and a BOM are read too)
+        lines = decode_text(path, blob, what=what).split("\n")
+    if not any(line.strip() for line in lines):
+        raise DataSourceError(f"{path} is empty; expected {what}")
     rows = []
     for line_no, line in enumerate(lines, start=1):
         fields = line.split()
@@ -573,6 +573,16 @@ class Pathfinder(Task):
                 params.pop(key)
             params["data_dir"] = str(Path(self.cfg.data_dir).resolve())
         return params
+
+    def source_files(self) -> list[Path]:
+        cfg = self.cfg
+        if cfg.source != "lra":
+            return []
+        try:
+            folder = release_folder(cfg.data_dir, cfg.resolution, cfg.difficulty)
+        except DataSourceError:  # build() says what is missing
+            return []
+        return files_under(folder / "metadata", "*.npy") + files_under(folder / "imgs")
 
     def build(self):
         import datasets

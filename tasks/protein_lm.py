@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +42,7 @@ from tasks._protein_io import (
     log_cut,
     near_duplicate_groups,
     protein_cache_params,
+    protein_source_files,
     read_sequences,
     split_note,
 )
@@ -126,6 +128,9 @@ class ProteinLM(Task):
 
     def cache_params(self) -> dict[str, Any]:
         return protein_cache_params(self.cfg, super().cache_params())
+
+    def source_files(self) -> list[Path]:
+        return protein_source_files(self.cfg, with_labels=False)
 
     def build(self):
         import datasets

@@ -28,7 +28,8 @@ encoder; the two-tower head (``harness.model.MatcherHead``) classifies
 * ``aan``: LRA's released ACL Anthology Network pairs (Radev et al. 2013) in
   ``task.data_dir``: ``new_aan_pairs.{train,eval,test}.tsv``, tab-separated, no header,
   no quoting: ``label  id1  id2  text1  text2`` (label 0/1, read as a float as LRA
-  does). Bytes are taken from the file as they are.
+  does), LF or CRLF line ends, an optional UTF-8 BOM. Bytes are taken from the file as they
+  are (LRA's byte encoder takes any bytes, so no text check beyond the fields).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord, Task
+from harness.data import UTF8_BOM, DataSourceError, MalformedRecord, Task
 from harness.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,10 @@ def read_aan_tsv(path: Path, max_len: int):
     labels: list[int] = []
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, start=1):
-            line = line.rstrip(b"\n").rstrip(b"\r")
+            if line_no == 1 and line.startswith(UTF8_BOM):
+                line = line[len(UTF8_BOM) :]
+            line = line[:-1] if line.endswith(b"\n") else line
+            line = line[:-1] if line.endswith(b"\r") else line  # CRLF
             if not line.strip():
                 continue
             fields = line.split(b"\t")
@@ -277,7 +281,7 @@ def aan_split(path: Path, max_len: int):
 
     parts = [_pairs_dataset(*chunk) for chunk in read_aan_tsv(path, max_len)]
     if not parts:
-        raise DataSourceError(f"{path} holds no pairs. {AAN_HINT}")
+        raise DataSourceError(f"{path} is empty (no pairs). {AAN_HINT}")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
@@ -345,6 +349,13 @@ class Retrieval(Task):
         else:
             params.pop("data_dir")
         return params
+
+    def source_files(self) -> list[Path]:
+        if self.cfg.source == "aan":
+            return [Path(self.cfg.data_dir) / name for name in AAN_FILES.values()] if self.cfg.data_dir else []
+        from tasks._manpages import source_files
+
+        return source_files()
 
     def build(self):
         import datasets

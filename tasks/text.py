@@ -16,7 +16,9 @@ A document, read as UTF-8 bytes (token = byte + 1; 0 is padding), truncated to
 * ``imdb``: IMDB reviews (Maas et al. 2011), positive vs negative, as in LRA, from
   ``task.data_dir`` holding either the ``aclImdb/{train,test}/{pos,neg}/*.txt`` release,
   a ``save_to_disk`` copy of the HF dataset ``stanfordnlp/imdb`` or its parquet files
-  (``plain_text/{train,test}-*.parquet``). Never downloaded. LRA validated on the test
+  (``plain_text/{train,test}-*.parquet``). Never downloaded. Review files are read as
+  released (UTF-8, ``<br />`` tags kept as LRA's byte pipeline keeps them); a BOM is
+  dropped and CRLF read as LF. LRA validated on the test
   set; here a validation split (``val_fraction``, stratified, ``data_seed``) is carved
   from train and test is only used for the final number.
 """
@@ -33,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord, Task, stratified_split
+from harness.data import DataSourceError, MalformedRecord, Task, decode_text, files_under, stratified_split
 from harness.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -163,12 +165,9 @@ def read_aclimdb_split(folder: Path) -> tuple[list[str], list[int]]:
             rating = int(m.group(2))
             if (label == 1 and not 7 <= rating <= 10) or (label == 0 and not 1 <= rating <= 4):
                 raise MalformedRecord(path, "file name", f"rating {rating} does not belong in {name}/ (neg: 1-4, pos: 7-10)")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise MalformedRecord(path, "review", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            text = decode_text(path, path.read_bytes(), what="an IMDB review (UTF-8 text)")
             if not text.strip():
-                raise MalformedRecord(path, "review", "empty review")
+                raise DataSourceError(f"{path} is empty; expected an IMDB review (UTF-8 text)")
             texts.append(text)
             labels.append(label)
     return texts, labels
@@ -218,6 +217,14 @@ def read_imdb(data_dir: Path) -> dict[str, tuple[list[str], list[int]]]:
             out[split] = (texts, labels)
         return out
     raise DataSourceError(f"no IMDB data in {data_dir}. {IMDB_HINT}")
+
+
+def imdb_files(data_dir: Path) -> list[Path]:
+    """The files ``read_imdb`` reads in ``data_dir`` (whichever layout it holds)."""
+    for root in (data_dir, data_dir / "aclImdb"):
+        if (root / "train" / "pos").is_dir():
+            return [p for split in ("train", "test") for name in IMDB_LABELS for p in files_under(root / split / name, "*.txt")]
+    return files_under(data_dir)
 
 
 def build_imdb(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int]]]:
@@ -292,6 +299,13 @@ class Text(Task):
         else:
             params.pop("data_dir")
         return params
+
+    def source_files(self) -> list[Path]:
+        if self.cfg.source == "imdb":
+            return imdb_files(Path(self.cfg.data_dir)) if self.cfg.data_dir else []
+        from tasks._manpages import source_files
+
+        return source_files()
 
     def build(self):
         import datasets
