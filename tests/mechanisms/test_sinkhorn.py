@@ -1,0 +1,93 @@
+import pytest
+import torch
+from mechanism_checks import (
+    assert_fully_padded_row_finite,
+    assert_gradients_finite,
+    assert_padding_invariant,
+    assert_subquadratic,
+    build,
+    call,
+    dense_attention_oracle,
+    padding_mask,
+    qkv,
+)
+
+from harness.attention import UnsupportedCapability
+from mechanisms.sinkhorn import sinkhorn, sorted_block_attention
+
+
+@pytest.mark.parametrize("length", [1, 7, 16])
+def test_one_block_is_full_softmax(length):
+    """block_size ≥ L: one block, P = [[1]], the sorted block is the block itself: softmax attention."""
+    mech = build("sinkhorn", block_size=64)
+    q, k, v = qkv(lq=length, dtype=torch.float64)
+    kpm = padding_mask(2, length, [length, max(1, length - 3)])
+    for mask in (None, kpm):
+        out = call(mech, q, k, v, key_padding_mask=mask)
+        ref = dense_attention_oracle(q, k, v, key_padding_mask=mask)
+        real = slice(None) if mask is None else ~mask[:, None, :, None].expand_as(out)
+        torch.testing.assert_close(out[real], ref[real], atol=1e-10, rtol=1e-10)
+
+
+def test_hard_permutation_attends_to_own_and_sorted_block():
+    """With a hard permutation π (a derangement), block j attends exactly to blocks j and π⁻¹(j):
+    the dense float64 oracle with that block mask, padding included."""
+    block, n = 4, 4
+    q, k, v = qkv(lq=block * n, dtype=torch.float64)
+    source = torch.tensor([2, 0, 3, 1])  # slot j receives key block source[j]
+    perm = torch.zeros(n, n, dtype=torch.float64)
+    perm[source, torch.arange(n)] = 1.0
+    perm = perm.expand(2, 2, n, n)
+    blocks = torch.arange(block * n) // block
+    allowed = (blocks[None, :] == blocks[:, None]) | (blocks[None, :] == source[blocks][:, None])
+    for valid_len in (16, 11):
+        valid = ~padding_mask(2, 16, [16, valid_len])
+        qz, kz, vz = (x.masked_fill(~valid[:, None, :, None], 0) for x in (q, k, v))
+        out = sorted_block_attention(qz, kz, vz, perm, valid, block)
+        bias = torch.zeros(16, 16, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+        ref = dense_attention_oracle(q, k, v, key_padding_mask=~valid, bias=bias)
+        keep = valid[:, None, :, None].expand_as(out)
+        torch.testing.assert_close(out[keep], ref[keep], atol=1e-10, rtol=1e-10)
+
+
+def test_sinkhorn_is_doubly_stochastic_and_sharpens_with_temperature():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    p = sinkhorn(scores, 50)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 6, dtype=torch.float64))
+    torch.testing.assert_close(p.sum(-2), torch.ones(3, 6, dtype=torch.float64))
+    assert sinkhorn(scores / 0.05, 50).amax(-2).mean() > p.amax(-2).mean()
+
+
+def test_sort_net_is_learned_and_noise_only_in_training():
+    mech = build("sinkhorn", block_size=4, max_len=32)
+    q, k, v = qkv(lq=16)
+    torch.testing.assert_close(mech(q, k, v), mech(q, k, v), atol=0, rtol=0)  # eval: deterministic
+    mech.train()
+    assert not torch.allclose(mech(q, k, v), mech(q, k, v))  # Gumbel noise
+    mech.eval()
+    out = mech(q, k, v)
+    out.square().mean().backward()
+    assert mech.sort_net.weight.grad.abs().sum() > 0
+    assert 0.25 <= mech.metrics()["sort_sharpness"] <= 1.0
+
+
+@pytest.mark.parametrize("block_size", [4, 5, 64])
+def test_padding(block_size):
+    mech = build("sinkhorn", block_size=block_size)
+    assert_padding_invariant(mech, lq=17)
+    assert_fully_padded_row_finite(mech, length=17)
+    q, k, v = qkv(lq=10)
+    assert call(mech, q, k, v, key_padding_mask=padding_mask(2, 10, [10, 0]))[1].abs().max() == 0
+
+
+def test_gradients_subquadratic_and_refusals():
+    assert_gradients_finite(build("sinkhorn", block_size=4), length=13, key_padding=True)
+    assert_subquadratic(build("sinkhorn", heads=1, dim_head=16, max_len=8192), length=8192, heads=1, dim=16)
+    mech = build("sinkhorn", block_size=4, max_len=16)
+    with pytest.raises(UnsupportedCapability):
+        mech(*qkv(lq=8), causal=True)
+    with pytest.raises(ValueError, match="max_len"):
+        mech(*qkv(lq=20))
+    with pytest.raises(ValueError, match="temperature"):
+        build("sinkhorn", temperature=0.0)
