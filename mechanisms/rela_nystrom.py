@@ -1,10 +1,19 @@
 """ReLA-Nyström: the Nyström approximation (Xiong et al. 2021, arXiv:2102.03902) of
 row-normalised Rectified Linear Attention (Zhang, Titov & Sennrich 2021, arXiv:2104.07012).
 
+Credit: the ReLA Nyströmformer of the EPFL–UPC master thesis "Understanding and improving
+self-attention mechanisms" (2022), whose full text is not public: this file is OUR READING of
+it. It is ``nystrom`` with what the thesis changed and nothing else: the softmax kernels
+become row-normalised ReLU kernels and the output passes through ReLA's stabiliser (the
+authors' gated RMSNorm over the joined heads, ``rela``'s ``stabiliser`` option). Landmarks,
+pinv, the depthwise-conv skip on V (``conv_kernel_size``, same default as ``nystrom``, added
+to the attention output before the stabiliser) and the exact dense form at m ≥ L are
+``nystrom``'s.
+
 Dense form approximated here (N = row normalisation, N(X)ᵢⱼ = Xᵢⱼ / max(Σⱼ Xᵢⱼ, 1e-6), so a
 row with no positive score stays 0; masked entries are 0 before the sum):
 
-    P = N(ReLU(Q Kᵀ/√d)),    O = RMSNorm(P V) ⊙ σ(q W_g + b_g)        (gated RMSNorm of ReLA)
+    P = N(ReLU(Q Kᵀ/√d)),    O = GatedRMSNorm_{H·D}(P V + conv(V))       (ReLA's stabiliser)
 
 Its Nyström approximation, with segment-mean landmarks Q̃, K̃ exactly as in ``nystrom``:
 
@@ -15,10 +24,11 @@ The middle factor of a ReLU kernel is a general matrix (rows may be all zero, so
 stochastic and may be singular): its pseudo-inverse uses the iteration of ``nystrom`` with
 Z₀ = Aᵀ/(‖A‖₁‖A‖∞) per matrix, which is valid for any real matrix (σ_max² ≤ ‖A‖₁‖A‖∞) and
 converges to the Moore–Penrose inverse, not to an inverse that need not exist. When every
-token is its own landmark (m ≥ L) the three factors equal P and P·pinv(P)·P = P: the
-mechanism is dense row-normalised ReLA up to the pinv iterations. Because RMSNorm is
-invariant to a positive scale of each row, row normalisation changes ReLA's output only
-through ε, so dense row-normalised ReLA ≈ ``rela`` with the same parameters.
+token is its own landmark (m ≥ L) the dense row-normalised P V is computed exactly (as
+``nystrom`` computes exact softmax there). Row-normalised ReLA is not ``rela``: RMSNorm
+ignores a positive per-row scale only when every entry it normalises shares it (one head; the
+norm runs over H·D and each head has its own row sums) and no gate reads o's scale (the gate
+σ(w ⊙ o) does).
 
 Accuracy/speed trade-off: ``num_landmarks`` (m) and ``pinv_iterations``, as in ``nystrom``
 (and as there, the truncated 6-iteration pinv regularises: a converged one can amplify the
@@ -34,20 +44,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from harness.attention import AttentionContext, zero_padded
 from harness.registry import register_mechanism
-from mechanisms.nystrom import iterative_pinv, segment_means
-from mechanisms.rela import ReLAAttention, ReLAConfig, zero_share
+from mechanisms.nystrom import iterative_pinv, segment_means, value_conv_residual
+from mechanisms.rela import ReLAAttention, ReLANormConfig, relu_attention, zero_share
 
 ROW_SUM_FLOOR = 1e-6  # denominators of the row normalisation are at least this
 
 
 @dataclass
-class ReLANystromConfig(ReLAConfig):
+class ReLANystromConfig(ReLANormConfig):
     num_landmarks: int = 64  # m segment-mean landmarks: the accuracy/speed knob (exact when m >= L)
     pinv_iterations: int = 6  # iterations of the Moore–Penrose method: more = closer to the exact pinv
+    conv_kernel_size: int = 33  # depthwise conv skip on V along the sequence (as nystrom); 0 disables it
 
 
 def relu_row_normalised(
@@ -81,6 +92,12 @@ def relu_nystrom_attention(
     """q, k, v: (B, H, L, D) -> (≈ P V: (B, H, L, D) in at least float32, sparsity: 0-dim).
 
     Scores under the ambient autocast; ReLU, normalisation, pinv and products in float32."""
+    if num_landmarks >= q.shape[-2]:  # every token its own landmark: the dense row-normalised form
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            _, weights, allowed = relu_attention(q.to(dtype), k.to(dtype), v.to(dtype), key_padding_mask=key_padding_mask)
+            p = weights / weights.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)
+            return p @ v.to(dtype), zero_share(weights, allowed)
     valid = None if key_padding_mask is None else ~key_padding_mask.bool()  # (B, L)
     q = q * (q.shape[-1] ** -0.5)
     q_land, land_valid = segment_means(q, valid, num_landmarks)  # (B, H, m, D), (B, m)
@@ -103,8 +120,14 @@ class ReLANystromAttention(ReLAAttention):
 
     def __init__(self, cfg: ReLANystromConfig, *, heads: int, dim_head: int, max_len: int):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
-        if cfg.num_landmarks < 1 or cfg.pinv_iterations < 0:
-            raise ValueError(f"rela_nystrom needs num_landmarks >= 1 and pinv_iterations >= 0, got {cfg}")
+        if cfg.num_landmarks < 1 or cfg.pinv_iterations < 0 or cfg.conv_kernel_size < 0:
+            raise ValueError(
+                f"rela_nystrom needs num_landmarks >= 1, pinv_iterations >= 0 and conv_kernel_size >= 0, got {cfg}"
+            )
+        self.value_conv: nn.Conv2d | None = None
+        if cfg.conv_kernel_size > 0:  # the same depthwise conv skip as nystrom
+            kernel = cfg.conv_kernel_size
+            self.value_conv = nn.Conv2d(heads, heads, (kernel, 1), padding=(kernel // 2, 0), groups=heads, bias=False)
 
     def forward(
         self,
@@ -124,4 +147,6 @@ class ReLANystromAttention(ReLAAttention):
             pinv_iterations=self.cfg.pinv_iterations,
             key_padding_mask=key_padding_mask,
         )
+        if self.value_conv is not None:
+            out = out + value_conv_residual(v, self.value_conv, key_padding_mask)
         return self.normalise(out, q).to(q.dtype)

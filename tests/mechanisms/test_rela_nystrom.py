@@ -15,19 +15,19 @@ from mechanism_checks import (
 from harness.attention import UnsupportedCapability
 
 
-def dense_row_normalised_rela(mech, q, k, v, key_padding_mask=None):
+def dense_row_normalised_rela(mech, q, k, v, key_padding_mask=None, skip=None):
     """The dense form the mechanism approximates, in float64: P = N(ReLU(QKᵀ/√d)) with padded
-    keys 0 and N dividing each row by max(row sum, 1e-6), then g ⊙ x/√(mean x² + ε) ⊙ σ(q W_g + b_g)."""
+    keys 0 and N dividing each row by max(row sum, 1e-6); o = P V (+ skip); then the authors'
+    gated RMSNorm over the joined heads, g ⊙ o/√(mean_{H·D} o² + ε) ⊙ σ(w ⊙ o)."""
     q, k, v = q.double(), k.double(), v.double()
     weights = torch.relu(torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1]))
     if key_padding_mask is not None:
         weights = weights.masked_fill(key_padding_mask[:, None, None, :], 0.0)
     p = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
-    mixed = p @ v
-    out = mixed / (mixed.square().mean(-1, keepdim=True) + mech.cfg.norm_eps).sqrt()
+    o = p @ v + (0 if skip is None else skip)
+    out = o / (o.square().mean(dim=(1, 3), keepdim=True) + mech.cfg.norm_eps).sqrt()
     out = out * mech.norm_gain.detach().double()[None, :, None, :]
-    gate = torch.einsum("bhid,hde->bhie", q, mech.gate_weight.detach().double())
-    return out * torch.sigmoid(gate + mech.gate_bias.detach().double()[None, :, None])
+    return out * torch.sigmoid(mech.gate.detach().double()[None, :, None, :] * o)
 
 
 def smooth_qkv(length, *, batch=2, heads=2, dim=8, dtype=torch.float64):
@@ -43,7 +43,7 @@ def smooth_qkv(length, *, batch=2, heads=2, dim=8, dtype=torch.float64):
 def randomise_gate(mech):
     with torch.no_grad():  # move the norm/gate parameters off their init so they are really tested
         mech.norm_gain.uniform_(0.5, 1.5)
-        mech.gate_bias.normal_()
+        mech.gate.normal_()
     return mech
 
 
@@ -56,7 +56,7 @@ def test_exact_when_every_token_is_a_landmark(length):
     q_off[:, :, 1] = -q_off[:, :, 1]  # so row 1 of P is zero and P is singular
     kpm = padding_mask(2, length, [length, length - 3])
     for landmarks in (length, 64):
-        mech = randomise_gate(build("rela_nystrom", num_landmarks=landmarks, pinv_iterations=30))
+        mech = randomise_gate(build("rela_nystrom", num_landmarks=landmarks, conv_kernel_size=0))
         for mask in (None, kpm):
             keep = torch.ones_like(q, dtype=torch.bool) if mask is None else ~mask[:, None, :, None].expand_as(q)
             for queries, keys in ((q, k), (q_off, k_off)):
@@ -76,21 +76,38 @@ def test_approaches_dense_rela_as_landmarks_grow(inputs):
     q, k, v = smooth_qkv(length) if inputs == "smooth" else qkv(lq=length, dtype=torch.float64)
     errors = []
     for landmarks in (4, 8, 16, 32, 48, 64):
-        mech = randomise_gate(build("rela_nystrom", num_landmarks=landmarks))
+        mech = randomise_gate(build("rela_nystrom", num_landmarks=landmarks, conv_kernel_size=0))
         ref = dense_row_normalised_rela(mech, q, k, v)
         errors.append(float((call(mech, q, k, v).detach() - ref).norm() / ref.norm()))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[0] > 0.3 and errors[-1] < 0.05, errors
 
 
-def test_dense_limit_is_rela_with_the_same_parameters():
-    """RMSNorm ignores a positive per-row scale (up to ε), so row normalisation does not change
-    ReLA's output: with m = L, rela_nystrom ≈ rela with the same gain and gate."""
-    q, k, v = qkv(lq=10, dtype=torch.float64)
-    approx = randomise_gate(build("rela_nystrom", num_landmarks=10, pinv_iterations=30))
-    exact = build("rela")
+def test_dense_limit_is_rela_with_one_head_and_no_gate():
+    """Row normalisation divides o by a positive per-row scale; RMSNorm ignores it only when the
+    scale is shared by every entry it normalises (one head) and no gate reads o's scale:
+    then m = L without the conv skip gives ``rela``; with the gate σ(w ⊙ o) it does not."""
+    q, k, v = qkv(lq=10, heads=1, dtype=torch.float64)
+    approx = build("rela_nystrom", heads=1, num_landmarks=10, conv_kernel_size=0, stabiliser="init")
+    with torch.no_grad():
+        approx.norm_gain.uniform_(0.5, 1.5)
+    exact = build("rela", heads=1, stabiliser="init")
     exact.load_state_dict(approx.state_dict())
     torch.testing.assert_close(call(approx, q, k, v), call(exact, q, k, v), atol=1e-4, rtol=1e-4)
+
+
+def test_conv_skip_is_nystroms_and_enters_before_the_norm():
+    """Same conv option and default as nystrom; the skip conv(V) is added to P V before the
+    stabiliser (checked at m = L, where P V is exact)."""
+    assert build("rela_nystrom").cfg.conv_kernel_size == build("nystrom").cfg.conv_kernel_size == 33
+    mech = randomise_gate(build("rela_nystrom", num_landmarks=16, conv_kernel_size=5))
+    q, k, v = qkv(lq=12, dtype=torch.float64)
+    kpm = padding_mask(2, 12, [12, 9])
+    w = mech.value_conv.weight.detach().double()  # (H, 1, 5, 1)
+    skip = torch.nn.functional.conv2d(v.masked_fill(kpm[:, None, :, None], 0.0), w, padding=(2, 0), groups=2)
+    ref = dense_row_normalised_rela(mech, q, k, v, key_padding_mask=kpm, skip=skip)
+    keep = ~kpm[:, None, :, None].expand_as(q)
+    torch.testing.assert_close(call(mech, q, k, v, key_padding_mask=kpm)[keep], ref[keep], atol=1e-10, rtol=1e-10)
 
 
 def test_pinv_scaling_is_per_matrix():
