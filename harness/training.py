@@ -187,6 +187,10 @@ class CellMeter(L.Callback):
         self._t0 = 0.0
         self._start = time.perf_counter()
         self._alarm = False
+        self._fit_done = False
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._fit_done = True
 
     # -- state saved in checkpoints -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -194,6 +198,8 @@ class CellMeter(L.Callback):
                 "elapsed": self.elapsed_before + (time.perf_counter() - self._start)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._fit_done:  # testing a checkpoint after fit restores callbacks too: keep this run's numbers
+            return
         self.tokens = int(state.get("tokens", 0))
         self.train_time = float(state.get("train_time", 0.0))
         self.steps = int(state.get("steps", 0))
@@ -231,9 +237,12 @@ class CellMeter(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start_timer()
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.resumed_from_step is not None:
+    def _note_resume(self, trainer) -> None:
+        if self.resumed_from_step == -1:  # state was loaded from a checkpoint: training goes on from here
             self.resumed_from_step = int(trainer.global_step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._note_resume(trainer)
 
     # -- throughput -----------------------------------------------------------------------
     @staticmethod
@@ -244,6 +253,7 @@ class CellMeter(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch: dict[str, Any], batch_idx: int) -> None:
         if self.time_limit_s and time.perf_counter() - self._start > self.time_limit_s:
             raise CellTimeout(f"cell exceeded train.time_limit_s={self.time_limit_s:g}s at step {trainer.global_step}")
+        self._note_resume(trainer)
         self._sync(pl_module)
         self._t0 = time.perf_counter()
 
