@@ -116,7 +116,7 @@ def test_gradients_subquadratic_and_refusals():
     value_and_parameter_gradients(build("s4d"), causal=False)
     value_and_parameter_gradients(build("s4d"), causal=True)
     # the Vandermonde product holds Ch·N/2·L elements (linear in L): 16·32·L at dim 16
-    assert_subquadratic(build("s4d", d_state=32), length=8192, heads=1, dim=16)
+    assert_subquadratic(build("s4d", heads=1, dim_head=16, d_state=32), length=8192, heads=1, dim=16)
     q, k, v = qkv(lq=5, lk=8)
     with pytest.raises(UnsupportedCapability):
         build("s4d")(q, k, v)
