@@ -18,8 +18,16 @@ states Σ φ(k) vᵀ are summed exclusively (in float32).
 
 Accuracy/speed: ``num_features`` (m). The estimator's error falls like 1/√m; time is
 O(L·m·d), memory O(L·m) (+ O((L/C)·m·d + L·C) in causal mode, C = ``causal_chunk_size``,
-i.e. O(L·m) for C ≥ d). Redrawing W every ``redraw_interval`` training passes avoids
-fitting one unlucky draw.
+i.e. O(L·m) for C ≥ d). Redrawing W every ``redraw_interval`` global training steps
+(``context.step``) avoids fitting one unlucky draw; W and the step of its last redraw are
+buffers, saved in checkpoints.
+
+Deviations from the references: the key stabiliser is a max over valid keys only (the
+references take it over all keys, so padding could move it); padded key features are zeroed
+(the references have no key padding in FastAttention). Causal mode adds eps to the query
+features only: the key stabiliser is a max over all keys, future ones included, and cancels
+in the ratio only without an additive eps (the references add it, so their causal outputs
+depend on future keys).
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ class PerformerConfig:
     num_features: int = 256  # random features m: error ~ 1/√m, cost O(L·m·d) — the accuracy/speed knob
     kernel: str = "softmax"  # "softmax" (FAVOR+ positive features) or "relu" (generalised attention)
     orthogonal_features: bool = True  # block-orthogonal rows with chi norms (False: i.i.d. Gaussian)
-    redraw_interval: int = 1000  # training forward passes between feature redraws; 0 = never
-    feature_eps: float = 1e-4  # added to query features (softmax) or all features (relu): positive denominators
+    redraw_interval: int = 1000  # global training steps (context.step) between feature redraws; 0 = never
+    feature_eps: float = 1e-4  # added to the exp (softmax) or ReLU (relu) features of queries and keys: positive denominators
     causal_chunk_size: int = 128  # keys per block of the chunked causal prefix sum
 
 
@@ -66,13 +74,24 @@ def gaussian_orthogonal_random_matrix(
 
 
 def softmax_kernel_features(
-    x: Tensor, projection: Tensor, *, is_query: bool, key_padding_mask: Tensor | None = None, eps: float = 1e-4
+    x: Tensor,
+    projection: Tensor,
+    *,
+    is_query: bool,
+    key_padding_mask: Tensor | None = None,
+    eps: float = 1e-4,
+    eps_keys: bool = False,
 ) -> Tensor:
     """FAVOR+ features φ(x) = exp(w·x' − |x'|²/2 − stabiliser)/√m, x' = x·d^(-1/4).
 
     x: (B, H, L, D), projection: (m, D) -> (B, H, L, m) in float32 (float64 for float64 x).
-    Queries: stabiliser = row max, then + eps. Keys: stabiliser = max over valid keys (so padded
-    keys cannot move it), padded rows zeroed."""
+    Queries: stabiliser = row max; keys: stabiliser = max over valid keys (so padded keys cannot
+    move it). Queries, and keys when ``eps_keys`` (what ``performer`` uses), then get + eps/√m,
+    i.e. φ = (exp(…) + eps)/√m, as the references place it (google-research performer
+    ``softmax_kernel_transformation``: ``ratio * (exp(...) + numerical_stabilizer)``;
+    performer-pytorch ``softmax_kernel``: ``ratio * (exp(...) + eps)``, queries and keys alike).
+    ``eps_keys=False`` (the default) keeps key features without eps for ``kernel_rpe``, whose
+    causal path relies on it. Padded key rows are zeroed after the eps."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(dtype) * x.shape[-1] ** -0.25
     # In-place where autograd allows it (the matmul saves its inputs, not its output), and the
@@ -86,10 +105,10 @@ def softmax_kernel_features(
             valid = logits if key_padding_mask is None else logits.masked_fill(key_padding_mask[:, None, :, None], -math.inf)
             stab = valid.amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
             stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
-    feats = torch.exp(logits.sub_(stab + log_scale))
-    if is_query:
-        return feats + eps * projection.shape[0] ** -0.5
-    return zero_padded(feats, key_padding_mask)
+    feats = torch.exp(logits.sub_(stab + log_scale))  # exp saves its output: no in-place add after it
+    if is_query or eps_keys:
+        feats = feats + eps * projection.shape[0] ** -0.5
+    return feats if is_query else zero_padded(feats, key_padding_mask)
 
 
 def relu_kernel_features(
@@ -174,16 +193,23 @@ def work_dtype(x: Tensor) -> torch.dtype:
 
 
 class RandomFeatureProjection(nn.Module):
-    """The (m, d) random projection as a buffer, redrawn every ``redraw_interval`` training
-    forward passes (never in eval): passes 0..n-1 use draw 0, n..2n-1 draw 1, ..."""
+    """The (m, d) random projection, redrawn every ``redraw_interval`` global training steps
+    (never in eval): steps 0..n-1 use draw 0, n..2n-1 draw 1, ... The projection, the step of
+    the last redraw and the redraw count are buffers, so a checkpoint restores them and a
+    resumed run continues with the same features and schedule.
+
+    ``step(global_step)`` with the trainer's step (``context.step``); several forward passes
+    in one step (accumulation, two towers) share one draw. Without a step (callers with no
+    context) training forward passes are counted instead."""
 
     def __init__(self, num_features: int, dim: int, *, orthogonal: bool, redraw_interval: int):
         super().__init__()
         self.num_features, self.dim, self.orthogonal = num_features, dim, orthogonal
         self.redraw_interval = redraw_interval
         self.register_buffer("weight", gaussian_orthogonal_random_matrix(num_features, dim, orthogonal=orthogonal))
-        self.training_passes = 0
-        self.redraws = 0
+        self.register_buffer("drawn_at_step", torch.zeros((), dtype=torch.long))  # step of the last redraw
+        self.register_buffer("redraws", torch.zeros((), dtype=torch.long))
+        self.training_passes = 0  # only for callers without a global step
 
     @torch.no_grad()
     def redraw(self) -> None:
@@ -193,12 +219,17 @@ class RandomFeatureProjection(nn.Module):
         self.weight.copy_(new)
         self.redraws += 1
 
-    def step(self) -> Tensor:
-        """Count a forward pass, redraw when due (training only), return the projection."""
-        if self.training and self.redraw_interval > 0:
-            if self.training_passes > 0 and self.training_passes % self.redraw_interval == 0:
-                self.redraw()
+    def step(self, global_step: int | None = None) -> Tensor:
+        """Redraw when the schedule says so (training only), return the projection."""
+        if not (self.training and self.redraw_interval > 0):
+            return self.weight
+        if global_step is None:
+            global_step = self.training_passes
             self.training_passes += 1
+        due = (int(global_step) // self.redraw_interval) * self.redraw_interval  # start of this step's draw
+        if due > int(self.drawn_at_step):
+            self.redraw()
+            self.drawn_at_step.fill_(due)
         return self.weight
 
 
@@ -226,11 +257,14 @@ class PerformerAttention(Attention):
             cfg.num_features, dim_head, orthogonal=cfg.orthogonal_features, redraw_interval=cfg.redraw_interval
         )
 
-    def features(self, x: Tensor, projection: Tensor, *, is_query: bool, key_padding_mask: Tensor | None) -> Tensor:
+    def features(
+        self, x: Tensor, projection: Tensor, *, is_query: bool, key_padding_mask: Tensor | None, causal: bool = False
+    ) -> Tensor:
         if self.cfg.kernel == "relu":
             return relu_kernel_features(x, projection, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps)
         return softmax_kernel_features(
-            x, projection, is_query=is_query, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps
+            x, projection, is_query=is_query, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps,
+            eps_keys=not causal,
         )
 
     def forward(
@@ -244,11 +278,11 @@ class PerformerAttention(Attention):
         context: AttentionContext | None = None,
     ) -> Tensor:
         kpm = None if key_padding_mask is None else key_padding_mask.bool()
-        projection = self.projection.step()
+        projection = self.projection.step(None if context is None else context.step)
         out_dtype, dtype = output_dtype(q), work_dtype(q)
         with torch.autocast(q.device.type, enabled=False):  # exp features in float32, products in `dtype`
             q_feats = self.features(q, projection, is_query=True, key_padding_mask=None).to(dtype)
-            k_feats = self.features(k, projection, is_query=False, key_padding_mask=kpm).to(dtype)
+            k_feats = self.features(k, projection, is_query=False, key_padding_mask=kpm, causal=causal).to(dtype)
             v = v.to(dtype)
             if causal:
                 out = causal_linear_attention(q_feats, k_feats, v, chunk_size=self.cfg.causal_chunk_size)

@@ -14,6 +14,7 @@ from mechanism_checks import (
     qkv,
 )
 
+from harness.attention import AttentionContext
 from harness.registry import create_mechanism
 from mechanisms.performer import (
     causal_linear_attention,
@@ -184,3 +185,71 @@ def test_config_is_validated():
     for bad in ({"kernel": "cosine"}, {"num_features": 0}, {"causal_chunk_size": 0}, {"redraw_interval": -1}):
         with pytest.raises(ValueError):
             build("performer", **bad)
+
+
+@pytest.mark.parametrize("is_query", [True, False])
+def test_feature_eps_is_added_to_queries_and_keys_as_the_references_do(is_query):
+    """φ(x) = (exp(w·x' − |x'|²/2 − stab) + eps)/√m for queries and keys alike (google-research
+    softmax_kernel_transformation, performer-pytorch softmax_kernel); padded keys stay 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    kpm = None if is_query else padding_mask(2, 7, [7, 4])
+    feats = softmax_kernel_features(x, w, is_query=is_query, key_padding_mask=kpm, eps=0.01, eps_keys=True)
+    xs = x * 8**-0.25
+    logits = xs @ w.t() - xs.square().sum(-1, keepdim=True) / 2
+    if is_query:
+        stab = logits.amax(-1, keepdim=True)
+    else:
+        stab = logits.masked_fill(kpm[:, None, :, None], -math.inf).amax(dim=(-2, -1), keepdim=True)
+    expected = (torch.exp(logits - stab) + 0.01) / 16**0.5
+    if not is_query:
+        expected = expected.masked_fill(kpm[:, None, :, None], 0.0)
+    torch.testing.assert_close(feats, expected, atol=1e-14, rtol=1e-12)
+
+
+def test_features_are_redrawn_by_the_global_step_not_per_call():
+    mech = build("performer", num_features=16, redraw_interval=3).train()
+    q, k, v = qkv(lq=6)
+    draws = []
+    for step in [0, 0, 1, 2, 2, 2, 3, 3, 4, 5, 6, 6]:  # several passes per step share one draw
+        mech(q, k, v, context=AttentionContext(step=step))
+        draws.append((step, mech.projection.weight.clone()))
+    distinct = [draws[0][1]]
+    for _, w in draws[1:]:
+        if not torch.equal(w, distinct[-1]):
+            distinct.append(w)
+    assert len(distinct) == 3 and mech.metrics() == {"feature_redraws": 2.0}
+    assert [s for (s, w), (_, prev) in zip(draws[1:], draws) if not torch.equal(w, prev)] == [3, 6]
+    assert int(mech.projection.drawn_at_step) == 6
+
+
+def test_checkpoint_restores_the_projection_and_the_redraw_schedule():
+    mech = build("performer", num_features=16, redraw_interval=3).train()
+    q, k, v = qkv(lq=6)
+    for step in range(5):  # redrawn at step 3
+        mech(q, k, v, context=AttentionContext(step=step))
+    state = {name: t.clone() for name, t in mech.state_dict().items()}
+    assert {"projection.weight", "projection.drawn_at_step", "projection.redraws"} <= set(state)
+    torch.manual_seed(99)
+    restored = create_mechanism("performer", heads=2, dim_head=8, max_len=64, num_features=16, redraw_interval=3)
+    assert not torch.equal(restored.projection.weight, mech.projection.weight)
+    restored.load_state_dict(state)
+    restored.train()
+    ctx = AttentionContext(step=5)  # same draw interval as step 3: no redraw in either
+    torch.testing.assert_close(restored(q, k, v, context=ctx), mech(q, k, v, context=ctx), atol=0, rtol=0)
+    restored(q, k, v, context=AttentionContext(step=6))
+    assert int(restored.projection.drawn_at_step) == 6 and int(restored.projection.redraws) == 2
+
+
+def test_module_uses_key_eps_when_non_causal_and_not_when_causal():
+    """Non-causal: the references' φ(k) with + eps; causal: keys without eps, so the all-keys
+    stabiliser cancels and the future cannot leak (checked by the causality tests above)."""
+    mech = build("performer", num_features=16, feature_eps=0.05)
+    q, k, v = qkv(lq=9, dtype=torch.float64)
+    w = mech.projection.weight.double()
+    q_feats = softmax_kernel_features(q, w, is_query=True, eps=0.05)
+    for causal in (False, True):
+        k_feats = softmax_kernel_features(k, w, is_query=False, eps=0.05, eps_keys=not causal)
+        ref = dense_kernel_attention(q_feats, k_feats, v, causal=causal)
+        torch.testing.assert_close(call(mech, q, k, v, causal=causal), ref, atol=1e-12, rtol=1e-10)
