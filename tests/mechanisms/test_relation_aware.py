@@ -10,6 +10,7 @@ from mechanism_checks import (
     build,
     call,
     dense_attention_oracle,
+    largest_intermediate,
     padding_mask,
     qkv,
 )
@@ -17,10 +18,12 @@ from mechanism_checks import (
 from harness.attention import AttentionContext
 
 
-def shaw_reference(q, k, v, ids, table_k, table_v, *, key_padding_mask=None, causal=False):
+def shaw_reference(q, k, v, ids, table_k, table_v, *, key_padding_mask=None, causal=False, detach=True):
     """Shaw et al. written out in float64 with the full (B, Lq, Lk, D) relation tensors."""
     q, k, v = q.double(), k.double(), v.double()
-    a_k, a_v = table_k.detach().double()[ids], table_v.detach().double()[ids]  # (B, Lq, Lk, D)
+    if detach:
+        table_k, table_v = table_k.detach(), table_v.detach()
+    a_k, a_v = table_k.double()[ids], table_v.double()[ids]  # (B, Lq, Lk, D)
     e = torch.einsum("bhid,bhijd->bhij", q, k[:, :, None] + a_k[:, None]) / math.sqrt(q.shape[-1])
     b, h, lq, lk = e.shape
     allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool)
@@ -53,6 +56,39 @@ def test_relative_position_mode_matches_reference(causal, lq, lk):
             q, k, v, ids, mech.relation_keys, mech.relation_values, key_padding_mask=mask, causal=causal
         )
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 3, 20])
+@pytest.mark.parametrize("block", [1, 3, 64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lq,lk", [(13, 13), (5, 14), (14, 5)])
+def test_blocked_fast_path_matches_reference_forward_and_backward(max_distance, block, causal, lq, lk):
+    """The blocked relative-position path against Shaw et al. written out with the full
+    (B, Lq, Lk, D) relation tensors, in float64: outputs and the gradients of q, k, v and
+    both embedding tables, with key padding (a fully padded row included) and cross shapes."""
+    mech = build("relation_aware", max_distance=max_distance, num_relations=3, query_block=block).double()
+    q, k, v = (x.requires_grad_() for x in qkv(batch=3, lq=lq, lk=lk, dtype=torch.float64, seed=block))
+    kpm = padding_mask(3, lk, [lk, max(lk - 4, 1), 0])
+    ids = python_relative_ids(lq, lk, max_distance, 3) + 3
+    grad = torch.randn(3, 2, lq, 8, dtype=torch.float64)
+    for mask in (None, kpm):
+        tables = [t.detach().clone().requires_grad_() for t in (mech.relation_keys, mech.relation_values)]
+        ref = shaw_reference(q, k, v, ids, *tables, key_padding_mask=mask, causal=causal, detach=False)
+        ref_grads = torch.autograd.grad(ref, [q, k, v, *tables], grad)
+        mech.zero_grad()
+        out = mech(q, k, v, key_padding_mask=mask, causal=causal)
+        grads = torch.autograd.grad(out, [q, k, v, mech.relation_keys, mech.relation_values], grad)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_fast_path_keeps_no_quadratic_tensor_for_backward():
+    """Only O(L·D) tensors are saved for backward (the recomputation), and no block builds more
+    than block·Lk elements: at L = 2048 nothing reaches L²/16."""
+    mech = build("relation_aware", heads=1, dim_head=16, max_len=2048, query_block=64)
+    largest, op = largest_intermediate(mech, length=2048, causal=True, key_padding=True)
+    assert largest <= 64 * 2048 * 2, (largest, op)
 
 
 @pytest.mark.parametrize("causal", [False, True])
