@@ -14,7 +14,7 @@ recurrence of N/2 complex diagonal modes, discretised by zero-order hold with st
     K[l] = 2·Re( Σ_n C_n B̄_n Ā_n^l ),  l = 0 … L−1         (a Vandermonde product)
 
 computed by FFT (sequence zero-padded to 2L): O(L log L) per channel, plus the Vandermonde
-O(N·L) per channel. Bidirectional (encoders): a second kernel K' with its own C' (same A and
+product O(N·L) per channel, taken as one batched matmul of √L-sized factors (no (N, L) matrix). Bidirectional (encoders): a second kernel K' with its own C' (same A and
 Δ, the reference's ``channels=2``) runs backwards, y_t += Σ_{s>t} K'[s−t−1] u_s, i.e. the
 2L-periodic kernel [K, flip(K')] of fftconv.py. Causal calls use K alone. Then GELU, as the
 S4D block before its output linear (here the backbone's Wo).
@@ -62,11 +62,31 @@ class S4DConfig:
 def s4d_kernel(log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, length: int) -> Tensor:
     """K[s, ch, l] = 2·Re(Σ_n C[s,ch,n] (exp(ΔA)−1)/A · exp(ΔA·l)).
 
-    log_dt: (Ch,), log_a_real, a_imag: (Ch, N/2), c: (S, Ch, N/2) complex -> (S, Ch, L) real."""
+    log_dt: (Ch,), log_a_real, a_imag: (Ch, N/2), c: (S, Ch, N/2) complex -> (S, Ch, L) real.
+    The Vandermonde matrix is never built whole: with l = a·w + r (w = ⌈√L⌉),
+    exp(ΔA·l) = exp(ΔA·a·w) · exp(ΔA·r), so K is one batched complex matmul of an
+    (L/w × N/2) and an (N/2 × w) factor per channel — O(Ch·N·√L) exponentials and memory
+    instead of O(Ch·N·L) (``s4d_kernel_reference`` is the direct form the tests compare to)."""
     dt = log_dt.exp()  # (Ch,)
     a = torch.complex(-log_a_real.exp(), a_imag)  # (Ch, N/2)
     dta = a * dt[:, None]  # (Ch, N/2)
     c_bar = c * (dta.exp() - 1.0) / a  # (S, Ch, N/2): C · B̄
+    width = math.isqrt(max(length - 1, 0)) + 1  # w = ⌈√L⌉ (at least 1)
+    rows = -(-length // width)
+    steps = torch.arange(width, device=a.device, dtype=dt.dtype)
+    low = (dta[..., None] * steps).exp()  # (Ch, N/2, w): exp(ΔA·r)
+    high = (dta[..., None] * (steps[:rows] * width)).exp()  # (Ch, N/2, rows): exp(ΔA·a·w), rows ≤ w
+    left = (c_bar[..., None] * high).transpose(-1, -2)  # (S, Ch, rows, N/2): C B̄ exp(ΔA·a·w)
+    k = (left @ low).real.reshape(c.shape[0], c.shape[1], rows * width)  # (S, Ch, rows·w)
+    return 2 * k[..., :length]
+
+
+def s4d_kernel_reference(log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, length: int) -> Tensor:
+    """The same kernel with the whole (Ch, N/2, L) Vandermonde matrix, as s4d.py computes it."""
+    dt = log_dt.exp()
+    a = torch.complex(-log_a_real.exp(), a_imag)
+    dta = a * dt[:, None]
+    c_bar = c * (dta.exp() - 1.0) / a
     vandermonde = (dta[..., None] * torch.arange(length, device=a.device, dtype=dt.dtype)).exp()  # (Ch, N/2, L)
     return 2 * torch.einsum("scn,cnl->scl", c_bar, vandermonde).real
 
