@@ -70,3 +70,12 @@ def test_refusals_and_subquadratic():
         build("fnet", norm="forward")
     assert not list(build("fnet").parameters())
     assert_subquadratic(build("fnet", max_len=8192), length=8192, heads=1, dim=16)
+
+
+def test_gradients_reach_v_only():
+    mech = build("fnet").train()
+    q, k, v = (x.requires_grad_() for x in qkv(lq=13))
+    mech(q, k, v, key_padding_mask=padding_mask(2, 13, [13, 9])).square().mean().backward()
+    assert q.grad is None and k.grad is None and mech.ignored_inputs == ("q", "k")
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+    assert v.grad[1, :, 9:].abs().max() == 0  # padded values are zeroed before the FFT
