@@ -2,10 +2,13 @@
 
   list [--json]        registered mechanisms (capabilities, config) and tasks (sources)
   run  k=v ...         one grid cell (Hydra overrides: task=, mechanism=, scale=, seed=, ...)
-  grid k=v ...         the grid (grid=, scale=, seeds=, tasks=, mechanisms=, launcher=)
+  grid k=v ...         the grid (grid=, scale=, seeds=, tasks=, mechanisms=, launcher=, dry_run=)
+  evaluate k=v ...     test a kept checkpoint of a cell (the cell's overrides, checkpoint=PATH)
   data task=NAME ...   prepare one task's data into the cache and print its statistics
   report               results → results/leaderboard.md and results/plots/
   speed k=v ...        the speed/memory benchmark (harness.speed)
+
+Every command takes --help; run, grid, evaluate and data take --cfg job (the composed config).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from tabulate import tabulate
 
 
 def cmd_list(argv: list[str]) -> int:
+    """Every registered mechanism (capabilities, config fields, first docstring line) and
+    task (sources, required capabilities); plugins that failed to load, with their error."""
     from harness.registry import describe
 
     info = describe()
@@ -50,31 +55,76 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    """Prepare data: ``task=NAME`` (with any task./scale= overrides) or ``task=all``."""
+    """python -m harness data task=NAME|all [scale=S] [task.KEY=VALUE ...] [--cfg job]
+
+Prepare a task's data into the cache (building it the first time, fetching the Debian
+packages an offline source needs) and print its statistics: source, fingerprint, split
+sizes, lengths, majority baseline, warnings. task=all (the default) prepares every task."""
     from omegaconf import OmegaConf
 
     from harness.config import compose
     from harness.debian import fetch_package
     from harness.registry import create_task, get_task, list_tasks
 
+    show_cfg = "--cfg" in argv
+    argv = [a for a in argv if a not in ("--cfg", "job")]
     names = [a.partition("=")[2] for a in argv if a.startswith("task=")]
     rest = [a for a in argv if not a.startswith("task=")]
     tasks = list_tasks() if names in ([], ["all"]) else names
     status = 0
     for name in tasks:
         cfg = compose([f"task={name}", *rest])
+        if show_cfg:
+            print(OmegaConf.to_yaml(cfg.task))
+            continue
         task_cfg = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
         try:
             if task_cfg.get("source") == get_task(name).sources[0]:  # the offline default: its Debian packages
                 for package in getattr(get_task(name).cls, "debian_packages", ()):
                     fetch_package(package)
-            _, info = create_task(name, scale=cfg.scale.name, **task_cfg).load(cfg.cache_dir)
+            task = create_task(name, scale=cfg.scale.name, **task_cfg)
+            dsd, info = task.load(cfg.cache_dir)
         except Exception as exc:  # one task's broken source doesn't stop the others
             print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             status = 1
             continue
-        print(json.dumps({"task": name, **info.as_dict()}, indent=2), flush=True)
+        extra = {"stats": task.stats(dsd)} if hasattr(task, "stats") else {}  # e.g. Spider's hardness mix
+        print(json.dumps({"task": name, **info.as_dict(), **extra}, indent=2, default=str), flush=True)
     return status
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    """python -m harness evaluate <the cell's overrides> [checkpoint=PATH] [split=test|validation]
+
+Tests a kept checkpoint (a cell run with keep_checkpoints=true keeps best.ckpt and
+last.ckpt under results/checkpoints/...) and prints the metrics as JSON; writes nothing.
+Without checkpoint=, the cell's own best.ckpt is used."""
+    from harness.evaluate import main as evaluate_main
+
+    return evaluate_main(argv)
+
+
+def _help(command: str) -> str:
+    """The help text of a subcommand (the module's docstring for the Hydra-like ones)."""
+    if command == "list":
+        return "python -m harness list [--json]\n\n" + (cmd_list.__doc__ or "registered mechanisms and tasks")
+    if command == "data":
+        return cmd_data.__doc__ or ""
+    if command == "evaluate":
+        return cmd_evaluate.__doc__ or ""
+    if command == "grid":
+        from harness import grid
+
+        return grid.HELP
+    if command == "report":
+        from harness import report
+
+        return "python -m harness report [results_dir=DIR]\n\n" + (report.__doc__ or "")
+    if command == "speed":
+        from harness import speed
+
+        return "python -m harness speed [overhead] [key=value ...]\n\n" + (speed.__doc__ or "")
+    return __doc__ or ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0
+    if "=" in argv[0] and not argv[0].startswith("-"):  # overrides alone: a cell (how Lightning's DDP re-runs us)
+        argv = ["run", *argv]
     command, rest = argv[0], argv[1:]
+    if command != "run" and any(a in ("-h", "--help") for a in rest):  # run: Hydra's own --help
+        print(_help(command))
+        return 0
+    if command == "evaluate":
+        return cmd_evaluate(rest)
     if command == "list":
         return cmd_list(rest)
+    if command == "report" and "--cfg" in rest:
+        print(f"results_dir: {next((a.partition('=')[2] for a in rest if a.startswith('results_dir=')), 'results')}")
+        return 0
+    if command == "speed" and "--cfg" in rest:
+        from dataclasses import asdict
+
+        from omegaconf import OmegaConf
+
+        from harness.speed import parse_config
+
+        print(OmegaConf.to_yaml(asdict(parse_config([a for a in rest if a not in ("--cfg", "job")]))))
+        return 0
     if command == "run":
         return cmd_run(rest)
     if command == "data":
@@ -101,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness import speed
 
         return speed.main(rest)
-    print(f"unknown command '{command}'; valid: list, run, grid, data, report, speed", file=sys.stderr)
+    print(f"unknown command '{command}'; valid: list, run, grid, evaluate, data, report, speed", file=sys.stderr)
     return 2
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+import harness.launcher  # noqa: F401  (registers hydra/launcher=process)
 from harness.model import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -48,7 +49,18 @@ class TrainerConfig:
     precision: str = "32-true"  # bf16-mixed on GPUs
     num_workers: int = 0
     deterministic: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # per-step bars, only when the output is a terminal
+    accumulate_grad_batches: int = 1
+    # Any other Lightning Trainer argument passes through with the + prefix, e.g.
+    # +trainer.benchmark=true (checked against lightning.Trainer's signature).
+
+
+@dataclass
+class LoggerConfig:
+    """Where training curves go (conf/logger/*.yaml): csv (default), tensorboard, wandb."""
+
+    name: str = "csv"
+    project: str = "longbench"  # wandb only
 
 
 @dataclass
@@ -65,6 +77,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     results_dir: str = "results"
     cache_dir: str = "${oc.env:HARNESS_CACHE_DIR,.cache/data}"

@@ -1,26 +1,103 @@
-"""The whole grid: ``python -m harness grid grid=default scale=small [seeds=0,1] [...]``.
+"""The whole grid: ``python -m harness grid grid=default scale=small [seeds=0,1] [k=v ...]``.
 
-Expands ``conf/grid/<name>.yaml`` (tasks, mechanisms or ``all``, seeds or the scale's)
-into one Hydra multirun over ``task × mechanism × seed`` and launches it through Hydra's
-configured launcher (basic by default; ``launcher=joblib`` for local parallel cells;
-``hydra/launcher=submitit_slurm`` with the ``slurm`` extra for clusters). Each cell
-skips itself when already recorded, so re-running the grid resumes it; a failing cell
-is recorded and the sweep goes on. Any other ``key=value`` is passed to every cell.
+A grid is data, ``conf/grid/<name>.yaml``::
+
+    tasks: [listops, text]          # or all
+    mechanisms: all                 # or a list, or glob(*former*), choice(a,b)
+    seeds: null                     # null: the scale's seeds
+    sweep:                          # any config key -> values, crossed with tasks x mechanisms x seeds
+      task.max_len: [256, 1024]
+    task_sweep:                     # per task, replaces `sweep` for that task
+      pathfinder: {task.resolution: [16, 32]}
+    overrides: {train.max_steps: 300}          # fixed, for every cell
+    task_overrides: {listops: {model.dim: 32}} # fixed, per task
+
+The grid expands it into one Hydra multirun per task (``python -m harness.run --multirun``)
+and launches it through a Hydra launcher: ``launcher=process`` (default: each cell in its
+own fresh process, ``n_jobs=N`` side by side), ``launcher=joblib`` (Hydra's joblib
+launcher, ``n_jobs=N``), ``launcher=slurm`` (hydra-submitit-launcher, the ``[slurm]``
+extra; ``conf/hydra/launcher/slurm.yaml`` holds partition, GPUs, time and memory). Every
+cell skips itself when recorded, so re-running a grid resumes it; a failing or killed cell
+is recorded and the grid goes on; ``dry_run=true`` lists the cells, which are recorded, and
+an estimate of the time left. Any other ``key=value`` is a cell override for every cell.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from harness.config import CONF_DIR
-from harness.registry import describe, get_mechanism, get_task, list_mechanisms, list_tasks
-from harness.results import FINISHED, read_result, result_path
+from harness.config import CONF_DIR, RERUN
 
-GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "results_dir")
+GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_jobs", "results_dir", "dry_run")
+LAUNCHERS = {"process": "process", "local": "process", "joblib": "joblib", "slurm": "slurm"}
+GRID_FILE_KEYS = ("tasks", "mechanisms", "seeds", "sweep", "task_sweep", "overrides", "task_overrides")
+# what a cell override of these names most likely meant
+MISSPELLED = {"task": "tasks", "mechanism": "mechanisms", "seed": "seeds"}
+
+HELP = __doc__ + """
+Grid keys: grid=NAME (conf/grid/NAME.yaml), scale=auto|tiny|small|lra, seeds=0,1,2,
+tasks=a,b|all, mechanisms=a,b|all|glob(..), launcher=process|joblib|slurm, n_jobs=N,
+results_dir=DIR, dry_run=true, rerun=none|failed|all.  --cfg job prints the grid.
+"""
+
+
+class GridError(SystemExit):
+    """A grid that cannot run as asked: one line saying why (exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+@dataclass
+class Group:
+    """One Hydra multirun: a task, its mechanisms x seeds x sweep values, fixed overrides."""
+
+    task: str
+    mechanisms: list[str]
+    seeds: list[int]
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+    def cells(self) -> list[list[str]]:
+        """Every cell's overrides (besides scale/results_dir)."""
+        keys = list(self.sweep)
+        combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
+        return [[f"task={self.task}", f"mechanism={m}", f"seed={s}", *self.overrides,
+                 *(f"{k}={_value(v)}" for k, v in zip(keys, combo))]
+                for m in self.mechanisms for s in self.seeds for combo in combos]
+
+    def multirun_overrides(self) -> list[str]:
+        return [f"task={self.task}", f"mechanism={','.join(self.mechanisms)}",
+                f"seed={','.join(str(s) for s in self.seeds)}", *self.overrides,
+                *(f"{k}={','.join(_value(v) for v in values)}" for k, values in self.sweep.items())]
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _split(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    return [str(v) for v in value]
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -29,28 +106,54 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise SystemExit(f"grid arguments are key=value, got '{arg}'")
-        (own.__setitem__(key, value) if key in GRID_KEYS else passthrough.append(arg))
+            raise GridError(f"grid arguments are key=value, got '{arg}' (see python -m harness grid --help)")
+        if key in MISSPELLED:
+            raise GridError(f"'{arg}' would run every cell with {key}={value}; the grid key is "
+                            f"{MISSPELLED[key]}={value}")
+        if key in GRID_KEYS:
+            own[key] = value
+        else:
+            passthrough.append(arg)
     return own, passthrough
 
 
-def _split(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-    return [str(v) for v in value]
+def _names(value: Any, valid: list[str], kind: str) -> list[str]:
+    """Names from a list, ``all``, or Hydra's ``glob(...)``/``choice(...)`` grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, Glob
+
+    text = value if isinstance(value, str) else None
+    if text and "(" in text:
+        parsed = OverridesParser.create().parse_override(f"x={text}").value()
+        if isinstance(parsed, Glob):
+            names = parsed.filter(valid)
+        elif isinstance(parsed, ChoiceSweep):
+            names = [str(x) for x in parsed.list]
+        else:
+            raise GridError(f"{kind}s={text}: use a list, all, glob(...) or choice(...)")
+    else:
+        names = _split(value)
+        if names == ["all"]:
+            names = list(valid)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise GridError(f"unknown {kind} {', '.join(repr(u) for u in unknown)}; registered {kind}s: {', '.join(valid)}")
+    if not names:
+        raise GridError(f"the grid has no {kind}s (pattern {value!r} matched none of: {', '.join(valid)})")
+    return names
 
 
-def expand(own: dict[str, str]) -> dict[str, list[str] | str]:
-    """The grid's tasks, mechanisms, seeds and scale, validated against the registry."""
-    name = own.get("grid", "default")
-    path = CONF_DIR / "grid" / f"{name}.yaml"
-    if not path.exists():
-        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "grid").glob("*.yaml")))
-        raise SystemExit(f"unknown grid '{name}'; grids in conf/grid: {valid}")
-    grid = OmegaConf.load(path)
-    scale = own.get("scale", "auto")
+def _seeds(value: Any) -> list[int]:
+    out = []
+    for s in _split(value):
+        try:
+            out.append(int(s))
+        except ValueError:
+            raise GridError(f"seeds={','.join(_split(value))}: seeds are integers, e.g. seeds=0,1,2") from None
+    return out
+
+
+def resolve_scale(scale: str) -> str:
     if scale == "auto":
         import torch
 
@@ -59,67 +162,224 @@ def expand(own: dict[str, str]) -> dict[str, list[str] | str]:
         print(f"scale=auto: using scale={scale} because {reason}; pass SCALE=... to choose", flush=True)
     if not (CONF_DIR / "scale" / f"{scale}.yaml").exists():
         valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "scale").glob("*.yaml")))
-        raise SystemExit(f"unknown scale '{scale}'; scales: {valid}")
-    tasks = _split(own.get("tasks")) or _split(grid.get("tasks"))
-    mechanisms = _split(own.get("mechanisms")) or _split(grid.get("mechanisms"))
-    if tasks == ["all"]:
-        tasks = list_tasks()
-    if mechanisms == ["all"]:
-        mechanisms = list_mechanisms()
-    for task in tasks:
-        get_task(task)  # unknown names fail here, listing the valid ones
-    for mechanism in mechanisms:
-        get_mechanism(mechanism)
-    seeds = _split(own.get("seeds")) or _split(grid.get("seeds"))
+        raise GridError(f"unknown scale '{scale}'; scales: {valid}")
+    return scale
+
+
+def load_grid(name: str) -> dict[str, Any]:
+    path = CONF_DIR / "grid" / f"{name}.yaml"
+    if not path.exists():
+        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "grid").glob("*.yaml")))
+        raise GridError(f"unknown grid '{name}'; grids in conf/grid: {valid}")
+    grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    unknown = sorted(set(grid) - set(GRID_FILE_KEYS))
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {unknown}; a grid has {', '.join(GRID_FILE_KEYS)}")
+    return grid
+
+
+def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[str, list[Group]]:
+    """(scale, groups): the grid's cells, validated against the registry."""
+    from harness.registry import list_mechanisms, list_tasks
+
+    grid = load_grid(own.get("grid", "default"))
+    scale = resolve_scale(own.get("scale", "auto"))
+    tasks = _names(own.get("tasks") or grid.get("tasks") or "all", list_tasks(), "task")
+    mechanisms = _names(own.get("mechanisms") or grid.get("mechanisms") or "all", list_mechanisms(), "mechanism")
+    seeds = _seeds(own.get("seeds")) or _seeds(grid.get("seeds"))
     if not seeds:
-        seeds = [str(s) for s in OmegaConf.load(CONF_DIR / "scale" / f"{scale}.yaml").scale.seeds]
-    return {"tasks": tasks, "mechanisms": mechanisms, "seeds": seeds, "scale": scale}
+        seeds = [int(s) for s in OmegaConf.load(CONF_DIR / "scale" / f"{scale}.yaml").scale.seeds]
+    fixed = [f"{k}={_value(v)}" for k, v in (grid.get("overrides") or {}).items()]
+    groups = []
+    for task in tasks:
+        sweep = (grid.get("task_sweep") or {}).get(task, grid.get("sweep") or {})
+        sweep = {k: (v if isinstance(v, list) else [v]) for k, v in sweep.items()}
+        per_task = [f"{k}={_value(v)}" for k, v in ((grid.get("task_overrides") or {}).get(task) or {}).items()]
+        groups.append(Group(task, mechanisms, seeds, sweep, [*fixed, *per_task, *(passthrough or [])]))
+    return scale, groups
+
+
+def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
+    """Compose one cell of each group: a misspelled or mistyped override fails here, once,
+    with Hydra's message, before anything runs."""
+    from harness.config import compose_isolated
+
+    for group in groups:
+        overrides = group.cells()[0]
+        try:
+            compose_isolated([*overrides, f"scale={scale}", f"results_dir={results_dir}"])
+        except Exception as exc:
+            raise GridError(f"cell override rejected: {str(exc).splitlines()[0]}") from None
+
+
+def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, Any]]:
+    """Every cell with its path and recorded status (for dry runs and the summary)."""
+    from harness.cells import resolve_cell
+    from harness.config import compose_isolated
+    from harness.results import read_result
+
+    rows = []
+    for group in groups:
+        for overrides in group.cells():
+            cell = resolve_cell(compose_isolated([*overrides, f"scale={scale}", f"results_dir={results_dir}"]))
+            record = read_result(cell.result_path)
+            rows.append({"cell": cell, "record": record, "status": record["status"] if record else "todo"})
+    return rows
+
+
+def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> tuple[float, int]:
+    """(seconds, cells estimated) for the cells not yet finished: the mean wall time of
+    recorded cells of the same task and mechanism, else of the same task, else of all."""
+    from harness.results import FINISHED, read_results
+
+    records = [r for r in read_results(results_dir) if r.get("wall_s")]
+    by_pair: dict[tuple, list[float]] = {}
+    by_task: dict[str, list[float]] = {}
+    for r in records:
+        by_pair.setdefault((r["scale"], r["task"], r["mechanism"]), []).append(r["wall_s"])
+        by_task.setdefault(r["task"], []).append(r["wall_s"])
+    overall = [r["wall_s"] for r in records]
+    total, known = 0.0, 0
+    for row in rows:
+        if row["status"] in FINISHED:
+            continue
+        c = row["cell"]
+        walls = by_pair.get((c.scale, c.task, c.mechanism)) or by_task.get(c.task) or overall
+        if walls:
+            total += sum(walls) / len(walls)
+            known += 1
+    return total, known
+
+
+def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> int:
+    from harness.progress import format_duration
+
+    rows = plan(scale, groups, results_dir)
+    for row in rows:
+        c = row["cell"]
+        label = f"  [{c.variant_label}]" if c.variant_label else ""
+        print(f"{row['status']:<11} {c.name}{label}")
+    counts = Counter(row["status"] for row in rows)
+    todo = sum(v for k, v in counts.items() if k not in ("ok", "unsupported"))
+    seconds, known = estimate_s(rows, results_dir)
+    print(f"{len(rows)} cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if todo:
+        basis = f"from {known} of {todo} cells' recorded peers" if known else "no recorded cells to estimate from"
+        print(f"estimated time left: {format_duration(seconds / max(1, n_jobs)) if known else 'unknown'} "
+              f"({basis}, {n_jobs} at a time)")
+    return 0
+
+
+def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: str) -> int:
+    launcher = own.get("launcher", "process")
+    if launcher not in LAUNCHERS:
+        raise GridError(f"launcher={launcher}: valid launchers are {', '.join(sorted(set(LAUNCHERS)))}")
+    n_jobs = int(own.get("n_jobs", 1))
+    launcher = LAUNCHERS[launcher]
+    if launcher == "slurm":
+        try:
+            import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+        except ImportError:
+            raise GridError("launcher=slurm needs hydra-submitit-launcher: pip install -e '.[slurm]'") from None
+    total = sum(len(g.cells()) for g in groups)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    sweep_root = Path(results_dir) / "sweeps" / stamp
+    env = {**os.environ, "HARNESS_GRID_TOTAL": str(total), "HARNESS_GRID_JOBS": str(n_jobs),
+           "HARNESS_GRID_PROGRESS": str(sweep_root / "progress.tsv")}
+    launcher_args = [f"hydra/launcher={launcher}"]
+    if launcher in ("process", "joblib") and "n_jobs" in own:
+        launcher_args.append(f"hydra.launcher.n_jobs={n_jobs}")
+    print(f"grid: {len(groups)} task(s), {total} cells at scale={scale}, launcher={launcher}"
+          f"{f' x{n_jobs}' if n_jobs > 1 else ''} (recorded cells are skipped)", flush=True)
+    returncode = 0
+    for group in groups:
+        command = [sys.executable, "-m", "harness.run", "--multirun", *group.multirun_overrides(), f"scale={scale}",
+                   f"results_dir={results_dir}", f"hydra.sweep.dir={sweep_root / group.task}", *launcher_args]
+        proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
+        try:
+            returncode |= proc.wait()
+        except BaseException:  # Ctrl-C or a kill of the grid: its cells go with it
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return summarize(scale, groups, results_dir, returncode)
+
+
+def summarize(scale: str, groups: list[Group], results_dir: str, returncode: int) -> int:
+    from harness.results import FINISHED
+
+    rows = plan(scale, groups, results_dir)
+    statuses = Counter(row["status"] if row["status"] != "todo" else "missing" for row in rows)
+    print("grid done: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())), flush=True)
+    unfinished = [row for row in rows if row["status"] not in FINISHED]
+    for row in unfinished:
+        error = (row["record"] or {}).get("error")
+        print(f"  {row['cell'].name}: {row['status']}" + (f" ({error})" if error else ""))
+    if unfinished:
+        print("retry failed cells with: python -m harness grid ... rerun=failed")
+    return 0 if returncode == 0 and not unfinished else 1
+
+
+def _own_group_dying_with_parent() -> None:
+    """In the sweep process: its own process group (so the grid can stop it and its cells
+    at once) and SIGKILL when the grid dies, even by kill -9."""
+    from harness.launcher import _die_with_parent
+
+    os.setsid()
+    _die_with_parent()
+
+
+def _terminate_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.registry import describe
+
     argv = sys.argv[1:] if argv is None else argv
-    own, passthrough = parse_args(argv)
-    cells = expand(own)
-    results_dir = own.get("results_dir", "results")
-    errors = describe()["errors"]
-    for plugin, error in errors.items():
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP)
+        return 0
+    show_cfg = "--cfg" in argv
+    argv = [a for a in argv if a not in ("--cfg", "job", "all", "hydra")] if show_cfg else argv
+    try:
+        own, passthrough = parse_args(argv)
+        if own.get("dry_run", "false") not in ("true", "false"):
+            raise GridError(f"dry_run={own['dry_run']}: true or false")
+        for arg in passthrough:
+            key, _, value = arg.partition("=")
+            if key == "rerun" and value not in RERUN:
+                raise GridError(f"rerun={value!r} is not one of {', '.join(RERUN)}")
+        results_dir = own.get("results_dir", "results")
+        scale, groups = expand(own, passthrough)
+        if show_cfg:
+            print(OmegaConf.to_yaml({"scale": scale, "results_dir": results_dir,
+                                     "groups": [g.__dict__ for g in groups]}))
+            return 0
+        _check_overrides(scale, groups, results_dir)
+    except GridError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    for plugin, error in describe()["errors"].items():
         print(f"warning: plugin {plugin} failed to load: {error}", file=sys.stderr)
-    n = len(cells["tasks"]) * len(cells["mechanisms"]) * len(cells["seeds"])
-    print(
-        f"grid: {len(cells['tasks'])} tasks × {len(cells['mechanisms'])} mechanisms × {len(cells['seeds'])} seeds "
-        f"= {n} cells at scale={cells['scale']} (recorded cells are skipped)",
-        flush=True,
-    )
-    command = [
-        sys.executable, "-m", "harness.run", "--multirun",
-        f"task={','.join(cells['tasks'])}",
-        f"mechanism={','.join(cells['mechanisms'])}",
-        f"seed={','.join(cells['seeds'])}",
-        f"scale={cells['scale']}",
-        f"results_dir={results_dir}",
-        *([f"hydra/launcher={own['launcher']}"] if own.get("launcher") else []),
-        *passthrough,
-    ]
-    launched = subprocess.run(command)
-    statuses: Counter[str] = Counter()
-    unfinished = []
-    for task in cells["tasks"]:
-        for mechanism in cells["mechanisms"]:
-            for seed in cells["seeds"]:
-                record = read_result(result_path(results_dir, cells["scale"], task, mechanism, int(seed)))
-                status = record["status"] if record else "missing"
-                statuses[status] += 1
-                if status not in FINISHED:
-                    unfinished.append(f"{task}/{mechanism}/seed{seed}: {status}" + (f" ({record['error']})" if record else ""))
-    print("grid done: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())), flush=True)
-    for line in unfinished:
-        print(f"  {line}")
-    if unfinished:
-        print("retry failed cells with: python -m harness grid ... rerun=failed")
-    return 0 if launched.returncode == 0 and not unfinished else 1
+    if own.get("dry_run") == "true":
+        return dry_run(scale, groups, results_dir, int(own.get("n_jobs", 1)))
+    _terminate_on_sigterm()
+    try:
+        return launch(scale, groups, own, results_dir)
+    except GridError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("grid stopped; its running cells were stopped too (rerun the same command to resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

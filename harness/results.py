@@ -76,6 +76,7 @@ def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result is for every reader
         with os.fdopen(fd, "w") as f:
             json.dump(_finite(payload), f, indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
             f.write("\n")

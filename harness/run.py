@@ -143,7 +143,11 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     for plugin, error in plugin_errors().items():
         log.warning("plugin %s failed to load: %s", plugin, error)
     check_run_settings(cfg)
+    _route_lightning_logs()
     cell = resolve_cell(cfg)
+    if _ddp_worker_rank() > 0:  # a DDP worker that Lightning started: train, the main process records
+        _train_and_test(cfg, cell, _new_result(cfg, cell))
+        return {"status": "ok", "task": cell.task, "mechanism": cell.mechanism, "seed": cell.seed}
     if cell.variant:
         log.info("cell %s: config %s differs from the presets: %s", cell.name, cell.config_hash, cell.variant_label)
     lock = cell_lock(cell)
@@ -188,7 +192,7 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
             log.info("skip %s: recorded as %s (rerun=%s to redo)", cell.name, previous["status"],
                      "all" if previous["status"] in FINISHED else "failed")
             print(cell.result_path, flush=True)
-            return previous
+            return {**previous, "_skipped": True}
 
     ckpt = cell.checkpoint_dir
     if previous is not None:  # a recorded cell redone starts afresh; only a killed (unrecorded) one resumes
@@ -196,13 +200,7 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
         shutil.rmtree(cell.log_dir / "curves", ignore_errors=True)
     _claim_checkpoints(cell)
 
-    result = Result(
-        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status="failed",
-        mechanism_config={k: v for k, v in cell.identity["mechanism"].items() if k != "name"},
-        env=environment(), task_config={k: v for k, v in cell.identity["task"].items() if k != "name"},
-        model_config=cell.identity["model"], train_config=_container(cfg.train),
-        variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
-    )
+    result = _new_result(cfg, cell)
     start = time.perf_counter()
     try:
         _train_and_test(cfg, cell, result)
@@ -218,6 +216,82 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     log.info("%s %s: %s", result.status, cell.name, _summary(result))
     print(written, flush=True)
     return result.as_dict()
+
+
+def _new_result(cfg: DictConfig, cell: Cell) -> Result:
+    return Result(
+        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status="failed",
+        mechanism_config={k: v for k, v in cell.identity["mechanism"].items() if k != "name"},
+        env=environment(), task_config={k: v for k, v in cell.identity["task"].items() if k != "name"},
+        model_config=cell.identity["model"], train_config=_container(cfg.train),
+        variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
+    )
+
+
+def _ddp_worker_rank() -> int:
+    """The local rank of a process Lightning's DDP launcher started (0 in the main one)."""
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) if "PL_GLOBAL_SEED" in os.environ or "WORLD_SIZE" in os.environ else 0
+
+
+def _route_lightning_logs() -> None:
+    """Lightning's own console handler would print every INFO line a second time next to
+    Hydra's handlers: let its records go through the root logger only."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+OUR_TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_workers", "deterministic", "progress_bar")
+
+
+def trainer_passthrough(cfg: DictConfig) -> dict[str, Any]:
+    """Trainer settings that go to lightning.Trainer as they are (``accumulate_grad_batches``
+    and anything added with ``+trainer.KEY=VALUE``), checked against its signature."""
+    import inspect
+
+    import lightning as L
+
+    extra = {k: v for k, v in _container(cfg.trainer).items() if k not in OUR_TRAINER_KEYS}
+    valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    managed = {"max_steps", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "callbacks",
+               "gradient_clip_val", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
+               "enable_model_summary"}
+    unknown = sorted(set(extra) - valid)
+    if unknown:
+        raise ValueError(f"trainer.{unknown[0]} is not a lightning.Trainer argument; valid: {', '.join(sorted(valid))}")
+    clash = sorted(set(extra) & managed)
+    if clash:
+        raise ValueError(f"trainer.{clash[0]} is set by the harness from train.*/logger=; set it there")
+    return extra
+
+
+def build_logger(cfg: DictConfig, cell: Cell):
+    """csv (default): <log_dir>/curves/metrics.csv; tensorboard: <log_dir>/tensorboard; wandb: a run per cell."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    name = cfg.get("logger", {}).get("name", "csv")
+    if name == "csv":
+        return CSVLogger(cell.log_dir, name="", version="curves")
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        try:
+            return TensorBoardLogger(cell.log_dir, name="", version="tensorboard")
+        except ModuleNotFoundError as exc:
+            raise ValueError("logger=tensorboard needs tensorboard: pip install -e '.[tensorboard]'") from exc
+    if name == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise ValueError("logger=wandb needs wandb: pip install -e '.[wandb]'") from exc
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(project=cfg.logger.project, name=cell.name, save_dir=str(cell.log_dir),
+                           config=cell.identity)
+    raise ValueError(f"logger={name!r}; valid loggers: csv, tensorboard, wandb")
 
 
 def _claim_checkpoints(cell: Cell) -> None:
@@ -251,7 +325,6 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
     from harness.model import ModelConfig, build_model, count_parameters
     from harness.registry import create_task, get_mechanism
@@ -305,10 +378,11 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         callbacks=[checkpoint, meter, *([progress] if show_progress else [])],
         enable_progress_bar=show_progress,
         # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/curves/metrics.csv
-        logger=CSVLogger(cell.log_dir, name="", version="curves"),
+        logger=build_logger(cfg, cell),
         log_every_n_steps=max(1, min(50, train.max_steps // 10)),
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        **trainer_passthrough(cfg),
     )
     device_type = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
     _reset_peak_memory(device_type)
@@ -343,7 +417,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     result.tokens_per_s = meter.tokens_per_s
     result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)
     result.status = "ok"
-    if not cfg.keep_checkpoints:
+    if not cfg.keep_checkpoints and _ddp_worker_rank() == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 

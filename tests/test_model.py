@@ -118,7 +118,7 @@ def test_bad_model_config_names_the_valid_values():
 
 
 def test_training_loss_includes_the_mechanisms_aux_loss():
-    m = model(mechanism="bayesian").train()
+    m = model(mechanism="bam").train()
     module = TaskModule(m, TrainConfig())
     b = batch([[1, 2, 3, 4], [4, 3, 2, 1]])
     torch.manual_seed(0)
