@@ -174,25 +174,26 @@ def remove_orphans(folder: Path) -> list[Path]:
 def stat_files(paths) -> list[tuple[str, int, int]]:
     """(path, size, mtime in ns) per file, sorted; a missing file is (path, -1, -1)."""
     stats = []
-    for p in paths:
+    for p in map(os.fspath, paths):
         try:
             st = os.stat(p)
-            stats.append((str(p), st.st_size, st.st_mtime_ns))
+            stats.append((p, st.st_size, st.st_mtime_ns))
         except OSError:
-            stats.append((str(p), -1, -1))
+            stats.append((p, -1, -1))
     return sorted(stats)
 
 
 def files_under(folder: str | Path, *patterns: str) -> list[Path]:
-    """The files below ``folder`` (recursively) matching any of ``patterns`` (default: all);
-    none when the folder does not exist."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found: set[Path] = set()
-    for pattern in patterns or ("*",):
-        found.update(p for p in folder.rglob(pattern) if p.is_file())
-    return sorted(found)
+    """The files below ``folder`` (recursively, links followed) whose names match any of
+    ``patterns`` (default: all), sorted; none when the folder does not exist."""
+    import fnmatch
+
+    found: list[str] = []
+    for root, _, names in os.walk(folder, followlinks=True):
+        if patterns:
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        found.extend(os.path.join(root, n) for n in names)
+    return [Path(p) for p in sorted(found)]
 
 
 @dataclass

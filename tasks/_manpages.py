@@ -369,13 +369,19 @@ def package_files(package: str) -> list[Path]:
 def source_files(packages: tuple[str, ...] = PACKAGES) -> list[Path]:
     """Every man page file of ``packages`` (the data cache keys on their sizes and times);
     none when a package is not available (the build then says how to get it)."""
+    return list(_listed_files(packages))
+
+
+@functools.lru_cache(maxsize=4)
+def _listed_files(packages: tuple[str, ...]) -> tuple[Path, ...]:
+    """The packages' file lists, asked once per process (``dpkg -L`` is a subprocess)."""
     files: list[Path] = []
     for package in packages:
         try:
             files += package_files(package)
         except DataSourceError:
-            return []
-    return files
+            return ()
+    return tuple(files)
 
 
 def _unpacked(package: str) -> Path:
