@@ -48,9 +48,19 @@ def debian_path(package: str, relative: str, *, fetch: bool = True) -> Path:
 
 def fetch_package(package: str) -> Path:
     """Download ``package``'s .deb with apt-get and unpack it under the cache."""
+    from harness.data import cache_lock
+
     root = unpack_root(package)
     if (root / ".complete").exists():
         return root
+    _ensure(root.parent)
+    with cache_lock(root):  # two processes fetching one package: one fetches, the other waits and reuses it
+        if (root / ".complete").exists():
+            return root
+        return _fetch_locked(package, root)
+
+
+def _fetch_locked(package: str, root: Path) -> Path:
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise DataSourceError(f"cannot fetch Debian package '{package}': apt-get/dpkg-deb not available here")
     log.info("fetching Debian package %s into %s", package, root)

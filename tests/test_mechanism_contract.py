@@ -125,3 +125,78 @@ def test_missing_key_padding_is_refused(name):
     q, k, v = qkv(lq=9, heads=2, dim=8)
     with pytest.raises(Exception, match="key_padding|padding"):
         mech(q, k, v, key_padding_mask=padding_mask(2, 9, [9, 5]))
+
+
+@pytest.mark.parametrize("name", [n for n in MECHANISMS if caps(n).causal and caps(n).cross])
+@pytest.mark.parametrize("lq,lk", [(5, 13), (13, 5)])
+def test_causal_cross_attention_is_bottom_right_aligned(name, lq, lk):
+    """Causal with Lq != Lk: query i sees key j iff j <= i + (Lk - Lq). Changing the keys and
+    values a query may not see changes nothing for it; the output has the contract's shape."""
+    mech = build(name, heads=2, dim_head=8, max_len=MAX_LEN)
+    q, k, v = qkv(lq=lq, lk=lk, heads=2, dim=8)
+    out = call(mech, q, k, v, causal=True)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    offset = lk - lq
+    for i in range(lq):
+        first_unseen = i + offset + 1
+        if first_unseen >= lk:
+            continue
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, max(first_unseen, 0):] = torch.randn_like(k2[:, :, max(first_unseen, 0):]) * 3
+        v2[:, :, max(first_unseen, 0):] = torch.randn_like(v2[:, :, max(first_unseen, 0):]) * 3
+        out2 = call(mech, q, k2, v2, causal=True)
+        torch.testing.assert_close(out[:, :, i], out2[:, :, i], atol=1e-5, rtol=1e-4)
+
+
+def test_wrong_output_shape_is_a_contract_violation():
+    """The base class checks every output against (B, H, Lq, D), whatever the mechanism."""
+    from dataclasses import dataclass
+
+    from harness.attention import Attention, ContractViolation
+
+    @dataclass
+    class NoConfig:
+        pass
+
+    class Pooled(Attention):
+        name = "pooled_for_test"
+
+        def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+            return v.mean(-2, keepdim=True)
+
+    mech = Pooled(NoConfig(), heads=2, dim_head=8, max_len=16)
+    q, k, v = qkv(lq=9, heads=2, dim=8)
+    with pytest.raises(ContractViolation, match=r"returned \(2, 2, 1, 8\)"):
+        mech(q, k, v)
+
+
+def test_a_mechanism_may_call_super_init_without_arguments():
+    """The usual PyTorch way, super().__init__(), works through create_mechanism; outside it
+    the error says what to write."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from harness.attention import Attention
+    from harness.registry import _MECHANISMS, create_mechanism, register_mechanism
+
+    @dataclass
+    class ScaledConfig:
+        init: float = 0.5
+
+    @register_mechanism("scaled_for_test", ScaledConfig, cross=True)
+    class Scaled(Attention):
+        def __init__(self, cfg, *, heads, dim_head, max_len):
+            super().__init__()
+            self.gain = nn.Parameter(torch.full((heads, 1, 1), cfg.init))
+
+        def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+            return self.gain * v.mean(-2, keepdim=True).expand(*q.shape[:-1], v.shape[-1])
+
+    try:
+        mech = create_mechanism("scaled_for_test", heads=3, dim_head=4, max_len=8, init=2.0)
+        assert mech.heads == 3 and mech.cfg.init == 2.0 and mech.gain.shape == (3, 1, 1)
+        with pytest.raises(TypeError, match="create_mechanism"):
+            Scaled(ScaledConfig(), heads=3, dim_head=4, max_len=8)
+    finally:
+        _MECHANISMS.pop("scaled_for_test", None)
