@@ -31,7 +31,7 @@ def caps(name):
 def test_registry_has_the_research_mechanisms():
     expected = {
         "softmax", "performer", "nystrom", "rela", "rela_nystrom", "kernel_rpe", "persistent_memory",
-        "gated", "bam", "relation_aware", "polynomial", "adaptive",
+        "gated", "bam", "babn", "relation_aware", "polynomial", "adaptive",
     }
     assert expected <= set(MECHANISMS), f"missing: {sorted(expected - set(MECHANISMS))}"
 
