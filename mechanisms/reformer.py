@@ -101,9 +101,10 @@ def lsh_attention(
     b, h, length, d = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, v = q.to(dtype), v.to(dtype)
-    valid = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
+    valid = None if key_padding_mask is None else ~key_padding_mask  # (B, L) or None: nothing padded
     buckets = hash_buckets(q, rotations).expand(b, h, n_hashes, length)  # (B, H, R, L)
-    buckets = buckets.masked_fill(~valid[:, None, None, :], n_buckets)  # padding: an extra, last bucket
+    if valid is not None:
+        buckets = buckets.masked_fill(~valid[:, None, None, :], n_buckets)  # padding: an extra, last bucket
     pos = torch.arange(length, device=q.device)
     sorted_key, order = (buckets * length + pos).sort(-1)  # (B, H, R, L) positions in sorted order
     flat = order.reshape(b, h, n_hashes * length)  # rounds end to end
@@ -115,23 +116,28 @@ def lsh_attention(
     sq, sv = gather(q), gather(v)  # (B, H, n, c, d)
     sk = F.normalize(sq, dim=-1)  # shared QK: keys are the unit queries
     q_pos = flat.view(b, h, n_chunks, chunk)  # (B, H, n, c)
-    k_valid = valid.gather(1, flat.reshape(b, -1)).view(b, h, n_chunks, chunk)
 
     def look_one_back(x: Tensor) -> Tensor:  # (B, H, n, c, …) -> (B, H, n, 2c, …): own chunk + previous
         return x if n_chunks == 1 else torch.cat([x, x.roll(1, dims=2)], dim=3)
 
-    sk, sv, k_pos, k_valid = look_one_back(sk), look_one_back(sv), look_one_back(q_pos), look_one_back(k_valid)
-    dots = torch.einsum("bhnid,bhnjd->bhnij", sq, sk) * d**-0.5  # (B, H, n, c, 2c)
-    allowed = k_valid[..., None, :].expand_as(dots)
+    sk, sv, k_pos = look_one_back(sk), look_one_back(sv), look_one_back(q_pos)
+    dots = torch.einsum("bhnid,bhnjd->bhnij", sq * d**-0.5, sk)  # (B, H, n, c, 2c)
+    allowed = None  # (B, H, n, c, 2c) bool, None = every key in the window
+    if valid is not None:
+        k_valid = look_one_back(valid.gather(1, flat.reshape(b, -1)).view(b, h, n_chunks, chunk))
+        allowed = k_valid[..., None, :]
     if causal:  # same bucket, at most c places back on the sorted axis: only earlier tokens decide
         k_bucket, k_place = look_one_back(q_bucket), look_one_back(q_place[None, None])
         back = q_place[None, None, :, :, None] - k_place[..., None, :]  # (1, 1, n, c, 2c)
-        allowed = allowed & (k_bucket[..., None, :] == q_bucket[..., :, None]) & (back >= 0) & (back < chunk)
+        same = (k_bucket[..., None, :] == q_bucket[..., :, None]) & (back >= 0) & (back < chunk)
+        allowed = same if allowed is None else allowed & same
     dots = dots.masked_fill(q_pos[..., :, None] == k_pos[..., None, :], SELF_LOGIT)
-    dots = dots.masked_fill(~allowed, torch.finfo(dtype).min)  # finite: an empty row gives no NaN
+    if allowed is not None:  # finite fill: exp(min − lse) is exactly 0 in any row with an allowed key
+        dots = dots.masked_fill(~allowed, torch.finfo(dtype).min)
     lse = dots.logsumexp(-1, keepdim=True)  # (B, H, n, c, 1)
-    weights = torch.exp(dots - lse) * allowed  # exactly 0 at masked keys, also in an empty row
-    out = weights @ sv  # (B, H, n, c, d)
+    out = torch.exp(dots - lse) @ sv  # (B, H, n, c, d)
+    if allowed is not None:  # a row with no allowed key (uniform over masked ones) is zeroed
+        out = out * allowed.any(-1, keepdim=True)
     # unsort: scatter each round's sorted rows back to their positions
     index = (flat.view(b, h, n_hashes, length) + length * torch.arange(n_hashes, device=q.device)[:, None])
     index = index.view(b, h, n_hashes * length)
@@ -210,9 +216,10 @@ class Reformer(Attention):
         n_buckets = num_buckets(self.cfg, padded, chunk)
         # Random rotations drawn anew at every call, as the reference (shape as reformer-pytorch's).
         rotations = None if n_buckets == 1 else torch.randn(1, d, self.cfg.n_hashes, n_buckets // 2, device=q.device)
-        kpm = torch.zeros(b, length, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask.bool()
+        kpm = None if key_padding_mask is None else key_padding_mask.bool()
         if padded > length:
             q, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q, v))
+            kpm = torch.zeros(b, length, dtype=torch.bool, device=q.device) if kpm is None else kpm
             kpm = F.pad(kpm, (0, padded - length), value=True)
         with torch.autocast(q.device.type, enabled=False):
             out = lsh_attention(
