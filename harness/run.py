@@ -143,7 +143,6 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     for plugin, error in plugin_errors().items():
         log.warning("plugin %s failed to load: %s", plugin, error)
     check_run_settings(cfg)
-    _route_lightning_logs()
     cell = resolve_cell(cfg)
     if _ddp_worker_rank() > 0:  # a DDP worker that Lightning started: train, the main process records
         _train_and_test(cfg, cell, _new_result(cfg, cell))
@@ -238,7 +237,7 @@ def _ddp_worker_rank() -> int:
 def _route_lightning_logs() -> None:
     """Lightning's own console handler would print every INFO line a second time next to
     Hydra's handlers: let its records go through the root logger only."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "torchmetrics"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
@@ -330,6 +329,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     from harness.registry import create_task, get_mechanism
     from harness.training import CellMeter, TaskDataModule, TaskModule
 
+    _route_lightning_logs()  # after Lightning's import, which adds its own console handler
     L.seed_everything(result.seed, workers=True, verbose=False)
 
     task = create_task(result.task, scale=result.scale, **result.task_config)

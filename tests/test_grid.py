@@ -1,0 +1,208 @@
+"""The grid on real processes: a cell killed by the kernel, two grids on one results
+folder, a killed grid takes its cells along, DDP with 2 CPU processes, the CLI's help and
+Hydra's override grammar."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from plugin_fixtures import ROOT
+
+from harness.results import scan_results
+
+CELL = ["trainer.progress_bar=false", "train.max_steps=4", "train.eval_every=2"]
+
+KILLER = '''
+"""Mechanisms for grid tests: one whose process the 'kernel' kills, one that is slow."""
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from harness.attention import Attention
+from harness.registry import register_mechanism
+
+
+@dataclass
+class KillConfig:
+    at_step: int = 2
+    seconds: float = 0.5
+
+
+@register_mechanism("killed_by_kernel", KillConfig, key_padding=True)
+class KilledByKernel(Attention):
+    """SIGKILLs its own process at a training step, as the OOM killer would."""
+
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if self.training and context is not None and context.step >= self.cfg.at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return v * 1.0
+
+
+@register_mechanism("sleepy", KillConfig, key_padding=True)
+class Sleepy(Attention):
+    """Sleeps in every call (a long cell)."""
+
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        time.sleep(self.cfg.seconds)
+        return v * 1.0
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    (root / "plugins").mkdir()
+    (root / "plugins" / "killer.py").write_text(KILLER)
+    return root, {**os.environ, "HARNESS_PLUGIN_PATH": str(root / "plugins"), "OMP_NUM_THREADS": "1",
+                  "HARNESS_CACHE_DIR": str(root / "cache")}
+
+
+def harness(env, *args, timeout=600, **kwargs):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env[1], timeout=timeout, **kwargs)
+
+
+def test_a_cell_killed_by_the_kernel_is_recorded_and_the_grid_goes_on(env):
+    results = env[0] / "killed"
+    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,killed_by_kernel,linear", "seeds=0",
+                   f"results_dir={results}", *CELL)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a cell did not finish
+    records, unreadable = scan_results(results)
+    status = {r["mechanism"]: r for r in records}
+    assert not unreadable and set(status) == {"softmax", "killed_by_kernel", "linear"}
+    assert status["softmax"]["status"] == "ok" and status["linear"]["status"] == "ok"  # the one after it ran too
+    killed = status["killed_by_kernel"]
+    assert killed["status"] == "oom" and "SIGKILL" in killed["error"] and "last log line" in killed["error"]
+    # one progress line per finished cell, from the Hydra callback
+    lines = [x for x in done.stdout.splitlines() if x.startswith("[")]
+    assert any(x.startswith("[1/3] ok") for x in lines) and any(x.startswith("[2/3] oom") for x in lines)
+    assert any(x.startswith("[3/3] ok") for x in lines)
+    # peak memory is each cell's own, not the sweep's
+    assert status["softmax"]["peak_memory_mb"] > 0 and status["linear"]["peak_memory_mb"] > 0
+
+
+def test_two_grids_on_one_results_folder_record_each_cell_once(env):
+    results = env[0] / "two"
+    args = [sys.executable, "-m", "harness", "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear",
+            "seeds=0,1", f"results_dir={results}", *CELL]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env[1])
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    records, unreadable = scan_results(results)
+    assert not unreadable
+    keys = sorted((r["mechanism"], r["seed"]) for r in records)
+    assert keys == [("linear", 0), ("linear", 1), ("softmax", 0), ("softmax", 1)], outputs
+    assert all(r["status"] == "ok" for r in records), outputs  # nothing overwritten with failed, nothing lost
+    ran = sum(o.count("ok          listops") for o in outputs)
+    assert ran >= 4
+    # a third run of the same grid finds everything recorded
+    again = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear", "seeds=0,1",
+                    f"results_dir={results}", "dry_run=true", *CELL)
+    assert again.returncode == 0 and again.stdout.count("ok ") >= 4 and "todo" not in again.stdout
+
+
+def test_killing_the_grid_kills_its_cells(env):
+    results = env[0] / "orphans"
+    marker = f"results_dir={results}"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "grid", "scale=tiny", "tasks=listops",
+                             "mechanisms=sleepy", "seeds=0", marker, "trainer.progress_bar=false",
+                             "train.max_steps=200", "mechanism.seconds=0.5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env[1])
+    deadline = time.time() + 300
+    while time.time() < deadline and not _processes_with(marker, "harness.run\x00task="):
+        time.sleep(0.5)
+    assert _processes_with(marker, "harness.run\x00task="), "the cell never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and _processes_with(marker):
+        time.sleep(0.5)
+    assert not _processes_with(marker), "a cell outlived its grid"
+
+
+def _processes_with(*needles: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in cmdline for n in needles):
+            found.append(int(pid))
+    return found
+
+
+def test_ddp_with_two_cpu_processes_writes_exactly_one_result(env):
+    results = env[0] / "ddp"
+    done = harness(env, "run", "task=listops", "mechanism=softmax", "scale=tiny", "trainer=ddp_cpu",
+                   f"results_dir={results}", *CELL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records, unreadable = scan_results(results)
+    assert len(records) == 1 and not unreadable and records[0]["status"] == "ok"
+    assert records[0]["config"]["trainer"]["precision"] == "32-true"
+
+
+@pytest.mark.parametrize("command", ["list", "run", "grid", "evaluate", "data", "report", "speed"])
+def test_every_subcommand_has_help(env, command):
+    done = harness(env, command, "--help", timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert len(done.stdout.strip()) > 40
+
+
+def test_cfg_job_shows_the_composed_config(env):
+    done = harness(env, "run", "task=listops", "mechanism=performer", "mechanism.num_features=32", "--cfg", "job",
+                   timeout=120)
+    assert done.returncode == 0 and "num_features: 32" in done.stdout
+
+
+def test_hydra_glob_and_choice_select_mechanisms(env):
+    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=glob(*nystrom*)", "seeds=0",
+                   f"results_dir={env[0] / 'glob'}", "dry_run=true", timeout=300)
+    assert done.returncode == 0, done.stderr
+    cells = [x for x in done.stdout.splitlines() if x.startswith("todo")]
+    assert cells and all("nystrom" in x for x in cells)
+    assert any("/nystrom/" in x for x in cells) and any("rela_nystrom" in x for x in cells)
+    choice = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=choice(softmax,linear)", "seeds=0",
+                     f"results_dir={env[0] / 'glob'}", "dry_run=true", timeout=300)
+    assert [x.split()[1] for x in choice.stdout.splitlines() if x.startswith("todo")] == [
+        "tiny/listops/softmax/seed0", "tiny/listops/linear/seed0"]
+
+
+def test_a_grid_sweeps_any_key(env, tmp_path):
+    from harness.grid import expand
+
+    scale, groups = expand({"grid": "length", "scale": "tiny", "tasks": "listops", "mechanisms": "softmax"})
+    cells = groups[0].cells()
+    keys = {o.partition("=")[0] for c in cells for o in c}
+    assert len(cells) > 1 and any(k.startswith("task.") for k in keys - {"task", "mechanism", "seed"})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["mechanism=softmax"], "the grid key is mechanisms=softmax"),
+    (["seeds=a"], "seeds are integers"),
+    (["rerun=maybe"], "rerun='maybe' is not one of"),
+    (["modle.depth=2"], "cell override rejected"),
+    (["mechanisms=nope"], "unknown mechanism 'nope'"),
+])
+def test_grid_mistakes_are_one_line(env, args, message):
+    done = harness(env, "grid", "scale=tiny", "tasks=listops", *args, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_dry_run_estimates_from_recorded_cells(env):
+    results = env[0] / "killed"  # recorded by the first test (or empty: then no estimate)
+    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear,killed_by_kernel",
+                   "seeds=0,1", f"results_dir={results}", "dry_run=true", *CELL, timeout=300)
+    assert done.returncode == 0
+    assert "6 cells" in done.stdout and "estimated time left" in done.stdout
+    records = [json.loads(p.read_text()) for p in results.rglob("seed*.json")]
+    if records:
+        assert "ok " in done.stdout and "unknown" not in done.stdout.split("estimated time left")[1]
