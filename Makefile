@@ -6,15 +6,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-GRID ?= default
+GRID ?= auto
 SCALE ?= auto
 SEEDS ?=
 RESULTS ?= results
 SPEED_ARGS ?=
+# the speed sweep of `make benchmark`: the attention layer alone, every mechanism, 256 to 16K tokens
+BENCH_SPEED_ARGS ?= modes=[attention] causal=[false] lengths=[256,1024,4096,16384] threads=2 timeout_s=40 min_time_s=0.5
 
 help: ## show this help
 	@grep -hE '^[a-z][a-z-]*:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=default  SEEDS=0,1,2  RESULTS=results  SPEED_ARGS='threads=1 lengths=[256,1024]'"
+	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=auto|cpu|default|length  SEEDS=0,1,2  RESULTS=results  SPEED_ARGS='threads=1 lengths=[256,1024]'"
 
 install: $(STAMP) ## create .venv and install torch==2.13.0, then the project with [dev] and the peer plugins
 
@@ -29,12 +31,13 @@ $(STAMP): pyproject.toml plugins/peers/pyproject.toml
 data: install ## prepare every task's offline data (fetches the Debian packages it needs)
 	$(PY) -m harness data task=all scale=$(if $(filter auto,$(SCALE)),small,$(SCALE))
 
-benchmark: install ## run the grid (scale=lra on a GPU, small otherwise), then write the leaderboard
+benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at small), the speed sweep, the leaderboard
 	$(PY) -m harness grid grid=$(GRID) scale=$(SCALE) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
-	status=$$?; $(PY) -m harness report results_dir=$(RESULTS); exit $$status
+	status=$$?; $(PY) -m harness speed out=$(RESULTS)/speed $(BENCH_SPEED_ARGS); \
+	$(PY) -m harness report results_dir=$(RESULTS); exit $$status
 
-smoke: install ## the grid at scale=tiny (minutes on a CPU), then the leaderboard
-	$(PY) -m harness grid grid=$(GRID) scale=tiny results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
+smoke: install ## the default grid at scale=tiny (minutes on a CPU), then the leaderboard
+	$(PY) -m harness grid grid=default scale=tiny results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
 	status=$$?; $(PY) -m harness report results_dir=$(RESULTS); exit $$status
 
 speed: install ## speed and memory of every mechanism across sequence lengths (results/speed/)

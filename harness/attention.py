@@ -75,6 +75,9 @@ class Attention(nn.Module):
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
     config_class: ClassVar[type] = object
+    # Inputs the mechanism does not read by design, e.g. ("q", "k") for FNet or S4D, which mix
+    # the values alone; the contract tests then expect no gradient for them (rather than a fake one).
+    ignored_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any = None, *, heads: int | None = None, dim_head: int | None = None,
                  max_len: int | None = None):

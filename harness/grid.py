@@ -7,8 +7,9 @@ A grid is data, ``conf/grid/<name>.yaml``::
     seeds: null                     # null: the scale's seeds
     sweep:                          # any config key -> values, crossed with tasks x mechanisms x seeds
       task.max_len: [256, 1024]
-    task_sweep:                     # per task, replaces `sweep` for that task
-      pathfinder: {task.resolution: [16, 32]}
+    task_sweep:                     # per task, replaces `sweep` for that task; keys joined by ","
+      pathfinder:                   # move together (zipped), e.g. a resolution and its length
+        task.resolution,task.max_len: [[16, 256], [32, 1024]]
     overrides: {train.max_steps: 300}          # fixed, for every cell
     task_overrides: {listops: {model.dim: 32}} # fixed, per task
 
@@ -166,6 +167,16 @@ def resolve_scale(scale: str) -> str:
     return scale
 
 
+def resolve_grid(name: str, scale: str) -> str:
+    """``grid=auto``: the full ``default`` grid at scale=lra (a GPU), else ``cpu``, the CPU
+    default that fits about 3 hours on 2 cores (the README says how to run the rest)."""
+    if name != "auto":
+        return name
+    chosen = "default" if scale == "lra" else "cpu"
+    print(f"grid=auto: using grid={chosen} at scale={scale}; pass GRID=... to choose", flush=True)
+    return chosen
+
+
 def load_grid(name: str) -> dict[str, Any]:
     path = CONF_DIR / "grid" / f"{name}.yaml"
     if not path.exists():
@@ -182,8 +193,8 @@ def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[s
     """(scale, groups): the grid's cells, validated against the registry."""
     from harness.registry import list_mechanisms, list_tasks
 
-    grid = load_grid(own.get("grid", "default"))
     scale = resolve_scale(own.get("scale", "auto"))
+    grid = load_grid(resolve_grid(own.get("grid", "default"), scale))
     tasks = _names(own.get("tasks") or grid.get("tasks") or "all", list_tasks(), "task")
     mechanisms = _names(own.get("mechanisms") or grid.get("mechanisms") or "all", list_mechanisms(), "mechanism")
     seeds = _seeds(own.get("seeds")) or _seeds(grid.get("seeds"))
@@ -194,9 +205,24 @@ def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[s
     for task in tasks:
         sweep = (grid.get("task_sweep") or {}).get(task, grid.get("sweep") or {})
         sweep = {k: (v if isinstance(v, list) else [v]) for k, v in sweep.items()}
+        crossed = {k: v for k, v in sweep.items() if "," not in k}
+        zipped = [_zipped(k, v) for k, v in sweep.items() if "," in k]
         per_task = [f"{k}={_value(v)}" for k, v in ((grid.get("task_overrides") or {}).get(task) or {}).items()]
-        groups.append(Group(task, mechanisms, seeds, sweep, [*fixed, *per_task, *(passthrough or [])]))
+        for combo in itertools.product(*zipped) if zipped else [()]:
+            together = [o for part in combo for o in part]
+            groups.append(Group(task, mechanisms, seeds, crossed, [*fixed, *per_task, *together, *(passthrough or [])]))
     return scale, groups
+
+
+def _zipped(keys: str, values: list[Any]) -> list[list[str]]:
+    """``"a,b": [[1, 2], [3, 4]]`` -> [["a=1", "b=2"], ["a=3", "b=4"]]: keys that move together."""
+    names = [k.strip() for k in keys.split(",")]
+    out = []
+    for value in values:
+        if not isinstance(value, list) or len(value) != len(names):
+            raise GridError(f"sweep '{keys}': each value must be a list of {len(names)} ({value!r})")
+        out.append([f"{k}={_value(v)}" for k, v in zip(names, value)])
+    return out
 
 
 def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
@@ -289,12 +315,13 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
     launcher_args = [f"hydra/launcher={launcher}"]
     if launcher in ("process", "joblib") and "n_jobs" in own:
         launcher_args.append(f"hydra.launcher.n_jobs={n_jobs}")
-    print(f"grid: {len(groups)} task(s), {total} cells at scale={scale}, launcher={launcher}"
+    print(f"grid: {len({g.task for g in groups})} task(s), {total} cells at scale={scale}, launcher={launcher}"
           f"{f' x{n_jobs}' if n_jobs > 1 else ''} (recorded cells are skipped)", flush=True)
     returncode = 0
-    for group in groups:
+    for number, group in enumerate(groups):
         command = [sys.executable, "-m", "harness.run", "--multirun", *group.multirun_overrides(), f"scale={scale}",
-                   f"results_dir={results_dir}", f"hydra.sweep.dir={sweep_root / group.task}", *launcher_args]
+                   f"results_dir={results_dir}", f"hydra.sweep.dir={sweep_root / f'{number:02d}-{group.task}'}",
+                   *launcher_args]
         proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
         try:
             returncode |= proc.wait()

@@ -517,11 +517,13 @@ def read_metastudent(data_dir: str, ontology: str, *, num_classes: int = 0) -> S
     (``choose_terms``), a protein labelled by the one chosen term its annotations imply (a
     term implies itself and its ancestors), "" when it implies none or several (counted)."""
     folder = metastudent_folder(data_dir, ontology)
+    log.info("metastudent %s: step 1/3, reading the BLAST database (first preparation only; ~40 s in all)", ontology)
     db = read_blast_db(folder / ontology / "goasp.fasta", accessions=bool(num_classes))
     log.info("metastudent %s: %d sequences, %d residues", ontology, len(db), db.residues.size)
     if not num_classes:
         return db
     annot_path = folder / ontology / "goasp_annot.dat"
+    log.info("metastudent %s: step 2/3, reading the GO annotations %s", ontology, annot_path.name)
     rows = read_annotations(annot_path)
     if len(rows) != len(db):
         raise MalformedRecord(
@@ -533,6 +535,7 @@ def read_metastudent(data_dir: str, ontology: str, *, num_classes: int = 0) -> S
                 annot_path, i + 1, f"accession {accession} where the database's record {i} is {db_accession}"
             )
     terms = [t for _, t in rows]
+    log.info("metastudent %s: step 3/3, the GO graph and the class choice", ontology)
     ancestors = Ancestors(read_go_parents(folder / "goGraph.txt"))
     chosen = set(choose_terms(terms, ancestors, num_classes, ONTOLOGIES[ontology]))
     names = _go_names(folder / "nameMapping.txt", chosen)

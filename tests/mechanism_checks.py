@@ -86,7 +86,10 @@ def assert_gradients_finite(mech: Attention, *, length=12, dim=8, causal=False, 
     if mech.aux_loss is not None:
         loss = loss + mech.aux_loss
     loss.backward()
-    for x in (q, k, v):
+    for label, x in zip("qkv", (q, k, v)):
+        if label in mech.ignored_inputs:  # e.g. fnet and s4d mix v alone
+            assert x.grad is None or not x.grad.any(), f"{label} is declared ignored but gets a gradient"
+            continue
         assert x.grad is not None and torch.isfinite(x.grad).all()
     for name, p in mech.named_parameters():
         if p.requires_grad and p.grad is not None:
