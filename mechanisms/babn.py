@@ -35,13 +35,18 @@ layer above" with the smallest learnable f.) With τ_l = 1 (the init) the evalua
 is exactly softmax attention at any depth, and one layer is exactly BAM; k → ∞ gives
 softmax in training too. The KL is BAM's closed form (γ: Euler's constant)
 
-    KL(Weibull(k, λ) ‖ Gamma(α, β)) = γα/k − α log λ + log k + βλΓ(1 + 1/k) − γ − 1 − α log β + log Γ(α).
+    KL(Weibull(k, λ) ‖ Gamma(α, β)) = γα/k − α log λ + log k + βλΓ(1 + 1/k) − γ − 1
+                                      − α log β + log Γ(α).
 
 Cost: O(T·L²) elementwise and O(L²·d) matmul time, like softmax attention; memory O(L·d)
 kept for backward plus one query block. ``babn_attention`` processes queries in blocks,
 each block checkpointed (recomputed in backward, its T noise draws replayed from a per-block
-seed); no (T, L, L) stack and no (L, L) tensor is kept. ``babn_reference`` is the plain
-formula over every pair, the float64 reference of the tests.
+seed); no (T, L, L) stack and no (L, L) tensor is kept. Without causal masking the top
+prior π is the same for every row, so its Σ_j log Γ(β π_j) is summed once per (b, h) (as in
+BAM). ``babn_reference`` is the plain formula over every pair, the float64 reference of the
+tests. Each layer adds per-pair work (a uniform draw, its logs, a row log-sum-exp, and the
+KL's exp and log Γ, which the checkpoint runs twice), so on CPU a training step costs several
+times softmax's: the ratios measured are in the report of this mechanism's commit.
 
 Deviations from the references: fixed Weibull shape k (WHAI infers k_l per unit; BAM fixes
 it); the layer-l KL uses one sample of the layer above (as WHAI); KL averaged over allowed
@@ -62,7 +67,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.attention import Attention, AttentionContext
 from harness.registry import register_mechanism
-from mechanisms.bam import _block_mask, weibull_gamma_kl
+from mechanisms.bam import EULER_GAMMA, _block_mask, weibull_gamma_kl
 
 
 @dataclass
@@ -98,19 +103,20 @@ def babn_reference(
     def log_softmax(x: Tensor) -> Tensor:  # over the usable keys, 0 elsewhere (finite everywhere)
         return torch.log_softmax(x.masked_fill(~usable, -math.inf), -1).masked_fill(~usable, 0.0)
 
-    upward = [log_softmax(scores if l == 0 else temperatures[l][None, :, None, None] * scores) for l in range(n_layers)]
+    upward = [log_softmax(scores if layer == 0 else temperatures[layer][None, :, None, None] * scores)
+              for layer in range(n_layers)]
     log_pi = log_softmax(prior_logits[:, :, None, :].expand_as(scores))
     kls = [scores.new_zeros(())] * n_layers
     log_w = None
-    for l in reversed(range(n_layers)):
-        if l == n_layers - 1:
-            log_lam, alpha = upward[l] - c, rate * log_pi.exp()
+    for layer in reversed(range(n_layers)):
+        if layer == n_layers - 1:
+            log_lam, alpha = upward[layer] - c, rate * log_pi.exp()
         else:
-            w = gates[l][None, :, None, None]
-            log_lam, alpha = (1 - w) * upward[l] + w * log_w - c, rate * log_w.exp()
+            w = gates[layer][None, :, None, None]
+            log_lam, alpha = (1 - w) * upward[layer] + w * log_w - c, rate * log_w.exp()
         kl = weibull_gamma_kl(shape, log_lam, torch.where(allowed, alpha, 1.0), rate)
-        kls[l] = kl.masked_fill(~allowed, 0.0).sum()
-        log_w = log_lam + (c if noise is None else noise[l] / shape)  # log E[W_l] or log of the draw
+        kls[layer] = kl.masked_fill(~allowed, 0.0).sum()
+        log_w = log_lam + (c if noise is None else noise[layer] / shape)  # log E[W_l] or log of the draw
     weights = torch.softmax(log_w.masked_fill(~usable, -math.inf), -1).masked_fill(~allowed, 0.0)
     out = torch.einsum("bhij,bhjd->bhid", weights, v)
     return out, torch.stack(kls), allowed.sum()
@@ -133,7 +139,9 @@ def layer_noise(like: Tensor, seed: int, num_layers: int) -> list[Tensor]:
 def _babn_block(qb: Tensor, k: Tensor, v: Tensor, g: Tensor, temperatures: Tensor, gates: Tensor,
                 keep_key: Tensor | None, rows: slice, lq: int, causal: bool, shape: float, rate: float,
                 seed: int | None) -> tuple[Tensor, Tensor]:
-    """One block of queries rows: qb (B, H, bq, D) -> out (B, H, bq, D), KL per layer (T,)."""
+    """One block of queries rows: qb (B, H, bq, D) -> out (B, H, bq, D), KL per layer (T,).
+    g: (B, H, Lk) prior logits (causal), or (B, H, Lk) log π already normalised over the kept
+    keys (non-causal: the same for every row), whose Σ_j log Γ(β π_j) the caller adds."""
     n_layers = temperatures.shape[0]
     lk = k.shape[-2]
     usable = _block_mask(rows, lq, lk, keep_key, causal, qb.device)  # (B|1, 1, bq, Lk) or None
@@ -147,25 +155,32 @@ def _babn_block(qb: Tensor, k: Tensor, v: Tensor, g: Tensor, temperatures: Tenso
         x = x.masked_fill(~usable, -math.inf)
         return (x - torch.logsumexp(x, -1, keepdim=True)).masked_fill(~usable, 0.0)
 
-    def kl_sum(log_lam: Tensor, alpha: Tensor) -> Tensor:
-        if allowed is None:
-            return weibull_gamma_kl(shape, log_lam, alpha, rate).sum()
-        return weibull_gamma_kl(shape, log_lam, torch.where(allowed, alpha, 1.0), rate).masked_fill(~allowed, 0.0).sum()
+    def kl_sum(log_lam: Tensor, alpha: Tensor, with_lgamma: bool = True) -> Tensor:
+        # the closed form (module docstring); log Γ(α) left out where the caller sums it per row
+        kl = (EULER_GAMMA / shape - math.log(rate)) * alpha - alpha * log_lam + rate * torch.exp(log_lam + c)
+        if with_lgamma:
+            kl = kl + torch.lgamma(alpha if allowed is None else torch.where(allowed, alpha, 1.0))
+        if allowed is not None:
+            kl = kl.masked_fill(~allowed, 0.0)
+        pairs = kl.numel() if allowed is None else allowed.expand_as(kl).sum().to(kl.dtype)
+        return kl.sum() + (math.log(shape) - EULER_GAMMA - 1.0) * pairs
 
     noise = layer_noise(s, seed, n_layers) if seed is not None else None
     kls = []
     log_w = None
-    for l in reversed(range(n_layers)):
-        h = log_softmax(s if l == 0 else s * temperatures[l][None, :, None, None])  # upward state h_l
-        if l == n_layers - 1:
+    for layer in reversed(range(n_layers)):
+        h = log_softmax(s if layer == 0 else s * temperatures[layer][None, :, None, None])  # upward state h_l
+        if layer == n_layers - 1:
             log_lam = h - c
-            alpha = rate * torch.exp(log_softmax(g[:, :, None, :].expand_as(s)))  # contextual prior β π
+            if causal:  # contextual prior β π, π normalised over the keys each row may see
+                kls.append(kl_sum(log_lam, rate * torch.exp(log_softmax(g[:, :, None, :].expand_as(s)))))
+            else:
+                kls.append(kl_sum(log_lam, rate * torch.exp(g[:, :, None, :]).expand_as(s), with_lgamma=False))
         else:
-            w = gates[l][None, :, None, None]
+            w = gates[layer][None, :, None, None]
             log_lam = torch.lerp(h, log_w, w) - c  # (1 − ω) h_l + ω log W_{l+1} − c
-            alpha = rate * torch.exp(log_w)
-        kls.append(kl_sum(log_lam, alpha))
-        log_w = log_lam + (c if noise is None else noise[l] / shape)
+            kls.append(kl_sum(log_lam, rate * torch.exp(log_w)))
+        log_w = log_lam + (c if noise is None else noise[layer] / shape)
     if usable is not None:
         log_w = log_w.masked_fill(~usable, -math.inf)
     a = torch.softmax(log_w, -1)
@@ -176,7 +191,10 @@ def _babn_block(qb: Tensor, k: Tensor, v: Tensor, g: Tensor, temperatures: Tenso
 
 def _allowed_per_row(b: int, lq: int, lk: int, key_padding_mask: Tensor | None, causal: bool, device) -> Tensor:
     """(B, 1, Lq) number of keys each query may see, without the (Lq, Lk) mask."""
-    keep = torch.ones(b, lk, dtype=torch.long, device=device) if key_padding_mask is None else (~key_padding_mask.bool()).long()
+    if key_padding_mask is None:
+        keep = torch.ones(b, lk, dtype=torch.long, device=device)
+    else:
+        keep = (~key_padding_mask.bool()).long()
     prefix = torch.cumsum(keep, -1)  # (B, Lk)
     if not causal:
         return prefix[:, -1:, None].expand(b, 1, lq) if lk else torch.zeros(b, 1, lq, dtype=torch.long, device=device)
@@ -199,6 +217,13 @@ def babn_attention(
     keep_key = None if key_padding_mask is None else ~key_padding_mask.bool()
     n_row = _allowed_per_row(b, lq, lk, key_padding_mask, causal, q.device)  # (B, 1, Lq)
 
+    top_lgamma = None
+    if not causal:  # π is the same for every row: log π over the kept keys, Σ_j log Γ(β π_j) once per (b, h)
+        kept = torch.ones(b, 1, lk, dtype=torch.bool, device=q.device) if keep_key is None else keep_key[:, None, :]
+        g = torch.log_softmax(g.masked_fill(~kept, -math.inf), -1).masked_fill(~kept, 0.0)
+        per_row = torch.where(kept, torch.lgamma(torch.where(kept, rate * g.exp(), 1.0)), 0.0).sum(-1)  # (B, H)
+        top_lgamma = (per_row * (n_row[:, 0, :] > 0).sum(-1, keepdim=True)).sum()
+
     bq = query_block or max(16, min(lq, 2**20 // max(1, b * h * lk)))
     base_seed = int(torch.randint(0, 2**62, (1,)).item()) if sample else None  # from the global RNG
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, temperatures, gates))
@@ -211,12 +236,15 @@ def babn_attention(
         outs.append(ob)
         kls.append(kb)
     out = torch.cat(outs, 2).masked_fill((n_row == 0)[..., None], 0.0)  # (B, H, Lq, D)
-    return out, torch.stack(kls).sum(0), n_row.sum() * h
+    kl = torch.stack(kls).sum(0)
+    if top_lgamma is not None:
+        kl = kl + F.one_hot(torch.tensor(kl.shape[0] - 1), kl.shape[0]).to(kl) * top_lgamma
+    return out, kl, n_row.sum() * h
 
 
 @register_mechanism("babn", BABNConfig, causal=True, cross=True, key_padding=True)
 class BABN(Attention):
-    """Bayesian attention belief networks (Zhang et al. 2021): a gamma hierarchy over attention weights, Weibull up-down encoder."""
+    """Bayesian attention belief networks (Zhang et al. 2021): gamma hierarchy, Weibull up-down encoder."""
 
     def __init__(self, cfg: BABNConfig, *, heads: int, dim_head: int, max_len: int):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
@@ -277,4 +305,4 @@ class BABN(Attention):
         if self._last_kl is None:
             return {}
         kl = self._last_kl.tolist()
-        return {"kl": sum(kl), **{f"kl_layer{l + 1}": x for l, x in enumerate(kl)}}
+        return {"kl": sum(kl), **{f"kl_layer{layer + 1}": x for layer, x in enumerate(kl)}}

@@ -56,7 +56,7 @@ def reference_noise(seed, b, h, lq, lk, block, n_layers, dtype=torch.float64):
     base = int(torch.randint(0, 2**62, (1,)).item())
     blocks = [layer_noise(torch.empty(b, h, min(block, lq - s), lk, dtype=dtype), base + n, n_layers)
               for n, s in enumerate(range(0, lq, block))]
-    return [torch.cat([blk[l] for blk in blocks], 2) for l in range(n_layers)]
+    return [torch.cat([blk[layer] for blk in blocks], 2) for layer in range(n_layers)]
 
 
 @pytest.mark.parametrize("sample", [False, True])
