@@ -91,17 +91,17 @@ def test_report_renders_ok_failed_and_unsupported(workdir):
         run_cell(cell(workdir, f"mechanism={mechanism}"))
     path = write_report(workdir / "results")
     text = path.read_text()
-    assert "| majority baseline" in text
+    assert "| baseline: majority" in text
     accuracy_section = text.split("## Accuracy", 1)[1].split("###", 1)[0]
-    row = {line.split("|")[1].strip(): line for line in accuracy_section.splitlines() if line.startswith("| ")}
+    row = {line.split("|")[1].strip().split(" [")[0]: line for line in accuracy_section.splitlines()
+           if line.startswith("| ")}
     assert "✗ failed" in row["raises"] and "n/a" in row["no_padding"]
     records = read_results(workdir / "results")
-    softmax = [r["metrics"]["test"]["accuracy"] for r in records if r["mechanism"] == "softmax" and r["status"] == "ok"]
-    assert f"{100 * sum(softmax) / len(softmax):.1f}" in row["softmax"]
-    raises = [r["status"] for r in records if r["mechanism"] == "raises"]
-    if "ok" in raises:  # a retried seed succeeded: the others' failure is still shown
-        assert f"{raises.count('failed')}/{len(raises)} seeds" in row["raises"]
+    softmax = [r for r in records if r["mechanism"] == "softmax" and r["status"] == "ok"]
+    assert softmax and any(f"{100 * r['metrics']['test']['accuracy']:.1f}" in accuracy_section for r in softmax)
     assert "## Run details" in text and "generated" in text
+    details = text.split("## Run details", 1)[1]
+    assert "raises" in details and "[log]" in details  # a non-ok cell is listed with its log
 
 
 def test_cli_run_exits_nonzero_on_a_failed_cell(workdir):
