@@ -211,7 +211,8 @@ def _sibling_block(q_t: Tensor, phi_s: Tensor, v1_s: Tensor, kernel: Tensor) -> 
     # circular length 2s: outputs s..2s−1 of the linear convolution have no wrap-around
     y = torch.fft.irfft(xf * kernel[None, :, None, :, None], n=2 * size, dim=-2)[..., size:, :]
     y = y.unflatten(-1, (mb, v1_s.shape[-1]))  # (B, H, N, s, mb, E)
-    y = torch.cat([y[..., :-1], y[..., -1:].clamp_min(0.0)], -1)  # C φ(K) ≥ 0: clip FFT round-off
+    # no clip of the denominator channel here: its round-off (≤ eps · this block's mass) is
+    # covered by the floor eps · mass in ``normalised_rows``, and the clip would copy y
     return torch.einsum("bhnsf,bhnsfe->bhnse", q_t, y)
 
 
