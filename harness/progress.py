@@ -76,9 +76,11 @@ class CellProgress(Callback):
                 f"[{record['variant']}]" if record.get("variant") else "") + f"/seed{record.get('seed')}"
             detail = key_metric(record) if status != "running" else "running in another process"
         else:
-            status, ran = "failed", True
+            status = "done" if job_return.status == JobStatus.COMPLETED else "failed"
+            ran = True
             name = " ".join(job_return.overrides or [])
-            detail = str(job_return._return_value).splitlines()[0] if job_return._return_value else ""
+            value = job_return._return_value
+            detail = str(value).splitlines()[0] if value is not None and status == "failed" else ""
         progress = Path(os.environ.get(PROGRESS_ENV) or Path(str(config.hydra.sweep.dir)) / "progress.tsv")
         progress.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(progress) + ".lock"):

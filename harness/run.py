@@ -482,7 +482,7 @@ def main() -> None:
     check_names(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def _main(cfg: DictConfig) -> None:
+    def _main(cfg: DictConfig) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
 
         from harness.cells import UnsafeName
@@ -496,6 +496,7 @@ def main() -> None:
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
         if record["status"] not in (*FINISHED, "running") and not multirun:
             sys.exit(1)
+        return record  # a launcher's callbacks (the grid's progress line) read it
 
     _main()
 

@@ -206,3 +206,14 @@ def test_dry_run_estimates_from_recorded_cells(env):
     records = [json.loads(p.read_text()) for p in results.rglob("seed*.json")]
     if records:
         assert "ok " in done.stdout and "unknown" not in done.stdout.split("estimated time left")[1]
+
+
+def test_joblib_launcher_runs_cells_side_by_side(env):
+    results = env[0] / "joblib"
+    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear", "seeds=0",
+                   "launcher=joblib", "n_jobs=2", f"results_dir={results}", *CELL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records, _ = scan_results(results)
+    assert sorted(r["mechanism"] for r in records) == ["linear", "softmax"] and all(r["status"] == "ok" for r in records)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("[")]
+    assert len([x for x in lines if " ok " in x]) == 2  # the progress callback runs in joblib's workers too
