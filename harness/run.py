@@ -21,9 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from filelock import Timeout
+from omegaconf import DictConfig, OmegaConf
 
 from harness.cells import Cell, cell_lock, resolve_cell
 from harness.results import FINISHED, Result, environment, read_result, result_path, write_result

@@ -43,7 +43,7 @@ class SparseConfig:
 
 def sparse_pattern(length: int, cfg: SparseConfig, *, device=None) -> Tensor:
     """key_index (1, N, l + N·c): own block, then every block's summary columns; -1 = none."""
-    l, c = cfg.stride, cfg.summary
+    l, c = cfg.stride, cfg.summary  # noqa: E741 (the paper's l)
     n = -(-length // l)
     own = torch.arange(n, device=device)[:, None] * l + torch.arange(l, device=device)  # (N, l)
     summary = (torch.arange(n, device=device)[:, None] * l + torch.arange(l - c, l, device=device)).flatten()  # (N·c,)

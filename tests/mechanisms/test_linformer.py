@@ -2,7 +2,15 @@ import math
 
 import pytest
 import torch
-from mechanism_checks import assert_padding_invariant, assert_subquadratic, build, call, dense_attention_oracle, padding_mask, qkv
+from mechanism_checks import (
+    assert_padding_invariant,
+    assert_subquadratic,
+    build,
+    call,
+    dense_attention_oracle,
+    padding_mask,
+    qkv,
+)
 
 
 def test_identity_projections_give_softmax():

@@ -1,11 +1,19 @@
 import pytest
 import torch
-from mechanism_checks import assert_causal, assert_padding_invariant, build, call, dense_attention_oracle, padding_mask, qkv
+from mechanism_checks import (
+    assert_causal,
+    assert_padding_invariant,
+    build,
+    call,
+    dense_attention_oracle,
+    padding_mask,
+    qkv,
+)
 
 
 def oracle_with_logits(v, logits, **kwargs):
     """softmax(logits) v through the float64 oracle: zero queries, the logits as the bias."""
-    b, h, l, d = v.shape
+    b, h, l, d = v.shape  # noqa: E741
     zeros = torch.zeros(b, h, logits.shape[-2], d, dtype=torch.float64)
     return dense_attention_oracle(zeros, torch.zeros_like(v), v, bias=logits, **kwargs)
 
