@@ -147,13 +147,18 @@ class Encoder(nn.Module):
         b, n = ids.shape
         if n > self.max_len:
             raise ValueError(f"sequence of length {n} exceeds the model's max_len {self.max_len}")
-        x = self.embed(ids)
+        return self.transform(self.embed(ids), padding_mask, causal=causal, relations=relations, step=step)
+
+    def transform(self, x: Tensor, padding_mask: Tensor, *, causal=False, relations=None, step: int = 0):
+        """Token embeddings (B, L, dim) -> (states, padding_mask): positions, dropout, the
+        blocks, the final norm (for heads that embed tokens their own way, e.g. Spider's)."""
+        b, n, _ = x.shape
         if self.cfg.positions == "sinusoidal":
-            x = x + sinusoidal_positions(n, self.cfg.dim, ids.device).to(x.dtype)
+            x = x + sinusoidal_positions(n, self.cfg.dim, x.device).to(x.dtype)
         elif self.pos is not None:
             x = x + self.pos.weight[:n]
         x = self.drop(x)
-        context = AttentionContext(positions=torch.arange(n, device=ids.device).expand(b, n), relations=relations, step=step)
+        context = AttentionContext(positions=torch.arange(n, device=x.device).expand(b, n), relations=relations, step=step)
         # All-False masks are dropped so mechanisms without key_padding run unpadded batches.
         kpm = padding_mask if bool(padding_mask.any()) else None
         for block in self.blocks:
