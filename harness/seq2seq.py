@@ -48,6 +48,29 @@ class Seq2SeqEncoder(Encoder):
     def mechanisms(self):
         return [block.mix.mechanism for block in self.blocks] + list(self.extra_mechanisms)
 
+    def forward(self, ids: Tensor, padding_mask: Tensor, *, pieces: Tensor | None = None, causal=False, relations=None,
+                step: int = 0):
+        """As ``Encoder.forward``; with ``pieces`` (B, L, P) word-piece ids (0 = none) a
+        token's embedding is the mean of its pieces' embeddings (``total_phenols`` =
+        mean(total, phenols)), so schema names share the question's words."""
+        if pieces is None:
+            return super().forward(ids, padding_mask, causal=causal, relations=relations, step=step)
+        b, n = ids.shape
+        if n > self.max_len:
+            raise ValueError(f"sequence of length {n} exceeds the model's max_len {self.max_len}")
+        present = (pieces != 0).unsqueeze(-1)  # (B, L, P, 1)
+        x = (self.embed(pieces) * present).sum(2) / present.sum(2).clamp_min(1)  # (B, L, dim)
+        if self.cfg.positions == "sinusoidal":
+            x = x + sinusoidal_positions(n, self.cfg.dim, ids.device).to(x.dtype)
+        elif self.pos is not None:
+            x = x + self.pos.weight[:n]
+        x = self.drop(x)
+        context = AttentionContext(positions=torch.arange(n, device=ids.device).expand(b, n), relations=relations, step=step)
+        kpm = padding_mask if bool(padding_mask.any()) else None
+        for block in self.blocks:
+            x = block(x, key_padding_mask=kpm, causal=causal, context=context)
+        return self.norm(x), padding_mask
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm decoder block: causal self-mixing, cross-mixing over the memory, MLP."""
@@ -71,15 +94,44 @@ def copy_generate_log_probs(h: Tensor, memory: Tensor, memory_mask: Tensor | Non
                             copy_query: Tensor, gate_logit: Tensor) -> Tensor:
     """log P over [vocabulary | input positions].
 
-    h: (B, T, dim), memory: (B, Ls, dim), memory_mask: (B, Ls) True at padding,
-    vocab_logits: (B, T, V), copy_query: (B, T, dim), gate_logit: (B, T, 1) -> (B, T, V + Ls)."""
+    h: (B, T, dim), memory: (B, Ls, dim), memory_mask: (B, Ls) or (B, T, Ls) True where no
+    copy may point (padding; positions the decoding state rules out), vocab_logits: (B, T, V),
+    copy_query: (B, T, dim), gate_logit: (B, T, 1) -> (B, T, V + Ls). A step with no
+    position to copy from puts all its mass on the vocabulary."""
     copy_scores = torch.einsum("btd,bsd->bts", copy_query, memory).float() / math.sqrt(h.shape[-1])  # (B, T, Ls)
-    if memory_mask is not None:
-        copy_scores = copy_scores.masked_fill(memory_mask[:, None, :], float("-inf"))
     gate = gate_logit.float()
+    if memory_mask is not None:
+        blocked = memory_mask if memory_mask.dim() == 3 else memory_mask[:, None, :].expand_as(copy_scores)
+        none_left = blocked.all(-1, keepdim=True)  # (B, T, 1)
+        copy_scores = copy_scores.masked_fill(blocked | none_left, 0.0).masked_fill(blocked, float("-inf"))
+        gate = gate.masked_fill(none_left, float("inf"))
     log_vocab = F.logsigmoid(gate) + torch.log_softmax(vocab_logits.float(), dim=-1)  # (B, T, V)
     log_copy = F.logsigmoid(-gate) + torch.log_softmax(copy_scores, dim=-1)  # (B, T, Ls)
+    if memory_mask is not None:
+        log_copy = log_copy.masked_fill(none_left, float("-inf"))
     return torch.cat([log_vocab, log_copy], dim=-1)
+
+
+# Roles of input tokens (``source_role_ids``) for the copy constraint: outside a string
+# literal a copy points at a schema name or a number of the question, inside one at a
+# word or number of the question; right after FROM or JOIN, at a table name.
+ROLE_COLUMN, ROLE_QUESTION_WORD, ROLE_QUESTION_NUMBER, ROLE_OTHER, ROLE_TABLE = 1, 2, 3, 4, 5
+
+
+def copy_blocked(target_in: Tensor, roles: Tensor, quote_id: int, table_slot_ids: tuple[int, ...] = ()) -> Tensor:
+    """(B, T, Ls) True where step t may not copy from input position s: the state after
+    ``target_in`` (B, T) is inside a literal iff it holds an odd number of quotes so far,
+    and in a table slot iff its last token is one of ``table_slot_ids`` (FROM, JOIN);
+    roles (B, Ls) as ``ROLE_*`` (0 = padding, always blocked)."""
+    inside = (torch.cumsum((target_in == quote_id).long(), dim=1) % 2 == 1)[..., None]  # (B, T, 1)
+    table_slot = torch.zeros_like(target_in, dtype=torch.bool)
+    for slot in table_slot_ids:
+        table_slot = table_slot | (target_in == slot)
+    r = roles[:, None, :]
+    outside_ok = torch.where(table_slot[..., None], r == ROLE_TABLE,
+                             (r == ROLE_COLUMN) | (r == ROLE_TABLE) | (r == ROLE_QUESTION_NUMBER))
+    inside_ok = (r == ROLE_QUESTION_WORD) | (r == ROLE_QUESTION_NUMBER)
+    return ~torch.where(inside, inside_ok, outside_ok)
 
 
 class Seq2SeqHead(Head):
@@ -89,8 +141,11 @@ class Seq2SeqHead(Head):
     (``<bos> … <eos>``), optionally ``schema_links`` for relations."""
 
     def __init__(self, encoder: Seq2SeqEncoder, blocks: list[DecoderBlock], *, target_vocab_size: int, max_target_len: int,
-                 relations_fn: Callable[[dict], Tensor] | None = None):
+                 relations_fn: Callable[[dict], Tensor] | None = None, quote_id: int | None = None,
+                 table_slot_ids: tuple[int, ...] = ()):
         super().__init__(encoder)
+        # Output ids of the string-literal quote and of FROM/JOIN; with source_role_ids, copies are constrained.
+        self.quote_id, self.table_slot_ids = quote_id, tuple(table_slot_ids)
         dim = encoder.cfg.dim
         self.target_vocab_size, self.max_target_len = target_vocab_size, max_target_len
         self.embed = nn.Embedding(target_vocab_size, dim)
@@ -100,21 +155,32 @@ class Seq2SeqHead(Head):
         self.out = nn.Linear(dim, target_vocab_size)
         self.copy = nn.Linear(dim, dim)
         self.gate = nn.Linear(dim, 1)
+        self.read = nn.Linear(dim, dim)  # selective read of the copied input (CopyNet)
         self.drop = nn.Dropout(encoder.cfg.dropout)
         self.relations_fn = relations_fn
         self.uses_relations = relations_fn is not None and all(m.capabilities.relations for m in encoder.mechanisms[: len(encoder.blocks)])
 
     def encode(self, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, Tensor | None]:
         relations = self.relations_fn(batch) if self.uses_relations else None
-        memory, mask = self.encoder(batch["input_ids"], batch["padding_mask"], relations=relations, step=step)
+        memory, mask = self.encoder(batch["input_ids"], batch["padding_mask"], pieces=batch.get("source_piece_ids"),
+                                    relations=relations, step=step)
         return memory, (mask if bool(mask.any()) else None)
 
-    def decode(self, target_in: Tensor, memory: Tensor, memory_mask: Tensor | None, step: int = 0) -> Tensor:
-        """target_in (B, T) -> log P (B, T, V + Ls)."""
+    def decode(self, target_in: Tensor, memory: Tensor, memory_mask: Tensor | None, step: int = 0,
+               sources: Tensor | None = None, roles: Tensor | None = None) -> Tensor:
+        """target_in (B, T) -> log P (B, T, V + Ls). ``sources`` (B, T, Ls) bool marks the input
+        positions holding each target token's string: its input embedding adds a read of
+        their memory (CopyNet's selective read, Gu et al. 2016, arXiv:1603.06393), so a
+        copied name that is ``<unk>`` in the output vocabulary is still known downstream.
+        ``roles`` (B, Ls) constrain where a copy may point (``copy_blocked``)."""
         b, t = target_in.shape
         if t > self.max_target_len:
             raise ValueError(f"target of length {t} exceeds max_target_len {self.max_target_len}")
         y = self.embed(target_in)
+        if sources is not None:
+            weights = sources.to(memory.dtype)
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # (B, T, Ls)
+            y = y + self.read(torch.einsum("bts,bsd->btd", weights, memory))
         if self.pos is not None:
             y = y + self.pos.weight[:t]
         elif self.encoder.cfg.positions == "sinusoidal":
@@ -124,11 +190,23 @@ class Seq2SeqHead(Head):
         for block in self.blocks:
             y = block(y, memory, memory_mask, context)
         h = self.norm(y)
-        return copy_generate_log_probs(h, memory, memory_mask, self.out(h), self.copy(h), self.gate(h))
+        blocked = memory_mask
+        if roles is not None and self.quote_id is not None:
+            blocked = copy_blocked(target_in, roles, self.quote_id, self.table_slot_ids)
+            if memory_mask is not None:
+                blocked = blocked | memory_mask[:, None, :]
+        return copy_generate_log_probs(h, memory, blocked, self.out(h), self.copy(h), self.gate(h))
 
     def forward(self, batch: dict[str, Any], step: int = 0) -> Tensor:
         memory, mask = self.encode(batch, step)
-        return self.decode(batch["target_ids"][:, :-1], memory, mask, step)
+        return self.decode(batch["target_ids"][:, :-1], memory, mask, step, self.sources(batch["target_copy_ids"][:, :-1], batch),
+                           batch.get("source_role_ids"))
+
+    @staticmethod
+    def sources(copy_ids: Tensor, batch: dict[str, Any]) -> Tensor:
+        """(B, T, Ls) bool: input positions whose string is that of each target token."""
+        source = batch["source_copy_ids"]
+        return (source[:, None, :] == copy_ids[..., None]) & (source[:, None, :] != PAD_ID) & (copy_ids[..., None] != PAD_ID)
 
     def loss(self, logits: Tensor, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """NLL per token of the mixture; stats per query: ``correct`` = all its tokens right."""
@@ -139,6 +217,7 @@ class Seq2SeqHead(Head):
         v = self.target_vocab_size
         vocab_lp = logits[..., :v].gather(-1, target[..., None]).squeeze(-1)  # (B, T)
         matches = (source_str[:, None, :] == target_str[..., None]) & (source_str[:, None, :] != PAD_ID)  # (B, T, Ls)
+        matches = matches & torch.isfinite(logits[..., v:])  # positions the copy constraint rules out do not count
         copy_lp = logits[..., v:].masked_fill(~matches, float("-inf")).logsumexp(-1)  # (B, T)
         # An out-of-vocabulary target counts only through copying (See et al.); with no
         # source position to copy from, <unk> is the target.
@@ -164,14 +243,24 @@ class Seq2SeqHead(Head):
         b = memory.shape[0]
         v = self.target_vocab_size
         inputs = torch.full((b, 1), BOS_ID, dtype=torch.long, device=memory.device)
+        source_str, source_tgt = batch["source_copy_ids"], batch["source_target_ids"]
+        sources = torch.zeros(b, 1, source_str.shape[1], dtype=torch.bool, device=memory.device)  # <bos> has none
+        never = torch.zeros(v + source_str.shape[1], dtype=torch.bool, device=memory.device)
+        never[[PAD_ID, UNK_ID, BOS_ID]] = True  # an answer never contains these
         outputs, done = [], torch.zeros(b, dtype=torch.bool, device=memory.device)
         for _ in range(max_len - 1):
-            log_probs = self.decode(inputs, memory, mask)[:, -1]  # (B, V + Ls)
-            choice = log_probs.argmax(-1)
+            log_probs = self.decode(inputs, memory, mask, sources=sources, roles=batch.get("source_role_ids"))[:, -1]  # (B, V + Ls)
+            choice = log_probs.masked_fill(never, float("-inf")).argmax(-1)
             choice = torch.where(done, torch.full_like(choice, EOS_ID), choice)
             outputs.append(choice)
             done = done | (choice == EOS_ID)
-            as_input = torch.where(choice < v, choice, batch["source_target_ids"].gather(1, (choice - v).clamp_min(0)[:, None])[:, 0])
+            copied = choice >= v
+            at = (choice - v).clamp_min(0)[:, None]
+            as_input = torch.where(copied, source_tgt.gather(1, at)[:, 0], choice)
+            # The chosen string's input positions, as in training (string identity).
+            read = torch.where(copied[:, None], source_str == source_str.gather(1, at),
+                               (source_tgt == choice[:, None]) & (choice[:, None] != UNK_ID))
+            sources = torch.cat([sources, (read & (source_str != PAD_ID))[:, None]], dim=1)
             inputs = torch.cat([inputs, as_input[:, None]], dim=1)
             if bool(done.all()):
                 break
@@ -196,7 +285,8 @@ def build_seq2seq(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: A
                            create_mechanism(dec_name, heads=heads, dim_head=dim_head, max_len=cross_len, **dec_overrides))
               for _ in range(model_cfg.depth)]
     head = Seq2SeqHead(encoder, blocks, target_vocab_size=task.target_vocab_size, max_target_len=task.max_target_len,
-                       relations_fn=getattr(task, "batch_relations", None))
+                       relations_fn=getattr(task, "batch_relations", None), quote_id=getattr(task, "target_quote_id", None),
+                       table_slot_ids=getattr(task, "target_table_slot_ids", ()))
     if scope == "all":
         encoder.extra_mechanisms = [m for blk in head.blocks for m in (blk.self_mix.mechanism, blk.cross_mix.mechanism)]
     return head

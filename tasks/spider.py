@@ -92,7 +92,10 @@ class SpiderConfig:
     questions_per_db: int = 300  # offline: template questions per database
     test_databases: str = "cars,wine"  # offline: databases of the test split (dev.json)
     val_fraction: float = 0.2  # of the training file's databases, seeded, for validation
-    min_freq: int = 2  # a training token seen fewer times is <unk> (input) or copy-only (output)
+    min_freq: int = 2  # a training word piece seen fewer times is a placeholder (input); a target token, copy-only
+    placeholders: int = 24  # per-example identity placeholders <w0>..<wK-1> for out-of-vocabulary word pieces
+    anonymise: float = 0.3  # training only: share of a question's content word pieces replaced by placeholders
+    copy_only_schema: bool = True  # table/column names and literal words are never output-vocabulary tokens
     data_seed: int = 0
     mechanism_scope: str = "encoder"  # encoder: mechanism in the encoder, softmax in the decoder | all
     eval_timeout_s: float = 1.0  # per-query time budget when executing predictions
@@ -141,6 +144,72 @@ def detokenize_sql(tokens: list[str]) -> str:
     if literal:
         out.append("'" + " ".join(words) + "'")
     return re.sub(r"\s*\.\s*(?=[A-Za-z_])", ".", " ".join(out)).replace("( ", "(").replace(" )", ")")
+
+
+def word_pieces(token: str) -> list[str]:
+    """Lower-cased word pieces of an input token: names split at underscores and camelCase
+    (``total_phenols`` -> total, phenols; ``FirstName`` -> first, name), so a column's
+    pieces are the words a question uses for it; other tokens stay whole."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", token)
+    pieces = [p.lower() for p in re.split(r"_+", spaced) if p]
+    return pieces or [token.lower()]
+
+
+def name_positions(links: list[list[int]]) -> list[bool]:
+    """True at the tokens that are table or column names (not ``:``, types or key marks)."""
+    out, previous = [], None
+    for link in links:
+        item = (link[KIND], link[TABLE], link[COLUMN])
+        out.append(link[KIND] in (KIND_TABLE, KIND_COLUMN) and item != previous)
+        previous = item
+    return out
+
+
+def source_roles(tokens: list[str], links: list[list[int]]) -> list[int]:
+    """Per input token, its role for the decoder's copy constraint (``harness.seq2seq``
+    ROLE_*): 1 column name, 2 question word, 3 question number, 4 anything else, 5 table name."""
+    names = name_positions(links)
+    out = []
+    for tok, link, is_name in zip(tokens, links, names):
+        if is_name:
+            out.append(5 if link[KIND] == KIND_TABLE else 1)
+        elif link[KIND] == KIND_QUESTION:
+            out.append(3 if re.fullmatch(r"-?\d+(\.\d+)?", tok) else 2)
+        else:
+            out.append(4)
+    return out
+
+
+def literal_words(target: list[str]) -> list[bool]:
+    """True at the tokens of ``target`` inside a string literal (between ``'`` marks)."""
+    out, inside = [], False
+    for tok in target:
+        if tok == "'":
+            inside = not inside
+            out.append(False)
+        else:
+            out.append(inside)
+    return out
+
+
+def piece_ids(pieces: list[list[str]], vocab: dict[str, int], placeholders: int, hidden: set[str]) -> list[list[int]]:
+    """Input ids of each token's word pieces: a piece in ``vocab`` and not in ``hidden`` is
+    its vocabulary id; any other is the placeholder ``<wk>`` of its first appearance in
+    this example (``k`` < ``placeholders``; later ones ``<unk>``), so equal unknown words
+    of the question and the schema share one id. Rows padded with 0 to the longest."""
+    slot: dict[str, int] = {}
+    out = []
+    for token in pieces:
+        ids = []
+        for piece in token:
+            if piece in vocab and piece not in hidden:
+                ids.append(vocab[piece])
+                continue
+            k = slot.setdefault(piece, len(slot))
+            ids.append(vocab[f"<w{k}>"] if k < placeholders else vocab[UNK])
+        out.append(ids)
+    width = max((len(ids) for ids in out), default=1)
+    return [ids + [0] * (width - len(ids)) for ids in out]
 
 
 # ----------------------------------------------------------------------------- schema + links
@@ -332,7 +401,7 @@ class Spider(Task):
     """Spider text-to-SQL: question + schema -> SQL, encoder–decoder with copying."""
 
     head = "seq2seq"
-    data_version = 1
+    data_version = 3  # 3: word-piece inputs with placeholders, copy-only schema names, copy roles
 
     def __init__(self, cfg: SpiderConfig, *, scale: str = "tiny"):
         super().__init__(cfg, scale=scale)
@@ -360,6 +429,18 @@ class Spider(Task):
         return int(self.cfg.max_target_len)
 
     @property
+    def target_quote_id(self) -> int | None:
+        """Output id of the string-literal quote (the head's copy constraint needs it)."""
+        target = self._loaded()["target"]
+        return target.index("'") if "'" in target else None
+
+    @property
+    def target_table_slot_ids(self) -> tuple[int, ...]:
+        """Output ids of ``from`` and ``join``: the next token copied is a table name."""
+        target = self._loaded()["target"]
+        return tuple(target.index(t) for t in ("from", "join") if t in target)
+
+    @property
     def mechanism_scope(self) -> str:
         return self.cfg.mechanism_scope
 
@@ -376,6 +457,10 @@ class Spider(Task):
             for key in ("questions_per_db", "test_databases"):
                 params.pop(key)
             params["data_dir"] = str(Path(self.cfg.data_dir).resolve())
+        else:
+            from tasks._spider_build import LAYOUT_VERSION
+
+            params["layout_version"] = LAYOUT_VERSION  # the offline databases and templates
         return params
 
     def layout_dir(self) -> Path:
@@ -384,10 +469,10 @@ class Spider(Task):
             if not self.cfg.data_dir:
                 raise DataSourceError("task.source=spider needs task.data_dir=<folder with tables.json, train_spider.json, dev.json, database/>")
             return Path(self.cfg.data_dir)
-        from tasks._spider_build import build_offline
+        from tasks._spider_build import LAYOUT_VERSION, build_offline
 
         root = self._cache_root or Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
-        key = f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{self.data_version}-" + self.cfg.test_databases.replace(",", "_")
+        key = f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-" + self.cfg.test_databases.replace(",", "_")
         tests = [d.strip() for d in self.cfg.test_databases.split(",") if d.strip()]
         return build_offline(root / "spider" / f"offline-{key}", root, questions_per_db=self.cfg.questions_per_db,
                              test_databases=tests, seed=self.cfg.data_seed)
@@ -442,11 +527,24 @@ class Spider(Task):
             if skipped:
                 log.warning("spider %s: %d gold queries sqlglot cannot read were skipped", split, skipped)
             examples[split] = rows
-        # Vocabularies from training only.
-        src_counts = Counter(t.lower() for r in examples["train"] for t in r["source"])
+        # Vocabularies from training only. Input: word pieces (+ identity placeholders);
+        # output: SQL's own tokens; table/column names and literal words are copy-only.
+        for rows in examples.values():
+            for r in rows:
+                r["pieces"] = [word_pieces(t) for t in r["source"]]
+        piece_counts = Counter(p for r in examples["train"] for token in r["pieces"] for p in token)
+        marks = [f"<w{k}>" for k in range(self.cfg.placeholders)]
+        source_vocab = [PAD, UNK, SEP, *marks] + sorted(t for t, n in piece_counts.items()
+                                                       if n >= self.cfg.min_freq and t not in (PAD, UNK, SEP))
+        copy_only: set[str] = set()
+        if self.cfg.copy_only_schema:
+            for db in {r["db_id"] for r in examples["train"]}:
+                copy_only |= set(tables[db]["table_names_original"]) | {c for _, c in tables[db]["column_names_original"]}
+            copy_only |= {t for r in examples["train"] for t, lit in zip(r["target"], literal_words(r["target"])) if lit}
+            copy_only -= {"*"}
         tgt_counts = Counter(t for r in examples["train"] for t in r["target"])
-        source_vocab = [PAD, UNK, SEP] + sorted(t for t, n in src_counts.items() if n >= self.cfg.min_freq and t != SEP)
-        target_vocab = [PAD, UNK, BOS, EOS] + sorted(t for t, n in tgt_counts.items() if n >= self.cfg.min_freq and t not in (BOS, EOS))
+        target_vocab = [PAD, UNK, BOS, EOS] + sorted(t for t, n in tgt_counts.items()
+                                                     if n >= self.cfg.min_freq and t not in (BOS, EOS) and t not in copy_only)
         src_id = {t: i for i, t in enumerate(source_vocab)}
         tgt_id = {t: i for i, t in enumerate(target_vocab)}
         strings: dict[str, int] = {PAD: 0}  # copy identity: one id per distinct string, over all splits
@@ -454,18 +552,32 @@ class Spider(Task):
         def sid(t: str) -> int:
             return strings.setdefault(t, len(strings))
 
+        def hidden(r: dict[str, Any], index: int) -> set[str]:
+            """Training only: name pieces of this example replaced by placeholders (seeded),
+            so the model learns to link a placeholder in the question to the schema's."""
+            if self.cfg.anonymise <= 0:
+                return set()
+            rng = np.random.default_rng([self.cfg.data_seed, index])
+            names = sorted({p for token, is_name in zip(r["pieces"], name_positions(r["links"])) if is_name
+                            for p in token if p.isalpha() and p not in STOPWORDS})
+            return {p for p, u in zip(names, rng.random(len(names))) if u < self.cfg.anonymise}
+
         truncated = Counter()
         out = {}
         for split, rows in examples.items():
-            cols: dict[str, list] = {k: [] for k in ("input_ids", "source_copy_ids", "source_target_ids", "schema_links",
+            cols: dict[str, list] = {k: [] for k in ("input_ids", "source_piece_ids", "source_role_ids", "source_copy_ids",
+                                                      "source_target_ids", "schema_links",
                                                       "target_ids", "target_copy_ids", "source_tokens", "query", "db_id",
                                                       "question", "hardness")}
-            for r in rows:
+            for index, r in enumerate(rows):
                 target = r["target"]
                 if len(target) > self.max_target_len:
                     truncated[split] += 1
                     target = target[: self.max_target_len]
-                cols["input_ids"].append([src_id.get(t.lower(), 1) for t in r["source"]])
+                pieces = piece_ids(r["pieces"], src_id, self.cfg.placeholders, hidden(r, index) if split == "train" else set())
+                cols["input_ids"].append([ids[0] for ids in pieces])
+                cols["source_piece_ids"].append(pieces)
+                cols["source_role_ids"].append(source_roles(r["source"], r["links"]))
                 cols["source_copy_ids"].append([sid(t) for t in r["source"]])
                 cols["source_target_ids"].append([tgt_id.get(t, 1) for t in r["source"]])
                 cols["schema_links"].append(r["links"])

@@ -298,3 +298,100 @@ def test_tiny_cell_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads(Path(out.stdout.strip().splitlines()[-1]).read_text())
     assert record["status"] == "ok" and record["task"] == "spider"
+
+
+# ----------------------------------------------------------------------------- word pieces, placeholders, copy-only names
+
+
+def test_word_pieces_split_names_into_question_words():
+    from tasks.spider import word_pieces
+
+    assert word_pieces("total_phenols") == ["total", "phenols"]
+    assert word_pieces("FirstName") == ["first", "name"]
+    assert word_pieces("Singer_ID") == ["singer", "id"]
+    assert word_pieces("T1") == ["t1"] and word_pieces("<sep>") == ["<sep>"] and word_pieces("_") == ["_"]
+
+
+def test_placeholders_link_equal_unknown_words_and_hide_known_ones():
+    from tasks.spider import piece_ids
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<w0>": 2, "<w1>": 3, "list": 4, "of": 5, "name": 6}
+    pieces = [["list"], ["horsepower"], ["of"], ["cars"], ["name"], ["horsepower"], ["max", "name"], ["zzz"]]
+    ids = piece_ids(pieces, vocab, placeholders=2, hidden=set())
+    assert ids[1] == ids[5] == [2, 0]  # the same unknown word in question and schema: one placeholder
+    assert ids[3] == [3, 0] and ids[1] != ids[3]  # another unknown word: another placeholder
+    assert ids[6] == [1, 6] and ids[7] == [1, 0]  # placeholders run out: <unk>
+    hidden = piece_ids(pieces, {**vocab, "<w2>": 7}, placeholders=3, hidden={"name"})
+    assert hidden[4] == [7, 0] and hidden[6] == [1, 7]  # a hidden known word is a placeholder wherever it occurs
+    assert hidden[0] == [4, 0]
+
+
+def test_schema_names_are_copy_only_and_pieces_reach_the_input(layout):
+    task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, anonymise=0.0))
+    dsd = task.build()
+    vocab = dsd["vocabulary"]
+    target = {t for t, k in zip(vocab["token"], vocab["kind"]) if k == "target"}
+    source = {t: i for i, t in enumerate(t for t, k in zip(vocab["token"], vocab["kind"]) if k == "source")}
+    assert {"select", "from", "count", "*", "where", "="} <= target
+    assert not target & {"singer", "name", "country", "France", "animal", "kind", "legs"}  # copy-only
+    train = dsd["train"][0]
+    tokens = train["source_tokens"]
+    if "singer_id" in tokens:
+        at = tokens.index("singer_id")
+        assert train["source_piece_ids"][at][:2] == [source["singer"], source["id"]]
+    with_names = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1,
+                                     copy_only_schema=False)).build()["vocabulary"]
+    assert "singer" in {t for t, k in zip(with_names["token"], with_names["kind"]) if k == "target"} or "animal" in with_names["token"]
+
+
+def test_piece_embedding_is_the_mean_of_pieces_and_matches_plain_ids():
+    from harness.model import ModelConfig
+    from harness.seq2seq import Seq2SeqEncoder
+
+    torch.manual_seed(0)
+    for positions in ("sinusoidal", "none"):
+        cfg = ModelConfig(dim=16, depth=1, heads=2, mlp_dim=16, dropout=0.0, pooling="mean", positions=positions)
+        enc = Seq2SeqEncoder(cfg, vocab_size=10, max_len=8, mechanism="softmax").eval()
+        ids = torch.tensor([[4, 5, 6, 0]])
+        mask = ids == 0
+        plain, _ = enc(ids, mask)
+        one_piece, _ = enc(ids, mask, pieces=torch.stack([ids, torch.zeros_like(ids)], -1))
+        assert torch.allclose(plain[:, :3], one_piece[:, :3], atol=1e-6)  # one piece per token = the backbone path (pads aside)
+    captured = []
+    hook = enc.drop.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    enc(ids, mask, pieces=torch.tensor([[[4, 0], [5, 6], [6, 0], [0, 0]]]))
+    hook.remove()
+    emb = enc.embed.weight
+    assert torch.allclose(captured[0][0, :3], torch.stack([emb[4], (emb[5] + emb[6]) / 2, emb[6]]))
+
+
+def test_copy_constraint_by_decoding_state():
+    from harness.seq2seq import copy_blocked, copy_generate_log_probs
+
+    quote, frm, word = 7, 8, 9
+    roles = torch.tensor([[1, 5, 2, 3, 4, 0]])  # column, table, question word, question number, other, padding
+    target_in = torch.tensor([[2, frm, word, quote, word, quote]])  # <bos> from x ' v '
+    allowed = ~copy_blocked(target_in, roles, quote, (frm,))[0]  # (T, Ls)
+    assert allowed[0].tolist() == [True, True, False, True, False, False]  # outside a literal: names, numbers
+    assert allowed[1].tolist() == [False, True, False, False, False, False]  # after FROM: a table name only
+    assert allowed[3].tolist() == allowed[4].tolist() == [False, False, True, True, False, False]  # inside '...'
+    assert allowed[5].tolist() == allowed[0].tolist()  # the literal closed
+    blocked = torch.ones(1, 2, 3, dtype=torch.bool)
+    blocked[0, 0, 1] = False
+    log_p = copy_generate_log_probs(torch.zeros(1, 2, 4), torch.randn(1, 3, 4), blocked, torch.randn(1, 2, 5),
+                                    torch.randn(1, 2, 4), torch.zeros(1, 2, 1))
+    assert torch.allclose(log_p.exp().sum(-1), torch.ones(1, 2)) and not log_p.isnan().any()
+    assert torch.isclose(log_p[0, 0, 5 + 1].exp(), torch.tensor(0.5)) and torch.isinf(log_p[0, 0, [5, 7]]).all()  # gate 1/2
+    assert torch.isinf(log_p[0, 1, 5:]).all()  # nothing to copy from: all mass on the vocabulary
+
+
+def test_source_roles_on_known_example(layout):
+    from tasks.spider import source_roles
+
+    entry = read_tables(layout / "tables.json")["shop"]
+    tokens, links = serialise(["singers", "older", "than", "30"], entry)
+    roles = dict(zip(range(len(tokens)), source_roles(tokens, links)))
+    assert [roles[i] for i in range(4)] == [2, 2, 2, 3] and roles[4] == 4  # question words, number, <sep>
+    at = tokens.index("singer")
+    assert roles[at] == 5 and roles[at + 1] == 4  # table name, then ':'
+    assert roles[at + 2] == 1 and roles[at + 3] == 4  # column 'id', its type
