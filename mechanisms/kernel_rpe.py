@@ -79,7 +79,7 @@ class KernelRPEConfig:
     fft_dtype: str = "float32"  # "float32" or "float64": precision of the Toeplitz products
     fft_feature_block: int = 16  # random features per FFT pass: peak memory ~ B·H·2L·block·(d+1)
     checkpoint_fft: bool = False  # recompute each FFT pass in backward instead of storing it
-    causal_leaf: int = 256  # causal: queries per exact dense leaf block; the levels above it use FFTs (power of 2)
+    causal_leaf: int = 512  # causal: positions per exact dense leaf (power of 2); memory ~ B·H·L·leaf, FFT levels log2(L/leaf)
     normalize_qk: bool = False  # §3.3: ℓ2-normalised q and k, kernel exp(q̂·k̂ + b_{j−i}): bounded feature variance
 
 
@@ -118,7 +118,7 @@ def _feature_block(q_feats: Tensor, k_feats: Tensor, v1: Tensor, coeffs: Tensor)
     x = (k_feats[..., :, None] * v1[..., None, :]).reshape(b, h, lk, -1)  # (B, H, Lk, mb·(D+1))
     y = toeplitz_multiply(coeffs, x, q_feats.shape[-2]).reshape(b, h, -1, mb, v1.shape[-1])
     y = torch.cat([y[..., :-1], y[..., -1:].clamp_min(0.0)], -1)  # C φ(K) ≥ 0: clip FFT round-off
-    return torch.einsum("bhim,bhime->bhie", q_feats, y)
+    return torch.matmul(q_feats[..., None, :], y)[..., 0, :]  # Σ_m φ(q_i)_m y_ime (a batched matvec)
 
 
 def normalised_rows(acc: Tensor, mass: Tensor, visible: Tensor | None) -> Tensor:
@@ -213,7 +213,7 @@ def _sibling_block(q_t: Tensor, phi_s: Tensor, v1_s: Tensor, kernel: Tensor) -> 
     y = y.unflatten(-1, (mb, v1_s.shape[-1]))  # (B, H, N, s, mb, E)
     # no clip of the denominator channel here: its round-off (≤ eps · this block's mass) is
     # covered by the floor eps · mass in ``normalised_rows``, and the clip would copy y
-    return torch.einsum("bhnsf,bhnsfe->bhnse", q_t, y)
+    return torch.matmul(q_t[..., None, :], y)[..., 0, :]  # Σ_f φ(q_t)_f y_tfe (a batched matvec)
 
 
 def causal_kernelized_rpe_attention(
@@ -223,7 +223,7 @@ def causal_kernelized_rpe_attention(
     decay: Tensor,
     *,
     visible: Tensor | None = None,
-    leaf: int = 256,
+    leaf: int = 512,
     block: int = 16,
     use_checkpoint: bool = False,
 ) -> Tensor:
@@ -320,7 +320,7 @@ class KernelRPEAttention(Attention):
         if cfg.fft_feature_block < 1:
             raise ValueError(f"fft_feature_block must be >= 1, got {cfg.fft_feature_block}")
         if cfg.causal_leaf < 1 or cfg.causal_leaf & (cfg.causal_leaf - 1):
-            raise ValueError(f"causal_leaf must be a power of two >= 1 (e.g. 256), got {cfg.causal_leaf}")
+            raise ValueError(f"causal_leaf must be a power of two >= 1 (e.g. 512), got {cfg.causal_leaf}")
         self.projection = RandomFeatureProjection(
             cfg.num_features, dim_head, orthogonal=cfg.orthogonal_features, redraw_interval=cfg.redraw_interval
         )
