@@ -18,6 +18,7 @@ hash, with ``variant_label`` listing how it differs from the presets::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -90,9 +91,15 @@ def difference(identity: dict[str, Any], preset: dict[str, Any]) -> str:
 
 def preset_identity(task: str, mechanism: str, scale: str) -> dict[str, Any]:
     """The identity of the scale's preset cell for (task, mechanism)."""
+    return json.loads(_preset_identity_json(task, mechanism, scale))
+
+
+@functools.lru_cache(maxsize=1024)
+def _preset_identity_json(task: str, mechanism: str, scale: str) -> str:
     from harness.config import compose_isolated
 
-    return cell_identity(compose_isolated([f"task={task}", f"mechanism={mechanism}", f"scale={scale}"]))
+    identity = cell_identity(compose_isolated([f"task={task}", f"mechanism={mechanism}", f"scale={scale}"]))
+    return json.dumps(identity, default=str)
 
 
 @dataclass
