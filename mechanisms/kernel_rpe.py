@@ -24,7 +24,9 @@ the key stabiliser and the denominator floor taken over all keys. The causal pat
 ``causal_kernelized_rpe_attention``) never lets a future key touch a past output: a running
 key stabiliser, exact dense leaves of ``causal_leaf`` positions and, above them, recursive
 doubling where each FFT sees only keys in the past of all the queries it serves. Cost
-O(L log L · log(L/C) · m·d) instead of O(L log L · m·d); ``causal_kernelized_rpe_reference``
+O(L log L · log(L/C) · m·d) instead of O(L log L · m·d), memory O(B·H·L·C) for the leaves
+(measured on one CPU thread at L = 4096: 1.5–1.7× the bare FFTs of the m·(d+1) channels
+with C = 1024/512, against 1.1× for the non-causal path); ``causal_kernelized_rpe_reference``
 is the plain formula the tests compare it against in float64.
 
 §3.3 (training stability): the variance of the positive-feature estimator grows with ‖q‖
@@ -38,7 +40,7 @@ the stabilisers and the causal blocking are ours. Deviations from the paper: Per
 block-orthogonal positive features with query/key stabilisers and a query-side eps (from
 ``mechanisms/performer.py``); b is one learned scalar per head and relative position (the
 paper's "most general" RPE), clipped only by max_len; the denominator floor (eps · visible
-mass) and the clip of C φ(K) at 0 are ours; the causal path's blocking is ours.
+mass) and (non-causal) the clip of C φ(K) at 0 are ours; the causal path's blocking is ours.
 
 Accuracy/speed: ``num_features`` (m) sets the kernel approximation error (~1/√m) and the
 cost, O(L log L · m · d) time and O(L·m·d) memory per pass; ``fft_feature_block`` bounds the
