@@ -224,6 +224,19 @@ def test_checkpoints_are_loaded_weights_only(workdir, tmp_path):
     assert result["status"] == "failed"  # refused to unpickle, recorded; nothing ran
 
 
+def test_checkpoints_of_another_config_are_never_resumed(workdir):
+    """A checkpoint folder whose marker names another config is cleared, not resumed (a
+    resumed cell with other settings used to train on, or crash with a size mismatch)."""
+    target = resolve_cell(cell(workdir, "mechanism=softmax", "seed=10"))
+    target.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (target.checkpoint_dir / "last.ckpt").write_bytes(b"a checkpoint of another config")
+    marker = target.checkpoint_dir.with_name(target.checkpoint_dir.name + ".cell.json")
+    marker.write_text(json.dumps({"config_hash": "another0000"}))
+    result = run_cell(cell(workdir, "mechanism=softmax", "seed=10"))
+    assert result["status"] == "ok" and result["resumed_from_step"] is None
+    assert json.loads(marker.read_text())["config_hash"] == target.config_hash
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -252,7 +265,6 @@ def test_two_processes_on_one_cell_train_it_once(workdir):
     assert len([r for r in records if r["mechanism"] == "slow" and r["seed"] == 22]) == 1
 
 
-@pytest.mark.slow
 def test_a_killed_cell_resumes_and_records_it(workdir):
     args = ["run", "mechanism=slow", "mechanism.seconds=0.15", "seed=23", "scale=tiny", "trainer.progress_bar=false",
             "train.max_steps=30", "train.eval_every=5", "keep_checkpoints=false",
