@@ -25,8 +25,8 @@ the key stabiliser and the denominator floor taken over all keys. The causal pat
 key stabiliser, exact dense leaves of ``causal_leaf`` positions and, above them, recursive
 doubling where each FFT sees only keys in the past of all the queries it serves. Cost
 O(L log L · log(L/C) · m·d) instead of O(L log L · m·d), memory O(B·H·L·C) for the leaves
-(measured on one CPU thread at L = 4096: 1.5–1.7× the bare FFTs of the m·(d+1) channels
-with C = 1024/512, against 1.1× for the non-causal path); ``causal_kernelized_rpe_reference``
+(measured on one CPU thread at L = 4096: 1.5–1.8× the bare FFTs of the m·(d+1) channels
+with C = 1024/512, against 1.1–1.5× for the non-causal path); ``causal_kernelized_rpe_reference``
 is the plain formula the tests compare it against in float64.
 
 §3.3 (training stability): the variance of the positive-feature estimator grows with ‖q‖
