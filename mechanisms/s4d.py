@@ -149,7 +149,11 @@ class S4D(Attention):
             u = zero_padded(v.to(dtype), key_padding_mask).transpose(2, 3).reshape(b, h * d, length)  # (B, Ch, L)
             kernel = self.kernels(length, dtype)  # (S, Ch, L)
             backward = kernel[1] if self.cfg.bidirectional and not causal else None
-            y = fft_convolution(u, kernel[0], backward) + u * self.d.to(dtype)[:, None]  # (B, Ch, L)
+            if causal:  # float64 FFT: its round-off is relative to the whole sequence, future included
+                conv = fft_convolution(u.double(), kernel[0].double(), None).to(dtype)
+            else:
+                conv = fft_convolution(u, kernel[0], backward)
+            y = conv + u * self.d.to(dtype)[:, None]  # (B, Ch, L)
             if self.cfg.activation == "gelu":
                 y = F.gelu(y)
         return y.reshape(b, h, d, length).transpose(2, 3).to(v.dtype)

@@ -13,7 +13,10 @@ import pytest
 import torch
 from mechanism_checks import build, call, qkv
 
-ADVERSARIAL = ["kernel_rpe", "polynomial", "relation_aware"]  # the mechanisms of issue 15, part B1
+from harness.registry import discover, get_mechanism, list_mechanisms
+
+discover()
+ADVERSARIAL = [n for n in list_mechanisms() if get_mechanism(n).capabilities.causal]  # every causal mechanism
 
 
 def adversarial_future(mech, q, k, v, t, variant):
