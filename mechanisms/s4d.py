@@ -16,7 +16,9 @@ recurrence of N/2 complex diagonal modes, discretised by zero-order hold with st
 computed by FFT (sequence zero-padded to 2L): O(L log L) per channel, plus the Vandermonde
 product O(N·L) per channel, taken as one batched matmul of √L-sized factors (no (N, L) matrix). Bidirectional (encoders): a second kernel K' with its own C' (same A and
 Δ, the reference's ``channels=2``) runs backwards, y_t += Σ_{s>t} K'[s−t−1] u_s, i.e. the
-2L-periodic kernel [K, flip(K')] of fftconv.py. Causal calls use K alone. Then GELU, as the
+2L-periodic kernel [K, flip(K')] of fftconv.py. Causal calls use K alone, by a float64 FFT (a
+float32 FFT's round-off is relative to the whole sequence, so a huge future value leaked about
+2.5e-3 into past outputs; the reference's fftconv has the same property). Then GELU, as the
 S4D block before its output linear (here the backbone's Wo).
 
 Under the harness contract the layer mixes **the values** v and **ignores q and k**
