@@ -76,7 +76,7 @@ FFT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class KernelRPEConfig:
     num_features: int = 64  # random features m: error ~ 1/√m, cost O(L log L·m·d) — the accuracy/speed knob
     orthogonal_features: bool = True  # block-orthogonal rows with chi norms (False: i.i.d. Gaussian)
-    redraw_interval: int = 1000  # training forward passes between feature redraws; 0 = never
+    redraw_interval: int = 1000  # training steps between feature redraws (by context.step); 0 = never
     feature_eps: float = 1e-4  # added to the (row-normalised) query features: positive denominators
     fft_dtype: str = "float32"  # "float32" or "float64": precision of the Toeplitz products
     fft_feature_block: int = 16  # random features per FFT pass: peak memory ~ B·H·2L·block·(d+1)
@@ -345,7 +345,7 @@ class KernelRPEAttention(Attention):
                 f"got Lq={lq}, Lk={lk}; build it with max_len >= {max(lq, lk)}"
             )
         kpm = None if key_padding_mask is None else key_padding_mask.bool()
-        projection = self.projection.step()
+        projection = self.projection.step(None if context is None else context.step)  # redraw by the global step
         out_dtype = output_dtype(q)
         fft_dtype = torch.promote_types(FFT_DTYPES[self.cfg.fft_dtype], work_dtype(q))
         visible = visible_rows(q.shape[0], lq, lk, kpm, causal, q.device)

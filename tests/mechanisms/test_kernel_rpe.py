@@ -218,3 +218,24 @@ def test_lengths_beyond_max_len_and_bad_config_raise():
     for bad in ({"fft_dtype": "float16"}, {"fft_feature_block": 0}, {"num_features": 0}, {"causal_leaf": 3}):
         with pytest.raises(ValueError):
             build("kernel_rpe", **bad)
+
+
+def test_features_are_redrawn_by_the_training_step_not_per_call():
+    """Like performer: calls within one training step share a draw; the schedule follows
+    context.step, and a checkpoint restores the drawn features."""
+    from harness.attention import AttentionContext
+    from harness.registry import create_mechanism
+
+    torch.manual_seed(0)
+    mech = create_mechanism("kernel_rpe", heads=2, dim_head=8, max_len=32, redraw_interval=3).train()
+    q = torch.randn(1, 2, 16, 8)
+    first = mech.projection.weight.clone()
+    for _ in range(4):  # four calls (e.g. two towers, gradient accumulation) at step 1: no redraw
+        mech(q, q, q, context=AttentionContext(step=1))
+    assert torch.equal(mech.projection.weight, first)
+    mech(q, q, q, context=AttentionContext(step=3))
+    assert not torch.equal(mech.projection.weight, first)
+    state = {k: v.clone() for k, v in mech.state_dict().items()}
+    other = create_mechanism("kernel_rpe", heads=2, dim_head=8, max_len=32, redraw_interval=3)
+    other.load_state_dict(state)
+    assert torch.equal(other.projection.weight, mech.projection.weight)
