@@ -74,6 +74,9 @@ def gathered_block_attention(
     scale = d**-0.5 if scale is None else scale
     if n * block < lq:
         raise ValueError(f"key_index has {n} query blocks of {block}; {lq} queries need {math.ceil(lq / block)}")
+    if 2 * s >= lk:  # short sequences: each block gathers about every key, so the dense form is cheaper
+        return dense_pattern_attention(q, k, v, key_index, allowed, block=block, key_padding_mask=key_padding_mask,
+                                       causal=causal, scale=scale)
     qb = F.pad(q, (0, 0, 0, n * block - lq)).reshape(b, h, n, block, d)  # (B, H, N, blk, D)
     valid = key_index >= 0  # (P, N, S)
     idx = key_index.clamp_min(0)
@@ -97,6 +100,34 @@ def gathered_block_attention(
     weights = masked_softmax(scores, mask).to(vg.dtype)
     out = torch.einsum("bhnis,bhnsd->bhnid", weights, vg)  # (B, H, N, blk, D)
     return out.reshape(b, h, n * block, d)[:, :, :lq]
+
+
+def dense_pattern_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_index: Tensor,
+    allowed: Tensor | None,
+    *,
+    block: int,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """The same attention as :func:`gathered_block_attention` through the (Lq, Lk) matrix the
+    pattern stands for: O(Lq·Lk), used only when a block gathers at least half of the keys
+    (short sequences, where gathering costs more than it saves). Keys gathered twice count
+    once here, so callers deduplicate (``dedup_keep_first``), as they do for the gathered form."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = pattern_as_dense(key_index, allowed, block=block, query_len=lq, key_len=lk)[None]  # (1, P, Lq, Lk)
+    if causal:
+        mask = mask & (torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + lk - lq)
+    if key_padding_mask is not None:
+        mask = mask & ~key_padding_mask.bool()[:, None, None, :]
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, H, Lq, Lk)
+    weights = masked_softmax(scores, mask).to(v.dtype)
+    return torch.einsum("bhij,bhjd->bhid", weights, v)
 
 
 def dense_rows(
