@@ -407,9 +407,11 @@ def _requires(self) -> frozenset[str]:
                  "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15}},
         "small": {"task": {"questions_per_db": 300, "max_len": 320, "max_target_len": 64},
                   "model": {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128, "dropout": 0.1},
-                  "train": {"max_steps": 1200, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 100, "eval_every": 300}},
+                  # ~0.4 s a step on a shared 2-core CPU; the limit leaves room for a loaded machine.
+                  "train": {"max_steps": 1200, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 100, "eval_every": 300,
+                            "time_limit_s": 1800}},
         # Spider's real data, a larger model (RAT-SQL-sized encoder), for GPUs.
-        "lra": {"task": {"source": "spider", "max_len": 1024, "max_target_len": 160, "min_freq": 2},
+        "lra": {"task": {"source": "spider", "max_len": 1024, "max_target_len": 160, "min_freq": 2, "beam_size": 4},
                 "model": {"dim": 256, "depth": 4, "heads": 8, "mlp_dim": 1024, "dropout": 0.1},
                 "train": {"max_steps": 20000, "batch_size": 32, "lr": 5.0e-4, "schedule": "cosine", "warmup_steps": 1000, "eval_every": 1000}},
     },
