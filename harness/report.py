@@ -137,7 +137,9 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "variant": r.get("variant") or "", "variant_label": r.get("variant_label") or "",
             "row": f"{r['mechanism']} [{other}]" if other else r["mechanism"],
             "length": sequence_length(r), "status": r["status"], "error": r.get("error"),
-            "metric": metric, "higher_better": higher, "test": test.get(metric),
+            # text-to-SQL (Spider): the accuracy column is exact set match of the decoded query
+            "metric": metric, "higher_better": higher,
+            "test": test.get("exact", test.get(metric)) if metric == "accuracy" else test.get(metric),
             "params": r.get("params"), "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
             "wall_s": r.get("wall_s"), "source": data.get("source"), "fingerprint": data.get("fingerprint"),
             "cache_path": data.get("cache_path"), "majority": data.get("majority_accuracy"),
