@@ -302,6 +302,10 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
         raise GridError(f"launcher={launcher}: valid launchers are {', '.join(sorted(set(LAUNCHERS)))}")
     n_jobs = int(own.get("n_jobs", 1))
     launcher = LAUNCHERS[launcher]
+    if launcher in ("joblib", "slurm") and os.environ.get("HARNESS_PLUGIN_PATH"):
+        print(f"warning: launcher={launcher} pickles the configs to its workers; mechanisms loaded from "
+              "$HARNESS_PLUGIN_PATH files can't be unpickled there. Use launcher=process (the default), or "
+              "install them as a package with a harness.mechanisms entry point", file=sys.stderr)
     if launcher == "slurm":
         try:
             import hydra_plugins.hydra_submitit_launcher  # noqa: F401
