@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,21 +66,12 @@ class Seq2SeqEncoder(Encoder):
         mean(total, phenols)), so schema names share the question's words."""
         if pieces is None:
             return super().forward(ids, padding_mask, causal=causal, relations=relations, step=step)
-        b, n = ids.shape
+        n = ids.shape[1]
         if n > self.max_len:
             raise ValueError(f"sequence of length {n} exceeds the model's max_len {self.max_len}")
         present = (pieces != 0).unsqueeze(-1)  # (B, L, P, 1)
         x = (self.embed(pieces) * present).sum(2) / present.sum(2).clamp_min(1)  # (B, L, dim)
-        if self.cfg.positions == "sinusoidal":
-            x = x + sinusoidal_positions(n, self.cfg.dim, ids.device).to(x.dtype)
-        elif self.pos is not None:
-            x = x + self.pos.weight[:n]
-        x = self.drop(x)
-        context = AttentionContext(positions=torch.arange(n, device=ids.device).expand(b, n), relations=relations, step=step)
-        kpm = padding_mask if bool(padding_mask.any()) else None
-        for block in self.blocks:
-            x = block(x, key_padding_mask=kpm, causal=causal, context=context)
-        return self.norm(x), padding_mask
+        return self.transform(x, padding_mask, causal=causal, relations=relations, step=step)
 
 
 class DecoderBlock(nn.Module):
