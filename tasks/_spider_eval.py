@@ -79,7 +79,7 @@ class Schema:
     fk_map: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any]) -> "Schema":
+    def from_entry(cls, entry: dict[str, Any]) -> Schema:
         names = [t.lower() for t in entry["table_names_original"]]
         tables: dict[str, list[str]] = {t: [] for t in names}
         ids: list[str] = []

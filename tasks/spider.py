@@ -714,8 +714,8 @@ def flat_scores(scores: dict[str, Any]) -> dict[str, float]:
 def read_gold_pred(gold: Path, pred: Path) -> list[tuple[str, str, str]]:
     """(gold SQL, predicted SQL, db_id) from Spider's evaluation files: gold lines
     ``SQL<TAB>db_id``, one predicted query per line."""
-    gold_lines = [l.rstrip("\n") for l in gold.read_text().splitlines() if l.strip()]
-    pred_lines = [l.rstrip("\n") for l in pred.read_text().splitlines()]
+    gold_lines = [line.rstrip("\n") for line in gold.read_text().splitlines() if line.strip()]
+    pred_lines = [line.rstrip("\n") for line in pred.read_text().splitlines()]
     while pred_lines and not pred_lines[-1].strip() and len(pred_lines) > len(gold_lines):
         pred_lines.pop()
     if len(pred_lines) != len(gold_lines):

@@ -17,7 +17,16 @@ import torch
 from harness.data import DataSourceError, MalformedRecord
 from tasks import _spider_build as build
 from tasks._spider_eval import Schema, evaluate, exact_match, hardness, parse_sql, results_equal
-from tasks.spider import REL, Spider, SpiderConfig, detokenize_sql, read_tables, schema_relations, serialise, tokenize_sql
+from tasks.spider import (
+    REL,
+    Spider,
+    SpiderConfig,
+    detokenize_sql,
+    read_tables,
+    schema_relations,
+    serialise,
+    tokenize_sql,
+)
 
 # ----------------------------------------------------------------------------- fixture
 
@@ -331,7 +340,7 @@ def test_schema_names_are_copy_only_and_pieces_reach_the_input(layout):
     dsd = task.build()
     vocab = dsd["vocabulary"]
     target = {t for t, k in zip(vocab["token"], vocab["kind"]) if k == "target"}
-    source = {t: i for i, t in enumerate(t for t, k in zip(vocab["token"], vocab["kind"]) if k == "source")}
+    _source = {t: i for i, t in enumerate(t for t, k in zip(vocab["token"], vocab["kind"]) if k == "source")}
     assert {"select", "from", "count", "*", "where", "="} <= target
     assert not target & {"singer", "name", "country", "France", "animal", "kind", "legs"}  # copy-only
     shop = next(row for split in ("train", "validation") for row in dsd[split] if row["db_id"] == "shop")
