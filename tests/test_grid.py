@@ -221,3 +221,24 @@ def test_joblib_launcher_runs_cells_side_by_side(env):
     assert sorted(r["mechanism"] for r in records) == ["linear", "softmax"] and all(r["status"] == "ok" for r in records)
     lines = [x for x in done.stdout.splitlines() if re.match(r"\[\s*\d+/2\] ok ", x)]
     assert len(lines) == 2  # the progress callback runs in joblib's workers too
+
+
+def test_cells_side_by_side_share_the_cores():
+    from harness.launcher import cell_environment
+
+    assert cell_environment(2, environ={}, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert cell_environment(3, environ={}, cores=16)["MKL_NUM_THREADS"] == "5"
+    assert cell_environment(4, environ={}, cores=2)["OMP_NUM_THREADS"] == "1"  # never 0
+    assert "OMP_NUM_THREADS" not in cell_environment(1, environ={}, cores=2)  # one cell: torch's default
+    assert cell_environment(2, environ={"OMP_NUM_THREADS": "3"}, cores=2)["OMP_NUM_THREADS"] == "3"  # the caller wins
+
+
+def test_process_launcher_gives_each_cell_its_share_of_threads(env):
+    results = env[0] / "threads"
+    unset = (env[0], {k: v for k, v in env[1].items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    done = harness(unset, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear", "seeds=0", "n_jobs=2",
+                   f"results_dir={results}", *CELL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records, _ = scan_results(results)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert len(records) == 2 and all(r["env"]["device"].endswith(f", {share} threads)") for r in records)
