@@ -526,7 +526,13 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     style = series_style(sorted(stats.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
     cols = min(3, len(tasks))
     rows_n = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 3, 4 * rows_n), squeeze=False)
+    # the legend sits right of the panels: ~0.19 in per entry at fontsize 8, in as many columns as it
+    # needs to fit the figure's height (33 series in one column would run off a one-row figure)
+    entries = len(style) + 1
+    height = 4 * rows_n
+    legend_cols = max(1, math.ceil(entries * 0.19 / (height - 0.6)))
+    legend_width = 2.4 * legend_cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + legend_width, height), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         group = stats[(stats.task == task) & (stats.length > 0)]
         higher = bool(group.higher.iloc[0]) if len(group) else True
@@ -566,9 +572,10 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False,
+               ncol=legend_cols)
     fig.suptitle(f"Accuracy vs sequence length — scale `{scale}` (✕: the cell failed, oom or timed out there)")
-    fig.tight_layout(rect=(0, 0, 0.8, 0.95))
+    fig.tight_layout(rect=(0, 0, 1 - legend_width / fig.get_figwidth(), 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -187,3 +187,24 @@ def test_sequence_length_and_variant_labels():
     assert report.band_of(1000) == "513–1K" and report.band_of(2000) == "1K–2K" and report.band_of(128) == "≤ 256"
     assert math.isnan(report.wilson(0.5, 0)[0])
     assert isinstance(report.cells_frame([]), pd.DataFrame)
+
+
+def test_the_length_plot_legend_fits_the_figure_with_many_series(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = [record(mechanism=f"mech{i:02d}", accuracy=0.5 + i / 100, max_len=length, fingerprint=f"f{length}")
+               for i in range(33) for length in (128, 1024)]
+    stats, baselines = stats_of(records, tmp_path)
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1])
+    report.accuracy_length_plot(stats, baselines, tmp_path / "plot.png", "small")
+    fig = saved[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert len(fig.legends[0].get_texts()) == 34  # 33 series and the strongest baseline
+    assert legend.y0 >= 0 and legend.y1 <= fig.bbox.height and legend.x1 <= fig.bbox.width  # nothing cut off
+    for ax in fig.axes:  # and never over the data
+        assert ax.get_window_extent(renderer).x1 <= legend.x0
