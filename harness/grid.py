@@ -254,25 +254,31 @@ def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, An
 
 
 def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> tuple[float, int]:
-    """(seconds, cells estimated) for the cells not yet finished: the mean wall time of
-    recorded cells of the same task and mechanism, else of the same task, else of all."""
+    """(seconds, cells estimated) for the cells not yet finished: the mean wall time of recorded
+    cells of the same config (a rerun), else of the same task and overrides (``variant_label``,
+    any mechanism: the grid's other cells), else of the same task and mechanism, else of the same
+    task, else of all. The config comes first: a preset cell of the same mechanism says little
+    about a cell with a 4x smaller model."""
     from harness.results import FINISHED, read_results
 
-    records = [r for r in read_results(results_dir) if r.get("wall_s")]
-    by_pair: dict[tuple, list[float]] = {}
-    by_task: dict[str, list[float]] = {}
-    for r in records:
-        by_pair.setdefault((r["scale"], r["task"], r["mechanism"]), []).append(r["wall_s"])
-        by_task.setdefault(r["task"], []).append(r["wall_s"])
-    overall = [r["wall_s"] for r in records]
+    keys = (lambda s, t, m, h, label: (s, t, m, h), lambda s, t, m, h, label: (s, t, label),
+            lambda s, t, m, h, label: (s, t, m), lambda s, t, m, h, label: t, lambda s, t, m, h, label: ())
+    walls: list[dict[tuple | str, list[float]]] = [{} for _ in keys]
+    for r in read_results(results_dir):
+        if not r.get("wall_s"):
+            continue
+        parts = (r["scale"], r["task"], r["mechanism"], r.get("config_hash"), r.get("variant_label") or "")
+        for key, table in zip(keys, walls):
+            table.setdefault(key(*parts), []).append(r["wall_s"])
     total, known = 0.0, 0
     for row in rows:
         if row["status"] in FINISHED:
             continue
         c = row["cell"]
-        walls = by_pair.get((c.scale, c.task, c.mechanism)) or by_task.get(c.task) or overall
-        if walls:
-            total += sum(walls) / len(walls)
+        parts = (c.scale, c.task, c.mechanism, c.config_hash, c.variant_label)
+        found = next((table[key(*parts)] for key, table in zip(keys, walls) if table.get(key(*parts))), None)
+        if found:
+            total += sum(found) / len(found)
             known += 1
     return total, known
 

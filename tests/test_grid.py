@@ -242,3 +242,29 @@ def test_process_launcher_gives_each_cell_its_share_of_threads(env):
     records, _ = scan_results(results)
     share = max(1, len(os.sched_getaffinity(0)) // 2)
     assert len(records) == 2 and all(r["env"]["device"].endswith(f", {share} threads)") for r in records)
+
+
+def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
+    from types import SimpleNamespace
+
+    from harness.grid import estimate_s
+    from harness.results import result_path, write_json_atomic
+
+    def put(mechanism, variant, label, wall):
+        record = {"task": "listops", "mechanism": mechanism, "scale": "small", "seed": 0, "status": "ok",
+                  "wall_s": wall, "config_hash": variant or "preset", "variant": variant, "variant_label": label}
+        write_json_atomic(result_path(tmp_path, "small", "listops", mechanism, 0, variant), record)
+
+    put("softmax", "", "", 900.0)  # the preset: a big model
+    put("linear", "a1", "model.dim=32", 20.0)  # the grid's smaller model, another mechanism
+    put("linear", "", "", 800.0)
+
+    def row(mechanism, config_hash, label):
+        return {"status": "todo", "cell": SimpleNamespace(scale="small", task="listops", mechanism=mechanism,
+                                                          config_hash=config_hash, variant_label=label)}
+
+    assert estimate_s([row("softmax", "b2", "model.dim=32")], str(tmp_path)) == (20.0, 1)  # same overrides
+    assert estimate_s([row("linear", "a1", "model.dim=32")], str(tmp_path)) == (20.0, 1)  # the same config
+    assert estimate_s([row("softmax", "c3", "model.depth=9")], str(tmp_path)) == (900.0, 1)  # else the mechanism
+    assert estimate_s([row("softmax", "c3", "model.depth=9"), row("linear", "a1", "model.dim=32")],
+                      str(tmp_path)) == (920.0, 2)
