@@ -196,6 +196,8 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     if previous is not None:  # a recorded cell redone starts afresh; only a killed (unrecorded) one resumes
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(cell.log_dir / "curves", ignore_errors=True)
+        kept = _keep_replaced(cell, previous)  # so a redo killed half-way resumes, rather than starting over
+        log.info("redoing %s (recorded as %s); that record kept as %s", cell.name, previous["status"], kept)
     _claim_checkpoints(cell)
 
     result = _new_result(cfg, cell)
@@ -214,6 +216,16 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     log.info("%s %s: %s", result.status, cell.name, _summary(result))
     print(written, flush=True)
     return result.as_dict()
+
+
+def _keep_replaced(cell: Cell, previous: dict[str, Any]) -> Path:
+    """Move the record of a cell being redone to ``<log_dir>/replaced/`` (out of the results)."""
+    from harness.results import write_json_atomic
+
+    target = cell.log_dir / "replaced" / f"{time.strftime('%Y%m%dT%H%M%S')}-{previous['status']}.json"
+    write_json_atomic(target, {k: v for k, v in previous.items() if not k.startswith("_")})
+    cell.result_path.unlink(missing_ok=True)
+    return target
 
 
 def _new_result(cfg: DictConfig, cell: Cell) -> Result:

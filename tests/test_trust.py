@@ -293,3 +293,35 @@ def test_a_killed_cell_resumes_and_records_it(workdir):
         steps = [int(float(row["step"])) for row in csv.DictReader(f) if row.get("step")]
     assert len(before) >= 2  # the killed run had logged something
     assert min(steps) < record["resumed_from_step"] <= max(steps)  # its rows kept ahead of the new ones
+
+
+def test_a_redo_of_a_failed_cell_killed_half_way_resumes(workdir):
+    """rerun=failed moves the failed record out of the results before training, so killing the
+    redo leaves an unrecorded cell that the next run resumes instead of starting over."""
+    args = ["run", "mechanism=slow", "mechanism.seconds=0.15", "seed=24", "scale=tiny", "trainer.progress_bar=false",
+            "train.max_steps=30", "train.eval_every=5", "rerun=failed", f"results_dir={workdir / 'results'}",
+            f"cache_dir={workdir / 'cache'}"]
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
+    target = resolve_cell(compose(args[1:]))
+    from harness.results import write_json_atomic
+
+    failed = {"task": target.task, "mechanism": target.mechanism, "scale": target.scale, "seed": target.seed,
+              "status": "timeout", "error": "an earlier time limit", "config_hash": target.config_hash,
+              "variant": target.variant, "variant_label": target.variant_label, "metrics": {}}
+    write_json_atomic(target.result_path, failed)
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env=env, start_new_session=True)
+    last = target.checkpoint_dir / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (last.exists() and proc.poll() is None):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not target.result_path.exists()
+    kept = list((target.log_dir / "replaced").glob("*-timeout.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["error"] == "an earlier time limit"
+    done = cli(workdir, *args, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(target.result_path.read_text())
+    assert record["status"] == "ok" and record["resumed_from_step"] >= 5 and record["steps"] == 30
