@@ -5,6 +5,7 @@ from mechanism_checks import (
     assert_fully_padded_row_finite,
     assert_gradients_finite,
     assert_padding_invariant,
+    assert_subquadratic,
     build,
     call,
     dense_attention_oracle,
@@ -47,7 +48,8 @@ def dense_kernel_rpe(mech, q, k, v, *, key_padding_mask=None, causal=False):
 
 
 def build_rpe(**overrides):
-    mech = build("kernel_rpe", max_len=MAX_LEN, **overrides)
+    """The FFT path unless a test asks for the dense one (every length here is below its default cutoff)."""
+    mech = build("kernel_rpe", max_len=MAX_LEN, **{"dense_max_len": 0, **overrides})
     with torch.no_grad():  # a non-trivial bias (5 units of dynamic range) so C really matters
         mech.rel_bias.copy_(torch.linspace(-2.5, 2.5, 2 * MAX_LEN - 1).sin() * 2.5)
     return mech
@@ -80,6 +82,20 @@ def test_matches_dense_formula(causal, lq, lk):
         out32 = call(build_rpe(num_features=24), q, k, v, key_padding_mask=mask, causal=causal)
         assert out32.dtype == torch.float32
         torch.testing.assert_close(out32.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (9, 9), (5, 11), (11, 5), (16, 16)])
+def test_short_sequences_take_the_exact_dense_product(lq, lk, monkeypatch):
+    mech = build_rpe(num_features=24, fft_dtype="float64", dense_max_len=MAX_LEN)
+    q, k, v = qkv(lq=lq, lk=lk)
+    kpm = padding_mask(2, lk, [lk, max(lk - 3, 1)])
+    monkeypatch.setattr(kernel_rpe, "kernelized_rpe_attention", None)  # the FFT path is not taken
+    for mask in (None, kpm):
+        ref = dense_kernel_rpe(mech, q, k, v, key_padding_mask=mask)
+        out = call(mech, q.double(), k.double(), v.double(), key_padding_mask=mask)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+        out32 = call(build_rpe(num_features=24, dense_max_len=MAX_LEN), q, k, v, key_padding_mask=mask)
+        torch.testing.assert_close(out32.double(), ref, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("leaf", [1, 2, 4])
@@ -239,3 +255,12 @@ def test_features_are_redrawn_by_the_training_step_not_per_call():
     other = create_mechanism("kernel_rpe", heads=2, dim_head=8, max_len=32, redraw_interval=3)
     other.load_state_dict(state)
     assert torch.equal(other.projection.weight, mech.projection.weight)
+
+
+def test_no_quadratic_tensor_above_the_dense_cutoff():
+    """The dense short-sequence path must not leak past ``dense_max_len``: at 8K (default cutoff
+    1024) no tensor of forward+backward reaches L²/16 elements, causal or not (the causal leaves
+    hold L·causal_leaf elements: 256 keeps them at L²/32)."""
+    for causal in (False, True):
+        mech = build("kernel_rpe", heads=1, max_len=8192, num_features=8, causal_leaf=256)
+        assert_subquadratic(mech, length=8192, heads=1, dim=8, causal=causal)
