@@ -67,7 +67,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.attention import Attention, AttentionContext
 from harness.registry import register_mechanism
-from mechanisms.bam import EULER_GAMMA, _block_mask, weibull_gamma_kl
+from mechanisms.bam import EULER_GAMMA, _block_mask, key_prior_logits, weibull_gamma_kl
 
 
 @dataclass
@@ -277,8 +277,7 @@ class BABN(Attention):
 
     def prior_logits(self, k: Tensor) -> Tensor:
         """k: (B, H, Lk, D) -> g(k): (B, H, Lk), the top layer's contextual prior logits."""
-        x = k if k.dtype == torch.float64 else k.float()
-        return self.prior_out(F.leaky_relu(self.prior_in(x.to(self.prior_in.weight.dtype)), 0.1)).squeeze(-1)
+        return key_prior_logits(self.prior_in, self.prior_out, k)
 
     def forward(
         self,

@@ -259,6 +259,13 @@ def bam_attention(
     return out, kl_sum.to(work), n_pairs
 
 
+def key_prior_logits(prior_in: nn.Linear, prior_out: nn.Linear, k: Tensor) -> Tensor:
+    """The reference's contextual prior MLP on the keys, shared by the heads: (B, H, Lk, D) ->
+    (B, H, Lk) logits, in float32 (float64 inputs stay float64)."""
+    x = k if k.dtype == torch.float64 else k.float()
+    return prior_out(F.leaky_relu(prior_in(x.to(prior_in.weight.dtype)), 0.1)).squeeze(-1)
+
+
 @register_mechanism("bam", BAMConfig, causal=True, cross=True, key_padding=True)
 class BAM(Attention):
     """Bayesian attention modules (Fan et al. 2020): Weibull attention weights, contextual gamma prior, KL aux loss."""
@@ -278,8 +285,7 @@ class BAM(Attention):
 
     def prior_logits(self, k: Tensor) -> Tensor:
         """k: (B, H, Lk, D) -> g(k): (B, H, Lk), the contextual prior's logits."""
-        x = k if k.dtype == torch.float64 else k.float()
-        return self.prior_out(F.leaky_relu(self.prior_in(x.to(self.prior_in.weight.dtype)), 0.1)).squeeze(-1)
+        return key_prior_logits(self.prior_in, self.prior_out, k)
 
     def forward(
         self,
