@@ -268,3 +268,20 @@ def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
     assert estimate_s([row("softmax", "c3", "model.depth=9")], str(tmp_path)) == (900.0, 1)  # else the mechanism
     assert estimate_s([row("softmax", "c3", "model.depth=9"), row("linear", "a1", "model.dim=32")],
                       str(tmp_path)) == (920.0, 2)
+
+
+def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_length(env):
+    """grid=cpu at scale=tiny for one task and mechanism: a cell per length, then the report."""
+    results = env[0] / "lengths"
+    done = harness(env, "grid", "grid=cpu", "scale=tiny", "tasks=text", "mechanisms=softmax", "seeds=0",
+                   f"results_dir={results}", *CELL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records, _ = scan_results(results)
+    assert sorted(r["task_config"]["max_len"] for r in records) == [256, 1024]
+    assert len({r["config_hash"] for r in records}) == 2 and all(r["status"] == "ok" for r in records)
+    done = harness(env, "report", f"results_dir={results}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (results / "leaderboard.md").read_text()
+    accuracy = text[text.index("## Accuracy — scale `tiny`"):]
+    assert "text L=256" in accuracy and "text L=1K" in accuracy
+    assert (results / "plots" / "accuracy_vs_length_tiny.png").exists()
