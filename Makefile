@@ -32,8 +32,12 @@ data: install ## prepare every task's offline data (fetches the Debian packages 
 	$(PY) -m harness data task=all scale=$(if $(filter auto,$(SCALE)),small,$(SCALE))
 
 benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at small), the speed sweep, the leaderboard
+	started=$$(date +%s); \
 	$(PY) -m harness grid grid=$(GRID) scale=$(SCALE) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
 	status=$$?; $(PY) -m harness speed out=$(RESULTS)/speed $(BENCH_SPEED_ARGS); \
+	mkdir -p $(RESULTS)/runs; \
+	printf '{"started": %s, "finished": %s, "grid_status": %s, "command": "make benchmark GRID=$(GRID) SCALE=$(SCALE)"}\n' \
+	  $$started $$(date +%s) $$status > $(RESULTS)/runs/make_benchmark.json; \
 	$(PY) -m harness report results_dir=$(RESULTS); exit $$status
 
 smoke: install ## the default grid at scale=tiny (minutes on a CPU), then the leaderboard

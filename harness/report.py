@@ -17,6 +17,7 @@ losses, so the test set's sampling width is taken from the baseline on the same 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -612,8 +613,23 @@ def header_lines(cells: pd.DataFrame, speed_records: list[dict[str, Any]], resul
         f"**torch**: {', '.join(sorted(set(cells.torch.dropna()))) or '?'}; "
         f"**commit(s)**: {', '.join(sorted(set(cells.commit.dropna()))) or '?'}",
         f"- **total wall time**: {total / 3600:.2f} h (cells {grid_wall / 3600:.2f} h + speed sweep "
-        f"{speed_wall / 3600:.2f} h, summed from the records)", ""]
-    return lines
+        f"{speed_wall / 3600:.2f} h, summed from the records)"]
+    measured = make_benchmark_line(results_dir)
+    return lines + ([measured] if measured else []) + [""]
+
+
+def make_benchmark_line(results_dir: Path) -> str | None:
+    """The last ``make benchmark``'s own clock (``runs/make_benchmark.json``, written by the
+    Makefile): start to end, processes, data preparation and the speed sweep included."""
+    path = results_dir / "runs" / "make_benchmark.json"
+    try:
+        run = json.loads(path.read_text())
+        started, finished = int(run["started"]), int(run["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    when = datetime.fromtimestamp(finished, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"- **measured `{run.get('command', 'make benchmark')}`**: {(finished - started) / 3600:.2f} h "
+            f"start to end (finished {when}; grid exit status {run.get('grid_status', '?')})")
 
 
 LEGEND = ("Test metric of the checkpoint selected on validation: accuracy (%) or bits/token (↓). Each cell: "

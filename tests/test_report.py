@@ -166,6 +166,11 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     assert "the other cells: 4 ok" in details
     assert "performer" not in details  # ok cells are only counted
     assert "**total wall time**: 0.08 h" in text  # 5 cells x 60 s
+    assert "measured `make benchmark" not in text  # no clock of a make run: no line
+    (tmp_path / "runs" / "make_benchmark.json").write_text(
+        '{"started": 1000, "finished": 8200, "grid_status": 0, "command": "make benchmark GRID=cpu SCALE=auto"}')
+    text = report.write_report(tmp_path).read_text()
+    assert "- **measured `make benchmark GRID=cpu SCALE=auto`**: 2.00 h start to end" in text
     assert "Tay et al. 2021" in text
     transformer = next(line for line in text.splitlines() if line.startswith("| Transformer "))
     assert [c.strip() for c in transformer.strip("|").split("|")] == [
