@@ -120,6 +120,24 @@ def other_differences(variant_label: str) -> str:
     return ", ".join(p for p in parts if p.split("=")[0].strip() not in LENGTH_OVERRIDES)
 
 
+SHORT_LABEL = 40  # a variant label longer than this gets a short id (v1, v2, ...) and a line in the table's key
+
+
+def variant_ids(labels) -> dict[str, str]:
+    """Long variant labels -> 'v1', 'v2', ... (most used first), so a grid's shared overrides do not
+    widen every row; short labels stay as they are."""
+    counts = pd.Series([x for x in labels if x and len(x) > SHORT_LABEL], dtype=object).value_counts()
+    ordered = sorted(counts.index, key=lambda x: (-counts[x], x))
+    return {label: f"v{i + 1}" for i, label in enumerate(ordered)}
+
+
+def variant_key(cells: pd.DataFrame) -> str:
+    """The key of the short variant ids used in the rows of ``cells``."""
+    pairs = sorted({(i, label) for i, label in zip(cells.variant_id, cells.variant_other) if i},
+                   key=lambda x: int(x[0][1:]))
+    return "Variants: " + "; ".join(f"**{i}** = `{label}`" for i, label in pairs) if pairs else ""
+
+
 def log_folder(record: dict[str, Any]) -> str:
     """The cell's log folder relative to the results folder (Hydra log and curves/metrics.csv)."""
     parts = ["logs", record["scale"], record["task"], record["mechanism"]]
@@ -144,7 +162,7 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         rows.append({
             "scale": r["scale"], "task": r["task"], "mechanism": r["mechanism"], "seed": r["seed"],
             "variant": r.get("variant") or "", "variant_label": r.get("variant_label") or "",
-            "row": f"{r['mechanism']} [{other}]" if other else r["mechanism"],
+            "variant_other": other,
             "length": sequence_length(r), "status": r["status"], "error": r.get("error"),
             # text-to-SQL (Spider): the accuracy column is exact set match of the decoded query
             "metric": metric, "higher_better": higher,
@@ -157,11 +175,16 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "num_classes": data.get("num_classes"), "commit": env.get("commit"), "device": env.get("device"),
             "torch": env.get("torch"), "log": log_folder(r),
         })
-    columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "row", "length", "status", "error",
-               "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s", "source",
-               "fingerprint", "cache_path", "majority", "unigram_bits", "sizes", "n_test", "length_mean", "length_max",
-               "num_classes", "commit", "device", "torch", "log"]
-    return pd.DataFrame(rows, columns=columns)
+    columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "variant_other", "length", "status",
+               "error", "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s",
+               "source", "fingerprint", "cache_path", "majority", "unigram_bits", "sizes", "n_test", "length_mean",
+               "length_max", "num_classes", "commit", "device", "torch", "log"]
+    frame = pd.DataFrame(rows, columns=columns)
+    ids = variant_ids(frame.variant_other)
+    frame["variant_id"] = frame.variant_other.map(lambda x: ids.get(x, ""))
+    shown = [i or other for i, other in zip(frame.variant_id, frame.variant_other)]
+    frame["row"] = [f"{m} [{x}]" if x else m for m, x in zip(frame.mechanism, shown)]
+    return frame
 
 
 def length_label(length) -> str:
@@ -648,6 +671,9 @@ def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[l
     stats = group_stats(cells, baselines)
     table, averages = accuracy_table(stats, baselines)
     lines = [f"## Accuracy — scale `{scale}`", "", LEGEND, "", table, ""]
+    key = variant_key(cells)
+    if key:
+        lines += [key, ""]
     errors = sorted({f"{t} L={length_label(L)}: {v['error']}" for (t, L), v in baselines.items() if v.get("error")})
     if errors:
         lines += ["Baselines not computed from the splits: " + "; ".join(errors), ""]

@@ -217,3 +217,18 @@ def test_the_length_plot_legend_fits_the_figure_with_many_series(tmp_path, monke
     assert legend.y0 >= 0 and legend.y1 <= fig.bbox.height and legend.x1 <= fig.bbox.width  # nothing cut off
     for ax in fig.axes:  # and never over the data
         assert ax.get_window_extent(renderer).x1 <= legend.x0
+
+
+def test_long_variant_labels_get_short_ids_and_a_key(tmp_path):
+    grid = "model.depth=1, model.dim=32, model.heads=2, train.batch_size=8, train.max_steps=120"
+    records = [record(mechanism="softmax", variant="a1", label=grid + ", task.max_len=1024", max_len=1024),
+               record(mechanism="linear", variant="b2", label=grid + ", task.max_len=1024", max_len=1024),
+               record(mechanism="linear", variant="c3", label=grid + ", task.max_len=128"),
+               record(mechanism="performer", variant="d4", label="mechanism.num_features=16")]
+    cells = report.cells_frame(records)
+    assert sorted(set(cells.row)) == ["linear [v1]", "performer [mechanism.num_features=16]", "softmax [v1]"]
+    assert report.variant_key(cells) == f"Variants: **v1** = `{grid}`"  # lengths are columns, not part of the id
+    for r in records:
+        write(tmp_path, r)
+    text = report.write_report(tmp_path).read_text()
+    assert f"Variants: **v1** = `{grid}`" in text and "| linear [v1]" in text
