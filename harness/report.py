@@ -454,7 +454,8 @@ def params_table(stats: pd.DataFrame) -> str:
 
 def recommendation_table(stats: pd.DataFrame, baselines: dict) -> str:
     """Per task and length band: the rows within the 95% interval of the best, fastest first;
-    ✓ marks the Pareto front of (accuracy, training throughput)."""
+    ✓ marks the Pareto front of (accuracy, training throughput). A band where no row beats the
+    shortcut baseline lists only its Pareto front (and says how many more tie)."""
     from harness.efficiency import pareto_front
 
     ok = stats[stats.n_ok > 0].copy()
@@ -474,7 +475,12 @@ def recommendation_table(stats: pd.DataFrame, baselines: dict) -> str:
         points = {i: (e.tokens_per_s if pd.notna(e.tokens_per_s) else 0.0, e["mean"] if higher else -e["mean"])
                   for i, e in within.iterrows()}
         front = set(pareto_front(points))
-        note = "" if within.beats_baseline.any() else " (none beats the shortcut baseline)"
+        note = ""
+        if not within.beats_baseline.any():  # nothing here is worth recommending on accuracy: its Pareto front only
+            dropped = len(within) - len(front)
+            within = within.loc[[i for i in within.index if i in front]]
+            more = f"; {dropped} more within the interval, not listed" if dropped else ""
+            note = f" (none beats the shortcut baseline{more})"
         for i, e in within.iterrows():
             value = f"{100 * e['mean']:.1f}" if higher else f"{e['mean']:.3f}"
             rows.append([task, band + note, length_label(e.length), e.row, value,

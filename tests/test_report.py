@@ -232,3 +232,12 @@ def test_long_variant_labels_get_short_ids_and_a_key(tmp_path):
         write(tmp_path, r)
     text = report.write_report(tmp_path).read_text()
     assert f"Variants: **v1** = `{grid}`" in text and "| linear [v1]" in text
+
+
+def test_a_band_where_nothing_beats_the_shortcut_lists_only_its_pareto_front(tmp_path):
+    records = [record(mechanism=m, accuracy=0.5, tokens_per_s=t, max_len=1024, majority=0.5)
+               for m, t in (("softmax", 1000), ("fnet", 9000), ("linear", 5000), ("slow", 500))]
+    stats, baselines = stats_of(records, tmp_path)
+    assert not stats.beats_baseline.any()
+    lines = report.recommendation_table(stats, baselines).splitlines()[2:]
+    assert len(lines) == 1 and "| fnet " in lines[0] and "none beats the shortcut baseline; 3 more within" in lines[0]
