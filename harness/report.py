@@ -624,6 +624,58 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     return path
 
 
+def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str,
+                             min_rows: int = 3) -> Path | None:
+    """Accuracy against the cells' own training throughput, a panel per task and length (LRA's
+    figure 3 from the grid itself, so it needs no speed sweep), and per config (presets or one
+    variant): the Pareto front dashed, the strongest baseline dotted; panels with at least
+    ``min_rows`` finished rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.efficiency import pareto_front, series_style
+
+    ok = stats[(stats.n_ok > 0) & stats.higher & stats.tokens_per_s.notna() & (stats.length > 0)].copy()
+    # one panel per config too: throughputs of a preset model and a 4x smaller variant do not compare
+    ok["config"] = [row.split(" [", 1)[1].rstrip("]") if " [" in row else "" for row in ok.row]
+    panels = [(t, L, c) for (t, L, c), g in ok.groupby(["task", "length", "config"]) if len(g) >= min_rows]
+    if not panels:
+        return None
+    style = series_style(sorted(ok.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.2 * rows_n), squeeze=False)
+    for ax, (task, length, config) in zip(axes.flat, panels):
+        group = ok[(ok.task == task) & (ok.length == length) & (ok.config == config)]
+        points = {e.row: (float(e.tokens_per_s), 100 * float(e["mean"])) for _, e in group.iterrows()}
+        for label, (x, y) in points.items():
+            ax.scatter(x, y, color=style[label]["color"], marker=style[label]["marker"], s=36, alpha=0.8)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        front = sorted(pareto_front(points), key=lambda m: points[m][0])
+        ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", linestyle="--",
+                linewidth=1, label="Pareto front")
+        base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), True)
+        if base:
+            ax.axhline(100 * base["value"], color="grey", linestyle=":", linewidth=1.2, label=f"baseline: {base['name']}")
+        ax.set_xscale("log")
+        ax.set_title(f"{task}, L = {length_label(length)}, {f'variant {config}' if config else 'presets'}", fontsize=10)
+        ax.set_xlabel("training throughput of the cell (tokens/s, log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.12)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- the page
 
 
@@ -687,6 +739,10 @@ def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[l
     lines += [f"### Accuracy against sequence length — scale `{scale}`", ""]
     if plot:
         lines += [f"![accuracy vs length]({plot.relative_to(results_dir).as_posix()})", ""]
+    speed_plot = accuracy_throughput_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_throughput_{scale}.png",
+                                          scale)
+    if speed_plot:
+        lines += [f"![accuracy vs throughput]({speed_plot.relative_to(results_dir).as_posix()})", ""]
     lines += [f"### Recommendation — scale `{scale}`", "",
               "Per task and length band: the mechanisms whose accuracy lies within the 95% interval of the band's "
               "best, fastest training first (tokens/s and peak memory of the cells themselves); ✓: on the Pareto "

@@ -241,3 +241,12 @@ def test_a_band_where_nothing_beats_the_shortcut_lists_only_its_pareto_front(tmp
     assert not stats.beats_baseline.any()
     lines = report.recommendation_table(stats, baselines).splitlines()[2:]
     assert len(lines) == 1 and "| fnet " in lines[0] and "none beats the shortcut baseline; 3 more within" in lines[0]
+
+
+def test_accuracy_against_the_cells_throughput_is_plotted_per_column(tmp_path):
+    for m, acc, t in (("softmax", 0.8, 1000), ("linear", 0.7, 9000), ("nystrom", 0.78, 5000)):
+        write(tmp_path, record(mechanism=m, accuracy=acc, tokens_per_s=t))
+    write(tmp_path, record(task="text", mechanism="softmax", fingerprint="t"))  # one row: no panel of its own
+    text = report.write_report(tmp_path).read_text()
+    assert "![accuracy vs throughput](plots/accuracy_vs_throughput_small.png)" in text
+    assert (tmp_path / "plots" / "accuracy_vs_throughput_small.png").stat().st_size > 5000
