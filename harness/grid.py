@@ -20,7 +20,8 @@ launcher, ``n_jobs=N``), ``launcher=slurm`` (hydra-submitit-launcher, the ``[slu
 extra; ``conf/hydra/launcher/slurm.yaml`` holds partition, GPUs, time and memory). Every
 cell skips itself when recorded, so re-running a grid resumes it; a failing or killed cell
 is recorded and the grid goes on; ``dry_run=true`` lists the cells, which are recorded, and
-an estimate of the time left. Any other ``key=value`` is a cell override for every cell.
+an estimate of the time left. Any other ``key=value`` is a cell override for every cell;
+one with several values, ``key=a,b``, is swept (crossed with every task's cells).
 """
 
 from __future__ import annotations
@@ -201,17 +202,52 @@ def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[s
     if not seeds:
         seeds = [int(s) for s in OmegaConf.load(CONF_DIR / "scale" / f"{scale}.yaml").scale.seeds]
     fixed = [f"{k}={_value(v)}" for k, v in (grid.get("overrides") or {}).items()]
+    passthrough, swept = command_line_sweep(passthrough)
     groups = []
     for task in tasks:
         sweep = (grid.get("task_sweep") or {}).get(task, grid.get("sweep") or {})
         sweep = {k: (v if isinstance(v, list) else [v]) for k, v in sweep.items()}
-        crossed = {k: v for k, v in sweep.items() if "," not in k}
+        crossed = {**{k: v for k, v in sweep.items() if "," not in k}, **swept}
         zipped = [_zipped(k, v) for k, v in sweep.items() if "," in k]
         per_task = [f"{k}={_value(v)}" for k, v in ((grid.get("task_overrides") or {}).get(task) or {}).items()]
         for combo in itertools.product(*zipped) if zipped else [()]:
             together = [o for part in combo for o in part]
             groups.append(Group(task, mechanisms, seeds, crossed, [*fixed, *per_task, *together, *(passthrough or [])]))
     return scale, groups
+
+
+def _top_level_split(value: str) -> list[str]:
+    """'0,4' -> ['0', '4']; commas inside [], (), {} or quotes do not split ('[1,2]', "glob(a,b)")."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    return [*parts, "".join(current)]
+
+
+def command_line_sweep(passthrough: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+    """Cell overrides with several comma-separated values (``task.num_distractors=0,4``) become a
+    sweep crossed with every task's cells, as in a Hydra multirun; the rest stay fixed overrides."""
+    fixed, swept = [], {}
+    for arg in passthrough or []:
+        key, _, value = arg.partition("=")
+        parts = _top_level_split(value)
+        if len(parts) > 1 and not key.startswith(("+", "~", "hydra.")) and all(p.strip() for p in parts):
+            swept[key] = [p.strip() for p in parts]
+        else:
+            fixed.append(arg)
+    return fixed, swept
 
 
 def _zipped(keys: str, values: list[Any]) -> list[list[str]]:

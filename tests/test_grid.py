@@ -285,3 +285,17 @@ def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_l
     accuracy = text[text.index("## Accuracy — scale `tiny`"):]
     assert "text L=256" in accuracy and "text L=1K" in accuracy
     assert (results / "plots" / "accuracy_vs_length_tiny.png").exists()
+
+
+def test_a_command_line_override_with_several_values_is_swept():
+    from harness.grid import command_line_sweep, expand
+
+    fixed, swept = command_line_sweep(["task.num_distractors=0,4", "train.lr=1e-3", "model.dims=[1,2]",
+                                       "mechanism.name=glob(a,b)", "+trainer.x=1,2"])
+    assert swept == {"task.num_distractors": ["0", "4"]}
+    assert fixed == ["train.lr=1e-3", "model.dims=[1,2]", "mechanism.name=glob(a,b)", "+trainer.x=1,2"]
+    _, groups = expand({"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"},
+                       ["train.max_steps=4,8", "train.lr=1e-3"])
+    cells = groups[0].cells()
+    assert len(cells) == 2 and {c[-1] for c in cells} == {"train.max_steps=4", "train.max_steps=8"}
+    assert all("train.lr=1e-3" in c for c in cells)
