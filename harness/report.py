@@ -208,30 +208,39 @@ def column_key(task: str, length) -> tuple[str, int]:
     return task, -1 if length is None or pd.isna(length) else int(length)
 
 
-def column_baselines(cells: pd.DataFrame, store: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """(task, length) -> {"baselines": [...], "error": ...} from the column's (most common) data."""
-    out = {}
+def column_baselines(cells: pd.DataFrame, store: Path) -> dict[tuple, dict[str, Any]]:
+    """(task, length) -> {"baselines": [...], "error": ...} from the column's (most common) data;
+    and (task, length, fingerprint) for every other data a row of that column was trained on
+    (e.g. a variant with another ``task.num_distractors``): such a row is judged against the
+    baselines of its own data, never another dataset's."""
+    out: dict[tuple, dict[str, Any]] = {}
     for (task, length), group in cells.groupby(["task", cells.length.fillna(-1).astype(int)]):
         with_data = group.dropna(subset=["fingerprint"])
         if with_data.empty:
             out[(task, int(length))] = {"baselines": [], "error": "no cell recorded its data"}
             continue
         fingerprint = with_data.fingerprint.mode().iloc[0]
-        first = with_data[with_data.fingerprint == fingerprint].iloc[0]
-        from harness.baselines import baselines_for
-
-        found = baselines_for(task, fingerprint, first.cache_path, store)
-        if not found.get("baselines"):  # fall back on what the result itself records
-            recorded = []
-            if pd.notna(first.majority) and first.metric == "accuracy":
-                recorded.append({"name": "majority", "metric": "accuracy", "value": float(first.majority),
-                                 "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
-            if pd.notna(first.unigram_bits):
-                recorded.append({"name": "unigram", "metric": "bits_per_token", "value": float(first.unigram_bits),
-                                 "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
-            found = {"baselines": recorded, "error": found.get("error")}
-        out[(task, int(length))] = found
+        for fp, same in with_data.groupby("fingerprint"):
+            key = (task, int(length)) if fp == fingerprint else (task, int(length), fp)
+            out[key] = _baselines_of(task, same.iloc[0], store)
     return out
+
+
+def _baselines_of(task: str, first: pd.Series, store: Path) -> dict[str, Any]:
+    """The baselines of one cell's data (computed from its cached splits, else what it recorded)."""
+    from harness.baselines import baselines_for
+
+    found = baselines_for(task, first.fingerprint, first.cache_path, store)
+    if not found.get("baselines"):  # fall back on what the result itself records
+        recorded = []
+        if pd.notna(first.majority) and first.metric == "accuracy":
+            recorded.append({"name": "majority", "metric": "accuracy", "value": float(first.majority),
+                             "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
+        if pd.notna(first.unigram_bits):
+            recorded.append({"name": "unigram", "metric": "bits_per_token", "value": float(first.unigram_bits),
+                             "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
+        found = {"baselines": recorded, "error": found.get("error")}
+    return found
 
 
 def strongest(baselines: list[dict[str, Any]], higher: bool) -> dict[str, Any] | None:
@@ -256,14 +265,17 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
                  "n_ok": len(ok), "n_test": n_test, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan,
                  "tokens_per_s": ok.tokens_per_s.median() if len(ok) else math.nan,
                  "peak_memory_mb": ok.peak_memory_mb.median() if len(ok) else math.nan,
-                 "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan}
+                 "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan,
+                 "fingerprint": group.fingerprint.dropna().mode().iloc[0] if group.fingerprint.notna().any() else None}
+        entry["own_data"] = (task, int(length), entry["fingerprint"]) in baselines
+        own = baselines.get((task, int(length), entry["fingerprint"])) or baselines.get((task, int(length)), {})
         if len(ok):
             mean = float(ok.test.mean())
             entry.update(mean=mean, std=float(ok.test.std(ddof=1)) if len(ok) > 1 else 0.0)
             if higher:
                 entry["lo"], entry["hi"] = wilson(mean, int(n_test)) if n_test else (math.nan, math.nan)
             else:
-                best = strongest(baselines.get((task, int(length)), {}).get("baselines", []), higher=False)
+                best = strongest(own.get("baselines", []), higher=False)
                 half = best.get("half_width") if best else None
                 if half is not None and math.isfinite(half):
                     entry["lo"], entry["hi"] = mean - half, mean + half
@@ -274,13 +286,16 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
     stats["beats_baseline"] = False
     stats["bold"] = False
     for (task, length), column in stats.groupby(["task", "length"]):
-        base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), bool(column.higher.iloc[0]))
+        column_base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), bool(column.higher.iloc[0]))
         finished = column.dropna(subset=["mean"])
         if finished.empty:
             continue
         higher = bool(column.higher.iloc[0])
         best = finished.loc[finished["mean"].idxmax() if higher else finished["mean"].idxmin()]
         for index, entry in finished.iterrows():
+            base = column_base
+            if entry.own_data:
+                base = strongest(baselines[(task, int(length), entry.fingerprint)].get("baselines", []), higher)
             if base is None or not math.isfinite(entry.lo):
                 continue
             beats = entry.lo > base["value"] if higher else entry.hi < base["value"]
@@ -310,7 +325,7 @@ def cell_text(entry) -> str:
     if entry.n_ok:
         text, interval = _value(entry, 3)
         text = f"**{text}**" if entry.bold else text
-        text += interval + ("" if entry.beats_baseline else " ◦")
+        text += interval + ("" if entry.beats_baseline else " ◦") + (" †" if entry.get("own_data") else "")
         failed = statuses[statuses.isin(NOT_OK)]
         if len(failed):
             marks = " / ".join(sorted({FAILURE_MARK[x] for x in failed}))
@@ -720,8 +735,9 @@ LEGEND = ("Test metric of the checkpoint selected on validation: accuracy (%) or
           "interval of the column's best. ◦: does not beat the strongest (shortcut) baseline beyond the interval. "
           "Baselines are computed from the same splits (`harness/baselines.py`). A label in brackets is a variant "
           "(its config differs from the scale's presets); length is the column. `n/a`: the mechanism lacks a "
-          "capability the task needs; `✗ status`: failed (see run details). Average: over accuracy tasks at each "
-          "task's most-populated length.")
+          "capability the task needs; `✗ status`: failed (see run details). †: trained on other data than the "
+          "column's baseline rows (e.g. a variant with another generator setting); it is judged against the "
+          "baselines of its own data. Average: over accuracy tasks at each task's most-populated length.")
 
 
 def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[list[str], pd.Series]:
@@ -732,7 +748,8 @@ def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[l
     key = variant_key(cells)
     if key:
         lines += [key, ""]
-    errors = sorted({f"{t} L={length_label(L)}: {v['error']}" for (t, L), v in baselines.items() if v.get("error")})
+    errors = sorted({f"{key[0]} L={length_label(key[1])}{' (data ' + key[2] + ')' if len(key) > 2 else ''}: {v['error']}"
+                     for key, v in baselines.items() if v.get("error")})
     if errors:
         lines += ["Baselines not computed from the splits: " + "; ".join(errors), ""]
     plot = accuracy_length_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_length_{scale}.png", scale)

@@ -250,3 +250,31 @@ def test_accuracy_against_the_cells_throughput_is_plotted_per_column(tmp_path):
     text = report.write_report(tmp_path).read_text()
     assert "![accuracy vs throughput](plots/accuracy_vs_throughput_small.png)" in text
     assert (tmp_path / "plots" / "accuracy_vs_throughput_small.png").stat().st_size > 5000
+
+
+def test_a_row_on_other_data_is_judged_against_its_own_datas_baselines(tmp_path):
+    """Two datasets in one column (a variant with another generator setting): the column shows the
+    common data's baselines; the variant is judged against its own and marked †."""
+    def splits(labels_test):
+        return datasets.DatasetDict({
+            "train": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 4, "label": [0, 0, 0, 1]}),
+            "validation": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 2, "label": [0, 1]}),
+            "test": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * len(labels_test), "label": labels_test})})
+
+    easy, hard = tmp_path / "easy", tmp_path / "hard"
+    splits([0] * 90 + [1] * 10).save_to_disk(str(easy))  # majority 0.9
+    splits([0] * 50 + [1] * 50).save_to_disk(str(hard))  # majority 0.5
+    records = [record(mechanism="softmax", accuracy=0.92, n_test=100, fingerprint="easy", cache_path=str(easy),
+                      majority=0.9),
+               record(mechanism="linear", accuracy=0.92, n_test=100, fingerprint="easy", cache_path=str(easy),
+                      majority=0.9),
+               record(mechanism="softmax", variant="v9", label="task.num_distractors=4", accuracy=0.75, n_test=100,
+                      fingerprint="hard", cache_path=str(hard), majority=0.5)]
+    stats, baselines = stats_of(records, tmp_path)
+    assert report.strongest(baselines[("listops", 128)]["baselines"], True)["value"] >= 0.9
+    assert ("listops", 128, "hard") in baselines and ("listops", 128, "easy") not in baselines
+    by = stats.set_index("row")
+    variant = by.loc["softmax [task.num_distractors=4]"]
+    assert variant.own_data and variant.beats_baseline  # 0.75 [0.66, 0.82] beats its own majority 0.5
+    assert not by.loc["softmax"].own_data and not by.loc["softmax"].beats_baseline  # 0.92 vs the column's 0.9
+    assert report.cell_text(variant).endswith(" †")
