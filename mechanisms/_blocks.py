@@ -119,15 +119,25 @@ def dense_pattern_attention(
     (short sequences, where gathering costs more than it saves). Keys gathered twice count
     once here, so callers deduplicate (``dedup_keep_first``), as they do for the gathered form."""
     lq, lk = q.shape[-2], k.shape[-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = pattern_as_dense(key_index, allowed, block=block, query_len=lq, key_len=lk)[None]  # (1, P, Lq, Lk)
+    rows = torch.arange(lq, device=q.device)
+    return _dense_attention(q, k, v, mask, rows, lq, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+
+
+def _dense_attention(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor, lq: int, *,
+                     key_padding_mask: Tensor | None, causal: bool, scale: float | None) -> Tensor:
+    """softmax(qs·kᵀ·scale) v over the keys ``mask`` (broadcastable to (B, H, G, Lk)) allows, the
+    G query rows qs (B, H, G, D) standing at positions ``rows`` (G,) of Lq; causal and padded
+    keys masked as in the gathered form."""
+    lk = k.shape[-2]
+    scale = qs.shape[-1] ** -0.5 if scale is None else scale
     if causal:
-        mask = mask & (torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + lk - lq)
+        mask = mask & (torch.arange(lk, device=k.device)[None, :] <= rows[:, None] + (lk - lq))
     if key_padding_mask is not None:
         mask = mask & ~key_padding_mask.bool()[:, None, None, :]
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, H, Lq, Lk)
+    scores = torch.einsum("bhgd,bhjd->bhgj", qs, k) * scale  # (B, H, G, Lk)
     weights = masked_softmax(scores, mask).to(v.dtype)
-    return torch.einsum("bhij,bhjd->bhid", weights, v)
+    return torch.einsum("bhgj,bhjd->bhgd", weights, v)
 
 
 def dense_rows(
@@ -142,17 +152,9 @@ def dense_rows(
 ) -> Tensor:
     """Full softmax attention of the query rows ``rows`` (G,) to every key: (B, H, G, D).
     O(G·Lk): for a few global tokens."""
-    lq, lk = q.shape[-2], k.shape[-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qg = q[:, :, rows]  # (B, H, G, D)
-    scores = torch.einsum("bhgd,bhjd->bhgj", qg, k) * scale  # (B, H, G, Lk)
-    mask = torch.ones(1, 1, rows.numel(), lk, dtype=torch.bool, device=q.device)
-    if causal:
-        mask = mask & (torch.arange(lk, device=q.device)[None, :] <= rows[:, None] + (lk - lq))
-    if key_padding_mask is not None:
-        mask = mask & ~key_padding_mask.bool()[:, None, None, :]
-    weights = masked_softmax(scores, mask).to(v.dtype)
-    return torch.einsum("bhgj,bhjd->bhgd", weights, v)
+    mask = torch.ones(1, 1, rows.numel(), k.shape[-2], dtype=torch.bool, device=q.device)
+    return _dense_attention(q[:, :, rows], k, v, mask, rows, q.shape[-2], key_padding_mask=key_padding_mask,
+                            causal=causal, scale=scale)
 
 
 def replace_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
@@ -161,7 +163,7 @@ def replace_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
 
 
 def pattern_as_dense(key_index: Tensor, allowed: Tensor | None, *, block: int, query_len: int, key_len: int) -> Tensor:
-    """The (P, Lq, Lk) bool matrix a block pattern stands for (for tests and plots)."""
+    """The (P, Lq, Lk) bool matrix a block pattern stands for (the dense short-sequence form, tests, plots)."""
     p, n, s = key_index.shape
     mask = (key_index >= 0)[:, :, None, :].expand(p, n, block, s)
     if allowed is not None:
