@@ -297,22 +297,22 @@ def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> tuple[float, int
     about a cell with a 4x smaller model."""
     from harness.results import FINISHED, read_results
 
-    keys = (lambda s, t, m, h, label: (s, t, m, h), lambda s, t, m, h, label: (s, t, label),
-            lambda s, t, m, h, label: (s, t, m), lambda s, t, m, h, label: t, lambda s, t, m, h, label: ())
-    walls: list[dict[tuple | str, list[float]]] = [{} for _ in keys]
+    def peers(scale, task, mechanism, config_hash, label) -> list[tuple]:  # most to least alike
+        return [(scale, task, mechanism, config_hash), (scale, task, label), (scale, task, mechanism), (task,), ()]
+
+    walls: list[dict[tuple, list[float]]] = [{} for _ in peers("", "", "", "", "")]
     for r in read_results(results_dir):
-        if not r.get("wall_s"):
-            continue
-        parts = (r["scale"], r["task"], r["mechanism"], r.get("config_hash"), r.get("variant_label") or "")
-        for key, table in zip(keys, walls):
-            table.setdefault(key(*parts), []).append(r["wall_s"])
+        if r.get("wall_s"):
+            keys = peers(r["scale"], r["task"], r["mechanism"], r.get("config_hash"), r.get("variant_label") or "")
+            for key, table in zip(keys, walls):
+                table.setdefault(key, []).append(r["wall_s"])
     total, known = 0.0, 0
     for row in rows:
         if row["status"] in FINISHED:
             continue
         c = row["cell"]
-        parts = (c.scale, c.task, c.mechanism, c.config_hash, c.variant_label)
-        found = next((table[key(*parts)] for key, table in zip(keys, walls) if table.get(key(*parts))), None)
+        keys = peers(c.scale, c.task, c.mechanism, c.config_hash, c.variant_label)
+        found = next((table[key] for key, table in zip(keys, walls) if table.get(key)), None)
         if found:
             total += sum(found) / len(found)
             known += 1

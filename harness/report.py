@@ -243,6 +243,12 @@ def _baselines_of(task: str, first: pd.Series, store: Path) -> dict[str, Any]:
     return found
 
 
+def data_baselines(baselines: dict[tuple, dict[str, Any]], task: str, length, fingerprint) -> dict[str, Any]:
+    """The baselines a row is judged against: those of its own data when it differs from its
+    column's (key (task, length, fingerprint)), else the column's."""
+    return baselines.get((task, int(length), fingerprint)) or baselines.get((task, int(length)), {})
+
+
 def strongest(baselines: list[dict[str, Any]], higher: bool) -> dict[str, Any] | None:
     metric = "accuracy" if higher else "bits_per_token"
     usable = [b for b in baselines if b.get("metric") == metric and b.get("value") is not None]
@@ -268,7 +274,7 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
                  "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan,
                  "fingerprint": group.fingerprint.dropna().mode().iloc[0] if group.fingerprint.notna().any() else None}
         entry["own_data"] = (task, int(length), entry["fingerprint"]) in baselines
-        own = baselines.get((task, int(length), entry["fingerprint"])) or baselines.get((task, int(length)), {})
+        own = data_baselines(baselines, task, length, entry["fingerprint"])
         if len(ok):
             mean = float(ok.test.mean())
             entry.update(mean=mean, std=float(ok.test.std(ddof=1)) if len(ok) > 1 else 0.0)
@@ -286,16 +292,13 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
     stats["beats_baseline"] = False
     stats["bold"] = False
     for (task, length), column in stats.groupby(["task", "length"]):
-        column_base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), bool(column.higher.iloc[0]))
         finished = column.dropna(subset=["mean"])
         if finished.empty:
             continue
         higher = bool(column.higher.iloc[0])
         best = finished.loc[finished["mean"].idxmax() if higher else finished["mean"].idxmin()]
         for index, entry in finished.iterrows():
-            base = column_base
-            if entry.own_data:
-                base = strongest(baselines[(task, int(length), entry.fingerprint)].get("baselines", []), higher)
+            base = strongest(data_baselines(baselines, task, length, entry.fingerprint).get("baselines", []), higher)
             if base is None or not math.isfinite(entry.lo):
                 continue
             beats = entry.lo > base["value"] if higher else entry.hi < base["value"]
