@@ -265,12 +265,8 @@ def test_two_processes_on_one_cell_train_it_once(workdir):
     assert len([r for r in records if r["mechanism"] == "slow" and r["seed"] == 22]) == 1
 
 
-def test_a_killed_cell_resumes_and_records_it(workdir):
-    args = ["run", "mechanism=slow", "mechanism.seconds=0.15", "seed=23", "scale=tiny", "trainer.progress_bar=false",
-            "train.max_steps=30", "train.eval_every=5", "keep_checkpoints=false",
-            f"results_dir={workdir / 'results'}", f"cache_dir={workdir / 'cache'}"]
-    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
-    target = resolve_cell(compose(args[1:]))
+def kill_after_a_checkpoint(args, env, target) -> None:
+    """Run the cell as a real process and SIGKILL it (its whole group) once it has checkpointed."""
     proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=ROOT, env=env, start_new_session=True)
     last = target.checkpoint_dir / "last.ckpt"
@@ -281,6 +277,15 @@ def test_a_killed_cell_resumes_and_records_it(workdir):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert last.exists() and not target.result_path.exists()
+
+
+def test_a_killed_cell_resumes_and_records_it(workdir):
+    args = ["run", "mechanism=slow", "mechanism.seconds=0.15", "seed=23", "scale=tiny", "trainer.progress_bar=false",
+            "train.max_steps=30", "train.eval_every=5", "keep_checkpoints=false",
+            f"results_dir={workdir / 'results'}", f"cache_dir={workdir / 'cache'}"]
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
+    target = resolve_cell(compose(args[1:]))
+    kill_after_a_checkpoint(args, env, target)
     curves = target.log_dir / "curves" / "metrics.csv"
     before = curves.read_text().splitlines() if curves.exists() else []
     done = cli(workdir, *args, timeout=600)
@@ -309,16 +314,7 @@ def test_a_redo_of_a_failed_cell_killed_half_way_resumes(workdir):
               "status": "timeout", "error": "an earlier time limit", "config_hash": target.config_hash,
               "variant": target.variant, "variant_label": target.variant_label, "metrics": {}}
     write_json_atomic(target.result_path, failed)
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=ROOT, env=env, start_new_session=True)
-    last = target.checkpoint_dir / "last.ckpt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (last.exists() and proc.poll() is None):
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert last.exists() and not target.result_path.exists()
+    kill_after_a_checkpoint(args, env, target)
     kept = list((target.log_dir / "replaced").glob("*-timeout.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["error"] == "an earlier time limit"
     done = cli(workdir, *args, timeout=600)

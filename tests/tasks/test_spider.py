@@ -340,7 +340,6 @@ def test_schema_names_are_copy_only_and_pieces_reach_the_input(layout):
     dsd = task.build()
     vocab = dsd["vocabulary"]
     target = {t for t, k in zip(vocab["token"], vocab["kind"]) if k == "target"}
-    _source = {t: i for i, t in enumerate(t for t, k in zip(vocab["token"], vocab["kind"]) if k == "source")}
     assert {"select", "from", "count", "*", "where", "="} <= target
     assert not target & {"singer", "name", "country", "France", "animal", "kind", "legs"}  # copy-only
     shop = next(row for split in ("train", "validation") for row in dsd[split] if row["db_id"] == "shop")
