@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 GRID ?= auto
 SCALE ?= auto
 SEEDS ?=
+JOBS ?= auto
 RESULTS ?= results
 SPEED_ARGS ?=
 # the speed sweep of `make benchmark`: the attention layer alone, every mechanism, 256 to 16K tokens
@@ -16,7 +17,7 @@ BENCH_SPEED_ARGS ?= modes=[attention] causal=[false] lengths=[256,1024,4096,1638
 
 help: ## show this help
 	@grep -hE '^[a-z][a-z-]*:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=auto|cpu|default|length  SEEDS=0,1,2  RESULTS=results  SPEED_ARGS='threads=1 lengths=[256,1024]'"
+	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=auto|cpu|default|length  SEEDS=0,1,2  JOBS=auto|N  RESULTS=results  SPEED_ARGS='threads=1 lengths=[256,1024]'"
 
 install: $(STAMP) ## create .venv and install torch==2.13.0, then the project with [dev] and the peer plugins
 
@@ -33,15 +34,15 @@ data: install ## prepare every task's offline data (fetches the Debian packages 
 
 benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at small), the speed sweep, the leaderboard
 	started=$$(date +%s); \
-	$(PY) -m harness grid grid=$(GRID) scale=$(SCALE) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
+	$(PY) -m harness grid grid=$(GRID) scale=$(SCALE) n_jobs=$(JOBS) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
 	status=$$?; $(PY) -m harness speed out=$(RESULTS)/speed $(BENCH_SPEED_ARGS); \
 	mkdir -p $(RESULTS)/runs; \
-	printf '{"started": %s, "finished": %s, "grid_status": %s, "command": "make benchmark GRID=$(GRID) SCALE=$(SCALE)"}\n' \
+	printf '{"started": %s, "finished": %s, "grid_status": %s, "command": "make benchmark GRID=$(GRID) SCALE=$(SCALE) JOBS=$(JOBS)"}\n' \
 	  $$started $$(date +%s) $$status > $(RESULTS)/runs/make_benchmark.json; \
 	$(PY) -m harness report results_dir=$(RESULTS); exit $$status
 
 smoke: install ## the default grid at scale=tiny (minutes on a CPU), then the leaderboard
-	$(PY) -m harness grid grid=default scale=tiny results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
+	$(PY) -m harness grid grid=default scale=tiny n_jobs=$(JOBS) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
 	status=$$?; $(PY) -m harness report results_dir=$(RESULTS); exit $$status
 
 speed: install ## speed and memory of every mechanism across sequence lengths (results/speed/)

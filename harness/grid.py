@@ -49,7 +49,7 @@ MISSPELLED = {"task": "tasks", "mechanism": "mechanisms", "seed": "seeds"}
 
 HELP = __doc__ + """
 Grid keys: grid=NAME (conf/grid/NAME.yaml), scale=auto|tiny|small|lra, seeds=0,1,2,
-tasks=a,b|all, mechanisms=a,b|all|glob(..), launcher=process|joblib|slurm, n_jobs=N,
+tasks=a,b|all, mechanisms=a,b|all|glob(..), launcher=process|joblib|slurm, n_jobs=N|auto,
 results_dir=DIR, dry_run=true, rerun=none|failed|all.  --cfg job prints the grid.
 """
 
@@ -166,6 +166,40 @@ def resolve_scale(scale: str) -> str:
         valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "scale").glob("*.yaml")))
         raise GridError(f"unknown scale '{scale}'; scales: {valid}")
     return scale
+
+
+CELL_MEMORY_GB = 4  # n_jobs=auto: the most a CPU cell was measured to need (peak RSS 2.9 GB, local at 1K) plus room
+
+
+def resolve_n_jobs(value: str, *, cores: int | None = None, memory_gb: float | None = None, gpu: bool | None = None) -> int:
+    """``n_jobs=auto``: one cell at a time on a GPU (cells share nothing else there); on a CPU one
+    cell per core (each then gets one thread: small models use a second thread poorly, so two
+    one-thread cells finish about twice the work of one two-thread cell), at most one per
+    ``CELL_MEMORY_GB`` of memory."""
+    if value != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise GridError(f"n_jobs={value}: a positive integer or auto")
+        return n
+    from harness.launcher import available_cores
+
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if gpu:
+        n, reason = 1, "a GPU is present (cells take turns on it)"
+    else:
+        cores = cores or available_cores()
+        if memory_gb is None:
+            memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        n = max(1, min(cores, int(memory_gb // CELL_MEMORY_GB)))
+        reason = f"no GPU: {cores} core(s), {memory_gb:.0f} GB ({CELL_MEMORY_GB} GB per cell), one thread each"
+    print(f"n_jobs=auto: {n} cell(s) side by side because {reason}; pass JOBS=... (n_jobs=...) to choose", flush=True)
+    return n
 
 
 def resolve_grid(name: str, scale: str) -> str:
@@ -342,7 +376,7 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
     launcher = own.get("launcher", "process")
     if launcher not in LAUNCHERS:
         raise GridError(f"launcher={launcher}: valid launchers are {', '.join(sorted(set(LAUNCHERS)))}")
-    n_jobs = int(own.get("n_jobs", 1))
+    n_jobs = int(own.get("n_jobs", 1))  # resolved by main()
     launcher = LAUNCHERS[launcher]
     if launcher in ("joblib", "slurm") and os.environ.get("HARNESS_PLUGIN_PATH"):
         print(f"warning: launcher={launcher} pickles the configs to its workers; mechanisms loaded from "
@@ -430,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             if key == "rerun" and value not in RERUN:
                 raise GridError(f"rerun={value!r} is not one of {', '.join(RERUN)}")
         results_dir = own.get("results_dir", "results")
+        if "n_jobs" in own:
+            own["n_jobs"] = str(resolve_n_jobs(own["n_jobs"]))
         scale, groups = expand(own, passthrough)
         if show_cfg:
             print(OmegaConf.to_yaml({"scale": scale, "results_dir": results_dir,

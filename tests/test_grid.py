@@ -192,6 +192,7 @@ def test_a_grid_sweeps_any_key(env, tmp_path):
     (["rerun=maybe"], "rerun='maybe' is not one of"),
     (["modle.depth=2"], "cell override rejected"),
     (["mechanisms=nope"], "unknown mechanism 'nope'"),
+    (["n_jobs=lots"], "n_jobs=lots: a positive integer or auto"),
 ])
 def test_grid_mistakes_are_one_line(env, args, message):
     done = harness(env, "grid", "scale=tiny", "tasks=listops", *args, timeout=120)
@@ -299,3 +300,33 @@ def test_a_command_line_override_with_several_values_is_swept():
     cells = groups[0].cells()
     assert len(cells) == 2 and {c[-1] for c in cells} == {"train.max_steps=4", "train.max_steps=8"}
     assert all("train.lr=1e-3" in c for c in cells)
+
+
+def test_n_jobs_auto_is_one_cell_per_core_within_memory_and_one_on_a_gpu():
+    from harness.grid import GridError, resolve_n_jobs
+
+    assert resolve_n_jobs("auto", cores=2, memory_gb=24, gpu=False) == 2
+    assert resolve_n_jobs("auto", cores=64, memory_gb=32, gpu=False) == 8  # 4 GB per cell
+    assert resolve_n_jobs("auto", cores=4, memory_gb=2, gpu=False) == 1  # never 0
+    assert resolve_n_jobs("auto", cores=16, memory_gb=128, gpu=True) == 1
+    assert resolve_n_jobs("3") == 3
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(GridError) as raised:
+            resolve_n_jobs(bad)
+        assert "a positive integer or auto" in raised.value.message
+
+
+def test_the_cpu_grid_runs_listops_short_at_the_presets_and_each_bundle_replaces_the_tiny_model(tmp_path):
+    """conf/grid/cpu.yaml says its ListOps 128 cells are the `small` presets themselves and that a
+    task_sweep bundle's values replace `overrides`: both as the grid resolves its cells."""
+    from harness.grid import expand, plan
+
+    scale, groups = expand({"grid": "cpu", "scale": "small", "mechanisms": "softmax", "seeds": "0"})
+    cells = [row["cell"] for row in plan(scale, groups, str(tmp_path))]
+    lengths = {(c.task, c.identity["task"]["max_len"]): c for c in cells}
+    assert sorted(lengths) == [("listops", 128), ("listops", 1024), ("retrieval", 64), ("retrieval", 1024),
+                               ("text", 256), ("text", 1024)]
+    assert lengths["listops", 128].variant == "" and lengths["listops", 1024].variant  # presets, then a variant
+    short_text = lengths["text", 256].identity
+    assert short_text["train"]["batch_size"] == 32 and short_text["model"]["dim"] == 32
+    assert lengths["text", 1024].identity["train"]["batch_size"] == 8
