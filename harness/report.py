@@ -183,8 +183,25 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     ids = variant_ids(frame.variant_other)
     frame["variant_id"] = frame.variant_other.map(lambda x: ids.get(x, ""))
     shown = [i or other for i, other in zip(frame.variant_id, frame.variant_other)]
-    frame["row"] = [f"{m} [{x}]" if x else m for m, x in zip(frame.mechanism, shown)]
+    frame["column_config"] = column_configs(frame)
+    frame["row"] = [f"{m} [{x}]" if x and not column else m
+                    for m, x, column in zip(frame.mechanism, shown, frame.column_config)]
+    frame["column_config"] = [ids.get(c, c) for c in frame.column_config]
     return frame
+
+
+def column_configs(frame: pd.DataFrame) -> list[str]:
+    """Per cell, the config its whole column shares (scale, task and length; its label without the
+    length), when every cell there has that one config and it sets nothing mechanism-specific: a
+    grid that gives each length its own budget (the CPU grid) then names the config once, in the
+    column's title, and a mechanism keeps one row. Else ''."""
+    keys = list(zip(frame.scale, frame.task, frame.length.fillna(-1)))
+    configs: dict[tuple, set[str]] = {}
+    for key, other in zip(keys, frame.variant_other):
+        configs.setdefault(key, set()).add(other)
+    shared = {key: next(iter(c)) for key, c in configs.items()
+              if len(c) == 1 and not any(p.strip().startswith("mechanism.") for p in next(iter(c)).split(","))}
+    return [shared.get(key, "") for key in keys]
 
 
 def length_label(length) -> str:
@@ -267,6 +284,7 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
         higher = bool(group.higher_better.iloc[0])
         n_test = group.n_test.dropna().iloc[0] if group.n_test.notna().any() else None
         entry = {"task": task, "length": int(length), "row": row, "mechanism": group.mechanism.iloc[0],
+                 "column_config": group.column_config.iloc[0],
                  "variant": variant, "higher": higher, "statuses": list(group.status), "seeds": len(group),
                  "n_ok": len(ok), "n_test": n_test, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan,
                  "tokens_per_s": ok.tokens_per_s.median() if len(ok) else math.nan,
@@ -354,8 +372,15 @@ def columns_of(stats: pd.DataFrame) -> list[tuple[str, int]]:
     return sorted({(t, int(L)) for t, L in zip(stats.task, stats.length)})
 
 
-def column_title(task: str, length: int, higher: bool) -> str:
-    return f"{task} L={length_label(length if length >= 0 else None)}" + ("" if higher else " (bits ↓)")
+def column_title(task: str, length: int, higher: bool = True, config: str = "") -> str:
+    """``text L=1K``, with the config the whole column shares (``[v1]``) and ``(bits ↓)`` for LM tasks."""
+    return (f"{task} L={length_label(length if length >= 0 else None)}" + (f" [{config}]" if config else "")
+            + ("" if higher else " (bits ↓)"))
+
+
+def column_config(stats: pd.DataFrame, task: str, length: int) -> str:
+    column = stats[(stats.task == task) & (stats.length == length)]
+    return str(column.column_config.iloc[0]) if len(column) and "column_config" in column else ""
 
 
 def primary_columns(stats: pd.DataFrame) -> dict[str, int]:
@@ -373,7 +398,7 @@ def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series
     columns = columns_of(stats)
     higher = {c: bool(stats[(stats.task == c[0]) & (stats.length == c[1])].higher.iloc[0]) for c in columns}
     primary = primary_columns(stats)
-    header = ["mechanism"] + [column_title(t, L, higher[(t, L)]) for t, L in columns] + ["average"]
+    header = ["mechanism"] + [column_title(t, L, higher[(t, L)], column_config(stats, t, L)) for t, L in columns] + ["average"]
     names = sorted({b["name"] for c in columns for b in baselines.get(c, {}).get("baselines", [])},
                    key=lambda n: (n != "majority", n))
     rows = []
@@ -442,7 +467,7 @@ def throughput_table(stats: pd.DataFrame) -> str:
             memory = f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–"
             row.append(f"{speed} · {memory}")
         rows.append(row)
-    headers = ["mechanism"] + [f"{t} L={length_label(L)}" for t, L in columns]
+    headers = ["mechanism"] + [column_title(t, L, config=column_config(ok, t, L)) for t, L in columns]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -466,7 +491,7 @@ def params_table(stats: pd.DataFrame) -> str:
                 text += f" ({100 * (ratio - 1):+.0f}%{' ⚠' if ratio > PARAMS_BUDGET else ''})"
             row.append(text)
         rows.append(row)
-    headers = ["mechanism"] + [f"{t} L={length_label(L)}" for t, L in sorted(primary.items())]
+    headers = ["mechanism"] + [column_title(t, L, config=column_config(stats, t, L)) for t, L in sorted(primary.items())]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -501,7 +526,8 @@ def recommendation_table(stats: pd.DataFrame, baselines: dict) -> str:
             note = f" (none beats the shortcut baseline{more})"
         for i, e in within.iterrows():
             value = f"{100 * e['mean']:.1f}" if higher else f"{e['mean']:.3f}"
-            rows.append([task, band + note, length_label(e.length), e.row, value,
+            config = f" [{e.column_config}]" if e.get("column_config") else ""
+            rows.append([task, band + note, length_label(e.length) + config, e.row, value,
                          f"{e.tokens_per_s / 1e3:,.1f}k" if pd.notna(e.tokens_per_s) else "–",
                          f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–",
                          "✓" if i in front else "", "" if e.beats_baseline else "◦"])
@@ -634,7 +660,9 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False,
                ncol=legend_cols)
-    fig.suptitle(f"Accuracy vs sequence length — scale `{scale}` (✕: the cell failed, oom or timed out there)")
+    shared = " · each length at its column's config (the table's column titles)" if stats.column_config.astype(bool).any() else ""
+    fig.suptitle(f"Accuracy vs sequence length — scale `{scale}` (✕: the cell failed, oom or timed out there){shared}",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - legend_width / fig.get_figwidth(), 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -657,7 +685,8 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
 
     ok = stats[(stats.n_ok > 0) & stats.higher & stats.tokens_per_s.notna() & (stats.length > 0)].copy()
     # one panel per config too: throughputs of a preset model and a 4x smaller variant do not compare
-    ok["config"] = [row.split(" [", 1)[1].rstrip("]") if " [" in row else "" for row in ok.row]
+    ok["config"] = [row.split(" [", 1)[1].rstrip("]") if " [" in row else column
+                    for row, column in zip(ok.row, ok.column_config)]
     panels = [(t, L, c) for (t, L, c), g in ok.groupby(["task", "length", "config"]) if len(g) >= min_rows]
     if not panels:
         return None
@@ -737,7 +766,9 @@ LEGEND = ("Test metric of the checkpoint selected on validation: accuracy (%) or
           "**Bold**: beats the strongest baseline row of its column beyond that interval *and* lies within the "
           "interval of the column's best. ◦: does not beat the strongest (shortcut) baseline beyond the interval. "
           "Baselines are computed from the same splits (`harness/baselines.py`). A label in brackets is a variant "
-          "(its config differs from the scale's presets); length is the column. `n/a`: the mechanism lacks a "
+          "(its config differs from the scale's presets); length is the column; a bracket in a column's title is "
+          "the config every cell of that column shares (a grid that gives each length its own budget), whose "
+          "rows are then plain mechanism names. `n/a`: the mechanism lacks a "
           "capability the task needs; `✗ status`: failed (see run details). †: trained on other data than the "
           "column's baseline rows (e.g. a variant with another generator setting); it is judged against the "
           "baselines of its own data. Average: over accuracy tasks at each task's most-populated length.")

@@ -16,6 +16,15 @@ padding): a 32x32 image is 1024 tokens, two classes (1 = connected). Sources:
   the end of the same target (label 1) or of the other one (label 0); then distractor
   contours fill the space (as many as fit; LRA lets them fall short too). Paddles are one
   pixel wide at intensity 191, dots 255; labels are exactly balanced per split.
+  ``dot_distance=matched`` (default; a deviation from LRA's generator): in LRA's generator
+  the two dots of a positive (the two ends of one contour) lie closer together than those of
+  a negative (ends of two contours that start ``seed_distance`` apart), so the distance
+  between the dots alone classifies: measured at the small preset, a threshold on it scores
+  0.70 where softmax scored 0.60. Here images are drawn with alternating labels and a
+  positive is kept only together with a negative whose dots' centroids are exactly as far
+  apart (to 0.01 px), so both classes share one distribution of dot distances and the
+  dot-distance baseline falls to chance: what is left to find is the contour. Draws that
+  find no partner are discarded (counted, logged); ``dot_distance=free`` is LRA's.
   Pixels of different contours are at least ``clearance`` apart (Chebyshev) while a gap
   inside a contour spans at most ``link < clearance``: in the rendered image the dots are
   linked by steps of at most ``link`` pixels exactly when the label is 1.
@@ -63,6 +72,7 @@ DIFFICULTIES = {  # name: (folder of LRA's release, target contour length in pad
     "intermediate": ("curv_contour_length_9", 9),
     "hard": ("curv_contour_length_14", 14),
 }
+DOT_DISTANCES = ("matched", "free")  # generated: classes with one distribution of dot distances, or LRA's
 SPLIT_FRACTIONS = (0.8, 0.9)  # LRA: [:80%], [80%:90%], [90%:]
 NUM_DIRECTIONS = 36  # paddle orientations, 10 degrees apart
 NPY_MAGIC = b"\x93NUMPY"
@@ -84,6 +94,7 @@ class PathfinderConfig:
     distractor_length: int = 0  # generated: paddles per distractor (0: contour_length // 3, as LRA)
     num_distractors: int = -1  # generated: distractor contours (-1: LRA's budget // distractor_length)
     continuity: float = 0.0  # generated: turn weight cos(min(|turn| * continuity, 90 deg))^2 (0: LRA's)
+    dot_distance: str = "matched"  # generated: matched (each positive paired with a negative whose dots are as far apart) | free (LRA's)
     num_train: int = 160000  # generated: images per split (LRA: 200,000, 80/10/10); lra: a cap (0 = all)
     num_val: int = 20000
     num_test: int = 20000
@@ -220,7 +231,8 @@ class SnakesGenerator:
     WALL = 1 << 20
 
     def __init__(self, geo: Geometry, *, contour_length: int, distractor_length: int, num_distractors: int,
-                 continuity: float, max_restarts: int = 1000, distractor_tries: int = 10):
+                 continuity: float, match_dot_distance: bool = False, max_restarts: int = 1000,
+                 distractor_tries: int = 10, match_tries: int = 20, match_pool: int = 64):
         if not (1 <= contour_length and 1 <= distractor_length and 0 <= num_distractors):
             raise ValueError("contour_length and distractor_length must be >= 1, num_distractors >= 0")
         if continuity <= 0:
@@ -228,6 +240,7 @@ class SnakesGenerator:
         self.geo, self.stencils, self.continuity = geo, Stencils(geo), continuity
         self.contour_length, self.distractor_length, self.num_distractors = contour_length, distractor_length, num_distractors
         self.max_restarts, self.distractor_tries = max_restarts, distractor_tries
+        self.match_dot_distance, self.match_tries, self.match_pool = match_dot_distance, match_tries, match_pool
         turns = np.arange(NUM_DIRECTIONS) - NUM_DIRECTIONS // 2  # in direction steps
         weight = np.cos(np.minimum(np.abs(turns) * (2 * math.pi / NUM_DIRECTIONS) * continuity, math.pi / 2)) ** 2
         keep = weight > 1e-9
@@ -236,6 +249,7 @@ class SnakesGenerator:
         self.next_paddle = self.stencils.paddle[self.next_direction]  # (direction, candidate, pixel)
         self.restarts = 0  # images started again
         self.missing_distractors = 0  # distractors that found no room
+        self.unmatched = 0  # matched dot distances: images drawn but left without a partner
 
     # -- pieces ------------------------------------------------------------------------------
     @staticmethod
@@ -355,6 +369,11 @@ class SnakesGenerator:
 
     def image(self, rng: np.random.Generator, label: int) -> np.ndarray:
         """One uint8 (resolution, resolution) image whose dots are connected iff label == 1."""
+        return self.image_and_dot_distance(rng, label)[0]
+
+    def image_and_dot_distance(self, rng: np.random.Generator, label: int) -> tuple[np.ndarray, float]:
+        """One image and the distance (pixels) between its two dots' centroids, the quantity
+        the dot-distance baseline (``harness.baselines``) thresholds."""
         s = self.stencils
         for _ in range(self.max_restarts):
             zone = np.where(s.inside, 0, self.WALL).astype(np.int32)
@@ -369,7 +388,9 @@ class SnakesGenerator:
                     canvas[pixels] = PADDLE_INTENSITY
             for dot in dots:
                 canvas[dot] = DOT_INTENSITY
-            return s.crop(canvas)
+            (ya, xa), (yb, xb) = (np.divmod(dot, s.width) for dot in dots)
+            distance = math.hypot(ya.mean() - yb.mean(), xa.mean() - xb.mean())
+            return s.crop(canvas), distance
         raise DataSourceError(
             f"pathfinder generator: no room for two contours of {self.contour_length} paddles at "
             f"{self.geo.resolution}x{self.geo.resolution} in {self.max_restarts} tries; shorten "
@@ -381,9 +402,53 @@ class SnakesGenerator:
         rng = np.random.default_rng(seed)
         labels = rng.permutation(np.arange(count) % 2).astype(np.int64)
         out = np.empty((count, self.geo.resolution, self.geo.resolution), dtype=np.uint8)
+        if self.match_dot_distance:
+            positives, negatives = self._matched(rng, int(labels.sum()), count - int(labels.sum()))
+            out[labels == 1], out[labels == 0] = positives, negatives
+            return out, labels
         for i, label in enumerate(labels):
             out[i] = self.image(rng, int(label))
         return out, labels
+
+    def _matched(self, rng, n_positive: int, n_negative: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images drawn with alternating labels; a positive is kept only together with a
+        negative whose dots are exactly as far apart (centroid distance to 0.01 px), so the two
+        classes have one distribution of dot distances and the distance alone says nothing.
+        An image waits in its class's pool for a partner (at most ``match_pool`` per distance);
+        at most ``match_tries`` images are drawn per image kept."""
+        pools: tuple[dict, dict] = ({}, {})  # label -> {distance: [images]}
+        kept: tuple[list, list] = ([], [])
+        label, drawn = 0, 0
+        while len(kept[1]) < n_positive or len(kept[0]) < n_negative:
+            if len(kept[1]) >= n_positive:  # an odd count's extra negative: any negative will do
+                kept[0].append(next((p.pop() for p in pools[0].values() if p), None))
+                if kept[0][-1] is None:
+                    kept[0][-1] = self.image(rng, 0)
+                continue
+            if drawn >= self.match_tries * (n_positive + n_negative):
+                raise DataSourceError(
+                    f"pathfinder generator: {drawn} images drawn, {2 * len(kept[1])} of {n_positive + n_negative} "
+                    f"kept with matched dot distances; the classes' dot distances barely overlap at these "
+                    f"settings: set task.dot_distance=free (LRA's generator) or change the contour lengths")
+            image, distance = self.image_and_dot_distance(rng, label)
+            drawn += 1
+            key = round(distance, 2)
+            partners = pools[1 - label].get(key)
+            if partners:
+                kept[label].append(image)
+                kept[1 - label].append(partners.pop())
+            elif len(waiting := pools[label].setdefault(key, [])) < self.match_pool:
+                waiting.append(image)
+            label = 1 - label
+        self.unmatched += drawn - len(kept[0]) - len(kept[1])
+        shape = (0, self.geo.resolution, self.geo.resolution)
+        return tuple(np.stack(k) if k else np.empty(shape, dtype=np.uint8) for k in (kept[1], kept[0]))
+
+
+def matches_dot_distance(cfg: PathfinderConfig) -> bool:
+    if cfg.dot_distance not in DOT_DISTANCES:
+        raise ValueError(f"task.dot_distance='{cfg.dot_distance}'; valid: {', '.join(DOT_DISTANCES)}")
+    return cfg.dot_distance == "matched"
 
 
 def generator_for(cfg: PathfinderConfig) -> SnakesGenerator:
@@ -393,7 +458,8 @@ def generator_for(cfg: PathfinderConfig) -> SnakesGenerator:
     distractor_length = cfg.distractor_length or max(1, contour_length // 3)
     num_distractors = cfg.num_distractors if cfg.num_distractors >= 0 else geo.distractor_budget // distractor_length
     return SnakesGenerator(geo, contour_length=contour_length, distractor_length=distractor_length,
-                           num_distractors=num_distractors, continuity=cfg.continuity or geo.continuity)
+                           num_distractors=num_distractors, continuity=cfg.continuity or geo.continuity,
+                           match_dot_distance=matches_dot_distance(cfg))
 
 
 # ----------------------------------------------------------------------------- LRA's release
@@ -513,7 +579,7 @@ def to_dataset(images: np.ndarray, labels: np.ndarray):
     return datasets.Dataset(pa.table({"input_ids": input_ids, "label": pa.array(np.asarray(labels, dtype=np.int64))}))
 
 
-GENERATOR_FIELDS = ("contour_length", "distractor_length", "num_distractors", "continuity", "data_seed")
+GENERATOR_FIELDS = ("contour_length", "distractor_length", "num_distractors", "continuity", "dot_distance", "data_seed")
 
 
 @register_task(
@@ -553,6 +619,7 @@ class Pathfinder(Task):
             raise ValueError(f"task.resolution={cfg.resolution} must be at least 16")
         if cfg.max_len != cfg.resolution**2:
             raise ValueError(f"task.max_len={cfg.max_len} must be task.resolution**2 = {cfg.resolution**2}")
+        matches_dot_distance(cfg)
         if not 0 <= cfg.contour_length < 255:
             raise ValueError(f"task.contour_length={cfg.contour_length} must lie in [0, 255)")
 
@@ -600,10 +667,12 @@ class Pathfinder(Task):
         for (split, count), seed in zip((("train", cfg.num_train), ("validation", cfg.num_val), ("test", cfg.num_test)), seeds):
             parts[split] = generator.images(count, seed)
         log.info(
-            "pathfinder generator %dx%d: targets of %d paddles, %d distractors of %d, continuity %.2f; "
-            "%d images restarted, %d distractors found no room",
+            "pathfinder generator %dx%d: targets of %d paddles, %d distractors of %d, continuity %.2f, dot "
+            "distances %s; %d images restarted, %d distractors found no room, %d images drawn without a partner "
+            "of the same dot distance (discarded)",
             cfg.resolution, cfg.resolution, generator.contour_length, generator.num_distractors,
-            generator.distractor_length, generator.continuity, generator.restarts, generator.missing_distractors,
+            generator.distractor_length, generator.continuity, cfg.dot_distance, generator.restarts,
+            generator.missing_distractors, generator.unmatched,
         )
         return parts
 
@@ -634,10 +703,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--difficulty", choices=list(DIFFICULTIES), default="easy")
     gen.add_argument("--contour-length", type=int, default=0)
     gen.add_argument("--num-distractors", type=int, default=-1)
+    gen.add_argument("--dot-distance", choices=DOT_DISTANCES, default="matched",
+                     help="matched: both classes share one distribution of dot distances; free: LRA's generator")
     gen.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = PathfinderConfig(resolution=args.resolution, max_len=args.resolution**2, difficulty=args.difficulty,
-                           contour_length=args.contour_length, num_distractors=args.num_distractors, data_seed=args.seed)
+                           contour_length=args.contour_length, num_distractors=args.num_distractors,
+                           dot_distance=args.dot_distance, data_seed=args.seed)
     generator = generator_for(cfg)
     images, labels = generator.images(args.count, args.seed)
     folder = args.out / DIFFICULTIES[args.difficulty][0]

@@ -226,12 +226,35 @@ def test_long_variant_labels_get_short_ids_and_a_key(tmp_path):
                record(mechanism="linear", variant="c3", label=grid + ", task.max_len=128"),
                record(mechanism="performer", variant="d4", label="mechanism.num_features=16")]
     cells = report.cells_frame(records)
-    assert sorted(set(cells.row)) == ["linear [v1]", "performer [mechanism.num_features=16]", "softmax [v1]"]
+    # L=128 holds two configs: rows keep their variant; L=1024 holds one: plain rows, the id in the title
+    assert sorted(set(cells.row)) == ["linear", "linear [v1]", "performer [mechanism.num_features=16]", "softmax"]
     assert report.variant_key(cells) == f"Variants: **v1** = `{grid}`"  # lengths are columns, not part of the id
     for r in records:
         write(tmp_path, r)
     text = report.write_report(tmp_path).read_text()
-    assert f"Variants: **v1** = `{grid}`" in text and "| linear [v1]" in text
+    assert f"Variants: **v1** = `{grid}`" in text and "| linear [v1]" in text and "listops L=1K [v1]" in text
+
+
+def test_a_column_whose_cells_share_one_config_names_it_once_and_a_mechanism_keeps_one_row(tmp_path):
+    """The CPU grid's shape: presets at one length, a smaller model at another. Each mechanism
+    is one row across both columns, so it gets an average; the config is in the column title."""
+    small = "model.dim=32, train.max_steps=120"
+    records = [record(mechanism=m, accuracy=a, n_test=1000) for m, a in (("softmax", 0.40), ("linear", 0.30))]
+    records += [record(mechanism=m, variant=v, label=small + ", task.max_len=1024", max_len=1024, accuracy=a,
+                       n_test=1000, fingerprint="long") for m, v, a in (("softmax", "a1", 0.20), ("linear", "b2", 0.25))]
+    records += [record(task="text", mechanism=m, variant=v, label=small, accuracy=0.7, fingerprint="t")
+                for m, v in (("softmax", "c3"), ("linear", "d4"))]
+    stats, baselines = stats_of(records, tmp_path)
+    assert sorted(stats.row.unique()) == ["linear", "softmax"]
+    table, averages = report.accuracy_table(stats, baselines)
+    header = table.splitlines()[0]
+    assert "| listops L=128 " in header and f"listops L=1K [{small}]" in header and f"text L=128 [{small}]" in header
+    assert averages["softmax"] == pytest.approx((0.40 + 0.70) / 2)  # listops at its most-populated length (ties: shortest)
+    assert "| softmax " in table and "[a1]" not in table
+    mixed = records + [record(mechanism="performer", variant="e5", label="mechanism.num_features=16",
+                              max_len=1024, fingerprint="long")]
+    rows = set(report.cells_frame(mixed).row)
+    assert {"softmax [" + small + "]", "performer [mechanism.num_features=16]"} <= rows  # two configs at 1K: labelled
 
 
 def test_a_band_where_nothing_beats_the_shortcut_lists_only_its_pareto_front(tmp_path):

@@ -62,6 +62,44 @@ def test_labels_match_the_connectivity_of_the_rendered_image(resolution, contour
     assert labels.sum() == 20  # exactly balanced
 
 
+@pytest.mark.parametrize("resolution,contour_length,distractors", [(16, 3, 0), (32, 6, -1)])
+def test_matched_dot_distances_pair_every_positive_with_an_equally_distant_negative(resolution, contour_length,
+                                                                                    distractors):
+    """Measured as the dot-distance baseline measures them (centroids of the two brightest
+    blobs of the rendered image), the positives' and negatives' dot distances are one multiset."""
+    from harness.baselines import dot_distances
+
+    cfg = pathfinder.PathfinderConfig(resolution=resolution, max_len=resolution**2, contour_length=contour_length,
+                                      distractor_length=1, num_distractors=distractors)
+    assert cfg.dot_distance == "matched"  # the default
+    generator = pathfinder.generator_for(cfg)
+    images, labels = generator.images(100, seed=7)
+    assert labels.sum() == 50 and (dots_connected(images, generator.geo.link) == labels.astype(bool)).all()
+    distance = dot_distances(images)
+    assert np.allclose(np.sort(distance[labels == 1]), np.sort(distance[labels == 0]), atol=0.011)
+    assert generator.unmatched > 0  # draws without a partner were discarded: the classes do differ
+    odd, odd_labels = generator.images(7, seed=8)
+    assert odd_labels.sum() == 3 and len(odd) == 7
+
+
+def test_the_dot_distance_shortcut_of_lras_generator_is_gone_when_matched():
+    """The small preset's settings: LRA's generator (free) lets a threshold on the dot distance
+    classify well above chance; with matched distances it is at chance."""
+    import datasets
+
+    from harness.baselines import compute_baselines
+
+    accuracy = {}
+    for mode in ("free", "matched"):
+        cfg = pathfinder.PathfinderConfig(resolution=16, max_len=256, difficulty="easy", contour_length=3,
+                                          distractor_length=1, num_distractors=0, dot_distance=mode)
+        generator = pathfinder.generator_for(cfg)
+        dsd = datasets.DatasetDict({split: pathfinder.to_dataset(*generator.images(n, seed=seed))
+                                    for split, n, seed in (("train", 2, 0), ("validation", 300, 1), ("test", 400, 2))})
+        accuracy[mode] = compute_baselines(dsd, "pathfinder")[1]["value"]
+    assert accuracy["free"] >= 0.62 and accuracy["matched"] <= 0.58, accuracy
+
+
 def test_turns_are_bounded_by_the_continuity():
     for continuity, bound in ((1.0, 90), (1.8, 50)):
         generator = pathfinder.SnakesGenerator(pathfinder.make_geometry(64), contour_length=8, distractor_length=3,
@@ -195,6 +233,8 @@ def test_missing_release_and_bad_settings_say_what_is_right(tmp_path):
         create_task("pathfinder", difficulty="medium")
     with pytest.raises(ValueError, match="must be task.resolution"):
         create_task("pathfinder", resolution=16)
+    with pytest.raises(ValueError, match="task.dot_distance='near'; valid: matched, free"):
+        create_task("pathfinder", dot_distance="near")
 
 
 def test_tiny_pathfinder_cell_end_to_end(tmp_path):
