@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from harness.results import scan_results
+from harness.results import code_commit, scan_results
 
 log = logging.getLogger(__name__)
 
@@ -728,7 +728,10 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
 
 def header_lines(cells: pd.DataFrame, speed_records: list[dict[str, Any]], results_dir: Path) -> list[str]:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"Generated {stamp} from {len(cells)} cell results in `{results_dir}/runs` by `python -m harness report`.", ""]
+    commit, dirty = code_commit()
+    at = f" at commit {commit}{' (with uncommitted changes)' if dirty else ''}" if commit else ""
+    lines = [f"Generated {stamp} from {len(cells)} cell results in `{results_dir}/runs` by `python -m harness report`"
+             f"{at}; the cells' own commits are below.", ""]
     if cells.empty:
         return lines
     seeds = "; ".join(f"`{s}`: {', '.join(str(x) for x in sorted(set(g.seed)))}" for s, g in cells.groupby("scale"))

@@ -172,24 +172,32 @@ def read_results(results_dir: str | Path) -> list[dict[str, Any]]:
     return scan_results(results_dir)[0]
 
 
-def environment() -> dict[str, Any]:
-    """Commit, torch version and device, recorded with every result."""
-    import platform
-
-    import torch
-
+def code_commit() -> tuple[str | None, bool]:
+    """(short commit of this checkout or None, whether tracked files outside ``results/`` differ from it:
+    a regenerated leaderboard is not a change of code)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
         ).stdout.strip() or None
         dirty = bool(
             subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
+                capture_output=True, text=True,
                 cwd=Path(__file__).parent, timeout=5,
             ).stdout.strip()
         )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, False
+    return commit, dirty
+
+
+def environment() -> dict[str, Any]:
+    """Commit, torch version and device, recorded with every result."""
+    import platform
+
+    import torch
+
+    commit, dirty = code_commit()
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:

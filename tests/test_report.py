@@ -166,6 +166,10 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     assert "the other cells: 4 ok" in details
     assert "performer" not in details  # ok cells are only counted
     assert "**total wall time**: 0.08 h" in text  # 5 cells x 60 s
+    from harness.results import code_commit
+
+    assert f"by `python -m harness report` at commit {code_commit()[0]}" in text  # the renderer's commit too
+    assert "**commit(s)**: abc1234" in text  # and the cells' own
     assert "measured `make benchmark" not in text  # no clock of a make run: no line
     (tmp_path / "runs" / "make_benchmark.json").write_text(
         '{"started": 1000, "finished": 8200, "grid_status": 0, "command": "make benchmark GRID=cpu SCALE=auto"}')
