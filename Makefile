@@ -39,13 +39,13 @@ benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at smal
 	mkdir -p $(RESULTS)/runs; \
 	printf '{"started": %s, "finished": %s, "grid_status": %s, "command": "make benchmark GRID=$(GRID) SCALE=$(SCALE) JOBS=$(JOBS)"}\n' \
 	  $$started $$(date +%s) $$status > $(RESULTS)/runs/make_benchmark.json; \
-	$(PY) -m harness report results_dir=$(RESULTS) && \
+	$(PY) -m harness report results_dir=$(RESULTS) || exit $$?; \
 	if [ $$status -ne 0 ]; then echo "make benchmark: the leaderboard is written, but some cells did not finish ok (grid exit status $$status): see its Run details; retry them with: $(PY) -m harness grid grid=$(GRID) scale=$(SCALE) rerun=failed train.time_limit_s=0"; fi; \
 	exit $$status
 
 smoke: install ## the default grid at scale=tiny (minutes on a CPU), then the leaderboard
 	$(PY) -m harness grid grid=default scale=tiny n_jobs=$(JOBS) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
-	status=$$?; $(PY) -m harness report results_dir=$(RESULTS); exit $$status
+	status=$$?; $(PY) -m harness report results_dir=$(RESULTS) || exit $$?; exit $$status
 
 speed: install ## speed and memory of every mechanism across sequence lengths (results/speed/)
 	$(PY) -m harness speed out=$(RESULTS)/speed $(SPEED_ARGS)

@@ -183,10 +183,9 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     ids = variant_ids(frame.variant_other)
     frame["variant_id"] = frame.variant_other.map(lambda x: ids.get(x, ""))
     shown = [i or other for i, other in zip(frame.variant_id, frame.variant_other)]
-    frame["column_config"] = column_configs(frame)
-    frame["row"] = [f"{m} [{x}]" if x and not column else m
-                    for m, x, column in zip(frame.mechanism, shown, frame.column_config)]
-    frame["column_config"] = [ids.get(c, c) for c in frame.column_config]
+    shared = column_configs(frame)
+    frame["row"] = [f"{m} [{x}]" if x and not column else m for m, x, column in zip(frame.mechanism, shown, shared)]
+    frame["column_config"] = [ids.get(c, c) for c in shared]
     return frame
 
 
@@ -380,7 +379,7 @@ def column_title(task: str, length: int, higher: bool = True, config: str = "") 
 
 def column_config(stats: pd.DataFrame, task: str, length: int) -> str:
     column = stats[(stats.task == task) & (stats.length == length)]
-    return str(column.column_config.iloc[0]) if len(column) and "column_config" in column else ""
+    return str(column.column_config.iloc[0]) if len(column) else ""
 
 
 def primary_columns(stats: pd.DataFrame) -> dict[str, int]:

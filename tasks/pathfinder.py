@@ -421,9 +421,8 @@ class SnakesGenerator:
         label, drawn = 0, 0
         while len(kept[1]) < n_positive or len(kept[0]) < n_negative:
             if len(kept[1]) >= n_positive:  # an odd count's extra negative: any negative will do
-                kept[0].append(next((p.pop() for p in pools[0].values() if p), None))
-                if kept[0][-1] is None:
-                    kept[0][-1] = self.image(rng, 0)
+                spare = next((waiting.pop() for waiting in pools[0].values() if waiting), None)
+                kept[0].append(spare if spare is not None else self.image(rng, 0))
                 continue
             if drawn >= self.match_tries * (n_positive + n_negative):
                 raise DataSourceError(
