@@ -39,7 +39,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: per-position tasks (mqar) get per-query baselines
 MAX_TRAIN = 20000  # training examples for the logistic regression (seeded subsample above)
 LR_C = (0.1, 1.0, 10.0)
 LM_ALPHAS = (0.01, 0.1, 0.5, 1.0)
@@ -278,11 +278,62 @@ def ngram_lm_baselines(dsd) -> list[dict[str, Any]]:
 SHORTCUTS = {"pathfinder": dot_distance_baseline}  # task-specific shortcuts; others follow the data's layout
 
 
+def _query_rows(dsd, split: str, limit: int | None = None, seed: int = 0):
+    """Per-position tasks (``targets``, -100 off the queries): (sequence index, query token,
+    target) of every query of a split, at most ``limit`` (a seeded subsample above it)."""
+    seqs = _arrays(dsd[split], "input_ids")
+    targets = _arrays(dsd[split], "targets")
+    rows = [(i, int(s[j]), int(t[j])) for i, (s, t) in enumerate(zip(seqs, targets)) for j in np.flatnonzero(t != -100)]
+    if limit and len(rows) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+        rows = [rows[k] for k in keep]
+    return seqs, rows
+
+
+def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Per-query baselines of a per-position task (MQAR): the most frequent train target, and a
+    logistic regression on the query token (one-hot) beside its sequence's unigram+bigram
+    TF-IDF counts, C on validation. Both should sit near chance: a bag of tokens does not say
+    which value followed which key (if it did, the generator would leak the answer)."""
+    from scipy import sparse
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from sklearn.linear_model import LogisticRegression
+
+    data = {s: _query_rows(dsd, s, MAX_TRAIN if s == "train" else None, seed) for s in ("train", "validation", "test")}
+    y = {s: np.asarray([t for _, _, t in rows]) for s, (_, rows) in data.items()}
+    values, counts = np.unique(y["train"], return_counts=True)
+    label = values[int(np.argmax(counts))]
+    out = [baseline("majority", "accuracy", float((y["test"] == label).mean()), len(y["test"]), choice=int(label),
+                    note="per query")]
+    vocab = 1 + max(int(a.max()) for seqs, _ in data.values() for a in seqs if len(a))
+    tfidf = TfidfTransformer(sublinear_tf=True)
+    x = {}
+    for split, (seqs, rows) in data.items():
+        counts_ = ngram_counts([seqs[i] for i, _, _ in rows], vocab)
+        counts_ = tfidf.fit_transform(counts_) if split == "train" else tfidf.transform(counts_)
+        query = sparse.csr_matrix((np.ones(len(rows)), ([k for k in range(len(rows))], [q for _, q, _ in rows])),
+                                  shape=(len(rows), vocab))
+        x[split] = sparse.hstack([query, counts_]).tocsr()
+    best = None
+    for c in LR_C:
+        model = LogisticRegression(C=c, max_iter=300).fit(x["train"], y["train"])
+        val = float((model.predict(x["validation"]) == y["validation"]).mean())
+        if best is None or val > best[0]:
+            best = (val, c, model)
+    _, c, model = best
+    test = float((model.predict(x["test"]) == y["test"]).mean())
+    out.append(baseline("bag-of-n-grams LR", "accuracy", test, len(y["test"]), choice=c,
+                        note="per query: query token + its sequence's unigram+bigram TF-IDF, C on validation"))
+    return out
+
+
 def compute_baselines(dsd, task: str) -> list[dict[str, Any]]:
     """Every baseline that applies to a prepared DatasetDict (train/validation/test)."""
     columns = set(dsd["train"].column_names)
     if "target_ids" in columns:  # sequence-to-sequence (Spider): its task records its own baseline
         return []  # (copy the most frequent training query, scored by exact set match: data.majority_accuracy)
+    if "targets" in columns:  # per-position classification (MQAR): per query
+        return tagger_baselines(dsd)
     if "label" not in columns:
         return ngram_lm_baselines(dsd)
     out = [majority_baseline(dsd)]

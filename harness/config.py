@@ -37,6 +37,21 @@ class TrainConfig:
     eval_batches: int = 0  # limit validation batches (0 = all)
     grad_clip: float = 1.0
     time_limit_s: float = 0.0  # stop a cell as "timeout" after this long (0 = none)
+    # Warm start (a curriculum in length): the first warmup_length_steps training steps draw batches
+    # (of warmup_batch_size; 0 = batch_size) from the task's training split at warmup_length tokens,
+    # the rest at the task's own length. 0 = off. Needs a task with ``at_length`` (e.g. mqar).
+    warmup_length: int = 0
+    warmup_length_steps: int = 0
+    warmup_batch_size: int = 0
+
+    def __post_init__(self):
+        if self.warmup_length < 0 or self.warmup_length_steps < 0 or self.warmup_batch_size < 0:
+            raise ValueError("train.warmup_length, train.warmup_length_steps and train.warmup_batch_size must be >= 0")
+        if bool(self.warmup_length) != bool(self.warmup_length_steps):
+            raise ValueError("a warm start needs both train.warmup_length and train.warmup_length_steps (or neither)")
+        if self.warmup_length_steps >= self.max_steps > 0 and self.warmup_length:
+            raise ValueError(f"train.warmup_length_steps={self.warmup_length_steps} leaves no step of "
+                             f"train.max_steps={self.max_steps} at the task's own length")
 
 
 @dataclass

@@ -202,8 +202,9 @@ class Head(nn.Module):
     def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         labels = batch["label"]
         loss = F.cross_entropy(logits.float(), labels)
-        correct = (logits.argmax(-1) == labels).sum()
-        return loss, {"correct": correct, "count": torch.tensor(labels.numel()), "nll": loss.detach() * labels.numel()}
+        hits = logits.argmax(-1) == labels
+        return loss, {"correct": hits.sum(), "count": torch.tensor(labels.numel()), "nll": loss.detach() * labels.numel(),
+                      "item_correct": hits.long(), "item_count": torch.ones_like(labels)}
 
 
 class ClassifierHead(Head):
@@ -270,7 +271,33 @@ class LanguageModelHead(Head):
         return loss, {"correct": correct, "count": count, "nll": nll.detach().sum()}
 
 
-HEADS = {"classifier": ClassifierHead, "matcher": MatcherHead, "lm": LanguageModelHead}
+class TaggerHead(Head):
+    """Per-position classification over the whole (bidirectional) sequence: logits (B, L, C);
+    loss and accuracy over the positions whose ``targets`` are not -100 (e.g. MQAR's queries).
+    Stats count those positions; ``item_correct``/``item_count`` are per sequence (for paired tests)."""
+
+    def __init__(self, encoder: Encoder, num_classes: int):
+        super().__init__(encoder)
+        if encoder.use_cls:
+            raise ValueError("a per-position head cannot use CLS pooling; set model.pooling=mean")
+        self.out = nn.Linear(encoder.cfg.dim, num_classes)
+
+    def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
+        states, _ = self.encoder(batch["input_ids"], batch["padding_mask"], step=step)
+        return self.out(states)
+
+    def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        targets = batch["targets"][:, : logits.shape[1]]
+        valid = targets != -100
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")[valid]
+        count = valid.sum()
+        loss = nll.sum() / count.clamp_min(1)
+        hits = (logits.argmax(-1) == targets) & valid
+        return loss, {"correct": hits.sum(), "count": count, "nll": nll.detach().sum(),
+                      "item_correct": hits.sum(1), "item_count": valid.sum(1)}
+
+
+HEADS = {"classifier": ClassifierHead, "matcher": MatcherHead, "lm": LanguageModelHead, "tagger": TaggerHead}
 
 
 def build_model(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: Any = None) -> Head:

@@ -56,6 +56,9 @@ class Result:
     config: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int | None = None  # set when a killed run was resumed from its checkpoint
     warnings: list[str] = field(default_factory=list)
+    # per test item, in test-split order: {"correct": [...], "count": [...]} (predictions scored per
+    # example, or per sequence for per-position tasks): what the report's paired tests compare
+    test_items: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.status not in STATUSES:

@@ -364,7 +364,21 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
 
     train = OmegaConf.to_object(cfg.train)
     module = TaskModule(model, train)
-    data = TaskDataModule(dsd, batch_size=train.batch_size, seed=result.seed, num_workers=cfg.trainer.num_workers)
+    warm = None
+    if train.warmup_length:  # the warm start: the first steps on the same task at a shorter length
+        at_length = getattr(task, "at_length", None)
+        if at_length is None:
+            raise ValueError(f"train.warmup_length is set, but task '{task.name}' cannot change its length "
+                             f"(it has no at_length); unset train.warmup_length")
+        short = create_task(result.task, scale=result.scale, **at_length(train.warmup_length))
+        warm_dsd, warm_info = short.load(cfg.cache_dir)
+        result.data["warmup"] = {"max_len": train.warmup_length, "fingerprint": warm_info.fingerprint,
+                                 "steps": train.warmup_length_steps, "cache_path": warm_info.cache_path}
+        warm = (warm_dsd["train"], train.warmup_length_steps, train.warmup_batch_size or train.batch_size)
+        log.info("warm start: %d steps at %d tokens, then %d steps at %d", train.warmup_length_steps,
+                 train.warmup_length, train.max_steps - train.warmup_length_steps, task.max_len)
+    data = TaskDataModule(dsd, batch_size=train.batch_size, seed=result.seed, num_workers=cfg.trainer.num_workers,
+                          warmup=warm)
     ckpt_dir = cell.checkpoint_dir
     # Select on validation accuracy, or on validation loss (bits/token) for a language model.
     monitor, mode = ("val/loss", "min") if model.causal else ("val/accuracy", "max")
@@ -408,6 +422,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         result.metrics["val"] = {monitor.split("/")[1]: float(score)} if score is not None else {}
         trainer.test(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
         result.metrics["test"] = module.final_metrics.get("test", {})
+        result.test_items = module.final_items.get("test", {})
         if best:  # re-validate the selected checkpoint for its full validation metrics
             trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
             result.metrics["val"] = module.final_metrics.get("val", result.metrics["val"])

@@ -56,6 +56,8 @@ class TaskModule(L.LightningModule):
         self.train_cfg = train_cfg
         self._sums: dict[str, dict[str, float]] = {}
         self.final_metrics: dict[str, dict[str, float]] = {}
+        self._items: dict[str, dict[str, list[int]]] = {}
+        self.final_items: dict[str, dict[str, list[int]]] = {}  # split -> {"correct": [...], "count": [...]}
 
     def aux_loss(self) -> torch.Tensor | None:
         terms = [m.aux_loss for m in self.model.encoder.mechanisms if m.aux_loss is not None]
@@ -79,8 +81,12 @@ class TaskModule(L.LightningModule):
         logits = self.model(batch, step=self.global_step)
         _, stats = self.model.loss(logits, batch)
         sums = self._sums.setdefault(split, {})
+        items = self._items.setdefault(split, {})
         for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+            if key.startswith("item_"):  # per test item, in split order (the paired tests of the report)
+                items.setdefault(key[5:], []).extend(int(v) for v in value.tolist())
+            else:
+                sums[key] = sums.get(key, 0.0) + float(value)
         for mech in self.model.encoder.mechanisms:
             for key, value in mech.metrics().items():
                 sums[f"mech/{key}"] = sums.get(f"mech/{key}", 0.0) + float(value)
@@ -88,8 +94,11 @@ class TaskModule(L.LightningModule):
 
     def _eval_end(self, split: str) -> None:
         sums = self._sums.pop(split, {})
+        items = self._items.pop(split, {})
         if not sums:
             return
+        if items and self.trainer.world_size == 1:  # under DDP each rank sees a shard: not recorded
+            self.final_items[split] = items
         if self.trainer.world_size > 1:  # exact metrics under DDP: add up every rank's sums
             keys = sorted(sums)
             total = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum")
@@ -137,9 +146,13 @@ class TaskModule(L.LightningModule):
 class TaskDataModule(L.LightningDataModule):
     """Batches of a prepared DatasetDict, padded per batch (``harness.data.collate``)."""
 
-    def __init__(self, dataset_dict, *, batch_size: int, seed: int, num_workers: int = 0, eval_batch_size: int | None = None):
+    def __init__(self, dataset_dict, *, batch_size: int, seed: int, num_workers: int = 0, eval_batch_size: int | None = None,
+                 warmup: tuple[Any, int, int] | None = None):
+        """``warmup``: (a train split at a shorter length, steps, batch size): the warm start's
+        first batches, before any of ``dataset_dict["train"]`` (see ``WarmStartBatches``)."""
         super().__init__()
         self.dsd = dataset_dict
+        self.warmup = warmup
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
@@ -158,13 +171,53 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader("train", True)
+        if not self.warmup:
+            return self._loader("train", True)
+        from torch.utils.data import ConcatDataset
+
+        short, steps, short_batch = self.warmup
+        sampler = WarmStartBatches(len(short), len(self.dsd["train"]), steps=steps, short_batch=short_batch,
+                                   batch=self.batch_size, seed=self.seed)
+        return DataLoader(ConcatDataset([short, self.dsd["train"]]), batch_sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
         return self._loader("validation", False)
 
     def test_dataloader(self):
         return self._loader("test", False)
+
+
+class WarmStartBatches(torch.utils.data.Sampler):
+    """Batches of indices into ``ConcatDataset([short, long])``: in the first epoch, ``steps``
+    shuffled batches of ``short_batch`` short examples (cycling through them), then the long
+    split shuffled in batches of ``batch``; later epochs are the long split alone. Lightning
+    calls ``set_epoch``; a resumed run picks the epoch up from its checkpoint, and steps past
+    the warm-up resume on the long split. Seeded per epoch, so one seed gives one order."""
+
+    def __init__(self, n_short: int, n_long: int, *, steps: int, short_batch: int, batch: int, seed: int):
+        self.n_short, self.n_long, self.steps = n_short, n_long, steps
+        self.short_batch, self.batch, self.seed, self.epoch = short_batch, batch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _long_batches(self) -> int:
+        return math.ceil(self.n_long / self.batch)
+
+    def __len__(self) -> int:
+        return (self.steps if self.epoch == 0 else 0) + self._long_batches()
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        if self.epoch == 0:
+            need = self.steps * self.short_batch
+            order = torch.cat([torch.randperm(self.n_short, generator=g) for _ in range(math.ceil(need / self.n_short))])
+            for i in range(self.steps):
+                yield order[i * self.short_batch:(i + 1) * self.short_batch].tolist()
+        order = torch.randperm(self.n_long, generator=g) + self.n_short
+        for i in range(self._long_batches()):
+            yield order[i * self.batch:(i + 1) * self.batch].tolist()
 
 
 class CellMeter(L.Callback):

@@ -156,7 +156,8 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     softmax = next(line for line in accuracy.splitlines() if line.startswith("| softmax"))
     assert "✗ timeout" in softmax
     assert "| baseline: bag-of-n-grams LR" in accuracy  # computed from the text cell's own splits
-    assert (tmp_path / "baselines" / "text-text1-v1.json").exists()
+    from harness.baselines import VERSION
+    assert (tmp_path / "baselines" / f"text-text1-v{VERSION}.json").exists()
     assert (tmp_path / "plots" / "accuracy_vs_length_small.png").stat().st_size > 5000
     details = text[text.index("## Run details"):]
     assert details.count("✗ unreadable") == 4 and "unreadable result files: 4" in details

@@ -1,0 +1,113 @@
+"""MQAR: the generator's answers are recoverable from the sequence alone, seeded, no leak
+between splits; the tagger head scores query positions only; the warm start's batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness.training import WarmStartBatches
+from tasks.mqar import IGNORE, MQARConfig, generate_splits, solve, token_ranges
+
+SMALL = dict(max_len=96, num_pairs=8, num_keys=16, num_values=8, num_noise=4, num_train=300, num_val=40, num_test=40)
+
+
+def test_an_independent_solver_recovers_every_target():
+    cfg = MQARConfig(**SMALL)
+    for x, y in generate_splits(cfg).values():
+        for tokens, targets in zip(x, y):
+            assert solve(tokens, cfg) == targets.tolist()
+            assert (targets != IGNORE).sum() == cfg.num_pairs  # one query per pair
+
+
+def test_layout_pairs_in_the_context_queries_after_it():
+    cfg = MQARConfig(**SMALL)
+    key0, value0, noise0 = token_ranges(cfg)
+    x, y = generate_splits(cfg)["test"]
+    context = int(cfg.max_len * cfg.context_fraction)
+    queries = np.argwhere(y != IGNORE)
+    assert (queries[:, 1] >= context).all()
+    is_key = (x >= key0) & (x < value0)
+    assert (is_key[:, :context].sum(1) == cfg.num_pairs).all()  # every key once in the context ...
+    assert (is_key[:, context:].sum(1) == cfg.num_pairs).all()  # ... and once as a query
+    assert y[y != IGNORE].min() >= 0 and y.max() < cfg.num_values
+
+
+def test_seeded_and_no_held_out_sequence_is_a_train_sequence():
+    a, b = generate_splits(MQARConfig(**SMALL)), generate_splits(MQARConfig(**SMALL))
+    for split in a:
+        assert np.array_equal(a[split][0], b[split][0]) and np.array_equal(a[split][1], b[split][1])
+    other = generate_splits(MQARConfig(**{**SMALL, "data_seed": 1}))
+    assert not np.array_equal(a["train"][0], other["train"][0])
+    # a tiny vocabulary makes repeats likely: they are redrawn, never shared across splits
+    tight = dict(max_len=8, num_pairs=2, num_keys=2, num_values=2, num_noise=1, num_train=40, num_val=10, num_test=10)
+    splits = generate_splits(MQARConfig(**tight))
+    train = {row.tobytes() for row in splits["train"][0]}
+    for split in ("validation", "test"):
+        assert not any(row.tobytes() in train for row in splits[split][0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_pairs=40, num_keys=64, num_values=64), "cannot hold 40 pairs"),
+    (dict(num_keys=4), "keys must be distinct"),
+    (dict(num_values=4), "values must be distinct"),
+    (dict(num_noise=0), "task.num_noise must be >= 1"),
+])
+def test_bad_settings_are_one_clear_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        MQARConfig(**{**SMALL, **bad})
+
+
+def test_tagger_head_counts_query_positions_only():
+    from harness.model import ModelConfig, TaggerHead, Encoder
+
+    enc = Encoder(ModelConfig(dim=8, depth=1, heads=2, mlp_dim=8), vocab_size=10, max_len=6, mechanism="softmax")
+    head = TaggerHead(enc, 3)
+    targets = torch.tensor([[IGNORE, 2, IGNORE, 0, IGNORE, IGNORE], [1, IGNORE, IGNORE, IGNORE, IGNORE, 2]])
+    logits = torch.full((2, 6, 3), -5.0)
+    logits[0, 1, 2] = logits[0, 3, 1] = logits[1, 0, 1] = logits[1, 5, 2] = 5.0  # 3 of 4 queries right
+    logits[0, 0, 0] = 9.0  # a non-query position: never counted
+    loss, stats = head.loss(logits, {"targets": targets})
+    assert int(stats["correct"]) == 3 and int(stats["count"]) == 4
+    assert stats["item_correct"].tolist() == [1, 2] and stats["item_count"].tolist() == [2, 2]
+    assert torch.isfinite(loss)
+
+
+def test_warm_start_batches_short_first_then_long_and_seeded():
+    s = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=0)
+    batches = list(s)
+    assert len(batches) == len(s) == 4 + 4
+    assert all(i < 5 for b in batches[:4] for i in b) and all(len(b) == 3 for b in batches[:4])
+    long = [i for b in batches[4:] for i in b]
+    assert sorted(long) == list(range(5, 12))  # the long split once, after the warm-up
+    assert batches == list(WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=0))
+    s.set_epoch(1)
+    assert len(s) == 4 and all(i >= 5 for b in s for i in b)  # later epochs: no warm-up again
+
+
+def test_warm_start_settings_are_checked_and_in_the_identity():
+    from harness.cells import cell_identity
+    from harness.config import TrainConfig, compose
+
+    with pytest.raises(ValueError, match="needs both"):
+        TrainConfig(warmup_length=128)
+    with pytest.raises(ValueError, match="leaves no step"):
+        TrainConfig(max_steps=10, warmup_length=128, warmup_length_steps=10)
+    base = cell_identity(compose(["task=mqar", "scale=tiny"]))
+    warm = cell_identity(compose(["task=mqar", "scale=tiny", "train.warmup_length=64", "train.warmup_length_steps=5"]))
+    assert base != warm and warm["train"]["warmup_length"] == 64
+
+
+def test_bag_of_ngrams_on_mqar_sits_near_chance():
+    """The generator must not leak a query's value into the bag of tokens."""
+    import datasets
+
+    from harness.baselines import compute_baselines
+
+    cfg = MQARConfig(**{**SMALL, "num_train": 600, "num_val": 100, "num_test": 100})
+    dsd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
+                                for s, (x, y) in generate_splits(cfg).items()})
+    rows = {b["name"]: b for b in compute_baselines(dsd, "mqar")}
+    chance = 1 / cfg.num_values
+    assert rows["majority"]["n_test"] == 100 * cfg.num_pairs
+    assert abs(rows["bag-of-n-grams LR"]["value"] - chance) < 0.05  # 800 queries: ±0.025 at 95%
+    assert abs(rows["majority"]["value"] - chance) < 0.05
