@@ -112,11 +112,17 @@ def parse_sql(sql: str, schema: Schema, *, values: bool = False) -> dict[str, An
     """Spider's sql dict of ``sql`` (columns canonical, values None unless ``values``)."""
     try:
         tree = sqlglot.parse_one(sql, read="sqlite")
-    except sqlglot.errors.ParseError as exc:
-        raise SQLParseError(f"cannot parse: {str(exc).splitlines()[0][:200]}") from None
-    if tree is None:
-        raise SQLParseError("empty query")
-    return _Reader(schema, values).query(tree)
+        if tree is None:
+            raise SQLParseError("empty query")
+        return _Reader(schema, values).query(tree)
+    except SQLParseError:
+        raise
+    except sqlglot.errors.SqlglotError as exc:
+        raise SQLParseError(f"cannot parse: {(str(exc).splitlines() or [''])[0][:200]}") from None
+    except RecursionError:
+        raise SQLParseError("cannot parse: nested too deeply") from None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise SQLParseError(f"cannot parse: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 class _Reader:
@@ -124,6 +130,14 @@ class _Reader:
         self.schema, self.values = schema, values
 
     def query(self, node: exp.Expression) -> dict[str, Any]:
+        saved = (getattr(self, "scope", {}), getattr(self, "select_aliases", {}), getattr(self, "outer", {}))
+        self.outer = {**saved[2], **saved[0]}  # aliases of enclosing queries (correlated references)
+        try:
+            return self._query(node)
+        finally:  # a nested query's tables do not leak into the enclosing query
+            self.scope, self.select_aliases, self.outer = saved
+
+    def _query(self, node: exp.Expression) -> dict[str, Any]:
         while isinstance(node, exp.Subquery):
             node = node.this
         if isinstance(node, (exp.Union, exp.Intersect, exp.Except)):
@@ -174,7 +188,7 @@ class _Reader:
         conds: list[Any] = []
         for join in node.args.get("joins") or []:
             on = join.args.get("on")
-            if on is not None:
+            if on is not None and not isinstance(on, exp.Boolean):  # JOIN without ON
                 if conds:
                     conds.append("and")
                 conds.extend(self.condition(on))
@@ -204,8 +218,13 @@ class _Reader:
             raise SQLParseError(f"LIMIT must be an integer, got {value.sql() if value is not None else None}") from None
 
     def order(self, node: exp.Order) -> tuple[str, list]:
-        units = [self.val_unit(o.this) for o in node.expressions]
-        return ("desc" if any(o.args.get("desc") for o in node.expressions) else "asc", units)
+        # ``ORDER BY count(*) >= 5``: Spider's parser reads the key and drops the comparison
+        units = [self.val_unit(o.this.this if type(o.this) in _CMP else o.this) for o in node.expressions]
+        direction = "asc"  # Spider's parse_order_by keeps the last ASC/DESC written
+        for o in node.expressions:
+            if o.args.get("desc") is not None:
+                direction = "desc" if o.args["desc"] else "asc"
+        return (direction, units)
 
     @staticmethod
     def _agg_arg(node: exp.Expression) -> exp.Expression:
@@ -223,7 +242,7 @@ class _Reader:
             return "__all__"
         name, qualifier = node.name.lower(), node.table.lower()
         if qualifier:
-            table = self.scope.get(qualifier)
+            table = self.scope.get(qualifier) or getattr(self, "outer", {}).get(qualifier)
             if table is None:
                 raise SQLParseError(f"unknown table or alias '{node.table}'")
             if name not in self.schema.tables[table]:
@@ -304,6 +323,8 @@ class _Reader:
             return [(negated, WHERE_OPS.index("in"), self.val_unit(node.this), val, None)]
         if isinstance(node, exp.Exists):
             return [(negated, WHERE_OPS.index("exists"), (0, None, None), self.query(node.this), None)]
+        if isinstance(node, exp.Like) and node.args.get("negate"):
+            negated = not negated
         op = _CMP.get(type(node))
         if op is None:
             raise SQLParseError(f"unsupported condition {node.sql()[:80]}")
@@ -394,15 +415,17 @@ def keywords(sql: dict) -> set[str]:
     return res
 
 
-def exact_match(pred: dict, label: dict) -> bool:
-    """Spider's ``eval_exact_match``: every component, then FROM tables and first join."""
+def exact_match(pred: dict, label: dict, *, check_join: bool = False) -> bool:
+    """Spider's ``eval_exact_match``: every component, then the FROM tables. The official
+    script does not compare join conditions; ``check_join=True`` also compares the first
+    one (a check that was in taoyds/spider only briefly, 26 May 2020, reverted the same day)."""
     if not all(partial_match(pred, label).values()):
         return False
     lt, pt = label["from"]["table_units"], pred["from"]["table_units"]
     if lt:
         if sorted(map(repr, lt)) != sorted(map(repr, pt)):
             return False
-        if len(lt) > 1:
+        if check_join and len(lt) > 1:
             lc = label["from"]["conds"]
             pc = pred["from"]["conds"]
             label_cond = sorted(map(repr, [lc[0][2][1], lc[0][3]])) if lc else []
@@ -549,10 +572,15 @@ def results_equal(gold: list[tuple], pred: list[tuple], *, ordered: bool) -> boo
 
 
 def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_dir: str | Path, *,
-             timeout_s: float = 1.0, values: bool = False) -> dict[str, Any]:
+             timeout_s: float = 1.0, values: bool = False, distinct: str = "strip",
+             check_join: bool = False) -> dict[str, Any]:
     """Score (gold SQL, predicted SQL, db_id) triples. Returns the CLI's JSON shape:
     ``{"exact": {level|"all": acc}, "execution": {...}, "valid_sql": rate, "items": [...]}``.
-    A gold query that does not parse or execute is an error naming the item."""
+    A gold or predicted query that does not parse or execute is that item's error (counted
+    in ``gold_errors``), never the end of the run. ``distinct``: ``"strip"`` (the default of
+    test-suite-sql-eval: every DISTINCT removed before execution) or ``"keep"``."""
+    if distinct not in ("keep", "strip"):
+        raise ValueError(f"distinct must be 'keep' or 'strip', got {distinct!r}")
     dbs: dict[str, ReadOnlyDatabase] = {}
     out_items = []
     try:
@@ -562,28 +590,41 @@ def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_d
             schema = schemas[db_id]
             try:
                 gold_sql = parse_sql(gold, schema, values=values)
-            except SQLParseError as exc:
-                raise SQLParseError(f"item {index} (db {db_id}): gold query does not parse: {exc}: {gold}") from None
+            except SQLParseError as exc:  # the item's error, counted; the run goes on
+                out_items.append({"hardness": None, "exact": False, "execution": False, "valid": False,
+                                  "error": f"gold query does not parse: {exc}", "gold_error": True})
+                continue
             if db_id not in dbs:
                 dbs[db_id] = ReadOnlyDatabase(Path(db_dir) / db_id / f"{db_id}.sqlite", timeout_s=timeout_s)
             db = dbs[db_id]
             error = None
             try:
-                exact = exact_match(parse_sql(pred, schema, values=values), gold_sql)
+                exact = exact_match(parse_sql(pred, schema, values=values), gold_sql, check_join=check_join)
             except SQLParseError as exc:
                 exact, error = False, str(exc)
-            gold_rows, gold_error = db.run(gold)
+            gold_rows, gold_error = db.run(strip_distinct(gold) if distinct == "strip" else gold)
             if gold_error:
-                raise RuntimeError(f"item {index} (db {db_id}): gold query fails: {gold_error}: {gold}")
-            pred_rows, pred_error = db.run(pred)
+                out_items.append({"hardness": hardness(gold_sql), "exact": bool(exact), "execution": False,
+                                  "valid": False, "error": f"gold query fails: {gold_error}", "gold_error": True})
+                continue
+            pred_rows, pred_error = db.run(strip_distinct(pred) if distinct == "strip" else pred)
             error = pred_error or error
             execution = pred_rows is not None and results_equal(gold_rows, pred_rows, ordered=bool(gold_sql["orderBy"]))
             out_items.append({"hardness": hardness(gold_sql), "exact": bool(exact), "execution": bool(execution),
-                              "valid": pred_rows is not None, "error": error})
+                              "valid": pred_rows is not None, "error": error, "gold_error": False})
     finally:
         for db in dbs.values():
             db.close()
     return summarise(out_items)
+
+
+def strip_distinct(sql: str) -> str:
+    """``sql`` with every DISTINCT keyword removed, as test-suite-sql-eval does by default
+    (tokens outside quotes only)."""
+    import re
+
+    parts = re.split(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""", sql)
+    return "".join(p if i % 2 else re.sub(r"(?i)\bdistinct\b", " ", p) for i, p in enumerate(parts))
 
 
 def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -597,6 +638,7 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
         out[key]["all"] = rate(key, None)
     out["valid_sql"] = rate("valid", None)
     out["counts"] = {level: sum(it["hardness"] == level for it in items) for level in HARDNESS} | {"all": len(items)}
+    out["gold_errors"] = sum(bool(it.get("gold_error")) for it in items)
     out["items"] = [{k: it[k] for k in ("hardness", "exact", "execution", "error")} for it in items]
     return out
 

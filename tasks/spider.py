@@ -715,7 +715,8 @@ def read_gold_pred(gold: Path, pred: Path) -> list[tuple[str, str, str]]:
     """(gold SQL, predicted SQL, db_id) from Spider's evaluation files: gold lines
     ``SQL<TAB>db_id``, one predicted query per line."""
     gold_lines = [line.rstrip("\n") for line in gold.read_text().splitlines() if line.strip()]
-    pred_lines = [line.rstrip("\n") for line in pred.read_text().splitlines()]
+    # a binary or mis-encoded prediction file still scores: its bad lines are item errors
+    pred_lines = [line.rstrip("\n").replace("\x00", " ") for line in pred.read_text(errors="replace").splitlines()]
     while pred_lines and not pred_lines[-1].strip() and len(pred_lines) > len(gold_lines):
         pred_lines.pop()
     if len(pred_lines) != len(gold_lines):
@@ -742,9 +743,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     ev.add_argument("--timeout", type=float, default=1.0, help="seconds per query")
     ev.add_argument("--values", action="store_true", help="compare values in exact match (Spider ignores them)")
+    ev.add_argument("--distinct", choices=("strip", "keep"), default="strip",
+                    help="execution: strip every DISTINCT before running (test-suite-sql-eval's default) or keep it")
+    ev.add_argument("--check-join", action="store_true",
+                    help="exact match also compares the first join condition (not done by the official script)")
     args = parser.parse_args(argv)
     schemas = {db: Schema.from_entry(e) for db, e in read_tables(args.tables).items()}
-    scores = evaluate(read_gold_pred(args.gold, args.pred), schemas, args.db_dir, timeout_s=args.timeout, values=args.values)
+    scores = evaluate(read_gold_pred(args.gold, args.pred), schemas, args.db_dir, timeout_s=args.timeout, values=args.values,
+                      distinct=args.distinct, check_join=args.check_join)
     if args.json:
         print(json.dumps({k: scores[k] for k in ("exact", "execution", "valid_sql", "items")}))
     else:
