@@ -15,7 +15,6 @@ LENGTH, PAD = 1100, 150
 
 NOT_PADDING_INVARIANT = {
     "bigbird": "block count and random blocks drawn from the padded length",
-    "cosformer": "M = max(Lq, Lk) counts padded positions (as the reference): the cos re-weighting moves",
     "nystrom": "segment-mean landmarks are taken over the padded length",
     "rela_nystrom": "segment-mean landmarks are taken over the padded length",
     "reformer": "n_buckets and chunk boundaries come from the padded length",
