@@ -20,15 +20,16 @@ reference code instead materialises a cumulative (L, 2d, d) tensor.
 
 Padding: the feature rows k'_j of padded keys (and their values) are zeroed before any sum,
 so a padded key contributes exactly nothing; a query whose every key is padded (or whose
-relu features vanish) gets denominator 0 → clamped to ε → output 0, never NaN. M still
-counts padded positions (it is the tensor length, as in the reference): the weights of
-real tokens depend on how much padding a batch carries, not on the padded values.
+relu features vanish) gets denominator 0 → clamped to ε → output 0, never NaN. M counts
+real tokens only (the valid keys, and in self-attention the queries too, per example;
+right padding assumed), so the outputs of real tokens do not depend on how much padding a
+batch carries (tested); the reference uses the tensor length.
 
 Deviations from the reference code: (1) causal mode chunked (same numbers, bounded memory);
 (2) in causal mode with Lq < Lk the query positions are bottom-right aligned (query i is
 token i + Lk − Lq, a decoder step with a key cache) where the reference numbers both from 1;
 (3) key padding is honoured (the reference takes no padding mask); (4) features and sums in
-at least float32 under autocast. The reference applies no 1/√d scale; neither do we.
+at least float32 under autocast; (5) M from the real length (above). The reference applies no 1/√d scale; neither do we.
 """
 
 from __future__ import annotations
@@ -50,19 +51,29 @@ class CosformerConfig:
     causal_chunk_size: int = 64  # keys per block of the chunked causal prefix sum (memory O(L·C + (L/C)·d²))
 
 
-def cos_features(x: Tensor, positions: Tensor, big_m: int) -> Tensor:
-    """x: (B, H, L, d), positions: (L,) 1-based -> (B, H, L, 2d) [relu(x) sin a, relu(x) cos a],
-    a = π/2 · position / M."""
-    angle = (math.pi / 2) * positions.to(x.dtype) / big_m  # (L,)
+def cos_features(x: Tensor, positions: Tensor, big_m: Tensor | int) -> Tensor:
+    """x: (B, H, L, d), positions: (L,) 1-based, M an int or per example (B,) -> (B, H, L, 2d)
+    [relu(x) sin a, relu(x) cos a], a = π/2 · position / M."""
+    big_m = torch.as_tensor(big_m, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+    angle = (math.pi / 2) * positions.to(x.dtype)[:, None] / big_m  # (B or 1, 1, L, 1)
     x = F.relu(x)
-    return torch.cat([x * torch.sin(angle)[:, None], x * torch.cos(angle)[:, None]], dim=-1)
+    return torch.cat([x * torch.sin(angle), x * torch.cos(angle)], dim=-1)
+
+
+def real_length_m(lq: int, lk: int, key_padding_mask: Tensor | None, device) -> Tensor:
+    """M = max(Lq, Lk) over the real tokens, per example (B,): the valid keys are counted (and,
+    in self-attention Lq = Lk, the queries too), so the padding amount does not move M."""
+    if key_padding_mask is None:
+        return torch.tensor([max(lq, lk)], device=device)
+    valid = (~key_padding_mask).sum(-1).clamp_min(1)  # (B,)
+    return valid if lq == lk else valid.clamp_min(lq)
 
 
 def cosformer_reference(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask=None, causal=False, eps=1e-6) -> Tensor:
     """The quadratic form written out (float64): Σ_j relu(q_i)·relu(k_j) cos(π/2·(i−j)/M) v_j / Σ_j (…)."""
     q, k, v = q.double(), k.double(), v.double()
     lq, lk = q.shape[-2], k.shape[-2]
-    big_m = max(lq, lk)
+    big_m = real_length_m(lq, lk, key_padding_mask, q.device).double().reshape(-1, 1, 1, 1)
     offset = lk - lq if causal else 0
     i = torch.arange(1, lq + 1, dtype=torch.float64)[:, None] + offset
     j = torch.arange(1, lk + 1, dtype=torch.float64)[None, :]
@@ -82,7 +93,7 @@ def cosformer_attention(
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     lq, lk = q.shape[-2], k.shape[-2]
-    big_m = max(lq, lk)
+    big_m = real_length_m(lq, lk, key_padding_mask, q.device)  # (B,) or (1,)
     offset = lk - lq if causal else 0
     q_pos = torch.arange(1, lq + 1, device=q.device) + offset
     k_pos = torch.arange(1, lk + 1, device=q.device)

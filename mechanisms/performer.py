@@ -14,7 +14,9 @@ paper's generalised attention φ(x) = ReLU(Wx) + ε (not an approximation of sof
 Stabilisers: each query's features are divided by their row maximum, the keys' by their
 maximum over all valid keys; both cancel in the ratio. Causal attention uses prefix sums
 over chunks: inside a chunk the C × C masked score block is formed, across chunks the
-states Σ φ(k) vᵀ are summed exclusively (in float32).
+states Σ φ(k) vᵀ are summed exclusively (in float32). Causal keys are stabilised by a running
+maximum s_j over keys ≤ j (``causal_key_features``); query i's sums are taken relative to
+exp(s_i), so every factor is ≤ 1 and no future key enters even numerically.
 
 Accuracy/speed: ``num_features`` (m). The estimator's error falls like 1/√m; time is
 O(L·m·d), memory O(L·m) (+ O((L/C)·m·d + L·C) in causal mode, C = ``causal_chunk_size``,
@@ -25,9 +27,10 @@ buffers, saved in checkpoints.
 Deviations from the references: the key stabiliser is a max over valid keys only (the
 references take it over all keys, so padding could move it); padded key features are zeroed
 (the references have no key padding in FastAttention). Causal mode adds eps to the query
-features only: the key stabiliser is a max over all keys, future ones included, and cancels
-in the ratio only without an additive eps (the references add it, so their causal outputs
-depend on future keys).
+features only and stabilises keys by a running (prefix) max: it cancels in the ratio only
+without an additive eps (the references add eps and take one max over all keys, so their
+causal outputs depend on future keys; a max over all keys also underflows the past when
+future keys are large).
 """
 
 from __future__ import annotations
@@ -137,42 +140,81 @@ def linear_attention(q_feats: Tensor, k_feats: Tensor, v: Tensor) -> Tensor:
     return _divide(num, den.squeeze(-1))
 
 
-def causal_linear_attention(q_feats: Tensor, k_feats: Tensor, v: Tensor, *, chunk_size: int = 128) -> Tensor:
+def causal_key_features(x: Tensor, projection: Tensor, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Causal FAVOR+ key features with a running (prefix) stabiliser that sees the past only.
+
+    x: (B, H, L, D) -> features (B, H, L, m) and stabiliser s (B, H, L), float32 (float64 for
+    float64 x), with φ(k_j) = features_j · exp(s_j) and s_j = max_{j' ≤ j, valid} max_r log φ_r(k_{j'})
+    (non-decreasing in j). No eps: the stabilisers cancel exactly in the ratio. Positions with no
+    valid key up to them get s = −1e4 (their features are zero anyway); padded rows are zeroed."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype) * x.shape[-1] ** -0.25
+    logits = (x @ projection.to(dtype).t()).sub_(x.square().sum(-1, keepdim=True) / 2)  # (B, H, L, m)
+    with torch.no_grad():
+        row = logits.amax(-1)  # (B, H, L)
+        if key_padding_mask is not None:
+            row = row.masked_fill(key_padding_mask[:, None, :], -math.inf)
+        stab = row.cummax(-1).values
+        stab = torch.where(torch.isfinite(stab), stab, torch.full_like(stab, -1e4))
+    feats = torch.exp(logits.sub_(stab[..., None] + 0.5 * math.log(projection.shape[0])))
+    return zero_padded(feats, key_padding_mask), stab
+
+
+def causal_linear_attention(
+    q_feats: Tensor, k_feats: Tensor, v: Tensor, *, chunk_size: int = 128, k_stab: Tensor | None = None
+) -> Tensor:
     """Causal (query i sees key j ≤ i + Lk − Lq) by chunked prefix sums, no O(L·m·D) tensor.
 
-    (B, H, Lq, m), (B, H, Lk, m), (B, H, Lk, D) -> (B, H, Lq, D)."""
+    (B, H, Lq, m), (B, H, Lk, m), (B, H, Lk, D) -> (B, H, Lq, D). ``k_stab`` (B, H, Lk),
+    non-decreasing, is a per-key log-scale: the keys' features are ``k_feats · exp(k_stab)``
+    (``causal_key_features``). Query i's sum is taken relative to exp(s_i), s_i the stabiliser
+    of its last visible key, so every factor exp(s_j − s_i) is ≤ 1 and nothing after i enters
+    (None: all zero, plain features)."""
     b, h, lq, m = q_feats.shape
     d = v.shape[-1]
-    offset = k_feats.shape[-2] - lq
+    lk = k_feats.shape[-2]
+    acc = torch.promote_types(v.dtype, torch.float32)  # prefix sums over chunks in float32 at least
+    if k_stab is None:
+        k_stab = torch.zeros(b, h, lk, dtype=acc, device=v.device)
+    k_stab = k_stab.to(acc)
+    offset = lk - lq
     if offset < 0:  # the first -offset queries see no key: prepend all-zero keys (they add nothing)
         k_feats, v = F.pad(k_feats, (0, 0, -offset, 0)), F.pad(v, (0, 0, -offset, 0))
-        offset = 0
-    acc = torch.promote_types(v.dtype, torch.float32)  # prefix sums over chunks in float32 at least
-    # keys before the first query's diagonal are seen by every query
-    kv0 = torch.einsum("bhjm,bhjd->bhmd", k_feats[:, :, :offset], v[:, :, :offset]).to(acc)  # (B, H, m, D)
-    z0 = k_feats[:, :, :offset].sum(-2).to(acc)  # (B, H, m)
-    k_feats, v = k_feats[:, :, offset:], v[:, :, offset:]
+        first = k_stab[..., :1] if lk > 0 else torch.zeros(b, h, 1, dtype=acc, device=v.device)
+        k_stab = torch.cat([first.expand(b, h, -offset), k_stab], -1)
+    elif offset > 0:  # keys before the first query's diagonal: align by prepending zero queries
+        q_feats = F.pad(q_feats, (0, 0, offset, 0))
+    length = k_feats.shape[-2]  # = number of (aligned) queries; query i sees keys 0..i
 
-    c = max(1, min(chunk_size, lq))
-    n = math.ceil(lq / c)
-    pad = n * c - lq
+    c = max(1, min(chunk_size, length))
+    n = math.ceil(length / c)
+    pad = n * c - length
     qc = F.pad(q_feats, (0, 0, 0, pad)).reshape(b, h, n, c, m)
     kc = F.pad(k_feats, (0, 0, 0, pad)).reshape(b, h, n, c, m)
     vc = F.pad(v, (0, 0, 0, pad)).reshape(b, h, n, c, d)
+    s = torch.cat([k_stab, k_stab[..., -1:].expand(b, h, pad)], -1).reshape(b, h, n, c)  # (B, H, N, C)
+    sigma = s[..., -1]  # (B, H, N): the stabiliser at the end of each chunk
 
-    chunk_kv = torch.einsum("bhncm,bhncd->bhnmd", kc, vc).to(acc)  # (B, H, N, m, D)
-    chunk_z = kc.sum(-2).to(acc)  # (B, H, N, m)
-    # exclusive prefix: state before chunk n = kv0 + Σ_{n' < n} chunk_kv[n']
-    kv_state = torch.cat([kv0[:, :, None], chunk_kv[:, :, :-1]], 2).cumsum(2).to(q_feats.dtype)
-    z_state = torch.cat([z0[:, :, None], chunk_z[:, :, :-1]], 2).cumsum(2).to(q_feats.dtype)
+    # chunk state relative to its own end: Σ_{j ∈ chunk} φ(k_j) exp(s_j − σ_n) v_jᵀ
+    kc_end = kc * torch.exp(s - sigma[..., None]).to(kc.dtype)[..., None]
+    chunk_kv = torch.einsum("bhncm,bhncd->bhnmd", kc_end, vc).to(acc)  # (B, H, N, m, D)
+    chunk_z = kc_end.sum(-2).to(acc)  # (B, H, N, m)
+    # exclusive prefix relative to σ_{n−1}: state_n = Σ_{n' < n} chunk_n' · exp(σ_n' − σ_{n−1})
+    prev = torch.cat([sigma[..., :1], sigma[..., :-1]], -1)  # (B, H, N): σ_{n−1}
+    earlier = torch.ones(n, n, dtype=torch.bool, device=qc.device).tril(-1)
+    decay = torch.exp((sigma[..., None, :] - prev[..., :, None]).clamp_max(0)) * earlier  # (B, H, N, N')
+    kv_state = torch.einsum("bhnk,bhkmd->bhnmd", decay, chunk_kv).to(q_feats.dtype)
+    z_state = torch.einsum("bhnk,bhkm->bhnm", decay, chunk_z).to(q_feats.dtype)
 
-    scores = torch.einsum("bhncm,bhnkm->bhnck", qc, kc)  # (B, H, N, C, C)
+    q_scale = torch.exp((prev[..., None] - s).clamp_max(0)).to(qc.dtype)[..., None]  # (B, H, N, C, 1)
+    rel = torch.exp((s[..., None, :] - s[..., :, None]).clamp_max(0))  # (B, H, N, C, C'): exp(s_j − s_i)
+    scores = torch.einsum("bhncm,bhnkm->bhnck", qc, kc) * rel.to(qc.dtype)  # (B, H, N, C, C)
     tril = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
     scores = scores.masked_fill(~tril, 0.0)
-    num = qc @ kv_state + scores @ vc  # (B, H, N, C, D)
-    den = (qc @ z_state.unsqueeze(-1)).squeeze(-1) + scores.sum(-1)  # (B, H, N, C)
+    num = (qc * q_scale) @ kv_state + scores @ vc  # (B, H, N, C, D)
+    den = ((qc * q_scale) @ z_state.unsqueeze(-1)).squeeze(-1) + scores.sum(-1)  # (B, H, N, C)
     out = _divide(num, den).reshape(b, h, n * c, d)
-    return out[:, :, :lq]
+    return out[:, :, length - lq : length]
 
 
 def output_dtype(x: Tensor) -> torch.dtype:
@@ -282,11 +324,17 @@ class PerformerAttention(Attention):
         out_dtype, dtype = output_dtype(q), work_dtype(q)
         with torch.autocast(q.device.type, enabled=False):  # exp features in float32, products in `dtype`
             q_feats = self.features(q, projection, is_query=True, key_padding_mask=None).to(dtype)
-            k_feats = self.features(k, projection, is_query=False, key_padding_mask=kpm, causal=causal).to(dtype)
             v = v.to(dtype)
-            if causal:
+            if causal and self.cfg.kernel == "softmax":  # running key stabiliser: the past only
+                k_feats, k_stab = causal_key_features(k, projection, key_padding_mask=kpm)
+                out = causal_linear_attention(
+                    q_feats, k_feats.to(dtype), v, chunk_size=self.cfg.causal_chunk_size, k_stab=k_stab
+                )
+            elif causal:
+                k_feats = self.features(k, projection, is_query=False, key_padding_mask=kpm).to(dtype)
                 out = causal_linear_attention(q_feats, k_feats, v, chunk_size=self.cfg.causal_chunk_size)
             else:
+                k_feats = self.features(k, projection, is_query=False, key_padding_mask=kpm).to(dtype)
                 out = linear_attention(q_feats, k_feats, v)
         return out.to(out_dtype)
 

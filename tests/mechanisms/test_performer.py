@@ -253,3 +253,30 @@ def test_module_uses_key_eps_when_non_causal_and_not_when_causal():
         k_feats = softmax_kernel_features(k, w, is_query=False, eps=0.05, eps_keys=not causal)
         ref = dense_kernel_attention(q_feats, k_feats, v, causal=causal)
         torch.testing.assert_close(call(mech, q, k, v, causal=causal), ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("large", ["past", "future"])
+def test_causal_past_outputs_ignore_the_future_with_large_keys(dtype, atol, large):
+    """The causal key stabiliser is a running max over keys ≤ j: large past keys (norm ~32 at
+    d=16) with the future replaced, or large future keys, leave past outputs as they were
+    (the old all-keys max underflowed the past and moved it by up to 3.1 in float32)."""
+    torch.manual_seed(0)
+    mech = create_mechanism("performer", heads=2, dim_head=16, max_len=256, causal_chunk_size=16).eval()
+    b, h, length, t, d = 2, 2, 64, 40, 16
+    q, k, v = (torch.randn(b, h, length, d) for _ in range(3))
+    if large == "past":
+        k[:, :, :t] = k[:, :, :t] / k[:, :, :t].norm(dim=-1, keepdim=True) * 32
+    k2 = k.clone()
+    if large == "past":
+        k2[:, :, t:] = torch.randn(b, h, length - t, d)  # ordinary future keys
+    else:
+        k2[:, :, t:] = k2[:, :, t:] / k2[:, :, t:].norm(dim=-1, keepdim=True) * 32  # large future keys
+    v2 = v.clone()
+    v2[:, :, t:] = torch.randn(b, h, length - t, d)
+    q, k, v, k2, v2 = (x.to(dtype) for x in (q, k, v, k2, v2))
+    out = call(mech, q, k, v, causal=True).float()
+    out2 = call(mech, q, k2, v2, causal=True).float()
+    assert torch.isfinite(out).all() and torch.isfinite(out2).all()
+    torch.testing.assert_close(out[:, :, :t], out2[:, :, :t], atol=atol, rtol=0)
+    assert not torch.allclose(out[:, :, t:], out2[:, :, t:])

@@ -1,0 +1,54 @@
+"""Padding-amount invariance, registry-wide: an example alone at its length and the same
+example padded by 150 keys (mask set) give the same outputs on its real tokens.
+
+The length (1100) is beyond the dense fallbacks (1024) so the efficient paths run. A
+mechanism whose method depends on the padded length is listed in ``NOT_PADDING_INVARIANT``
+with the reason; the test checks that the listed ones really differ, so a fix has to remove
+its entry."""
+
+import pytest
+import torch
+
+from harness.registry import create_mechanism, get_mechanism, list_mechanisms
+
+LENGTH, PAD = 1100, 150
+
+NOT_PADDING_INVARIANT = {
+    "bigbird": "block count and random blocks drawn from the padded length",
+    "nystrom": "segment-mean landmarks are taken over the padded length",
+    "rela_nystrom": "segment-mean landmarks are taken over the padded length",
+    "reformer": "n_buckets and chunk boundaries come from the padded length",
+    "sinkhorn": "the block count (and so the sorted blocks) comes from the padded length",
+    "nystrom_attention": "peer (nystrom-attention library): segment-mean landmarks over the padded length",
+    "skyformer": "landmarks are sampled among a different number of candidates (another random draw)",
+}
+
+MECHANISMS = [n for n in list_mechanisms() if get_mechanism(n).capabilities.key_padding]
+
+
+def alone_vs_padded(name: str) -> float:
+    torch.manual_seed(0)
+    mech = create_mechanism(name, heads=1, dim_head=8, max_len=LENGTH + PAD).eval()
+    q, k, v = (torch.randn(1, 1, LENGTH, 8) for _ in range(3))
+    kpm = torch.zeros(1, LENGTH + PAD, dtype=torch.bool)
+    kpm[:, LENGTH:] = True
+
+    def pad(x):
+        return torch.cat([x, torch.randn(1, 1, PAD, 8)], 2)
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        alone = mech(q, k, v)
+        torch.manual_seed(1)
+        padded = mech(pad(q), pad(k), pad(v), key_padding_mask=kpm)
+    assert torch.isfinite(alone).all() and torch.isfinite(padded).all()
+    return float((alone - padded[:, :, :LENGTH]).abs().max())
+
+
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_padding_amount_does_not_change_real_outputs(name):
+    diff = alone_vs_padded(name)
+    if name in NOT_PADDING_INVARIANT:
+        assert diff > 1e-3, f"{name} is now padding-invariant ({diff:.2g}): remove it from NOT_PADDING_INVARIANT"
+    else:
+        assert diff < 1e-4, f"{name}: real outputs move by {diff:.3g} with {PAD} padded keys"
