@@ -56,6 +56,7 @@ class TaskModule(L.LightningModule):
         self.train_cfg = train_cfg
         self._sums: dict[str, dict[str, float]] = {}
         self.final_metrics: dict[str, dict[str, float]] = {}
+        self.evaluated: dict[str, int] = {}  # examples each split's last evaluation actually saw
 
     def aux_loss(self) -> torch.Tensor | None:
         terms = [m.aux_loss for m in self.model.encoder.mechanisms if m.aux_loss is not None]
@@ -79,6 +80,8 @@ class TaskModule(L.LightningModule):
         logits = self.model(batch, step=self.global_step)
         _, stats = self.model.loss(logits, batch)
         sums = self._sums.setdefault(split, {})
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        sums["examples"] = sums.get("examples", 0.0) + float(first.shape[0] if first is not None else 0)
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + float(value)
         for mech in self.model.encoder.mechanisms:
@@ -94,6 +97,7 @@ class TaskModule(L.LightningModule):
             keys = sorted(sums)
             total = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum")
             sums = dict(zip(keys, total.tolist()))
+        self.evaluated[split] = int(sums.pop("examples", 0.0))
         count = max(sums["count"], 1.0)
         metrics = {"accuracy": sums["correct"] / count, "loss": sums["nll"] / count}
         if not math.isfinite(metrics["loss"]):
