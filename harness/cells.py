@@ -33,6 +33,9 @@ from harness.results import result_path
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TRAIN_KEYS_NOT_IN_IDENTITY = ("time_limit_s",)
 TRAINER_KEYS_IN_IDENTITY = ("precision", "accumulate_grad_batches")
+# Our own trainer settings that do not change what is trained or measured; every other
+# trainer key (a ``+trainer.KEY`` passthrough such as limit_test_batches) is identity.
+TRAINER_KEYS_NOT_IN_IDENTITY = ("accelerator", "devices", "strategy", "num_workers", "deterministic", "progress_bar")
 
 
 class UnsafeName(ValueError):
@@ -62,7 +65,7 @@ def cell_identity(cfg: DictConfig) -> dict[str, Any]:
         "mechanism": _plain(cfg.mechanism),
         "model": _plain(cfg.model),
         "train": train,
-        "trainer": {k: trainer.get(k) for k in TRAINER_KEYS_IN_IDENTITY if k in trainer},
+        "trainer": {k: v for k, v in trainer.items() if k not in TRAINER_KEYS_NOT_IN_IDENTITY},
     }
 
 

@@ -114,6 +114,60 @@ def check_run_settings(cfg: DictConfig) -> None:
         raise ValueError(f"on_locked={cfg.on_locked!r} is not one of {', '.join(ON_LOCKED)}")
 
 
+def _close(key: str, valid: set[str]) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], sorted(valid), n=3, cutoff=0.6)
+    return f"did you mean {', '.join(near)}?" if near else f"valid: {', '.join(sorted(valid))}"
+
+
+def _fields(cls: type) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every key is one some schema has (an appended ``+group.key`` typo included), and
+    every budget/size is in range: one line, before anything is read, trained or written."""
+    from harness.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig
+    from harness.model import ModelConfig
+    from harness.registry import get_mechanism, get_task
+
+    schemas = {"train": _fields(TrainConfig), "model": _fields(ModelConfig), "scale": _fields(ScaleConfig),
+               "logger": _fields(LoggerConfig),
+               "task": _fields(get_task(cfg.task.name).config_class) | {"name"},
+               "mechanism": _fields(get_mechanism(cfg.mechanism.name).config_class) | {"name"},
+               "trainer": _fields(TrainerConfig) | trainer_arguments()}
+    top = _fields(RunConfig)
+    for key in cfg:
+        if key not in top:
+            raise ValueError(f"{key} is not a setting; {_close(key, top)}")
+    for group, valid in schemas.items():
+        for key in cfg[group]:
+            if key not in valid:
+                raise ValueError(f"{group}.{key} is not a {group} setting; {_close(key, valid)}")
+    train, trainer, model = cfg.train, cfg.trainer, cfg.model
+    at_least = {"train.max_steps": (train.max_steps, 1), "train.batch_size": (train.batch_size, 1),
+                "train.eval_every": (train.eval_every, 1), "train.warmup_steps": (train.warmup_steps, 0),
+                "train.eval_batches": (train.eval_batches, 0), "train.weight_decay": (train.weight_decay, 0),
+                "train.grad_clip": (train.grad_clip, 0), "train.time_limit_s": (train.time_limit_s, 0),
+                "trainer.accumulate_grad_batches": (trainer.accumulate_grad_batches, 1),
+                "trainer.num_workers": (trainer.num_workers, 0), "model.dim": (model.dim, 1),
+                "model.depth": (model.depth, 1), "model.heads": (model.heads, 1)}
+    for key, (value, low) in at_least.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{key}={value!r} must be a number >= {low}")
+    if not train.lr > 0:
+        raise ValueError(f"train.lr={train.lr!r} must be > 0")
+    if not 0 <= model.dropout < 1:
+        raise ValueError(f"model.dropout={model.dropout!r} must be in [0, 1)")
+    for key, value in cfg.task.items():
+        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int) and value < 1:
+            raise ValueError(f"task.{key}={value!r} must be >= 1")
+    trainer_passthrough(cfg)
+
+
 def _set_aside(cell: Cell, previous: dict[str, Any]) -> Path | None:
     """A record at the preset path whose config is not today's presets (the presets
     changed): move it to its own variant folder, so nothing is lost or reused."""
@@ -142,6 +196,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     for plugin, error in plugin_errors().items():
         log.warning("plugin %s failed to load: %s", plugin, error)
     check_run_settings(cfg)
+    check_config(cfg)
     cell = resolve_cell(cfg)
     if _ddp_worker_rank() > 0:  # a DDP worker that Lightning started: train, the main process records
         _train_and_test(cfg, cell, _new_result(cfg, cell))
@@ -257,6 +312,21 @@ def _route_lightning_logs() -> None:
 OUR_TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_workers", "deterministic", "progress_bar")
 
 
+MANAGED_TRAINER_KEYS = frozenset({
+    "max_steps", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "callbacks",
+    "gradient_clip_val", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
+    "enable_model_summary"})
+
+
+def trainer_arguments() -> set[str]:
+    """The names lightning.Trainer takes (what ``+trainer.KEY=VALUE`` may name)."""
+    import inspect
+
+    import lightning as L
+
+    return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+
+
 def trainer_passthrough(cfg: DictConfig) -> dict[str, Any]:
     """Trainer settings that go to lightning.Trainer as they are (``accumulate_grad_batches``
     and anything added with ``+trainer.KEY=VALUE``), checked against its signature."""
@@ -266,9 +336,7 @@ def trainer_passthrough(cfg: DictConfig) -> dict[str, Any]:
 
     extra = {k: v for k, v in _container(cfg.trainer).items() if k not in OUR_TRAINER_KEYS}
     valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    managed = {"max_steps", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "callbacks",
-               "gradient_clip_val", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
-               "enable_model_summary"}
+    managed = MANAGED_TRAINER_KEYS
     unknown = sorted(set(extra) - valid)
     if unknown:
         raise ValueError(f"trainer.{unknown[0]} is not a lightning.Trainer argument; valid: {', '.join(sorted(valid))}")
@@ -423,6 +491,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         trainer.test(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
         result.metrics["test"] = module.final_metrics.get("test", {})
         result.test_items = module.final_items.get("test", {})
+        result.data["test_examples_evaluated"] = module.evaluated.get("test")
         if best:  # re-validate the selected checkpoint for its full validation metrics
             trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
             result.metrics["val"] = module.final_metrics.get("val", result.metrics["val"])

@@ -58,6 +58,7 @@ class TaskModule(L.LightningModule):
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._items: dict[str, dict[str, list[int]]] = {}
         self.final_items: dict[str, dict[str, list[int]]] = {}  # split -> {"correct": [...], "count": [...]}
+        self.evaluated: dict[str, int] = {}  # examples each split's last evaluation actually saw
 
     def aux_loss(self) -> torch.Tensor | None:
         terms = [m.aux_loss for m in self.model.encoder.mechanisms if m.aux_loss is not None]
@@ -82,6 +83,8 @@ class TaskModule(L.LightningModule):
         _, stats = self.model.loss(logits, batch)
         sums = self._sums.setdefault(split, {})
         items = self._items.setdefault(split, {})
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        sums["examples"] = sums.get("examples", 0.0) + float(first.shape[0] if first is not None else 0)
         for key, value in stats.items():
             if key.startswith("item_"):  # per test item, in split order (the paired tests of the report)
                 items.setdefault(key[5:], []).extend(int(v) for v in value.tolist())
@@ -103,6 +106,7 @@ class TaskModule(L.LightningModule):
             keys = sorted(sums)
             total = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum")
             sums = dict(zip(keys, total.tolist()))
+        self.evaluated[split] = int(sums.pop("examples", 0.0))
         count = max(sums["count"], 1.0)
         metrics = {"accuracy": sums["correct"] / count, "loss": sums["nll"] / count}
         if not math.isfinite(metrics["loss"]):

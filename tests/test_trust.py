@@ -321,3 +321,35 @@ def test_a_redo_of_a_failed_cell_killed_half_way_resumes(workdir):
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(target.result_path.read_text())
     assert record["status"] == "ok" and record["resumed_from_step"] >= 5 and record["steps"] == 30
+
+
+# ----------------------------------------------------------------------------- appended keys and values (issue 25)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+train.max_step=10", "train.max_step is not a train setting; did you mean max_steps"),
+    ("+task.max_lenn=64", "task.max_lenn is not a task setting; did you mean max_len"),
+    ("+mechanism.dropuot=0.1", "mechanism.dropuot is not a mechanism setting"),
+    ("+model.dimm=8", "model.dimm is not a model setting; did you mean dim"),
+    ("+trainer.precison=bf16", "trainer.precison is not a trainer setting; did you mean precision"),
+    ("+seeed=1", "seeed is not a setting; did you mean seed"),
+    ("train.max_steps=0", "train.max_steps=0 must be a number >= 1"),
+    ("train.time_limit_s=-1", "train.time_limit_s=-1"),
+    ("train.batch_size=-4", "train.batch_size=-4 must be a number >= 1")])
+def test_unknown_keys_and_nonsense_values_are_one_line_before_anything_runs(workdir, tmp_path, override, message):
+    done = cli(workdir, "run", "mechanism=softmax", *TINY, f"results_dir={tmp_path / 'r'}",
+               f"cache_dir={tmp_path / 'cache'}", override, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r" / "runs").exists() and not (tmp_path / "cache").exists()  # no data read, no record
+
+
+def test_trainer_passthrough_is_part_of_the_identity_and_the_test_size_is_recorded(workdir, tmp_path):
+    plain = resolve_cell(cell(workdir, "mechanism=softmax"))
+    limited = resolve_cell(cell(workdir, "mechanism=softmax", "+trainer.limit_test_batches=1"))
+    assert limited.config_hash != plain.config_hash and limited.variant
+    assert "trainer.limit_test_batches=1" in limited.variant_label
+    done = run_cell(cell(workdir, "mechanism=softmax", "+trainer.limit_test_batches=1", "train.batch_size=4",
+                         f"results_dir={tmp_path}"))
+    assert done["status"] == "ok" and done["variant"]
+    assert done["data"]["test_examples_evaluated"] == 4 < done["data"]["sizes"]["test"]
