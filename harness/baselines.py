@@ -137,7 +137,6 @@ def majority_baseline(dsd) -> dict[str, Any]:
 def bag_of_ngrams_baseline(dsd, *, seed: int = 0) -> dict[str, Any]:
     """Unigram+bigram TF-IDF logistic regression; C chosen on validation."""
     from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.linear_model import LogisticRegression
 
     seqs = {s: _arrays(dsd[s], "input_ids") for s in ("train", "validation", "test")}
     labels = {s: np.asarray(dsd[s]["label"]) for s in seqs}
@@ -152,16 +151,7 @@ def bag_of_ngrams_baseline(dsd, *, seed: int = 0) -> dict[str, Any]:
         x[split] = tfidf.transform(ngram_counts(seqs[split], vocab))
     if len(np.unique(labels["train"])) < 2:
         return majority_baseline(dsd) | {"name": "bag-of-n-grams LR", "note": "one class in train"}
-    best = None
-    for c in LR_C:
-        model = LogisticRegression(C=c, max_iter=300).fit(x["train"], labels["train"])
-        val = float((model.predict(x["validation"]) == labels["validation"]).mean())
-        if best is None or val > best[0]:
-            best = (val, c, model)
-    _, c, model = best
-    test = float((model.predict(x["test"]) == labels["test"]).mean())
-    return baseline("bag-of-n-grams LR", "accuracy", test, len(labels["test"]), choice=c,
-                    note="unigram+bigram TF-IDF logistic regression, C on validation")
+    return _fit_lr(x, labels, "bag-of-n-grams LR", "unigram+bigram TF-IDF logistic regression, C on validation")
 
 
 def _cosines(first: list[np.ndarray], second: list[np.ndarray], vocab: int) -> np.ndarray:
@@ -371,7 +361,6 @@ def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
     which value followed which key (if it did, the generator would leak the answer)."""
     from scipy import sparse
     from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.linear_model import LogisticRegression
 
     data = {s: _query_rows(dsd, s, MAX_TRAIN if s == "train" else None, seed) for s in ("train", "validation", "test")}
     y = {s: np.asarray([t for _, _, t in rows]) for s, (_, rows) in data.items()}
@@ -388,16 +377,8 @@ def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
         query = sparse.csr_matrix((np.ones(len(rows)), ([k for k in range(len(rows))], [q for _, q, _ in rows])),
                                   shape=(len(rows), vocab))
         x[split] = sparse.hstack([query, counts_]).tocsr()
-    best = None
-    for c in LR_C:
-        model = LogisticRegression(C=c, max_iter=300).fit(x["train"], y["train"])
-        val = float((model.predict(x["validation"]) == y["validation"]).mean())
-        if best is None or val > best[0]:
-            best = (val, c, model)
-    _, c, model = best
-    test = float((model.predict(x["test"]) == y["test"]).mean())
-    out.append(baseline("bag-of-n-grams LR", "accuracy", test, len(y["test"]), choice=c,
-                        note="per query: query token + its sequence's unigram+bigram TF-IDF, C on validation"))
+    out.append(_fit_lr(x, y, "bag-of-n-grams LR",
+                       "per query: query token + its sequence's unigram+bigram TF-IDF, C on validation"))
     return out
 
 

@@ -20,7 +20,7 @@ tasks) and is checked against hand-computed values in ``tests/test_stats.py``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

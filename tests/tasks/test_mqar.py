@@ -58,7 +58,7 @@ def test_bad_settings_are_one_clear_error(bad, message):
 
 
 def test_tagger_head_counts_query_positions_only():
-    from harness.model import ModelConfig, TaggerHead, Encoder
+    from harness.model import Encoder, ModelConfig, TaggerHead
 
     enc = Encoder(ModelConfig(dim=8, depth=1, heads=2, mlp_dim=8), vocab_size=10, max_len=6, mechanism="softmax")
     head = TaggerHead(enc, 3)
