@@ -138,12 +138,7 @@ def bag_of_ngrams_baseline(dsd, *, seed: int = 0) -> dict[str, Any]:
     """Unigram+bigram TF-IDF logistic regression; C chosen on validation."""
     from sklearn.feature_extraction.text import TfidfTransformer
 
-    seqs = {s: _arrays(dsd[s], "input_ids") for s in ("train", "validation", "test")}
-    labels = {s: np.asarray(dsd[s]["label"]) for s in seqs}
-    if len(seqs["train"]) > MAX_TRAIN:
-        keep = np.sort(np.random.default_rng(seed).choice(len(seqs["train"]), MAX_TRAIN, replace=False))
-        seqs["train"] = [seqs["train"][i] for i in keep]
-        labels["train"] = labels["train"][keep]
+    seqs, labels = _subsampled(dsd, seed)
     vocab = 1 + max(int(a.max()) for split in seqs.values() for a in split if len(a))
     tfidf = TfidfTransformer(sublinear_tf=True)
     x = {"train": tfidf.fit_transform(ngram_counts(seqs["train"], vocab))}
@@ -285,6 +280,7 @@ def _fit_lr(x: dict, labels: dict, name: str, note: str) -> dict[str, Any]:
 
 
 def _subsampled(dsd, seed: int = 0) -> tuple[dict, dict]:
+    """Token arrays and labels per split; at most MAX_TRAIN training examples (seeded subsample)."""
     seqs = {s: _arrays(dsd[s], "input_ids") for s in ("train", "validation", "test")}
     labels = {s: np.asarray(dsd[s]["label"]) for s in seqs}
     if len(seqs["train"]) > MAX_TRAIN:
@@ -374,7 +370,7 @@ def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
     for split, (seqs, rows) in data.items():
         counts_ = ngram_counts([seqs[i] for i, _, _ in rows], vocab)
         counts_ = tfidf.fit_transform(counts_) if split == "train" else tfidf.transform(counts_)
-        query = sparse.csr_matrix((np.ones(len(rows)), ([k for k in range(len(rows))], [q for _, q, _ in rows])),
+        query = sparse.csr_matrix((np.ones(len(rows)), (np.arange(len(rows)), [q for _, q, _ in rows])),
                                   shape=(len(rows), vocab))
         x[split] = sparse.hstack([query, counts_]).tocsr()
     out.append(_fit_lr(x, y, "bag-of-n-grams LR",
