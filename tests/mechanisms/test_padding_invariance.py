@@ -15,8 +15,6 @@ LENGTH, PAD = 1100, 150
 
 NOT_PADDING_INVARIANT = {
     "bigbird": "block count and random blocks drawn from the padded length",
-    "nystrom": "segment-mean landmarks are taken over the padded length",
-    "rela_nystrom": "segment-mean landmarks are taken over the padded length",
     "reformer": "n_buckets and chunk boundaries come from the padded length",
     "sinkhorn": "the block count (and so the sorted blocks) comes from the padded length",
     "nystrom_attention": "peer (nystrom-attention library): segment-mean landmarks over the padded length",
@@ -52,3 +50,36 @@ def test_padding_amount_does_not_change_real_outputs(name):
         assert diff > 1e-3, f"{name} is now padding-invariant ({diff:.2g}): remove it from NOT_PADDING_INVARIANT"
     else:
         assert diff < 1e-4, f"{name}: real outputs move by {diff:.3g} with {PAD} padded keys"
+
+
+# Mechanisms made padding-invariant per example (segment means, block and bucket counts from
+# each example's real length): checked in float64 in a batch that mixes an example padded by
+# 150, a full one and a short one (shorter than the landmarks / one block), against each alone.
+PER_EXAMPLE = ["nystrom", "rela_nystrom"]
+BATCH_LENGTHS = (LENGTH, LENGTH + PAD, 40)
+
+
+def alone_vs_batched(name: str) -> float:
+    torch.manual_seed(0)
+    total = max(BATCH_LENGTHS)
+    mech = create_mechanism(name, heads=2, dim_head=8, max_len=total).double().eval()
+    for p in mech.parameters():  # non-trivial learned parts (gates, sort nets, convs)
+        torch.nn.init.normal_(p, std=0.3)
+    q, k, v = (torch.randn(len(BATCH_LENGTHS), 2, total, 8, dtype=torch.float64) for _ in range(3))
+    kpm = torch.arange(total)[None, :] >= torch.tensor(BATCH_LENGTHS)[:, None]
+    worst = 0.0
+    with torch.no_grad():
+        torch.manual_seed(1)
+        batched = mech(q, k, v, key_padding_mask=kpm)
+        for i, n in enumerate(BATCH_LENGTHS):
+            torch.manual_seed(1)
+            alone = mech(q[i : i + 1, :, :n], k[i : i + 1, :, :n], v[i : i + 1, :, :n])
+            worst = max(worst, float((alone[0] - batched[i, :, :n]).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", PER_EXAMPLE)
+def test_each_example_in_a_mixed_batch_matches_itself_alone(name):
+    assert name not in NOT_PADDING_INVARIANT
+    diff = alone_vs_batched(name)
+    assert diff < 1e-10, f"{name}: real outputs in a mixed-length batch differ from the example alone by {diff:.3g}"
