@@ -22,7 +22,15 @@ Padding: queries, keys and values of padded positions are zeroed before the bloc
 and the sorting, so they have no influence on P or on any sorted key; a sorted key slot is
 masked when every key mixed into it is padded (the authors' sorted padding mask, Σ_i P_ij
 valid_i,t > 0); own-block padded keys are masked. Lengths that are not a multiple of b are
-padded internally the same way. A query whose keys are all padded returns 0.
+padded internally the same way. A query whose keys are all padded returns 0. The block count
+is per example: the blocks after an example's last real token are all padding and are kept
+out of its sort (P is the identity there, the real blocks are sorted among themselves by the
+Sinkhorn of their own N_ℓ × N_ℓ scores), so an example's outputs on its real tokens do not
+depend on how much padding its batch has (tested in float64 to 1e-10; in eval: the
+training Gumbel noise is drawn for the padded block count, so its draw still differs). A one-block example
+(ℓ ≤ b) attends to its own keys twice, which is its plain softmax whatever the block size, so
+it too matches itself alone (where b = ℓ). The authors' code sorts all N blocks of the padded
+length, so padding blocks take part in (and change) the sort: a deviation, (5) below.
 
 Deviations from the authors' code: (1) ``sort_activation`` is Sinkhorn (the paper's method;
 the LRA code defaults to a plain softmax over the last axis); Gumbel noise only in training
@@ -31,7 +39,7 @@ to (block_size, num_blocks) makes strided blocks); (3) no causal variant: the pa
 Sinkhorn sorts with cumulative block sums, but a block's own summary still contains the later
 tokens of that block, so an honest strictly causal version needs more than the paper gives —
 the flag is off; no cross attention (query and key block counts must match); (4) softmax and
-Sinkhorn in at least float32 under autocast.
+Sinkhorn in at least float32 under autocast; (5) the per-example block count (above).
 """
 
 from __future__ import annotations
@@ -53,6 +61,20 @@ class SinkhornConfig:
     sinkhorn_iters: int = 7  # row/column normalisations of the sort matrix (lucidrains' "best in paper")
     temperature: float = 0.75  # τ: lower = closer to a hard permutation
     gumbel_noise: bool = True  # Gumbel-Sinkhorn noise on the sort scores while training (never in eval)
+
+
+def restrict_to_real_blocks(log_scores: Tensor, real_blocks: Tensor) -> Tensor:
+    """(B, H, N, N) scores, real_blocks (B,) -> scores whose Sinkhorn is block diagonal: the
+    first real_blocks rows and columns as given, the identity on the all-padding blocks after
+    them (0 on their diagonal, a finite −∞ elsewhere, so exp gives exactly 0 and no NaN). The
+    real blocks are then sorted among themselves exactly as with no padding blocks at all."""
+    n = log_scores.shape[-1]
+    ids = torch.arange(n, device=log_scores.device)
+    pad = ids[None, :] >= real_blocks[:, None]  # (B, N) all-padding blocks
+    off = (pad[:, :, None] | pad[:, None, :]) & (ids[:, None] != ids[None, :])  # (B, N, N) outside the two blocks
+    low = torch.finfo(log_scores.dtype).min / 4
+    log_scores = log_scores.masked_fill(off[:, None], low)
+    return log_scores.masked_fill((pad[:, :, None] & (ids[:, None] == ids[None, :]))[:, None], 0.0)
 
 
 def sinkhorn(log_scores: Tensor, iters: int) -> Tensor:
@@ -102,15 +124,20 @@ class SinkhornAttention(Attention):
         self.sort_net = nn.Linear(dim_head, self.max_blocks)  # key-block sum -> score of each target slot
         self._perm: Tensor | None = None
 
-    def sort_matrix(self, k: Tensor, n_blocks: int, block: int) -> Tensor:
-        """k: (B, H, L, d) with padded rows zeroed -> P: (B, H, N, N) doubly stochastic, float32+."""
+    def sort_matrix(self, k: Tensor, n_blocks: int, block: int, real_blocks: Tensor | None = None) -> Tensor:
+        """k: (B, H, L, d) with padded rows zeroed, real_blocks (B,) blocks holding a real token
+        (None: all) -> P: (B, H, N, N) doubly stochastic, float32+; the identity on the
+        all-padding blocks, which are kept out of the real blocks' sort."""
         b, h, length, d = k.shape
         summary = k.view(b, h, n_blocks, block, d).sum(3)  # (B, H, N, d)
         weight, bias = self.sort_net.weight[:n_blocks].to(k.dtype), self.sort_net.bias[:n_blocks].to(k.dtype)
         scores = summary @ weight.T + bias  # (B, H, N, N): row i = key block i, column j = slot j
         if self.training and self.cfg.gumbel_noise:
             scores = scores + gumbel_like(scores)
-        return sinkhorn(scores / self.cfg.temperature, self.cfg.sinkhorn_iters)
+        scores = scores / self.cfg.temperature
+        if real_blocks is not None:
+            scores = restrict_to_real_blocks(scores, real_blocks)
+        return sinkhorn(scores, self.cfg.sinkhorn_iters)
 
     def forward(
         self,
@@ -138,7 +165,11 @@ class SinkhornAttention(Attention):
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)).masked_fill(~valid[:, None, :, None], 0.0)
                        for x in (q, k, v))
-            perm = self.sort_matrix(k, n_blocks, block)
+            # blocks up to each example's last real token take part in its sort; the all-padding
+            # ones after it do not, so the amount of padding does not change the sort
+            last = torch.where(valid, torch.arange(padded, device=q.device), -1).amax(-1)  # (B,)
+            real_blocks = None if key_padding_mask is None else (last // block + 1).clamp_min(1)
+            perm = self.sort_matrix(k, n_blocks, block, real_blocks)
             out = sorted_block_attention(q, k, v, perm, valid, block)
         self._perm = perm.detach()
         return out[:, :, :length].to(in_dtype)

@@ -16,7 +16,6 @@ LENGTH, PAD = 1100, 150
 NOT_PADDING_INVARIANT = {
     "bigbird": "block count and random blocks drawn from the padded length",
     "reformer": "n_buckets and chunk boundaries come from the padded length",
-    "sinkhorn": "the block count (and so the sorted blocks) comes from the padded length",
     "nystrom_attention": "peer (nystrom-attention library): segment-mean landmarks over the padded length",
     "skyformer": "landmarks are sampled among a different number of candidates (another random draw)",
 }
@@ -55,7 +54,7 @@ def test_padding_amount_does_not_change_real_outputs(name):
 # Mechanisms made padding-invariant per example (segment means, block and bucket counts from
 # each example's real length): checked in float64 in a batch that mixes an example padded by
 # 150, a full one and a short one (shorter than the landmarks / one block), against each alone.
-PER_EXAMPLE = ["nystrom", "rela_nystrom"]
+PER_EXAMPLE = ["nystrom", "rela_nystrom", "sinkhorn"]
 BATCH_LENGTHS = (LENGTH, LENGTH + PAD, 40)
 
 
