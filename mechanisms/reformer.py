@@ -151,13 +151,16 @@ def lsh_attention(
     buckets = hash_buckets(q, rotations, example_buckets).expand(b, h, n_hashes, length)  # (B, H, R, L)
     buckets = buckets.masked_fill(~valid[:, None, None, :], n_buckets)  # padding sorts after every real token
     sorted_key, order = (buckets * length + torch.arange(length, device=device)).sort(-1)  # (B, H, R, L)
-    rank = torch.arange(length, device=device)
-    slot = rounds[:, None] * per_round[:, None, None] + rank  # (B, R, L) slot of the rank-th token of round r
-    slot = torch.where(rank < real[:, None, None], slot, total).view(b, 1, -1).expand(b, h, -1)  # total = dump
-    flat = order.new_zeros(b, h, total + 1).scatter_(2, slot, order.view(b, h, -1))[..., :total]  # token per slot
     bucket_id = sorted_key // length + rounds[:, None] * (n_buckets + 1)  # unique per round
-    slot_bucket = order.new_full((b, h, total + 1), -1).scatter_(2, slot, bucket_id.view(b, h, -1))[..., :total]
-    slot_valid = valid.new_zeros(b, total + 1).scatter_(1, slot[:, 0], True)[:, :total]  # (B, total)
+    if key_padding_mask is None:  # every slot real, P = L: the rounds' sorted orders end to end
+        flat, slot_bucket, slot_valid = order.reshape(b, h, total), bucket_id.reshape(b, h, total), None
+    else:
+        rank = torch.arange(length, device=device)
+        slot = rounds[:, None] * per_round[:, None, None] + rank  # (B, R, L) slot of the rank-th token of round r
+        slot = torch.where(rank < real[:, None, None], slot, total).view(b, 1, -1).expand(b, h, -1)  # total = dump
+        flat = order.new_zeros(b, h, total + 1).scatter_(2, slot, order.view(b, h, -1))[..., :total]  # token per slot
+        slot_bucket = order.new_full((b, h, total + 1), -1).scatter_(2, slot, bucket_id.view(b, h, -1))[..., :total]
+        slot_valid = valid.new_zeros(b, total + 1).scatter_(1, slot[:, 0], True)[:, :total]  # (B, total)
 
     chunk_id = torch.arange(n_chunks, device=device)
     own_chunks = n_hashes * per_round // chunk  # (B,) chunks this example uses
@@ -165,6 +168,8 @@ def lsh_attention(
     back_ok = prev != chunk_id  # one chunk in all: no second copy of it
 
     def look_one_back(x: Tensor) -> Tensor:  # (B, H, n, c, …) -> (B, H, n, 2c, …): own chunk + previous
+        if slot_valid is None:  # all examples use all n chunks: a roll
+            return x if n_chunks == 1 else torch.cat([x, x.roll(1, dims=2)], dim=3)
         index = prev.view(b, 1, n_chunks, *([1] * (x.dim() - 3))).expand(x.shape)
         return torch.cat([x, x.gather(2, index)], dim=3)
 
@@ -174,23 +179,31 @@ def lsh_attention(
     q_pos = flat.view(b, h, n_chunks, chunk)  # (B, H, n, c)
     sk, sv, k_pos = look_one_back(sk), look_one_back(sv), look_one_back(q_pos)
     dots = torch.einsum("bhnid,bhnjd->bhnij", sq * d**-0.5, sk)  # (B, H, n, c, 2c)
-    k_valid = look_one_back(slot_valid.view(b, 1, n_chunks, chunk).expand(b, h, -1, -1))  # (B, H, n, 2c)
-    k_valid = k_valid & torch.cat([torch.ones_like(back_ok)[..., None].expand(-1, -1, chunk),
-                                   back_ok[..., None].expand(-1, -1, chunk)], dim=-1)[:, None]
-    allowed = k_valid[..., None, :]  # (B, H, n, 1|c, 2c)
+    allowed = None  # (B, H, n, 1|c, 2c) bool, None = every key in the window
+    if slot_valid is not None:
+        k_valid = look_one_back(slot_valid.view(b, 1, n_chunks, chunk).expand(b, h, -1, -1))  # (B, H, n, 2c)
+        k_valid = k_valid & torch.cat([torch.ones_like(back_ok)[..., None].expand(-1, -1, chunk),
+                                       back_ok[..., None].expand(-1, -1, chunk)], dim=-1)[:, None]
+        allowed = k_valid[..., None, :]
     if causal:  # same bucket, at most c places back on the sorted axis: only earlier tokens decide
         q_bucket = slot_bucket.view(b, h, n_chunks, chunk)
         q_place = torch.arange(total, device=device).view(1, 1, n_chunks, chunk).expand(b, h, -1, -1)
         k_bucket, k_place = look_one_back(q_bucket), look_one_back(q_place)
         back = q_place[..., :, None] - k_place[..., None, :]  # (B, H, n, c, 2c)
-        allowed = allowed & (k_bucket[..., None, :] == q_bucket[..., :, None]) & (back >= 0) & (back < chunk)
+        same = (k_bucket[..., None, :] == q_bucket[..., :, None]) & (back >= 0) & (back < chunk)
+        allowed = same if allowed is None else allowed & same
     dots = dots.masked_fill(q_pos[..., :, None] == k_pos[..., None, :], SELF_LOGIT)
-    dots = dots.masked_fill(~allowed, torch.finfo(dtype).min)  # exp(min − lse) is exactly 0 in any row with a key
+    if allowed is not None:  # finite fill: exp(min − lse) is exactly 0 in any row with an allowed key
+        dots = dots.masked_fill(~allowed, torch.finfo(dtype).min)
     lse = dots.logsumexp(-1, keepdim=True)  # (B, H, n, c, 1)
-    out = (torch.exp(dots - lse) @ sv) * allowed.any(-1, keepdim=True)  # a row with no allowed key is 0
+    out = torch.exp(dots - lse) @ sv  # (B, H, n, c, d)
+    if allowed is not None:  # a row with no allowed key is 0
+        out = out * allowed.any(-1, keepdim=True)
     # unsort: each real slot back to (round, position); empty slots to a dump row
     slot_round = torch.arange(total, device=device) // per_round[:, None]  # (B, total)
-    index = torch.where(slot_valid[:, None], flat + (slot_round * length)[:, None], total)  # (B, H, total)
+    index = flat + (slot_round * length)[:, None]  # (B, H, total)
+    if slot_valid is not None:
+        index = torch.where(slot_valid[:, None], index, total)
     out = out.new_zeros(b, h, total + 1, d).scatter(2, index[..., None].expand(-1, -1, -1, d), out.view(b, h, -1, d))
     lse = lse.new_zeros(b, h, total + 1).scatter(2, index, lse.view(b, h, -1))
     out, lse = out[:, :, :total].view(b, h, n_hashes, length, d), lse[:, :, :total].view(b, h, n_hashes, length)
