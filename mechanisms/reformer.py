@@ -38,9 +38,10 @@ order, and are masked as keys: padded values change nothing (tested), a query wi
 allowed key in any round returns 0 (a padded query too).
 
 Padding amount: everything is per example, from its real length ℓ. Its bucket count is its
-own (⌈ℓ/bucket_size⌉ rounded up to even, ≥ 2; the rotations are drawn once for the largest
-count ``max_len`` needs and an example with n_b buckets hashes with the first n_b/2 columns,
-which is how it is hashed alone too); round r of its sorted tokens takes the slots r·P …
+own (⌈ℓ/bucket_size⌉ rounded up to even, ≥ 2) and so are its rotations: exactly the
+``randn(1, d, n_hashes, n_b/2)`` it would draw alone from the same random state (the state
+is rewound once per distinct count in the batch; a batch with one count draws once, as the
+reference does, so the agreement with reformer-pytorch holds); round r of its sorted tokens takes the slots r·P …
 r·P + ℓ − 1 of the rounds-end-to-end axis, P = ⌈ℓ/c⌉·c, and its first chunk looks back at
 its own last one. So an example alone and the same example padded in a batch give the same
 outputs on their real tokens (same random state; tested in float64 to 1e-10 in
@@ -88,6 +89,27 @@ def num_buckets(cfg: ReformerConfig, padded_length: int, chunk: int) -> int:
     return max(2, chunks + chunks % 2)
 
 
+def draw_rotations(d: int, n_hashes: int, example_buckets: Tensor, device) -> tuple[Tensor, Tensor | None]:
+    """Random rotations for the examples' bucket counts (B,): each example gets exactly the
+    ``torch.randn(1, d, n_hashes, n_b/2)`` it would draw alone from the current random state
+    (the state is rewound for each distinct count, a handful at most, and left after the
+    widest draw). One count in the batch: (1, d, R, n_b/2) and None; several: (B, d, R, max/2)
+    (zeros beyond an example's columns) and the per-example counts for ``hash_buckets``."""
+    counts = sorted(set(example_buckets.tolist()))
+    if len(counts) == 1:
+        return torch.randn(1, d, n_hashes, counts[0] // 2, device=device), None
+    cuda = torch.device(device).type == "cuda"
+    get_state = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
+    set_state = (lambda state: torch.cuda.set_rng_state(state, device)) if cuda else torch.set_rng_state
+    start = get_state()
+    rotations = torch.zeros(example_buckets.shape[0], d, n_hashes, counts[-1] // 2, device=device)
+    for count in counts:  # ascending: the state ends after the widest draw
+        set_state(start)
+        draw = torch.randn(1, d, n_hashes, count // 2, device=device)
+        rotations[example_buckets == count, :, :, : count // 2] = draw
+    return rotations, example_buckets
+
+
 def example_num_buckets(real: Tensor, bucket_size: int) -> Tensor:
     """(B,) real lengths -> (B,) derived n_b of each example alone: its chunks, rounded up to even, ≥ 2."""
     chunks = (-(-real // bucket_size)).clamp_min(1)
@@ -95,12 +117,16 @@ def example_num_buckets(real: Tensor, bucket_size: int) -> Tensor:
 
 
 def hash_buckets(x: Tensor, rotations: Tensor | None, example_buckets: Tensor | None = None) -> Tensor:
-    """Angular LSH. x: (B, H, L, d), rotations: (1, d, R, n/2) -> (B, H, R, L) ids in 0 … n_b−1
-    (all 0 when rotations is None: one bucket). example_buckets (B,) even, ≤ n: example b hashes
-    with the first n_b/2 rotation columns only, n_b = example_buckets[b] (None: all n)."""
+    """Angular LSH. x: (B, H, L, d), rotations: (1 or B, d, R, n/2) -> (B, H, R, L) ids in
+    0 … n_b−1 (all 0 when rotations is None: one bucket). example_buckets (B,) even, ≤ n:
+    example b hashes with the first n_b/2 rotation columns only, n_b = example_buckets[b]
+    (None: all n)."""
     if rotations is None:
         return x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[2], dtype=torch.long)
-    rotated = torch.einsum("bhld,drk->bhrlk", x, rotations[0].to(x.dtype))  # (B, H, R, L, n/2)
+    if rotations.shape[0] == 1:
+        rotated = torch.einsum("bhld,drk->bhrlk", x, rotations[0].to(x.dtype))  # (B, H, R, L, n/2)
+    else:
+        rotated = torch.einsum("bhld,bdrk->bhrlk", x, rotations.to(x.dtype))
     if example_buckets is None:
         return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
     half = rotated.shape[-1]
@@ -278,16 +304,16 @@ class Reformer(Attention):
         chunk = min(self.cfg.bucket_size, length)
         padded = -(-length // chunk) * chunk
         kpm = None if key_padding_mask is None else key_padding_mask.bool()
+        # Random rotations drawn anew at every call, as the reference (shape as reformer-pytorch's).
         example_buckets = None
         if self.cfg.n_buckets > 0:
             n_buckets = self.cfg.n_buckets
-        else:  # each example's own count; the rotations are drawn for the most buckets max_len needs
-            size = self.cfg.bucket_size
-            n_buckets = num_buckets(self.cfg, -(-max(self.max_len, length) // size) * size, size)
+            rotations = None if n_buckets == 1 else torch.randn(1, d, self.cfg.n_hashes, n_buckets // 2, device=q.device)
+        else:  # each example's own count from its real length, and the rotations it would draw alone
             real = torch.full((b,), length, device=q.device) if kpm is None else (~kpm).sum(-1)
-            example_buckets = example_num_buckets(real, size)
-        # Random rotations drawn anew at every call, as the reference (shape as reformer-pytorch's).
-        rotations = None if n_buckets == 1 else torch.randn(1, d, self.cfg.n_hashes, n_buckets // 2, device=q.device)
+            counts = example_num_buckets(real, self.cfg.bucket_size)
+            n_buckets = int(counts.max())
+            rotations, example_buckets = draw_rotations(d, self.cfg.n_hashes, counts, q.device)
         if padded > length:
             q, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q, v))
             kpm = torch.zeros(b, length, dtype=torch.bool, device=q.device) if kpm is None else kpm
@@ -297,7 +323,7 @@ class Reformer(Attention):
                 q, v, rotations=rotations, n_hashes=self.cfg.n_hashes, n_buckets=n_buckets, chunk=chunk,
                 key_padding_mask=kpm, causal=causal, example_buckets=example_buckets,
             )
-        self._buckets = n_buckets if example_buckets is None else float(example_buckets.float().mean())
+        self._buckets = float(n_buckets) if example_buckets is None else float(example_buckets.float().mean())
         return out[:, :, :length].to(v.dtype)
 
     def metrics(self) -> dict[str, float]:
