@@ -130,6 +130,8 @@ def _fields(cls: type) -> set[str]:
 def check_config(cfg: DictConfig) -> None:
     """Every key is one some schema has (an appended ``+group.key`` typo included), and
     every budget/size is in range: one line, before anything is read, trained or written."""
+    import dataclasses
+
     from harness.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig
     from harness.model import ModelConfig
     from harness.registry import get_mechanism, get_task
@@ -162,8 +164,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"train.lr={train.lr!r} must be > 0")
     if not 0 <= model.dropout < 1:
         raise ValueError(f"model.dropout={model.dropout!r} must be in [0, 1)")
+    # A count or cap whose default is positive stays positive (a default of 0 or -1 means "none"
+    # or "auto", e.g. pathfinder's num_distractors, and is the task's own to check).
+    defaults = {f.name: f.default for f in dataclasses.fields(get_task(cfg.task.name).config_class)}
     for key, value in cfg.task.items():
-        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int) and value < 1:
+        default = defaults.get(key)
+        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int) and value < 1 \
+                and isinstance(default, int) and default >= 1:
             raise ValueError(f"task.{key}={value!r} must be >= 1")
     trainer_passthrough(cfg)
 

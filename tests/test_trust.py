@@ -353,3 +353,15 @@ def test_trainer_passthrough_is_part_of_the_identity_and_the_test_size_is_record
                          f"results_dir={tmp_path}"))
     assert done["status"] == "ok" and done["variant"]
     assert done["data"]["test_examples_evaluated"] == 4 < done["data"]["sizes"]["test"]
+
+
+@pytest.mark.parametrize("scale", ["small", "lra"])
+def test_a_task_default_of_none_or_auto_is_not_a_nonsense_value(scale):
+    """Pathfinder's num_distractors: 0 (none, its small preset) and -1 (auto, its default) are
+    settings, not errors; a count that defaults to a positive number still must stay positive."""
+    from harness.run import check_config
+
+    check_config(compose(["task=pathfinder", f"scale={scale}"]))
+    check_config(compose(["task=pathfinder", "task.num_distractors=0"]))
+    with pytest.raises(ValueError, match="task.num_train=0 must be >= 1"):
+        check_config(compose(["task=pathfinder", "task.num_train=0"]))
