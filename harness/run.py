@@ -411,6 +411,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
+    from harness.attention import computes_softmax
     from harness.model import ModelConfig, build_model, count_parameters
     from harness.registry import create_task, get_mechanism
     from harness.training import CellMeter, TaskDataModule, TaskModule
@@ -436,6 +437,11 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     model = build_model(task, model_cfg, result.mechanism, result.mechanism_config)
     result.params = count_parameters(model)
     log.info("model: %s with %s, %d parameters", task.head, result.mechanism, result.params)
+    result.softmax_equivalent = computes_softmax(model.encoder.mechanisms[0], model.encoder.max_len,
+                                                 causal=model.causal) if model.encoder.mechanisms else None
+    if result.softmax_equivalent and result.mechanism != "softmax":
+        log.info("%s computes exactly softmax at %d tokens: the report marks this row", result.mechanism,
+                 model.encoder.max_len)
 
     train = OmegaConf.to_object(cfg.train)
     module = TaskModule(model, train)
@@ -514,6 +520,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         result.wall_s = round(meter.wall_s, 2)
         if earlier_curves:
             _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
+        result.val_curve = _earlier_val_curve(earlier_curves, meter.resumed_from_step) + module.val_curve
     result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items()
                                 if k not in ("accuracy", "loss", "bits_per_token")}
     result.tokens_per_s = meter.tokens_per_s
@@ -548,6 +555,16 @@ def _prepend_curves(path: Path, earlier: list[dict[str, str]], *, before_step: i
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _earlier_val_curve(rows: list[dict[str, str]], before_step: int | None) -> list[list[float]]:
+    """The validation points a killed run logged before the step this one resumed from."""
+    out = []
+    for row in rows:
+        step, value = _as_int(row.get("step")), row.get("val/bits_per_token") or row.get("val/accuracy")
+        if value and (before_step is None or step < before_step):
+            out.append([step, round(float(value), 6)])
+    return out
 
 
 def _as_int(value: Any) -> int:

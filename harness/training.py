@@ -59,6 +59,7 @@ class TaskModule(L.LightningModule):
         self._items: dict[str, dict[str, list[int]]] = {}
         self.final_items: dict[str, dict[str, list[int]]] = {}  # split -> {"correct": [...], "count": [...]}
         self.evaluated: dict[str, int] = {}  # examples each split's last evaluation actually saw
+        self.val_curve: list[list[float]] = []  # [step, accuracy or bits/token] of each validation while fitting
 
     def aux_loss(self) -> torch.Tensor | None:
         terms = [m.aux_loss for m in self.model.encoder.mechanisms if m.aux_loss is not None]
@@ -118,6 +119,9 @@ class TaskModule(L.LightningModule):
         metrics.update({k[5:]: v / layers for k, v in sums.items() if k.startswith("mech/")})
         for key, value in metrics.items():
             self.log(f"{split}/{key}", value, prog_bar=key == "accuracy", sync_dist=False)
+        if split == "val" and self.trainer.state.fn == "fit":
+            primary = metrics["bits_per_token"] if self.model.causal else metrics["accuracy"]
+            self.val_curve.append([int(self.global_step), round(float(primary), 6)])
         self.final_metrics[split] = metrics
 
     def validation_step(self, batch, batch_idx):
