@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -714,9 +715,11 @@ def flat_scores(scores: dict[str, Any]) -> dict[str, float]:
 def read_gold_pred(gold: Path, pred: Path) -> list[tuple[str, str, str]]:
     """(gold SQL, predicted SQL, db_id) from Spider's evaluation files: gold lines
     ``SQL<TAB>db_id``, one predicted query per line."""
-    gold_lines = [line.rstrip("\n") for line in gold.read_text().splitlines() if line.strip()]
-    # a binary or mis-encoded prediction file still scores: its bad lines are item errors
-    pred_lines = [line.rstrip("\n").replace("\x00", " ") for line in pred.read_text(errors="replace").splitlines()]
+    # lines end at "\n" only, as Spider's script reads them (``str.splitlines`` would also
+    # break at \x0b, \x1c, \x85, ... inside a binary or mis-encoded prediction file, whose
+    # bad lines are item errors instead)
+    gold_lines = [line.rstrip("\r") for line in gold.read_text(errors="replace").split("\n") if line.strip()]
+    pred_lines = [line.rstrip("\r").replace("\x00", " ") for line in pred.read_text(errors="replace").split("\n")]
     while pred_lines and not pred_lines[-1].strip() and len(pred_lines) > len(gold_lines):
         pred_lines.pop()
     if len(pred_lines) != len(gold_lines):
@@ -730,6 +733,16 @@ def read_gold_pred(gold: Path, pred: Path) -> list[tuple[str, str, str]]:
     return items
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"--timeout must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     from tasks._spider_eval import Schema, evaluate, format_table
 
@@ -741,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--tables", required=True, type=Path, help="Spider's tables.json")
     ev.add_argument("--db-dir", required=True, type=Path, help="folder with <db_id>/<db_id>.sqlite")
     ev.add_argument("--json", action="store_true", help="print the scores as one JSON object")
-    ev.add_argument("--timeout", type=float, default=1.0, help="seconds per query")
+    ev.add_argument("--timeout", type=_positive_seconds, default=1.0, help="seconds per query (> 0)")
     ev.add_argument("--values", action="store_true", help="compare values in exact match (Spider ignores them)")
     ev.add_argument("--distinct", choices=("strip", "keep"), default="strip",
                     help="execution: strip every DISTINCT before running (test-suite-sql-eval's default) or keep it")

@@ -144,7 +144,7 @@ def test_full_offline_source_splits_by_database(tmp_path):
 
 @pytest.mark.parametrize("pred, gold, same", [
     ("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id",
-     "select a.name from song b join singer a on b.singer_id = a.id", True),  # aliases, join order
+     "select a.name from song as b join singer as a on b.singer_id = a.id", True),  # aliases, join order
     ("SELECT name FROM singer WHERE age > 20 AND country = 'Spain'",
      "SELECT name FROM singer WHERE country = 'France' AND age > 30", True),  # condition order; values ignored
     ("SELECT age, name FROM singer", "SELECT name, age FROM singer", True),  # column order in SELECT
