@@ -224,3 +224,23 @@ def test_cli_reads_binary_predictions_line_by_line(tmp_path):
 def test_cli_rejects_zero_timeout(tmp_path):
     out = run_cli(tmp_path, b"SELECT kind FROM animal\nSELECT count(*) FROM animal\n", "--timeout", "0")
     assert out.returncode == 2 and "--timeout must be a positive number of seconds" in out.stderr
+
+
+def test_check_join_is_an_option_off_by_default(tmp_path):
+    import sqlite3
+
+    (tmp_path / "shop").mkdir()
+    conn = sqlite3.connect(tmp_path / "shop" / "shop.sqlite")
+    tables: dict[str, list[str]] = {}
+    for ti, col in ENTRY["column_names_original"][1:]:
+        tables.setdefault(ENTRY["table_names_original"][ti], []).append(col)
+    for table, cols in tables.items():
+        conn.execute(f"CREATE TABLE {table} ({', '.join(cols)})")
+    conn.commit()
+    conn.close()
+    gold = "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id"
+    pred = "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.age = T2.sales"  # same tables, other join columns
+    items = [(gold, pred, "shop")]
+    schemas = {"shop": Schema.from_entry(ENTRY)}
+    assert evaluate(items, schemas, tmp_path)["items"][0]["exact"]  # the official script does not compare joins
+    assert not evaluate(items, schemas, tmp_path, check_join=True)["items"][0]["exact"]
