@@ -728,6 +728,8 @@ def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_d
     test-suite-sql-eval: every DISTINCT removed before execution) or ``"keep"``."""
     if distinct not in ("keep", "strip"):
         raise ValueError(f"distinct must be 'keep' or 'strip', got {distinct!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
     dbs: dict[str, ReadOnlyDatabase] = {}
     out_items = []
     try:

@@ -191,6 +191,8 @@ def test_huge_values_stop_within_time_and_memory(tmp_path):
     assert db.run("SELECT count(*) FROM t")[0] == [(50,)]
     with pytest.raises(ValueError, match="timeout_s"):
         ReadOnlyDatabase(path, timeout_s=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        evaluate([], {}, tmp_path, timeout_s=0)
 
 
 def run_cli(tmp_path, pred_bytes: bytes, *extra: str) -> subprocess.CompletedProcess:
