@@ -405,11 +405,35 @@ def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
+def spider_lookup_baselines(dsd) -> list[dict[str, Any]]:
+    """Text-to-SQL (Spider), scored by exact set match as the cells' accuracy column: copy the
+    most frequent training query (``majority``), and the template lookup (nearest training
+    question, its SQL with names and values filled by string match; ``tasks/_spider_lookup.py``)."""
+    from tasks._spider_eval import Schema, SQLParseError, exact_match, parse_sql
+    from tasks._spider_lookup import lookup_exact, schema_of
+
+    test = dsd["test"]
+    query = max(set(dsd["train"]["query"]), key=list(dsd["train"]["query"]).count)
+    hits, schemas = 0, {}
+    for i, (gold, db) in enumerate(zip(test["query"], test["db_id"])):
+        if db not in schemas:
+            schemas[db] = Schema.from_entry(schema_of(test[i]["source_tokens"], test[i]["schema_links"], db))
+        try:
+            hits += exact_match(parse_sql(query, schemas[db]), parse_sql(gold, schemas[db]))
+        except SQLParseError:
+            pass
+    value, n = lookup_exact(dsd)
+    return [baseline("majority", "accuracy", hits / max(1, len(test)), len(test), choice=query,
+                     note="the most frequent training query, exact set match"),
+            baseline("template lookup", "accuracy", value, n,
+                     note="nearest training question's SQL, names and values filled by string match; exact set match")]
+
+
 def compute_baselines(dsd, task: str) -> list[dict[str, Any]]:
     """Every baseline that applies to a prepared DatasetDict (train/validation/test)."""
     columns = set(dsd["train"].column_names)
-    if "target_ids" in columns:  # sequence-to-sequence (Spider): its task records its own baseline
-        return []  # (copy the most frequent training query, scored by exact set match: data.majority_accuracy)
+    if "target_ids" in columns:  # sequence-to-sequence (Spider), scored by exact set match
+        return spider_lookup_baselines(dsd)
     if "targets" in columns:  # per-position classification (MQAR): per query
         return tagger_baselines(dsd)
     if "label" not in columns:
