@@ -67,3 +67,12 @@ def test_chance_normalised():
     assert chance_normalised(0.5, 0.5) == 0
     with pytest.raises(ValueError, match="chance rate"):
         chance_normalised(0.5, 1.0)
+
+
+def test_shared_unit_clusters_are_connected_components():
+    from harness.stats import shared_unit_clusters
+
+    # pairs (a, b): 0-1 share doc "x", 1-2 share "y" (so 0, 1, 2 are one cluster); 3 stands alone;
+    # windows of one page are (page, page)
+    assert shared_unit_clusters([("x", "p"), ("x", "y"), ("q", "y"), ("r", "s")]) == [0, 0, 0, 1]
+    assert shared_unit_clusters([(5, 5), (5, 5), (7, 7)]) == [0, 0, 1]
