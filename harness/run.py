@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -398,7 +399,9 @@ def _claim_checkpoints(cell: Cell) -> None:
 
 def _summary(result: Result) -> str:
     test = result.metrics.get("test", {})
-    parts = [f"test accuracy {test['accuracy']:.4f}" if "accuracy" in test else None,
+    ci = test.get("accuracy_ci95")
+    parts = [f"test accuracy {test['accuracy']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") + f" (seed {result.seed})"
+             if "accuracy" in test else None,
              f"test bits/token {test['bits_per_token']:.4f}" if "bits_per_token" in test else None,
              f"majority {result.data['majority_accuracy']:.4f}" if result.data.get("majority_accuracy") else None,
              f"{result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s else None,
@@ -504,6 +507,9 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         trainer.test(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
         result.metrics["test"] = module.final_metrics.get("test", {})
         result.test_items = module.final_items.get("test", {})
+        ci = _test_interval(result.test_items, result.data.get("test_clusters"))
+        if ci:
+            result.metrics["test"]["accuracy_ci95"] = ci
         result.data["test_examples_evaluated"] = module.evaluated.get("test")
         if best:  # re-validate the selected checkpoint for its full validation metrics
             trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
@@ -522,7 +528,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
             _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
         result.val_curve = _earlier_val_curve(earlier_curves, meter.resumed_from_step) + module.val_curve
     result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items()
-                                if k not in ("accuracy", "loss", "bits_per_token")}
+                                if k not in ("accuracy", "loss", "bits_per_token", "accuracy_ci95")}
     result.tokens_per_s = meter.tokens_per_s
     result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)
     result.status = "ok"
@@ -555,6 +561,22 @@ def _prepend_curves(path: Path, earlier: list[dict[str, str]], *, before_step: i
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _test_interval(items: dict[str, list[int]], clusters: list[int] | None) -> list[float] | None:
+    """This seed's 95% interval of test accuracy from its per-item outcomes: cluster-robust over
+    the test units' clusters (a per-position task's sequence is the unit of its queries)."""
+    from harness.stats import clustered_interval
+
+    correct, count = items.get("correct"), items.get("count")
+    if not correct or not count or len(correct) != len(count):
+        return None
+    units = clusters if clusters and len(clusters) == len(correct) else None
+    found = clustered_interval(correct, units, count=count)
+    if not math.isfinite(found["half_width"]):
+        return None
+    return [round(max(0.0, found["accuracy"] - found["half_width"]), 6),
+            round(min(1.0, found["accuracy"] + found["half_width"]), 6)]
 
 
 def _earlier_val_curve(rows: list[dict[str, str]], before_step: int | None) -> list[list[float]]:
