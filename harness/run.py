@@ -507,6 +507,8 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         trainer.test(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
         result.metrics["test"] = module.final_metrics.get("test", {})
         result.test_items = module.final_items.get("test", {})
+        if getattr(data, "warm_sampler", None) is not None:  # warm-up batches this process trained on
+            result.data["warmup"]["short_batches_this_run"] = data.warm_sampler.short_drawn
         ci = _test_interval(result.test_items, result.data.get("test_clusters"))
         if ci:
             result.metrics["test"]["accuracy_ci95"] = ci
