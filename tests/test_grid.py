@@ -316,17 +316,18 @@ def test_n_jobs_auto_is_one_cell_per_core_within_memory_and_one_on_a_gpu():
         assert "a positive integer or auto" in raised.value.message
 
 
-def test_the_cpu_grid_runs_listops_short_at_the_presets_and_each_bundle_replaces_the_tiny_model(tmp_path):
-    """conf/grid/cpu.yaml says its ListOps 128 cells are the `small` presets themselves and that a
-    task_sweep bundle's values replace `overrides`: both as the grid resolves its cells."""
+def test_the_cpu_grid_runs_listops_and_mqar_at_the_presets_with_per_length_bundles(tmp_path):
+    """conf/grid/cpu.yaml: ListOps 128 and mqar 1K are the `small` presets themselves; mqar 4K is
+    its bundle (batch 4, 250 test sequences) on the same model and warm start; three seeds."""
     from harness.grid import expand, plan
 
-    scale, groups = expand({"grid": "cpu", "scale": "small", "mechanisms": "softmax", "seeds": "0"})
-    cells = [row["cell"] for row in plan(scale, groups, str(tmp_path))]
-    lengths = {(c.task, c.identity["task"]["max_len"]): c for c in cells}
-    assert sorted(lengths) == [("listops", 128), ("listops", 1024), ("retrieval", 64), ("retrieval", 1024),
-                               ("text", 256), ("text", 1024)]
-    assert lengths["listops", 128].variant == "" and lengths["listops", 1024].variant  # presets, then a variant
-    short_text = lengths["text", 256].identity
-    assert short_text["train"]["batch_size"] == 32 and short_text["model"]["dim"] == 32
-    assert lengths["text", 1024].identity["train"]["batch_size"] == 8
+    scale, groups = expand({"grid": "cpu", "scale": "small", "mechanisms": "softmax"})
+    rows = plan(scale, groups, str(tmp_path))
+    cells = [row["cell"] for row in rows]
+    assert sorted({c.seed for c in cells}) == [0, 1, 2]
+    lengths = {(c.task, c.identity["task"]["max_len"]): c for c in cells if c.seed == 0}
+    assert sorted(lengths) == [("listops", 128), ("mqar", 1024), ("mqar", 4096)]
+    assert lengths["listops", 128].variant == "" and lengths["mqar", 1024].variant == ""  # the presets
+    long = lengths["mqar", 4096].identity
+    assert long["train"]["batch_size"] == 4 and long["task"]["num_test"] == 250 and long["model"]["short_conv"] == 2
+    assert long["train"]["warmup_length"] == 64 == lengths["mqar", 1024].identity["train"]["warmup_length"]
