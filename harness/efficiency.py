@@ -482,7 +482,7 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, length: int | None = None,
-                        *, scale: str | None = None, accuracy_label: str = "average test accuracy over tasks (%)"
+                        *, scale: str | None = None, accuracy_label: str = "average chance-normalised test accuracy over tasks (%)"
                         ) -> Path | None:
     """LRA's figure 3: accuracy vs training throughput at one length, bubble area ∝ peak memory,
     the Pareto front drawn; the title states the scale of the accuracies and the length."""
