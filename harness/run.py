@@ -8,6 +8,10 @@ status and the error's last line; ``run`` then exits non-zero, while a Hydra mul
 (the grid) records it and goes on to the next cell. A recorded cell is skipped on re-run
 (``rerun=failed`` retries failed ones, ``rerun=all`` everything); a killed cell resumes
 from its last checkpoint.
+
+An interrupted cell (Ctrl-C's SIGINT, or SIGTERM: ``kill``, a cluster's preemption) is not a
+failure: it writes no record, keeps its checkpoints and exits with 128 + the signal's number
+(130, 143), so the same command run again resumes it from ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -38,6 +44,58 @@ class _DropAdvertising(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertising())
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class CellInterrupted(BaseException):
+    """The cell was stopped by SIGINT/SIGTERM: nothing is recorded, its checkpoints stay."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_received: list[int] = []  # the stop signals this process received while running a cell
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    """Stop the cell where it is, as Ctrl-C does (Lightning turns a KeyboardInterrupt into
+    SystemExit(1) and its own SIGTERM handling into SIGTERMException: the signal number here
+    is what tells an interrupt from a failure). Later signals only add to the list."""
+    _received.append(signum)
+    if len(_received) == 1:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM raise in the main thread while a cell runs; the old handlers after."""
+
+    def __enter__(self):
+        _received.clear()
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._old[signum] = signal.signal(signum, _on_stop_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt_signal(exc: BaseException) -> int | None:
+    """The stop signal behind ``exc``, or None when it is a failure of the cell."""
+    if _received:
+        return _received[0]
+    if isinstance(exc, KeyboardInterrupt):  # SIGINT before our handler, or one raised by hand
+        return signal.SIGINT
+    return None
 
 
 def _status_of(exc: BaseException) -> str:
@@ -214,7 +272,8 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
                 "seed": cell.seed, "variant": cell.variant, "_path": str(cell.result_path)}
     handler = _cell_log_handler(cell)
     try:
-        return _run_locked(cfg, cell)
+        with _StopSignals():
+            return _run_locked(cfg, cell)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -260,8 +319,12 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     try:
         _train_and_test(cfg, cell, result)
     except BaseException as exc:  # recorded, never lost
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        signum = _interrupt_signal(exc)
+        if signum is not None:  # stopped from outside: no record, checkpoints kept, resumed by a rerun
+            kept = "last.ckpt kept" if (cell.checkpoint_dir / "last.ckpt").exists() else "no checkpoint yet"
+            log.warning("interrupted %s by %s after %s: nothing recorded (%s); rerun the same command to resume",
+                        cell.name, signal.Signals(signum).name, f"{time.perf_counter() - start:.1f} s", kept)
+            raise CellInterrupted(signum) from None
         result.status, result.error = _status_of(exc), _last_line(exc)
         log.error("cell %s %s: %s", cell.name, result.status, result.error)
         log.debug("traceback:\n%s", traceback.format_exc())
@@ -588,6 +651,9 @@ def main() -> None:
         except (UnknownNameError, UnsafeName, ValueError) as exc:  # bad settings: one line, no traceback
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except CellInterrupted as exc:
+            print(f"{exc}: nothing recorded, checkpoints kept; rerun the same command to resume", file=sys.stderr)
+            sys.exit(exc.exit_code)
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
         if record["status"] not in (*FINISHED, "running") and not multirun:
             sys.exit(1)

@@ -63,6 +63,27 @@ class Hangs(Attention):
         return v * 1.0
 
 
+SIGNALLED = []
+
+
+@dataclass
+class SignalConfig:
+    at_step: int = 4
+    signum: int = 15
+
+
+@register_mechanism("signals_itself", SignalConfig, key_padding=True)
+class SignalsItself(Attention):
+    """Sends its own process a signal at a training step, once per signal (as kill or Ctrl-C would)."""
+
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if self.training and context is not None and context.step == self.cfg.at_step and self.cfg.signum not in SIGNALLED:
+            SIGNALLED.append(self.cfg.signum)
+            import os
+            os.kill(os.getpid(), self.cfg.signum)
+        return v * 1.0
+
+
 @register_mechanism("slow", FaultConfig, key_padding=True)
 class Slow(Attention):
     """Sleeps `seconds` per call: long enough to kill a cell in the middle."""
@@ -353,3 +374,86 @@ def test_trainer_passthrough_is_part_of_the_identity_and_the_test_size_is_record
                          f"results_dir={tmp_path}"))
     assert done["status"] == "ok" and done["variant"]
     assert done["data"]["test_examples_evaluated"] == 4 < done["data"]["sizes"]["test"]
+
+
+# ----------------------------------------------------------------------------- interrupts (issue 25)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_cell_records_nothing_keeps_its_checkpoints_and_resumes(workdir, tmp_path, signum):
+    """In process (fast): the signal arrives at step 4, after the step-2 checkpoint."""
+    overrides = ["mechanism=signals_itself", f"mechanism.signum={int(signum)}", "train.eval_every=2",
+                 f"results_dir={tmp_path}"]
+    target = resolve_cell(cell(workdir, *overrides))
+    stopped = None
+    try:
+        run_cell(cell(workdir, *overrides))
+    except BaseException as exc:  # noqa: BLE001 - the interrupt is what is tested
+        stopped = exc
+    assert not target.result_path.exists(), read_result(target.result_path)  # no failed record
+    assert getattr(stopped, "exit_code", None) == 128 + signum, repr(stopped)
+    assert (target.checkpoint_dir / "last.ckpt").exists()
+    done = run_cell(cell(workdir, *overrides))  # the plain rerun
+    assert done["status"] == "ok" and done["resumed_from_step"] >= 2 and done["steps"] == 12
+
+
+def signal_after_a_checkpoint(command, env, last, signum, *, group=False):
+    """Start a real process, send it (or its group) ``signum`` once ``last`` exists; its exit code."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not last.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists() and proc.poll() is None, "no checkpoint before the process ended"
+    time.sleep(0.5)
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+SLOW_CELL = ["mechanism=slow", "mechanism.seconds=0.15", "scale=tiny", "trainer.progress_bar=false",
+             "train.max_steps=30", "train.eval_every=5", "keep_checkpoints=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_stopped_by_a_signal_resumes_on_a_plain_rerun(workdir, signum):
+    args = ["run", *SLOW_CELL, f"seed={30 + int(signum)}", f"results_dir={workdir / 'results'}",
+            f"cache_dir={workdir / 'cache'}"]
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
+    target = resolve_cell(compose(args[1:]))
+    rc, err = signal_after_a_checkpoint(args, env, target.checkpoint_dir / "last.ckpt", signum)
+    assert rc == 128 + signum, err[-3000:]
+    assert "nothing recorded" in err and not target.result_path.exists()
+    assert (target.checkpoint_dir / "last.ckpt").exists()
+    done = cli(workdir, *args, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(target.result_path.read_text())
+    assert record["status"] == "ok" and record["resumed_from_step"] >= 5 and record["steps"] == 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,signum", [("grid", signal.SIGTERM), ("grid", signal.SIGINT),
+                                        ("multirun", signal.SIGINT), ("multirun", signal.SIGTERM)])
+def test_a_sweep_stopped_by_a_signal_resumes_its_cell_on_a_plain_rerun(workdir, tmp_path, how, signum):
+    """SIGTERM (kill, preemption) or SIGINT (Ctrl-C) to the grid, or to a hand-started sweep's
+    whole process group (a terminal's Ctrl-C, SLURM's SIGTERM to every process): the cell stops
+    unrecorded with its checkpoints, and the same command resumes it."""
+    if how == "grid":
+        command = ["grid", "tasks=listops", "mechanisms=slow", "seeds=0", f"results_dir={tmp_path}", *SLOW_CELL[1:]]
+    else:
+        command = ["run", "--multirun", "task=listops", "mechanism=slow", "seed=0", f"results_dir={tmp_path}",
+                   *SLOW_CELL[1:]]
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1",
+           "HARNESS_CACHE_DIR": str(workdir / "cache")}
+    target = resolve_cell(compose(["mechanism=slow", "task=listops", *SLOW_CELL[1:], f"results_dir={tmp_path}"]))
+    rc, err = signal_after_a_checkpoint(command, env, target.checkpoint_dir / "last.ckpt", signum,
+                                        group=how == "multirun")
+    assert rc != 0, err[-3000:]
+    records, unreadable = scan_results(tmp_path)
+    assert not records and not unreadable, records  # no failed record of the interrupted cell
+    assert (target.checkpoint_dir / "last.ckpt").exists()
+    done = cli(workdir, *command, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(target.result_path.read_text())
+    assert record["status"] == "ok" and record["resumed_from_step"] >= 5 and record["steps"] == 30
