@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -139,11 +140,132 @@ def load_result(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise UnreadableResult(f"no {', '.join(missing)} (not a result record)")
-    if record["status"] not in STATUSES:
-        raise UnreadableResult(f"unknown status {record['status']!r}")
     record.setdefault("variant", "")
     record.setdefault("variant_label", "")
+    problem = record_problem(record)
+    if problem:
+        raise UnreadableResult(problem)
     return record
+
+
+# ----------------------------------------------------------------------------- the record's schema
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_fraction_metric(name: str) -> bool:
+    """Metrics that are a share of the test set, so within [0, 1]: accuracy, Spider's exact
+    and execution match (overall and per hardness), the valid-SQL rate."""
+    return name.endswith("accuracy") or name.split("_")[0] in ("exact", "execution") or name == "valid_sql"
+
+
+_TEXT = ("task", "mechanism", "scale", "variant", "variant_label")
+_OPTIONAL_TEXT = ("error", "config_hash")
+_OBJECTS = ("mechanism_config", "data", "env", "task_config", "model_config", "train_config", "config",
+            "mechanism_metrics", "test_items", "metrics")
+_COUNTS = ("params", "steps", "best_step", "resumed_from_step")
+_AMOUNTS = ("tokens_per_s", "peak_memory_mb", "wall_s")
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """Why ``record`` is not a valid result (types and ranges of every field the report reads),
+    or None. Optional fields may be absent or null; present ones must have their type."""
+    for key in _TEXT:
+        if key in record and not isinstance(record[key], str):
+            return f"{key} is {_shown(record[key])}, not text"
+    for key in ("task", "mechanism", "scale"):
+        if not record[key]:
+            return f"{key} is empty"
+    if not _is_count(record["seed"]):
+        return f"seed is {_shown(record['seed'])}, not a whole number >= 0"
+    if record["status"] not in STATUSES:
+        return f"unknown status {_shown(record['status'])} (valid: {', '.join(STATUSES)})"
+    for key in _OPTIONAL_TEXT:
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"{key} is {_shown(record[key])}, not text"
+    for key in _OBJECTS:
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"{key} is {_shown(record[key])}, not an object"
+    for key in _COUNTS:
+        if record.get(key) is not None and not _is_count(record[key]):
+            return f"{key} is {_shown(record[key])}, not a whole number >= 0"
+    for key in _AMOUNTS:
+        if record.get(key) is not None and not (_is_number(record[key]) and record[key] >= 0):
+            return f"{key} is {_shown(record[key])}, not a number >= 0"
+    if record.get("warnings") is not None and not isinstance(record["warnings"], list):
+        return f"warnings is {_shown(record['warnings'])}, not a list"
+    for split, metrics in (record.get("metrics") or {}).items():
+        if not isinstance(metrics, dict):
+            return f"metrics.{split} is {_shown(metrics)}, not an object"
+        for name, value in metrics.items():
+            problem = _metric_problem(name, value)
+            if problem:
+                return f"metrics.{split}.{name} is {_shown(value)}, {problem}"
+    for name, value in (record.get("mechanism_metrics") or {}).items():
+        problem = _metric_problem(name, value)
+        if problem:
+            return f"mechanism_metrics.{name} is {_shown(value)}, {problem}"
+    data = record.get("data") or {}
+    majority = data.get("majority_accuracy")
+    if majority is not None and not (_is_number(majority) and 0 <= majority <= 1):
+        return f"data.majority_accuracy is {_shown(majority)}, not a number in [0, 1]"
+    for key in ("test_examples_evaluated", "n_test"):
+        if data.get(key) is not None and not _is_count(data[key]):
+            return f"data.{key} is {_shown(data[key])}, not a whole number >= 0"
+    sizes = data.get("sizes")
+    if sizes is not None and not (isinstance(sizes, dict) and all(_is_count(v) for v in sizes.values())):
+        return f"data.sizes is {_shown(sizes)}, not split sizes"
+    for key, values in (record.get("test_items") or {}).items():
+        if not (isinstance(values, list) and all(_is_count(v) for v in values)):
+            return f"test_items.{key} is not a list of whole numbers >= 0"
+    return None
+
+
+def _metric_problem(name: str, value: Any) -> str | None:
+    if value is None:  # a non-finite value written as null: the status says why
+        return None
+    if not _is_number(value):
+        return "not a number"
+    if is_fraction_metric(name) and not 0 <= value <= 1:
+        return "outside [0, 1]"
+    if name in ("loss", "bits_per_token") and value < 0:
+        return "negative"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+SEED_FILE = re.compile(r"seed(0|[1-9][0-9]*)\.json")
+
+
+def path_problem(record: dict[str, Any], path: Path, runs: Path) -> str | None:
+    """Why the record in ``path`` does not belong there (``runs/<scale>/<task>/<mechanism>/
+    [<variant>/]seed<k>.json``, from the record's own content), or None. A copy (``seed0 copy.json``),
+    a record moved to another mechanism's folder, or one whose seed is not its file name's
+    would otherwise count twice or under the wrong name."""
+    match = SEED_FILE.fullmatch(path.name)
+    if not match:
+        return f"file name '{path.name}' is not seed<k>.json (a copy?)"
+    parts = path.relative_to(runs).parts[:-1]
+    if len(parts) not in (3, 4):
+        return f"lies {len(parts)} folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]"
+    expected = {"scale": parts[0], "task": parts[1], "mechanism": parts[2],
+                "variant": parts[3] if len(parts) == 4 else ""}
+    for key, folder in expected.items():
+        if record.get(key, "") != folder:
+            where = f"folder '{folder}'" if folder else "the presets' folder (no variant)"
+            return f"record's {key} is {record.get(key)!r} but it lies in {where} (a misplaced record)"
+    if record["seed"] != int(match.group(1)):
+        return f"record's seed is {record['seed']} but the file is {path.name}"
+    return None
 
 
 def read_result(path: str | Path) -> dict[str, Any] | None:
@@ -155,13 +277,21 @@ def read_result(path: str | Path) -> dict[str, Any] | None:
 
 
 def scan_results(results_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """(records, unreadable) under ``<results_dir>/runs``: every readable record (with its
-    ``_path``), and ``{"path", "reason"}`` for every file that is not one. Never raises on a
-    bad file, so a report or a grid survives any of them."""
+    """(records, unreadable) under ``<results_dir>/runs``: every valid record (with its ``_path``),
+    and ``{"path", "reason"}`` for every JSON file that is not one: unreadable, against the
+    schema (``record_problem``), or not at the path its own content names (``path_problem``).
+    Never raises on a bad file, so a report or a grid survives any of them, and never
+    counts one: a bad record is listed, not averaged."""
+    runs = Path(results_dir) / "runs"
     records, unreadable = [], []
-    for path in sorted((Path(results_dir) / "runs").rglob("seed*.json")):
+    for path in sorted(runs.rglob("*.json")):
+        if path.name.startswith(".") or path.parent == runs:  # a write in progress; the grid's own files
+            continue
         try:
             record = load_result(path)
+            problem = path_problem(record, path, runs)
+            if problem:
+                raise UnreadableResult(problem)
         except UnreadableResult as exc:
             unreadable.append({"path": str(path), "reason": str(exc)})
             continue

@@ -457,3 +457,77 @@ def test_a_sweep_stopped_by_a_signal_resumes_its_cell_on_a_plain_rerun(workdir, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads(target.result_path.read_text())
     assert record["status"] == "ok" and record["resumed_from_step"] >= 5 and record["steps"] == 30
+
+
+# ----------------------------------------------------------------------------- records that cannot mislead (issue 25)
+
+
+def a_record(**changes):
+    record = {"task": "listops", "mechanism": "softmax", "mechanism_config": {}, "scale": "tiny", "seed": 0,
+              "status": "ok", "error": None, "metrics": {"val": {"accuracy": 0.2}, "test": {"accuracy": 0.1875}},
+              "params": 1000, "tokens_per_s": 100.0, "peak_memory_mb": 10.0, "wall_s": 5.0,
+              "data": {"source": "generated", "fingerprint": "fp", "majority_accuracy": 0.15,
+                       "sizes": {"train": 10, "validation": 5, "test": 128}},
+              "env": {"commit": "abc1234"}, "variant": "", "variant_label": "", "config_hash": "h0"}
+    record.update(changes)
+    return record
+
+
+def test_copies_misplaced_records_and_seed_file_name_disagreements_are_listed_not_counted(tmp_path):
+    from harness.results import write_json_atomic
+
+    softmax = tmp_path / "runs" / "tiny" / "listops" / "softmax"
+    write_json_atomic(softmax / "seed0.json", a_record())
+    write_json_atomic(softmax / "seed0 copy.json", a_record())  # a copy made in a file manager
+    write_json_atomic(softmax / "seed1.json", a_record(seed=0))  # the seed disagrees with the file name
+    write_json_atomic(tmp_path / "runs" / "tiny" / "listops" / "performer" / "seed0.json", a_record())  # misplaced
+    write_json_atomic(softmax / "abcdef1234" / "seed0.json", a_record())  # presets record in a variant folder
+    write_json_atomic(tmp_path / "runs" / "tiny" / "seed0.json", a_record())  # too shallow
+    records, unreadable = scan_results(tmp_path)
+    assert [r["_path"] for r in records] == [str(softmax / "seed0.json")]
+    reasons = {os.path.relpath(u["path"], tmp_path / "runs"): u["reason"] for u in unreadable}
+    assert reasons == {
+        "tiny/listops/softmax/seed0 copy.json": "file name 'seed0 copy.json' is not seed<k>.json (a copy?)",
+        "tiny/listops/softmax/seed1.json": "record's seed is 0 but the file is seed1.json",
+        "tiny/listops/performer/seed0.json":
+            "record's mechanism is 'softmax' but it lies in folder 'performer' (a misplaced record)",
+        "tiny/listops/softmax/abcdef1234/seed0.json":
+            "record's variant is '' but it lies in folder 'abcdef1234' (a misplaced record)",
+        "tiny/seed0.json": "lies 1 folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]"}
+
+
+@pytest.mark.parametrize("changes,reason", [
+    ({"metrics": {"test": {"accuracy": 1.7}}}, "metrics.test.accuracy is 1.7, outside [0, 1]"),
+    ({"metrics": {"test": {"accuracy": -0.1}}}, "metrics.test.accuracy is -0.1, outside [0, 1]"),
+    ({"metrics": {"test": {"accuracy": "0.5"}}}, "metrics.test.accuracy is '0.5', not a number"),
+    ({"metrics": {"test": {"accuracy": [0.5]}}}, "metrics.test.accuracy is [0.5], not a number"),
+    ({"metrics": {"test": {"accuracy": True}}}, "metrics.test.accuracy is true, not a number"),
+    ({"metrics": {"test": {"exact_hard": 2.0}}}, "metrics.test.exact_hard is 2.0, outside [0, 1]"),
+    ({"metrics": {"test": {"loss": -1.0}}}, "metrics.test.loss is -1.0, negative"),
+    ({"metrics": {"test": 0.5}}, "metrics.test is 0.5, not an object"),
+    ({"metrics": [0.5]}, "metrics is [0.5], not an object"),
+    ({"seed": "0"}, "seed is '0', not a whole number >= 0"),
+    ({"seed": -1}, "seed is -1, not a whole number >= 0"),
+    ({"seed": 0.5}, "seed is 0.5, not a whole number >= 0"),
+    ({"wall_s": "5"}, "wall_s is '5', not a number >= 0"),
+    ({"params": "1000"}, "params is '1000', not a whole number >= 0"),
+    ({"tokens_per_s": -3.0}, "tokens_per_s is -3.0, not a number >= 0"),
+    ({"scale": None}, "scale is null, not text"),
+    ({"task": ""}, "task is empty"),
+    ({"status": "done"}, "unknown status 'done'"),
+    ({"error": 3}, "error is 3, not text"),
+    ({"data": {"majority_accuracy": 1.5}}, "data.majority_accuracy is 1.5, not a number in [0, 1]"),
+    ({"data": "generated"}, "data is 'generated', not an object"),
+    ({"test_items": {"correct": [1, "x"]}}, "test_items.correct is not a list of whole numbers >= 0")])
+def test_a_record_against_the_schema_is_listed_with_its_reason_and_the_report_survives(tmp_path, changes, reason):
+    from harness.report import write_report
+    from harness.results import write_json_atomic
+
+    folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
+    write_json_atomic(folder / "seed0.json", a_record())
+    write_json_atomic(folder / "seed1.json", a_record(**{"seed": 1, **changes}))
+    records, unreadable = scan_results(tmp_path)
+    assert [r["seed"] for r in records] == [0]
+    assert len(unreadable) == 1 and unreadable[0]["reason"].startswith(reason), unreadable
+    text = write_report(tmp_path).read_text()  # one bad record never stops the report
+    assert "unreadable result files: 1" in text
