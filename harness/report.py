@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from harness.results import code_commit, scan_results
+from harness.results import code_commit, save_figure_atomic, scan_results, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -664,7 +664,7 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - legend_width / fig.get_figwidth(), 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -717,7 +717,7 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
     fig.suptitle(f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -853,7 +853,7 @@ def write_report(results_dir: str | Path = "results") -> Path:
     lines.append(efficiency_section(results_dir, averages, params, plot_scale, speed_records))
     lines.append(details_section(cells, unreadable, results_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines).rstrip() + "\n")
+    write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
     return out
 
 

@@ -531,3 +531,40 @@ def test_a_record_against_the_schema_is_listed_with_its_reason_and_the_report_su
     assert len(unreadable) == 1 and unreadable[0]["reason"].startswith(reason), unreadable
     text = write_report(tmp_path).read_text()  # one bad record never stops the report
     assert "unreadable result files: 1" in text
+
+
+def report_under_a_file_size_limit(results, limit):
+    """``write_report`` in a real process whose files cannot grow past ``limit`` bytes (as on a
+    full disk: the write fails with EFBIG part-way)."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-c", f"from harness.report import write_report; write_report({str(results)!r})"],
+                          capture_output=True, text=True, cwd=ROOT, preexec_fn=cap, timeout=300)
+
+
+def test_the_leaderboard_and_plots_survive_a_write_that_fails_part_way(tmp_path):
+    """A report that cannot finish writing leaves the previous leaderboard and plots whole."""
+    from harness.report import write_report
+    from harness.results import write_json_atomic
+
+    folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
+    write_json_atomic(folder / "seed0.json", a_record())
+    for seed in range(1, 151):  # many failures with long errors: a leaderboard larger than its plot
+        write_json_atomic(folder / f"seed{seed}.json", a_record(seed=seed, status="failed", metrics={},
+                                                                error=f"RuntimeError {seed}: " + "x" * 2000))
+    board = write_report(tmp_path)
+    plot = tmp_path / "plots" / "accuracy_vs_length_tiny.png"
+    before_board, before_plot = board.read_bytes(), plot.read_bytes()
+    assert len(before_board) > 40_000 > len(before_plot) > 10_000
+    write_json_atomic(folder / "seed151.json", a_record(seed=151))  # the next report differs
+    failed = report_under_a_file_size_limit(tmp_path, 40_000)  # the plot fits, the leaderboard does not
+    assert failed.returncode != 0 and "File too large" in failed.stderr, failed.stderr[-2000:]
+    assert board.read_bytes() == before_board  # not cut at 40,000 bytes
+    failed = report_under_a_file_size_limit(tmp_path, 10_000)  # not even the plot fits
+    assert failed.returncode != 0 and "File too large" in failed.stderr, failed.stderr[-2000:]
+    assert plot.read_bytes().endswith(b"IEND\xaeB`\x82") and len(plot.read_bytes()) > 10_000  # a whole PNG
+    assert board.read_bytes() == before_board
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp file left behind
