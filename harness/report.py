@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from harness.results import code_commit, save_figure_atomic, scan_results, write_text_atomic
+from harness.results import code_commit, record_cache_path, save_figure_atomic, scan_results, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "test": test.get("exact", test.get(metric)) if metric == "accuracy" else test.get(metric),
             "params": r.get("params"), "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
             "wall_s": r.get("wall_s"), "source": data.get("source"), "fingerprint": data.get("fingerprint"),
-            "cache_path": data.get("cache_path"), "majority": data.get("majority_accuracy"),
+            "cache_path": record_cache_path(r), "majority": data.get("majority_accuracy"),
             "unigram_bits": data.get("unigram_bits_per_token"), "sizes": sizes, "n_test": sizes.get("test"),
             "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
             "num_classes": data.get("num_classes"), "commit": env.get("commit"), "device": env.get("device"),

@@ -148,6 +148,40 @@ def write_result(results_dir: str | Path, result: Result) -> Path:
     return write_json_atomic(path, result.as_dict())
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CACHE_ENV = "HARNESS_CACHE_DIR"  # the data cache's root (harness.data), else DEFAULT_CACHE_DIR
+DEFAULT_CACHE_DIR = ".cache/data"
+
+
+def record_cache_path(record: dict[str, Any]) -> str | None:
+    """Where the data cache of ``record`` is now, from any working folder: ``data.cache_path``
+    below the recorded ``data.cache_root``, else below today's root (``$HARNESS_CACHE_DIR`` or
+    the project's ``.cache/data``: the cache moved). An older record's path relative to the
+    folder its cell ran in is looked up from the working folder, the results folder's parent
+    and the project. The first that holds data, else the first candidate (for the message)."""
+    data = record.get("data") or {}
+    recorded = data.get("cache_path")
+    if not recorded or not isinstance(recorded, str):
+        return None
+    path = Path(recorded)
+    if path.is_absolute():
+        return recorded
+    roots = [Path(os.environ[CACHE_ENV])] if os.environ.get(CACHE_ENV) else []
+    roots.append(PROJECT_ROOT / DEFAULT_CACHE_DIR)
+    if data.get("cache_root"):  # relative to the cache's root
+        candidates = [Path(data["cache_root"]) / path, *(root / path for root in roots)]
+    else:  # relative to the working folder of the cell's run
+        candidates = [Path.cwd() / path]
+        runs = next((p for p in Path(record.get("_path", "")).parents if p.name == "runs"), None)
+        if runs is not None:
+            candidates.append(runs.parent.parent / path)
+        candidates.append(PROJECT_ROOT / path)
+        if path.parts[:2] == Path(DEFAULT_CACHE_DIR).parts:
+            candidates += [root / Path(*path.parts[2:]) for root in roots]
+    found = next((c for c in candidates if (c / "data").is_dir()), candidates[0])
+    return str(found.resolve())
+
+
 REQUIRED_KEYS = ("task", "mechanism", "scale", "seed", "status")
 
 

@@ -477,7 +477,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     task = create_task(result.task, scale=result.scale, **result.task_config)
     log.info("data: %s (source=%s)", task.name, task.source)
     dsd, data_info = task.load(cfg.cache_dir)
-    result.data = data_info.as_dict()
+    result.data = data_info.as_record()
     for warning in result.data.get("warnings") or []:
         log.warning("data: %s", warning)
         result.warnings.append(warning)
@@ -504,7 +504,8 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         short = create_task(result.task, scale=result.scale, **at_length(train.warmup_length))
         warm_dsd, warm_info = short.load(cfg.cache_dir)
         result.data["warmup"] = {"max_len": train.warmup_length, "fingerprint": warm_info.fingerprint,
-                                 "steps": train.warmup_length_steps, "cache_path": warm_info.cache_path}
+                                 "steps": train.warmup_length_steps,
+                                 "cache_path": warm_info.as_record()["cache_path"]}
         warm = (warm_dsd["train"], train.warmup_length_steps, train.warmup_batch_size or train.batch_size)
         log.info("warm start: %d steps at %d tokens, then %d steps at %d", train.warmup_length_steps,
                  train.warmup_length, train.max_steps - train.warmup_length_steps, task.max_len)

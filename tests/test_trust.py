@@ -568,3 +568,37 @@ def test_the_leaderboard_and_plots_survive_a_write_that_fails_part_way(tmp_path)
     assert plot.read_bytes().endswith(b"IEND\xaeB`\x82") and len(plot.read_bytes()) > 10_000  # a whole PNG
     assert board.read_bytes() == before_board
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp file left behind
+
+
+# ----------------------------------------------------------------------------- baselines from any folder (issue 25)
+
+
+def test_a_record_names_its_data_cache_relative_to_the_cache_root_and_the_report_finds_it_from_anywhere(
+        tmp_path, monkeypatch):
+    """A cell run with the default relative cache (.cache/data) in one folder; the report run
+    from another still computes the baselines from that cell's cached splits."""
+    from harness.registry import create_task
+    from harness.report import write_report
+    from harness.results import record_cache_path, write_json_atomic
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.delenv("HARNESS_CACHE_DIR", raising=False)
+    monkeypatch.chdir(project)
+    task = {k: v for k, v in compose(["scale=tiny", "task=listops"]).task.items() if k != "name"}
+    _, info = create_task("listops", scale="tiny", **task).load(".cache/data")
+    data = info.as_record()
+    assert data["cache_root"] == str(project / ".cache" / "data")
+    assert data["cache_path"] == f"listops/generated-{info.cache_path.rsplit('-', 1)[1]}"  # below the root
+    record = a_record(data={**data, "majority_accuracy": 0.15}, scale="tiny")
+    write_json_atomic(tmp_path / "results" / "runs" / "tiny" / "listops" / "softmax" / "seed0.json", record)
+    monkeypatch.chdir(elsewhere)
+    records, _ = scan_results(tmp_path / "results")
+    assert record_cache_path(records[0]) == str(project / ".cache" / "data" / data["cache_path"])
+    text = write_report(tmp_path / "results").read_text()
+    assert "| baseline: bag-of-n-grams LR" in text  # computed from the cache, not only the recorded majority
+    # the cache moved to another root (another machine, $HARNESS_CACHE_DIR): found there
+    (project / ".cache").rename(tmp_path / "moved")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "moved" / "data"))
+    assert record_cache_path(records[0]) == str(tmp_path / "moved" / "data" / data["cache_path"])
