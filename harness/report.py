@@ -28,7 +28,15 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from harness.results import code_commit, record_cache_path, save_figure_atomic, scan_results, write_text_atomic
+from harness.results import (
+    WouldShrink,
+    check_not_shrinking,
+    code_commit,
+    record_cache_path,
+    save_figure_atomic,
+    scan_results,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -825,9 +833,10 @@ def efficiency_section(results_dir: Path, averages: pd.Series, params: dict[str,
     return "\n" + text + ("\n" + images + "\n" if images else "")
 
 
-def write_report(results_dir: str | Path = "results") -> Path:
+def write_report(results_dir: str | Path = "results", *, force: bool = False) -> Path:
     results_dir = Path(results_dir)
     records, unreadable = scan_results(results_dir)
+    check_not_shrinking(results_dir / "leaderboard.md", len(records), force=force)
     from harness import efficiency
 
     speed_records = efficiency.load_records(results_dir / "speed")
@@ -859,13 +868,17 @@ def write_report(results_dir: str | Path = "results") -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    results_dir = "results"
+    results_dir, force = "results", "false"
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key != "results_dir" or not value:
-            raise SystemExit(f"usage: python -m harness report [results_dir=DIR]; got '{arg}'")
-        results_dir = value
-    path = write_report(results_dir)
+        if key not in ("results_dir", "force") or not value or (key == "force" and value not in ("true", "false")):
+            raise SystemExit(f"usage: python -m harness report [results_dir=DIR] [force=true]; got '{arg}'")
+        results_dir, force = (value, force) if key == "results_dir" else (results_dir, value)
+    try:
+        path = write_report(results_dir, force=force == "true")
+    except WouldShrink as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

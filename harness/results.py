@@ -111,6 +111,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+BUILT_FROM = re.compile(r"\bfrom (\d+) cell results\b")  # the leaderboard's header: "Generated … from 78 cell results …"
+
+
+class WouldShrink(ValueError):
+    """A report would replace a leaderboard built from more cell results than exist now."""
+
+
+def check_not_shrinking(leaderboard: str | Path, n_records: int, *, force: bool = False) -> None:
+    """Refuse (``WouldShrink``, one line) to replace a leaderboard whose header says it was built
+    from more cell results than the ``n_records`` now at hand: a fresh clone has the committed
+    leaderboard but not the runs behind it, and ``make report`` there must not turn it into
+    "No results yet". ``force`` replaces it anyway."""
+    if force:
+        return
+    try:
+        with open(leaderboard, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:  # none yet
+        return
+    match = BUILT_FROM.search(head)
+    if match and int(match.group(1)) > n_records:
+        raise WouldShrink(f"{leaderboard} was built from {match.group(1)} cell results and only {n_records} exist "
+                          f"now; not overwritten (force=true replaces it)")
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """``Path.write_text``, atomically (see ``atomic_path``)."""
     with atomic_path(path) as tmp:
@@ -153,16 +178,17 @@ CACHE_ENV = "HARNESS_CACHE_DIR"  # the data cache's root (harness.data), else DE
 DEFAULT_CACHE_DIR = ".cache/data"
 
 
-def record_cache_path(record: dict[str, Any]) -> str | None:
+def record_cache_path(record: dict[str, Any]) -> str:
     """Where the data cache of ``record`` is now, from any working folder: ``data.cache_path``
     below the recorded ``data.cache_root``, else below today's root (``$HARNESS_CACHE_DIR`` or
     the project's ``.cache/data``: the cache moved). An older record's path relative to the
     folder its cell ran in is looked up from the working folder, the results folder's parent
-    and the project. The first that holds data, else the first candidate (for the message)."""
+    and the project. The first that holds data, else the first candidate (for the message);
+    "" when the record names none."""
     data = record.get("data") or {}
     recorded = data.get("cache_path")
     if not recorded or not isinstance(recorded, str):
-        return None
+        return ""
     path = Path(recorded)
     if path.is_absolute():
         return recorded
