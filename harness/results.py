@@ -71,6 +71,25 @@ class Result:
         return dataclasses.asdict(self)
 
 
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")
+
+
+def status_of(exc: BaseException) -> str:
+    """The status of a cell or a measurement that raised ``exc``: the one classification of
+    errors, for ``harness.run`` and ``harness.speed`` alike. An exception class may name its
+    own status (``status = "timeout"``: the cell's and the measurement's time limits;
+    ``"nan"``: a non-finite loss); out of memory is ``oom`` on every device (CUDA's
+    OutOfMemoryError, MemoryError, the CPU allocator's "can't allocate memory" under
+    ``ulimit -v``, C++'s bad_alloc); anything else ``failed``."""
+    own = getattr(type(exc), "status", None)
+    if isinstance(own, str) and own in STATUSES:
+        return own
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(m in text for m in OOM_MARKERS):
+        return "oom"
+    return "failed"
+
+
 def result_path(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
     folder = Path(results_dir) / "runs" / scale / task / mechanism
     return (folder / variant if variant else folder) / f"seed{seed}.json"

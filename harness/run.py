@@ -31,7 +31,7 @@ from filelock import Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from harness.cells import Cell, cell_lock, resolve_cell
-from harness.results import FINISHED, Result, environment, read_result, result_path, write_result
+from harness.results import FINISHED, Result, environment, read_result, result_path, status_of, write_result
 
 log = logging.getLogger("harness.run")
 
@@ -96,20 +96,6 @@ def _interrupt_signal(exc: BaseException) -> int | None:
     if isinstance(exc, KeyboardInterrupt):  # SIGINT before our handler, or one raised by hand
         return signal.SIGINT
     return None
-
-
-def _status_of(exc: BaseException) -> str:
-    import torch
-
-    from harness.training import CellTimeout, NonFiniteLoss
-
-    if isinstance(exc, NonFiniteLoss):
-        return "nan"
-    if isinstance(exc, CellTimeout):
-        return "timeout"
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return "oom"
-    return "failed"
 
 
 def _last_line(exc: BaseException) -> str:
@@ -325,7 +311,7 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
             log.warning("interrupted %s by %s after %s: nothing recorded (%s); rerun the same command to resume",
                         cell.name, signal.Signals(signum).name, f"{time.perf_counter() - start:.1f} s", kept)
             raise CellInterrupted(signum) from None
-        result.status, result.error = _status_of(exc), _last_line(exc)
+        result.status, result.error = status_of(exc), _last_line(exc)
         log.error("cell %s %s: %s", cell.name, result.status, result.error)
         log.debug("traceback:\n%s", traceback.format_exc())
     if result.wall_s is None:
@@ -569,12 +555,12 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         meter.stop_timer()
         result.resumed_from_step = meter.resumed_from_step
         result.wall_s = round(meter.wall_s, 2)
+        result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)  # an oom or failed cell's peak too
         if earlier_curves:
             _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
     result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items()
                                 if k not in ("accuracy", "loss", "bits_per_token")}
     result.tokens_per_s = meter.tokens_per_s
-    result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)
     result.status = "ok"
     if not cfg.keep_checkpoints and _ddp_worker_rank() == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)

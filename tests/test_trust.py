@@ -63,6 +63,21 @@ class Hangs(Attention):
         return v * 1.0
 
 
+@dataclass
+class AllocConfig:
+    gigabytes: float = 16.0
+
+
+@register_mechanism("allocates", AllocConfig, key_padding=True)
+class Allocates(Attention):
+    """Asks for `gigabytes` of memory at the third training step (beyond a `ulimit -v`)."""
+
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if self.training and context is not None and context.step >= 2:
+            torch.empty(int(self.cfg.gigabytes * 2**30), dtype=torch.uint8)
+        return v * 1.0
+
+
 SIGNALLED = []
 
 
@@ -629,3 +644,39 @@ def test_a_report_of_fewer_results_does_not_replace_a_leaderboard_built_from_mor
     assert " from 1 cell results " in text
     again = cli(workdir, "report", f"results_dir={tmp_path}", timeout=120)  # as many as before: no question
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- one classification of errors (issue 25)
+
+
+def test_one_classification_of_errors_for_cells_and_the_speed_sweep():
+    from harness import run, speed
+    from harness.results import status_of
+    from harness.training import CellTimeout, NonFiniteLoss
+
+    assert run.status_of is status_of and speed.status_of is status_of  # one place
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # what the CPU allocator says when memory runs out
+    except RuntimeError as exc:
+        cpu_oom = exc
+    assert "can't allocate memory" in str(cpu_oom) and status_of(cpu_oom) == "oom"
+    assert status_of(MemoryError()) == "oom" and status_of(torch.cuda.OutOfMemoryError("CUDA out of memory")) == "oom"
+    assert status_of(speed.MeasurementTimeout()) == "timeout" == status_of(CellTimeout())
+    assert status_of(NonFiniteLoss()) == "nan" and status_of(ValueError("shape")) == "failed"
+
+
+@pytest.mark.slow
+def test_a_cell_out_of_memory_under_ulimit_v_is_oom_with_its_peak_memory(workdir, tmp_path):
+    """A real cell process under `ulimit -v 8G` that asks for 16 GB: status oom, and the record
+    still has the process's peak memory."""
+    import resource
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    done = cli(workdir, "run", "mechanism=allocates", *TINY, f"results_dir={tmp_path}", f"cache_dir={workdir / 'cache'}",
+               preexec_fn=limit_address_space)
+    assert done.returncode == 1, done.stderr[-3000:]
+    records, _ = scan_results(tmp_path)
+    assert len(records) == 1 and records[0]["status"] == "oom", records
+    assert "can't allocate memory" in records[0]["error"] and records[0]["peak_memory_mb"] > 0
