@@ -680,3 +680,75 @@ def test_a_cell_out_of_memory_under_ulimit_v_is_oom_with_its_peak_memory(workdir
     records, _ = scan_results(tmp_path)
     assert len(records) == 1 and records[0]["status"] == "oom", records
     assert "can't allocate memory" in records[0]["error"] and records[0]["peak_memory_mb"] > 0
+
+
+# ----------------------------------------------------------------------------- plugins (issue 25)
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+from harness.attention import Attention
+from harness.registry import register_mechanism
+{imports}
+
+@dataclass
+class Config:
+    scale: float = {scale}
+
+
+@register_mechanism({name!r}, Config, key_padding=True)
+class Plugin(Attention):
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        return v * {factor}
+'''
+
+
+def plugin(name, scale=1.0, imports="", factor="self.cfg.scale"):
+    return PLUGIN.format(name=name, scale=scale, imports=imports, factor=factor)
+
+
+def test_two_plugin_files_registering_one_name_is_an_error_naming_both(tmp_path):
+    from harness.registry import UnknownNameError, get_mechanism, list_mechanisms
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "twice.py").write_text(plugin("twice_registered", scale=1.0))
+    (second / "twice.py").write_text(plugin("twice_registered", scale=2.0))  # same file name, other code
+    discover(extra_paths=[first, second])
+    error = plugin_errors()[str(second / "twice.py")]
+    assert "mechanism 'twice_registered' is registered twice" in error
+    assert str(first / "twice.py") in error and str(second / "twice.py") in error
+    assert "twice_registered" not in list_mechanisms()  # mechanisms=all leaves it out
+    with pytest.raises(UnknownNameError, match="registered twice"):
+        get_mechanism("twice_registered")  # neither silently wins
+
+
+@pytest.mark.parametrize("name", ["My Mech", "../../evil", "a/b", ".hidden", "all,of,them"])
+def test_a_name_that_cannot_be_a_path_is_refused_at_registration(tmp_path, name):
+    from harness.registry import list_mechanisms
+
+    (tmp_path / "bad_name.py").write_text(plugin(name))
+    discover(extra_paths=[tmp_path])
+    error = plugin_errors()[str(tmp_path / "bad_name.py")]
+    assert "is not a plain name" in error and str(tmp_path / "bad_name.py") in error
+    assert name not in list_mechanisms()
+
+
+def test_a_plugin_imports_its_own_helper_module_and_is_imported_once_per_run(workdir, tmp_path):
+    """Through the CLI: the helper beside the plugin imports, and a cell's run imports the plugin once."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "_helper_of_uses_helper.py").write_text("FACTOR = 1.0\n")
+    count = tmp_path / "imports.txt"
+    imports = (f"from _helper_of_uses_helper import FACTOR\nwith open({str(count)!r}, 'a') as _f:\n"
+               "    _f.write('imported\\n')\n")
+    (folder / "uses_helper.py").write_text(plugin("uses_helper", imports=imports, factor="FACTOR"))
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(folder), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "harness", "run", "mechanism=uses_helper", *TINY,
+                           f"results_dir={tmp_path / 'r'}", f"cache_dir={workdir / 'cache'}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records, _ = scan_results(tmp_path / "r")
+    assert [r["status"] for r in records] == ["ok"]
+    assert count.read_text().count("imported") == 1
