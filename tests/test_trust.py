@@ -752,3 +752,23 @@ def test_a_plugin_imports_its_own_helper_module_and_is_imported_once_per_run(wor
     records, _ = scan_results(tmp_path / "r")
     assert [r["status"] for r in records] == ["ok"]
     assert count.read_text().count("imported") == 1
+
+
+# ----------------------------------------------------------------------------- a seed reproduces its number (issue 25)
+
+
+def _builtin_mechanisms():
+    from harness.registry import get_mechanism, list_mechanisms
+
+    return [n for n in list_mechanisms() if not get_mechanism(n).module.startswith("harness_plugin_")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", _builtin_mechanisms())
+def test_the_same_seed_gives_the_same_record_twice(workdir, tmp_path, mechanism):
+    """One tiny cell of each mechanism trained twice (trainer.deterministic=true, CPU): the
+    records' metrics and per-item results are identical, not merely close."""
+    first, second = (run_cell(cell(workdir, f"mechanism={mechanism}", f"results_dir={tmp_path / name}"))
+                     for name in ("first", "second"))
+    assert first["status"] == second["status"]
+    assert first["metrics"] == second["metrics"] and first["test_items"] == second["test_items"]
