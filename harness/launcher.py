@@ -53,6 +53,14 @@ log = logging.getLogger(__name__)
 _RESOLVE = threading.Lock()  # resolving a cell composes configs through Hydra's global state
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped on SIGINT/SIGTERM (its running cells unrecorded, checkpoints kept)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 @dataclass
 class ProcessLauncherConf:
     _target_: str = "hydra_plugins.harness_launcher.process_launcher.ProcessLauncher"
@@ -132,7 +140,7 @@ class ProcessLauncherBase(Launcher):
         if self._stopping is not None:
             log.warning("sweep interrupted by %s: running cells stopped unrecorded (checkpoints kept); "
                         "rerun the same command to resume", signal.Signals(self._stopping).name)
-            raise KeyboardInterrupt(f"signal {self._stopping}")
+            raise SweepInterrupted(self._stopping)
         return returns
 
     def _catch_stop_signals(self) -> dict[int, Any]:

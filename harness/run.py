@@ -646,7 +646,13 @@ def main() -> None:
             sys.exit(1)
         return record  # a launcher's callbacks (the grid's progress line) read it
 
-    _main()
+    try:
+        _main()
+    except KeyboardInterrupt as exc:  # a sweep stopped (harness.launcher.SweepInterrupted) or Ctrl-C outside a cell
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: unfinished cells are not recorded and keep their "
+              "checkpoints; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
