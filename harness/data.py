@@ -215,6 +215,9 @@ class DataInfo:
     cache_path: str = ""
     warnings: list[str] = field(default_factory=list)  # about the data (e.g. a single-class test split); into the result
     cache_root: str = ""  # the cache's root, absolute, when it was loaded (``cache_path`` lies below it)
+    # per test example, the cluster of test units it shares with others (a ``cluster`` column: windows
+    # of one page, pairs sharing a document); the report's intervals are cluster-robust over them
+    test_clusters: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -419,6 +422,7 @@ class Task:
             length_mean=float(np.mean(lengths)) if lengths else 0.0,
             length_max=int(max(lengths)) if lengths else 0,
             warnings=warnings,
+            test_clusters=[int(c) for c in dsd["test"]["cluster"]] if "cluster" in dsd["test"].column_names else None,
         )
 
 

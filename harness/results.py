@@ -62,6 +62,11 @@ class Result:
     # per test item, in test-split order: {"correct": [...], "count": [...]} (predictions scored per
     # example, or per sequence for per-position tasks): what the report's paired tests compare
     test_items: dict[str, list[int]] = field(default_factory=dict)
+    # [[step, validation accuracy (bits/token for LMs)], ...] of every validation while training
+    val_curve: list[list[float]] = field(default_factory=list)
+    # does the mechanism compute exactly softmax at this sequence length (measured at the start of
+    # the cell by harness.attention.computes_softmax; None: not checked, e.g. above 4K tokens)
+    softmax_equivalent: bool | None = None
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -272,9 +277,10 @@ def _is_count(value: Any) -> bool:
 
 
 def is_fraction_metric(name: str) -> bool:
-    """Metrics that are a share of the test set, so within [0, 1]: accuracy, Spider's exact
-    and execution match (overall and per hardness), the valid-SQL rate."""
-    return name.endswith("accuracy") or name.split("_")[0] in ("exact", "execution") or name == "valid_sql"
+    """Metrics that are a share of the test set, so within [0, 1]: accuracy (and its interval
+    ``accuracy_ci95``), Spider's exact and execution match (overall and per hardness), the
+    valid-SQL rate."""
+    return bool({"accuracy", "exact", "execution"} & set(name.split("_"))) or name == "valid_sql"
 
 
 _TEXT = ("task", "mechanism", "scale", "variant", "variant_label")
@@ -342,6 +348,10 @@ def record_problem(record: dict[str, Any]) -> str | None:
 def _metric_problem(name: str, value: Any) -> str | None:
     if value is None:  # a non-finite value written as null: the status says why
         return None
+    if isinstance(value, list) and len(value) == 2:  # an interval, e.g. accuracy_ci95: [low, high]
+        if not all(_is_number(v) for v in value) or value[0] > value[1]:
+            return "not an interval [low, high]"
+        return next(filter(None, (_metric_problem(name, v) for v in value)), None)
     if not _is_number(value):
         return "not a number"
     if is_fraction_metric(name) and not 0 <= value <= 1:

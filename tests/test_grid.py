@@ -274,17 +274,17 @@ def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
 def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_length(env):
     """grid=cpu at scale=tiny for one task and mechanism: a cell per length, then the report."""
     results = env[0] / "lengths"
-    done = harness(env, "grid", "grid=cpu", "scale=tiny", "tasks=text", "mechanisms=softmax", "seeds=0",
-                   f"results_dir={results}", *CELL)
+    done = harness(env, "grid", "grid=cpu", "scale=tiny", "tasks=mqar", "mechanisms=softmax", "seeds=0",
+                   f"results_dir={results}", *CELL, "task.num_train=64", "task.num_val=16")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, _ = scan_results(results)
-    assert sorted(r["task_config"]["max_len"] for r in records) == [256, 1024]
+    assert sorted(r["task_config"]["max_len"] for r in records) == [1024, 4096]
     assert len({r["config_hash"] for r in records}) == 2 and all(r["status"] == "ok" for r in records)
     done = harness(env, "report", f"results_dir={results}")
     assert done.returncode == 0, done.stderr[-3000:]
     text = (results / "leaderboard.md").read_text()
     accuracy = text[text.index("## Accuracy — scale `tiny`"):]
-    assert "text L=256" in accuracy and "text L=1K" in accuracy
+    assert "mqar L=1K" in accuracy and "mqar L=4K" in accuracy
     assert (results / "plots" / "accuracy_vs_length_tiny.png").exists()
 
 
