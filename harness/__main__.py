@@ -119,7 +119,7 @@ def _help(command: str) -> str:
     if command == "report":
         from harness import report
 
-        return "python -m harness report [results_dir=DIR]\n\n" + (report.__doc__ or "")
+        return "python -m harness report [results_dir=DIR] [force=true]\n\n" + (report.__doc__ or "")
     if command == "speed":
         from harness import speed
 

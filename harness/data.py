@@ -44,12 +44,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from harness.results import CACHE_ENV, DEFAULT_CACHE_DIR
+
 log = logging.getLogger(__name__)
 
 PAD_ID = 0
 SPLITS = ("train", "validation", "test")
-CACHE_ENV = "HARNESS_CACHE_DIR"
-DEFAULT_CACHE_DIR = ".cache/data"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The data cache's root: ``cache_dir``, else ``$HARNESS_CACHE_DIR``, else ``.cache/data``."""
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
 
 
 class DataSourceError(RuntimeError):
@@ -209,12 +214,24 @@ class DataInfo:
     length_max: int = 0
     cache_path: str = ""
     warnings: list[str] = field(default_factory=list)  # about the data (e.g. a single-class test split); into the result
+    cache_root: str = ""  # the cache's root, absolute, when it was loaded (``cache_path`` lies below it)
     # per test example, the cluster of test units it shares with others (a ``cluster`` column: windows
     # of one page, pairs sharing a document); the report's intervals are cluster-robust over them
     test_clusters: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def as_record(self) -> dict[str, Any]:
+        """What a result records: ``cache_path`` relative to ``cache_root`` (absolute), so the
+        report finds the data from any working folder, and under another root when it moved."""
+        out = self.as_dict()
+        if self.cache_root and self.cache_path:
+            try:
+                out["cache_path"] = Path(self.cache_path).resolve().relative_to(self.cache_root).as_posix()
+            except ValueError:  # not below the root (a link): the absolute path
+                out["cache_path"] = str(Path(self.cache_path).resolve())
+        return out
 
 
 class Task:
@@ -285,8 +302,7 @@ class Task:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def cache_path(self, cache_dir: str | Path | None = None) -> Path:
-        root = Path(cache_dir or os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
-        return root / self.name / f"{self.source}-{self.cache_key()}"
+        return cache_root(cache_dir) / self.name / f"{self.source}-{self.cache_key()}"
 
     def load(self, cache_dir: str | Path | None = None):
         """(DatasetDict, DataInfo): from the cache, building and saving it the first time.
@@ -314,6 +330,7 @@ class Task:
             finally:
                 lock.release()
         dsd, info = loaded
+        info.cache_root = str(cache_root(cache_dir).resolve())
         for warning in info.warnings:
             log.warning("%s data (source=%s): %s", self.name, self.source, warning)
         return dsd, info

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from harness.results import save_figure_atomic
+
 log = logging.getLogger(__name__)
 
 MODE_TITLES = {
@@ -454,7 +456,7 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
                  "✕ where a series stops: oom / timeout)")
     fig.tight_layout(rect=(0, 0, 0.8, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -521,7 +523,7 @@ def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, le
               frameon=False)  # off the data
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return path
 

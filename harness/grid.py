@@ -372,6 +372,9 @@ def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> i
     return 0
 
 
+STOP_GRACE_S = 60  # how long a stopping grid waits for its cells to stop cleanly before SIGKILL
+
+
 def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: str) -> int:
     launcher = own.get("launcher", "process")
     if launcher not in LAUNCHERS:
@@ -405,10 +408,10 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
         proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
         try:
             returncode |= proc.wait()
-        except BaseException:  # Ctrl-C or a kill of the grid: its cells go with it
+        except BaseException:  # Ctrl-C or a kill of the grid: its cells stop, unrecorded, and resume on a rerun
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             raise

@@ -8,6 +8,10 @@ reads the sweep's peak memory. Here each cell is ``python -m harness.run <its ov
 * a cell that dies without writing its result (SIGKILL from the OOM killer, a segfault, an
   abort) is recorded by the launcher, under the cell's lock, as ``oom`` (killed by SIGKILL)
   or ``failed``, with the signal and the last line the cell logged; the sweep goes on;
+* an interrupt is not a failure: SIGINT/SIGTERM to the sweep (Ctrl-C, ``kill``, the grid
+  stopping, a cluster's preemption) is passed on to the running cells as SIGTERM, no further
+  cell starts, and a cell that stopped on it (exit 130/143, or killed by SIGINT/SIGTERM) is
+  left unrecorded with its checkpoints, so a rerun resumes it; the sweep then exits;
 * each cell process gets ``PR_SET_PDEATHSIG``: when the sweep dies, its cells die with it
   (no orphan left training and racing a rerun);
 * the cell's output goes to ``<log_dir>/process.out``; the sweep prints one progress line
@@ -47,6 +51,14 @@ from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 _RESOLVE = threading.Lock()  # resolving a cell composes configs through Hydra's global state
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped on SIGINT/SIGTERM (its running cells unrecorded, checkpoints kept)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 @dataclass
@@ -101,6 +113,9 @@ class ProcessLauncherBase(Launcher):
     def __init__(self, n_jobs: int = 1) -> None:
         super().__init__()
         self.n_jobs = max(1, int(n_jobs))
+        self._stopping: int | None = None  # the stop signal the sweep received
+        self._running: set[subprocess.Popen] = set()
+        self._procs = threading.Lock()
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -115,8 +130,37 @@ class ProcessLauncherBase(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("launching %d cells, each in its own process, %d at a time", len(job_overrides), self.n_jobs)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        with ThreadPoolExecutor(max_workers=self.n_jobs) as pool:
-            return list(pool.map(lambda job: self._run(*job), jobs))
+        old = self._catch_stop_signals()
+        try:
+            with ThreadPoolExecutor(max_workers=self.n_jobs) as pool:
+                returns = list(pool.map(lambda job: self._run(*job), jobs))
+        finally:
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
+        if self._stopping is not None:
+            log.warning("sweep interrupted by %s: running cells stopped unrecorded (checkpoints kept); "
+                        "rerun the same command to resume", signal.Signals(self._stopping).name)
+            raise SweepInterrupted(self._stopping)
+        return returns
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM: pass SIGTERM on to the running cells and start no more (the pool's
+        threads return once their cells have stopped; launch() then raises)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def stop(signum, frame):
+            if self._stopping is None:
+                self._stopping = signum
+            with self._procs:
+                running = list(self._running)
+            for proc in running:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+
+        return {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def _run(self, idx: int, overrides: list[str]) -> JobReturn:
         from harness.cells import resolve_cell
@@ -133,7 +177,7 @@ class ProcessLauncherBase(Launcher):
         try:
             with _RESOLVE:
                 cell = resolve_cell(sweep_config)
-            record = self._run_cell_process(cell, overrides)
+            record = self._run_cell_process(cell, overrides) if self._stopping is None else self._interrupted(cell)
             ret.status, ret._return_value = JobStatus.COMPLETED, record
         except Exception as exc:  # a bad cell config: recorded in the sweep, never the end of it
             log.error("cell #%d (%s) could not start: %s", idx, " ".join(filter_overrides(overrides)), exc)
@@ -152,16 +196,25 @@ class ProcessLauncherBase(Launcher):
         with open(out_path, "ab") as out:
             out.write(f"\n$ {' '.join(command)}\n".encode())
             out.flush()
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            with self._procs:
+                if self._stopping is not None:
+                    return self._interrupted(cell)
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                self._running.add(proc)
             try:
                 rc = proc.wait()
             except BaseException:  # the sweep is stopping: take the cell down with it
                 proc.kill()
                 proc.wait()
                 raise
+            finally:
+                with self._procs:
+                    self._running.discard(proc)
         record = read_result(cell.result_path)
         fresh = record is not None and cell.result_path.stat().st_mtime >= started - 1
+        if not fresh and (self._stopping is not None or is_interrupt(rc)):  # stopped, not failed: resumable
+            return self._interrupted(cell, rc)
         if rc < 0 and not fresh:  # killed by a signal before it could write its result
             return self._record_killed(cell, -rc, last_line(cell.log_dir / "cell.log") or last_line(out_path))
         if record is None:
@@ -171,6 +224,13 @@ class ProcessLauncherBase(Launcher):
             return self._record_killed(cell, None, tail, returncode=rc)
         record["_skipped"] = not fresh  # a recorded cell the child only skipped
         return record
+
+    def _interrupted(self, cell, returncode: int | None = None) -> dict[str, Any]:
+        """A cell stopped by an interrupt (or never started because of one): nothing recorded."""
+        how = "not started" if returncode is None else f"stopped (exit {returncode})"
+        log.warning("interrupted %s: %s, nothing recorded; a rerun resumes it", cell.name, how)
+        return {"status": "interrupted", "task": cell.task, "mechanism": cell.mechanism, "scale": cell.scale,
+                "seed": cell.seed, "variant": cell.variant, "error": f"interrupted: {how}", "_skipped": returncode is None}
 
     def _record_killed(self, cell, signum: int | None, last: str, returncode: int | None = None) -> dict[str, Any]:
         """Write the result of a cell whose process died without writing one."""
@@ -196,6 +256,13 @@ class ProcessLauncherBase(Launcher):
             write_result(cell.results_dir, result)
         log.error("%s %s: %s", status, cell.name, result.error)
         return result.as_dict()
+
+
+def is_interrupt(returncode: int | None) -> bool:
+    """A cell process that ended on SIGINT/SIGTERM: killed by one, or exited 128 + its number
+    (what ``harness.run`` does after stopping cleanly on one)."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    return returncode is not None and (returncode in {-s for s in stops} or returncode in {128 + s for s in stops})
 
 
 def _tail_text(path: Path, size: int = 4096) -> str:

@@ -16,11 +16,18 @@ type-checked with no YAML. Discovery imports every ``mechanisms/*.py`` and
 ``tasks/*.py`` not starting with ``_``, the entry-point groups, and the directories in
 ``$HARNESS_PLUGIN_PATH`` (os.pathsep-separated). A plugin that fails to import is
 recorded in ``plugin_errors()`` with its error and never stops the others.
+
+A plugin file is imported once per process, with its folder on ``sys.path`` (so it can
+import its own helper modules, e.g. a ``_kernels.py`` beside it). A name must be a plain
+name (it becomes a folder of the results). Two different files registering one name is an
+error naming both; that name is then left out of ``list_mechanisms()`` and looking it up
+raises that error, so neither silently wins.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -59,6 +66,7 @@ class MechanismSpec:
     config_class: type
     capabilities: Capabilities
     module: str
+    file: str = ""  # the source file that registered it
 
     @property
     def doc(self) -> str:
@@ -73,6 +81,7 @@ class TaskSpec:
     sources: tuple[str, ...]
     module: str
     requires: frozenset[str] = field(default_factory=frozenset)
+    file: str = ""
 
     @property
     def doc(self) -> str:
@@ -82,6 +91,8 @@ class TaskSpec:
 _MECHANISMS: dict[str, MechanismSpec] = {}
 _TASKS: dict[str, TaskSpec] = {}
 _ERRORS: dict[str, str] = {}
+_CONFLICTS: dict[tuple[str, str], str] = {}  # (kind, name) registered by two different files -> the error
+_LOADED: set[str] = set()  # plugin files imported in this process (resolved paths)
 _DISCOVERED = False
 
 
@@ -103,10 +114,37 @@ def _config_node(name: str, config_class: type) -> type:
     )
 
 
-def _check_new(kind: str, registry: dict, name: str, cls: type) -> None:
+def _source_file(cls: type) -> str:
+    module = sys.modules.get(cls.__module__)
+    return str(getattr(module, "__file__", None) or cls.__module__)
+
+
+def _same_code(a: str, b: str) -> bool:
+    try:
+        return Path(a).read_bytes() == Path(b).read_bytes()
+    except OSError:
+        return False
+
+
+def _check_new(kind: str, registry: dict, name: str, cls: type) -> str:
+    """The source file of ``cls``, after checking ``name`` is a plain name and is not
+    registered by another file (the same file imported again, or an identical copy of it,
+    is the same mechanism)."""
+    from harness.cells import UnsafeName, check_safe_name
+
+    file = _source_file(cls)
+    try:
+        check_safe_name(kind, name)
+    except UnsafeName as exc:
+        raise ValueError(f"{exc} (registered in {file})") from None
     old = registry.get(name)
-    if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"{kind} '{name}' is registered twice: by {old.module} and by {cls.__module__}")
+    if old is None or (old.file == file and old.cls.__qualname__ == cls.__qualname__):
+        return file
+    if old.cls.__qualname__ == cls.__qualname__ and _same_code(old.file, file):
+        return file
+    message = f"{kind} '{name}' is registered twice: by {old.file or old.module} and by {file}; rename one of them"
+    _CONFLICTS[(kind, name)] = message
+    raise ValueError(message)
 
 
 def register_mechanism(
@@ -123,11 +161,11 @@ def register_mechanism(
     def decorate(cls: type[Attention]) -> type[Attention]:
         if not (isinstance(cls, type) and issubclass(cls, Attention)):
             raise TypeError(f"mechanism '{name}' must subclass harness.attention.Attention")
-        _check_new("mechanism", _MECHANISMS, name, cls)
+        file = _check_new("mechanism", _MECHANISMS, name, cls)
         caps = Capabilities(causal=causal, cross=cross, key_padding=key_padding, relations=relations)
         cls.name, cls.capabilities, cls.config_class = name, caps, config_class
         ConfigStore.instance().store(group="mechanism", name=name, node=_config_node(name, config_class))
-        _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__)
+        _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__, file)
         return cls
 
     return decorate
@@ -155,13 +193,13 @@ def register_task(
         raise ValueError(f"task '{name}' requires unknown capabilities {sorted(unknown)}; valid: {CAPABILITIES}")
 
     def decorate(cls: type) -> type:
-        _check_new("task", _TASKS, name, cls)
+        file = _check_new("task", _TASKS, name, cls)
         cls.name, cls.config_class, cls.sources, cls.requires = name, config_class, tuple(sources), frozenset(requires)
         store = ConfigStore.instance()
         store.store(group="task", name=name, node=_config_node(name, config_class))
         for scale, preset in (scales or {}).items():
             store.store(group="task_scale", name=f"{name}_{scale}", node=preset, package="_global_")
-        _TASKS[name] = TaskSpec(name, cls, config_class, tuple(sources), cls.__module__, frozenset(requires))
+        _TASKS[name] = TaskSpec(name, cls, config_class, tuple(sources), cls.__module__, frozenset(requires), file)
         return cls
 
     return decorate
@@ -183,7 +221,13 @@ def _import_package_modules(package: str) -> None:
 
 
 def _import_file(path: Path) -> None:
-    module_name = f"harness_plugin_{path.parent.name}_{path.stem}"
+    """Import a plugin file under a name of its own (two folders may hold files of one name),
+    its folder on ``sys.path`` for the helper modules it imports."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    module_name = f"harness_plugin_{path.parent.name}_{path.stem}_{digest}"
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)  # after everything else: a helper never shadows an installed module
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
@@ -226,8 +270,10 @@ def discover(extra_paths: list[str | Path] | None = None, *, force: bool = False
             _ERRORS[str(folder)] = f"plugin folder {folder} does not exist"
             continue
         for path in sorted(folder.glob("*.py")):
-            if not path.name.startswith("_"):
-                _guarded_import(str(path), lambda p=path: _import_file(p))
+            if path.name.startswith("_") or (str(path.resolve()) in _LOADED and not force):
+                continue  # a helper, or imported already in this process
+            _LOADED.add(str(path.resolve()))
+            _guarded_import(str(path), lambda p=path: _import_file(p))
 
 
 def plugin_errors() -> dict[str, str]:
@@ -240,6 +286,8 @@ def plugin_errors() -> dict[str, str]:
 
 def _lookup(kind: str, registry: dict, name: str):
     discover()
+    if (kind, name) in _CONFLICTS:
+        raise UnknownNameError(_CONFLICTS[(kind, name)])
     if name not in registry:
         valid = ", ".join(sorted(registry)) or "(none)"
         hint = f" (failed plugins: {', '.join(sorted(_ERRORS))})" if _ERRORS else ""
@@ -257,12 +305,12 @@ def get_task(name: str) -> TaskSpec:
 
 def list_mechanisms() -> list[str]:
     discover()
-    return sorted(_MECHANISMS)
+    return sorted(n for n in _MECHANISMS if ("mechanism", n) not in _CONFLICTS)
 
 
 def list_tasks() -> list[str]:
     discover()
-    return sorted(_TASKS)
+    return sorted(n for n in _TASKS if ("task", n) not in _CONFLICTS)
 
 
 def build_config(config_class: type, overrides: dict[str, Any] | Any | None, *, what: str) -> Any:

@@ -29,7 +29,15 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from harness.results import code_commit, scan_results
+from harness.results import (
+    WouldShrink,
+    check_not_shrinking,
+    code_commit,
+    record_cache_path,
+    save_figure_atomic,
+    scan_results,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +178,7 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "test": test.get("exact", test.get(metric)) if metric == "accuracy" else test.get(metric),
             "params": r.get("params"), "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
             "wall_s": r.get("wall_s"), "source": data.get("source"), "fingerprint": data.get("fingerprint"),
-            "cache_path": data.get("cache_path"), "majority": data.get("majority_accuracy"),
+            "cache_path": record_cache_path(r), "majority": data.get("majority_accuracy"),
             "unigram_bits": data.get("unigram_bits_per_token"), "sizes": sizes, "n_test": sizes.get("test"),
             "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
             "num_classes": data.get("num_classes"), "commit": env.get("commit"), "device": env.get("device"),
@@ -780,7 +788,7 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - legend_width / fig.get_figwidth(), 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -902,7 +910,7 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
     fig.suptitle(f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -1021,9 +1029,10 @@ def efficiency_section(results_dir: Path, averages: pd.Series, params: dict[str,
     return "\n" + text + ("\n" + images + "\n" if images else "")
 
 
-def write_report(results_dir: str | Path = "results") -> Path:
+def write_report(results_dir: str | Path = "results", *, force: bool = False) -> Path:
     results_dir = Path(results_dir)
     records, unreadable = scan_results(results_dir)
+    check_not_shrinking(results_dir / "leaderboard.md", len(records), force=force)
     from harness import efficiency
 
     speed_records = efficiency.load_records(results_dir / "speed")
@@ -1049,19 +1058,23 @@ def write_report(results_dir: str | Path = "results") -> Path:
     lines.append(efficiency_section(results_dir, averages, params, plot_scale, speed_records))
     lines.append(details_section(cells, unreadable, results_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines).rstrip() + "\n")
+    write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    results_dir = "results"
+    results_dir, force = "results", "false"
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key != "results_dir" or not value:
-            raise SystemExit(f"usage: python -m harness report [results_dir=DIR]; got '{arg}'")
-        results_dir = value
-    path = write_report(results_dir)
+        if key not in ("results_dir", "force") or not value or (key == "force" and value not in ("true", "false")):
+            raise SystemExit(f"usage: python -m harness report [results_dir=DIR] [force=true]; got '{arg}'")
+        results_dir, force = (value, force) if key == "results_dir" else (results_dir, value)
+    try:
+        path = write_report(results_dir, force=force == "true")
+    except WouldShrink as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

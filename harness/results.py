@@ -18,8 +18,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,25 @@ class Result:
         return dataclasses.asdict(self)
 
 
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")
+
+
+def status_of(exc: BaseException) -> str:
+    """The status of a cell or a measurement that raised ``exc``: the one classification of
+    errors, for ``harness.run`` and ``harness.speed`` alike. An exception class may name its
+    own status (``status = "timeout"``: the cell's and the measurement's time limits;
+    ``"nan"``: a non-finite loss); out of memory is ``oom`` on every device (CUDA's
+    OutOfMemoryError, MemoryError, the CPU allocator's "can't allocate memory" under
+    ``ulimit -v``, C++'s bad_alloc); anything else ``failed``."""
+    own = getattr(type(exc), "status", None)
+    if isinstance(own, str) and own in STATUSES:
+        return own
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(m in text for m in OOM_MARKERS):
+        return "oom"
+    return "failed"
+
+
 def result_path(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
     folder = Path(results_dir) / "runs" / scale / task / mechanism
     return (folder / variant if variant else folder) / f"seed{seed}.json"
@@ -93,6 +115,63 @@ def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside ``path`` (same suffix) to write to; renamed onto ``path`` when the
+    block ends without an error, removed otherwise. A reader sees the old file or the new one,
+    never a torn one (a full disk, a kill half-way)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for every reader
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+BUILT_FROM = re.compile(r"\bfrom (\d+) cell results\b")  # the leaderboard's header: "Generated … from 78 cell results …"
+
+
+class WouldShrink(ValueError):
+    """A report would replace a leaderboard built from more cell results than exist now."""
+
+
+def check_not_shrinking(leaderboard: str | Path, n_records: int, *, force: bool = False) -> None:
+    """Refuse (``WouldShrink``, one line) to replace a leaderboard whose header says it was built
+    from more cell results than the ``n_records`` now at hand: a fresh clone has the committed
+    leaderboard but not the runs behind it, and ``make report`` there must not turn it into
+    "No results yet". ``force`` replaces it anyway."""
+    if force:
+        return
+    try:
+        with open(leaderboard, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:  # none yet
+        return
+    match = BUILT_FROM.search(head)
+    if match and int(match.group(1)) > n_records:
+        raise WouldShrink(f"{leaderboard} was built from {match.group(1)} cell results and only {n_records} exist "
+                          f"now; not overwritten (force=true replaces it)")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``Path.write_text``, atomically (see ``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_figure_atomic(fig, path: str | Path, **kwargs: Any) -> Path:
+    """``fig.savefig(path)``, atomically (see ``atomic_path``); the format from the suffix."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None, **kwargs)
+    return Path(path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -116,6 +195,41 @@ def _finite(value: Any) -> Any:
 def write_result(results_dir: str | Path, result: Result) -> Path:
     path = result_path(results_dir, result.scale, result.task, result.mechanism, result.seed, result.variant)
     return write_json_atomic(path, result.as_dict())
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CACHE_ENV = "HARNESS_CACHE_DIR"  # the data cache's root (harness.data), else DEFAULT_CACHE_DIR
+DEFAULT_CACHE_DIR = ".cache/data"
+
+
+def record_cache_path(record: dict[str, Any]) -> str:
+    """Where the data cache of ``record`` is now, from any working folder: ``data.cache_path``
+    below the recorded ``data.cache_root``, else below today's root (``$HARNESS_CACHE_DIR`` or
+    the project's ``.cache/data``: the cache moved). An older record's path relative to the
+    folder its cell ran in is looked up from the working folder, the results folder's parent
+    and the project. The first that holds data, else the first candidate (for the message);
+    "" when the record names none."""
+    data = record.get("data") or {}
+    recorded = data.get("cache_path")
+    if not recorded or not isinstance(recorded, str):
+        return ""
+    path = Path(recorded)
+    if path.is_absolute():
+        return recorded
+    roots = [Path(os.environ[CACHE_ENV])] if os.environ.get(CACHE_ENV) else []
+    roots.append(PROJECT_ROOT / DEFAULT_CACHE_DIR)
+    if data.get("cache_root"):  # relative to the cache's root
+        candidates = [Path(data["cache_root"]) / path, *(root / path for root in roots)]
+    else:  # relative to the working folder of the cell's run
+        candidates = [Path.cwd() / path]
+        runs = next((p for p in Path(record.get("_path", "")).parents if p.name == "runs"), None)
+        if runs is not None:
+            candidates.append(runs.parent.parent / path)
+        candidates.append(PROJECT_ROOT / path)
+        if path.parts[:2] == Path(DEFAULT_CACHE_DIR).parts:
+            candidates += [root / Path(*path.parts[2:]) for root in roots]
+    found = next((c for c in candidates if (c / "data").is_dir()), candidates[0])
+    return str(found.resolve())
 
 
 REQUIRED_KEYS = ("task", "mechanism", "scale", "seed", "status")
@@ -144,11 +258,137 @@ def load_result(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise UnreadableResult(f"no {', '.join(missing)} (not a result record)")
-    if record["status"] not in STATUSES:
-        raise UnreadableResult(f"unknown status {record['status']!r}")
     record.setdefault("variant", "")
     record.setdefault("variant_label", "")
+    problem = record_problem(record)
+    if problem:
+        raise UnreadableResult(problem)
     return record
+
+
+# ----------------------------------------------------------------------------- the record's schema
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_fraction_metric(name: str) -> bool:
+    """Metrics that are a share of the test set, so within [0, 1]: accuracy (and its interval
+    ``accuracy_ci95``), Spider's exact and execution match (overall and per hardness), the
+    valid-SQL rate."""
+    return bool({"accuracy", "exact", "execution"} & set(name.split("_"))) or name == "valid_sql"
+
+
+_TEXT = ("task", "mechanism", "scale", "variant", "variant_label")
+_OPTIONAL_TEXT = ("error", "config_hash")
+_OBJECTS = ("mechanism_config", "data", "env", "task_config", "model_config", "train_config", "config",
+            "mechanism_metrics", "test_items", "metrics")
+_COUNTS = ("params", "steps", "best_step", "resumed_from_step")
+_AMOUNTS = ("tokens_per_s", "peak_memory_mb", "wall_s")
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """Why ``record`` is not a valid result (types and ranges of every field the report reads),
+    or None. Optional fields may be absent or null; present ones must have their type."""
+    for key in _TEXT:
+        if key in record and not isinstance(record[key], str):
+            return f"{key} is {_shown(record[key])}, not text"
+    for key in ("task", "mechanism", "scale"):
+        if not record[key]:
+            return f"{key} is empty"
+    if not _is_count(record["seed"]):
+        return f"seed is {_shown(record['seed'])}, not a whole number >= 0"
+    if record["status"] not in STATUSES:
+        return f"unknown status {_shown(record['status'])} (valid: {', '.join(STATUSES)})"
+    for key in _OPTIONAL_TEXT:
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"{key} is {_shown(record[key])}, not text"
+    for key in _OBJECTS:
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"{key} is {_shown(record[key])}, not an object"
+    for key in _COUNTS:
+        if record.get(key) is not None and not _is_count(record[key]):
+            return f"{key} is {_shown(record[key])}, not a whole number >= 0"
+    for key in _AMOUNTS:
+        if record.get(key) is not None and not (_is_number(record[key]) and record[key] >= 0):
+            return f"{key} is {_shown(record[key])}, not a number >= 0"
+    if record.get("warnings") is not None and not isinstance(record["warnings"], list):
+        return f"warnings is {_shown(record['warnings'])}, not a list"
+    for split, metrics in (record.get("metrics") or {}).items():
+        if not isinstance(metrics, dict):
+            return f"metrics.{split} is {_shown(metrics)}, not an object"
+        for name, value in metrics.items():
+            problem = _metric_problem(name, value)
+            if problem:
+                return f"metrics.{split}.{name} is {_shown(value)}, {problem}"
+    for name, value in (record.get("mechanism_metrics") or {}).items():
+        problem = _metric_problem(name, value)
+        if problem:
+            return f"mechanism_metrics.{name} is {_shown(value)}, {problem}"
+    data = record.get("data") or {}
+    majority = data.get("majority_accuracy")
+    if majority is not None and not (_is_number(majority) and 0 <= majority <= 1):
+        return f"data.majority_accuracy is {_shown(majority)}, not a number in [0, 1]"
+    for key in ("test_examples_evaluated", "n_test"):
+        if data.get(key) is not None and not _is_count(data[key]):
+            return f"data.{key} is {_shown(data[key])}, not a whole number >= 0"
+    sizes = data.get("sizes")
+    if sizes is not None and not (isinstance(sizes, dict) and all(_is_count(v) for v in sizes.values())):
+        return f"data.sizes is {_shown(sizes)}, not split sizes"
+    for key, values in (record.get("test_items") or {}).items():
+        if not (isinstance(values, list) and all(_is_count(v) for v in values)):
+            return f"test_items.{key} is not a list of whole numbers >= 0"
+    return None
+
+
+def _metric_problem(name: str, value: Any) -> str | None:
+    if value is None:  # a non-finite value written as null: the status says why
+        return None
+    if isinstance(value, list) and len(value) == 2:  # an interval, e.g. accuracy_ci95: [low, high]
+        if not all(_is_number(v) for v in value) or value[0] > value[1]:
+            return "not an interval [low, high]"
+        return next(filter(None, (_metric_problem(name, v) for v in value)), None)
+    if not _is_number(value):
+        return "not a number"
+    if is_fraction_metric(name) and not 0 <= value <= 1:
+        return "outside [0, 1]"
+    if name in ("loss", "bits_per_token") and value < 0:
+        return "negative"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+SEED_FILE = re.compile(r"seed(0|[1-9][0-9]*)\.json")
+
+
+def path_problem(record: dict[str, Any], path: Path, runs: Path) -> str | None:
+    """Why the record in ``path`` does not belong there (``runs/<scale>/<task>/<mechanism>/
+    [<variant>/]seed<k>.json``, from the record's own content), or None. A copy (``seed0 copy.json``),
+    a record moved to another mechanism's folder, or one whose seed is not its file name's
+    would otherwise count twice or under the wrong name."""
+    match = SEED_FILE.fullmatch(path.name)
+    if not match:
+        return f"file name '{path.name}' is not seed<k>.json (a copy?)"
+    parts = path.relative_to(runs).parts[:-1]
+    if len(parts) not in (3, 4):
+        return f"lies {len(parts)} folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]"
+    expected = {"scale": parts[0], "task": parts[1], "mechanism": parts[2],
+                "variant": parts[3] if len(parts) == 4 else ""}
+    for key, folder in expected.items():
+        if record.get(key, "") != folder:
+            where = f"folder '{folder}'" if folder else "the presets' folder (no variant)"
+            return f"record's {key} is {record.get(key)!r} but it lies in {where} (a misplaced record)"
+    if record["seed"] != int(match.group(1)):
+        return f"record's seed is {record['seed']} but the file is {path.name}"
+    return None
 
 
 def read_result(path: str | Path) -> dict[str, Any] | None:
@@ -160,13 +400,21 @@ def read_result(path: str | Path) -> dict[str, Any] | None:
 
 
 def scan_results(results_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """(records, unreadable) under ``<results_dir>/runs``: every readable record (with its
-    ``_path``), and ``{"path", "reason"}`` for every file that is not one. Never raises on a
-    bad file, so a report or a grid survives any of them."""
+    """(records, unreadable) under ``<results_dir>/runs``: every valid record (with its ``_path``),
+    and ``{"path", "reason"}`` for every JSON file that is not one: unreadable, against the
+    schema (``record_problem``), or not at the path its own content names (``path_problem``).
+    Never raises on a bad file, so a report or a grid survives any of them, and never
+    counts one: a bad record is listed, not averaged."""
+    runs = Path(results_dir) / "runs"
     records, unreadable = [], []
-    for path in sorted((Path(results_dir) / "runs").rglob("seed*.json")):
+    for path in sorted(runs.rglob("*.json")):
+        if path.name.startswith(".") or path.parent == runs:  # a write in progress; the grid's own files
+            continue
         try:
             record = load_result(path)
+            problem = path_problem(record, path, runs)
+            if problem:
+                raise UnreadableResult(problem)
         except UnreadableResult as exc:
             unreadable.append({"path": str(path), "reason": str(exc)})
             continue

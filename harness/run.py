@@ -8,6 +8,10 @@ status and the error's last line; ``run`` then exits non-zero, while a Hydra mul
 (the grid) records it and goes on to the next cell. A recorded cell is skipped on re-run
 (``rerun=failed`` retries failed ones, ``rerun=all`` everything); a killed cell resumes
 from its last checkpoint.
+
+An interrupted cell (Ctrl-C's SIGINT, or SIGTERM: ``kill``, a cluster's preemption) is not a
+failure: it writes no record, keeps its checkpoints and exits with 128 + the signal's number
+(130, 143), so the same command run again resumes it from ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -26,7 +32,7 @@ from filelock import Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from harness.cells import Cell, cell_lock, resolve_cell
-from harness.results import FINISHED, Result, environment, read_result, result_path, write_result
+from harness.results import FINISHED, Result, environment, read_result, result_path, status_of, write_result
 
 log = logging.getLogger("harness.run")
 
@@ -41,18 +47,56 @@ class _DropAdvertising(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertising())
 
 
-def _status_of(exc: BaseException) -> str:
-    import torch
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    from harness.training import CellTimeout, NonFiniteLoss
 
-    if isinstance(exc, NonFiniteLoss):
-        return "nan"
-    if isinstance(exc, CellTimeout):
-        return "timeout"
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return "oom"
-    return "failed"
+class CellInterrupted(BaseException):
+    """The cell was stopped by SIGINT/SIGTERM: nothing is recorded, its checkpoints stay."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_received: list[int] = []  # the stop signals this process received while running a cell
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    """Stop the cell where it is, as Ctrl-C does (Lightning turns a KeyboardInterrupt into
+    SystemExit(1) and its own SIGTERM handling into SIGTERMException: the signal number here
+    is what tells an interrupt from a failure). Later signals only add to the list."""
+    _received.append(signum)
+    if len(_received) == 1:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM raise in the main thread while a cell runs; the old handlers after."""
+
+    def __enter__(self):
+        _received.clear()
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._old[signum] = signal.signal(signum, _on_stop_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt_signal(exc: BaseException) -> int | None:
+    """The stop signal behind ``exc``, or None when it is a failure of the cell."""
+    if _received:
+        return _received[0]
+    if isinstance(exc, KeyboardInterrupt):  # SIGINT before our handler, or one raised by hand
+        return signal.SIGINT
+    return None
 
 
 def _last_line(exc: BaseException) -> str:
@@ -222,7 +266,8 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
                 "seed": cell.seed, "variant": cell.variant, "_path": str(cell.result_path)}
     handler = _cell_log_handler(cell)
     try:
-        return _run_locked(cfg, cell)
+        with _StopSignals():
+            return _run_locked(cfg, cell)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -268,9 +313,13 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     try:
         _train_and_test(cfg, cell, result)
     except BaseException as exc:  # recorded, never lost
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        result.status, result.error = _status_of(exc), _last_line(exc)
+        signum = _interrupt_signal(exc)
+        if signum is not None:  # stopped from outside: no record, checkpoints kept, resumed by a rerun
+            kept = "last.ckpt kept" if (cell.checkpoint_dir / "last.ckpt").exists() else "no checkpoint yet"
+            log.warning("interrupted %s by %s after %s: nothing recorded (%s); rerun the same command to resume",
+                        cell.name, signal.Signals(signum).name, f"{time.perf_counter() - start:.1f} s", kept)
+            raise CellInterrupted(signum) from None
+        result.status, result.error = status_of(exc), _last_line(exc)
         log.error("cell %s %s: %s", cell.name, result.status, result.error)
         log.debug("traceback:\n%s", traceback.format_exc())
     if result.wall_s is None:
@@ -425,7 +474,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     task = create_task(result.task, scale=result.scale, **result.task_config)
     log.info("data: %s (source=%s)", task.name, task.source)
     dsd, data_info = task.load(cfg.cache_dir)
-    result.data = data_info.as_dict()
+    result.data = data_info.as_record()
     for warning in result.data.get("warnings") or []:
         log.warning("data: %s", warning)
         result.warnings.append(warning)
@@ -457,7 +506,8 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         short = create_task(result.task, scale=result.scale, **at_length(train.warmup_length))
         warm_dsd, warm_info = short.load(cfg.cache_dir)
         result.data["warmup"] = {"max_len": train.warmup_length, "fingerprint": warm_info.fingerprint,
-                                 "steps": train.warmup_length_steps, "cache_path": warm_info.cache_path}
+                                 "steps": train.warmup_length_steps,
+                                 "cache_path": warm_info.as_record()["cache_path"]}
         warm = (warm_dsd["train"], train.warmup_length_steps, train.warmup_batch_size or train.batch_size)
         log.info("warm start: %d steps at %d tokens, then %d steps at %d", train.warmup_length_steps,
                  train.warmup_length, train.max_steps - train.warmup_length_steps, task.max_len)
@@ -526,13 +576,13 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         meter.stop_timer()
         result.resumed_from_step = meter.resumed_from_step
         result.wall_s = round(meter.wall_s, 2)
+        result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)  # an oom or failed cell's peak too
         if earlier_curves:
             _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
         result.val_curve = _earlier_val_curve(earlier_curves, meter.resumed_from_step) + module.val_curve
     result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items()
                                 if k not in ("accuracy", "loss", "bits_per_token", "accuracy_ci95")}
     result.tokens_per_s = meter.tokens_per_s
-    result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)
     result.status = "ok"
     if not cfg.keep_checkpoints and _ddp_worker_rank() == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -636,12 +686,21 @@ def main() -> None:
         except (UnknownNameError, UnsafeName, ValueError) as exc:  # bad settings: one line, no traceback
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except CellInterrupted as exc:
+            print(f"{exc}: nothing recorded, checkpoints kept; rerun the same command to resume", file=sys.stderr)
+            sys.exit(exc.exit_code)
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
         if record["status"] not in (*FINISHED, "running") and not multirun:
             sys.exit(1)
         return record  # a launcher's callbacks (the grid's progress line) read it
 
-    _main()
+    try:
+        _main()
+    except KeyboardInterrupt as exc:  # a sweep stopped (harness.launcher.SweepInterrupted) or Ctrl-C outside a cell
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: unfinished cells are not recorded and keep their "
+              "checkpoints; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

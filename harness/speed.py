@@ -60,6 +60,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness.results import status_of
+
 log = logging.getLogger("harness.speed")
 
 MODES = ("attention", "train_step")
@@ -143,6 +145,8 @@ class Job:
 
 class MeasurementTimeout(TimeoutError):
     """The measurement cannot finish within timeout_s."""
+
+    status = "timeout"  # harness.results.status_of
 
 
 # ============================================================================= the measurement (child side)
@@ -352,19 +356,6 @@ def _quantile(values: list[float], q: float) -> float:
     pos = q * (len(ordered) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def status_of(exc: BaseException) -> str:
-    import torch
-
-    if isinstance(exc, MeasurementTimeout):
-        return "timeout"
-    text = str(exc).lower()
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")
-    ):
-        return "oom"
-    return "failed"
 
 
 def last_line(exc: BaseException) -> str:

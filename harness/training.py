@@ -23,9 +23,13 @@ from harness.model import Head
 class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN/inf loss."""
 
+    status = "nan"  # harness.results.status_of
+
 
 class CellTimeout(TimeoutError):
     """The cell ran past train.time_limit_s."""
+
+    status = "timeout"  # harness.results.status_of
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

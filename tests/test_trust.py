@@ -63,6 +63,42 @@ class Hangs(Attention):
         return v * 1.0
 
 
+@dataclass
+class AllocConfig:
+    gigabytes: float = 16.0
+
+
+@register_mechanism("allocates", AllocConfig, key_padding=True)
+class Allocates(Attention):
+    """Asks for `gigabytes` of memory at the third training step (beyond a `ulimit -v`)."""
+
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if self.training and context is not None and context.step >= 2:
+            torch.empty(int(self.cfg.gigabytes * 2**30), dtype=torch.uint8)
+        return v * 1.0
+
+
+SIGNALLED = []
+
+
+@dataclass
+class SignalConfig:
+    at_step: int = 4
+    signum: int = 15
+
+
+@register_mechanism("signals_itself", SignalConfig, key_padding=True)
+class SignalsItself(Attention):
+    """Sends its own process a signal at a training step, once per signal (as kill or Ctrl-C would)."""
+
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        if self.training and context is not None and context.step == self.cfg.at_step and self.cfg.signum not in SIGNALLED:
+            SIGNALLED.append(self.cfg.signum)
+            import os
+            os.kill(os.getpid(), self.cfg.signum)
+        return v * 1.0
+
+
 @register_mechanism("slow", FaultConfig, key_padding=True)
 class Slow(Attention):
     """Sleeps `seconds` per call: long enough to kill a cell in the middle."""
@@ -383,3 +419,391 @@ def test_a_task_default_of_none_or_auto_is_not_a_nonsense_value(scale):
     check_config(compose(["task=pathfinder", "task.num_distractors=0"]))
     with pytest.raises(ValueError, match="task.num_train=0 must be >= 1"):
         check_config(compose(["task=pathfinder", "task.num_train=0"]))
+
+
+# ----------------------------------------------------------------------------- interrupts (issue 25)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_cell_records_nothing_keeps_its_checkpoints_and_resumes(workdir, tmp_path, signum):
+    """In process (fast): the signal arrives at step 4, after the step-2 checkpoint."""
+    overrides = ["mechanism=signals_itself", f"mechanism.signum={int(signum)}", "train.eval_every=2",
+                 f"results_dir={tmp_path}"]
+    target = resolve_cell(cell(workdir, *overrides))
+    stopped = None
+    try:
+        run_cell(cell(workdir, *overrides))
+    except BaseException as exc:  # noqa: BLE001 - the interrupt is what is tested
+        stopped = exc
+    assert not target.result_path.exists(), read_result(target.result_path)  # no failed record
+    assert getattr(stopped, "exit_code", None) == 128 + signum, repr(stopped)
+    assert (target.checkpoint_dir / "last.ckpt").exists()
+    done = run_cell(cell(workdir, *overrides))  # the plain rerun
+    assert done["status"] == "ok" and done["resumed_from_step"] >= 2 and done["steps"] == 12
+
+
+def signal_after_a_checkpoint(command, env, last, signum, *, group=False):
+    """Start a real process, send it (or its group) ``signum`` once ``last`` exists; its exit code."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not last.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists() and proc.poll() is None, "no checkpoint before the process ended"
+    time.sleep(0.5)
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+SLOW_CELL = ["mechanism=slow", "mechanism.seconds=0.15", "scale=tiny", "trainer.progress_bar=false",
+             "train.max_steps=30", "train.eval_every=5", "keep_checkpoints=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_stopped_by_a_signal_resumes_on_a_plain_rerun(workdir, signum):
+    args = ["run", *SLOW_CELL, f"seed={30 + int(signum)}", f"results_dir={workdir / 'results'}",
+            f"cache_dir={workdir / 'cache'}"]
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
+    target = resolve_cell(compose(args[1:]))
+    rc, err = signal_after_a_checkpoint(args, env, target.checkpoint_dir / "last.ckpt", signum)
+    assert rc == 128 + signum, err[-3000:]
+    assert "nothing recorded" in err and not target.result_path.exists()
+    assert (target.checkpoint_dir / "last.ckpt").exists()
+    done = cli(workdir, *args, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(target.result_path.read_text())
+    assert record["status"] == "ok" and record["resumed_from_step"] >= 5 and record["steps"] == 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,signum", [("grid", signal.SIGTERM), ("grid", signal.SIGINT),
+                                        ("multirun", signal.SIGINT), ("multirun", signal.SIGTERM)])
+def test_a_sweep_stopped_by_a_signal_resumes_its_cell_on_a_plain_rerun(workdir, tmp_path, how, signum):
+    """SIGTERM (kill, preemption) or SIGINT (Ctrl-C) to the grid, or to a hand-started sweep's
+    whole process group (a terminal's Ctrl-C, SLURM's SIGTERM to every process): the cell stops
+    unrecorded with its checkpoints, and the same command resumes it."""
+    if how == "grid":
+        command = ["grid", "tasks=listops", "mechanisms=slow", "seeds=0", f"results_dir={tmp_path}", *SLOW_CELL[1:]]
+    else:
+        command = ["run", "--multirun", "task=listops", "mechanism=slow", "seed=0", f"results_dir={tmp_path}",
+                   *SLOW_CELL[1:]]
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1",
+           "HARNESS_CACHE_DIR": str(workdir / "cache")}
+    target = resolve_cell(compose(["mechanism=slow", "task=listops", *SLOW_CELL[1:], f"results_dir={tmp_path}"]))
+    rc, err = signal_after_a_checkpoint(command, env, target.checkpoint_dir / "last.ckpt", signum,
+                                        group=how == "multirun")
+    assert rc != 0 and "Traceback" not in err, err[-3000:]
+    if how == "multirun":
+        assert rc == 128 + signum and "rerun the same command to resume" in err.splitlines()[-1], err[-3000:]
+    records, unreadable = scan_results(tmp_path)
+    assert not records and not unreadable, records  # no failed record of the interrupted cell
+    assert (target.checkpoint_dir / "last.ckpt").exists()
+    done = cli(workdir, *command, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(target.result_path.read_text())
+    assert record["status"] == "ok" and record["resumed_from_step"] >= 5 and record["steps"] == 30
+
+
+# ----------------------------------------------------------------------------- records that cannot mislead (issue 25)
+
+
+def a_record(**changes):
+    record = {"task": "listops", "mechanism": "softmax", "mechanism_config": {}, "scale": "tiny", "seed": 0,
+              "status": "ok", "error": None,
+              "metrics": {"val": {"accuracy": 0.2}, "test": {"accuracy": 0.1875, "accuracy_ci95": [0.13, 0.26]}},
+              "params": 1000, "tokens_per_s": 100.0, "peak_memory_mb": 10.0, "wall_s": 5.0,
+              "data": {"source": "generated", "fingerprint": "fp", "majority_accuracy": 0.15,
+                       "sizes": {"train": 10, "validation": 5, "test": 128}},
+              "env": {"commit": "abc1234"}, "variant": "", "variant_label": "", "config_hash": "h0"}
+    record.update(changes)
+    return record
+
+
+def test_copies_misplaced_records_and_seed_file_name_disagreements_are_listed_not_counted(tmp_path):
+    from harness.results import write_json_atomic
+
+    softmax = tmp_path / "runs" / "tiny" / "listops" / "softmax"
+    write_json_atomic(softmax / "seed0.json", a_record())
+    write_json_atomic(softmax / "seed0 copy.json", a_record())  # a copy made in a file manager
+    write_json_atomic(softmax / "seed1.json", a_record(seed=0))  # the seed disagrees with the file name
+    write_json_atomic(tmp_path / "runs" / "tiny" / "listops" / "performer" / "seed0.json", a_record())  # misplaced
+    write_json_atomic(softmax / "abcdef1234" / "seed0.json", a_record())  # presets record in a variant folder
+    write_json_atomic(tmp_path / "runs" / "tiny" / "seed0.json", a_record())  # too shallow
+    records, unreadable = scan_results(tmp_path)
+    assert [r["_path"] for r in records] == [str(softmax / "seed0.json")]
+    reasons = {os.path.relpath(u["path"], tmp_path / "runs"): u["reason"] for u in unreadable}
+    assert reasons == {
+        "tiny/listops/softmax/seed0 copy.json": "file name 'seed0 copy.json' is not seed<k>.json (a copy?)",
+        "tiny/listops/softmax/seed1.json": "record's seed is 0 but the file is seed1.json",
+        "tiny/listops/performer/seed0.json":
+            "record's mechanism is 'softmax' but it lies in folder 'performer' (a misplaced record)",
+        "tiny/listops/softmax/abcdef1234/seed0.json":
+            "record's variant is '' but it lies in folder 'abcdef1234' (a misplaced record)",
+        "tiny/seed0.json": "lies 1 folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]"}
+
+
+@pytest.mark.parametrize("changes,reason", [
+    ({"metrics": {"test": {"accuracy": 1.7}}}, "metrics.test.accuracy is 1.7, outside [0, 1]"),
+    ({"metrics": {"test": {"accuracy": -0.1}}}, "metrics.test.accuracy is -0.1, outside [0, 1]"),
+    ({"metrics": {"test": {"accuracy": "0.5"}}}, "metrics.test.accuracy is '0.5', not a number"),
+    ({"metrics": {"test": {"accuracy": [0.5]}}}, "metrics.test.accuracy is [0.5], not a number"),
+    ({"metrics": {"test": {"accuracy_ci95": [0.4, 1.2]}}}, "metrics.test.accuracy_ci95 is [0.4, 1.2], outside [0, 1]"),
+    ({"metrics": {"test": {"accuracy_ci95": [0.6, 0.4]}}}, "metrics.test.accuracy_ci95 is [0.6, 0.4], not an interval"),
+    ({"metrics": {"test": {"accuracy": True}}}, "metrics.test.accuracy is true, not a number"),
+    ({"metrics": {"test": {"exact_hard": 2.0}}}, "metrics.test.exact_hard is 2.0, outside [0, 1]"),
+    ({"metrics": {"test": {"loss": -1.0}}}, "metrics.test.loss is -1.0, negative"),
+    ({"metrics": {"test": 0.5}}, "metrics.test is 0.5, not an object"),
+    ({"metrics": [0.5]}, "metrics is [0.5], not an object"),
+    ({"seed": "0"}, "seed is '0', not a whole number >= 0"),
+    ({"seed": -1}, "seed is -1, not a whole number >= 0"),
+    ({"seed": 0.5}, "seed is 0.5, not a whole number >= 0"),
+    ({"wall_s": "5"}, "wall_s is '5', not a number >= 0"),
+    ({"params": "1000"}, "params is '1000', not a whole number >= 0"),
+    ({"tokens_per_s": -3.0}, "tokens_per_s is -3.0, not a number >= 0"),
+    ({"scale": None}, "scale is null, not text"),
+    ({"task": ""}, "task is empty"),
+    ({"status": "done"}, "unknown status 'done'"),
+    ({"error": 3}, "error is 3, not text"),
+    ({"data": {"majority_accuracy": 1.5}}, "data.majority_accuracy is 1.5, not a number in [0, 1]"),
+    ({"data": "generated"}, "data is 'generated', not an object"),
+    ({"test_items": {"correct": [1, "x"]}}, "test_items.correct is not a list of whole numbers >= 0")])
+def test_a_record_against_the_schema_is_listed_with_its_reason_and_the_report_survives(tmp_path, changes, reason):
+    from harness.report import write_report
+    from harness.results import write_json_atomic
+
+    folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
+    write_json_atomic(folder / "seed0.json", a_record())
+    write_json_atomic(folder / "seed1.json", a_record(**{"seed": 1, **changes}))
+    records, unreadable = scan_results(tmp_path)
+    assert [r["seed"] for r in records] == [0]
+    assert len(unreadable) == 1 and unreadable[0]["reason"].startswith(reason), unreadable
+    text = write_report(tmp_path).read_text()  # one bad record never stops the report
+    assert "unreadable result files: 1" in text
+
+
+def report_under_a_file_size_limit(results, limit):
+    """``write_report`` in a real process whose files cannot grow past ``limit`` bytes (as on a
+    full disk: the write fails with EFBIG part-way)."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-c", f"from harness.report import write_report; write_report({str(results)!r})"],
+                          capture_output=True, text=True, cwd=ROOT, preexec_fn=cap, timeout=300)
+
+
+def test_the_leaderboard_and_plots_survive_a_write_that_fails_part_way(tmp_path):
+    """A report that cannot finish writing leaves the previous leaderboard and plots whole."""
+    from harness.report import write_report
+    from harness.results import write_json_atomic
+
+    folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
+    write_json_atomic(folder / "seed0.json", a_record())
+    for seed in range(1, 151):  # many failures with long errors: a leaderboard larger than its plot
+        write_json_atomic(folder / f"seed{seed}.json", a_record(seed=seed, status="failed", metrics={},
+                                                                error=f"RuntimeError {seed}: " + "x" * 2000))
+    board = write_report(tmp_path)
+    plot = tmp_path / "plots" / "accuracy_vs_length_tiny.png"
+    before_board, before_plot = board.read_bytes(), plot.read_bytes()
+    assert len(before_board) > 40_000 > len(before_plot) > 10_000
+    write_json_atomic(folder / "seed151.json", a_record(seed=151))  # the next report differs
+    failed = report_under_a_file_size_limit(tmp_path, 40_000)  # the plot fits, the leaderboard does not
+    assert failed.returncode != 0 and "File too large" in failed.stderr, failed.stderr[-2000:]
+    assert board.read_bytes() == before_board  # not cut at 40,000 bytes
+    failed = report_under_a_file_size_limit(tmp_path, 10_000)  # not even the plot fits
+    assert failed.returncode != 0 and "File too large" in failed.stderr, failed.stderr[-2000:]
+    assert plot.read_bytes().endswith(b"IEND\xaeB`\x82") and len(plot.read_bytes()) > 10_000  # a whole PNG
+    assert board.read_bytes() == before_board
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp file left behind
+
+
+# ----------------------------------------------------------------------------- baselines from any folder (issue 25)
+
+
+def test_a_record_names_its_data_cache_relative_to_the_cache_root_and_the_report_finds_it_from_anywhere(
+        tmp_path, monkeypatch):
+    """A cell run with the default relative cache (.cache/data) in one folder; the report run
+    from another still computes the baselines from that cell's cached splits."""
+    from harness.registry import create_task
+    from harness.report import write_report
+    from harness.results import record_cache_path, write_json_atomic
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.delenv("HARNESS_CACHE_DIR", raising=False)
+    monkeypatch.chdir(project)
+    task = {k: v for k, v in compose(["scale=tiny", "task=listops"]).task.items() if k != "name"}
+    _, info = create_task("listops", scale="tiny", **task).load(".cache/data")
+    data = info.as_record()
+    assert data["cache_root"] == str(project / ".cache" / "data")
+    assert data["cache_path"] == f"listops/generated-{info.cache_path.rsplit('-', 1)[1]}"  # below the root
+    record = a_record(data={**data, "majority_accuracy": 0.15}, scale="tiny")
+    write_json_atomic(tmp_path / "results" / "runs" / "tiny" / "listops" / "softmax" / "seed0.json", record)
+    monkeypatch.chdir(elsewhere)
+    records, _ = scan_results(tmp_path / "results")
+    assert record_cache_path(records[0]) == str(project / ".cache" / "data" / data["cache_path"])
+    text = write_report(tmp_path / "results").read_text()
+    assert "| baseline: bag-of-n-grams LR" in text  # computed from the cache, not only the recorded majority
+    # the cache moved to another root (another machine, $HARNESS_CACHE_DIR): found there
+    (project / ".cache").rename(tmp_path / "moved")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "moved" / "data"))
+    assert record_cache_path(records[0]) == str(tmp_path / "moved" / "data" / data["cache_path"])
+
+
+# ----------------------------------------------------------------------------- the committed leaderboard (issue 25)
+
+
+def test_a_report_of_fewer_results_does_not_replace_a_leaderboard_built_from_more(workdir, tmp_path):
+    """A fresh clone has the committed leaderboard (78 cells) but no runs: `make report` there
+    refuses with one line and leaves it as it is; force=true replaces it."""
+    from harness.results import write_json_atomic
+
+    committed = (ROOT / "results" / "leaderboard.md").read_bytes()
+    assert b" from 78 cell results " in committed
+    (tmp_path / "leaderboard.md").write_bytes(committed)
+    refused = cli(workdir, "report", f"results_dir={tmp_path}", timeout=120)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'leaderboard.md'} was built from 78 cell results and only 0 exist now; "
+        "not overwritten (force=true replaces it)"]
+    assert (tmp_path / "leaderboard.md").read_bytes() == committed and not (tmp_path / "plots").exists()
+    write_json_atomic(tmp_path / "runs" / "tiny" / "listops" / "softmax" / "seed0.json", a_record())
+    assert cli(workdir, "report", f"results_dir={tmp_path}", timeout=120).returncode == 1  # 1 < 78: still refused
+    forced = cli(workdir, "report", f"results_dir={tmp_path}", "force=true", timeout=120)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    text = (tmp_path / "leaderboard.md").read_text()
+    assert " from 1 cell results " in text
+    again = cli(workdir, "report", f"results_dir={tmp_path}", timeout=120)  # as many as before: no question
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- one classification of errors (issue 25)
+
+
+def test_one_classification_of_errors_for_cells_and_the_speed_sweep():
+    from harness import run, speed
+    from harness.results import status_of
+    from harness.training import CellTimeout, NonFiniteLoss
+
+    assert run.status_of is status_of and speed.status_of is status_of  # one place
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # what the CPU allocator says when memory runs out
+    except RuntimeError as exc:
+        cpu_oom = exc
+    assert "can't allocate memory" in str(cpu_oom) and status_of(cpu_oom) == "oom"
+    assert status_of(MemoryError()) == "oom" and status_of(torch.cuda.OutOfMemoryError("CUDA out of memory")) == "oom"
+    assert status_of(speed.MeasurementTimeout()) == "timeout" == status_of(CellTimeout())
+    assert status_of(NonFiniteLoss()) == "nan" and status_of(ValueError("shape")) == "failed"
+
+
+@pytest.mark.slow
+def test_a_cell_out_of_memory_under_ulimit_v_is_oom_with_its_peak_memory(workdir, tmp_path):
+    """A real cell process under `ulimit -v 8G` that asks for 16 GB: status oom, and the record
+    still has the process's peak memory."""
+    import resource
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    done = cli(workdir, "run", "mechanism=allocates", *TINY, f"results_dir={tmp_path}", f"cache_dir={workdir / 'cache'}",
+               preexec_fn=limit_address_space)
+    assert done.returncode == 1, done.stderr[-3000:]
+    records, _ = scan_results(tmp_path)
+    assert len(records) == 1 and records[0]["status"] == "oom", records
+    assert "can't allocate memory" in records[0]["error"] and records[0]["peak_memory_mb"] > 0
+
+
+# ----------------------------------------------------------------------------- plugins (issue 25)
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+from harness.attention import Attention
+from harness.registry import register_mechanism
+{imports}
+
+@dataclass
+class Config:
+    scale: float = {scale}
+
+
+@register_mechanism({name!r}, Config, key_padding=True)
+class Plugin(Attention):
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        return v * {factor}
+'''
+
+
+def plugin(name, scale=1.0, imports="", factor="self.cfg.scale"):
+    return PLUGIN.format(name=name, scale=scale, imports=imports, factor=factor)
+
+
+def test_two_plugin_files_registering_one_name_is_an_error_naming_both(tmp_path):
+    from harness.registry import UnknownNameError, get_mechanism, list_mechanisms
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "twice.py").write_text(plugin("twice_registered", scale=1.0))
+    (second / "twice.py").write_text(plugin("twice_registered", scale=2.0))  # same file name, other code
+    discover(extra_paths=[first, second])
+    error = plugin_errors()[str(second / "twice.py")]
+    assert "mechanism 'twice_registered' is registered twice" in error
+    assert str(first / "twice.py") in error and str(second / "twice.py") in error
+    assert "twice_registered" not in list_mechanisms()  # mechanisms=all leaves it out
+    with pytest.raises(UnknownNameError, match="registered twice"):
+        get_mechanism("twice_registered")  # neither silently wins
+
+
+@pytest.mark.parametrize("name", ["My Mech", "../../evil", "a/b", ".hidden", "all,of,them"])
+def test_a_name_that_cannot_be_a_path_is_refused_at_registration(tmp_path, name):
+    from harness.registry import list_mechanisms
+
+    (tmp_path / "bad_name.py").write_text(plugin(name))
+    discover(extra_paths=[tmp_path])
+    error = plugin_errors()[str(tmp_path / "bad_name.py")]
+    assert "is not a plain name" in error and str(tmp_path / "bad_name.py") in error
+    assert name not in list_mechanisms()
+
+
+def test_a_plugin_imports_its_own_helper_module_and_is_imported_once_per_run(workdir, tmp_path):
+    """Through the CLI: the helper beside the plugin imports, and a cell's run imports the plugin once."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "_helper_of_uses_helper.py").write_text("FACTOR = 1.0\n")
+    count = tmp_path / "imports.txt"
+    imports = (f"from _helper_of_uses_helper import FACTOR\nwith open({str(count)!r}, 'a') as _f:\n"
+               "    _f.write('imported\\n')\n")
+    (folder / "uses_helper.py").write_text(plugin("uses_helper", imports=imports, factor="FACTOR"))
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(folder), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "harness", "run", "mechanism=uses_helper", *TINY,
+                           f"results_dir={tmp_path / 'r'}", f"cache_dir={workdir / 'cache'}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records, _ = scan_results(tmp_path / "r")
+    assert [r["status"] for r in records] == ["ok"]
+    assert count.read_text().count("imported") == 1
+
+
+# ----------------------------------------------------------------------------- a seed reproduces its number (issue 25)
+
+
+def _builtin_mechanisms():
+    from harness.registry import get_mechanism, list_mechanisms
+
+    return [n for n in list_mechanisms() if not get_mechanism(n).module.startswith("harness_plugin_")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", _builtin_mechanisms())
+def test_the_same_seed_gives_the_same_record_twice(workdir, tmp_path, mechanism):
+    """One tiny cell of each mechanism trained twice (trainer.deterministic=true, CPU): the
+    records' metrics and per-item results are identical, not merely close."""
+    first, second = (run_cell(cell(workdir, f"mechanism={mechanism}", f"results_dir={tmp_path / name}"))
+                     for name in ("first", "second"))
+    assert first["status"] == second["status"]
+    assert first["metrics"] == second["metrics"] and first["test_items"] == second["test_items"]
