@@ -536,9 +536,10 @@ def tasks_table(cells: pd.DataFrame) -> str:
         first = group.iloc[0]
         sizes = first.sizes or {}
         n = sizes.get("test")
-        half = worst_half_width(int(n)) if n else math.nan
+        units, effective = test_units(group)
+        n_units = effective if math.isfinite(effective) else n  # predictions per sequence count, clusters shrink it
+        half = worst_half_width(int(n_units)) if n_units else math.nan
         flag = "" if not math.isfinite(half) or half <= CI_TARGET_POINTS else " ⚠ too small for ±3 points"
-        units = test_units(group)
         rows.append([
             task, source, length_label(first.length), f"{sizes.get('train', '?')}/{sizes.get('validation', '?')}/{n or '?'}",
             f"{first.length_mean:.0f} / {first.length_max}" if pd.notna(first.length_mean) else "–",
@@ -546,11 +547,12 @@ def tasks_table(cells: pd.DataFrame) -> str:
             (f"±{half:.1f}" if math.isfinite(half) else "–") + flag, units, fingerprint,
         ])
     headers = ["task", "source", "L", "train/val/test", "length mean / max (test)", "classes",
-               "95% half-width at 50% (points)", "test units: predictions / clusters → effective", "fingerprint"]
+               "95% half-width at 50% (points, effective units)", "test units: predictions / clusters → effective",
+               "fingerprint"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def test_units(group: pd.DataFrame) -> str:
+def test_units(group: pd.DataFrame) -> tuple[str, float]:
     """The test set's units as one finished cell's outcomes show them: predictions, the clusters
     they come in (queries of one sequence, windows of one page) and the effective number of
     independent units (predictions / design effect, ``harness.stats.clustered_interval``)."""
@@ -558,13 +560,13 @@ def test_units(group: pd.DataFrame) -> str:
 
     ok = group[(group.status == "ok") & group.items_correct.map(lambda x: isinstance(x, list) and len(x) > 0)]
     if ok.empty:
-        return "–"
+        return "–", math.nan
     first = ok.iloc[0]
     n = len(first.items_correct)
     count = first.items_count if isinstance(first.items_count, list) and len(first.items_count) == n else None
     clusters = first.clusters if isinstance(first.clusters, list) and len(first.clusters) == n else None
     found = clustered_interval(first.items_correct, clusters, count=count)
-    return f"{found['n']:,.0f} / {found['clusters']:,.0f} → {found['n_eff']:,.0f}"
+    return f"{found['n']:,.0f} / {found['clusters']:,.0f} → {found['n_eff']:,.0f}", found["n_eff"]
 
 
 def throughput_table(stats: pd.DataFrame) -> str:
@@ -842,23 +844,8 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False)
     fig.suptitle(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.94))
-    return _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> Path:
-    """Write a figure atomically (a temp file, then rename), so a full disk never leaves half a PNG."""
-    import os
-
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -990,20 +977,22 @@ def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[l
     lines += [f"### Accuracy against sequence length — scale `{scale}`", ""]
     if plot:
         lines += [f"![accuracy vs length]({plot.relative_to(results_dir).as_posix()})", ""]
+    speed_plot = accuracy_throughput_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_throughput_{scale}.png",
+                                          scale)
+    if speed_plot:
+        lines += [f"![accuracy vs throughput]({speed_plot.relative_to(results_dir).as_posix()})", ""]
     curves = learning_curves_plot(stats, baselines, results_dir / "plots" / f"learning_curves_{scale}.png", scale)
     if curves:
         lines += [f"### Learning curves — scale `{scale}`", "",
                   "Validation accuracy while training (mean over seeds): a row still rising at its last step is "
                   "a slow learner at this budget; a flat one near the baseline did not find the task.", "",
                   f"![learning curves]({curves.relative_to(results_dir).as_posix()})", ""]
-    speed_plot = accuracy_throughput_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_throughput_{scale}.png",
-                                          scale)
-    if speed_plot:
-        lines += [f"![accuracy vs throughput]({speed_plot.relative_to(results_dir).as_posix()})", ""]
     lines += [f"### Recommendation — scale `{scale}`", "",
-              "Per task and length band: the mechanisms whose accuracy lies within the 95% interval of the band's "
-              "best, fastest training first (tokens/s and peak memory of the cells themselves); ✓: on the Pareto "
-              "front of accuracy and throughput; ◦: does not beat the shortcut baseline.", "",
+              "Per task and length band: the mechanisms that beat the strongest baseline and are not significantly "
+              "below the band's best (both by the paired test), fastest training first (tokens/s and peak memory "
+              "of the cells themselves); ✓: on the Pareto front of accuracy and throughput. Rows that are "
+              "softmax in disguise at that length are left out. Where no row beats the baseline the band has "
+              "no accuracy signal and lists its fastest rows as a cost ranking only.", "",
               recommendation_table(stats, baselines), ""]
     lines += [f"### Tasks — scale `{scale}`", "", tasks_table(cells), ""]
     lines += [f"### Training throughput — scale `{scale}`", "",

@@ -95,8 +95,10 @@ def clustered_interval(correct: Sequence[float], clusters: Sequence[int] | None 
     var = g / (g - 1) * float(((yg - p * mg) ** 2).sum()) / total ** 2 if g > 1 else math.inf
     binomial = p * (1 - p) / total
     deff = var / binomial if binomial > 0 else 1.0
+    # n_eff is capped at n: a design effect below 1 (units within a cluster that disagree more
+    # than chance would) narrows the interval, but is never read as more units than predictions
     return {"accuracy": p, "half_width": z * math.sqrt(var), "n": float(total), "clusters": float(g),
-            "n_eff": float(total / deff) if deff > 0 else float(total)}
+            "n_eff": float(min(total, total / deff)) if deff > 0 else float(total)}
 
 
 def seeds_and_items_interval(per_seed_accuracy: Sequence[float], item_half_width: float, *,
