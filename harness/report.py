@@ -188,12 +188,13 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "items_count": (r.get("test_items") or {}).get("count"),
             "clusters": data.get("test_clusters"), "val_curve": r.get("val_curve") or None,
             "softmax_equivalent": r.get("softmax_equivalent"),
+            "warmup_steps": ((data.get("warmup") or {}).get("steps")),
         })
     columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "variant_other", "length", "status",
                "error", "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s",
                "source", "fingerprint", "cache_path", "majority", "unigram_bits", "sizes", "n_test", "length_mean",
                "length_max", "num_classes", "commit", "device", "torch", "log", "items_correct", "items_count",
-               "clusters", "val_curve", "softmax_equivalent"]
+               "clusters", "val_curve", "softmax_equivalent", "warmup_steps"]
     frame = pd.DataFrame(rows, columns=columns)
     ids = variant_ids(frame.variant_other)
     frame["variant_id"] = frame.variant_other.map(lambda x: ids.get(x, ""))
@@ -352,6 +353,7 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
                  "n_eff": math.nan, "items": None, "p_baseline": math.nan, "p_best": math.nan,
                  "softmax_equivalent": mechanism != "softmax" and bool((ok.softmax_equivalent == True).any()),  # noqa: E712
                  "curve": [c for c in ok.val_curve if isinstance(c, list) and c],
+                 "warmup_steps": ok.warmup_steps.dropna().max() if ok.warmup_steps.notna().any() else math.nan,
                  "tokens_per_s": ok.tokens_per_s.median() if len(ok) else math.nan,
                  "peak_memory_mb": ok.peak_memory_mb.median() if len(ok) else math.nan,
                  "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan,
@@ -830,6 +832,9 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         if base:
             ax.axhline(100 * base["value"], color="grey", linestyle="--", linewidth=1.2,
                        label="strongest baseline")
+        warm = column.warmup_steps.dropna()
+        if len(warm):  # trained at the short length before this step (validation is at the column's length)
+            ax.axvline(float(warm.max()), color="black", linestyle=":", linewidth=1.0, label="end of the warm start")
         config = column_config(stats, task, length)
         ax.set_title(column_title(task, length, True, config), fontsize=10)
         ax.set_xlabel("training step")
