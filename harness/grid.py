@@ -94,6 +94,12 @@ def _value(v: Any) -> str:
     return str(v)
 
 
+def quoted(value: Any) -> str:
+    """A value for a Hydra override, quoted, so a path with spaces, non-ASCII letters or quotes
+    (``results_dir=/data/my runs/é``) stays one value."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _split(value: Any) -> list[str]:
     if value is None:
         return []
@@ -303,7 +309,7 @@ def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
     for group in groups:
         overrides = group.cells()[0]
         try:
-            compose_isolated([*overrides, f"scale={scale}", f"results_dir={results_dir}"])
+            compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"])
         except Exception as exc:
             raise GridError(f"cell override rejected: {str(exc).splitlines()[0]}") from None
 
@@ -317,7 +323,7 @@ def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, An
     rows = []
     for group in groups:
         for overrides in group.cells():
-            cell = resolve_cell(compose_isolated([*overrides, f"scale={scale}", f"results_dir={results_dir}"]))
+            cell = resolve_cell(compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"]))
             record = read_result(cell.result_path)
             rows.append({"cell": cell, "record": record, "status": record["status"] if record else "todo"})
     return rows
@@ -403,7 +409,8 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
     returncode = 0
     for number, group in enumerate(groups):
         command = [sys.executable, "-m", "harness.run", "--multirun", *group.multirun_overrides(), f"scale={scale}",
-                   f"results_dir={results_dir}", f"hydra.sweep.dir={sweep_root / f'{number:02d}-{group.task}'}",
+                   f"results_dir={quoted(results_dir)}",
+                   f"hydra.sweep.dir={quoted(sweep_root / f'{number:02d}-{group.task}')}",
                    *launcher_args]
         proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
         try:

@@ -331,3 +331,17 @@ def test_the_cpu_grid_runs_listops_and_mqar_at_the_presets_with_per_length_bundl
     long = lengths["mqar", 4096].identity
     assert long["train"]["batch_size"] == 4 and long["task"]["num_test"] == 250 and long["model"]["short_conv"] == 2
     assert long["train"]["warmup_length"] == 64 == lengths["mqar", 1024].identity["train"]["warmup_length"]
+
+
+def test_a_results_folder_with_spaces_quotes_and_accents_works(env):
+    """The grid hands results_dir to Hydra as an override: quoted, a path with a space, a quote and
+    a non-ASCII letter is one value (it was a LexerNoViableAltException before any cell ran)."""
+    results = env[0] / "my runs" / "é'q"
+    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax", "seeds=0",
+                   f"results_dir={results}", *CELL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records, unreadable = scan_results(results)
+    assert not unreadable and [r["status"] for r in records] == ["ok"]
+    from harness.grid import quoted
+
+    assert quoted("a b/é'q\\\\x") == "'a b/é\\'q\\\\\\\\x'"  # a b/é'q\\x -> 'a b/é\'q\\\\x'
