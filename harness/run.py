@@ -130,7 +130,7 @@ def _fields(cls: type) -> set[str]:
 def check_config(cfg: DictConfig) -> None:
     """Every key is one some schema has (an appended ``+group.key`` typo included), and
     every budget/size is in range: one line, before anything is read, trained or written."""
-    from harness.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig
+    from harness.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig, check_protocol
     from harness.model import ModelConfig
     from harness.registry import get_mechanism, get_task
 
@@ -162,10 +162,19 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"train.lr={train.lr!r} must be > 0")
     if not 0 <= model.dropout < 1:
         raise ValueError(f"model.dropout={model.dropout!r} must be in [0, 1)")
+    import dataclasses
+
+    # A count or size is >= 1, or >= its own default where that default is a sentinel below 1
+    # (image's num_train=0: all; pathfinder's num_distractors=-1: LRA's budget, 0: none).
+    defaults = {f.name: f.default for f in dataclasses.fields(get_task(cfg.task.name).config_class)}
     for key, value in cfg.task.items():
-        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int) and value < 1:
-            raise ValueError(f"task.{key}={value!r} must be >= 1")
+        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int):
+            default = defaults.get(key)
+            low = min(1, default) if isinstance(default, int) and not isinstance(default, bool) else 1
+            if value < low:
+                raise ValueError(f"task.{key}={value!r} must be >= {low}")
     trainer_passthrough(cfg)
+    check_protocol(cfg)
 
 
 def _set_aside(cell: Cell, previous: dict[str, Any]) -> Path | None:
@@ -290,6 +299,7 @@ def _new_result(cfg: DictConfig, cell: Cell) -> Result:
         env=environment(), task_config={k: v for k, v in cell.identity["task"].items() if k != "name"},
         model_config=cell.identity["model"], train_config=_container(cfg.train),
         variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
+        protocol=cell.identity.get("protocol", ""),
     )
 
 
@@ -314,7 +324,7 @@ OUR_TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_work
 
 MANAGED_TRAINER_KEYS = frozenset({
     "max_steps", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "callbacks",
-    "gradient_clip_val", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
+    "gradient_clip_val", "gradient_clip_algorithm", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
     "enable_model_summary"})
 
 
@@ -467,6 +477,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         check_val_every_n_epoch=None,
         limit_val_batches=train.eval_batches or None,
         gradient_clip_val=train.grad_clip or None,
+        gradient_clip_algorithm=train.grad_clip_algorithm,
         deterministic="warn" if cfg.trainer.deterministic else False,
         callbacks=[checkpoint, meter, *([progress] if show_progress else [])],
         enable_progress_bar=show_progress,
