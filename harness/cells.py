@@ -61,7 +61,8 @@ def _plain(node: Any) -> Any:
 # not make every recorded cell a stranger to its own presets. Any other value is identity.
 LATER_SETTINGS = {
     "model": {"qkv_dim": 0, "attention_dropout": 0.0, "head_mlp": 0, "interaction": "nli"},
-    "train": {"betas": [0.9, 0.98], "eps": 1e-8, "weight_decay_all": False, "grad_clip_algorithm": "norm"},
+    "train": {"betas": [0.9, 0.98], "eps": 1e-8, "weight_decay_all": False, "grad_clip_algorithm": "norm",
+              "pretrain_steps": 0, "pretrain_mask": 0.15},
 }
 
 

@@ -51,6 +51,10 @@ class TrainConfig:
     eps: float = 1e-8  # Adam(W)'s epsilon (LRA: 1e-9; the PyTorch re-implementations: 1e-6)
     weight_decay_all: bool = False  # decay every parameter, as Flax's Adam does (LRA); else not norms/biases/embeddings
     grad_clip_algorithm: str = "norm"  # norm (clip the global norm to grad_clip) | value (clip each element)
+    # Self-pretraining (harness/pretrain.py): this many steps of masked denoising on the task's own
+    # training inputs before fine-tuning (0 = off); pretrain_mask: the share of tokens masked.
+    pretrain_steps: int = 0
+    pretrain_mask: float = 0.15
 
     def __post_init__(self):
         if self.grad_clip_algorithm not in GRAD_CLIP_ALGORITHMS:
@@ -59,6 +63,9 @@ class TrainConfig:
             raise ValueError(f"train.betas={list(self.betas)} must be two numbers in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"train.eps={self.eps} must be > 0")
+        if self.pretrain_steps < 0 or not 0 < self.pretrain_mask < 1:
+            raise ValueError(f"train.pretrain_steps={self.pretrain_steps} must be >= 0 and train.pretrain_mask="
+                             f"{self.pretrain_mask} in (0, 1)")
         if self.warmup_length < 0 or self.warmup_length_steps < 0 or self.warmup_batch_size < 0:
             raise ValueError("train.warmup_length, train.warmup_length_steps and train.warmup_batch_size must be >= 0")
         if bool(self.warmup_length) != bool(self.warmup_length_steps):

@@ -491,6 +491,15 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     device_type = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
     _reset_peak_memory(device_type)
     try:
+        if train.pretrain_steps and not resume.exists():  # a resumed cell has its pretrained weights in the checkpoint
+            from harness.pretrain import self_pretrain
+
+            meter.start_timer()
+            result.data["pretrain"] = self_pretrain(
+                model, task, train, data, {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices,
+                                           "precision": cfg.trainer.precision, "enable_progress_bar": False,
+                                           "deterministic": "warn" if cfg.trainer.deterministic else False})
+            log.info("self-pretraining: %s", result.data["pretrain"])
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None, weights_only=True)
         result.resumed_from_step = meter.resumed_from_step
         if meter.resumed_from_step is not None:
