@@ -38,7 +38,7 @@ class ModelConfig:
     mlp_dim: int = 128  # hidden width of each block's MLP
     dropout: float = 0.1
     positions: str = "sinusoidal"  # sinusoidal | learned | none
-    pooling: str = "mean"  # mean (over non-pad tokens) | cls
+    pooling: str = "mean"  # mean (over non-pad tokens) | cls | first (no CLS token) | padded_mean (sum / max_len)
     feedforward: str = "mlp"  # mlp | none (all-attention blocks, e.g. persistent memory replacing the MLP)
     # -- the reference protocols' options (conf/protocol/, docs/protocols.md); the defaults are the harness's own model
     qkv_dim: int = 0  # total width of Q/K/V over all heads (LRA's qkv_dim); 0 = dim

@@ -385,3 +385,13 @@ def test_task_sentinel_defaults_pass_the_config_check():
         check_config(compose(["task=pathfinder", "task.max_len=0"]))
     with pytest.raises(ValueError, match=r"task.num_distractors=-2 must be >= -1"):
         check_config(compose(["task=pathfinder", "task.num_distractors=-2"]))
+
+
+def test_the_grid_refuses_a_protocol_without_a_preset_before_anything_runs(tmp_path, capsys):
+    from harness.grid import main
+
+    code = main(["scale=lra", "protocol=pytorch", "tasks=listops,mqar", "mechanisms=softmax", "seeds=0",
+                 "dry_run=true", f"results_dir={tmp_path}"])
+    assert code != 0
+    assert "mqar: protocol=pytorch has no preset for task 'mqar'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
