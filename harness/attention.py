@@ -239,3 +239,30 @@ def dense_attention_oracle(
     denom = weights.sum(-1, keepdim=True)
     weights = torch.where(denom > 0, weights / denom.clamp_min(1e-300), torch.zeros_like(weights))
     return torch.einsum("bhij,bhjd->bhid", weights, v)
+
+
+EQUIVALENCE_MAX_LEN = 4096  # above this the (L, L) float64 oracle is not worth building for the check
+
+
+@torch.no_grad()
+def computes_softmax(mechanism: Attention, length: int, *, causal: bool = False, seed: int = 0) -> bool | None:
+    """Does ``mechanism`` compute exactly softmax attention at ``length`` tokens (e.g. a local
+    window or BigBird's blocks that cover the whole sequence)? Measured, not declared: one
+    float64 draw of q, k, v (std 2, so the weights are far from uniform) against the dense
+    oracle, to 1e-9. A row that is softmax in disguise is not independent evidence about the
+    mechanism; the report marks it. None above ``EQUIVALENCE_MAX_LEN``. The mechanism is
+    checked on a float64 copy in eval mode; the original is untouched."""
+    import copy
+
+    if length > EQUIVALENCE_MAX_LEN:
+        return None
+    probe = copy.deepcopy(mechanism).double().eval()
+    heads, dim_head = getattr(probe, "heads", None) or 2, getattr(probe, "dim_head", None) or 16
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (2.0 * torch.randn(1, heads, length, dim_head, generator=gen, dtype=torch.float64) for _ in range(3))
+    try:
+        out = probe(q, k, v, causal=causal)
+    except Exception:  # a mechanism that cannot run this probe (shape limits, capabilities) is not softmax
+        return False
+    expected = dense_attention_oracle(q, k, v, causal=causal)
+    return bool(out.shape == expected.shape and torch.allclose(out.double(), expected, rtol=1e-9, atol=1e-9))

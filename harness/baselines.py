@@ -43,7 +43,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: per-position tasks (mqar) get per-query baselines; image pixel LR, protein k-mer LR
+VERSION = 3  # 2: per-query baselines (mqar), image pixel LR, protein k-mer LR; 3: per-test-item outcomes
 MAX_TRAIN = 20000  # training examples for the logistic regression (seeded subsample above)
 LR_C = (0.1, 1.0, 10.0)
 LM_ALPHAS = (0.01, 0.1, 0.5, 1.0)
@@ -51,12 +51,18 @@ Z95 = 1.959963984540054
 
 
 def baseline(name: str, metric: str, value: float, n_test: int, *, half_width: float | None = None,
-             note: str = "", choice: Any = None) -> dict[str, Any]:
+             note: str = "", choice: Any = None, correct=None, count=None) -> dict[str, Any]:
     """One baseline result: ``value`` of ``metric`` on ``n_test`` test examples (sequences for
-    bits/token), its 95% half-width where it is not a binomial proportion, and the knob chosen
-    on validation."""
-    return {"name": name, "metric": metric, "value": float(value), "n_test": int(n_test),
-            "half_width": None if half_width is None else float(half_width), "note": note, "choice": choice}
+    bits/token), its 95% half-width where it is not a binomial proportion, the knob chosen on
+    validation, and (accuracy baselines) its outcome on every test item in test-split order,
+    ``items = {"correct": [...], "count": [...]}`` as cells record them, for paired tests."""
+    out = {"name": name, "metric": metric, "value": float(value), "n_test": int(n_test),
+           "half_width": None if half_width is None else float(half_width), "note": note, "choice": choice}
+    if correct is not None:
+        correct = np.asarray(correct).astype(int)
+        count = np.ones_like(correct) if count is None else np.asarray(count).astype(int)
+        out["items"] = {"correct": correct.tolist(), "count": count.tolist()}
+    return out
 
 
 # ----------------------------------------------------------------------------- features
@@ -117,9 +123,14 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, bool]
     return best[1], best[2]
 
 
-def threshold_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float, greater: bool) -> float:
+def threshold_correct(scores: np.ndarray, labels: np.ndarray, threshold: float, greater: bool) -> np.ndarray:
+    """Per item: is ``label == (score >= t)`` (greater) or ``label == (score <= t)``?"""
     predicted = scores >= threshold if greater else scores <= threshold
-    return float((predicted == (labels == 1)).mean())
+    return predicted == (labels == 1)
+
+
+def threshold_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float, greater: bool) -> float:
+    return float(threshold_correct(scores, labels, threshold, greater).mean())
 
 
 # ----------------------------------------------------------------------------- the baselines
@@ -131,7 +142,7 @@ def majority_baseline(dsd) -> dict[str, Any]:
     values, counts = np.unique(train, return_counts=True)
     label = values[int(np.argmax(counts))]
     return baseline("majority", "accuracy", float((test == label).mean()) if len(test) else math.nan, len(test),
-                    choice=int(label))
+                    choice=int(label), correct=test == label)
 
 
 def bag_of_ngrams_baseline(dsd, *, seed: int = 0) -> dict[str, Any]:
@@ -172,8 +183,9 @@ def trigram_cosine_baseline(dsd) -> dict[str, Any]:
         scores[split] = _cosines(first, second, max(vocab, 257))
         labels[split] = np.asarray(dsd[split]["label"])
     threshold, greater = best_threshold(scores["validation"], labels["validation"])
-    test = threshold_accuracy(scores["test"], labels["test"], threshold, greater)
-    return baseline("byte-trigram cosine", "accuracy", test, len(labels["test"]), choice=round(threshold, 4),
+    correct = threshold_correct(scores["test"], labels["test"], threshold, greater)
+    return baseline("byte-trigram cosine", "accuracy", correct.mean(), len(labels["test"]), choice=round(threshold, 4),
+                    correct=correct,
                     note=f"match iff cosine {'≥' if greater else '≤'} {threshold:.3f} (threshold on validation)")
 
 
@@ -212,8 +224,9 @@ def dot_distance_baseline(dsd) -> dict[str, Any]:
         scores[split] = np.where(np.isfinite(distance), distance, fill)
         labels[split] = np.asarray(dsd[split]["label"])
     threshold, greater = best_threshold(scores["validation"], labels["validation"])
-    test = threshold_accuracy(scores["test"], labels["test"], threshold, greater)
-    return baseline("dot distance", "accuracy", test, len(labels["test"]), choice=round(threshold, 3),
+    correct = threshold_correct(scores["test"], labels["test"], threshold, greater)
+    return baseline("dot distance", "accuracy", correct.mean(), len(labels["test"]), choice=round(threshold, 3),
+                    correct=correct,
                     note=f"connected iff distance {'≥' if greater else '≤'} {threshold:.1f} px (threshold on validation)")
 
 
@@ -264,8 +277,9 @@ def ngram_lm_baselines(dsd) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- dispatch and cache
 
 
-def _fit_lr(x: dict, labels: dict, name: str, note: str) -> dict[str, Any]:
-    """Logistic regression on train features, C chosen on validation, scored on test."""
+def _fit_lr(x: dict, labels: dict, name: str, note: str, items: np.ndarray | None = None) -> dict[str, Any]:
+    """Logistic regression on train features, C chosen on validation, scored on test. ``items``
+    maps each test row to its test item (per-position tasks: a query to its sequence)."""
     from sklearn.linear_model import LogisticRegression
 
     best = None
@@ -275,8 +289,18 @@ def _fit_lr(x: dict, labels: dict, name: str, note: str) -> dict[str, Any]:
         if best is None or val > best[0]:
             best = (val, c, model)
     _, c, model = best
-    test = float((model.predict(x["test"]) == labels["test"]).mean())
-    return baseline(name, "accuracy", test, len(labels["test"]), choice=c, note=note)
+    hit = model.predict(x["test"]) == labels["test"]
+    correct, count = per_item(hit, items)
+    return baseline(name, "accuracy", float(hit.mean()), len(labels["test"]), choice=c, note=note,
+                    correct=correct, count=count)
+
+
+def per_item(hit: np.ndarray, items: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row outcomes summed per test item (rows -> their item index), or the rows themselves."""
+    if items is None:
+        return hit, None
+    n = int(items.max()) + 1 if len(items) else 0
+    return np.bincount(items, weights=hit, minlength=n), np.bincount(items, minlength=n)
 
 
 def _subsampled(dsd, seed: int = 0) -> tuple[dict, dict]:
@@ -362,8 +386,10 @@ def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
     y = {s: np.asarray([t for _, _, t in rows]) for s, (_, rows) in data.items()}
     values, counts = np.unique(y["train"], return_counts=True)
     label = values[int(np.argmax(counts))]
+    test_items = np.asarray([i for i, _, _ in data["test"][1]], dtype=np.int64)
+    correct, count = per_item(y["test"] == label, test_items)
     out = [baseline("majority", "accuracy", float((y["test"] == label).mean()), len(y["test"]), choice=int(label),
-                    note="per query")]
+                    note="per query", correct=correct, count=count)]
     vocab = 1 + max(int(a.max()) for seqs, _ in data.values() for a in seqs if len(a))
     tfidf = TfidfTransformer(sublinear_tf=True)
     x = {}
@@ -374,15 +400,40 @@ def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
                                   shape=(len(rows), vocab))
         x[split] = sparse.hstack([query, counts_]).tocsr()
     out.append(_fit_lr(x, y, "bag-of-n-grams LR",
-                       "per query: query token + its sequence's unigram+bigram TF-IDF, C on validation"))
+                       "per query: query token + its sequence's unigram+bigram TF-IDF, C on validation",
+                       items=test_items))
     return out
+
+
+def spider_lookup_baselines(dsd) -> list[dict[str, Any]]:
+    """Text-to-SQL (Spider), scored by exact set match as the cells' accuracy column: copy the
+    most frequent training query (``majority``), and the template lookup (nearest training
+    question, its SQL with names and values filled by string match; ``tasks/_spider_lookup.py``)."""
+    from tasks._spider_eval import Schema, SQLParseError, exact_match, parse_sql
+    from tasks._spider_lookup import lookup_exact, schema_of
+
+    test = dsd["test"]
+    query = max(set(dsd["train"]["query"]), key=list(dsd["train"]["query"]).count)
+    hits, schemas = 0, {}
+    for i, (gold, db) in enumerate(zip(test["query"], test["db_id"])):
+        if db not in schemas:
+            schemas[db] = Schema.from_entry(schema_of(test[i]["source_tokens"], test[i]["schema_links"], db))
+        try:
+            hits += exact_match(parse_sql(query, schemas[db]), parse_sql(gold, schemas[db]))
+        except SQLParseError:
+            pass
+    value, n = lookup_exact(dsd)
+    return [baseline("majority", "accuracy", hits / max(1, len(test)), len(test), choice=query,
+                     note="the most frequent training query, exact set match"),
+            baseline("template lookup", "accuracy", value, n,
+                     note="nearest training question's SQL, names and values filled by string match; exact set match")]
 
 
 def compute_baselines(dsd, task: str) -> list[dict[str, Any]]:
     """Every baseline that applies to a prepared DatasetDict (train/validation/test)."""
     columns = set(dsd["train"].column_names)
-    if "target_ids" in columns:  # sequence-to-sequence (Spider): its task records its own baseline
-        return []  # (copy the most frequent training query, scored by exact set match: data.majority_accuracy)
+    if "target_ids" in columns:  # sequence-to-sequence (Spider), scored by exact set match
+        return spider_lookup_baselines(dsd)
     if "targets" in columns:  # per-position classification (MQAR): per query
         return tagger_baselines(dsd)
     if "label" not in columns:

@@ -209,6 +209,9 @@ class DataInfo:
     length_max: int = 0
     cache_path: str = ""
     warnings: list[str] = field(default_factory=list)  # about the data (e.g. a single-class test split); into the result
+    # per test example, the cluster of test units it shares with others (a ``cluster`` column: windows
+    # of one page, pairs sharing a document); the report's intervals are cluster-robust over them
+    test_clusters: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -402,6 +405,7 @@ class Task:
             length_mean=float(np.mean(lengths)) if lengths else 0.0,
             length_max=int(max(lengths)) if lengths else 0,
             warnings=warnings,
+            test_clusters=[int(c) for c in dsd["test"]["cluster"]] if "cluster" in dsd["test"].column_names else None,
         )
 
 

@@ -40,6 +40,7 @@ class ModelConfig:
     positions: str = "sinusoidal"  # sinusoidal | learned | none
     pooling: str = "mean"  # mean (over non-pad tokens) | cls | first (no CLS token) | padded_mean (sum / max_len)
     feedforward: str = "mlp"  # mlp | none (all-attention blocks, e.g. persistent memory replacing the MLP)
+    short_conv: int = 0  # kernel of a causal depthwise convolution over the embeddings (0: none); see Encoder
     # -- the reference protocols' options (conf/protocol/, docs/protocols.md); the defaults are the harness's own model
     qkv_dim: int = 0  # total width of Q/K/V over all heads (LRA's qkv_dim); 0 = dim
     attention_dropout: float = 0.0  # dropout on attention weights, for mechanisms with a `dropout` setting left at 0
@@ -63,6 +64,8 @@ class ModelConfig:
             raise ValueError(f"model.pooling='{self.pooling}'; valid: {', '.join(POOLINGS)}")
         if self.feedforward not in FEEDFORWARDS:
             raise ValueError(f"model.feedforward='{self.feedforward}'; valid: {', '.join(FEEDFORWARDS)}")
+        if self.short_conv < 0:
+            raise ValueError(f"model.short_conv={self.short_conv}: a kernel size >= 1, or 0 for none")
 
 
 def sinusoidal_positions(length: int, dim: int, device=None) -> Tensor:
@@ -126,6 +129,26 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
+class ShortConv(nn.Module):
+    """x + depthwise causal convolution of x over the sequence, kernel ``k`` (B, L, dim) -> (B, L, dim).
+
+    The short convolution of H3 / Zoology's Based (Arora et al. 2023, arXiv:2312.04927): each
+    position also sees the ``k - 1`` tokens before it, so one attention layer can match a query
+    against "the token after key k" (associative recall) instead of needing a first layer to
+    build that induction feature. Causal (it looks back only), so right padding never reaches a
+    real token, and it mixes nothing over long distances: the attention still does all of that.
+    """
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))  # (B, dim, L + k - 1), left-padded
+        return x + self.conv(y).transpose(1, 2)
+
+
 class Encoder(nn.Module):
     """Token ids (B, L) -> states (B, L', dim); L' = L + 1 with a CLS token in front."""
 
@@ -138,6 +161,7 @@ class Encoder(nn.Module):
         self.embed = nn.Embedding(vocab_size + int(self.use_cls), cfg.dim)  # last id = CLS
         self.cls_id = vocab_size
         self.pos = nn.Embedding(self.max_len, cfg.dim) if cfg.positions == "learned" else None
+        self.short_conv = ShortConv(cfg.dim, cfg.short_conv) if cfg.short_conv else None
         overrides = _with_attention_dropout(mechanism, _as_overrides(mechanism_cfg), cfg.attention_dropout)
         self.blocks = nn.ModuleList(
             Block(
@@ -171,6 +195,8 @@ class Encoder(nn.Module):
         """Token embeddings (B, L, dim) -> (states, padding_mask): positions, dropout, the
         blocks, the final norm (for heads that embed tokens their own way, e.g. Spider's)."""
         b, n, _ = x.shape
+        if self.short_conv is not None:
+            x = self.short_conv(x)
         if self.cfg.positions == "sinusoidal":
             x = x + sinusoidal_positions(n, self.cfg.dim, x.device).to(x.dtype)
         elif self.pos is not None:

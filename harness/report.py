@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -174,11 +175,17 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
             "num_classes": data.get("num_classes"), "commit": env.get("commit"), "device": env.get("device"),
             "torch": env.get("torch"), "log": log_folder(r),
+            # per test item (paired tests), the test units' clusters, the validation curve, softmax in disguise
+            "items_correct": (r.get("test_items") or {}).get("correct"),
+            "items_count": (r.get("test_items") or {}).get("count"),
+            "clusters": data.get("test_clusters"), "val_curve": r.get("val_curve") or None,
+            "softmax_equivalent": r.get("softmax_equivalent"),
         })
     columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "variant_other", "length", "status",
                "error", "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s",
                "source", "fingerprint", "cache_path", "majority", "unigram_bits", "sizes", "n_test", "length_mean",
-               "length_max", "num_classes", "commit", "device", "torch", "log"]
+               "length_max", "num_classes", "commit", "device", "torch", "log", "items_correct", "items_count",
+               "clusters", "val_curve", "softmax_equivalent"]
     frame = pd.DataFrame(rows, columns=columns)
     ids = variant_ids(frame.variant_other)
     frame["variant_id"] = frame.variant_other.map(lambda x: ids.get(x, ""))
@@ -273,19 +280,70 @@ def strongest(baselines: list[dict[str, Any]], higher: bool) -> dict[str, Any] |
     return (max if higher else min)(usable, key=lambda b: b["value"])
 
 
+ALPHA = 0.05  # the paired tests' level: "beats" and "below the best" need p < ALPHA (one-sided)
+
+
+def seed_items(ok: pd.DataFrame, n_test) -> dict[str, Any] | None:
+    """The group's per-seed outcomes on every test item (seeds × items), the predictions per item
+    and the items' clusters, when every finished seed recorded them on the same items."""
+    rows = [r for r in ok.itertuples() if isinstance(r.items_correct, list) and len(r.items_correct)]
+    if not rows or len(rows) != len(ok) or len({len(r.items_correct) for r in rows}) != 1:
+        return None
+    n = len(rows[0].items_correct)
+    count = rows[0].items_count if isinstance(rows[0].items_count, list) and len(rows[0].items_count) == n else None
+    clusters = rows[0].clusters if isinstance(rows[0].clusters, list) and len(rows[0].clusters) == n else None
+    return {"correct": [r.items_correct for r in rows], "count": count, "clusters": clusters}
+
+
+def item_interval(items: dict[str, Any] | None, mean: float, n_test) -> tuple[float, float]:
+    """(95% half-width of one seed's accuracy from the test set alone, effective number of units):
+    cluster-robust over the recorded items (queries of one sequence, windows of one page, pairs
+    sharing a document are one cluster), else Wilson's on the test size."""
+    from harness.stats import clustered_interval
+
+    if items is None:
+        if not n_test:
+            return math.nan, math.nan
+        lo, hi = wilson(mean, int(n_test))
+        return (hi - lo) / 2, float(n_test)
+    widths, n_eff = [], math.nan
+    for correct in items["correct"]:
+        units = items["clusters"]
+        if units is None and items["count"] is not None and any(c != 1 for c in items["count"]):
+            units = list(range(len(correct)))  # per-position tasks: the sequence is the unit of its queries
+        found = clustered_interval(correct, units, count=items["count"])
+        widths.append(found["half_width"])
+        n_eff = found["n_eff"]
+    return float(np.mean(widths)), n_eff
+
+
+def paired_p(a: dict[str, Any], b_correct: list[list[int]]) -> float:
+    """One-sided p-value of "A beats B" on the same test items: the paired bootstrap over items
+    (clusters) and seeds of ``harness.stats``."""
+    from harness.stats import paired_bootstrap
+
+    return paired_bootstrap(a["correct"], b_correct, count=a["count"], clusters=a["clusters"])["p_value"]
+
+
 def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
-    """One row per (task, length, row label): seeds of one config averaged, with the 95% interval,
-    whether it beats the strongest baseline beyond it and whether it is bold."""
+    """One row per (task, length, row label): seeds of one config averaged; a 95% interval that adds
+    the seeds' variance to the test set's (cluster-robust where test units are clustered); whether
+    it beats the strongest baseline under a paired test on the same test items; bold when it does
+    and is not significantly below the column's best (paired too); softmax in disguise marked."""
     rows = []
     for (task, length, row, variant), group in cells.groupby(
             ["task", cells.length.fillna(-1).astype(int), "row", "variant"], sort=False):
         ok = group[group.status == "ok"].dropna(subset=["test"])
         higher = bool(group.higher_better.iloc[0])
         n_test = group.n_test.dropna().iloc[0] if group.n_test.notna().any() else None
-        entry = {"task": task, "length": int(length), "row": row, "mechanism": group.mechanism.iloc[0],
+        mechanism = group.mechanism.iloc[0]
+        entry = {"task": task, "length": int(length), "row": row, "mechanism": mechanism,
                  "column_config": group.column_config.iloc[0],
                  "variant": variant, "higher": higher, "statuses": list(group.status), "seeds": len(group),
                  "n_ok": len(ok), "n_test": n_test, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan,
+                 "n_eff": math.nan, "items": None, "p_baseline": math.nan, "p_best": math.nan,
+                 "softmax_equivalent": mechanism != "softmax" and bool((ok.softmax_equivalent == True).any()),  # noqa: E712
+                 "curve": [c for c in ok.val_curve if isinstance(c, list) and c],
                  "tokens_per_s": ok.tokens_per_s.median() if len(ok) else math.nan,
                  "peak_memory_mb": ok.peak_memory_mb.median() if len(ok) else math.nan,
                  "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan,
@@ -296,7 +354,13 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
             mean = float(ok.test.mean())
             entry.update(mean=mean, std=float(ok.test.std(ddof=1)) if len(ok) > 1 else 0.0)
             if higher:
-                entry["lo"], entry["hi"] = wilson(mean, int(n_test)) if n_test else (math.nan, math.nan)
+                from harness.stats import seeds_and_items_interval
+
+                entry["items"] = seed_items(ok, n_test)
+                half_items, entry["n_eff"] = item_interval(entry["items"], mean, n_test)
+                if math.isfinite(half_items):
+                    half = seeds_and_items_interval(list(ok.test), half_items)["half_width"]
+                    entry["lo"], entry["hi"] = max(0.0, mean - half), min(1.0, mean + half)
             else:
                 best = strongest(own.get("baselines", []), higher=False)
                 half = best.get("half_width") if best else None
@@ -308,6 +372,7 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
         return stats
     stats["beats_baseline"] = False
     stats["bold"] = False
+    stats["within_best"] = False
     for (task, length), column in stats.groupby(["task", "length"]):
         finished = column.dropna(subset=["mean"])
         if finished.empty:
@@ -316,12 +381,25 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
         best = finished.loc[finished["mean"].idxmax() if higher else finished["mean"].idxmin()]
         for index, entry in finished.iterrows():
             base = strongest(data_baselines(baselines, task, length, entry.fingerprint).get("baselines", []), higher)
-            if base is None or not math.isfinite(entry.lo):
+            items, base_items = entry["items"], (base or {}).get("items")
+            if higher and items is not None and base_items and len(base_items["correct"]) == len(items["correct"][0]):
+                p = paired_p(items, [base_items["correct"]])
+                beats = p < ALPHA
+                stats.at[index, "p_baseline"] = p
+            elif base is None or not math.isfinite(entry.lo):
                 continue
-            beats = entry.lo > base["value"] if higher else entry.hi < base["value"]
-            within = entry["mean"] >= best.lo if higher else entry["mean"] <= best.hi
-            stats.loc[index, "beats_baseline"] = bool(beats)
-            stats.loc[index, "bold"] = bool(beats and within)
+            else:  # no per-item outcomes (older records): the interval's lower bound against the baseline
+                beats = entry.lo > base["value"] if higher else entry.hi < base["value"]
+            if higher and index != best.name and items is not None and best["items"] is not None \
+                    and len(best["items"]["correct"][0]) == len(items["correct"][0]):
+                p_best = paired_p(best["items"], items["correct"])  # is the best significantly above this row?
+                within = p_best >= ALPHA
+                stats.at[index, "p_best"] = p_best
+            else:
+                within = index == best.name or (entry["mean"] >= best.lo if higher else entry["mean"] <= best.hi)
+            stats.at[index, "beats_baseline"] = bool(beats)
+            stats.at[index, "within_best"] = bool(within)
+            stats.at[index, "bold"] = bool(beats and within)
     return stats
 
 
@@ -346,6 +424,7 @@ def cell_text(entry) -> str:
         text, interval = _value(entry, 3)
         text = f"**{text}**" if entry.bold else text
         text += interval + ("" if entry.beats_baseline else " ◦") + (" †" if entry.get("own_data") else "")
+        text += " ≡softmax" if entry.get("softmax_equivalent") else ""
         failed = statuses[statuses.isin(NOT_OK)]
         if len(failed):
             marks = " / ".join(sorted({FAILURE_MARK[x] for x in failed}))
@@ -391,13 +470,26 @@ def primary_columns(stats: pd.DataFrame) -> dict[str, int]:
     return out
 
 
+def chance_rate(stats: pd.DataFrame, baselines: dict, column: tuple[str, int]) -> float:
+    """A column's no-information rate: its majority baseline's accuracy (else 1 / classes)."""
+    majority = [b for b in baselines.get(column, {}).get("baselines", []) if b.get("name") == "majority"]
+    if majority and majority[0].get("value") is not None:
+        return float(majority[0]["value"])
+    return math.nan
+
+
 def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series]:
     """Markdown: rows = baselines then mechanisms (variants labelled); a column per task and
-    length; plus each row's average over the accuracy tasks at their primary length."""
+    length; plus each row's average of chance-normalised accuracy, (acc − c) / (1 − c) with c the
+    column's majority rate, over the accuracy tasks at their primary length (so 2-class and
+    10-class columns count alike); a row missing one of them gets no average."""
+    from harness.stats import chance_normalised
+
     columns = columns_of(stats)
     higher = {c: bool(stats[(stats.task == c[0]) & (stats.length == c[1])].higher.iloc[0]) for c in columns}
     primary = primary_columns(stats)
-    header = ["mechanism"] + [column_title(t, L, higher[(t, L)], column_config(stats, t, L)) for t, L in columns] + ["average"]
+    header = (["mechanism"] + [column_title(t, L, higher[(t, L)], column_config(stats, t, L)) for t, L in columns]
+              + ["average (chance-normalised)"])
     names = sorted({b["name"] for c in columns for b in baselines.get(c, {}).get("baselines", [])},
                    key=lambda n: (n != "majority", n))
     rows = []
@@ -418,9 +510,11 @@ def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series
                 continue
             entry = entry.iloc[0]
             row.append(cell_text(entry))
-            if higher[c] and primary.get(c[0]) == c[1] and entry.n_ok:
-                accs.append(entry["mean"])
-        wanted = [t for t in primary if higher[(t, primary[t])]]
+            chance = chance_rate(stats, baselines, c)
+            if higher[c] and primary.get(c[0]) == c[1] and entry.n_ok and math.isfinite(chance) and chance < 1:
+                accs.append(chance_normalised(entry["mean"], chance))
+        wanted = [t for t in primary if higher[(t, primary[t])]
+                  and math.isfinite(chance_rate(stats, baselines, (t, primary[t])))]
         complete = bool(accs) and len(accs) == len(wanted)
         averages[label] = sum(accs) / len(accs) if complete else math.nan
         row.append(f"{100 * averages[label]:.1f}" if complete else "–")
@@ -436,15 +530,33 @@ def tasks_table(cells: pd.DataFrame) -> str:
         n = sizes.get("test")
         half = worst_half_width(int(n)) if n else math.nan
         flag = "" if not math.isfinite(half) or half <= CI_TARGET_POINTS else " ⚠ too small for ±3 points"
+        units = test_units(group)
         rows.append([
             task, source, length_label(first.length), f"{sizes.get('train', '?')}/{sizes.get('validation', '?')}/{n or '?'}",
             f"{first.length_mean:.0f} / {first.length_max}" if pd.notna(first.length_mean) else "–",
             int(first.num_classes) if pd.notna(first.num_classes) else "–",
-            (f"±{half:.1f}" if math.isfinite(half) else "–") + flag, fingerprint,
+            (f"±{half:.1f}" if math.isfinite(half) else "–") + flag, units, fingerprint,
         ])
     headers = ["task", "source", "L", "train/val/test", "length mean / max (test)", "classes",
-               "95% half-width at 50% (points)", "fingerprint"]
+               "95% half-width at 50% (points)", "test units: predictions / clusters → effective", "fingerprint"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def test_units(group: pd.DataFrame) -> str:
+    """The test set's units as one finished cell's outcomes show them: predictions, the clusters
+    they come in (queries of one sequence, windows of one page) and the effective number of
+    independent units (predictions / design effect, ``harness.stats.clustered_interval``)."""
+    from harness.stats import clustered_interval
+
+    ok = group[(group.status == "ok") & group.items_correct.map(lambda x: isinstance(x, list) and len(x) > 0)]
+    if ok.empty:
+        return "–"
+    first = ok.iloc[0]
+    n = len(first.items_correct)
+    count = first.items_count if isinstance(first.items_count, list) and len(first.items_count) == n else None
+    clusters = first.clusters if isinstance(first.clusters, list) and len(first.clusters) == n else None
+    found = clustered_interval(first.items_correct, clusters, count=count)
+    return f"{found['n']:,.0f} / {found['clusters']:,.0f} → {found['n_eff']:,.0f}"
 
 
 def throughput_table(stats: pd.DataFrame) -> str:
@@ -495,12 +607,15 @@ def params_table(stats: pd.DataFrame) -> str:
 
 
 def recommendation_table(stats: pd.DataFrame, baselines: dict) -> str:
-    """Per task and length band: the rows within the 95% interval of the best, fastest first;
-    ✓ marks the Pareto front of (accuracy, training throughput). A band where no row beats the
-    shortcut baseline lists only its Pareto front (and says how many more tie)."""
+    """Per task and length band: the rows that beat the strongest baseline (paired test) and are
+    not significantly below the band's best, fastest first; ✓ marks the Pareto front of
+    (accuracy, training throughput). Rows that compute exactly softmax at that length (a window
+    or blocks covering the sequence) are left out: they are softmax, not evidence about their
+    mechanism. A band where nothing beats the baseline says "no accuracy signal" and lists the
+    fastest rows as a cost ranking only."""
     from harness.efficiency import pareto_front
 
-    ok = stats[stats.n_ok > 0].copy()
+    ok = stats[(stats.n_ok > 0) & ~stats.softmax_equivalent.astype(bool)].copy()
     if ok.empty:
         return "_no finished cells_"
     ok["band"] = [band_of(L) for L in ok.length]
@@ -508,32 +623,33 @@ def recommendation_table(stats: pd.DataFrame, baselines: dict) -> str:
     band_order = [label for _, label in BANDS]
     for (task, band), group in sorted(ok.groupby(["task", "band"]), key=lambda kv: (kv[0][0], band_order.index(kv[0][1]))):
         higher = bool(group.higher.iloc[0])
-        best = group.loc[group["mean"].idxmax() if higher else group["mean"].idxmin()]
-        threshold = best.lo if higher else best.hi
-        if not math.isfinite(threshold):
-            threshold = best["mean"]
-        within = group[group["mean"] >= threshold] if higher else group[group["mean"] <= threshold]
-        within = within.sort_values("tokens_per_s", ascending=False, na_position="last")
+        signal = group[group.beats_baseline & group.within_best]
+        if signal.empty:
+            fastest = group.sort_values("tokens_per_s", ascending=False, na_position="last").head(3)
+            for e in (e for _, e in fastest.iterrows()):
+                rows.append([task, band, length_label(e.length), e.row, _short_value(e, higher), *_cost(e),
+                             "", "no accuracy signal: cost ranking only"])
+            continue
+        signal = signal.sort_values("tokens_per_s", ascending=False, na_position="last")
         points = {i: (e.tokens_per_s if pd.notna(e.tokens_per_s) else 0.0, e["mean"] if higher else -e["mean"])
-                  for i, e in within.iterrows()}
+                  for i, e in signal.iterrows()}
         front = set(pareto_front(points))
-        note = ""
-        if not within.beats_baseline.any():  # nothing here is worth recommending on accuracy: its Pareto front only
-            dropped = len(within) - len(front)
-            within = within.loc[[i for i in within.index if i in front]]
-            more = f"; {dropped} more within the interval, not listed" if dropped else ""
-            note = f" (none beats the shortcut baseline{more})"
-        for i, e in within.iterrows():
-            value = f"{100 * e['mean']:.1f}" if higher else f"{e['mean']:.3f}"
+        for i, e in signal.iterrows():
             config = f" [{e.column_config}]" if e.get("column_config") else ""
-            rows.append([task, band + note, length_label(e.length) + config, e.row, value,
-                         f"{e.tokens_per_s / 1e3:,.1f}k" if pd.notna(e.tokens_per_s) else "–",
-                         f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–",
-                         "✓" if i in front else "", "" if e.beats_baseline else "◦"])
-            note = ""
+            rows.append([task, band, length_label(e.length) + config, e.row, _short_value(e, higher), *_cost(e),
+                         "✓" if i in front else "", ""])
     headers = ["task", "length band", "L", "mechanism", "accuracy (or bits ↓)", "train tokens/s", "peak MB",
-               "Pareto", "≤ baseline"]
+               "Pareto", "note"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _short_value(e, higher: bool) -> str:
+    return f"{100 * e['mean']:.1f}" if higher else f"{e['mean']:.3f}"
+
+
+def _cost(e) -> list[str]:
+    return [f"{e.tokens_per_s / 1e3:,.1f}k" if pd.notna(e.tokens_per_s) else "–",
+            f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–"]
 
 
 def reference_section(cells: pd.DataFrame) -> str:
@@ -669,6 +785,75 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     return path
 
 
+def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str) -> Path | None:
+    """Validation accuracy against training step, a panel per accuracy column (task, length), a
+    line per row (mean over seeds at each evaluated step), the strongest baseline dashed: tells a
+    slow learner (still rising at the last step) from one that cannot solve the task (flat)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.efficiency import series_style
+
+    shown = stats[stats.higher & stats.curve.map(bool)]
+    columns = columns_of(shown) if len(shown) else []
+    if not columns:
+        return None
+    style = series_style(sorted(shown.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
+    cols = min(3, len(columns))
+    rows_n = math.ceil(len(columns) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 2.4, 3.8 * rows_n), squeeze=False)
+    for ax, (task, length) in zip(axes.flat, columns):
+        column = shown[(shown.task == task) & (shown.length == length)]
+        for label in style:
+            entry = column[column.row == label]
+            if entry.empty:
+                continue
+            by_step: dict[int, list[float]] = {}
+            for curve in entry.iloc[0].curve:
+                for step, value in curve:
+                    by_step.setdefault(int(step), []).append(float(value))
+            steps = sorted(by_step)
+            ax.plot(steps, [100 * np.mean(by_step[x]) for x in steps], label=label, markersize=4, **style[label])
+        base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), True)
+        if base:
+            ax.axhline(100 * base["value"], color="grey", linestyle="--", linewidth=1.2,
+                       label="strongest baseline")
+        config = column_config(stats, task, length)
+        ax.set_title(column_title(task, length, True, config), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.94))
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Write a figure atomically (a temp file, then rename), so a full disk never leaves half a PNG."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str,
                              min_rows: int = 3) -> Path | None:
     """Accuracy against the cells' own training throughput, a panel per task and length (LRA's
@@ -763,17 +948,22 @@ def make_benchmark_line(results_dir: Path) -> str | None:
 
 
 LEGEND = ("Test metric of the checkpoint selected on validation: accuracy (%) or bits/token (↓). Each cell: "
-          "mean ± std over seeds (one config; seeds only), then the 95% interval from the test-set size "
-          "[Wilson for accuracy; ±1.96 SE over test sequences for bits, measured on the n-gram baseline]. "
-          "**Bold**: beats the strongest baseline row of its column beyond that interval *and* lies within the "
-          "interval of the column's best. ◦: does not beat the strongest (shortcut) baseline beyond the interval. "
-          "Baselines are computed from the same splits (`harness/baselines.py`). A label in brackets is a variant "
-          "(its config differs from the scale's presets); length is the column; a bracket in a column's title is "
-          "the config every cell of that column shares (a grid that gives each length its own budget), whose "
-          "rows are then plain mechanism names. `n/a`: the mechanism lacks a "
-          "capability the task needs; `✗ status`: failed (see run details). †: trained on other data than the "
-          "column's baseline rows (e.g. a variant with another generator setting); it is judged against the "
-          "baselines of its own data. Average: over accuracy tasks at each task's most-populated length.")
+          "mean ± std over seeds (one config), then a 95% interval that adds the seeds' variance to the test "
+          "set's (cluster-robust where test units come in clusters: the queries of one sequence, windows of one "
+          "page; Wilson's on the test size for records without per-item outcomes; ±1.96 SE over test sequences "
+          "for bits). **Bold**: beats the strongest baseline row of its column under a paired test on the same "
+          "test items (paired bootstrap over items and seeds, one-sided p < 0.05) *and* is not significantly "
+          "below the column's best (the same test). ◦: does not beat the strongest (shortcut) baseline. "
+          "≡softmax: at this length the mechanism computes exactly softmax attention (its window or blocks "
+          "cover the sequence; measured against the float64 oracle), so the row is not independent evidence "
+          "and is left out of the recommendation. Baselines are computed from the same splits "
+          "(`harness/baselines.py`). A label in brackets is a variant (its config differs from the scale's "
+          "presets); length is the column; a bracket in a column's title is the config every cell of that "
+          "column shares, whose rows are then plain mechanism names. `n/a`: the mechanism lacks a capability "
+          "the task needs; `✗ status`: failed (see run details). †: trained on other data than the column's "
+          "baseline rows; judged against the baselines of its own data. Average: of chance-normalised accuracy "
+          "(acc − c) / (1 − c), c = the column's majority rate, over accuracy tasks at each task's "
+          "most-populated length; a row missing one of them has none.")
 
 
 def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[list[str], pd.Series]:
@@ -792,6 +982,12 @@ def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[l
     lines += [f"### Accuracy against sequence length — scale `{scale}`", ""]
     if plot:
         lines += [f"![accuracy vs length]({plot.relative_to(results_dir).as_posix()})", ""]
+    curves = learning_curves_plot(stats, baselines, results_dir / "plots" / f"learning_curves_{scale}.png", scale)
+    if curves:
+        lines += [f"### Learning curves — scale `{scale}`", "",
+                  "Validation accuracy while training (mean over seeds): a row still rising at its last step is "
+                  "a slow learner at this budget; a flat one near the baseline did not find the task.", "",
+                  f"![learning curves]({curves.relative_to(results_dir).as_posix()})", ""]
     speed_plot = accuracy_throughput_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_throughput_{scale}.png",
                                           scale)
     if speed_plot:

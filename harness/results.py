@@ -60,6 +60,11 @@ class Result:
     # per test item, in test-split order: {"correct": [...], "count": [...]} (predictions scored per
     # example, or per sequence for per-position tasks): what the report's paired tests compare
     test_items: dict[str, list[int]] = field(default_factory=dict)
+    # [[step, validation accuracy (bits/token for LMs)], ...] of every validation while training
+    val_curve: list[list[float]] = field(default_factory=list)
+    # does the mechanism compute exactly softmax at this sequence length (measured at the start of
+    # the cell by harness.attention.computes_softmax; None: not checked, e.g. above 4K tokens)
+    softmax_equivalent: bool | None = None
 
     def __post_init__(self):
         if self.status not in STATUSES:

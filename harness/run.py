@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -130,6 +131,8 @@ def _fields(cls: type) -> set[str]:
 def check_config(cfg: DictConfig) -> None:
     """Every key is one some schema has (an appended ``+group.key`` typo included), and
     every budget/size is in range: one line, before anything is read, trained or written."""
+    import dataclasses
+
     from harness.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig, check_protocol
     from harness.model import ModelConfig
     from harness.registry import get_mechanism, get_task
@@ -162,17 +165,14 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"train.lr={train.lr!r} must be > 0")
     if not 0 <= model.dropout < 1:
         raise ValueError(f"model.dropout={model.dropout!r} must be in [0, 1)")
-    import dataclasses
-
-    # A count or size is >= 1, or >= its own default where that default is a sentinel below 1
-    # (image's num_train=0: all; pathfinder's num_distractors=-1: LRA's budget, 0: none).
+    # A count or cap whose default is positive stays positive (a default of 0 or -1 means "none"
+    # or "auto", e.g. pathfinder's num_distractors, and is the task's own to check).
     defaults = {f.name: f.default for f in dataclasses.fields(get_task(cfg.task.name).config_class)}
     for key, value in cfg.task.items():
-        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int):
-            default = defaults.get(key)
-            low = min(1, default) if isinstance(default, int) and not isinstance(default, bool) else 1
-            if value < low:
-                raise ValueError(f"task.{key}={value!r} must be >= {low}")
+        default = defaults.get(key)
+        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int) and value < 1 \
+                and isinstance(default, int) and default >= 1:
+            raise ValueError(f"task.{key}={value!r} must be >= 1")
     trainer_passthrough(cfg)
     check_protocol(cfg)
 
@@ -401,7 +401,9 @@ def _claim_checkpoints(cell: Cell) -> None:
 
 def _summary(result: Result) -> str:
     test = result.metrics.get("test", {})
-    parts = [f"test accuracy {test['accuracy']:.4f}" if "accuracy" in test else None,
+    ci = test.get("accuracy_ci95")
+    parts = [f"test accuracy {test['accuracy']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") + f" (seed {result.seed})"
+             if "accuracy" in test else None,
              f"test bits/token {test['bits_per_token']:.4f}" if "bits_per_token" in test else None,
              f"majority {result.data['majority_accuracy']:.4f}" if result.data.get("majority_accuracy") else None,
              f"{result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s else None,
@@ -414,6 +416,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
+    from harness.attention import computes_softmax
     from harness.model import ModelConfig, build_model, count_parameters
     from harness.registry import create_task, get_mechanism
     from harness.training import CellMeter, TaskDataModule, TaskModule
@@ -439,6 +442,11 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     model = build_model(task, model_cfg, result.mechanism, result.mechanism_config)
     result.params = count_parameters(model)
     log.info("model: %s with %s, %d parameters", task.head, result.mechanism, result.params)
+    result.softmax_equivalent = computes_softmax(model.encoder.mechanisms[0], model.encoder.max_len,
+                                                 causal=model.causal) if model.encoder.mechanisms else None
+    if result.softmax_equivalent and result.mechanism != "softmax":
+        log.info("%s computes exactly softmax at %d tokens: the report marks this row", result.mechanism,
+                 model.encoder.max_len)
 
     train = OmegaConf.to_object(cfg.train)
     module = TaskModule(model, train)
@@ -511,6 +519,11 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         trainer.test(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
         result.metrics["test"] = module.final_metrics.get("test", {})
         result.test_items = module.final_items.get("test", {})
+        if getattr(data, "warm_sampler", None) is not None:  # warm-up batches this process trained on
+            result.data["warmup"]["short_batches_this_run"] = data.warm_sampler.short_drawn
+        ci = _test_interval(result.test_items, result.data.get("test_clusters"))
+        if ci:
+            result.metrics["test"]["accuracy_ci95"] = ci
         result.data["test_examples_evaluated"] = module.evaluated.get("test")
         if best:  # re-validate the selected checkpoint for its full validation metrics
             trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)
@@ -527,8 +540,9 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         result.wall_s = round(meter.wall_s, 2)
         if earlier_curves:
             _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
+        result.val_curve = _earlier_val_curve(earlier_curves, meter.resumed_from_step) + module.val_curve
     result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items()
-                                if k not in ("accuracy", "loss", "bits_per_token")}
+                                if k not in ("accuracy", "loss", "bits_per_token", "accuracy_ci95")}
     result.tokens_per_s = meter.tokens_per_s
     result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)
     result.status = "ok"
@@ -561,6 +575,32 @@ def _prepend_curves(path: Path, earlier: list[dict[str, str]], *, before_step: i
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _test_interval(items: dict[str, list[int]], clusters: list[int] | None) -> list[float] | None:
+    """This seed's 95% interval of test accuracy from its per-item outcomes: cluster-robust over
+    the test units' clusters (a per-position task's sequence is the unit of its queries)."""
+    from harness.stats import clustered_interval
+
+    correct, count = items.get("correct"), items.get("count")
+    if not correct or not count or len(correct) != len(count):
+        return None
+    units = clusters if clusters and len(clusters) == len(correct) else None
+    found = clustered_interval(correct, units, count=count)
+    if not math.isfinite(found["half_width"]):
+        return None
+    return [round(max(0.0, found["accuracy"] - found["half_width"]), 6),
+            round(min(1.0, found["accuracy"] + found["half_width"]), 6)]
+
+
+def _earlier_val_curve(rows: list[dict[str, str]], before_step: int | None) -> list[list[float]]:
+    """The validation points a killed run logged before the step this one resumed from."""
+    out = []
+    for row in rows:
+        step, value = _as_int(row.get("step")), row.get("val/bits_per_token") or row.get("val/accuracy")
+        if value and (before_step is None or step < before_step):
+            out.append([step, round(float(value), 6)])
+    return out
 
 
 def _as_int(value: Any) -> int:

@@ -116,3 +116,25 @@ def chance_normalised(accuracy: float, chance: float) -> float:
     if not 0 <= chance < 1:
         raise ValueError(f"chance rate {chance} is not in [0, 1)")
     return (accuracy - chance) / (1 - chance)
+
+
+def shared_unit_clusters(pairs: Sequence[tuple]) -> list[int]:
+    """Cluster ids of test items that share a unit: items ``(a, b)`` (e.g. two documents of a
+    retrieval pair, or ``(page, page)`` for windows of one page) are in one cluster when they are
+    linked through shared keys (connected components, union-find); ids in first-seen order."""
+    parent: dict = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+    ids: dict = {}
+    return [ids.setdefault(find(a), len(ids)) for a, _ in pairs]
+

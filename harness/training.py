@@ -70,6 +70,7 @@ class TaskModule(L.LightningModule):
         self._items: dict[str, dict[str, list[int]]] = {}
         self.final_items: dict[str, dict[str, list[int]]] = {}  # split -> {"correct": [...], "count": [...]}
         self.evaluated: dict[str, int] = {}  # examples each split's last evaluation actually saw
+        self.val_curve: list[list[float]] = []  # [step, accuracy or bits/token] of each validation while fitting
 
     def aux_loss(self) -> torch.Tensor | None:
         terms = [m.aux_loss for m in self.model.encoder.mechanisms if m.aux_loss is not None]
@@ -129,6 +130,9 @@ class TaskModule(L.LightningModule):
         metrics.update({k[5:]: v / layers for k, v in sums.items() if k.startswith("mech/")})
         for key, value in metrics.items():
             self.log(f"{split}/{key}", value, prog_bar=key == "accuracy", sync_dist=False)
+        if split == "val" and self.trainer.state.fn == "fit":
+            primary = metrics["bits_per_token"] if self.model.causal else metrics["accuracy"]
+            self.val_curve.append([int(self.global_step), round(float(primary), 6)])
         self.final_metrics[split] = metrics
 
     def validation_step(self, batch, batch_idx):
@@ -198,6 +202,11 @@ class TaskDataModule(L.LightningDataModule):
         short, steps, short_batch = self.warmup
         sampler = WarmStartBatches(len(short), len(self.dsd["train"]), steps=steps, short_batch=short_batch,
                                    batch=self.batch_size, seed=self.seed)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.global_step:  # a resumed cell: Lightning restarts the epoch's
+            # iterator from its first batch, so the sampler skips what the killed run already trained on
+            sampler.resume_at(trainer.global_step * trainer.accumulate_grad_batches)
+        self.warm_sampler = sampler
         return DataLoader(ConcatDataset([short, self.dsd["train"]]), batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
@@ -218,9 +227,23 @@ class WarmStartBatches(torch.utils.data.Sampler):
     def __init__(self, n_short: int, n_long: int, *, steps: int, short_batch: int, batch: int, seed: int):
         self.n_short, self.n_long, self.steps = n_short, n_long, steps
         self.short_batch, self.batch, self.seed, self.epoch = short_batch, batch, seed, 0
+        self.skip = 0  # batches of the current epoch already trained on (a resumed cell)
+        self.short_drawn = 0  # warm-up batches this process has yielded
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, batches_done: int) -> None:
+        """Continue after ``batches_done`` batches: the epoch they end in, and its next batch."""
+        epoch, left = 0, batches_done
+        while True:
+            self.epoch = epoch
+            length = len(self)
+            if left < length or length == 0:
+                break
+            left -= length
+            epoch += 1
+        self.skip = left
 
     def _long_batches(self) -> int:
         return math.ceil(self.n_long / self.batch)
@@ -229,6 +252,13 @@ class WarmStartBatches(torch.utils.data.Sampler):
         return (self.steps if self.epoch == 0 else 0) + self._long_batches()
 
     def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self._batches()):
+            if i >= skip:
+                self.short_drawn += int(self.epoch == 0 and i < self.steps)
+                yield batch
+
+    def _batches(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         if self.epoch == 0:
             need = self.steps * self.short_batch

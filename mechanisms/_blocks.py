@@ -65,12 +65,14 @@ def gathered_block_attention(
 ) -> Tensor:
     """softmax(q·kᵀ·scale) v restricted, per query block, to the gathered keys.
 
-    q: (B, H, Lq, D), k/v: (B, H, Lk, D), key_index: (P, N, S) with N = ⌈Lq/block⌉,
-    allowed: (P, N, block, S) bool or None -> (B, H, Lq, D). Causal: query i sees key j iff
-    j <= i + Lk - Lq. Padded keys (key_padding_mask (B, Lk), True = pad) are masked out."""
+    q: (B, H, Lq, D), k/v: (B, H, Lk, D), key_index: (P, N, S) with N = ⌈Lq/block⌉, or
+    (B, P, N, S) for a pattern per example; allowed: (P, N, block, S) bool or None -> (B, H,
+    Lq, D). Causal: query i sees key j iff j <= i + Lk - Lq. Padded keys (key_padding_mask
+    (B, Lk), True = pad) are masked out."""
     b, h, lq, d = q.shape
     lk = k.shape[-2]
-    p, n, s = key_index.shape
+    p, n, s = key_index.shape[-3:]
+    per_example = key_index.dim() == 4
     scale = d**-0.5 if scale is None else scale
     if n * block < lq:
         raise ValueError(f"key_index has {n} query blocks of {block}; {lq} queries need {math.ceil(lq / block)}")
@@ -78,25 +80,31 @@ def gathered_block_attention(
         return dense_pattern_attention(q, k, v, key_index, allowed, block=block, key_padding_mask=key_padding_mask,
                                        causal=causal, scale=scale)
     qb = F.pad(q, (0, 0, 0, n * block - lq)).reshape(b, h, n, block, d)  # (B, H, N, blk, D)
-    valid = key_index >= 0  # (P, N, S)
+    valid = key_index >= 0  # ([B,] P, N, S)
     idx = key_index.clamp_min(0)
-    if p == 1:
+    if per_example:
+        batch = torch.arange(b, device=q.device)[:, None, None, None]  # (B, 1, 1, 1)
+        heads = torch.arange(h, device=q.device)[None, :, None, None] if p > 1 else 0
+        kg, vg = k[batch, heads, idx], v[batch, heads, idx]  # (B, H, N, S, D)
+    elif p == 1:
         kg, vg = k[:, :, idx[0]], v[:, :, idx[0]]  # (B, H, N, S, D)
     else:
         heads = torch.arange(h, device=q.device)[:, None, None]  # (H, 1, 1)
         kg, vg = k[:, heads, idx], v[:, heads, idx]  # (B, H, N, S, D)
     scores = torch.einsum("bhnid,bhnsd->bhnis", qb, kg) * scale  # (B, H, N, blk, S)
 
-    mask = valid[:, :, None, :]  # (P, N, 1, S)
+    mask = valid[..., None, :]  # ([B,] P, N, 1, S)
     if allowed is not None:
         mask = mask & allowed
     if causal:
         qpos = torch.arange(n * block, device=q.device).view(n, block) + (lk - lq)  # (N, blk)
-        mask = mask & (key_index[:, :, None, :] <= qpos[None, :, :, None])
-    mask = mask[None]  # (1, P, N, blk|1, S)
+        mask = mask & (key_index[..., None, :] <= qpos[:, :, None])
+    if not per_example:
+        mask = mask[None]  # (1, P, N, blk|1, S)
     if key_padding_mask is not None:
-        keep = ~key_padding_mask.bool()[:, idx]  # (B, P, N, S)
-        mask = mask & keep[:, :, :, None, :]
+        keep = ~key_padding_mask.bool()
+        keep = keep[torch.arange(b, device=q.device)[:, None, None, None], idx] if per_example else keep[:, idx]
+        mask = mask & keep[:, :, :, None, :]  # keep: (B, P, N, S)
     weights = masked_softmax(scores, mask).to(vg.dtype)
     out = torch.einsum("bhnis,bhnsd->bhnid", weights, vg)  # (B, H, N, blk, D)
     return out.reshape(b, h, n * block, d)[:, :, :lq]
@@ -119,7 +127,12 @@ def dense_pattern_attention(
     (short sequences, where gathering costs more than it saves). Keys gathered twice count
     once here, so callers deduplicate (``dedup_keep_first``), as they do for the gathered form."""
     lq, lk = q.shape[-2], k.shape[-2]
-    mask = pattern_as_dense(key_index, allowed, block=block, query_len=lq, key_len=lk)[None]  # (1, P, Lq, Lk)
+    if key_index.dim() == 4:  # a pattern per example: (B, P, Lq, Lk)
+        bp = key_index.shape[:2]
+        mask = pattern_as_dense(key_index.flatten(0, 1), allowed, block=block, query_len=lq, key_len=lk)
+        mask = mask.view(*bp, lq, lk)
+    else:
+        mask = pattern_as_dense(key_index, allowed, block=block, query_len=lq, key_len=lk)[None]  # (1, P, Lq, Lk)
     rows = torch.arange(lq, device=q.device)
     return _dense_attention(q, k, v, mask, rows, lq, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 

@@ -17,11 +17,21 @@ yes, any Lk ≤ max_len. Deviations: the authors' fairseq code
 (max_len, k) matrices sliced to Lk, initialised uniform in ±1/√k as lucidrains does (the
 fairseq ``compress_k`` uses Xavier-uniform). No layerwise sharing across layers (each
 mechanism instance owns its projections).
+
+Defaults: k = 256 as the paper's main runs and lucidrains'. The LRA benchmark uses k = 16
+with one projection for keys and values (google-research/long-range-arena,
+``lra_benchmarks/models/linformer/linformer_attention.py``: ``low_rank_features=16``, one
+``lr_kernel`` for both; its text config sets 32): ``+preset=lra_linformer``
+(``conf/preset/lra_linformer.yaml``). When k ≥ Lk nothing is compressed (the projection is
+then a learned mixing of at most as many rows as there are keys): the mechanism warns once
+per instance and ``metrics()['k_over_length']`` (k / Lk of the last call, in the result's
+``mech/`` metrics) records it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +73,8 @@ class Linformer(Attention):
         bound = 1.0 / math.sqrt(cfg.k)
         self.proj_k = nn.Parameter(torch.empty(max_len, cfg.k).uniform_(-bound, bound))  # E: (max_len, k)
         self.proj_v = None if cfg.share_kv else nn.Parameter(torch.empty(max_len, cfg.k).uniform_(-bound, bound))
+        self._k_over_length = 0.0
+        self._warned = False
 
     def forward(
         self,
@@ -79,5 +91,18 @@ class Linformer(Attention):
                 f"linformer was built for at most max_len={self.max_len} keys, got {k.shape[-2]}; "
                 f"build it with max_len >= {k.shape[-2]}"
             )
+        lk = k.shape[-2]
+        self._k_over_length = self.cfg.k / lk
+        if self.cfg.k >= lk and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"linformer: k={self.cfg.k} >= {lk} keys, so nothing is compressed; set mechanism.k below the "
+                f"length (LRA uses 16, +preset=lra_linformer)",
+                stacklevel=2,
+            )
         proj_v = self.proj_k if self.proj_v is None else self.proj_v
         return linformer_attention(q, k, v, self.proj_k, proj_v, key_padding_mask=key_padding_mask)
+
+    def metrics(self) -> dict[str, float]:
+        """k_over_length: k / Lk of the last call (≥ 1: nothing compressed)."""
+        return {"k_over_length": self._k_over_length}

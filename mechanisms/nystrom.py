@@ -27,13 +27,30 @@ error (measured on random inputs, L = 64: relative error 0.74 → 0.04 steadily 
 4 → 64 with 6 iterations, but > 1 at several m < L with 20); the default 6 iterations act
 as a regulariser, as in the paper.
 
-Lengths that are not a multiple of m (and L < m, where m = L: every token its own
-landmark): the sequence is padded internally to m·⌈L/m⌉ with the padding slots spread over
-the m segments, so segment sizes differ by at most one and no landmark is wasted on pure
-padding (padding only at the end would leave e.g. 31 of 64 segments empty at L = 65).
-Padding slots and key-padded positions are left out of the landmark means; a segment with
-no valid token is a masked landmark (zero row and column of the middle factor, whose
-pseudo-inverse is then zero there too), so it never makes NaN.
+Lengths that are not a multiple of m: token t of L goes to segment ⌊t·m/L⌋, so segment
+sizes differ by at most one and no landmark is wasted on pure padding (padding only at the
+end would leave e.g. 31 of 64 segments empty at L = 65).
+
+Padding is per example: with a key-padding mask the segments are cut over each example's
+ℓ real tokens alone (the r-th real token goes to segment ⌊r·min(m, ℓ)/ℓ⌋), and an example
+with ℓ ≤ m gets the exact softmax, as it would alone. So an example's outputs on its real
+tokens do not depend on how much padding its batch has (tested in float64 to 1e-10 in
+``tests/mechanisms/test_padding_invariance.py``: an example alone vs padded by 150 keys in a
+mixed batch). A segment with no valid token (ℓ < m) is a masked landmark (zero row and
+column of the middle factor, whose pseudo-inverse is then zero there too), never NaN.
+
+Defaults: ``conv_kernel_size = 35`` and m ∈ {32, 64, 128, 256} are the authors' LRA configs
+(mlpen/Nystromformer ``LRA/code/lra_config.py``: ``"nystrom-64": {"num_landmarks": 64,
+"conv_kernel_size": 35}`` for every task); lucidrains' nystrom-attention uses 33.
+
+Deviations from the authors' code (mlpen/Nystromformer ``LRA/code/attention_nystrom.py``):
+(1) their landmarks are means over the padded length (Q and K are zeroed at padded positions
+and reshaped into m segments of L/m), so padding shrinks and shifts them, and kernel_1 and
+kernel_2 are not masked: ours are means over the real tokens only (issue 21 measured 0.092
+between the two on a padded example); (2) they need L divisible by m; (3) their pinv scaling is a maximum over
+the whole batch (``init_option = "original"``), ours per (example, head) matrix; (4) their
+exact path runs only when m equals the configured length, ours whenever m ≥ L (per example
+with a mask); (5) they scale Q and K each by d^(-1/4), we scale Q by d^(-1/2) (same scores).
 """
 
 from __future__ import annotations
@@ -52,41 +69,41 @@ from harness.registry import register_mechanism
 class NystromConfig:
     num_landmarks: int = 64  # m segment-mean landmarks: the accuracy/speed knob (exact when m >= L)
     pinv_iterations: int = 6  # iterations of the Moore–Penrose method: more = closer to the exact pinv
-    conv_kernel_size: int = 33  # depthwise conv residual on V along the sequence; 0 disables it
+    conv_kernel_size: int = 35  # depthwise conv residual on V along the sequence (authors' LRA configs); 0 disables it
 
 
 def segment_means(x: Tensor, valid: Tensor | None, num_segments: int) -> tuple[Tensor, Tensor | None]:
-    """Means of n = min(num_segments, L) contiguous segments over valid positions only.
+    """Means of n = min(num_segments, L) contiguous segments of each example's real tokens.
 
-    Each segment has ⌈L/n⌉ slots: the sequence is padded to n·⌈L/n⌉ with the padding slots
-    spread over the segments (segment i holds tokens ⌈iL/n⌉ … ⌈(i+1)L/n⌉ - 1, so sizes
-    differ by at most one and no segment is all padding). Padding slots and invalid tokens
-    are left out of the means.
+    Without a mask: segment i holds tokens ⌈iL/n⌉ … ⌈(i+1)L/n⌉ − 1, i.e. token t is in
+    segment ⌊t·n/L⌋, so sizes differ by at most one and no segment is empty (L = 65, n = 64:
+    one segment of two tokens, not 31 empty ones). With a mask the same rule runs on the
+    real tokens of each example alone: the r-th real token of an example with ℓ real tokens
+    is in segment ⌊r·n_ℓ/ℓ⌋, n_ℓ = min(num_segments, ℓ), and the segments n_ℓ … n − 1 are
+    empty (masked). So an example's landmarks do not depend on how much padding its batch
+    has, nor on where the masked tokens are.
 
     x: (B, H, L, D), valid: (B, L) bool (True = real token) or None.
     Returns (B, H, n, D) in at least float32, and the (B, n) bool validity of each segment
     (None when every segment holds a valid token)."""
     b, h, length, d = x.shape
     n = min(num_segments, length)
-    slots = -(-length // n)  # ⌈L/n⌉
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    if length % n == 0:  # equal segments: a reshape
-        if valid is None:
-            return x.reshape(b, h, n, slots, d).mean(3), None
-        keep = valid  # (B, n·slots)
-    else:
-        i = torch.arange(n, device=x.device)
-        start = (i * length + n - 1) // n  # ⌈iL/n⌉
-        size = ((i + 1) * length + n - 1) // n - start  # (n,) ⌊L/n⌋ or ⌈L/n⌉
-        j = torch.arange(slots, device=x.device)
-        index = (start[:, None] + j).clamp(max=length - 1).reshape(-1)  # (n·slots,)
-        x = x.index_select(2, index)  # (B, H, n·slots, D)
-        keep = (j < size[:, None]).reshape(1, -1)  # (1, n·slots), False at padding slots
-        keep = keep if valid is None else keep & valid[:, index]  # (B|1, n·slots)
-    x = x.masked_fill(~keep[:, None, :, None], 0.0)
-    count = keep.reshape(keep.shape[0], n, slots).sum(-1)  # (B|1, n)
-    means = x.reshape(b, h, n, slots, d).sum(3) / count.clamp_min(1).to(x.dtype)[:, None, :, None]
-    return means, (None if valid is None else count > 0)
+    if valid is None:
+        if length % n == 0:  # equal segments: a reshape
+            return x.reshape(b, h, n, length // n, d).mean(3), None
+        segment = torch.arange(length, device=x.device) * n // length  # (L,)
+        sums = x.new_zeros(b, h, n, d).index_add_(2, segment, x)
+        return sums / torch.bincount(segment, minlength=n).to(x.dtype)[:, None], None
+    real = valid.sum(-1, keepdim=True)  # (B, 1) ℓ per example
+    segments = real.clamp(min=1, max=n)  # (B, 1) n_ℓ
+    rank = valid.cumsum(-1) - 1  # (B, L) place of each real token among the real ones
+    segment = torch.where(valid, rank * segments // real.clamp_min(1), n)  # (B, L); n = a dump slot
+    sums = x.new_zeros(b, h, n + 1, d).scatter_add_(2, segment[:, None, :, None].expand(b, h, length, d), x)
+    count = torch.zeros(b, n + 1, dtype=torch.long, device=x.device).scatter_add_(1, segment, torch.ones_like(segment))
+    count = count[:, :n]
+    means = sums[:, :, :n] / count.clamp_min(1).to(x.dtype)[:, None, :, None]
+    return means, count > 0
 
 
 def masked_softmax(scores: Tensor, col_valid: Tensor | None, row_valid: Tensor | None) -> Tensor:
@@ -161,6 +178,12 @@ def nystrom_attention(
     with torch.autocast(q.device.type, enabled=False):
         v = zero_padded(v, key_padding_mask).to(kernel_3.dtype)
         out = kernel_1 @ (kernel_2_inv @ (kernel_3 @ v))  # (B, H, L, D)
+        short = None if valid is None else valid.sum(-1) <= num_landmarks  # (B,) every real token a landmark
+        if short is not None and bool(short.any()):
+            # such an example gets the exact softmax, as it would alone (m ≥ ℓ): its landmarks are its
+            # tokens, so kernel_1 is already softmax(Q Kᵀ/√d) over its real keys
+            v_land, _ = segment_means(v, valid, num_landmarks)
+            out = torch.where(short[:, None, None, None], kernel_1 @ v_land.to(kernel_1.dtype), out)
     return out, q_land.shape[-2]
 
 

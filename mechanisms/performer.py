@@ -24,6 +24,11 @@ i.e. O(L·m) for C ≥ d). Redrawing W every ``redraw_interval`` global training
 (``context.step``) avoids fitting one unlucky draw; W and the step of its last redraw are
 buffers, saved in checkpoints.
 
+Stabiliser placement as the references (google-research ``fast_attention.py``
+``softmax_kernel_transformation`` and performer-pytorch ``softmax_kernel``): the max is taken
+of w·x' alone, then φ = (exp(w·x' − |x'|²/2 − max) + eps)/√m; tested against the installed
+performer-pytorch with the same projection (``tests/mechanisms/test_performer.py``).
+
 Deviations from the references: the key stabiliser is a max over valid keys only (the
 references take it over all keys, so padding could move it); padded key features are zeroed
 (the references have no key padding in FastAttention). Causal mode adds eps to the query
@@ -88,8 +93,9 @@ def softmax_kernel_features(
     """FAVOR+ features φ(x) = exp(w·x' − |x'|²/2 − stabiliser)/√m, x' = x·d^(-1/4).
 
     x: (B, H, L, D), projection: (m, D) -> (B, H, L, m) in float32 (float64 for float64 x).
-    Queries: stabiliser = row max; keys: stabiliser = max over valid keys (so padded keys cannot
-    move it). Queries, and keys when ``eps_keys`` (what ``performer`` uses), then get + eps/√m,
+    The stabiliser is a max of w·x' (not of w·x' − |x'|²/2), as both references take it:
+    queries: row max; keys: max over valid keys and features (so padded keys cannot move it).
+    With an additive eps the placement matters: it sets how much weight eps carries. Queries, and keys when ``eps_keys`` (what ``performer`` uses), then get + eps/√m,
     i.e. φ = (exp(…) + eps)/√m, as the references place it (google-research performer
     ``softmax_kernel_transformation``: ``ratio * (exp(...) + numerical_stabilizer)``;
     performer-pytorch ``softmax_kernel``: ``ratio * (exp(...) + eps)``, queries and keys alike).
@@ -99,15 +105,16 @@ def softmax_kernel_features(
     x = x.to(dtype) * x.shape[-1] ** -0.25
     # In-place where autograd allows it (the matmul saves its inputs, not its output), and the
     # 1/√m folded into the exponent: two (B, H, L, m) tensors per call instead of five.
-    logits = (x @ projection.to(dtype).t()).sub_(x.square().sum(-1, keepdim=True) / 2)  # (B, H, L, m)
+    dash = x @ projection.to(dtype).t()  # (B, H, L, m): w·x'
     log_scale = 0.5 * math.log(projection.shape[0])  # φ = exp(logits − stab − log √m)
-    with torch.no_grad():
+    with torch.no_grad():  # the stabiliser is a max of w·x' alone, as both references take it
         if is_query:
-            stab = logits.amax(-1, keepdim=True)  # (B, H, L, 1)
+            stab = dash.amax(-1, keepdim=True)  # (B, H, L, 1)
         else:
-            valid = logits if key_padding_mask is None else logits.masked_fill(key_padding_mask[:, None, :, None], -math.inf)
+            valid = dash if key_padding_mask is None else dash.masked_fill(key_padding_mask[:, None, :, None], -math.inf)
             stab = valid.amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
             stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
+    logits = dash.sub_(x.square().sum(-1, keepdim=True) / 2)  # w·x' − |x'|²/2
     feats = torch.exp(logits.sub_(stab + log_scale))  # exp saves its output: no in-place add after it
     if is_query or eps_keys:
         feats = feats + eps * projection.shape[0] ** -0.5

@@ -35,7 +35,18 @@ n_b defaults to the number of chunks rounded up to even (≥ 2), as the referenc
 n_b = L / bucket_size. Padded and internal padding positions are put in an extra bucket n_b
 that sorts after every real one, so they never move a real token's place in the sorted
 order, and are masked as keys: padded values change nothing (tested), a query with no
-allowed key in any round returns 0. ``n_buckets = 1`` disables hashing (one bucket): with
+allowed key in any round returns 0 (a padded query too).
+
+Padding amount: everything is per example, from its real length ℓ. Its bucket count is its
+own (⌈ℓ/bucket_size⌉ rounded up to even, ≥ 2) and so are its rotations: exactly the
+``randn(1, d, n_hashes, n_b/2)`` it would draw alone from the same random state (the state
+is rewound once per distinct count in the batch; a batch with one count draws once, as the
+reference does, so the agreement with reformer-pytorch holds); round r of its sorted tokens takes the slots r·P …
+r·P + ℓ − 1 of the rounds-end-to-end axis, P = ⌈ℓ/c⌉·c, and its first chunk looks back at
+its own last one. So an example alone and the same example padded in a batch give the same
+outputs on their real tokens (same random state; tested in float64 to 1e-10 in
+``tests/mechanisms/test_padding_invariance.py``). A short example (ℓ ≤ bucket_size) is one
+chunk per round either way. ``n_buckets = 1`` disables hashing (one bucket): with
 ``bucket_size ≥ L`` this is exactly shared-QK softmax attention minus the self-mask rule
 (tested against the float64 oracle).
 
@@ -44,7 +55,9 @@ padded tokens like real ones, so their values move real tokens between chunks); 
 length (the reference asserts L divisible by 2·bucket_size); (3) logits, softmax and the
 round weights in at least float32 under autocast; (4) duplicate query–key pairs across rounds
 are not de-duplicated (the reference's default ``allow_duplicate_attention=True``); no hash
-dropout, no per-head rotations (the reference's defaults); (5) the causal window (above).
+dropout, no per-head rotations (the reference's defaults); (5) the causal window (above);
+(6) per-example bucket counts and round layout (above): the reference derives n_b and the
+chunk boundaries from the padded length, so padding changes every example's hashing.
 """
 
 from __future__ import annotations
@@ -76,13 +89,58 @@ def num_buckets(cfg: ReformerConfig, padded_length: int, chunk: int) -> int:
     return max(2, chunks + chunks % 2)
 
 
-def hash_buckets(x: Tensor, rotations: Tensor | None) -> Tensor:
-    """Angular LSH. x: (B, H, L, d), rotations: (1, d, R, n_b/2) -> (B, H, R, L) ids in 0 … n_b−1
-    (all 0 when rotations is None: one bucket)."""
+def draw_rotations(d: int, n_hashes: int, example_buckets: Tensor, device) -> tuple[Tensor, Tensor | None]:
+    """Random rotations for the examples' bucket counts (B,): each example gets exactly the
+    ``torch.randn(1, d, n_hashes, n_b/2)`` it would draw alone from the current random state
+    (the state is rewound for each distinct count, a handful at most, and left after the
+    widest draw). One count in the batch: (1, d, R, n_b/2) and None; several: (B, d, R, max/2)
+    (zeros beyond an example's columns) and the per-example counts for ``hash_buckets``."""
+    counts = sorted(set(example_buckets.tolist()))
+    if len(counts) == 1:
+        return torch.randn(1, d, n_hashes, counts[0] // 2, device=device), None
+    cuda = torch.device(device).type == "cuda"
+    get_state = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
+    set_state = (lambda state: torch.cuda.set_rng_state(state, device)) if cuda else torch.set_rng_state
+    start = get_state()
+    rotations = torch.zeros(example_buckets.shape[0], d, n_hashes, counts[-1] // 2, device=device)
+    for count in counts:  # ascending: the state ends after the widest draw
+        set_state(start)
+        draw = torch.randn(1, d, n_hashes, count // 2, device=device)
+        rotations[example_buckets == count, :, :, : count // 2] = draw
+    return rotations, example_buckets
+
+
+def example_num_buckets(real: Tensor, bucket_size: int) -> Tensor:
+    """(B,) real lengths -> (B,) derived n_b of each example alone: its chunks, rounded up to even, ≥ 2."""
+    chunks = (-(-real // bucket_size)).clamp_min(1)
+    return (chunks + chunks % 2).clamp_min(2)
+
+
+def hash_buckets(x: Tensor, rotations: Tensor | None, example_buckets: Tensor | None = None) -> Tensor:
+    """Angular LSH. x: (B, H, L, d), rotations: (1 or B, d, R, n/2) -> (B, H, R, L) ids in
+    0 … n_b−1 (all 0 when rotations is None: one bucket). example_buckets (B,) even, ≤ n:
+    example b hashes with the first n_b/2 rotation columns only, n_b = example_buckets[b]
+    (None: all n)."""
     if rotations is None:
         return x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[2], dtype=torch.long)
-    rotated = torch.einsum("bhld,drk->bhrlk", x, rotations[0].to(x.dtype))  # (B, H, R, L, n_b/2)
-    return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+    if rotations.shape[0] == 1:
+        rotated = torch.einsum("bhld,drk->bhrlk", x, rotations[0].to(x.dtype))  # (B, H, R, L, n/2)
+    else:
+        rotated = torch.einsum("bhld,bdrk->bhrlk", x, rotations.to(x.dtype))
+    if example_buckets is None:
+        return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+    half = rotated.shape[-1]
+    used = (example_buckets // 2)[:, None, None, None]  # (B, 1, 1, 1) columns example b uses
+    unused = torch.arange(half, device=x.device) >= used[..., None]  # (B, 1, 1, 1, n/2)
+    both = torch.cat([rotated.masked_fill(unused, -torch.inf), (-rotated).masked_fill(unused, -torch.inf)], dim=-1)
+    ids = both.argmax(-1)  # (B, H, R, L) in [0, n/2) ∪ [n/2, n/2 + n_b/2)
+    return torch.where(ids < half, ids, ids - half + used)
+
+
+def round_slots(valid: Tensor, chunk: int) -> Tensor:
+    """(B, L) bool -> (B,) slots one round takes on the sorted axis: the example's real length
+    rounded up to whole chunks, ⌈ℓ/c⌉·c (at least one chunk)."""
+    return (-(-valid.sum(-1) // chunk)).clamp_min(1) * chunk
 
 
 def lsh_attention(
@@ -95,40 +153,69 @@ def lsh_attention(
     chunk: int,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    example_buckets: Tensor | None = None,
 ) -> Tensor:
     """Shared-QK LSH attention. q, v: (B, H, L, d), L a multiple of chunk; rotations:
-    (1, d, n_hashes, n_buckets/2) or None (n_buckets = 1) -> (B, H, L, d) in at least float32."""
+    (1, d, n_hashes, n_buckets/2) or None (n_buckets = 1); example_buckets: (B,) per-example
+    bucket counts ≤ n_buckets (None: n_buckets for all) -> (B, H, L, d) in at least float32,
+    0 at padded positions.
+
+    Layout per example: round r's ℓ real tokens, sorted by (bucket, position), take the slots
+    r·P … r·P + ℓ − 1 of the sorted axis, P = ⌈ℓ/c⌉·c; the slots after R·P are empty; chunk n
+    looks back at chunk n − 1 modulo the example's own R·P/c chunks. So nothing in it depends
+    on the padded length."""
     b, h, length, d = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, v = q.to(dtype), v.to(dtype)
-    valid = None if key_padding_mask is None else ~key_padding_mask  # (B, L) or None: nothing padded
-    buckets = hash_buckets(q, rotations).expand(b, h, n_hashes, length)  # (B, H, R, L)
-    if valid is not None:
-        buckets = buckets.masked_fill(~valid[:, None, None, :], n_buckets)  # padding: an extra, last bucket
-    pos = torch.arange(length, device=q.device)
-    sorted_key, order = (buckets * length + pos).sort(-1)  # (B, H, R, L) positions in sorted order
-    flat = order.reshape(b, h, n_hashes * length)  # rounds end to end
-    n_chunks = n_hashes * length // chunk
-    rounds = torch.arange(n_hashes, device=q.device)[:, None]
-    q_bucket = (sorted_key // length + rounds * (n_buckets + 1)).view(b, h, n_chunks, chunk)  # unique per round
-    q_place = torch.arange(n_hashes * length, device=q.device).view(n_chunks, chunk)  # place on the sorted axis
+    device = q.device
+    valid = torch.ones(b, length, dtype=torch.bool, device=device) if key_padding_mask is None else ~key_padding_mask
+    real = valid.sum(-1)  # (B,)
+    per_round = round_slots(valid, chunk)  # (B,) P
+    total = n_hashes * length  # slots of the sorted axis (R·P ≤ R·L)
+    n_chunks = total // chunk
+    rounds = torch.arange(n_hashes, device=device)
+    buckets = hash_buckets(q, rotations, example_buckets).expand(b, h, n_hashes, length)  # (B, H, R, L)
+    buckets = buckets.masked_fill(~valid[:, None, None, :], n_buckets)  # padding sorts after every real token
+    sorted_key, order = (buckets * length + torch.arange(length, device=device)).sort(-1)  # (B, H, R, L)
+    bucket_id = sorted_key // length + rounds[:, None] * (n_buckets + 1)  # unique per round
+    if key_padding_mask is None:  # every slot real, P = L: the rounds' sorted orders end to end
+        flat, slot_bucket, slot_valid = order.reshape(b, h, total), bucket_id.reshape(b, h, total), None
+    else:
+        rank = torch.arange(length, device=device)
+        slot = rounds[:, None] * per_round[:, None, None] + rank  # (B, R, L) slot of the rank-th token of round r
+        slot = torch.where(rank < real[:, None, None], slot, total).view(b, 1, -1).expand(b, h, -1)  # total = dump
+        flat = order.new_zeros(b, h, total + 1).scatter_(2, slot, order.view(b, h, -1))[..., :total]  # token per slot
+        slot_bucket = order.new_full((b, h, total + 1), -1).scatter_(2, slot, bucket_id.view(b, h, -1))[..., :total]
+        slot_valid = valid.new_zeros(b, total + 1).scatter_(1, slot[:, 0], True)[:, :total]  # (B, total)
+
+    chunk_id = torch.arange(n_chunks, device=device)
+    own_chunks = n_hashes * per_round // chunk  # (B,) chunks this example uses
+    prev = torch.remainder(chunk_id - 1, own_chunks[:, None])  # (B, n): cyclic over its own chunks
+    back_ok = prev != chunk_id  # one chunk in all: no second copy of it
+
+    def look_one_back(x: Tensor) -> Tensor:  # (B, H, n, c, …) -> (B, H, n, 2c, …): own chunk + previous
+        if slot_valid is None:  # all examples use all n chunks: a roll
+            return x if n_chunks == 1 else torch.cat([x, x.roll(1, dims=2)], dim=3)
+        index = prev.view(b, 1, n_chunks, *([1] * (x.dim() - 3))).expand(x.shape)
+        return torch.cat([x, x.gather(2, index)], dim=3)
+
     gather = lambda x: x.gather(2, flat[..., None].expand(-1, -1, -1, d)).view(b, h, n_chunks, chunk, d)  # noqa: E731
     sq, sv = gather(q), gather(v)  # (B, H, n, c, d)
     sk = F.normalize(sq, dim=-1)  # shared QK: keys are the unit queries
     q_pos = flat.view(b, h, n_chunks, chunk)  # (B, H, n, c)
-
-    def look_one_back(x: Tensor) -> Tensor:  # (B, H, n, c, …) -> (B, H, n, 2c, …): own chunk + previous
-        return x if n_chunks == 1 else torch.cat([x, x.roll(1, dims=2)], dim=3)
-
     sk, sv, k_pos = look_one_back(sk), look_one_back(sv), look_one_back(q_pos)
     dots = torch.einsum("bhnid,bhnjd->bhnij", sq * d**-0.5, sk)  # (B, H, n, c, 2c)
-    allowed = None  # (B, H, n, c, 2c) bool, None = every key in the window
-    if valid is not None:
-        k_valid = look_one_back(valid.gather(1, flat.reshape(b, -1)).view(b, h, n_chunks, chunk))
+    allowed = None  # (B, H, n, 1|c, 2c) bool, None = every key in the window
+    if slot_valid is not None:
+        k_valid = look_one_back(slot_valid.view(b, 1, n_chunks, chunk).expand(b, h, -1, -1))  # (B, H, n, 2c)
+        k_valid = k_valid & torch.cat([torch.ones_like(back_ok)[..., None].expand(-1, -1, chunk),
+                                       back_ok[..., None].expand(-1, -1, chunk)], dim=-1)[:, None]
         allowed = k_valid[..., None, :]
     if causal:  # same bucket, at most c places back on the sorted axis: only earlier tokens decide
-        k_bucket, k_place = look_one_back(q_bucket), look_one_back(q_place[None, None])
-        back = q_place[None, None, :, :, None] - k_place[..., None, :]  # (1, 1, n, c, 2c)
+        q_bucket = slot_bucket.view(b, h, n_chunks, chunk)
+        q_place = torch.arange(total, device=device).view(1, 1, n_chunks, chunk).expand(b, h, -1, -1)
+        k_bucket, k_place = look_one_back(q_bucket), look_one_back(q_place)
+        back = q_place[..., :, None] - k_place[..., None, :]  # (B, H, n, c, 2c)
         same = (k_bucket[..., None, :] == q_bucket[..., :, None]) & (back >= 0) & (back < chunk)
         allowed = same if allowed is None else allowed & same
     dots = dots.masked_fill(q_pos[..., :, None] == k_pos[..., None, :], SELF_LOGIT)
@@ -136,42 +223,45 @@ def lsh_attention(
         dots = dots.masked_fill(~allowed, torch.finfo(dtype).min)
     lse = dots.logsumexp(-1, keepdim=True)  # (B, H, n, c, 1)
     out = torch.exp(dots - lse) @ sv  # (B, H, n, c, d)
-    if allowed is not None:  # a row with no allowed key (uniform over masked ones) is zeroed
+    if allowed is not None:  # a row with no allowed key is 0
         out = out * allowed.any(-1, keepdim=True)
-    # unsort: scatter each round's sorted rows back to their positions
-    index = (flat.view(b, h, n_hashes, length) + length * torch.arange(n_hashes, device=q.device)[:, None])
-    index = index.view(b, h, n_hashes * length)
-    out = out.new_zeros(b, h, n_hashes * length, d).scatter(2, index[..., None].expand(-1, -1, -1, d), out.view(b, h, -1, d))
-    lse = lse.new_zeros(b, h, n_hashes * length).scatter(2, index, lse.view(b, h, -1))
-    out, lse = out.view(b, h, n_hashes, length, d), lse.view(b, h, n_hashes, length)
+    # unsort: each real slot back to (round, position); empty slots to a dump row
+    slot_round = torch.arange(total, device=device) // per_round[:, None]  # (B, total)
+    index = flat + (slot_round * length)[:, None]  # (B, H, total)
+    if slot_valid is not None:
+        index = torch.where(slot_valid[:, None], index, total)
+    out = out.new_zeros(b, h, total + 1, d).scatter(2, index[..., None].expand(-1, -1, -1, d), out.view(b, h, -1, d))
+    lse = lse.new_zeros(b, h, total + 1).scatter(2, index, lse.view(b, h, -1))
+    out, lse = out[:, :, :total].view(b, h, n_hashes, length, d), lse[:, :, :total].view(b, h, n_hashes, length)
     round_weights = torch.softmax(lse, dim=2)  # (B, H, R, L): rounds combined by their mass
     return (out * round_weights[..., None]).sum(2)
 
 
 def lsh_attention_reference(
     q: Tensor, v: Tensor, *, rotations: Tensor | None, n_hashes: int, n_buckets: int, chunk: int,
-    key_padding_mask: Tensor | None = None, causal: bool = False,
+    key_padding_mask: Tensor | None = None, causal: bool = False, example_buckets: Tensor | None = None,
 ) -> Tensor:
     """The same attention written densely in float64 (O(R²·L²), for tests): every query i of
     round r scores every token copy (j, r'); the copy is in i's window when its chunk on the
-    rounds-end-to-end sorted axis is i's chunk or the one before it (cyclically) — causal:
-    when it has i's bucket in i's round and lies 0 … c−1 places before i on that axis."""
+    rounds-end-to-end sorted axis is i's chunk or the one before it (cyclically over the
+    example's own R·P/c chunks, P = ⌈ℓ/c⌉·c slots a round) — causal: when it has i's bucket in
+    i's round and lies 0 … c−1 places before i on that axis. Padded queries give 0."""
     b, h, length, d = q.shape
     q, v = q.double(), v.double()
     valid = torch.ones(b, length, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask
-    buckets = hash_buckets(q.float(), rotations).expand(b, h, n_hashes, length)
+    buckets = hash_buckets(q.float(), rotations, example_buckets).expand(b, h, n_hashes, length)
     buckets = buckets.masked_fill(~valid[:, None, None, :], n_buckets)
     rank = (buckets * length + torch.arange(length)).argsort(-1).argsort(-1)  # (B, H, R, L) sorted place of i
-    n_chunks = n_hashes * length // chunk
-    chunk_of = (rank + length * torch.arange(n_hashes)[:, None]) // chunk  # (B, H, R, L) chunk on the flat axis
-    chunk_of = chunk_of.reshape(b, h, n_hashes * length)  # copies (r, j) flattened
+    per_round = round_slots(valid, chunk)[:, None, None, None]  # (B, 1, 1, 1)
+    place = (rank + per_round * torch.arange(n_hashes)[:, None]).reshape(b, h, n_hashes * length)
+    own_chunks = (n_hashes * per_round // chunk).view(b, 1, 1, 1)
+    chunk_of = place // chunk  # copies (r, j) flattened
     qi, kj = chunk_of[..., :, None], chunk_of[..., None, :]  # queries (r, i) × keys (r', j)
-    window = (kj == qi) | ((kj == (qi - 1) % n_chunks) & (n_chunks > 1))
+    window = (kj == qi) | ((kj == torch.remainder(qi - 1, own_chunks)) & (own_chunks > 1))
     scores = (q @ F.normalize(q, dim=-1).transpose(-1, -2)) * d**-0.5  # (B, H, L, L)
     scores = scores.masked_fill(torch.eye(length, dtype=torch.bool), SELF_LOGIT).repeat(1, 1, n_hashes, n_hashes)
     allowed = window & valid.repeat(1, n_hashes)[:, None, None, :]
     if causal:  # same bucket of the same round, 0 … c−1 places back on the sorted axis
-        place = (rank + length * torch.arange(n_hashes)[:, None]).reshape(b, h, n_hashes * length)
         bucket_id = (buckets + (n_buckets + 1) * torch.arange(n_hashes)[:, None]).reshape(b, h, n_hashes * length)
         back = place[..., :, None] - place[..., None, :]
         allowed = allowed & (bucket_id[..., :, None] == bucket_id[..., None, :]) & (back >= 0) & (back < chunk)
@@ -182,7 +272,7 @@ def lsh_attention_reference(
     lse = lse.view(b, h, n_hashes, length)
     any_allowed = allowed.any(-1).view(b, h, n_hashes, length)
     round_weights = torch.nan_to_num(torch.softmax(lse.masked_fill(~any_allowed, float("-inf")), dim=2))
-    return (out * round_weights[..., None]).sum(2)
+    return (out * round_weights[..., None]).sum(2) * valid[:, None, :, None]
 
 
 @register_mechanism("reformer", ReformerConfig, causal=True, key_padding=True)
@@ -213,10 +303,17 @@ class Reformer(Attention):
         b, h, length, d = q.shape
         chunk = min(self.cfg.bucket_size, length)
         padded = -(-length // chunk) * chunk
-        n_buckets = num_buckets(self.cfg, padded, chunk)
-        # Random rotations drawn anew at every call, as the reference (shape as reformer-pytorch's).
-        rotations = None if n_buckets == 1 else torch.randn(1, d, self.cfg.n_hashes, n_buckets // 2, device=q.device)
         kpm = None if key_padding_mask is None else key_padding_mask.bool()
+        # Random rotations drawn anew at every call, as the reference (shape as reformer-pytorch's).
+        example_buckets = None
+        if self.cfg.n_buckets > 0:
+            n_buckets = self.cfg.n_buckets
+            rotations = None if n_buckets == 1 else torch.randn(1, d, self.cfg.n_hashes, n_buckets // 2, device=q.device)
+        else:  # each example's own count from its real length, and the rotations it would draw alone
+            real = torch.full((b,), length, device=q.device) if kpm is None else (~kpm).sum(-1)
+            counts = example_num_buckets(real, self.cfg.bucket_size)
+            n_buckets = int(counts.max())
+            rotations, example_buckets = draw_rotations(d, self.cfg.n_hashes, counts, q.device)
         if padded > length:
             q, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q, v))
             kpm = torch.zeros(b, length, dtype=torch.bool, device=q.device) if kpm is None else kpm
@@ -224,9 +321,9 @@ class Reformer(Attention):
         with torch.autocast(q.device.type, enabled=False):
             out = lsh_attention(
                 q, v, rotations=rotations, n_hashes=self.cfg.n_hashes, n_buckets=n_buckets, chunk=chunk,
-                key_padding_mask=kpm, causal=causal,
+                key_padding_mask=kpm, causal=causal, example_buckets=example_buckets,
             )
-        self._buckets = n_buckets
+        self._buckets = float(n_buckets) if example_buckets is None else float(example_buckets.float().mean())
         return out[:, :, :length].to(v.dtype)
 
     def metrics(self) -> dict[str, float]:

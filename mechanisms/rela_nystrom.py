@@ -30,6 +30,10 @@ ignores a positive per-row scale only when every entry it normalises shares it (
 norm runs over H·D and each head has its own row sums) and no gate reads o's scale (the gate
 σ(w ⊙ o) does).
 
+Padding is per example as in ``nystrom``: segments over each example's real tokens, and
+an example with ℓ ≤ m real tokens gets the dense form, as it would alone, so outputs on
+real tokens do not depend on the amount of padding in the batch.
+
 Accuracy/speed trade-off: ``num_landmarks`` (m) and ``pinv_iterations``, as in ``nystrom``
 (and as there, the truncated 6-iteration pinv regularises: a converged one can amplify the
 error for m < L, more so here, since a ReLU middle factor is often near-singular).
@@ -58,7 +62,7 @@ ROW_SUM_FLOOR = 1e-6  # denominators of the row normalisation are at least this
 class ReLANystromConfig(ReLANormConfig):
     num_landmarks: int = 64  # m segment-mean landmarks: the accuracy/speed knob (exact when m >= L)
     pinv_iterations: int = 6  # iterations of the Moore–Penrose method: more = closer to the exact pinv
-    conv_kernel_size: int = 33  # depthwise conv skip on V along the sequence (as nystrom); 0 disables it
+    conv_kernel_size: int = 35  # depthwise conv skip on V along the sequence (as nystrom); 0 disables it
 
 
 def relu_row_normalised(
@@ -110,6 +114,12 @@ def relu_nystrom_attention(
     with torch.autocast(q.device.type, enabled=False):
         v = zero_padded(v, key_padding_mask).to(kernel_3.dtype)
         out = kernel_1 @ (kernel_2_inv @ (kernel_3 @ v))  # (B, H, L, D)
+        short = None if valid is None else valid.sum(-1) <= num_landmarks  # (B,) every real token a landmark
+        if short is not None and bool(short.any()):
+            # such an example gets the dense form, as it would alone (m ≥ ℓ): its landmarks are its
+            # tokens, so kernel_1 is already N(ReLU(Q Kᵀ/√d)) over its real keys
+            v_land, _ = segment_means(v, valid, num_landmarks)
+            out = torch.where(short[:, None, None, None], kernel_1 @ v_land.to(kernel_1.dtype), out)
     sparsity = (zero_share(relu_1, allowed_1) + zero_share(relu_3, allowed_3)) / 2
     return out, sparsity
 

@@ -12,8 +12,16 @@ permutation matrix (§3.2 of the paper, Gumbel-Sinkhorn of Mena et al. 2018):
     P = Sinkhorn(R):  S⁰ = R;  Sⁿ = col-norm(row-norm(Sⁿ⁻¹)) in log space;  P = exp(S^iters)
     K̃_j = Σ_i P_ij K_i,   Ṽ_j = Σ_i P_ij V_i                       (the block sorted into slot j)
 
-and each query block j attends to its sorted block and to itself (local), softmax(Q_j [K̃_j;
-K_j]ᵀ/√d) [Ṽ_j; V_j]: O(L·2b·d + N_B²·d) time, O(L·2b + N_B²) memory, no (L, L) tensor.
+and each query block j attends to its own block and to its sorted block. ``combine``:
+
+    "sum" (default, the authors' LRA code: ``x = x + sorted_x``, two attentions each
+           normalised on its own):  softmax(Q_j K_jᵀ/√d) V_j + softmax(Q_j K̃_jᵀ/√d) Ṽ_j
+    "joint" (lucidrains' sinkhorn-transformer, one softmax over 2b keys):
+           softmax(Q_j [K̃_j; K_j]ᵀ/√d) [Ṽ_j; V_j]
+
+(a query with only masked keys on one side gets 0 from that side). O(L·2b·d + N_B²·d)
+time, O(L·2b + N_B²) memory, no (L, L) tensor. With one block (L ≤ b) the sorted block is the
+block itself, so "joint" is plain softmax attention and "sum" twice it.
 W: (d, ⌈max_len/b⌉) shared by the heads (as the authors' DenseGeneral); the first N_B
 columns are used, so L ≤ max_len. Accuracy/speed knobs: ``block_size`` (bigger = more keys
 per query), ``sinkhorn_iters`` and ``temperature`` (sharper = closer to a hard permutation).
@@ -22,7 +30,15 @@ Padding: queries, keys and values of padded positions are zeroed before the bloc
 and the sorting, so they have no influence on P or on any sorted key; a sorted key slot is
 masked when every key mixed into it is padded (the authors' sorted padding mask, Σ_i P_ij
 valid_i,t > 0); own-block padded keys are masked. Lengths that are not a multiple of b are
-padded internally the same way. A query whose keys are all padded returns 0.
+padded internally the same way. A query whose keys are all padded returns 0. The block count
+is per example: the blocks after an example's last real token are all padding and are kept
+out of its sort (P is the identity there, the real blocks are sorted among themselves by the
+Sinkhorn of their own N_ℓ × N_ℓ scores), so an example's outputs on its real tokens do not
+depend on how much padding its batch has (tested in float64 to 1e-10; in eval: the
+training Gumbel noise is drawn for the padded block count, so its draw still differs). A one-block example
+(ℓ ≤ b) attends to its own keys twice, which is its plain softmax whatever the block size, so
+it too matches itself alone (where b = ℓ). The authors' code sorts all N blocks of the padded
+length, so padding blocks take part in (and change) the sort: a deviation, (5) below.
 
 Deviations from the authors' code: (1) ``sort_activation`` is Sinkhorn (the paper's method;
 the LRA code defaults to a plain softmax over the last axis); Gumbel noise only in training
@@ -31,7 +47,14 @@ to (block_size, num_blocks) makes strided blocks); (3) no causal variant: the pa
 Sinkhorn sorts with cumulative block sums, but a block's own summary still contains the later
 tokens of that block, so an honest strictly causal version needs more than the paper gives —
 the flag is off; no cross attention (query and key block counts must match); (4) softmax and
-Sinkhorn in at least float32 under autocast.
+Sinkhorn in at least float32 under autocast; (5) the per-example block count (above);
+(6) the sorted block: the LRA code forms it with ``einsum('bskhd,bnhl->bsnhd', block_key,
+permutation)``, which sums over both the source-block axis k and the slot axis l, so with
+its default softmax sort (rows summing to 1) every slot receives the sum of all key blocks;
+we mix K̃_j = Σ_i P_ij K_i as the paper's §3.2 describes; (7) LRA's runs use block_size 50
+(64 on CIFAR-10) and its ``sinkhorn_operator`` (when selected) 1 iteration, temperature 1
+and log-values clipped to ±1; our defaults are lucidrains' (7 iterations, τ = 0.75), no
+clipping.
 """
 
 from __future__ import annotations
@@ -53,6 +76,24 @@ class SinkhornConfig:
     sinkhorn_iters: int = 7  # row/column normalisations of the sort matrix (lucidrains' "best in paper")
     temperature: float = 0.75  # τ: lower = closer to a hard permutation
     gumbel_noise: bool = True  # Gumbel-Sinkhorn noise on the sort scores while training (never in eval)
+    combine: str = "sum"  # "sum": own-block and sorted-block attentions added (authors' LRA code); "joint": one softmax
+
+
+COMBINES = ("sum", "joint")
+
+
+def restrict_to_real_blocks(log_scores: Tensor, real_blocks: Tensor) -> Tensor:
+    """(B, H, N, N) scores, real_blocks (B,) -> scores whose Sinkhorn is block diagonal: the
+    first real_blocks rows and columns as given, the identity on the all-padding blocks after
+    them (0 on their diagonal, a finite −∞ elsewhere, so exp gives exactly 0 and no NaN). The
+    real blocks are then sorted among themselves exactly as with no padding blocks at all."""
+    n = log_scores.shape[-1]
+    ids = torch.arange(n, device=log_scores.device)
+    pad = ids[None, :] >= real_blocks[:, None]  # (B, N) all-padding blocks
+    off = (pad[:, :, None] | pad[:, None, :]) & (ids[:, None] != ids[None, :])  # (B, N, N) outside the two blocks
+    low = torch.finfo(log_scores.dtype).min / 4
+    log_scores = log_scores.masked_fill(off[:, None], low)
+    return log_scores.masked_fill((pad[:, :, None] & (ids[:, None] == ids[None, :]))[:, None], 0.0)
 
 
 def sinkhorn(log_scores: Tensor, iters: int) -> Tensor:
@@ -69,8 +110,21 @@ def gumbel_like(x: Tensor, eps: float = 1e-6) -> Tensor:
     return -torch.log(-torch.log(u + eps) + eps)
 
 
-def sorted_block_attention(q: Tensor, k: Tensor, v: Tensor, perm: Tensor, valid: Tensor, block: int) -> Tensor:
-    """Each query block attends to its sorted block and itself.
+def block_softmax(q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor) -> Tensor:
+    """Blocked softmax attention. q: (B, H, N, b, d), keys/values: (B, H, N, S, d), key_valid:
+    (B, H, N, S) -> (B, H, N, b, d); masked keys get weight exactly 0, a row with none is 0."""
+    dots = torch.einsum("bhnid,bhnjd->bhnij", q, keys) * q.shape[-1] ** -0.5  # (B, H, N, b, S)
+    dots = dots.masked_fill(~key_valid[..., None, :], torch.finfo(dots.dtype).min)
+    weights = dots.softmax(-1) * key_valid[..., None, :]  # exactly 0 at masked keys, also in empty rows
+    return weights @ values
+
+
+def sorted_block_attention(
+    q: Tensor, k: Tensor, v: Tensor, perm: Tensor, valid: Tensor, block: int, combine: str = "joint"
+) -> Tensor:
+    """Each query block attends to its sorted block and itself: "joint" = one softmax over the
+    2b keys [K̃_j; K_j] (lucidrains), "sum" = softmax over K_j plus softmax over K̃_j, each
+    normalised on its own (the authors' LRA code: ``x = x + sorted_x``).
 
     q, k, v: (B, H, L, d) with padded rows zeroed, L = N_B·b; perm: (B, H, N_B, N_B), perm[i, j]
     = weight of key block i in slot j; valid: (B, L) bool -> (B, H, L, d) in q's dtype."""
@@ -81,13 +135,13 @@ def sorted_block_attention(q: Tensor, k: Tensor, v: Tensor, perm: Tensor, valid:
     v_sorted = torch.einsum("bhij,bhitd->bhjtd", perm, vb)
     vmask = valid.view(b, 1, n, block).to(perm.dtype).expand(b, h, n, block)
     sorted_valid = torch.einsum("bhij,bhit->bhjt", perm, vmask) > 0  # some real key mixed in
-    keys = torch.cat([k_sorted, kb], dim=3)  # (B, H, N, 2b, d)
-    values = torch.cat([v_sorted, vb], dim=3)
-    key_valid = torch.cat([sorted_valid, vmask > 0], dim=3)  # (B, H, N, 2b)
-    dots = torch.einsum("bhnid,bhnjd->bhnij", qb, keys) * d**-0.5  # (B, H, N, b, 2b)
-    dots = dots.masked_fill(~key_valid[..., None, :], torch.finfo(dots.dtype).min)
-    weights = dots.softmax(-1) * key_valid[..., None, :]  # exactly 0 at masked keys, also in empty rows
-    return (weights @ values).view(b, h, length, d)
+    if combine == "sum":
+        out = block_softmax(qb, kb, vb, vmask > 0) + block_softmax(qb, k_sorted, v_sorted, sorted_valid)
+    else:
+        keys = torch.cat([k_sorted, kb], dim=3)  # (B, H, N, 2b, d)
+        values = torch.cat([v_sorted, vb], dim=3)
+        out = block_softmax(qb, keys, values, torch.cat([sorted_valid, vmask > 0], dim=3))
+    return out.reshape(b, h, length, d)
 
 
 @register_mechanism("sinkhorn", SinkhornConfig, key_padding=True)
@@ -98,19 +152,26 @@ class SinkhornAttention(Attention):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
         if cfg.block_size < 1 or cfg.sinkhorn_iters < 0 or cfg.temperature <= 0:
             raise ValueError(f"sinkhorn needs block_size >= 1, sinkhorn_iters >= 0 and temperature > 0, got {cfg}")
+        if cfg.combine not in COMBINES:
+            raise ValueError(f"sinkhorn.combine='{cfg.combine}'; valid: {', '.join(COMBINES)}")
         self.max_blocks = math.ceil(max_len / cfg.block_size)
         self.sort_net = nn.Linear(dim_head, self.max_blocks)  # key-block sum -> score of each target slot
         self._perm: Tensor | None = None
 
-    def sort_matrix(self, k: Tensor, n_blocks: int, block: int) -> Tensor:
-        """k: (B, H, L, d) with padded rows zeroed -> P: (B, H, N, N) doubly stochastic, float32+."""
+    def sort_matrix(self, k: Tensor, n_blocks: int, block: int, real_blocks: Tensor | None = None) -> Tensor:
+        """k: (B, H, L, d) with padded rows zeroed, real_blocks (B,) blocks holding a real token
+        (None: all) -> P: (B, H, N, N) doubly stochastic, float32+; the identity on the
+        all-padding blocks, which are kept out of the real blocks' sort."""
         b, h, length, d = k.shape
         summary = k.view(b, h, n_blocks, block, d).sum(3)  # (B, H, N, d)
         weight, bias = self.sort_net.weight[:n_blocks].to(k.dtype), self.sort_net.bias[:n_blocks].to(k.dtype)
         scores = summary @ weight.T + bias  # (B, H, N, N): row i = key block i, column j = slot j
         if self.training and self.cfg.gumbel_noise:
             scores = scores + gumbel_like(scores)
-        return sinkhorn(scores / self.cfg.temperature, self.cfg.sinkhorn_iters)
+        scores = scores / self.cfg.temperature
+        if real_blocks is not None:
+            scores = restrict_to_real_blocks(scores, real_blocks)
+        return sinkhorn(scores, self.cfg.sinkhorn_iters)
 
     def forward(
         self,
@@ -138,8 +199,12 @@ class SinkhornAttention(Attention):
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)).masked_fill(~valid[:, None, :, None], 0.0)
                        for x in (q, k, v))
-            perm = self.sort_matrix(k, n_blocks, block)
-            out = sorted_block_attention(q, k, v, perm, valid, block)
+            # blocks up to each example's last real token take part in its sort; the all-padding
+            # ones after it do not, so the amount of padding does not change the sort
+            last = torch.where(valid, torch.arange(padded, device=q.device), -1).amax(-1)  # (B,)
+            real_blocks = None if key_padding_mask is None else (last // block + 1).clamp_min(1)
+            perm = self.sort_matrix(k, n_blocks, block, real_blocks)
+            out = sorted_block_attention(q, k, v, perm, valid, block, self.cfg.combine)
         self._perm = perm.detach()
         return out[:, :, :length].to(in_dtype)
 

@@ -29,9 +29,16 @@ runs 6 Newton–Schulz iterations initialised with a maximum pooled over the who
 normalise the same way but initialise per (example, head) matrix, so examples do not
 couple; ``pinv_iterations = 0`` uses an exact pseudo-inverse (torch.linalg.pinv) instead;
 (4) padded keys are zeroed in κ(S, K) and in V and never chosen as landmarks (a padded
-landmark slot, when too few valid points exist, is a zero row and column), so they have no
-influence; a query whose keys are all padded gets 0. When Lq = Lk (self-attention) a padded
-position is taken to be a padded query as well and is never sampled as a landmark.
+landmark slot, when too few valid points exist, is a zero row and column, the ridge
+included), so they have no influence; a query whose keys are all padded gets 0. When Lq = Lk
+(self-attention) a padded position is taken to be a padded query as well and is never
+sampled as a landmark; (5) padding amount: the landmark draw is one priority per real-token
+rank over a fixed width (max_len), so with the same random state an example alone and the
+same example padded in a batch choose the same real tokens and give the same outputs (tested
+in float64 to 1e-10 in ``tests/mechanisms/test_padding_invariance.py``); an example with
+2ℓ ≤ m (self-attention) uses all its points, as it does alone. Which tokens are drawn still
+depends on the example's row in the batch (one random state for the batch), as in the
+reference.
 """
 
 from __future__ import annotations
@@ -68,10 +75,17 @@ def gaussian_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, key_padding
     return c @ v
 
 
-def sample_landmarks(valid: Tensor, count: int) -> Tensor:
+def sample_landmarks(valid: Tensor, count: int, priority: Tensor | None = None) -> Tensor:
     """valid: (B, N) bool -> (B, min(count, N)) indices, uniformly without replacement among the
-    valid positions first (the invalid ones only fill slots when too few are valid)."""
-    keys = torch.rand(valid.shape, device=valid.device) + (~valid).float() * 2  # invalid sort last
+    valid positions first (the invalid ones only fill slots when too few are valid).
+
+    priority: (B, W ≥ N) uniform draws, one per *real-token rank* (default: drawn here, W = N):
+    the r-th valid position of an example takes priority r, so with a draw of fixed width (the
+    module's max_len) the chosen real tokens do not depend on how much padding the batch has."""
+    if priority is None:
+        priority = torch.rand(valid.shape, device=valid.device)
+    rank = (valid.cumsum(-1) - 1).clamp_min(0)  # (B, N) place among the valid positions
+    keys = priority.gather(1, rank) + (~valid).float() * 2  # invalid sort last
     return keys.argsort(-1)[:, : min(count, valid.shape[1])]
 
 
@@ -89,9 +103,10 @@ def newton_schulz_inverse(a: Tensor, iterations: int) -> Tensor:
 
 def skyformer_attention(
     q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int, ridge: float, pinv_iterations: int,
-    key_padding_mask: Tensor | None,
+    key_padding_mask: Tensor | None, draw_length: int = 0,
 ) -> Tensor:
-    """q: (B, H, Lq, d), k, v: (B, H, Lk, d) -> (B, H, Lq, d) in at least float32."""
+    """q: (B, H, Lq, d), k, v: (B, H, Lk, d) -> (B, H, Lq, d) in at least float32. draw_length:
+    the width of the landmark draw (``sample_landmarks``), the module's max_len."""
     b, h, lq, d = q.shape
     lk = k.shape[-2]
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -105,8 +120,10 @@ def skyformer_attention(
         idx_q = torch.arange(lq, device=q.device).expand(b, lq)
         idx_k = torch.arange(lk, device=q.device).expand(b, lk)
     else:
-        idx_q = sample_landmarks(valid_q, num_landmarks - num_landmarks // 2)  # (B, mq)
-        idx_k = sample_landmarks(valid_k, num_landmarks // 2)  # (B, mk)
+        # one draw for both sides, each example's in its own row: (B, 2, W)
+        priority = torch.rand(b, 2, max(draw_length, lq, lk), device=q.device)
+        idx_q = sample_landmarks(valid_q, num_landmarks - num_landmarks // 2, priority[:, 0])  # (B, mq)
+        idx_k = sample_landmarks(valid_k, num_landmarks // 2, priority[:, 1])  # (B, mk)
     gather = lambda x, idx: x.gather(2, idx[:, None, :, None].expand(-1, h, -1, d))  # noqa: E731
     landmarks = torch.cat([gather(q, idx_q), gather(k, idx_k)], dim=2)  # (B, H, m, d)
     land_valid = torch.cat([valid_q.gather(1, idx_q), valid_k.gather(1, idx_k)], dim=1)  # (B, m)
@@ -114,7 +131,9 @@ def skyformer_attention(
     kernel_qs = gaussian_kernel(q, landmarks) * lv[:, :, None, :]  # (B, H, Lq, m)
     kernel_sk = zero_padded(gaussian_kernel(k, landmarks), key_padding_mask) * lv[:, :, None, :]  # (B, H, Lk, m)
     kernel_ss = gaussian_kernel(landmarks, landmarks) * lv[..., :, None] * lv[..., None, :]  # (B, H, m, m)
-    kernel_ss = kernel_ss + ridge * torch.eye(kernel_ss.shape[-1], dtype=dtype, device=q.device)
+    # ridge on the real landmarks only: a masked slot stays an all-zero row and column, whose
+    # (pseudo-)inverse is zero and which changes no norm of the Newton–Schulz start
+    kernel_ss = kernel_ss + torch.diag_embed(ridge * lv.expand(-1, h, -1))
     if pinv_iterations > 0:
         # symmetric row-sum normalisation D^(-1/2) W D^(-1/2) before Newton–Schulz, as the reference
         d_inv_sqrt = kernel_ss.sum(-1).clamp_min(torch.finfo(dtype).tiny).rsqrt()  # (B, H, m)
@@ -149,5 +168,6 @@ class Skyformer(Attention):
             out = skyformer_attention(
                 q, k, v, num_landmarks=self.cfg.num_landmarks, ridge=self.cfg.ridge,
                 pinv_iterations=self.cfg.pinv_iterations, key_padding_mask=key_padding_mask,
+                draw_length=self.max_len,
             )
         return out.to(q.dtype)

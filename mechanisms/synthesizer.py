@@ -21,7 +21,12 @@ input x_i); (2) the LRA code skips the key padding mask when it ignores the dot 
 ours always applies it (padded keys have no influence); (3) R is initialised N(0, 1/max_len)
 (Flax's lecun-normal in the LRA code); (4) keys (and, in random mode, queries) take no part
 in the weights by design: they enter the graph with weight exactly zero so that their
-gradient is an explicit zero rather than None; (5) self-attention only (no ``cross``).
+gradient is an explicit zero rather than None; (5) self-attention only (no ``cross``);
+(6) the default here is ``dense`` without dot product; the LRA model's default
+(``lra_benchmarks/models/synthesizer/synthesizer.py``, ``SynthesizerBlock.apply``:
+``synthesizer_mode='random'``, ``ignore_dot_product=False``) is random + dot product, the
+``+preset=lra_synthesizer`` (``conf/preset/lra_synthesizer.yaml``); LRA's text config uses
+``factorized_random`` (R = R₁R₂, rank 32) without dot product, which is not implemented here.
 """
 
 from __future__ import annotations

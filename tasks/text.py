@@ -134,16 +134,19 @@ def split_documents(cfg: TextConfig) -> dict[str, list[tuple[str, str, int]]]:
     return {split: [docs[i] for i in idx] for split, idx in zip(("train", "validation", "test"), parts)}
 
 
-def build_manpages(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int]]]:
+def build_manpages(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int], list[int]]]:
+    """{split: (ids, labels, clusters)}: a window's cluster is its page (windows of one page are
+    not independent test units; the report's intervals are cluster-robust over them)."""
     splits = {}
     for k, (split, docs) in enumerate(split_documents(cfg).items()):
-        ids, labels = [], []
-        for _, text, y in docs:
+        ids, labels, pages = [], [], []
+        for page, (_, text, y) in enumerate(docs):
             for window in byte_windows(text, cfg.max_len, cfg.windows_per_doc):
                 ids.append(window)
                 labels.append(y)
+                pages.append(page)
         keep = balance(labels, cfg.data_seed + 1 + k, f"text/manpages {split}")
-        splits[split] = ([ids[i] for i in keep], [labels[i] for i in keep])
+        splits[split] = ([ids[i] for i in keep], [labels[i] for i in keep], [pages[i] for i in keep])
     return splits
 
 
@@ -301,8 +304,9 @@ class Text(Task):
         import datasets
 
         splits = build_imdb(self.cfg) if self.cfg.source == "imdb" else build_manpages(self.cfg)
+        columns = ("input_ids", "label", "cluster")  # IMDB reviews are their own units: no cluster column
         return datasets.DatasetDict(
-            {split: datasets.Dataset.from_dict({"input_ids": ids, "label": labels}) for split, (ids, labels) in splits.items()}
+            {split: datasets.Dataset.from_dict(dict(zip(columns, parts))) for split, parts in splits.items()}
         )
 
 

@@ -171,3 +171,27 @@ def test_pixel_and_kmer_lr_see_what_a_bag_of_tokens_cannot():
     dsd = datasets.DatasetDict({s: datasets.Dataset.from_dict(motifs(n)) for s, n in
                                 (("train", 300), ("validation", 60), ("test", 60))})
     assert kmer_lr_baseline(dsd)["value"] > 0.95
+
+
+def test_every_accuracy_baseline_records_its_outcome_per_test_item():
+    """The paired tests of the report need each baseline's outcome on every test item, in test
+    order: they sum to the baseline's accuracy; per-position tasks count queries per sequence."""
+    rng = np.random.default_rng(0)
+    dsd = datasets.DatasetDict({"train": classification(rng, 200), "validation": classification(rng, 60),
+                                "test": classification(rng, 60)})
+    for b in baselines.compute_baselines(dsd, "text"):
+        items = b["items"]
+        assert len(items["correct"]) == 60 == len(items["count"])
+        assert sum(items["correct"]) / sum(items["count"]) == pytest.approx(b["value"])
+    labels = np.asarray(dsd["test"]["label"])
+    majority = baselines.compute_baselines(dsd, "text")[0]
+    assert majority["items"]["correct"] == (labels == majority["choice"]).astype(int).tolist()
+    from tasks.mqar import MQARConfig, generate_splits
+
+    cfg = MQARConfig(max_len=64, num_pairs=4, num_keys=8, num_values=4, num_train=200, num_val=40, num_test=30)
+    mq = datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
+                               for s, (x, y) in generate_splits(cfg).items()})
+    for b in baselines.compute_baselines(mq, "mqar"):
+        items = b["items"]
+        assert items["count"] == [4] * 30  # four queries in each of the 30 test sequences
+        assert sum(items["correct"]) / 120 == pytest.approx(b["value"])

@@ -132,3 +132,31 @@ def test_training_loss_includes_the_mechanisms_aux_loss():
 
 def test_parameter_count_grows_with_depth():
     assert count_parameters(model(depth=3)) > count_parameters(model(depth=2)) > 0
+
+
+def test_short_conv_sees_the_previous_token_only():
+    """model.short_conv=2: a position's state depends on its own and the previous token, and
+    (causal) never on a later one; without attention mixing (positions none, one token changed)."""
+    m = model(positions="none", short_conv=2, depth=0)
+    x = m.encoder.embed(torch.tensor([[1, 2, 3, 4, 5]]))
+    y = m.encoder.short_conv(x)
+    x2 = x.clone()
+    x2[0, 2] += 1.0  # change token 2
+    y2 = m.encoder.short_conv(x2)
+    changed = (y2 - y).abs().sum(-1)[0]
+    assert changed[:2].max() == 0  # earlier positions never see a later token
+    assert changed[2] > 0 and changed[3] > 0  # the token itself and the one after it
+    assert changed[4] == 0  # kernel 2: two tokens on
+    torch.testing.assert_close(y[:, 0], x[:, 0] + m.encoder.short_conv.conv.weight[:, 0, 1] * x[0, 0])
+
+
+def test_short_conv_keeps_padding_invariance():
+    m = model(short_conv=3)
+    alone = m(batch([[3, 1, 4, 1, 5]]))
+    padded = m(batch([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]], pad_from=[5, 8]))
+    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_short_conv_must_be_a_kernel_size():
+    with pytest.raises(ValueError, match="short_conv=-1"):
+        ModelConfig(short_conv=-1)

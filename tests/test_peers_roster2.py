@@ -53,7 +53,7 @@ def test_sinkhorn_agrees_with_sinkhorn_transformer_given_the_same_sort_matrix():
     attention agrees exactly; with v ≠ k it does not, because the library's sorted values are
     its sorted keys (b_v_r = b_k_r in SinkhornAttention.forward, 0.11.4)."""
     block, length = 4, 16
-    ours = build("sinkhorn", block_size=block, max_len=length)
+    ours = build("sinkhorn", block_size=block, max_len=length, combine="joint")  # the library's one softmax
     peer = build("sinkhorn_peer", block_size=block, max_len=length)
     q, k, v = qkv(lq=length, dtype=torch.float64)
     ours.double()

@@ -254,7 +254,8 @@ def test_a_column_whose_cells_share_one_config_names_it_once_and_a_mechanism_kee
     table, averages = report.accuracy_table(stats, baselines)
     header = table.splitlines()[0]
     assert "| listops L=128 " in header and f"listops L=1K [{small}]" in header and f"text L=128 [{small}]" in header
-    assert averages["softmax"] == pytest.approx((0.40 + 0.70) / 2)  # listops at its most-populated length (ties: shortest)
+    # chance-normalised (majority 0.5 in both), listops at its most-populated length (ties: shortest)
+    assert averages["softmax"] == pytest.approx(((0.40 - 0.5) / 0.5 + (0.70 - 0.5) / 0.5) / 2)
     assert "| softmax " in table and "[a1]" not in table
     mixed = records + [record(mechanism="performer", variant="e5", label="mechanism.num_features=16",
                               max_len=1024, fingerprint="long")]
@@ -262,13 +263,112 @@ def test_a_column_whose_cells_share_one_config_names_it_once_and_a_mechanism_kee
     assert {"softmax [" + small + "]", "performer [mechanism.num_features=16]"} <= rows  # two configs at 1K: labelled
 
 
-def test_a_band_where_nothing_beats_the_shortcut_lists_only_its_pareto_front(tmp_path):
+def test_a_band_where_nothing_beats_the_shortcut_says_no_signal_and_ranks_cost_only(tmp_path):
     records = [record(mechanism=m, accuracy=0.5, tokens_per_s=t, max_len=1024, majority=0.5)
                for m, t in (("softmax", 1000), ("fnet", 9000), ("linear", 5000), ("slow", 500))]
     stats, baselines = stats_of(records, tmp_path)
     assert not stats.beats_baseline.any()
     lines = report.recommendation_table(stats, baselines).splitlines()[2:]
-    assert len(lines) == 1 and "| fnet " in lines[0] and "none beats the shortcut baseline; 3 more within" in lines[0]
+    names = [[c.strip() for c in line.strip("|").split("|")][3] for line in lines]
+    assert names == ["fnet", "linear", "softmax"]  # the three fastest, labelled as a cost ranking
+    assert all("no accuracy signal: cost ranking only" in line and "✓" not in line for line in lines)
+
+
+def with_items(r, correct, *, count=None, clusters=None):
+    r["test_items"] = {"correct": list(correct), "count": list(count or [1] * len(correct))}
+    r["data"]["sizes"]["test"] = len(correct)
+    if clusters is not None:
+        r["data"]["test_clusters"] = list(clusters)
+    r["metrics"]["test"]["accuracy"] = sum(correct) / sum(count or [1] * len(correct))
+    return r
+
+
+def shortcut(baselines, correct, key=("listops", 128)):
+    """Make the column's strongest baseline one with per-item outcomes (as harness.baselines records them)."""
+    baselines[key]["baselines"].append({"name": "shortcut", "metric": "accuracy", "value": sum(correct) / len(correct),
+                                        "n_test": len(correct), "half_width": None, "note": "",
+                                        "items": {"correct": list(correct), "count": [1] * len(correct)}})
+
+
+def test_beating_the_baseline_is_a_paired_test_on_the_same_items(tmp_path):
+    """200 items; the shortcut is right on items 0-119 (0.60). 'superset' is right there and on 13
+    more (0.665) in each of 3 seeds: every disagreement favours it, so the paired test finds it
+    better, where the unpaired rule (Wilson's lower bound 0.597 < 0.60) would not. 'elsewhere' has
+    the same accuracy on other items: no paired evidence, not better."""
+    base = [1] * 120 + [0] * 80
+    superset = [1] * 133 + [0] * 67
+    elsewhere = [0] * 67 + [1] * 133
+    records = [with_items(record(mechanism="superset", seed=s, majority=0.3), superset) for s in range(3)]
+    records += [with_items(record(mechanism="elsewhere", seed=s, majority=0.3), elsewhere) for s in range(3)]
+    cells = report.cells_frame(records)
+    baselines = report.column_baselines(cells, tmp_path / "b")
+    shortcut(baselines, base)
+    stats = report.group_stats(cells, baselines).set_index("row")
+    assert report.wilson(0.665, 200)[0] < 0.60  # the old unpaired rule would say "not beyond the baseline"
+    assert stats.loc["superset"].beats_baseline and stats.loc["superset"].p_baseline < 0.05
+    assert not stats.loc["elsewhere"].beats_baseline and stats.loc["elsewhere"].p_baseline > 0.05
+    assert stats.loc["superset"].bold and not stats.loc["elsewhere"].bold
+
+
+def test_bold_needs_to_be_not_significantly_below_the_best_under_the_paired_test(tmp_path):
+    base = [1] * 100 + [0] * 100  # 0.50
+    best = [1] * 180 + [0] * 20  # 0.90
+    close = [1] * 172 + [0] * 8 + [1] * 4 + [0] * 16  # 8 items lost, 4 won against the best: within it
+    below = [1] * 150 + [0] * 50  # 30 items fewer, all of them where the best is right
+    records = [with_items(record(mechanism=m, seed=s, majority=0.3), c) for m, c in
+               (("best", best), ("close", close), ("below", below)) for s in range(3)]
+    cells = report.cells_frame(records)
+    baselines = report.column_baselines(cells, tmp_path / "b")
+    shortcut(baselines, base)
+    stats = report.group_stats(cells, baselines).set_index("row")
+    assert stats.beats_baseline.all()
+    assert stats.loc["best"].bold and stats.loc["close"].bold and not stats.loc["below"].bold
+    assert stats.loc["below"].p_best < 0.05 <= stats.loc["close"].p_best
+
+
+def test_intervals_add_seed_variance_and_respect_clusters(tmp_path):
+    """Seeds that disagree widen the interval beyond the test set's; items in clusters of 10
+    identical outcomes (one page's windows) carry the information of ~20 units, not 200."""
+    n = 200
+    alike = [1] * 120 + [0] * 80
+    clusters = [i // 10 for i in range(n)]  # outcomes are constant within each cluster of 10
+    calm = [with_items(record(mechanism="calm", seed=s), alike) for s in range(3)]
+    jumpy = [with_items(record(mechanism="jumpy", seed=s), [1] * k + [0] * (n - k)) for s, k in enumerate((80, 120, 160))]
+    grouped = [with_items(record(mechanism="grouped", seed=s), alike, clusters=clusters) for s in range(3)]
+    stats, _ = stats_of(calm + jumpy + grouped, tmp_path)
+    by = stats.set_index("row")
+    width = {m: by.loc[m].hi - by.loc[m].lo for m in ("calm", "jumpy", "grouped")}
+    lo, hi = report.wilson(0.6, n)
+    assert width["calm"] == pytest.approx(hi - lo, rel=0.1)  # one test set, seeds agree: about Wilson's
+    assert width["jumpy"] > 2 * width["calm"]  # seeds 0.4/0.6/0.8
+    assert width["grouped"] > 2.5 * width["calm"] and by.loc["grouped"].n_eff == pytest.approx(20, rel=0.15)
+    cells = report.cells_frame(grouped)
+    assert "200 / 20 → 19" in report.tasks_table(cells)  # deff = (20/19)·0.012 / 0.0012
+
+
+def test_softmax_in_disguise_is_marked_and_left_out_of_the_recommendation(tmp_path):
+    records = [record(mechanism="softmax", accuracy=0.8), record(mechanism="local", accuracy=0.8),
+               record(mechanism="linear", accuracy=0.75)]
+    records[1]["softmax_equivalent"] = True
+    records[0]["softmax_equivalent"] = True  # softmax itself is never marked
+    stats, baselines = stats_of(records, tmp_path)
+    by = stats.set_index("row")
+    assert by.loc["local"].softmax_equivalent and not by.loc["softmax"].softmax_equivalent
+    assert "≡softmax" in report.cell_text(by.loc["local"]) and "≡softmax" not in report.cell_text(by.loc["softmax"])
+    names = [[c.strip() for c in line.strip("|").split("|")][3]
+             for line in report.recommendation_table(stats, baselines).splitlines()[2:]]
+    assert "local" not in names and "softmax" in names
+
+
+def test_learning_curves_are_drawn_from_the_records(tmp_path):
+    for m, curve in (("softmax", [[60, 0.1], [120, 0.9]]), ("linear", [[60, 0.06], [120, 0.07]])):
+        for s in range(2):
+            r = record(mechanism=m, seed=s)
+            r["val_curve"] = curve
+            write(tmp_path, r)
+    text = report.write_report(tmp_path).read_text()
+    assert "![learning curves](plots/learning_curves_small.png)" in text
+    assert (tmp_path / "plots" / "learning_curves_small.png").stat().st_size > 5000
 
 
 def test_accuracy_against_the_cells_throughput_is_plotted_per_column(tmp_path):

@@ -67,3 +67,27 @@ def test_chance_normalised():
     assert chance_normalised(0.5, 0.5) == 0
     with pytest.raises(ValueError, match="chance rate"):
         chance_normalised(0.5, 1.0)
+
+
+def test_shared_unit_clusters_are_connected_components():
+    from harness.stats import shared_unit_clusters
+
+    # pairs (a, b): 0-1 share doc "x", 1-2 share "y" (so 0, 1, 2 are one cluster); 3 stands alone;
+    # windows of one page are (page, page)
+    assert shared_unit_clusters([("x", "p"), ("x", "y"), ("q", "y"), ("r", "s")]) == [0, 0, 0, 1]
+    assert shared_unit_clusters([(5, 5), (5, 5), (7, 7)]) == [0, 0, 1]
+
+
+def test_a_cells_own_interval_is_cluster_robust_over_its_sequences():
+    """harness.run records each seed's 95% interval of test accuracy: with per-sequence counts
+    (MQAR: 4 queries each) the sequence is the unit, so a model right on whole sequences only
+    gets a wider interval than 4x as many independent predictions would."""
+    from harness.run import _test_interval
+
+    whole = {"correct": [4, 0] * 50, "count": [4] * 100}  # 0.5, all-or-nothing per sequence
+    spread = {"correct": [2] * 100, "count": [4] * 100}  # 0.5, half of each sequence
+    lo_w, hi_w = _test_interval(whole, None)
+    lo_s, hi_s = _test_interval(spread, None)
+    assert lo_w < 0.5 < hi_w and hi_w - lo_w == pytest.approx(2 * 1.959963984540054 * math.sqrt(100 / 99 * 0.25 / 100), rel=1e-4)
+    assert hi_s - lo_s < 1e-9  # every sequence scores exactly 0.5: no sampling variance left
+    assert _test_interval({}, None) is None

@@ -300,6 +300,24 @@ def test_a_killed_cell_resumes_and_records_it(workdir):
     assert min(steps) < record["resumed_from_step"] <= max(steps)  # its rows kept ahead of the new ones
 
 
+def test_a_killed_warm_start_resumes_without_repeating_its_warm_up(workdir):
+    """A warm-start cell (mqar: 12 steps at 32 tokens, then 256) killed after its first checkpoint
+    resumes and trains only the warm-up batches the killed run had not (issue 20)."""
+    args = ["run", "task=mqar", "mechanism=slow", "mechanism.seconds=0.1", "seed=25", "scale=tiny",
+            "trainer.progress_bar=false", "train.max_steps=20", "train.eval_every=4", "train.warmup_length=32",
+            "train.warmup_length_steps=12", "train.eval_batches=1",
+            f"results_dir={workdir / 'results'}", f"cache_dir={workdir / 'cache'}"]
+    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
+    target = resolve_cell(compose(args[1:]))
+    kill_after_a_checkpoint(args, env, target)
+    done = cli(workdir, *args, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(target.result_path.read_text())
+    resumed = record["resumed_from_step"]
+    assert record["status"] == "ok" and resumed >= 4 and record["steps"] == 20
+    assert record["data"]["warmup"]["short_batches_this_run"] == max(0, 12 - resumed)
+
+
 def test_a_redo_of_a_failed_cell_killed_half_way_resumes(workdir):
     """rerun=failed moves the failed record out of the results before training, so killing the
     redo leaves an unrecorded cell that the next run resumes instead of starting over."""
@@ -353,3 +371,15 @@ def test_trainer_passthrough_is_part_of_the_identity_and_the_test_size_is_record
                          f"results_dir={tmp_path}"))
     assert done["status"] == "ok" and done["variant"]
     assert done["data"]["test_examples_evaluated"] == 4 < done["data"]["sizes"]["test"]
+
+
+@pytest.mark.parametrize("scale", ["small", "lra"])
+def test_a_task_default_of_none_or_auto_is_not_a_nonsense_value(scale):
+    """Pathfinder's num_distractors: 0 (none, its small preset) and -1 (auto, its default) are
+    settings, not errors; a count that defaults to a positive number still must stay positive."""
+    from harness.run import check_config
+
+    check_config(compose(["task=pathfinder", f"scale={scale}"]))
+    check_config(compose(["task=pathfinder", "task.num_distractors=0"]))
+    with pytest.raises(ValueError, match="task.num_train=0 must be >= 1"):
+        check_config(compose(["task=pathfinder", "task.num_train=0"]))

@@ -11,7 +11,8 @@ from mechanism_checks import (
     qkv,
 )
 
-from mechanisms.bigbird import BigBirdConfig, bigbird_pattern, bigbird_pattern_reference, random_blocks
+from harness.registry import create_mechanism
+from mechanisms.bigbird import BigBirdConfig, bigbird_pattern_reference, random_blocks
 
 SMALL = dict(block_size=3, window_blocks=3, global_blocks=1, random_blocks=2)
 
@@ -24,14 +25,44 @@ def oracle_with_pattern(q, k, v, pattern, **kwargs):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length", [1, 7, 38])
 def test_matches_dense_oracle_with_the_same_pattern(causal, length):
+    """Each example follows the pattern of its own real length (as if alone), padded or not."""
     cfg = BigBirdConfig(**SMALL, seed=5)
     mech = build("bigbird", **SMALL, seed=5)
     q, k, v = qkv(lq=length, dtype=torch.float64)
-    kpm = padding_mask(2, length, [length, max(1, length - 5)])
-    _, rand = bigbird_pattern(length, 2, cfg, causal=causal)
-    pattern = bigbird_pattern_reference(length, cfg, rand)  # (H, L, L)
-    out = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
-    torch.testing.assert_close(out, oracle_with_pattern(q, k, v, pattern, key_padding_mask=kpm, causal=causal))
+    reals = [length, max(1, length - 5)]
+    for kpm in (None, padding_mask(2, length, reals)):
+        out = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
+        for i, real in enumerate(reals if kpm is not None else [length, length]):
+            _, rand = mech.pattern(real, causal=causal)
+            pattern = bigbird_pattern_reference(real, cfg, rand)  # (H, ℓ, ℓ)
+            one = (x[i : i + 1, :, :real] for x in (q, k, v))
+            torch.testing.assert_close(out[i : i + 1, :, :real], oracle_with_pattern(*one, pattern, causal=causal))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gathered_path_matches_the_oracle_per_example(causal):
+    """Beyond the dense fallback (2·S < L: S = 8 blocks of 4 = 32 keys, L = 80), padded batch."""
+    cfg = BigBirdConfig(block_size=4, window_blocks=3, global_blocks=1, random_blocks=3, seed=7)
+    mech = build("bigbird", block_size=4, window_blocks=3, global_blocks=1, random_blocks=3, seed=7, max_len=96)
+    q, k, v = qkv(lq=80, dtype=torch.float64)
+    reals = [80, 57]
+    out = call(mech, q, k, v, key_padding_mask=padding_mask(2, 80, reals), causal=causal)
+    for i, real in enumerate(reals):
+        _, rand = mech.pattern(real, causal=causal)
+        pattern = bigbird_pattern_reference(real, cfg, rand)
+        one = (x[i : i + 1, :, :real] for x in (q, k, v))
+        torch.testing.assert_close(out[i : i + 1, :, :real], oracle_with_pattern(*one, pattern, causal=causal))
+
+
+def test_each_layer_draws_its_own_random_blocks():
+    """The authors seed each layer (its index): by default each instance draws its own seed;
+    an explicit seed is shared."""
+    torch.manual_seed(0)  # as a model is built: one seed, then the layers one after another
+    layers = [create_mechanism("bigbird", heads=2, dim_head=8, max_len=64, **SMALL) for _ in range(3)]
+    tables = [layer.pattern(60)[1] for layer in layers]
+    assert not torch.equal(tables[0], tables[1]) and not torch.equal(tables[1], tables[2])
+    fixed = [build("bigbird", **SMALL, seed=4).pattern(60)[1] for _ in range(2)]
+    assert torch.equal(fixed[0], fixed[1])
 
 
 def test_random_blocks_are_deterministic_per_seed_outside_window_and_globals():

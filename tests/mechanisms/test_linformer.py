@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -74,3 +75,27 @@ def test_causal_is_refused():
 @pytest.mark.slow
 def test_no_quadratic_tensor():
     assert_subquadratic(build("linformer", heads=1, dim_head=16, max_len=8192), length=8192, key_padding=True)
+
+
+def test_k_at_least_the_length_warns_once_and_is_recorded():
+    mech = build("linformer", k=32)
+    q, k, v = qkv(lq=20)
+    with pytest.warns(UserWarning, match="k=32 >= 20 keys"):
+        call(mech, q, k, v)
+    assert mech.metrics()["k_over_length"] == pytest.approx(32 / 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(mech, q, k, v)  # once per instance
+        q, k, v = qkv(lq=40)
+        call(build("linformer", k=32), q, k, v)  # compressing: no warning
+    assert build("linformer", k=32).metrics()["k_over_length"] == 0.0
+
+
+def test_lra_preset_is_lra_linformer_k16_shared():
+    """google-research/long-range-arena linformer_attention.py: low_rank_features=16, one lr_kernel."""
+    from harness.config import compose
+
+    cfg = compose(["+preset=lra_linformer"])
+    assert (cfg.mechanism.name, cfg.mechanism.k, cfg.mechanism.share_kv) == ("linformer", 16, True)
+    assert compose(["+preset=lra_synthesizer"]).mechanism.mode == "random"
+    assert compose(["+preset=lra_synthesizer"]).mechanism.add_dot_product

@@ -111,10 +111,15 @@ def test_segment_means_spread_padding_and_exclude_masked_tokens():
     assert seg_valid is None
     torch.testing.assert_close(means[0, 0, :, 0], torch.tensor([1.0, 3.5, 6.0, 8.5]))
     valid = torch.ones(2, 10, dtype=torch.bool)
-    valid[1, 2:5] = False  # example 1: segment 1 holds only masked tokens
+    valid[1, 2:5] = False  # example 1: 7 real tokens 0 1 5 6 7 8 9 -> segments [0 1] [5 6] [7 8] [9]
     means, seg_valid = segment_means(x, valid, 4)
-    torch.testing.assert_close(means[1, 0, :, 0], torch.tensor([0.5, 0.0, 6.0, 8.5]))
-    assert seg_valid.tolist() == [[True] * 4, [True, False, True, True]]
+    torch.testing.assert_close(means[0, 0, :, 0], torch.tensor([1.0, 3.5, 6.0, 8.5]))
+    torch.testing.assert_close(means[1, 0, :, 0], torch.tensor([0.5, 5.5, 7.5, 9.0]))
+    assert seg_valid.tolist() == [[True] * 4, [True] * 4]
+    valid[1] = torch.arange(10) < 3  # 3 real tokens, fewer than 4 segments: one each, the 4th empty
+    means, seg_valid = segment_means(x, valid, 4)
+    torch.testing.assert_close(means[1, 0, :, 0], torch.tensor([0.0, 1.0, 2.0, 0.0]))
+    assert seg_valid.tolist() == [[True] * 4, [True, True, True, False]]
     means, seg_valid = segment_means(x, None, 64)  # L < m: every token its own landmark
     torch.testing.assert_close(means[0, 0, :, 0], torch.arange(10.0))
 
@@ -181,3 +186,10 @@ def test_unsupported_calls_raise():
         mech(q2, k2, v2)
     with pytest.raises(ValueError):
         build("nystrom", num_landmarks=0)
+
+
+def test_conv_kernel_default_is_the_authors_lra_35():
+    """mlpen/Nystromformer LRA/code/lra_config.py: "conv_kernel_size": 35 for every nystrom run."""
+    mech = build("nystrom")
+    assert mech.cfg.conv_kernel_size == 35
+    assert mech.value_conv.weight.shape[2] == 35

@@ -13,7 +13,7 @@ from mechanism_checks import (
 )
 
 from harness.attention import UnsupportedCapability, allowed_mask
-from mechanisms.reformer import SELF_LOGIT, lsh_attention, lsh_attention_reference
+from mechanisms.reformer import SELF_LOGIT, hash_buckets, lsh_attention, lsh_attention_reference
 
 
 def shared_qk_oracle(q, v, *, key_padding_mask=None, causal=False):
@@ -51,10 +51,23 @@ def test_chunked_form_equals_the_dense_window_formula(causal, n_hashes, n_bucket
     q, k, v = qkv(lq=length, dtype=torch.float64)
     rotations = torch.randn(1, 8, n_hashes, n_buckets // 2)
     kpm = padding_mask(2, length, [length, 11])
-    for mask in (None, kpm):
-        args = dict(rotations=rotations, n_hashes=n_hashes, n_buckets=n_buckets, chunk=chunk, key_padding_mask=mask, causal=causal)
+    per_example = torch.tensor([n_buckets, 2])  # the second example hashes with fewer buckets
+    for mask, buckets in ((None, None), (kpm, None), (kpm, per_example)):
+        args = dict(rotations=rotations, n_hashes=n_hashes, n_buckets=n_buckets, chunk=chunk, key_padding_mask=mask,
+                    causal=causal, example_buckets=buckets)
         out = lsh_attention(q, v, **args)
         torch.testing.assert_close(out, lsh_attention_reference(q, v, **args), atol=1e-10, rtol=1e-10)
+
+
+def test_per_example_buckets_use_the_first_rotation_columns():
+    """An example hashed with n_b of n buckets gets the ids it would get from the first n_b/2
+    rotation columns alone (so its buckets do not depend on the batch's widest example)."""
+    x = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    rotations = torch.randn(1, 8, 3, 4)  # up to 8 buckets
+    ids = hash_buckets(x, rotations, torch.tensor([8, 4]))
+    torch.testing.assert_close(ids[0], hash_buckets(x[:1], rotations)[0], atol=0, rtol=0)
+    torch.testing.assert_close(ids[1], hash_buckets(x[1:], rotations[..., :2])[0], atol=0, rtol=0)
+    assert int(ids[1].max()) < 4
 
 
 def test_more_rounds_miss_fewer_neighbours():

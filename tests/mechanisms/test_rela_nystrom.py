@@ -99,7 +99,7 @@ def test_dense_limit_is_rela_with_one_head_and_no_gate():
 def test_conv_skip_is_nystroms_and_enters_before_the_norm():
     """Same conv option and default as nystrom; the skip conv(V) is added to P V before the
     stabiliser (checked at m = L, where P V is exact)."""
-    assert build("rela_nystrom").cfg.conv_kernel_size == build("nystrom").cfg.conv_kernel_size == 33
+    assert build("rela_nystrom").cfg.conv_kernel_size == build("nystrom").cfg.conv_kernel_size == 35
     mech = randomise_gate(build("rela_nystrom", num_landmarks=16, conv_kernel_size=5))
     q, k, v = qkv(lq=12, dtype=torch.float64)
     kpm = padding_mask(2, 12, [12, 9])
@@ -139,11 +139,12 @@ def test_sparsity_metric_is_the_share_of_zero_relu_weights():
     call(mech, q, k, v, key_padding_mask=kpm)
     valid = ~kpm
     q_scaled = q * 8**-0.5
-    seg = torch.arange(length) // (length // landmarks)  # 3 tokens per segment, none fully padded here
-    counts = torch.zeros(2, landmarks).index_add_(1, seg, valid.float())
-    q_land = torch.zeros(2, 2, landmarks, 8).index_add_(2, seg, q_scaled * valid[:, None, :, None])
-    k_land = torch.zeros(2, 2, landmarks, 8).index_add_(2, seg, k * valid[:, None, :, None])
-    q_land, k_land = q_land / counts[:, None, :, None], k_land / counts[:, None, :, None]
+    q_land, k_land = torch.zeros(2, 2, landmarks, 8), torch.zeros(2, 2, landmarks, 8)
+    for i, real in enumerate((length, 10)):  # segments of each example's real tokens: ⌊t·m/ℓ⌋
+        seg = torch.arange(real) * landmarks // real
+        counts = torch.bincount(seg, minlength=landmarks).float()[:, None]
+        q_land[i] = torch.zeros(2, landmarks, 8).index_add_(1, seg, q_scaled[i, :, :real]) / counts
+        k_land[i] = torch.zeros(2, landmarks, 8).index_add_(1, seg, k[i, :, :real]) / counts
     left = (q_scaled @ k_land.transpose(-1, -2) <= 0)[valid[:, None, :, None].expand(2, 2, length, landmarks)]
     right = (q_land @ k.transpose(-1, -2) <= 0)[valid[:, None, None, :].expand(2, 2, landmarks, length)]
     expected = (left.float().mean() + right.float().mean()) / 2

@@ -19,14 +19,15 @@ from mechanisms.sinkhorn import sinkhorn, sorted_block_attention
 @pytest.mark.parametrize("length", [1, 7, 16])
 def test_one_block_is_full_softmax(length):
     """block_size ≥ L: one block, P = [[1]], the sorted block is the block itself: softmax attention."""
-    mech = build("sinkhorn", block_size=64)
     q, k, v = qkv(lq=length, dtype=torch.float64)
     kpm = padding_mask(2, length, [length, max(1, length - 3)])
-    for mask in (None, kpm):
-        out = call(mech, q, k, v, key_padding_mask=mask)
-        ref = dense_attention_oracle(q, k, v, key_padding_mask=mask)
-        real = slice(None) if mask is None else ~mask[:, None, :, None].expand_as(out)
-        torch.testing.assert_close(out[real], ref[real], atol=1e-10, rtol=1e-10)
+    for combine, times in (("joint", 1.0), ("sum", 2.0)):  # sum: own block + sorted (= own) block
+        mech = build("sinkhorn", block_size=64, combine=combine)
+        for mask in (None, kpm):
+            out = call(mech, q, k, v, key_padding_mask=mask)
+            ref = times * dense_attention_oracle(q, k, v, key_padding_mask=mask)
+            real = slice(None) if mask is None else ~mask[:, None, :, None].expand_as(out)
+            torch.testing.assert_close(out[real], ref[real], atol=1e-10, rtol=1e-10)
 
 
 def test_hard_permutation_attends_to_own_and_sorted_block():
@@ -40,14 +41,41 @@ def test_hard_permutation_attends_to_own_and_sorted_block():
     perm = perm.expand(2, 2, n, n)
     blocks = torch.arange(block * n) // block
     allowed = (blocks[None, :] == blocks[:, None]) | (blocks[None, :] == source[blocks][:, None])
+    own = blocks[None, :] == blocks[:, None]
+    sorted_ = blocks[None, :] == source[blocks][:, None]
+
+    def oracle(mask, valid):
+        bias = torch.zeros(16, 16, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+        return torch.nan_to_num(dense_attention_oracle(q, k, v, key_padding_mask=~valid, bias=bias))
+
     for valid_len in (16, 11):
         valid = ~padding_mask(2, 16, [16, valid_len])
         qz, kz, vz = (x.masked_fill(~valid[:, None, :, None], 0) for x in (q, k, v))
-        out = sorted_block_attention(qz, kz, vz, perm, valid, block)
-        bias = torch.zeros(16, 16, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-        ref = dense_attention_oracle(q, k, v, key_padding_mask=~valid, bias=bias)
-        keep = valid[:, None, :, None].expand_as(out)
-        torch.testing.assert_close(out[keep], ref[keep], atol=1e-10, rtol=1e-10)
+        keep = valid[:, None, :, None].expand(2, 2, 16, 8)
+        joint = sorted_block_attention(qz, kz, vz, perm, valid, block, "joint")
+        torch.testing.assert_close(joint[keep], oracle(allowed, valid)[keep], atol=1e-10, rtol=1e-10)
+        # the authors' form: two softmaxes, own block and sorted block, added
+        summed = sorted_block_attention(qz, kz, vz, perm, valid, block, "sum")
+        ref = oracle(own, valid) + oracle(sorted_, valid)
+        torch.testing.assert_close(summed[keep], ref[keep], atol=1e-10, rtol=1e-10)
+
+
+def test_default_is_the_authors_sum_of_two_softmaxes():
+    """google-research/long-range-arena sinkhorn_attention.py: x = x + sorted_x."""
+    block, length = 4, 16
+    mech = build("sinkhorn", block_size=block, max_len=length).double()
+    assert mech.cfg.combine == "sum"
+    q, k, v = qkv(lq=length, dtype=torch.float64)
+    out = call(mech, q, k, v)
+    perm = mech._perm  # (B, H, N, N) the sort this call used
+    qb, kb, vb = (x.reshape(2, 2, 4, block, 8) for x in (q, k, v))
+    k_sorted = torch.einsum("bhij,bhitd->bhjtd", perm, kb)
+    v_sorted = torch.einsum("bhij,bhitd->bhjtd", perm, vb)
+    att = lambda keys, values: torch.softmax(qb @ keys.transpose(-1, -2) / 8**0.5, -1) @ values  # noqa: E731
+    expected = (att(kb, vb) + att(k_sorted, v_sorted)).reshape(2, 2, length, 8)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    joint = build("sinkhorn", block_size=block, max_len=length, combine="joint").double()
+    assert float((call(joint, q, k, v) - out).abs().max()) > 0.1
 
 
 def test_sinkhorn_is_doubly_stochastic_and_sharpens_with_temperature():

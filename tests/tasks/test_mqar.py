@@ -111,3 +111,19 @@ def test_bag_of_ngrams_on_mqar_sits_near_chance():
     assert rows["majority"]["n_test"] == 100 * cfg.num_pairs
     assert abs(rows["bag-of-n-grams LR"]["value"] - chance) < 0.05  # 800 queries: ±0.025 at 95%
     assert abs(rows["majority"]["value"] - chance) < 0.05
+
+
+def test_a_resumed_warm_start_continues_where_it_stopped():
+    """Lightning restarts a resumed epoch's iterator at its first batch; the sampler then skips
+    the batches already trained on, so a killed-and-resumed cell sees the same batches as an
+    uninterrupted one (and never repeats its warm-up)."""
+    whole = list(WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3))
+    for done in (0, 2, 4, 6):
+        s = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3)
+        s.resume_at(done)
+        assert list(s) == whole[done:] and s.short_drawn == max(0, 4 - done)
+    s = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3)
+    s.resume_at(len(whole) + 1)  # one batch into the second epoch (the long split alone)
+    s2 = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3)
+    s2.set_epoch(1)
+    assert s.epoch == 1 and list(s) == list(s2)[1:]

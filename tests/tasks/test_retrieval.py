@@ -97,8 +97,13 @@ def test_documents_hide_their_links(sample, pairs):
     full = retrieval.build_manpages(retrieval.RetrievalConfig(max_len=100_000), sample)
     bodies = {}
     for split, rows in pairs.items():
-        ids1, ids2, labels = splits[split]
+        ids1, ids2, labels, clusters = splits[split]
         assert labels == [y for _, _, y in rows]
+        docs_of: dict[int, set] = {}
+        for (a, b, _), c in zip(rows, clusters):
+            docs_of.setdefault(c, set()).update((a, b))
+        clusters_of_doc = [[c for c, docs in docs_of.items() if key in docs] for key in {k for r in rows for k in r[:2]}]
+        assert all(len(c) == 1 for c in clusters_of_doc)  # pairs sharing a document share a cluster
         for (a, b, _), x1, x2, f1, f2 in zip(rows, ids1, ids2, full[split][0], full[split][1]):
             assert 1 <= len(x1) <= 96 and 1 <= len(x2) <= 96 and all(1 <= t <= 256 for t in x1 + x2)
             assert x1 == f1[:96] and x2 == f2[:96]  # the start of the document
@@ -184,7 +189,7 @@ def matcher_batch(ids1, ids2, labels):
 def test_two_tower_head_is_symmetric_when_trained_so_and_uses_both_documents(sample):
     """Trained on pairs in both orders, the matcher gives a pair the same answer in either
     order, and replacing document 2 alone changes its answers (no tower is ignored)."""
-    ids1, ids2, labels = retrieval.build_manpages(retrieval.RetrievalConfig(max_len=48), sample)["train"]
+    ids1, ids2, labels, _ = retrieval.build_manpages(retrieval.RetrievalConfig(max_len=48), sample)["train"]
     task = create_task("retrieval", max_len=48)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # ~2 s of CPU, and no fight for the cores

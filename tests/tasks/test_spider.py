@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from tasks.spider import (
     read_tables,
     schema_relations,
     serialise,
+    tokenize_question,
     tokenize_sql,
 )
 
@@ -132,11 +135,93 @@ def test_offline_builder_gold_queries_execute_with_hardness_spread(tmp_path):
 
 @pytest.mark.slow
 def test_full_offline_source_splits_by_database(tmp_path):
-    task = Spider(SpiderConfig(questions_per_db=20), scale="tiny")
+    task = Spider(SpiderConfig(questions_per_db=20, split="database"), scale="tiny")
     dsd, _ = task.load(tmp_path)
     dbs = {s: set(dsd[s]["db_id"]) for s in ("train", "validation", "test")}
     assert not (dbs["train"] & dbs["validation"]) and not (dbs["train"] & dbs["test"]) and not (dbs["validation"] & dbs["test"])
     assert len(set().union(*dbs.values())) >= 6 and "chinook" in set().union(*dbs.values())
+
+
+@pytest.mark.slow
+def test_full_offline_source_query_split_holds_out_skeletons(tmp_path):
+    task = Spider(SpiderConfig(questions_per_db=60), scale="tiny")  # split=query is the default
+    dsd, _ = task.load(tmp_path)
+    stats = task.stats(dsd)
+    skeletons = {s: {build.sql_skeleton(q) for q in dsd[s]["query"]} for s in ("train", "validation", "test")}
+    assert not (skeletons["train"] & skeletons["test"]) and not (skeletons["train"] & skeletons["validation"])
+    assert stats["test"]["skeletons_seen_in_train"] == 0 and stats["test"]["skeletons"] == len(skeletons["test"]) >= 20
+    assert all(stats["test"]["hardness"][level] > 0 for level in ("easy", "medium", "hard", "extra"))
+    assert 0.12 < stats["test"]["questions"] / sum(stats[s]["questions"] for s in ("train", "validation", "test")) < 0.25
+    assert "chinook" in set(dsd["test"]["db_id"])  # every database in every split
+
+
+# ----------------------------------------------------------------------------- widened grammar + query split
+
+
+def test_sql_skeleton_blanks_names_and_values():
+    a = "SELECT T2.name FROM cars AS T1 JOIN origins AS T2 ON T1.origins_id = T2.id WHERE T1.date > '2001' LIMIT 3"
+    b = "SELECT T2.title FROM songs AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id WHERE T1.year > 7 LIMIT 1"
+    assert build.sql_skeleton(a) == build.sql_skeleton(b)
+    assert build.sql_skeleton("SELECT a FROM t WHERE b LIKE '%x%'") != build.sql_skeleton("SELECT a FROM t WHERE b NOT LIKE '%x%'")
+
+
+def test_skeleton_split_holds_out_whole_skeletons():
+    items = [{"query": f"SELECT c{i % 7} FROM t WHERE x{i} = {i}" if i % 3 else f"SELECT count(*) FROM t{i} GROUP BY a{i % 5}",
+              "level": "easy" if i % 3 else "medium"} for i in range(300)]
+    items += [{"query": f"SELECT a FROM t ORDER BY b{i} LIMIT {i}", "level": "easy"} for i in range(40)]
+    kept, held = build.skeleton_split(items, 0.2, 0, lambda it: it["level"])
+    assert len(kept) + len(held) == len(items)
+    assert not {build.sql_skeleton(it["query"]) for it in kept} & {build.sql_skeleton(it["query"]) for it in held}
+    for level in ("easy", "medium"):
+        share = sum(it["level"] == level for it in held) / sum(it["level"] == level for it in items)
+        assert share <= 0.2
+
+
+@pytest.fixture(scope="module")
+def generated():
+    import tempfile
+
+    dbs = build.vega_and_sklearn_databases()
+    items, schemas = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for db_id in ("barley", "la_riots", "linnerud"):
+            path = Path(tmp) / db_id / f"{db_id}.sqlite"
+            build.write_sqlite(path, dbs[db_id])
+            schemas[db_id] = Schema.from_entry(build.tables_entry(db_id, dbs[db_id]))
+            items += build.generate_questions(db_id, dbs[db_id], path, 150, seed=0)
+    return items, schemas, dbs
+
+
+def test_generator_covers_spider_constructs(generated):
+    items, schemas, _ = generated
+    sqls = [it["query"] for it in items]
+    for construct in (" INTERSECT ", " UNION ", " EXCEPT ", " LIKE '%", " NOT LIKE '%", "SELECT DISTINCT ", " BETWEEN ",
+                      " IN (SELECT ", " NOT IN (SELECT ", " HAVING count(*) ", " > (SELECT avg(", " OR ", " LIMIT "):
+        assert any(construct in q for q in sqls), construct
+    assert any(q.count(" JOIN ") >= 2 for q in sqls)  # joins over 3 tables
+    joined_keys = {q.split(" ON ")[1].split()[0].split(".")[1] for q in sqls if " JOIN " in q}
+    assert len(joined_keys) >= 5  # joins over many foreign keys, not one per database
+    levels = {lv: sum(hardness(parse_sql(it["query"], schemas[it["db_id"]])) == lv for it in items) / len(items)
+              for lv in ("easy", "medium", "hard", "extra")}
+    assert levels["medium"] > levels["easy"] and all(0.08 < share < 0.55 for share in levels.values()), levels
+
+
+def test_questions_paraphrase_names_and_constructs(generated):
+    items, _, dbs = generated
+    skeleton_frames: dict[str, set[str]] = {}
+    counts = Counter(build.sql_skeleton(it["query"]) for it in items)
+    verbatim = mentions = 0
+    for it in items:
+        columns = {c for t in dbs[it["db_id"]] for c in t.columns if "_" in c or len(c) > 4} - {"name"}
+        used = [c for c in columns if re.search(rf"\b{c}\b", it["query"])]
+        mentions += len(used)
+        verbatim += sum(c.replace("_", " ") in it["question"].lower() for c in used)
+        frame = re.sub(r"[A-Z0-9'\"].*?(?=\s|$)", "", it["question"].lower())
+        skeleton_frames.setdefault(build.sql_skeleton(it["query"]), set()).add(" ".join(frame.split()[:3]))
+    assert verbatim / mentions < 0.75  # a share of the columns is named by a synonym, not by its name
+    frequent = [frames for sk, frames in skeleton_frames.items() if counts[sk] >= 8]
+    assert frequent and sum(len(f) >= 2 for f in frequent) / len(frequent) > 0.8  # several phrasings per skeleton
+    assert any(it["question"][0].isupper() for it in items) and any(it["question"][0].islower() for it in items)
 
 
 # ----------------------------------------------------------------------------- exact match + hardness
@@ -144,7 +229,7 @@ def test_full_offline_source_splits_by_database(tmp_path):
 
 @pytest.mark.parametrize("pred, gold, same", [
     ("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id",
-     "select a.name from song b join singer a on b.singer_id = a.id", True),  # aliases, join order
+     "select a.name from song as b join singer as a on b.singer_id = a.id", True),  # aliases, join order
     ("SELECT name FROM singer WHERE age > 20 AND country = 'Spain'",
      "SELECT name FROM singer WHERE country = 'France' AND age > 30", True),  # condition order; values ignored
     ("SELECT age, name FROM singer", "SELECT name, age FROM singer", True),  # column order in SELECT
@@ -426,3 +511,44 @@ def test_beam_search_scores_at_least_greedy_and_never_emits_specials(layout):
         assert not torch.isin(out, torch.tensor([PAD_ID, UNK_ID, BOS_ID])).any()
         ended = torch.cumsum((out == EOS_ID).long(), 1) > 0
         assert (out[ended] == EOS_ID).all()
+
+
+# ----------------------------------------------------------------------------- template-lookup baseline
+
+
+def lookup_dsd(layout: Path, train: list[tuple[str, str, str]], test: list[tuple[str, str, str]]):
+    import datasets
+
+    tables = read_tables(layout / "tables.json")
+
+    def split(rows):
+        cols = {"question": [], "query": [], "db_id": [], "source_tokens": [], "schema_links": [], "target_ids": []}
+        for question, query, db in rows:
+            tokens, links = serialise(tokenize_question(question), tables[db])
+            for key, value in zip(cols, (question, query, db, tokens, links, [0])):
+                cols[key].append(value)
+        return datasets.Dataset.from_dict(cols)
+
+    return datasets.DatasetDict({"train": split(train), "validation": split(train[:1]), "test": split(test)})
+
+
+def test_template_lookup_fills_seen_skeletons_and_misses_unseen_ones(layout):
+    from harness.baselines import compute_baselines
+    from tasks._spider_lookup import lookup_predictions
+
+    train = [("list the kind of animal whose legs is 4 .", "SELECT kind FROM animal WHERE legs = 4", "zoo"),
+             ("which animal have legs above 3 ? give their kind", "SELECT kind FROM animal WHERE legs > 3", "zoo"),
+             ("how many animal are there ?", "SELECT count(*) FROM animal", "zoo"),
+             ("how many animal are there ?", "SELECT count(*) FROM animal", "zoo")]
+    test = [("list the country of singer whose age is 30 .", "SELECT country FROM singer WHERE age = 30", "shop"),
+            ("which singer have age above 20 ? give their name", "SELECT name FROM singer WHERE age > 20", "shop"),
+            ("how many song are there ?", "SELECT count(*) FROM song", "shop"),
+            ("what is the maximum age of singer ?", "SELECT max(age) FROM singer", "shop")]  # skeleton unseen in train
+    dsd = lookup_dsd(layout, train, test)
+    preds = lookup_predictions(dsd)
+    assert preds[:3] == ["SELECT country FROM singer WHERE age = 30", "SELECT name FROM singer WHERE age > 20",
+                         "SELECT count (*) FROM song"], preds
+    rows = {b["name"]: b for b in compute_baselines(dsd, "spider")}
+    assert rows["template lookup"]["value"] == 0.75 and rows["template lookup"]["metric"] == "accuracy"
+    # the most frequent training query, copied as it is: its table is not in the test database
+    assert rows["majority"]["value"] == 0.0 and rows["majority"]["choice"] == "SELECT count(*) FROM animal"

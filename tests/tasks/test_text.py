@@ -60,7 +60,10 @@ def test_manpages_examples_balanced_bytes_and_windows():
     cfg = text.TextConfig(max_len=512, windows_per_doc=2)
     splits = text.build_manpages(cfg)
     documents = text.split_documents(cfg)
-    for split, (ids, labels) in splits.items():
+    for split, (ids, labels, pages) in splits.items():
+        bodies = [body.encode() for _, body, _ in documents[split]]
+        assert all(decode(x) in (bodies[p][:512], bodies[p][512:1024]) for x, p in zip(ids, pages))  # its own page
+        assert len(set(pages)) < len(pages)  # two windows of a page share its cluster
         counts = Counter(labels)
         assert set(counts) == {0, 1} and counts[0] == counts[1]  # balanced by subsampling
         assert all(1 <= len(x) <= 512 for x in ids)

@@ -17,6 +17,9 @@ Equal settings: ``block_size`` (the library's bucket_size), ``sinkhorn_iters``,
 * the sort scores: ours are *learned* (a linear map of key-block sums, as the authors'
   code); the library's default sort net is parameter-free (block-mean q·k); the library
   adds Gumbel noise in eval too, ours only while training;
+* the combination: the library takes one softmax over [sorted block; own block], our
+  ``combine="joint"``; our default ``combine="sum"`` is the authors' LRA form (two softmaxes
+  added), so speed comparisons should set ``combine=joint`` for equal work;
 * the library's sorted **values are its sorted keys** (``b_v_r = b_k_r.reshape(...)`` in
   ``SinkhornAttention.forward``, version 0.11.4): every query attends over [sorted keys;
   own keys] with values [sorted *keys*; own values]. Given the same sort matrix, the library
