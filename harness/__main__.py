@@ -1,7 +1,8 @@
 """``python -m harness COMMAND``: the one front door.
 
   list [--json]        registered mechanisms (capabilities, config) and tasks (sources)
-  run  k=v ...         one grid cell (Hydra overrides: task=, mechanism=, scale=, seed=, ...)
+  run  k=v ...         one grid cell (Hydra overrides: task=, mechanism=, scale=, seed=, ...;
+                       at scale=lra protocol=lra|pytorch|nystromformer, docs/protocols.md)
   grid k=v ...         the grid (grid=, scale=, seeds=, tasks=, mechanisms=, launcher=, dry_run=)
   evaluate k=v ...     test a kept checkpoint of a cell (the cell's overrides, checkpoint=PATH)
   data task=NAME ...   prepare one task's data into the cache and print its statistics

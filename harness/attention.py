@@ -130,8 +130,11 @@ class Attention(nn.Module):
             raise UnsupportedCapability(
                 f"mechanism '{self.name}' does not support cross attention (Lq={q.shape[-2]}, Lk={k.shape[-2]})"
             )
-        if key_padding_mask is not None and not caps.key_padding and bool(key_padding_mask.any()):
-            raise UnsupportedCapability(f"mechanism '{self.name}' does not support key padding masks")
+        # No look at the mask's values here (``.any()`` would be a device sync on every call): a
+        # caller passes None for an unpadded batch (the Encoder drops all-False masks, once per forward).
+        if key_padding_mask is not None and not caps.key_padding:
+            raise UnsupportedCapability(f"mechanism '{self.name}' does not support key padding masks (pass None "
+                                        "for a batch without padding)")
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, cfg={self.cfg}"

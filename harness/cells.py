@@ -8,8 +8,9 @@ limit are not part of it. ``config_hash`` hashes the identity without the seed, 
 seeds of one config share a hash.
 
 The cell with the scale's presets (``task=T mechanism=M scale=S`` and nothing else) is the
-*default* variant and keeps the short paths; any other config is a variant named by its
-hash, with ``variant_label`` listing how it differs from the presets::
+*default* variant and keeps the short paths; the presets of another protocol (scale=lra
+``protocol=pytorch``) are the variant named by the protocol; any other config is a variant
+named by its hash, with ``variant_label`` listing how it differs from the presets::
 
     runs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>.json
     checkpoints/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/
@@ -55,18 +56,38 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+# Settings added after cells were recorded, with the value every earlier cell was trained with:
+# a cell's identity leaves such a setting out while it holds that value, so adding a setting does
+# not make every recorded cell a stranger to its own presets. Any other value is identity.
+LATER_SETTINGS = {
+    "model": {"qkv_dim": 0, "attention_dropout": 0.0, "head_mlp": 0, "interaction": "nli"},
+    "train": {"betas": [0.9, 0.98], "eps": 1e-8, "weight_decay_all": False, "grad_clip_algorithm": "norm",
+              "pretrain_steps": 0, "pretrain_mask": 0.15},
+}
+
+
+def _without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    later = LATER_SETTINGS.get(section, {})
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
+
+
 def cell_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config that makes a cell what it is (see the module docstring)."""
+    """The resolved config that makes a cell what it is (see the module docstring); at a
+    scale with protocols (scale=lra) the protocol too (``protocol``: lra, pytorch, ...)."""
     train = {k: v for k, v in _plain(cfg.train).items() if k not in TRAIN_KEYS_NOT_IN_IDENTITY}
     trainer = _plain(cfg.trainer)
-    return {
+    identity = {
         "scale": cfg.scale.name,
         "task": _plain(cfg.task),
         "mechanism": _plain(cfg.mechanism),
-        "model": _plain(cfg.model),
-        "train": train,
+        "model": _without_later_defaults("model", _plain(cfg.model)),
+        "train": _without_later_defaults("train", train),
         "trainer": {k: v for k, v in trainer.items() if k not in TRAINER_KEYS_NOT_IN_IDENTITY},
     }
+    protocol = cfg.scale.get("protocol") or ""
+    if protocol:
+        identity["protocol"] = protocol
+    return identity
 
 
 def config_hash(identity: dict[str, Any]) -> str:
@@ -92,16 +113,18 @@ def difference(identity: dict[str, Any], preset: dict[str, Any]) -> str:
                      if k in a else f"~{k}" for k in keys)
 
 
-def preset_identity(task: str, mechanism: str, scale: str) -> dict[str, Any]:
-    """The identity of the scale's preset cell for (task, mechanism)."""
-    return json.loads(_preset_identity_json(task, mechanism, scale))
+def preset_identity(task: str, mechanism: str, scale: str, protocol: str = "") -> dict[str, Any]:
+    """The identity of the scale's preset cell for (task, mechanism), under ``protocol``
+    ("" = the scale's default protocol)."""
+    return json.loads(_preset_identity_json(task, mechanism, scale, protocol))
 
 
 @functools.lru_cache(maxsize=1024)
-def _preset_identity_json(task: str, mechanism: str, scale: str) -> str:
+def _preset_identity_json(task: str, mechanism: str, scale: str, protocol: str = "") -> str:
     from harness.config import compose_isolated
 
-    identity = cell_identity(compose_isolated([f"task={task}", f"mechanism={mechanism}", f"scale={scale}"]))
+    overrides = [f"task={task}", f"mechanism={mechanism}", f"scale={scale}", *([f"protocol={protocol}"] if protocol else [])]
+    identity = cell_identity(compose_isolated(overrides))
     return json.dumps(identity, default=str)
 
 
@@ -158,11 +181,21 @@ def resolve_cell(cfg: DictConfig) -> Cell:
     identity = cell_identity(cfg)
     digest = config_hash(identity)
     preset = preset_identity(cfg.task.name, cfg.mechanism.name, cfg.scale.name)
-    variant = "" if config_hash(preset) == digest else digest
+    # A protocol other than the scale's default is a variant named by the protocol (its presets)
+    # or by the hash (anything else), its label saying the protocol first.
+    protocol = identity.get("protocol", "")
+    other_protocol = protocol and protocol != preset.get("protocol", "")
+    if other_protocol:
+        check_safe_name("protocol", protocol)
+        preset = preset_identity(cfg.task.name, cfg.mechanism.name, cfg.scale.name, protocol)
+    if config_hash(preset) == digest:
+        variant, label = (protocol, f"protocol={protocol}") if other_protocol else ("", "")
+    else:
+        variant = digest
+        label = ", ".join(x for x in (f"protocol={protocol}" if other_protocol else "", difference(identity, preset)) if x)
     return Cell(
         results_dir=Path(cfg.results_dir), scale=cfg.scale.name, task=cfg.task.name, mechanism=cfg.mechanism.name,
-        seed=int(cfg.seed), identity=identity, config_hash=digest, variant=variant,
-        variant_label=difference(identity, preset) if variant else "",
+        seed=int(cfg.seed), identity=identity, config_hash=digest, variant=variant, variant_label=label,
     )
 
 

@@ -1,9 +1,11 @@
 """The typed schema of a run, registered in Hydra's ConfigStore, and ``compose``.
 
 ``conf/config.yaml`` composes: this schema, ``task=`` (a registered task config),
-``mechanism=`` (a registered mechanism config), ``scale=`` (model size and training
-budget), ``trainer=`` (hardware), and ``task_scale/<task>_<scale>`` (the task's own
-settings at that scale, registered with the task). Command-line overrides come last.
+``mechanism=`` (a registered mechanism config), ``protocol=`` (whose settings; ``none``
+except at scale=lra, where it is ``lra`` or ``pytorch``), ``scale=`` (model size and training
+budget), ``trainer=`` (hardware), ``task_scale/<task>_<scale>`` (the task's own settings at
+that scale, registered with the task), and ``conf/protocol/<protocol>/<task>.yaml`` (the task's
+settings under that protocol, each value citing its source). Command-line overrides come last.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from harness.model import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RERUN = ("none", "failed", "all")
+GRAD_CLIP_ALGORITHMS = ("norm", "value")
 ON_LOCKED = ("skip", "wait")
 
 
@@ -32,7 +35,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | rsqrt | constant (after linear warm-up)
+    schedule: str = "cosine"  # cosine | rsqrt | constant (after linear warm-up) | onecycle (torch OneCycleLR, linear)
     eval_every: int = 50  # validate every N training steps (and at the end)
     eval_batches: int = 0  # limit validation batches (0 = all)
     grad_clip: float = 1.0
@@ -43,8 +46,26 @@ class TrainConfig:
     warmup_length: int = 0
     warmup_length_steps: int = 0
     warmup_batch_size: int = 0
+    # -- the reference protocols' optimiser (conf/protocol/, docs/protocols.md); the defaults are the harness's own
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # Adam(W)'s (beta1, beta2)
+    eps: float = 1e-8  # Adam(W)'s epsilon (LRA: 1e-9; the PyTorch re-implementations: 1e-6)
+    weight_decay_all: bool = False  # decay every parameter, as Flax's Adam does (LRA); else not norms/biases/embeddings
+    grad_clip_algorithm: str = "norm"  # norm (clip the global norm to grad_clip) | value (clip each element)
+    # Self-pretraining (harness/pretrain.py): this many steps of masked denoising on the task's own
+    # training inputs before fine-tuning (0 = off); pretrain_mask: the share of tokens masked.
+    pretrain_steps: int = 0
+    pretrain_mask: float = 0.15
 
     def __post_init__(self):
+        if self.grad_clip_algorithm not in GRAD_CLIP_ALGORITHMS:
+            raise ValueError(f"train.grad_clip_algorithm='{self.grad_clip_algorithm}'; valid: {', '.join(GRAD_CLIP_ALGORITHMS)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"train.eps={self.eps} must be > 0")
+        if self.pretrain_steps < 0 or not 0 < self.pretrain_mask < 1:
+            raise ValueError(f"train.pretrain_steps={self.pretrain_steps} must be >= 0 and train.pretrain_mask="
+                             f"{self.pretrain_mask} in (0, 1)")
         if self.warmup_length < 0 or self.warmup_length_steps < 0 or self.warmup_batch_size < 0:
             raise ValueError("train.warmup_length, train.warmup_length_steps and train.warmup_batch_size must be >= 0")
         if bool(self.warmup_length) != bool(self.warmup_length_steps):
@@ -82,6 +103,11 @@ class LoggerConfig:
 class ScaleConfig:
     name: str = "tiny"
     seeds: list[int] = field(default_factory=lambda: [0])
+    # Whose settings a scale's presets follow (``protocol=``, conf/protocol/<protocol>.yaml and
+    # conf/protocol/<protocol>/<task>.yaml): "" at scales without protocols; ``protocols`` lists
+    # the ones a scale accepts (scale=lra: lra, pytorch).
+    protocol: str = ""
+    protocols: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -129,3 +155,27 @@ def compose_isolated(overrides: list[str] | None = None) -> DictConfig:
         return compose(overrides)
     finally:
         restore_gh_from_backup(backup)
+
+
+def protocol_preset(protocol: str, task: str) -> Path:
+    """The file holding ``task``'s settings under ``protocol`` (it may not exist)."""
+    return CONF_DIR / "protocol" / protocol / f"{task}.yaml"
+
+
+def check_protocol(cfg: DictConfig) -> None:
+    """``protocol=`` is one the scale accepts, and a protocol other than ``lra`` (the harness's
+    own presets for tasks LRA does not have) has a preset for the task: one line otherwise."""
+    scale = cfg.scale
+    protocol, accepted = scale.get("protocol") or "", list(scale.get("protocols") or [])
+    if not accepted:
+        if protocol:
+            raise ValueError(f"protocol={protocol} is a setting of scale=lra; scale={scale.name} has no protocols "
+                             "(drop protocol=, or add scale=lra)")
+        return
+    if protocol not in accepted:
+        raise ValueError(f"protocol={protocol or 'none'} at scale={scale.name}; valid: {', '.join(accepted)}")
+    task = cfg.task.name
+    if protocol != "lra" and not protocol_preset(protocol, task).exists():
+        have = sorted(p.stem for p in (CONF_DIR / "protocol" / protocol).glob("[!_]*.yaml"))
+        raise ValueError(f"protocol={protocol} has no preset for task '{task}' (it covers {', '.join(have)}); "
+                         "use protocol=lra for it")

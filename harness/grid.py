@@ -304,14 +304,18 @@ def _zipped(keys: str, values: list[Any]) -> list[list[str]]:
 def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
     """Compose one cell of each group: a misspelled or mistyped override fails here, once,
     with Hydra's message, before anything runs."""
-    from harness.config import compose_isolated
+    from harness.config import check_protocol, compose_isolated
 
     for group in groups:
         overrides = group.cells()[0]
         try:
-            compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"])
+            cfg = compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"])
         except Exception as exc:
             raise GridError(f"cell override rejected: {str(exc).splitlines()[0]}") from None
+        try:  # a protocol the scale lacks, or one without a preset for the task: before anything runs
+            check_protocol(cfg)
+        except ValueError as exc:
+            raise GridError(f"{group.task}: {exc}") from None
 
 
 def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, Any]]:

@@ -25,8 +25,9 @@ from harness.data import PAD_ID
 from harness.registry import create_mechanism
 
 POSITIONS = ("sinusoidal", "learned", "none")
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "first", "padded_mean")
 FEEDFORWARDS = ("mlp", "none")
+INTERACTIONS = ("nli", "concat")
 
 
 @dataclass
@@ -37,13 +38,26 @@ class ModelConfig:
     mlp_dim: int = 128  # hidden width of each block's MLP
     dropout: float = 0.1
     positions: str = "sinusoidal"  # sinusoidal | learned | none
-    pooling: str = "mean"  # mean (over non-pad tokens) | cls
+    pooling: str = "mean"  # mean (over non-pad tokens) | cls | first (no CLS token) | padded_mean (sum / max_len)
     feedforward: str = "mlp"  # mlp | none (all-attention blocks, e.g. persistent memory replacing the MLP)
     short_conv: int = 0  # kernel of a causal depthwise convolution over the embeddings (0: none); see Encoder
+    # -- the reference protocols' options (conf/protocol/, docs/protocols.md); the defaults are the harness's own model
+    qkv_dim: int = 0  # total width of Q/K/V over all heads (LRA's qkv_dim); 0 = dim
+    attention_dropout: float = 0.0  # dropout on attention weights, for mechanisms with a `dropout` setting left at 0
+    head_mlp: int = 0  # hidden width of the head's ReLU MLP (LRA: Dense(mlp_dim) -> ReLU -> Dense); 0 = one Linear
+    interaction: str = "nli"  # matcher: nli = [X1, X2, X1*X2, X1-X2] -> MLP | concat = LRA's [X1, X2] -> 2-layer MLP
 
     def __post_init__(self):
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if self.qkv_dim < 0 or (self.qkv_dim or self.dim) % self.heads:
+            raise ValueError(f"model.qkv_dim={self.qkv_dim} must be >= 0 and divisible by model.heads={self.heads}")
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"model.attention_dropout={self.attention_dropout} must be in [0, 1)")
+        if self.head_mlp < 0:
+            raise ValueError(f"model.head_mlp={self.head_mlp} must be >= 0")
+        if self.interaction not in INTERACTIONS:
+            raise ValueError(f"model.interaction='{self.interaction}'; valid: {', '.join(INTERACTIONS)}")
         if self.positions not in POSITIONS:
             raise ValueError(f"model.positions='{self.positions}'; valid: {', '.join(POSITIONS)}")
         if self.pooling not in POOLINGS:
@@ -67,12 +81,14 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> Tensor:
 class MultiHeadMixing(nn.Module):
     """Q/K/V projections, the mechanism, the output projection."""
 
-    def __init__(self, dim: int, heads: int, mechanism: Attention):
+    def __init__(self, dim: int, heads: int, mechanism: Attention, *, inner: int = 0):
+        """``inner``: the Q/K/V width over all heads (0 = dim), as LRA's ``qkv_dim``."""
         super().__init__()
-        self.heads, self.dim_head = heads, dim // heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(dim, 2 * dim)
-        self.to_out = nn.Linear(dim, dim)
+        inner = inner or dim
+        self.heads, self.dim_head = heads, inner // heads
+        self.to_q = nn.Linear(dim, inner)
+        self.to_kv = nn.Linear(dim, 2 * inner)
+        self.to_out = nn.Linear(inner, dim)
         self.mechanism = mechanism
 
     def split(self, x: Tensor) -> Tensor:  # (B, L, H·D) -> (B, H, L, D)
@@ -97,7 +113,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mechanism: Attention):
         super().__init__()
         self.norm_mix = nn.LayerNorm(cfg.dim)
-        self.mix = MultiHeadMixing(cfg.dim, cfg.heads, mechanism)
+        self.mix = MultiHeadMixing(cfg.dim, cfg.heads, mechanism, inner=cfg.qkv_dim)
         self.norm_mlp = self.mlp = None
         if cfg.feedforward == "mlp":
             self.norm_mlp = nn.LayerNorm(cfg.dim)
@@ -140,17 +156,19 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.use_cls = cfg.pooling == "cls"
+        self.fixed_len = max_len  # padded_mean divides by it
         self.max_len = max_len + int(self.use_cls)
         self.embed = nn.Embedding(vocab_size + int(self.use_cls), cfg.dim)  # last id = CLS
         self.cls_id = vocab_size
         self.pos = nn.Embedding(self.max_len, cfg.dim) if cfg.positions == "learned" else None
         self.short_conv = ShortConv(cfg.dim, cfg.short_conv) if cfg.short_conv else None
-        overrides = _as_overrides(mechanism_cfg)
+        overrides = _with_attention_dropout(mechanism, _as_overrides(mechanism_cfg), cfg.attention_dropout)
         self.blocks = nn.ModuleList(
             Block(
                 cfg,
                 create_mechanism(
-                    mechanism, heads=cfg.heads, dim_head=cfg.dim // cfg.heads, max_len=self.max_len, **overrides
+                    mechanism, heads=cfg.heads, dim_head=(cfg.qkv_dim or cfg.dim) // cfg.heads, max_len=self.max_len,
+                    **overrides,
                 ),
             )
             for _ in range(cfg.depth)
@@ -192,10 +210,16 @@ class Encoder(nn.Module):
         return self.norm(x), padding_mask
 
     def pool(self, states: Tensor, padding_mask: Tensor) -> Tensor:
-        """(B, dim): the CLS state, or the mean over non-pad tokens."""
-        if self.use_cls:
+        """(B, dim): the CLS state (``cls``), the first token's state without a CLS token
+        (``first``: LRA's dual encoder, whose "CLS" pooling reads position 0 of an encoder built
+        without one), the mean over non-pad tokens (``mean``), or the sum over non-pad tokens
+        divided by the task's fixed length (``padded_mean``: the PyTorch re-implementations zero
+        the padded states and average over the whole padded sequence)."""
+        if self.use_cls or self.cfg.pooling == "first":
             return states[:, 0]
         keep = (~padding_mask).unsqueeze(-1).to(states.dtype)
+        if self.cfg.pooling == "padded_mean":
+            return (states * keep).sum(1) / self.fixed_len
         return (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
@@ -211,6 +235,28 @@ def _as_overrides(mechanism_cfg: Any) -> dict[str, Any]:
     elif dataclasses.is_dataclass(mechanism_cfg):
         mechanism_cfg = dataclasses.asdict(mechanism_cfg)
     return {k: v for k, v in dict(mechanism_cfg).items() if k != "name"}
+
+
+def _with_attention_dropout(mechanism: str, overrides: dict[str, Any], rate: float) -> dict[str, Any]:
+    """``model.attention_dropout`` goes to mechanisms that have attention weights to drop (a
+    ``dropout`` setting: softmax, persistent_memory, relation_aware) unless the mechanism's own
+    ``dropout`` is set; mechanisms without weights (linear, FNet, ...) have nothing to drop."""
+    if not rate or overrides.get("dropout"):
+        return overrides
+    import dataclasses
+
+    from harness.registry import get_mechanism
+
+    if "dropout" not in {f.name for f in dataclasses.fields(get_mechanism(mechanism).config_class)}:
+        return overrides
+    return {**overrides, "dropout": rate}
+
+
+def _head_mlp(dim_in: int, hidden: int, num_classes: int) -> nn.Module:
+    """One Linear (hidden = 0), or the reference heads' Dense(hidden) -> ReLU -> Dense."""
+    if not hidden:
+        return nn.Linear(dim_in, num_classes)
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
 # ----------------------------------------------------------------------------- heads
@@ -238,7 +284,7 @@ class ClassifierHead(Head):
 
     def __init__(self, encoder: Encoder, num_classes: int):
         super().__init__(encoder)
-        self.out = nn.Linear(encoder.cfg.dim, num_classes)
+        self.out = _head_mlp(encoder.cfg.dim, encoder.cfg.head_mlp, num_classes)
 
     def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         states, mask = self.encoder(batch["input_ids"], batch["padding_mask"], relations=batch.get("relations"), step=step)
@@ -246,19 +292,36 @@ class ClassifierHead(Head):
 
 
 class MatcherHead(Head):
-    """LRA's two-tower matcher: one shared encoder, pooled X1, X2, then an MLP on
-    [X1, X2, X1*X2, X1-X2] (Tay et al. 2021, the AAN retrieval task)."""
+    """The two-tower matcher of the AAN retrieval task (Tay et al. 2021): one shared encoder,
+    pooled X1, X2, then ``model.interaction``:
+
+    * ``nli``: an MLP on [X1, X2, X1*X2, X1-X2]: Linear(4·dim, dim) -> GELU -> Linear, or with
+      ``model.head_mlp`` = h the PyTorch re-implementations' Linear(4·dim, h) -> ReLU -> Linear;
+    * ``concat``: LRA's dual encoder with ``interaction=None``: [X1, X2] -> Dense(h) -> ReLU ->
+      Dense(h/2) -> ReLU -> Dense, h = ``model.head_mlp`` (LRA: mlp_dim)."""
 
     def __init__(self, encoder: Encoder, num_classes: int):
         super().__init__(encoder)
-        dim = encoder.cfg.dim
-        self.out = nn.Sequential(nn.Linear(4 * dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
+        cfg = encoder.cfg
+        self.interaction = cfg.interaction
+        if cfg.interaction == "concat":
+            if cfg.head_mlp < 2:
+                raise ValueError("model.interaction=concat needs model.head_mlp >= 2 (LRA: the model's mlp_dim)")
+            h = cfg.head_mlp
+            self.out = nn.Sequential(nn.Linear(2 * cfg.dim, h), nn.ReLU(), nn.Linear(h, h // 2), nn.ReLU(),
+                                     nn.Linear(h // 2, num_classes))
+        elif cfg.head_mlp:
+            self.out = _head_mlp(4 * cfg.dim, cfg.head_mlp, num_classes)
+        else:
+            self.out = nn.Sequential(nn.Linear(4 * cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, num_classes))
 
     def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         # Both towers in one encoder pass (stacked along the batch), so the mechanisms'
         # aux losses and metrics cover both documents.
         ids, mask = _stack_padded([batch["input_ids_1"], batch["input_ids_2"]], [batch["padding_mask_1"], batch["padding_mask_2"]])
         x1, x2 = self.encoder.pool(*self.encoder(ids, mask, step=step)).chunk(2, dim=0)
+        if self.interaction == "concat":
+            return self.out(torch.cat([x1, x2], dim=-1))
         return self.out(torch.cat([x1, x2, x1 * x2, x1 - x2], dim=-1))
 
 

@@ -55,6 +55,7 @@ class Result:
     best_step: int | None = None
     variant: str = ""  # "" for the scale's presets, else the config hash
     variant_label: str = ""  # how the config differs from the presets, in override syntax
+    protocol: str = ""  # whose settings at a scale with protocols (scale=lra: lra | pytorch | nystromformer); else ""
     config_hash: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int | None = None  # set when a killed run was resumed from its checkpoint

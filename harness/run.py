@@ -177,7 +177,7 @@ def check_config(cfg: DictConfig) -> None:
     every budget/size is in range: one line, before anything is read, trained or written."""
     import dataclasses
 
-    from harness.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig
+    from harness.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig, check_protocol
     from harness.model import ModelConfig
     from harness.registry import get_mechanism, get_task
 
@@ -218,6 +218,7 @@ def check_config(cfg: DictConfig) -> None:
                 and isinstance(default, int) and default >= 1:
             raise ValueError(f"task.{key}={value!r} must be >= 1")
     trainer_passthrough(cfg)
+    check_protocol(cfg)
 
 
 def _set_aside(cell: Cell, previous: dict[str, Any]) -> Path | None:
@@ -347,6 +348,7 @@ def _new_result(cfg: DictConfig, cell: Cell) -> Result:
         env=environment(), task_config={k: v for k, v in cell.identity["task"].items() if k != "name"},
         model_config=cell.identity["model"], train_config=_container(cfg.train),
         variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
+        protocol=cell.identity.get("protocol", ""),
     )
 
 
@@ -371,7 +373,7 @@ OUR_TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_work
 
 MANAGED_TRAINER_KEYS = frozenset({
     "max_steps", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "callbacks",
-    "gradient_clip_val", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
+    "gradient_clip_val", "gradient_clip_algorithm", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
     "enable_model_summary"})
 
 
@@ -533,6 +535,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         check_val_every_n_epoch=None,
         limit_val_batches=train.eval_batches or None,
         gradient_clip_val=train.grad_clip or None,
+        gradient_clip_algorithm=train.grad_clip_algorithm,
         deterministic="warn" if cfg.trainer.deterministic else False,
         callbacks=[checkpoint, meter, *([progress] if show_progress else [])],
         enable_progress_bar=show_progress,
@@ -546,6 +549,15 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     device_type = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
     _reset_peak_memory(device_type)
     try:
+        if train.pretrain_steps and not resume.exists():  # a resumed cell has its pretrained weights in the checkpoint
+            from harness.pretrain import self_pretrain
+
+            meter.start_timer()
+            result.data["pretrain"] = self_pretrain(
+                model, task, train, data, {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices,
+                                           "precision": cfg.trainer.precision, "enable_progress_bar": False,
+                                           "deterministic": "warn" if cfg.trainer.deterministic else False})
+            log.info("self-pretraining: %s", result.data["pretrain"])
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None, weights_only=True)
         result.resumed_from_step = meter.resumed_from_step
         if meter.resumed_from_step is not None:

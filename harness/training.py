@@ -46,9 +46,20 @@ def lr_lambda(schedule: str, warmup: int, total: int):
             return math.sqrt(warmup / (step + 1))
         if schedule == "constant":
             return 1.0
-        raise ValueError(f"train.schedule='{schedule}'; valid: cosine, rsqrt, constant")
+        raise ValueError(f"train.schedule='{schedule}'; valid: cosine, rsqrt, constant, onecycle")
 
     return factor
+
+
+def one_cycle(optimizer, lr: float, warmup: int, total: int):
+    """``schedule=onecycle``: torch's OneCycleLR as the PyTorch LRA re-implementations build it
+    (Nyströmformer's run_tasks.py, Skyformer's main.py): linear up from lr/25 over ``warmup``
+    steps, linear down to lr/25e4 at ``total``, beta1 cycled 0.95 <-> 0.85 (its defaults)."""
+    if not (warmup >= 2 and total - warmup >= 2):  # a phase of one step: OneCycleLR divides by zero
+        raise ValueError(f"train.schedule=onecycle needs train.warmup_steps={warmup} >= 2 and at least 2 steps after it "
+                         f"(train.max_steps={total})")
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=warmup / total,
+                                               anneal_strategy="linear")
 
 
 class TaskModule(L.LightningModule):
@@ -145,13 +156,18 @@ class TaskModule(L.LightningModule):
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+                exempt = not cfg.weight_decay_all and (p.ndim < 2 or "embed" in name or "norm" in name)
+                (no_decay if exempt else decay).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
-            betas=(0.9, 0.98),
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
+        if cfg.schedule == "onecycle":
+            scheduler = one_cycle(optimizer, cfg.lr, cfg.warmup_steps, cfg.max_steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -290,18 +290,7 @@ def subsample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         "tiny": {"task": {"resolution": 16, "max_len": 256, "num_train": 640, "num_val": 128, "num_test": 256}},
         # 2 CPU cores, a minute or two: 16x16 = 256 tokens, 12k training images.
         "small": {"task": {"resolution": 16, "max_len": 256, "num_train": 12000, "num_val": 1000, "num_test": 2000}},
-        # LRA's released config, lra_benchmarks/image/configs/cifar10/base_cifar10_config.py
-        # (+ transformer_base.py, which keeps it): 32x32 = 1024 tokens, 45,000 training images
-        # (90% of train), batch 256, lr 5e-4, weight decay 0, 200 epochs = 175 x 200 steps with
-        # 175 warm-up steps and cosine decay ('constant * linear_warmup * cosine_decay'),
-        # evaluation every epoch; model emb_dim 32 (qkv_dim 32), 1 layer, 1 head, mlp_dim 64,
-        # dropout 0.3 (attention dropout 0.2 has no counterpart here), CLS pooling, learned
-        # positions.
-        "lra": {
-            "task": {"resolution": 32, "max_len": 1024},
-            "model": {"dim": 32, "depth": 1, "heads": 1, "mlp_dim": 64, "dropout": 0.3, "positions": "learned", "pooling": "cls"},
-            "train": {"max_steps": 35000, "batch_size": 256, "lr": 5.0e-4, "weight_decay": 0.0, "warmup_steps": 175, "schedule": "cosine", "eval_every": 175},
-        },
+        # scale=lra: conf/protocol/<protocol>/image.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class ImageClassification(Task):

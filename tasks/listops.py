@@ -208,13 +208,7 @@ def read_tsv(path: Path) -> list[tuple[list[int], int]]:
         "tiny": {"task": {"max_len": 64, "min_length": 8, "max_length": 64, "num_train": 640, "num_val": 128, "num_test": 128}},
         # 2 CPU cores, a minute or two per cell.
         "small": {"task": {"max_len": 128, "min_length": 16, "max_length": 128, "num_train": 12000, "num_val": 500, "num_test": 1000}},
-        # LRA's released listops config: length 2000, 6 layers, 512 wide, 8 heads, mlp 2048.
-        "lra": {
-            "task": {"max_len": 2000},
-            "model": {"dim": 512, "depth": 6, "heads": 8, "mlp_dim": 2048, "dropout": 0.1, "positions": "learned"},
-            # LRA: lr 0.05 × rsqrt(max(step, warmup)) peaks at 0.05/√1000; our rsqrt schedule peaks at lr.
-            "train": {"max_steps": 5000, "batch_size": 32, "lr": 1.58e-3, "schedule": "rsqrt", "warmup_steps": 1000, "weight_decay": 0.1, "eval_every": 500},
-        },
+        # scale=lra: conf/protocol/<protocol>/listops.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class ListOps(Task):

@@ -592,17 +592,7 @@ GENERATOR_FIELDS = ("contour_length", "distractor_length", "num_distractors", "c
         # 2 CPU cores, a minute or two: 16x16, targets of 3 paddles, no distractors.
         "small": {"task": {"resolution": 16, "max_len": 256, "difficulty": "easy", "contour_length": 3, "distractor_length": 1,
                            "num_distractors": 0, "num_train": 16000, "num_val": 1000, "num_test": 2000}},
-        # LRA's released config, lra_benchmarks/image/configs/pathfinder32/{base_pathfinder32_config,
-        # transformer_base}.py, on the hard set (contour length 14) that LRA reports: 32x32 = 1024
-        # tokens, 160,000 training images, batch 512, lr 1e-3, weight decay 0, 200 epochs = 312 x 200
-        # steps with 312 warm-up steps and cosine decay, evaluation every epoch; model emb_dim 128,
-        # 1 layer, 4 heads, mlp_dim 128, dropout 0.2 (qkv_dim 64 and attention dropout 0.1 have no
-        # counterpart here), mean pooling, fixed sinusoidal positions.
-        "lra": {
-            "task": {"resolution": 32, "max_len": 1024, "difficulty": "hard"},
-            "model": {"dim": 128, "depth": 1, "heads": 4, "mlp_dim": 128, "dropout": 0.2, "positions": "sinusoidal", "pooling": "mean"},
-            "train": {"max_steps": 62400, "batch_size": 512, "lr": 1.0e-3, "weight_decay": 0.0, "warmup_steps": 312, "schedule": "cosine", "eval_every": 312},
-        },
+        # scale=lra: conf/protocol/<protocol>/pathfinder.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class Pathfinder(Task):

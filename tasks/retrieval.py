@@ -316,17 +316,7 @@ def _pairs_dataset(ids1: list[list[int]], ids2: list[list[int]], labels: list[in
         # documents learn slower in this budget (128 bytes: ~0.60 after 600 steps). Softmax:
         # 0.63 test accuracy vs 0.50 majority, ~80 s of CPU for 1,000 steps.
         "small": {"task": {"max_len": 64}, "train": {"max_steps": 1000, "lr": 3.0e-3, "eval_every": 250}},
-        # LRA's released matching config (lra_benchmarks/matching/configs/base_match_config.py):
-        # max_length 4000 per document, byte ("char") tokenizer, emb_dim 128, 4 layers, 4 heads,
-        # qkv 128, mlp 512, batch 32, lr 0.05, weight decay 0.1, 5,000 steps,
-        # "constant * linear_warmup * rsqrt_decay" with 8,000 warm-up steps, eval every 100,
-        # CLS pooling, sinusoidal positions, dropout 0.1.
-        "lra": {
-            "task": {"max_len": 4000},
-            "model": {"dim": 128, "depth": 4, "heads": 4, "mlp_dim": 512, "dropout": 0.1, "positions": "sinusoidal", "pooling": "cls"},
-            # LRA: lr 0.05 × rsqrt(max(step, warmup)) peaks at 0.05/√8000; our rsqrt schedule peaks at lr.
-            "train": {"max_steps": 5000, "batch_size": 32, "lr": 5.59e-4, "weight_decay": 0.1, "warmup_steps": 8000, "schedule": "rsqrt", "eval_every": 100},
-        },
+        # scale=lra: conf/protocol/<protocol>/retrieval.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class Retrieval(Task):

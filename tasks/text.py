@@ -259,17 +259,7 @@ def build_imdb(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int]]]:
         # 2 CPU cores: 256-byte windows, up to 4 per page (pages split by document), 1,758 train
         # examples; softmax: 0.78 test accuracy vs 0.50 majority, ~60 s of CPU for 600 steps.
         "small": {"task": {"max_len": 256, "windows_per_doc": 4}},
-        # LRA's released text config (lra_benchmarks/text_classification/configs/base_tc_config.py):
-        # max_length 1000 (the paper's table says 4K: task.max_len=4000), emb_dim 256, 4 layers,
-        # 4 heads, qkv 256, mlp 1024, batch 32, lr 0.05, weight decay 0.1, 20,000 steps,
-        # "constant * linear_warmup * rsqrt_decay" with 8,000 warm-up steps, eval every 100,
-        # CLS pooling, sinusoidal positions (learn_pos_emb=False), dropout 0.1.
-        "lra": {
-            "task": {"max_len": 1000},
-            "model": {"dim": 256, "depth": 4, "heads": 4, "mlp_dim": 1024, "dropout": 0.1, "positions": "sinusoidal", "pooling": "cls"},
-            # LRA: lr 0.05 × rsqrt(max(step, warmup)) peaks at 0.05/√8000; our rsqrt schedule peaks at lr.
-            "train": {"max_steps": 20000, "batch_size": 32, "lr": 5.59e-4, "weight_decay": 0.1, "warmup_steps": 8000, "schedule": "rsqrt", "eval_every": 100},
-        },
+        # scale=lra: conf/protocol/<protocol>/text.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class Text(Task):
