@@ -406,3 +406,21 @@ def test_a_row_on_other_data_is_judged_against_its_own_datas_baselines(tmp_path)
     assert variant.own_data and variant.beats_baseline  # 0.75 [0.66, 0.82] beats its own majority 0.5
     assert not by.loc["softmax"].own_data and not by.loc["softmax"].beats_baseline  # 0.92 vs the column's 0.9
     assert report.cell_text(variant).endswith(" †")
+
+
+def test_published_rows_sit_only_beside_cells_of_their_protocol():
+    """LRA's Table 1 beside protocol=lra cells, Skyformer's row beside protocol=pytorch cells; a
+    cell of one protocol never appears in the other's table (issue 23)."""
+    records = []
+    for protocol, acc in (("lra", 0.37), ("pytorch", 0.39)):
+        r = record(task="listops", mechanism="softmax", scale="lra", accuracy=acc)
+        r["data"]["source"] = "lra"
+        r["protocol"] = protocol
+        records.append(r)
+    section = report.reference_section(report.cells_frame(records))
+    lra = section[section.index("### LRA's own protocol"):section.index("### The PyTorch")]
+    pytorch = section[section.index("### The PyTorch"):]
+    assert "| Transformer" in lra and "Skyformer" not in lra
+    assert "measured here, `protocol=lra` | 37.00" in lra and "39.00" not in lra
+    assert "| Skyformer" in pytorch and "Transformer " not in pytorch
+    assert "`protocol=pytorch`" in pytorch and "39.00" in pytorch and "37.00" not in pytorch
