@@ -182,7 +182,8 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
         "Transformer", "published", "36.37", "64.27", "57.46", "42.44", "71.40", "54.39"]
     skyformer = next(line for line in text.splitlines() if line.startswith("| Skyformer "))
     cells = [c.strip() for c in skyformer.strip("|").split("|")]
-    assert cells[2:] == ["38.69", "64.70", "82.06", "40.77", "70.73", "59.39"] and "re-implementation [1]" in cells[1]
+    assert cells[2:] == ["38.69", "64.70", "82.06", "40.77", "70.73", "59.39"] and cells[1] == "published [1]"
+    assert "### The PyTorch re-implementations' protocol (`protocol=pytorch`)" in text and "re-implementation" in text
     assert "[1] Chen et al. 2021" in text
 
 
