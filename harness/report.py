@@ -739,6 +739,15 @@ def details_section(cells: pd.DataFrame, unreadable: list[dict[str, str]], resul
 # ----------------------------------------------------------------------------- plots
 
 
+def figure_legend(fig, axes, ncol: int = 1) -> None:
+    """One legend right of the panels, each label once (the panels share series)."""
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False, ncol=ncol)
+
+
 def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str) -> Path | None:
     """Accuracy (bits for LM tasks) against sequence length, a panel per task, a line per row;
     the strongest baseline dashed grey; ✕ where a series stops (failed/oom/nan/timeout)."""
@@ -797,12 +806,7 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False,
-               ncol=legend_cols)
+    figure_legend(fig, axes, ncol=legend_cols)
     shared = " · each length at its column's config (the table's column titles)" if stats.column_config.astype(bool).any() else ""
     fig.suptitle(f"Accuracy vs sequence length — scale `{scale}` (✕: the cell failed, oom or timed out there){shared}",
                  fontsize=11)
@@ -858,11 +862,7 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False)
+    figure_legend(fig, axes)
     fig.suptitle(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.94))
     save_figure_atomic(fig, path, dpi=110)
