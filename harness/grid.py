@@ -363,18 +363,56 @@ def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> tuple[float, int
     return total, known
 
 
+GPU_SUSTAINED_TFLOPS = 20.0  # an assumed sustained rate for LRA-sized models (widths 32-512) on one modern GPU
+
+
+def cell_cost(identity: dict[str, Any]) -> dict[str, float]:
+    """Training steps, tokens and an estimate of FLOPs and GPU hours of one cell, from its config.
+
+    tokens = Σ steps × batch × L over the warm start, self-pretraining and the run proper (two
+    documents per example for a matcher are not counted twice: a lower bound there). FLOPs =
+    6 · tokens · depth · (4·d² + 2·d·mlp) for the projections and MLPs (forward + backward) plus
+    12 · depth · L² · d per sequence for softmax attention's QKᵀ and AV: an upper bound for the
+    efficient mechanisms, whose attention costs less. Hours at ``GPU_SUSTAINED_TFLOPS``; evaluation
+    passes are left out. Use the figure to size a request, not as a measurement."""
+    task, model, train = identity.get("task", {}), identity.get("model", {}), identity.get("train", {})
+    caps = [int(task[k]) for k in ("max_len", "max_length") if isinstance(task.get(k), (int, float)) and task[k]]
+    if task.get("resolution"):
+        caps.append(int(task["resolution"]) ** 2)
+    length = min(caps) if caps else 0
+    d, depth, mlp = int(model.get("dim", 0)), int(model.get("depth", 0)), int(model.get("mlp_dim", 0))
+    warm_steps = int(train.get("warmup_length_steps") or 0)
+    phases = [(int(train.get("max_steps", 0)) - warm_steps, int(train.get("batch_size", 0)), length),
+              (warm_steps, int(train.get("warmup_batch_size") or train.get("batch_size", 0)),
+               int(train.get("warmup_length") or 0)),
+              (int(train.get("pretrain_steps") or 0), int(train.get("batch_size", 0)), length)]
+    steps = sum(p[0] for p in phases)
+    tokens = sum(n * b * L for n, b, L in phases)
+    flops = 6 * tokens * depth * (4 * d * d + 2 * d * mlp) + sum(12 * depth * L * L * d * n * b for n, b, L in phases)
+    return {"steps": steps, "tokens": tokens, "flops": float(flops),
+            "gpu_hours": flops / (GPU_SUSTAINED_TFLOPS * 1e12) / 3600}
+
+
 def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> int:
     from harness.progress import format_duration
 
     rows = plan(scale, groups, results_dir)
+    total_hours = 0.0
     for row in rows:
         c = row["cell"]
         label = f"  [{c.variant_label}]" if c.variant_label else ""
-        print(f"{row['status']:<11} {c.name}{label}")
+        cost = cell_cost(c.identity)
+        if row["status"] not in ("ok", "unsupported"):
+            total_hours += cost["gpu_hours"]
+        print(f"{row['status']:<11} {c.name}{label}  {cost['steps']:,} steps, {cost['tokens'] / 1e6:,.1f}M tokens, "
+              f"~{cost['gpu_hours']:.2g} GPU-h")
     counts = Counter(row["status"] for row in rows)
     todo = sum(v for k, v in counts.items() if k not in ("ok", "unsupported"))
     seconds, known = estimate_s(rows, results_dir)
     print(f"{len(rows)} cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"estimated GPU time of the cells left: ~{total_hours:.2g} GPU-h (training FLOPs from each config at "
+          f"{GPU_SUSTAINED_TFLOPS:g} TFLOP/s sustained, softmax's attention cost as the upper bound; "
+          f"harness.grid.cell_cost)")
     if todo:
         basis = f"from {known} of {todo} cells' recorded peers" if known else "no recorded cells to estimate from"
         print(f"estimated time left: {format_duration(seconds / max(1, n_jobs)) if known else 'unknown'} "

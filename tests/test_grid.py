@@ -345,3 +345,20 @@ def test_a_results_folder_with_spaces_quotes_and_accents_works(env):
     from harness.grid import quoted
 
     assert quoted("a b/é'q\\\\x") == "'a b/é\\'q\\\\\\\\x'"  # a b/é'q\\x -> 'a b/é\'q\\\\x'
+
+
+def test_a_cells_training_cost_is_estimated_from_its_config():
+    """The dry run's steps, tokens and GPU hours (issue 23), against hand-computed values."""
+    from harness.grid import GPU_SUSTAINED_TFLOPS, cell_cost
+
+    plain = {"task": {"max_len": 100}, "model": {"dim": 8, "depth": 2, "mlp_dim": 16},
+             "train": {"max_steps": 10, "batch_size": 4}}
+    cost = cell_cost(plain)
+    dense = 6 * 4000 * 2 * (4 * 64 + 2 * 8 * 16)  # 24,576,000
+    attention = 12 * 2 * 100 ** 2 * 8 * 10 * 4  # 76,800,000
+    assert cost["steps"] == 10 and cost["tokens"] == 4000 and cost["flops"] == dense + attention
+    assert cost["gpu_hours"] == pytest.approx((dense + attention) / (GPU_SUSTAINED_TFLOPS * 1e12 * 3600))
+    warm = {**plain, "train": {"max_steps": 10, "batch_size": 4, "warmup_length": 10, "warmup_length_steps": 4,
+                               "warmup_batch_size": 8}}
+    assert cell_cost(warm)["tokens"] == 6 * 4 * 100 + 4 * 8 * 10 and cell_cost(warm)["steps"] == 10
+    assert cell_cost({**plain, "task": {"resolution": 8, "max_len": 1000}})["tokens"] == 10 * 4 * 64
