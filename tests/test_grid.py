@@ -115,15 +115,16 @@ def test_killing_the_grid_kills_its_cells(env):
                              "train.max_steps=200", "mechanism.seconds=0.5"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env[1])
     deadline = time.time() + 300
-    while time.time() < deadline and not _processes_with(marker, "harness.run\x00task="):
+    folder = str(results)  # the grid hands it on quoted (results_dir='...'): look for the path itself
+    while time.time() < deadline and not _processes_with(folder, "harness.run\x00task="):
         time.sleep(0.5)
-    assert _processes_with(marker, "harness.run\x00task="), "the cell never started"
+    assert _processes_with(folder, "harness.run\x00task="), "the cell never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30
-    while time.time() < deadline and _processes_with(marker):
+    while time.time() < deadline and _processes_with(folder):
         time.sleep(0.5)
-    assert not _processes_with(marker), "a cell outlived its grid"
+    assert not _processes_with(folder), "a cell outlived its grid"
 
 
 def _processes_with(*needles: str) -> list[int]:
