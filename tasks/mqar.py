@@ -167,8 +167,9 @@ def generate_splits(cfg: MQARConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]
         # attention layer can match a query to it; without it, 2 layers stayed at chance after 1500 steps
         # at 128 tokens), no position embeddings (the recall is by content, and the model trained short
         # then runs long unchanged). Warm start: 300 steps of 64 sequences at 64 tokens, then 60 steps
-        # of 8 at 1K. Measured on this CPU (seed 0, one thread each, two side by side): softmax 1.00 at
-        # 1K; at 4K (`task.max_len=4096 train.batch_size=4`) 0.96; linear 0.06 (chance) at 1K.
+        # of 8 at 1K. Measured in the CPU grid's run (make benchmark at 567b2a2, seeds 0/1/2): softmax
+        # 0.997/0.987/0.999 at 1K and 0.957/0.818/0.977 at 4K (`task.max_len=4096 train.batch_size=4`);
+        # linear 0.064/0.068/0.067 at 1K (chance 0.0625).
         "small": {
             "task": {"max_len": 1024},
             "model": {"dim": 64, "depth": 1, "heads": 2, "mlp_dim": 128, "dropout": 0.0, "positions": "none", "short_conv": 2},
