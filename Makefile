@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml plugins/peers/pyproject.toml
 data: install ## prepare every task's offline data (fetches the Debian packages it needs)
 	$(PY) -m harness data task=all scale=$(if $(filter auto,$(SCALE)),small,$(SCALE))
 
+# the report of `make benchmark` replaces the leaderboard whatever it was built from (the run just made
+# its records); `make report` alone refuses to replace one built from more records than the folder holds
 benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at small), the speed sweep, the leaderboard
 	started=$$(date +%s); \
 	$(PY) -m harness grid grid=$(GRID) scale=$(SCALE) n_jobs=$(JOBS) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
@@ -39,7 +41,7 @@ benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at smal
 	mkdir -p $(RESULTS)/runs; \
 	printf '{"started": %s, "finished": %s, "grid_status": %s, "command": "make benchmark GRID=$(GRID) SCALE=$(SCALE) JOBS=$(JOBS)"}\n' \
 	  $$started $$(date +%s) $$status > $(RESULTS)/runs/make_benchmark.json; \
-	$(PY) -m harness report results_dir=$(RESULTS) || exit $$?; \
+	$(PY) -m harness report results_dir=$(RESULTS) force=true || exit $$?; \
 	if [ $$status -ne 0 ]; then echo "make benchmark: the leaderboard is written, but some cells did not finish ok (grid exit status $$status): see its Run details; retry them with: $(PY) -m harness grid grid=$(GRID) scale=$(SCALE) rerun=failed train.time_limit_s=0"; fi; \
 	exit $$status
 

@@ -31,12 +31,13 @@ def cmd_list(argv: list[str]) -> int:
         return 0
     flags = ("causal", "cross", "key_padding", "relations")
     rows = [
-        [name, *("✓" if m["capabilities"][f] else "" for f in flags),
+        [name, m["family"], *("✓" if m["capabilities"][f] else "" for f in flags),
          ", ".join(f"{k}={v}" for k, v in m["config"].items()), m["doc"][:70]]
         for name, m in info["mechanisms"].items()
     ]
     print(f"Mechanisms ({len(rows)}):")
-    print(tabulate(rows, headers=["name", *flags, "config", "doc"], tablefmt="simple", maxcolwidths=[None] * 5 + [48, 48]))
+    print(tabulate(rows, headers=["name", "family", *flags, "config", "doc"], tablefmt="simple",
+                   maxcolwidths=[None] * 6 + [48, 48]))
     rows = [[name, ", ".join(t["sources"]), ", ".join(t["requires"]) or "–", t["doc"][:70]] for name, t in info["tasks"].items()]
     print(f"\nTasks ({len(rows)}):")
     print(tabulate(rows, headers=["name", "sources (default first)", "requires", "doc"], tablefmt="simple"))

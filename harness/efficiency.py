@@ -171,7 +171,7 @@ def relative_tables(group: pd.DataFrame) -> tuple[str, str, str]:
             s_row.append(_ratio_cell(speed.get((mech, length)), softmax_status.get(length)))
             m_row.append(_ratio_cell(memory.get((mech, length)), softmax_status.get(length)))
             r = group[(group.mechanism == mech) & (group.length == length)].iloc[0]
-            a_row.append(f"{_si(r.tokens_per_s)} · {r.memory_mb:,.0f}")
+            a_row.append(f"{si_number(r.tokens_per_s)} · {r.memory_mb:,.0f}")
         crossover = "–" if mech == "softmax" else _crossover_cell(group, speed, mech, lengths)
         speed_rows.append(s_row + [crossover])
         memory_rows.append(m_row)
@@ -192,7 +192,8 @@ def _crossover_cell(group: pd.DataFrame, speed: dict, mech: str, lengths: list[i
     return f"{text} (✗ from {length_label(failed[0])})" if failed else text
 
 
-def _si(value: float | None) -> str:
+def si_number(value: float | None) -> str:
+    """1234 -> '1.23k', 2e6 -> '2M' (three significant digits), None/NaN -> '–'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -263,7 +264,7 @@ def overhead_markdown(record: dict[str, Any]) -> str:
             f"({training['steps']} steps of batch {training['batch_size']}, the first {training['skip']} untimed), "
             f"Lightning path (`TaskModule` + `Trainer`) vs a bare PyTorch loop: "
             f"**{training['ratio']:.3f}** of the bare loop's throughput (target ≥ {training['target']:.2f} {mark}); "
-            f"{_si(_median(training['lightning_tokens_per_s']))} vs {_si(_median(training['bare_tokens_per_s']))} "
+            f"{si_number(_median(training['lightning_tokens_per_s']))} vs {si_number(_median(training['bare_tokens_per_s']))} "
             "tokens/s (medians; the ratio is the median over adjacent pairs of alternating rounds).", "",
         ]
     contract = record.get("contract") or []
@@ -358,6 +359,14 @@ def efficiency_markdown(records: list[dict[str, Any]], params: dict[str, int] | 
 MARKERS = "osD^v<>pPXh*d8H"
 
 
+def wrapped(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``fontsize`` points (a figure's
+    title otherwise runs off a one-panel figure)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(20, int(width_in * 72 / (0.55 * fontsize)))))
+
+
 def series_style(names: list[str]) -> dict[str, dict[str, Any]]:
     """A distinct (colour, marker, line style) per name, for 15+ series: 20 tab20 colours (strong
     shades first) crossed with 14 markers, solid lines first, then dashed; softmax drawn thicker."""
@@ -385,21 +394,48 @@ def _style(mechanisms: list[str], frame: pd.DataFrame) -> dict[str, dict[str, An
     return style
 
 
-def mark_stops(ax, points: pd.DataFrame, failures: pd.DataFrame, column: str, color) -> bool:
-    """Where a series stops (oom/timeout/failed at a longer length than its last ok point), a
-    cross at that length on the level of the last ok point, labelled with the status."""
+def family_of(frame: pd.DataFrame) -> dict[str, str]:
+    """Each series' family (``harness.registry.FAMILIES``): a peer is drawn in its counterpart's;
+    a name no longer registered is ``other``."""
+    from harness.registry import list_mechanisms, get_mechanism
+
+    known = set(list_mechanisms())
+    peer_of = frame.dropna(subset=["peer_of"]).groupby("mechanism").peer_of.first().to_dict()
+    out = {}
+    for mech in set(frame.mechanism):
+        own = peer_of.get(mech, mech)
+        out[mech] = get_mechanism(own).family if own in known else "other"
+    return out
+
+
+def stop_of(points: pd.DataFrame, failures: pd.DataFrame, column: str) -> tuple[float, float, float, str] | None:
+    """Where a series stops (oom/timeout/failed at a longer length than its last ok point):
+    (last ok length, its value, the first longer length that did not finish, its status)."""
     if points.empty or failures.empty:
-        return False
+        return None
     last = points.sort_values("length").iloc[-1]
     later = failures[failures.length > last.length].sort_values("length")
     if later.empty:
-        return False
-    stop = later.iloc[0]
-    ax.plot([last.length, stop.length], [last[column], last[column]], color=color, linestyle=":", linewidth=1)
-    ax.plot([stop.length], [last[column]], marker="x", markersize=9, markeredgewidth=2, color=color, linestyle="none")
-    ax.annotate(stop.status, (stop.length, last[column]), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                color=color)
-    return True
+        return None
+    return float(last.length), float(last[column]), float(later.iloc[0].length), str(later.iloc[0].status)
+
+
+def mark_stops(ax, stops: list[tuple[tuple[float, float, float, str], Any]]) -> None:
+    """A cross where each series stops, on the level of its last ok point and in its colour, joined
+    to it by a dotted line; one label per length, left of its lowest cross, counting the statuses
+    there ("oom ×2, timeout"): a label per series piled up where several stop at one length."""
+    at: dict[float, list[tuple[float, str]]] = {}
+    for (last_length, level, length, status), color in stops:
+        ax.plot([last_length, length], [level, level], color=color, linestyle=":", linewidth=1)
+        ax.plot([length], [level], marker="x", markersize=9, markeredgewidth=2, color=color, linestyle="none")
+        at.setdefault(length, []).append((level, status))
+    for length, marks in at.items():
+        counts: dict[str, int] = {}
+        for _, status in marks:
+            counts[status] = counts.get(status, 0) + 1
+        text = ", ".join(f"{status} ×{n}" if n > 1 else status for status, n in sorted(counts.items()))
+        ax.annotate(text, (length, min(level for level, _ in marks)), textcoords="offset points", xytext=(-8, -4),
+                    ha="right", va="top", fontsize=7)
 
 
 def _guides(ax, anchor: tuple[float, float], lengths: list[int], kind: str, y_range: tuple[float, float]) -> None:
@@ -408,17 +444,23 @@ def _guides(ax, anchor: tuple[float, float], lengths: list[int], kind: str, y_ra
     l0, y0 = anchor
     xs = np.geomspace(min(lengths), max(lengths), 64)
     if kind == "throughput":  # cost O(L): constant tokens/s; O(L²): tokens/s ∝ 1/L
-        ax.plot(xs, np.full_like(xs, y0), color="black", linestyle=":", linewidth=1, label="O(L) time (constant tokens/s)")
+        ax.plot(xs, np.full_like(xs, y0), color="black", linestyle=":", linewidth=1, label="O(L) time")
         ax.plot(xs, y0 * l0 / xs, color="black", linestyle="-.", linewidth=1, label="O(L²) time")
     else:
         ax.plot(xs, y0 * xs / l0, color="black", linestyle=":", linewidth=1, label="O(L) memory")
         ax.plot(xs, y0 * (xs / l0) ** 2, color="black", linestyle="-.", linewidth=1, label="O(L²) memory")
     low, high = y_range
-    ax.set_ylim(low / 1.3, high * 1.3)
+    ax.set_ylim(low / 1.5, high * 1.5)
 
 
 def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> Path | None:
+    """Small multiples: a panel per family of mechanisms (and per mode when both were measured),
+    softmax in every panel as the reference, O(L) and O(L²) guides through softmax's first point,
+    each panel's legend beside it; ✕ where a series stops (oom / timeout / failed)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    from harness.registry import FAMILIES
 
     column = "tokens_per_s" if kind == "throughput" else "memory_mb"
     data = frame[(frame.causal == causal) & (frame.status == "ok")]
@@ -427,36 +469,55 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
     modes = [m for m in ("train_step", "attention") if m in set(data["mode"])]
     if not modes:
         return None
-    style = _style(mechanism_order(frame.mechanism), frame)
-    fig, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes) + 3, 6), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    family = family_of(frame)
+    families = [f for f in FAMILIES if any(family[m] == f for m in set(frame.mechanism) if m != "softmax")]
+    families = families or ["full"]
+    panels = [(f, mode) for f in families for mode in modes]
+    cols = len(modes) if len(modes) > 1 else min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.6 * cols, 3.9 * rows_n), squeeze=False, layout="constrained")
+    for ax, (fam, mode) in zip(axes.flat, panels):
         group = data[data["mode"] == mode]
+        members = mechanism_order(m for m in set(frame.mechanism) if family[m] == fam or m == "softmax")
+        style = _style(members, frame[frame.mechanism.isin(members)])
+        if "softmax" in style:
+            style["softmax"] = {**style["softmax"], "color": "black", "linewidth": 2.2}
         lengths = sorted(set(group.length) | set(stopped[stopped["mode"] == mode].length))
-        for mech in mechanism_order(group.mechanism):
+        stops = []
+        for mech in members:
             points = group[group.mechanism == mech].sort_values("length")
-            ax.plot(points.length, points[column], label=mech, markersize=5, **style[mech])
-            failures = stopped[(stopped["mode"] == mode) & (stopped.mechanism == mech)]
-            mark_stops(ax, points, failures, column, style[mech]["color"])
-        anchor_rows = group[group.mechanism == "softmax"].sort_values("length")
-        if anchor_rows.empty:
-            anchor_rows = group.sort_values("length")
-        first = anchor_rows.iloc[0]
-        _guides(ax, (first.length, first[column]), lengths, kind, (group[column].min(), group[column].max()))
+            if not points.empty:
+                ax.plot(points.length, points[column], label=mech, markersize=5, **style[mech])
+            stop = stop_of(points, stopped[(stopped["mode"] == mode) & (stopped.mechanism == mech)], column)
+            if stop:
+                stops.append((stop, style[mech]["color"]))
+        shown = group[group.mechanism.isin(members)]
+        if shown.empty or not lengths:
+            ax.axis("off")
+            continue
+        anchor_rows = shown[shown.mechanism == "softmax"].sort_values("length")
+        first = (anchor_rows if len(anchor_rows) else shown.sort_values("length")).iloc[0]
+        _guides(ax, (first.length, first[column]), lengths, kind, (shown[column].min(), shown[column].max()))
+        mark_stops(ax, stops)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(lengths, [length_label(L) for L in lengths])
-        ax.set_xlabel("sequence length L (tokens)")
-        ax.set_ylabel("throughput (tokens/s)" if kind == "throughput" else "peak memory (MB)")
-        ax.set_title(MODE_TITLES.get(mode, mode), fontsize=10)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("sequence length L (tokens)", fontsize=9)
+        ax.set_ylabel("tokens/s" if kind == "throughput" else "peak memory (MB)", fontsize=9)
+        title = FAMILIES[fam] + (f" · {MODE_TITLES.get(mode, mode).split(' (')[0]}" if len(modes) > 1 else "")
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)  # beside the axes, off the data
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     what = "Throughput" if kind == "throughput" else "Peak memory"
-    fig.suptitle(f"{what} vs sequence length ({'causal' if causal else 'non-causal'}; log-log; "
-                 "✕ where a series stops: oom / timeout)")
-    fig.tight_layout(rect=(0, 0, 0.8, 0.95))
+    measured = MODE_TITLES.get(modes[0], modes[0]) if len(modes) == 1 else "each panel's mode"
+    fig.suptitle(wrapped(f"{what} vs sequence length, a panel per family, softmax (black) in each: {measured}; "
+                         f"{'causal' if causal else 'non-causal'}, log-log; ✕ where a series stops",
+                         fig.get_figwidth(), 11), fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure_atomic(fig, path, dpi=120)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 

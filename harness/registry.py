@@ -52,6 +52,19 @@ TASK_ENTRY_POINTS = "harness.tasks"
 PLUGIN_PATH_ENV = "HARNESS_PLUGIN_PATH"
 
 
+# How a mechanism avoids (or keeps) the L x L score matrix: the speed plots draw one panel per family,
+# softmax in each as the reference. A plugin names its own with ``register_mechanism(..., family=...)``.
+FAMILIES = {
+    "full": "full attention and its variants (O(L²))",
+    "kernel": "kernel feature maps (linear in L)",
+    "low_rank": "low rank and landmarks",
+    "sparse": "sparse and local patterns",
+    "routing": "hashing and sorting",
+    "mixer": "token mixers without attention",
+    "other": "other",
+}
+
+
 class UnknownNameError(KeyError):
     """An unknown mechanism or task name; the message lists the valid ones."""
 
@@ -67,6 +80,7 @@ class MechanismSpec:
     capabilities: Capabilities
     module: str
     file: str = ""  # the source file that registered it
+    family: str = "other"  # one of FAMILIES: the speed plots draw a panel per family
 
     @property
     def doc(self) -> str:
@@ -155,8 +169,12 @@ def register_mechanism(
     cross: bool = False,
     key_padding: bool = False,
     relations: bool = False,
+    family: str = "other",
 ) -> Callable[[type[Attention]], type[Attention]]:
-    """Class decorator: make an ``Attention`` subclass known as ``name``."""
+    """Class decorator: make an ``Attention`` subclass known as ``name``; ``family`` is one of
+    ``FAMILIES`` (a peer, ``peer_of = "<ours>"``, is drawn in its counterpart's)."""
+    if family not in FAMILIES:
+        raise ValueError(f"mechanism '{name}': family={family!r} is not one of {', '.join(FAMILIES)}")
 
     def decorate(cls: type[Attention]) -> type[Attention]:
         if not (isinstance(cls, type) and issubclass(cls, Attention)):
@@ -165,7 +183,7 @@ def register_mechanism(
         caps = Capabilities(causal=causal, cross=cross, key_padding=key_padding, relations=relations)
         cls.name, cls.capabilities, cls.config_class = name, caps, config_class
         ConfigStore.instance().store(group="mechanism", name=name, node=_config_node(name, config_class))
-        _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__, file)
+        _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__, file, family)
         return cls
 
     return decorate
@@ -361,6 +379,7 @@ def describe() -> dict[str, Any]:
     discover()
     mechanisms = {
         name: {
+            "family": spec.family,
             "capabilities": spec.capabilities.as_dict(),
             "config": {f.name: _default(f) for f in dataclasses.fields(spec.config_class)},
             "doc": spec.doc,

@@ -745,7 +745,8 @@ def figure_legend(fig, axes, ncol: int = 1) -> None:
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False, ncol=ncol)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", fontsize=8, frameon=False,
+               ncol=ncol)
 
 
 def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str) -> Path | None:
@@ -755,8 +756,9 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    from harness.efficiency import series_style
+    from harness.efficiency import series_style, wrapped
 
     tasks = sorted(stats.task.unique())
     if not tasks:
@@ -770,24 +772,31 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     height = 4 * rows_n
     legend_cols = max(1, math.ceil(entries * 0.19 / (height - 0.6)))
     legend_width = 2.4 * legend_cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + legend_width, height), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + legend_width, height), squeeze=False,
+                             layout="constrained")
     for ax, task in zip(axes.flat, tasks):
         group = stats[(stats.task == task) & (stats.length > 0)]
         higher = bool(group.higher.iloc[0]) if len(group) else True
+        failures: list[tuple[float, str, Any]] = []
         scale_y = 100 if higher else 1
         for label in style:
             series = group[group.row == label].sort_values("length")
             if series.empty:
                 continue
             done = series[series.n_ok > 0]
-            ax.plot(done.length, scale_y * done["mean"], label=label, markersize=5, **style[label])
+            # a line joins two lengths only where both cells ran one config (a column's shared config
+            # differs between lengths, e.g. a smaller batch at 4K): otherwise the points stand alone
+            runs = (done.column_config != done.column_config.shift()).cumsum() if len(done) else []
+            for i, (_, run) in enumerate(done.groupby(runs, sort=False) if len(done) else []):
+                ax.plot(run.length, scale_y * run["mean"], label=label if i == 0 else None, markersize=5,
+                        **style[label])
             stopped = series[(series.n_ok == 0) & series.statuses.map(lambda s: any(x in NOT_OK for x in s))]
-            if len(stopped):
-                level = scale_y * done["mean"].iloc[-1] if len(done) else None
-                for _, e in stopped.iterrows():
-                    y = level if level is not None else ax.get_ylim()[0]
-                    ax.plot([e.length], [y], marker="x", markersize=9, markeredgewidth=2, color=style[label]["color"],
-                            linestyle="none")
+            for _, e in stopped.iterrows():  # no value: a cross at the foot of the panel, at its own length
+                status = next(x for x in e.statuses if x in NOT_OK)
+                ax.plot([e.length], [0.03], marker="x", markersize=9, markeredgewidth=2, color=style[label]["color"],
+                        linestyle="none", transform=ax.get_xaxis_transform(), clip_on=False,
+                        label=None if len(done) else label)
+                failures.append((float(e.length), status, style[label]["color"]))
         base_points = []
         for length in sorted(group.length.unique()):
             base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), higher)
@@ -800,6 +809,12 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         if lengths:
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [length_label(L) for L in lengths])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        stacked: dict[float, int] = {}
+        for length, status, color in failures:  # the status beside its cross, stacked upwards at one length
+            k = stacked[length] = stacked.get(length, -1) + 1
+            ax.annotate(status, (length, 0.03), xycoords=ax.get_xaxis_transform(), textcoords="offset points",
+                        xytext=(6, -3 + 9 * k), fontsize=7, color=color)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("sequence length L (tokens)")
         ax.set_ylabel("test accuracy (%)" if higher else "test bits/token (lower is better)")
@@ -808,9 +823,9 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         ax.axis("off")
     figure_legend(fig, axes, ncol=legend_cols)
     shared = " · each length at its column's config (the table's column titles)" if stats.column_config.astype(bool).any() else ""
-    fig.suptitle(f"Accuracy vs sequence length — scale `{scale}` (✕: the cell failed, oom or timed out there){shared}",
+    fig.suptitle(wrapped(f"Accuracy vs sequence length — scale `{scale}` (✕ at the foot: no cell finished there; "
+                         f"lines join only lengths run with one config){shared}", fig.get_figwidth(), 11),
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - legend_width / fig.get_figwidth(), 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
@@ -826,7 +841,7 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from harness.efficiency import series_style
+    from harness.efficiency import series_style, wrapped
 
     shown = stats[stats.higher & stats.curve.map(bool)]
     columns = columns_of(shown) if len(shown) else []
@@ -835,7 +850,8 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     style = series_style(sorted(shown.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
     cols = min(3, len(columns))
     rows_n = math.ceil(len(columns) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 2.4, 3.8 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 2.4, 3.8 * rows_n), squeeze=False,
+                             layout="constrained")
     for ax, (task, length) in zip(axes.flat, columns):
         column = shown[(shown.task == task) & (shown.length == length)]
         for label in style:
@@ -863,8 +879,8 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
     figure_legend(fig, axes)
-    fig.suptitle(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.94))
+    fig.suptitle(wrapped(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)",
+                         fig.get_figwidth(), 11), fontsize=11)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
@@ -880,8 +896,9 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    from harness.efficiency import pareto_front, series_style
+    from harness.efficiency import pareto_front, series_style, si_number, wrapped
 
     ok = stats[(stats.n_ok > 0) & stats.higher & stats.tokens_per_s.notna() & (stats.length > 0)].copy()
     # one panel per config too: throughputs of a preset model and a 4x smaller variant do not compare
@@ -893,13 +910,12 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
     style = series_style(sorted(ok.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
     cols = min(3, len(panels))
     rows_n = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.2 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.8 * cols, 4.2 * rows_n), squeeze=False, layout="constrained")
     for ax, (task, length, config) in zip(axes.flat, panels):
         group = ok[(ok.task == task) & (ok.length == length) & (ok.config == config)]
         points = {e.row: (float(e.tokens_per_s), 100 * float(e["mean"])) for _, e in group.iterrows()}
-        for label, (x, y) in points.items():
-            ax.scatter(x, y, color=style[label]["color"], marker=style[label]["marker"], s=36, alpha=0.8)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        for label, (x, y) in points.items():  # named in the panel's legend: labels beside points collide
+            ax.scatter(x, y, color=style[label]["color"], marker=style[label]["marker"], s=36, alpha=0.8, label=label)
         front = sorted(pareto_front(points), key=lambda m: points[m][0])
         ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", linestyle="--",
                 linewidth=1, label="Pareto front")
@@ -907,16 +923,21 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
         if base:
             ax.axhline(100 * base["value"], color="grey", linestyle=":", linewidth=1.2, label=f"baseline: {base['name']}")
         ax.set_xscale("log")
+        # ticks at 1, 2 and 5 per decade, written 20k / 50k: the default minor labels of a range
+        # within one decade run together (3×10⁴4×10⁴)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: si_number(v)))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{task}, L = {length_label(length)}, {f'variant {config}' if config else 'presets'}", fontsize=10)
         ax.set_xlabel("training throughput of the cell (tokens/s, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)
         ax.margins(0.12)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.suptitle(wrapped(f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config",
+                         fig.get_figwidth(), 11), fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)

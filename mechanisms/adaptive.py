@@ -163,7 +163,7 @@ def adaptive_attention(
     return gate * slot_out + (1 - gate) * local_out[:, :, :length]
 
 
-@register_mechanism("adaptive", AdaptiveConfig, causal=True, key_padding=True)
+@register_mechanism("adaptive", AdaptiveConfig, causal=True, key_padding=True, family="full")
 class AdaptiveAttention(Attention):
     """Adaptive attention (our reading of an EPFL–UPC 2022 thesis): low-rank content + learned soft-span pattern, gated."""
 

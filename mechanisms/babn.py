@@ -242,7 +242,7 @@ def babn_attention(
     return out, kl, n_row.sum() * h
 
 
-@register_mechanism("babn", BABNConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("babn", BABNConfig, causal=True, cross=True, key_padding=True, family="full")
 class BABN(Attention):
     """Bayesian attention belief networks (Zhang et al. 2021): gamma hierarchy, Weibull up-down encoder."""
 

@@ -266,7 +266,7 @@ def key_prior_logits(prior_in: nn.Linear, prior_out: nn.Linear, k: Tensor) -> Te
     return prior_out(F.leaky_relu(prior_in(x.to(prior_in.weight.dtype)), 0.1)).squeeze(-1)
 
 
-@register_mechanism("bam", BAMConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("bam", BAMConfig, causal=True, cross=True, key_padding=True, family="full")
 class BAM(Attention):
     """Bayesian attention modules (Fan et al. 2020): Weibull attention weights, contextual gamma prior, KL aux loss."""
 

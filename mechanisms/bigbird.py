@@ -202,7 +202,7 @@ def bigbird_attention(q, k, v, cfg: BigBirdConfig, *, key_padding_mask=None, cau
     return out
 
 
-@register_mechanism("bigbird", BigBirdConfig, causal=True, key_padding=True)
+@register_mechanism("bigbird", BigBirdConfig, causal=True, key_padding=True, family="sparse")
 class BigBirdAttention(Attention):
     """BigBird (Zaheer et al. 2020), ITC: window + global + random blocks, O(L·b·(w + g + r))."""
 

@@ -139,7 +139,7 @@ def _causal_chunked(qf: Tensor, kf: Tensor, v: Tensor, offset: int, chunk: int) 
     return num, den
 
 
-@register_mechanism("cosformer", CosformerConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("cosformer", CosformerConfig, causal=True, cross=True, key_padding=True, family="kernel")
 class Cosformer(Attention):
     """cosFormer (Qin et al. 2022): ReLU features with cos re-weighting, linear cost."""
 

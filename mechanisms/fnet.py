@@ -75,7 +75,7 @@ def fourier_mix_reference(v: Tensor, *, fft_length: int, norm: str) -> Tensor:
     return y[:, :length].reshape(b, length, h, d).transpose(1, 2)
 
 
-@register_mechanism("fnet", FNetConfig, key_padding=True)
+@register_mechanism("fnet", FNetConfig, key_padding=True, family="mixer")
 class FNet(Attention):
     """FNet (Lee-Thorp et al. 2022): Re(FFT_seq(FFT_hidden(v))), no parameters, ignores q and k."""
 

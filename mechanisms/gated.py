@@ -216,7 +216,7 @@ def blocked_gated_attention(
     return _BlockedGatedAttention.apply(q, k.to(compute), v.to(compute), gates.to(compute), pad, causal, block_size)
 
 
-@register_mechanism("gated", GatedConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("gated", GatedConfig, causal=True, cross=True, key_padding=True, family="full")
 class GatedAttention(Attention):
     """GA-Net gated attention (Xue et al. 2020): learned Bernoulli gates choose the keys to attend."""
 

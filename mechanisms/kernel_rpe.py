@@ -330,7 +330,7 @@ def visible_rows(
 # ----------------------------------------------------------------------------- module
 
 
-@register_mechanism("kernel_rpe", KernelRPEConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("kernel_rpe", KernelRPEConfig, causal=True, cross=True, key_padding=True, family="kernel")
 class KernelRPEAttention(Attention):
     """Kernelized attention with RPE (Luo et al. 2021): random features, Toeplitz exp(b) by FFT."""
 

@@ -97,7 +97,7 @@ def linear_attention_reference(q, k, v, *, eps: float, key_padding_mask=None, ca
     return (a @ v.double()) / (a.sum(-1, keepdim=True) + eps)
 
 
-@register_mechanism("linear", LinearConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("linear", LinearConfig, causal=True, cross=True, key_padding=True, family="kernel")
 class LinearAttention(Attention):
     """Linear attention (Katharopoulos et al. 2020), φ = elu + 1, O(L·d²)."""
 

@@ -62,7 +62,7 @@ def linformer_attention(
     return weights @ v_low
 
 
-@register_mechanism("linformer", LinformerConfig, cross=True, key_padding=True)
+@register_mechanism("linformer", LinformerConfig, cross=True, key_padding=True, family="low_rank")
 class Linformer(Attention):
     """Linformer (Wang et al. 2020): learned sequence projections of K and V to k rows, O(L·k)."""
 

@@ -79,7 +79,7 @@ def local_attention(q, k, v, cfg: LocalConfig, *, key_padding_mask=None, causal=
     )
 
 
-@register_mechanism("local", LocalConfig, causal=True, key_padding=True)
+@register_mechanism("local", LocalConfig, causal=True, key_padding=True, family="sparse")
 class LocalAttention(Attention):
     """Blocked sliding-window attention (LRA's local attention; lucidrains' local-attention form), O(L·w)."""
 

@@ -78,7 +78,7 @@ def longformer_attention(q, k, v, cfg: LongformerConfig, *, key_padding_mask=Non
     return out
 
 
-@register_mechanism("longformer", LongformerConfig, causal=True, key_padding=True)
+@register_mechanism("longformer", LongformerConfig, causal=True, key_padding=True, family="sparse")
 class LongformerAttention(Attention):
     """Longformer (Beltagy et al. 2020): sliding window + global tokens, O(L·(w + G))."""
 

@@ -196,7 +196,7 @@ def value_conv_residual(v: Tensor, conv: nn.Conv2d, key_padding_mask: Tensor | N
     return out[:, :, :length]  # an even kernel gives L + 1 rows
 
 
-@register_mechanism("nystrom", NystromConfig, key_padding=True)
+@register_mechanism("nystrom", NystromConfig, key_padding=True, family="low_rank")
 class NystromAttention(Attention):
     """Nyströmformer (Xiong et al. 2021): segment-mean landmarks, iterative pinv, conv residual."""
 

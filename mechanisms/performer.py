@@ -291,7 +291,7 @@ def check_kernel_config(num_features: int, redraw_interval: int, feature_eps: fl
         raise ValueError(f"feature_eps must be >= 0, got {feature_eps}")
 
 
-@register_mechanism("performer", PerformerConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("performer", PerformerConfig, causal=True, cross=True, key_padding=True, family="kernel")
 class PerformerAttention(Attention):
     """Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features, O(L·m·d)."""
 

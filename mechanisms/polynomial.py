@@ -174,7 +174,7 @@ def polynomial_attention_reference(
 # ----------------------------------------------------------------------------- module
 
 
-@register_mechanism("polynomial", PolynomialConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("polynomial", PolynomialConfig, causal=True, cross=True, key_padding=True, family="mixer")
 class PolynomialAttention(Attention):
     """Low-rank deep polynomial attention (our reading; Π-net CCP kernel, PoM mean state), linear in L."""
 

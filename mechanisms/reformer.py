@@ -275,7 +275,7 @@ def lsh_attention_reference(
     return (out * round_weights[..., None]).sum(2) * valid[:, None, :, None]
 
 
-@register_mechanism("reformer", ReformerConfig, causal=True, key_padding=True)
+@register_mechanism("reformer", ReformerConfig, causal=True, key_padding=True, family="routing")
 class Reformer(Attention):
     """Reformer LSH attention (Kitaev et al. 2020): shared QK, hashed chunks, n_hashes rounds."""
 

@@ -212,7 +212,7 @@ def query_gated_head_rms_norm(
 # ----------------------------------------------------------------------------- module
 
 
-@register_mechanism("rela", ReLAConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("rela", ReLAConfig, causal=True, cross=True, key_padding=True, family="full")
 class ReLAAttention(Attention):
     """Rectified Linear Attention (Zhang et al. 2021): ReLU weights, gated RMSNorm over all heads."""
 

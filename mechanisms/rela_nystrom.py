@@ -124,7 +124,7 @@ def relu_nystrom_attention(
     return out, sparsity
 
 
-@register_mechanism("rela_nystrom", ReLANystromConfig, key_padding=True)
+@register_mechanism("rela_nystrom", ReLANystromConfig, key_padding=True, family="low_rank")
 class ReLANystromAttention(ReLAAttention):
     """Nyström approximation of row-normalised ReLA, followed by ReLA's gated RMSNorm."""
 

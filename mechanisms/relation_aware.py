@@ -318,7 +318,7 @@ def relative_position_attention(
     return _RelativeAttention.apply(*args, kpm, causal, max_distance, block)
 
 
-@register_mechanism("relation_aware", RelationAwareConfig, causal=True, cross=True, key_padding=True, relations=True)
+@register_mechanism("relation_aware", RelationAwareConfig, causal=True, cross=True, key_padding=True, relations=True, family="full")
 class RelationAwareAttention(Attention):
     """Relation-aware self-attention (Shaw et al. 2018; RAT-SQL): relation embeddings on keys and values."""
 

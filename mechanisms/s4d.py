@@ -105,7 +105,7 @@ def fft_convolution(u: Tensor, kernel: Tensor, backward_kernel: Tensor | None) -
     return y[..., :length]
 
 
-@register_mechanism("s4d", S4DConfig, causal=True, key_padding=True)
+@register_mechanism("s4d", S4DConfig, causal=True, key_padding=True, family="mixer")
 class S4D(Attention):
     """S4D (Gu et al. 2022): a diagonal SSM per head-channel over the values, FFT convolution."""
 

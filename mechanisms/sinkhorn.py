@@ -144,7 +144,7 @@ def sorted_block_attention(
     return out.reshape(b, h, length, d)
 
 
-@register_mechanism("sinkhorn", SinkhornConfig, key_padding=True)
+@register_mechanism("sinkhorn", SinkhornConfig, key_padding=True, family="routing")
 class SinkhornAttention(Attention):
     """Sparse Sinkhorn attention (Tay et al. 2020): learned block sorting + local blocks."""
 

@@ -145,7 +145,7 @@ def skyformer_attention(
     return kernel_qs @ (inverse @ context)  # (B, H, Lq, d)
 
 
-@register_mechanism("skyformer", SkyformerConfig, cross=True, key_padding=True)
+@register_mechanism("skyformer", SkyformerConfig, cross=True, key_padding=True, family="low_rank")
 class Skyformer(Attention):
     """Skyformer (Chen et al. 2021): Gaussian-kernel attention, Nyström on the symmetrised kernel."""
 

@@ -49,7 +49,7 @@ def softmax_attention(
     return out.masked_fill(empty, 0.0)
 
 
-@register_mechanism("softmax", SoftmaxConfig, causal=True, cross=True, key_padding=True)
+@register_mechanism("softmax", SoftmaxConfig, causal=True, cross=True, key_padding=True, family="full")
 class SoftmaxAttention(Attention):
     """Softmax attention (Vaswani et al. 2017) through scaled_dot_product_attention."""
 

@@ -67,7 +67,7 @@ def sparse_attention(q, k, v, cfg: SparseConfig, *, key_padding_mask=None, causa
     )
 
 
-@register_mechanism("sparse", SparseConfig, causal=True, key_padding=True)
+@register_mechanism("sparse", SparseConfig, causal=True, key_padding=True, family="sparse")
 class SparseAttention(Attention):
     """Sparse Transformer fixed pattern (Child et al. 2019): own block + summary columns, O(L·(l + c·L/l))."""
 

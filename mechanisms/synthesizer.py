@@ -70,7 +70,7 @@ def synthesizer_attention(
     return weights @ v
 
 
-@register_mechanism("synthesizer", SynthesizerConfig, causal=True, key_padding=True)
+@register_mechanism("synthesizer", SynthesizerConfig, causal=True, key_padding=True, family="full")
 class Synthesizer(Attention):
     """Synthesizer (Tay et al. 2021), dense or random synthesized weights; quadratic O(L²)."""
 

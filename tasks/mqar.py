@@ -62,6 +62,10 @@ class MQARConfig:
     num_noise: int = 16  # filler tokens
     context_fraction: float = 0.5  # the pairs lie in the first max_len * context_fraction tokens
     num_train: int = 8000
+    # training sequences at the warm start's short length (``train.warmup_length``); 0 = num_train. A
+    # long column needs few sequences at its own length (60 steps of 1 at 16K) but the warm start
+    # needs many short ones: 8,000 sequences of 16K tokens would be 131M tokens to generate and cache.
+    num_train_short: int = 0
     num_val: int = 500
     num_test: int = 500
     data_seed: int = 0
@@ -76,6 +80,8 @@ class MQARConfig:
             raise ValueError(
                 f"task.max_len={self.max_len} cannot hold {self.num_pairs} pairs in its first {context} tokens "
                 f"and {self.num_pairs} queries after them; raise task.max_len or lower task.num_pairs")
+        if self.num_train_short < 0:
+            raise ValueError(f"task.num_train_short must be >= 0 (0 = task.num_train; got {self.num_train_short})")
         for key in ("num_values", "num_noise", "num_train", "num_val", "num_test"):
             if getattr(self, key) < 1:
                 raise ValueError(f"task.{key} must be >= 1 (got {getattr(self, key)})")
@@ -199,10 +205,12 @@ class MQAR(Task):
         return self.cfg.num_values
 
     def at_length(self, length: int) -> dict:
-        """The task config at another sequence length (the warm start's short sequences)."""
+        """The task config at another sequence length (the warm start's short sequences, as many
+        as ``num_train_short`` when it is set)."""
         import dataclasses
 
-        return {**dataclasses.asdict(self.cfg), "max_len": int(length)}
+        train = self.cfg.num_train_short or self.cfg.num_train
+        return {**dataclasses.asdict(self.cfg), "max_len": int(length), "num_train": train, "num_train_short": 0}
 
     def build(self):
         import datasets

@@ -97,3 +97,18 @@ def test_every_task_and_scale_composes():
             assert cfg.scale.name == scale and cfg.task.name == task
     assert compose(["scale=lra"]).task.max_len == 2000  # ListOps' LRA preset
     assert compose(["scale=lra", "task.max_len=512"]).task.max_len == 512  # overrides win
+
+
+def test_every_built_in_mechanism_names_its_family_and_a_bad_family_is_refused():
+    """The speed plots draw a panel per family: every built-in mechanism names one of FAMILIES
+    (a peer is drawn in its counterpart's); an unknown family is an error at registration."""
+    from harness.registry import FAMILIES, get_mechanism, list_mechanisms, register_mechanism
+
+    built_in = [n for n in list_mechanisms() if get_mechanism(n).module.startswith("mechanisms.")]
+    assert len(built_in) >= 26
+    assert {n: get_mechanism(n).family for n in built_in if get_mechanism(n).family == "other"} == {}
+    assert get_mechanism("softmax").family == "full" and get_mechanism("performer").family == "kernel"
+    assert get_mechanism("bigbird").family == "sparse" and get_mechanism("nystrom").family == "low_rank"
+    assert set(FAMILIES) >= {get_mechanism(n).family for n in built_in}
+    with pytest.raises(ValueError, match=r"family='dense' is not one of full, kernel"):
+        register_mechanism("nope", dict, family="dense")

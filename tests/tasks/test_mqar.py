@@ -51,10 +51,24 @@ def test_seeded_and_no_held_out_sequence_is_a_train_sequence():
     (dict(num_keys=4), "keys must be distinct"),
     (dict(num_values=4), "values must be distinct"),
     (dict(num_noise=0), "task.num_noise must be >= 1"),
+    (dict(num_train_short=-1), "task.num_train_short must be >= 0"),
 ])
 def test_bad_settings_are_one_clear_error(bad, message):
     with pytest.raises(ValueError, match=message):
         MQARConfig(**{**SMALL, **bad})
+
+
+def test_the_warm_starts_short_split_has_its_own_size():
+    """A 16K column trains on few long sequences (task.num_train) after a warm start on many short
+    ones (task.num_train_short); unset, the short split is as large as the long one."""
+    from tasks.mqar import MQAR
+
+    long = MQAR(MQARConfig(**{**SMALL, "num_train": 20, "num_train_short": 300}))
+    short = MQARConfig(**long.at_length(48))
+    assert (short.max_len, short.num_train, short.num_train_short) == (48, 300, 0)
+    assert len(generate_splits(short)["train"][0]) == 300 and len(generate_splits(long.cfg)["train"][0]) == 20
+    plain = MQARConfig(**MQAR(MQARConfig(**SMALL)).at_length(48))
+    assert plain.num_train == SMALL["num_train"]
 
 
 def test_tagger_head_counts_query_positions_only():
