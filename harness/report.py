@@ -528,7 +528,7 @@ def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series
                   and math.isfinite(chance_rate(stats, baselines, (t, primary[t])))]
         complete = bool(accs) and len(accs) == len(wanted)
         averages[label] = sum(accs) / len(accs) if complete else math.nan
-        row.append(f"{100 * averages[label]:.1f}" if complete else "–")
+        row.append(f"{round(100 * averages[label], 1) + 0.0:.1f}" if complete else "–")
         rows.append(row)
     return tabulate(rows, headers=header, tablefmt="github", disable_numparse=True), pd.Series(averages, dtype=float)
 
@@ -925,7 +925,7 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
         ax.set_xscale("log")
         # ticks at 1, 2 and 5 per decade, written 20k / 50k: the default minor labels of a range
         # within one decade run together (3×10⁴4×10⁴)
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: si_number(v)))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{task}, L = {length_label(length)}, {f'variant {config}' if config else 'presets'}", fontsize=10)
