@@ -12,8 +12,9 @@ and is scored on test, the same test split as the cells:
   ``MAX_TRAIN`` training examples (a seeded subsample above that) to keep the report fast.
 * ``pixel LR`` (image): logistic regression on the raw pixel intensities, C on validation.
 * ``3-mer LR`` (protein): hashed 3-mer TF-IDF counts, logistic regression, C on validation.
-* per-query ``majority`` and ``bag-of-n-grams LR`` (per-position tasks: MQAR), which must sit
-  near chance (a bag of tokens does not say which value followed which key).
+* per-query ``majority`` and ``bag-of-n-grams LR`` (per-position tasks: MQAR, selective copying),
+  which must sit near chance (a bag of tokens does not say which value followed which key, nor
+  which data token came k-th).
 * ``byte-trigram cosine`` (two-document matching: retrieval): cosine similarity of the two
   documents' token-trigram count vectors; the threshold (and which side means "match") is
   the one with the best validation accuracy.
@@ -375,10 +376,11 @@ def _query_rows(dsd, split: str, limit: int | None = None, seed: int = 0):
 
 
 def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
-    """Per-query baselines of a per-position task (MQAR): the most frequent train target, and a
-    logistic regression on the query token (one-hot) beside its sequence's unigram+bigram
-    TF-IDF counts, C on validation. Both should sit near chance: a bag of tokens does not say
-    which value followed which key (if it did, the generator would leak the answer)."""
+    """Per-query baselines of a per-position task (MQAR, selective copying): the most frequent
+    train target, and a logistic regression on the query token (one-hot; a key, or a marker)
+    beside its sequence's unigram+bigram TF-IDF counts, C on validation. Both should sit near
+    chance: a bag of tokens does not say which value followed which key, nor which data token
+    came k-th (if it did, the generator would leak the answer)."""
     from scipy import sparse
     from sklearn.feature_extraction.text import TfidfTransformer
 
@@ -434,7 +436,7 @@ def compute_baselines(dsd, task: str) -> list[dict[str, Any]]:
     columns = set(dsd["train"].column_names)
     if "target_ids" in columns:  # sequence-to-sequence (Spider), scored by exact set match
         return spider_lookup_baselines(dsd)
-    if "targets" in columns:  # per-position classification (MQAR): per query
+    if "targets" in columns:  # per-position classification (MQAR, selective copying): per query
         return tagger_baselines(dsd)
     if "label" not in columns:
         return ngram_lm_baselines(dsd)
