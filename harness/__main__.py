@@ -7,7 +7,8 @@
   evaluate k=v ...     test a kept checkpoint of a cell (the cell's overrides, checkpoint=PATH)
   data task=NAME ...   prepare one task's data into the cache and print its statistics
   report               results → results/leaderboard.md and results/plots/
-  speed k=v ...        the speed/memory benchmark (harness.speed)
+  speed k=v ...        the speed/memory benchmark (harness.speed); speed compare=A:B ... times
+                       two mechanisms in alternating rounds (harness.compare)
 
 Every command takes --help; run, grid, evaluate and data take --cfg job (the composed config).
 """
@@ -152,9 +153,14 @@ def main(argv: list[str] | None = None) -> int:
 
         from omegaconf import OmegaConf
 
-        from harness.speed import parse_config
+        from harness import compare, speed
 
-        print(OmegaConf.to_yaml(asdict(parse_config([a for a in rest if a not in ("--cfg", "job")]))))
+        args = [a for a in rest if a not in ("--cfg", "job")]
+        parse = compare.parse_config if any(a.startswith("compare=") for a in args) else speed.parse_config
+        settings = asdict(parse(args))
+        if "compare" in settings:
+            settings["compare"] = [f"{a}:{b}" for a, b in settings["compare"]]
+        print(OmegaConf.to_yaml(settings))
         return 0
     if command == "run":
         return cmd_run(rest)

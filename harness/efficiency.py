@@ -46,6 +46,8 @@ def load_records(folder: str | Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("skipping unreadable speed record %s: %s", path, exc)
             continue
+        if isinstance(record, dict) and record.get("kind") == "compare":
+            continue  # an A/B comparison (harness.compare): not part of the sweep's tables
         if not isinstance(record, dict) or record.get("kind") not in ("speed", "overhead"):
             log.warning("skipping %s: not a speed or overhead record", path)
             continue

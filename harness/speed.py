@@ -37,7 +37,9 @@ fields they share, right after it at every length, so both see the same machine 
 A sweep runs exactly what was asked: the listed mechanisms (no peers or baselines are
 added), lengths, modes and maskings, and nothing else. The harness's own overhead
 (``harness.overhead``) runs only when asked: ``python -m harness speed overhead [k=v ...]``
-runs it alone, ``overhead=true`` runs it after the sweep.
+runs it alone, ``overhead=true`` runs it after the sweep. ``python -m harness speed
+compare=A:B [k=v ...]`` times two mechanisms against each other instead, in alternating
+rounds (``harness.compare``).
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ class Job:
     @property
     def series(self) -> tuple[str, str, bool]:
         return self.mechanism, self.mode, self.causal
+
+    @property
+    def label(self) -> str:
+        return f"speed-{self.mechanism}-{self.mode}-{self.length}"
 
     def settings_key(self, env_device: str, torch_version: str) -> str:
         """Hash of everything that determines the numbers (limits excluded: they decide only
@@ -235,8 +241,20 @@ def _autocast_dtype(precision: str):
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
 
-def _build_attention_step(job: Job, device):
-    """The mechanism alone: forward on (B, H, L, D) q, k, v, backward of <out, g>."""
+def attention_inputs(job: Job, device) -> tuple:
+    """q, k, v (B, H, L, D), requiring grad, and the output gradient g, drawn from torch's RNG."""
+    import torch
+
+    dtype = _autocast_dtype(job.precision) or torch.float32
+    shape = (job.batch_size, job.heads, job.length, job.dim_head)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    return q, k, v, torch.randn(shape, device=device, dtype=dtype)
+
+
+def _build_attention_step(job: Job, device, inputs: tuple | None = None):
+    """The mechanism alone: forward on (B, H, L, D) q, k, v, backward of <out, g> (``inputs``:
+    the q, k, v, g to use, e.g. the same ones for both sides of a comparison; None: drawn
+    after the mechanism is built)."""
     import torch
 
     from harness.attention import AttentionContext
@@ -246,10 +264,7 @@ def _build_attention_step(job: Job, device):
         job.mechanism, heads=job.heads, dim_head=job.dim_head, max_len=job.length, **job.mechanism_config
     ).to(device)
     mech.train()
-    dtype = _autocast_dtype(job.precision) or torch.float32
-    shape = (job.batch_size, job.heads, job.length, job.dim_head)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(shape, device=device, dtype=dtype)
+    q, k, v, grad_out = attention_inputs(job, device) if inputs is None else inputs
     positions = torch.arange(job.length, device=device).expand(job.batch_size, job.length)
     context = AttentionContext(positions=positions)
     autocast = _autocast_dtype(job.precision)
@@ -420,16 +435,17 @@ class IsolatedRunner:
     """One fresh process per measurement, forked from a forkserver that has imported torch
     and every mechanism module but computed nothing (so forking is cheap and safe)."""
 
-    def __init__(self, preload: list[str]):
+    def __init__(self, preload: list[str], target=None):
         import multiprocessing as mp
 
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["torch", "harness.model", "harness.speed", *preload])
+        self.target = target or _child_main  # (job, connection) -> sends the outcome
 
-    def run(self, job: Job) -> dict[str, Any]:
+    def run(self, job) -> dict[str, Any]:
+        """``job``: a Job, or a PairJob for ``target=_compare_child`` (both have timeout_s and label)."""
         receive, send = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=_child_main, args=(job, send), daemon=True,
-                                   name=f"speed-{job.mechanism}-{job.mode}-{job.length}")
+        process = self.ctx.Process(target=self.target, args=(job, send), daemon=True, name=job.label)
         started = time.perf_counter()
         process.start()
         send.close()
@@ -799,6 +815,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness import overhead
 
         return overhead.main(argv[1:])
+    if any(a.startswith("compare=") for a in argv):  # alternating A/B timing of two mechanisms
+        from harness import compare
+
+        return compare.main(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     cfg = parse_config(argv)

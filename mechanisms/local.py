@@ -15,6 +15,14 @@ library's ``exact_windowsize``). ``causal=True`` drops the forward blocks and ke
 Cost: O(L·w·(back + fwd + 1)·d) time, O(L·w·(back + fwd + 1)) memory, no (L, L) tensor.
 With window ≥ L there is one block and this is exactly softmax attention.
 
+Two forms of the same formula: :func:`local_attention_reference`, the plain one (gather each
+block's keys, score, masked softmax, weigh; the shared engine of ``mechanisms._blocks``),
+and :func:`local_attention`, the one that runs: each block's keys are cut out of the padded
+sequence with ``unfold`` (as the library's look-around does) and the blocks go through one
+``scaled_dot_product_attention`` call, blocks as heads, so the softmax is fused (no score
+tensor kept for the backward pass) and the backward of the gather is a cheap fold. The
+tests compare the two, values and gradients, in float64.
+
 Deviations: LRA's own local attention (``lra_benchmarks/models/local/local_attention.py``)
 lets each block see only itself (look_backward = look_forward = 0 here); the default
 look-around of one block each side follows lucidrains. No rotary embeddings (the library
@@ -27,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from harness.attention import Attention, AttentionContext
@@ -71,12 +80,57 @@ def local_pattern_reference(length: int, cfg: LocalConfig, *, causal: bool) -> T
     return ok & (j <= i) if causal else ok
 
 
-def local_attention(q, k, v, cfg: LocalConfig, *, key_padding_mask=None, causal=False) -> Tensor:
-    """q, k, v: (B, H, L, D) -> (B, H, L, D), blocked sliding-window softmax attention."""
+def local_attention_reference(q, k, v, cfg: LocalConfig, *, key_padding_mask=None, causal=False) -> Tensor:
+    """q, k, v: (B, H, L, D) -> (B, H, L, D), blocked sliding-window softmax attention, the
+    plain form: gathered keys, scores, masked softmax (what the tests hold the fast form to)."""
     key_index, allowed = local_pattern(q.shape[-2], cfg, causal=causal, device=q.device)
     return gathered_block_attention(
         q, k, v, key_index, allowed, block=cfg.window, key_padding_mask=key_padding_mask, causal=causal
     )
+
+
+def look_around(x: Tensor, window: int, back: int, fwd: int) -> Tensor:
+    """(B, H, L, D) -> (B·H, N, (back+fwd+1)·w, D): the keys of blocks n−back … n+fwd for each
+    block n, zeros outside the sequence (masked by the caller)."""
+    b, h, length, d = x.shape
+    n = -(-length // window)
+    padded = F.pad(x, (0, 0, back * window, fwd * window + n * window - length))  # (B, H, (N+back+fwd)·w, D)
+    blocks = padded.reshape(b * h, n + back + fwd, window, d).unfold(1, back + fwd + 1, 1)  # (BH, N, w, D, M)
+    return blocks.permute(0, 1, 4, 2, 3).reshape(b * h, n, (back + fwd + 1) * window, d)
+
+
+def local_attention(q, k, v, cfg: LocalConfig, *, key_padding_mask=None, causal=False) -> Tensor:
+    """q, k, v: (B, H, L, D) -> (B, H, L, D), the same attention as
+    :func:`local_attention_reference`, the blocks as heads of one fused SDPA call."""
+    b, h, length, d = q.shape
+    w, back = cfg.window, cfg.look_backward
+    fwd = 0 if causal else cfg.look_forward
+    n, s = -(-length // w), (back + fwd + 1) * w
+    if 2 * s >= length:  # short sequences: each block sees about every key; the reference goes dense
+        return local_attention_reference(q, k, v, cfg, key_padding_mask=key_padding_mask, causal=causal)
+    key_index, allowed = local_pattern(length, cfg, causal=causal, device=q.device)  # (1, N, S), (1, N, w, S)
+    mask = (key_index >= 0)[:, :, None, :]  # (1, N, 1, S): keys inside the sequence
+    if allowed is not None:
+        mask = mask & allowed
+    if causal:
+        qpos = torch.arange(n * w, device=q.device).view(1, n, w, 1)
+        mask = mask & (key_index[:, :, None, :] <= qpos)  # (1, N, w, S)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.bool()[:, key_index[0].clamp_min(0)]  # (B, N, S)
+        per_example = (mask & keep[:, :, None, :])[:, None]  # (B, 1, N, 1|w, S)
+        mask = per_example.expand(b, h, *per_example.shape[2:]).reshape(b * h, *per_example.shape[2:])
+    # a query with no key at all (its keys all padded; a query past the end under an exact band)
+    # gets zeros, as in the reference; it is let see every gathered key so the fused softmax stays finite
+    empty = None
+    if key_padding_mask is not None or allowed is not None:
+        empty = ~mask.any(-1, keepdim=True)  # (1|BH, N, 1|w, 1)
+        mask = mask | empty
+    qb = F.pad(q, (0, 0, 0, n * w - length)).reshape(b * h, n, w, d)  # (BH, N, w, D): blocks as heads
+    out = F.scaled_dot_product_attention(qb, look_around(k, w, back, fwd), look_around(v, w, back, fwd),
+                                         attn_mask=mask, scale=d**-0.5)  # (BH, N, w, D)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out.reshape(b, h, n * w, d)[:, :, :length]
 
 
 @register_mechanism("local", LocalConfig, causal=True, key_padding=True, family="sparse")

@@ -114,8 +114,10 @@ def softmax_kernel_features(
             valid = dash if key_padding_mask is None else dash.masked_fill(key_padding_mask[:, None, :, None], -math.inf)
             stab = valid.amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
             stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
-    logits = dash.sub_(x.square().sum(-1, keepdim=True) / 2)  # w·x' − |x'|²/2
-    feats = torch.exp(logits.sub_(stab + log_scale))  # exp saves its output: no in-place add after it
+    # one pass over (L, m) adds −(|x'|²/2 + stab + log √m), a (B, H, L, 1) column negated before it
+    # is broadcast (sub_ would negate the whole (L, m) gradient in the backward pass)
+    shift = x.square().sum(-1, keepdim=True).mul(-0.5) - (stab + log_scale)  # (B, H, L, 1)
+    feats = torch.exp(dash.add_(shift))  # exp saves its output: no in-place add after it
     if is_query or eps_keys:
         feats = feats + eps * projection.shape[0] ** -0.5
     return feats if is_query else zero_padded(feats, key_padding_mask)
@@ -140,11 +142,15 @@ def _divide(num: Tensor, den: Tensor) -> Tensor:
 
 
 def linear_attention(q_feats: Tensor, k_feats: Tensor, v: Tensor) -> Tensor:
-    """Non-causal: (B, H, Lq, m), (B, H, Lk, m), (B, H, Lk, D) -> (B, H, Lq, D)."""
-    kv = torch.einsum("bhjm,bhjd->bhmd", k_feats, v)  # (B, H, m, D)
-    num = q_feats @ kv  # (B, H, Lq, D)
-    den = q_feats @ k_feats.sum(-2, keepdim=True).transpose(-2, -1)  # (B, H, Lq, 1)
-    return _divide(num, den.squeeze(-1))
+    """Non-causal: (B, H, Lq, m), (B, H, Lk, m), (B, H, Lk, D) -> (B, H, Lq, D).
+
+    v gets a column of ones, so one product Σ_j φ(k_j) [v_j, 1]ᵀ holds both the state Σ φ(k) vᵀ
+    and the normaliser Σ φ(k), and one more gives numerator and denominator together: two
+    matrix products forward and backward, no separate sums over (L, m)."""
+    v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)  # (B, H, Lk, D+1)
+    kv = v1.transpose(-2, -1) @ k_feats  # (B, H, D+1, m); this way round the gradient of k_feats is contiguous
+    out = q_feats @ kv.transpose(-2, -1)  # (B, H, Lq, D+1): numerator | denominator
+    return _divide(out[..., :-1], out[..., -1])
 
 
 def causal_key_features(x: Tensor, projection: Tensor, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

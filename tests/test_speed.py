@@ -245,3 +245,93 @@ def test_overhead_runs_only_when_asked(tmp_path, monkeypatch):
     calls.clear()
     speed.main(["overhead", "max_steps=3"])
     assert calls == [("overhead_main", ["max_steps=3"])], "`speed overhead` runs the overhead study alone"
+
+
+# ----------------------------------------------------------------------------- speed compare=A:B (harness.compare)
+
+
+def test_compare_pairs_are_parsed_and_malformed_ones_refused():
+    from harness import compare
+
+    cfg = compare.parse_config(["compare=local:softmax"])
+    assert cfg.compare == [("local", "softmax")]
+    assert cfg.lengths == [4096, 16384] and cfg.threads == 1 and cfg.causal == [False] and cfg.rounds >= 2
+    listed = compare.parse_config(["compare=[local:local_attention_peer,performer:performer_pytorch]", "rounds=5"])
+    assert listed.compare == [("local", "local_attention_peer"), ("performer", "performer_pytorch")] and listed.rounds == 5
+    assert compare.parse_pairs("softmax:local,nystrom:nystrom_attention") == [("softmax", "local"),
+                                                                               ("nystrom", "nystrom_attention")]
+    for bad in ("compare=local", "compare=a:b:c", "compare=[softmax:]", "compare=[local: softmax]", "compare=[]"):
+        with pytest.raises(SystemExit, match="A:B|empty"):
+            compare.parse_config([bad])
+    with pytest.raises(SystemExit, match="roundz"):
+        compare.parse_config(["compare=local:softmax", "roundz=3"])
+
+
+def test_compare_refuses_unknown_names_and_missing_capabilities_in_one_line():
+    from harness import compare
+
+    with pytest.raises(ValueError, match=r"unknown mechanism 'softmx' \(did you mean softmax.*registered: .*local"):
+        compare.check_pairs([("local", "softmx")], [False])
+    with pytest.raises(ValueError, match="'nystrom' has no causal capability"):
+        compare.check_pairs([("local", "nystrom")], [False, True])
+    compare.check_pairs([("local", "nystrom")], [False])  # non-causal: fine
+    with pytest.raises(SystemExit) as refused:
+        speed.main(["compare=softmax:nope", "lengths=[16]"])
+    assert "unknown mechanism 'nope'" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_compare_alternates_a_and_b_after_the_warm_up():
+    from harness import compare
+
+    assert compare.alternation(3, 2) == [("A", False), ("B", False)] * 2 + [("A", True), ("B", True)] * 3
+    assert compare.alternation(1, 0) == [("A", True), ("B", True)]
+
+
+def test_compare_ratio_arithmetic_on_a_hand_made_sequence():
+    from harness import compare
+
+    sequence = [("A", 1.0), ("B", 2.0), ("A", 2.0), ("B", 3.0), ("A", 4.0), ("B", 4.0)]
+    assert compare.paired_ratios(sequence) == [2.0, 1.5, 1.0]
+    summary = compare.summarize_ratios([2.0, 1.5, 1.0], resamples=500, seed=3)
+    assert summary["median"] == 1.5 and summary["min"] == 1.0 and summary["max"] == 2.0 and summary["rounds"] == 3
+    low, high = summary["ci95"]
+    assert 1.0 <= low <= 1.5 <= high <= 2.0
+    assert compare.summarize_ratios([2.0, 1.5, 1.0], resamples=500, seed=3) == summary  # seeded
+    assert compare.summarize_ratios([1.25] * 4)["ci95"] == [1.25, 1.25]
+    with pytest.raises(ValueError, match="A, B, A, B"):
+        compare.paired_ratios([("A", 1.0), ("A", 2.0)])
+    with pytest.raises(ValueError, match="A, B, A, B"):
+        compare.paired_ratios([("A", 1.0), ("B", 2.0), ("A", 1.0)])
+
+
+def test_a_tiny_comparison_runs_alternating_in_a_fresh_process(tmp_path):
+    from harness import compare
+
+    cfg = compare.CompareConfig(compare=[("local", "softmax")], lengths=[32], rounds=2, warmup=1, heads=2, dim_head=8,
+                                scale="tiny", device="cpu", out=str(tmp_path / "speed"), timeout_s=120)
+    [record] = compare.run_compare(cfg)
+    assert record["status"] == "ok", record["error"]
+    assert record["kind"] == "compare" and (record["a"], record["b"], record["length"]) == ("local", "softmax", 32)
+    assert record["pid"] != os.getpid() and "fresh forked process" in record["method"]["isolation"]
+    assert record["threads"] == 1 and (record["batch_size"], record["heads"], record["dim_head"]) == (1, 2, 8)
+    assert [side for side, _ in record["sequence"]] == ["A", "B", "A", "B"]  # warm-up left out
+    ratios = [b / a for (_, a), (_, b) in zip(record["sequence"][0::2], record["sequence"][1::2])]
+    assert record["ratio"]["median"] == pytest.approx(sum(ratios) / 2)
+    assert record["ratio"]["ci95"][0] <= record["ratio"]["median"] <= record["ratio"]["ci95"][1]
+    assert record["time_a_s"]["median"] > 0 and record["time_b_s"]["median"] > 0
+    assert len(record["load_average"]["before"]) == 3
+    path = tmp_path / "speed" / "compare" / "local-vs-softmax" / "noncausal-L32.json"
+    assert json.loads(path.read_text())["ratio"] == record["ratio"]
+    assert "local" in compare.table([record]) and "B/A median" in compare.table([record])
+
+
+def test_compare_from_the_command_line_prints_the_table(tmp_path, capsys):
+    pytest.importorskip("harness_peers")
+    out = tmp_path / "speed"
+    code = speed.main(["compare=[local:local_attention_peer]", "lengths=[40]", "causal=[true]", "rounds=2", "warmup=1",
+                       "heads=2", "dim_head=8", "scale=tiny", "device=cpu", "isolate=false", f"out={out}"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "local_attention_peer" in printed and "causal" in printed
+    record = json.loads((out / "compare" / "local-vs-local_attention_peer" / "causal-L40.json").read_text())
+    assert record["b_peer_of"] == "local" and record["b_config"]["window"] == record["a_config"]["window"]
+    assert record["method"]["isolation"] == "in the calling process" and record["ratio"]["rounds"] == 2

@@ -11,8 +11,15 @@ from mechanism_checks import (
     qkv,
 )
 
+import mechanisms.local
 from mechanisms._blocks import pattern_as_dense
-from mechanisms.local import LocalConfig, local_pattern, local_pattern_reference
+from mechanisms.local import (
+    LocalConfig,
+    local_attention,
+    local_attention_reference,
+    local_pattern,
+    local_pattern_reference,
+)
 
 
 def oracle_with_pattern(q, k, v, pattern, **kwargs):
@@ -86,3 +93,41 @@ def test_no_quadratic_tensor():
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="window"):
         build("local", window=0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("back,fwd", [(1, 1), (2, 0), (0, 1), (0, 0)])
+def test_fused_form_matches_the_reference_and_the_oracle_in_float64(exact, causal, back, fwd, monkeypatch):
+    """The form that runs (blocks as heads of one SDPA call) against the plain gathered form and
+    the dense oracle: values and gradients, with padding (a fully padded row included)."""
+    cfg = LocalConfig(window=4, look_backward=back, look_forward=fwd, exact_window=exact)
+    length = 37  # not a multiple of the window, and 2·(back+fwd+1)·w < 37: the fused form runs
+    q, k, v = (x.requires_grad_() for x in qkv(lq=length, dtype=torch.float64))
+    pattern = local_pattern_reference(length, cfg, causal=causal)
+    for kpm in (None, padding_mask(2, length, [length, 22]), padding_mask(2, length, [length, 0])):
+        ref = local_attention_reference(q, k, v, cfg, key_padding_mask=kpm, causal=causal)
+        with monkeypatch.context() as patch:  # the fused form must not hand over to the reference here
+            patch.setattr(mechanisms.local, "local_attention_reference", None)
+            fast = local_attention(q, k, v, cfg, key_padding_mask=kpm, causal=causal)
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(fast, oracle_with_pattern(q, k, v, pattern, key_padding_mask=kpm, causal=causal))
+        g = torch.randn_like(fast)
+        for a, b in zip(torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("exact", [False, True])
+def test_fused_form_tracks_the_reference_in_float32_and_bfloat16(causal, exact):
+    cfg = LocalConfig(window=16, exact_window=exact)
+    q, k, v = qkv(lq=200, heads=2, dim=16)
+    kpm = padding_mask(2, 200, [200, 150])
+    for mask in (None, kpm):
+        ref = local_attention_reference(q, k, v, cfg, key_padding_mask=mask, causal=causal)
+        torch.testing.assert_close(local_attention(q, k, v, cfg, key_padding_mask=mask, causal=causal), ref,
+                                   rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cfg, key_padding_mask=mask, causal=causal)
+        assert torch.isfinite(low).all()
+        assert (low.float() - ref).abs().mean() / ref.abs().mean() < 0.02
