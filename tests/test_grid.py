@@ -265,11 +265,14 @@ def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
         return {"status": "todo", "cell": SimpleNamespace(scale="small", task="listops", mechanism=mechanism,
                                                           config_hash=config_hash, variant_label=label)}
 
-    assert estimate_s([row("softmax", "b2", "model.dim=32")], str(tmp_path)) == (20.0, 1)  # same overrides
-    assert estimate_s([row("linear", "a1", "model.dim=32")], str(tmp_path)) == (20.0, 1)  # the same config
-    assert estimate_s([row("softmax", "c3", "model.depth=9")], str(tmp_path)) == (900.0, 1)  # else the mechanism
-    assert estimate_s([row("softmax", "c3", "model.depth=9"), row("linear", "a1", "model.dim=32")],
-                      str(tmp_path)) == (920.0, 2)
+    def estimate(*rows):
+        found = estimate_s(list(rows), str(tmp_path))
+        return found.seconds, found.cells
+
+    assert estimate(row("softmax", "b2", "model.dim=32")) == (20.0, 1)  # same overrides
+    assert estimate(row("linear", "a1", "model.dim=32")) == (20.0, 1)  # the same config
+    assert estimate(row("softmax", "c3", "model.depth=9")) == (900.0, 1)  # else the mechanism
+    assert estimate(row("softmax", "c3", "model.depth=9"), row("linear", "a1", "model.dim=32")) == (920.0, 2)
 
 
 def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_length(env):
