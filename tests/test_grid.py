@@ -370,3 +370,19 @@ def test_a_cells_training_cost_is_estimated_from_its_config():
                                "warmup_batch_size": 8}}
     assert cell_cost(warm)["tokens"] == 6 * 4 * 100 + 4 * 8 * 10 and cell_cost(warm)["steps"] == 10
     assert cell_cost({**plain, "task": {"resolution": 8, "max_len": 1000}})["tokens"] == 10 * 4 * 64
+
+
+def test_the_smoke_grid_is_two_tasks_by_softmax_and_one_mechanism_per_family(tmp_path):
+    """`make smoke` (conf/grid/smoke.yaml at scale=tiny): 14 preset cells, one seed, generated data
+    only, a peer plugin among them: minutes on 2 cores, not the default grid's 264 cells."""
+    from harness.grid import expand, plan
+
+    scale, groups = expand({"grid": "smoke", "scale": "tiny"})
+    cells = [row["cell"] for row in plan(scale, groups, str(tmp_path))]
+    assert scale == "tiny" and len(cells) == 14
+    assert sorted({c.task for c in cells}) == ["listops", "mqar"] and {c.seed for c in cells} == {0}
+    assert sorted({c.mechanism for c in cells}) == ["bigbird", "nystrom", "nystrom_attention", "performer", "reformer",
+                                                    "s4d", "softmax"]
+    assert all(c.variant == "" for c in cells)  # the scale's presets
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m harness grid grid=smoke scale=tiny " in makefile
