@@ -11,13 +11,14 @@ SCALE ?= auto
 SEEDS ?=
 JOBS ?= auto
 RESULTS ?= results
+SMOKE_RESULTS ?= results/smoke
 SPEED_ARGS ?=
 # the speed sweep of `make benchmark`: the attention layer alone, every mechanism, 256 to 16K tokens
 BENCH_SPEED_ARGS ?= modes=[attention] causal=[false] lengths=[256,1024,4096,16384] threads=2 timeout_s=40 min_time_s=0.5
 
 help: ## show this help
 	@grep -hE '^[a-z][a-z-]*:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=auto|cpu|default|length  SEEDS=0,1,2  JOBS=auto|N  RESULTS=results  SPEED_ARGS='threads=1 lengths=[256,1024]'"
+	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=auto|cpu|default|length|smoke  SEEDS=0,1,2  JOBS=auto|N  RESULTS=results  SMOKE_RESULTS=results/smoke  SPEED_ARGS='threads=1 lengths=[256,1024]'"
 
 install: $(STAMP) ## create .venv and install torch==2.13.0, then the project with [dev] and the peer plugins
 
@@ -45,9 +46,9 @@ benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at smal
 	if [ $$status -ne 0 ]; then echo "make benchmark: the leaderboard is written, but some cells did not finish ok (grid exit status $$status): see its Run details; retry them with: $(PY) -m harness grid grid=$(GRID) scale=$(SCALE) rerun=failed train.time_limit_s=0"; fi; \
 	exit $$status
 
-smoke: install ## the default grid at scale=tiny (minutes on a CPU), then the leaderboard
-	$(PY) -m harness grid grid=default scale=tiny n_jobs=$(JOBS) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
-	status=$$?; $(PY) -m harness report results_dir=$(RESULTS) || exit $$?; exit $$status
+smoke: install ## 2 tasks x softmax and one mechanism per family at scale=tiny (conf/grid/smoke.yaml, minutes on 2 cores), then its leaderboard in results/smoke
+	$(PY) -m harness grid grid=smoke scale=tiny n_jobs=$(JOBS) results_dir=$(SMOKE_RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
+	status=$$?; $(PY) -m harness report results_dir=$(SMOKE_RESULTS) || exit $$?; exit $$status
 
 speed: install ## speed and memory of every mechanism across sequence lengths (results/speed/)
 	$(PY) -m harness speed out=$(RESULTS)/speed $(SPEED_ARGS)

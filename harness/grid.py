@@ -305,6 +305,8 @@ def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
     """Compose one cell of each group: a misspelled or mistyped override fails here, once,
     with Hydra's message, before anything runs."""
     from harness.config import check_protocol, compose_isolated
+    from harness.registry import UnknownNameError
+    from harness.run import check_config, check_run_settings
 
     for group in groups:
         overrides = group.cells()[0]
@@ -312,9 +314,11 @@ def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
             cfg = compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"])
         except Exception as exc:
             raise GridError(f"cell override rejected: {str(exc).splitlines()[0]}") from None
-        try:  # a protocol the scale lacks, or one without a preset for the task: before anything runs
+        try:  # a protocol the scale lacks, an appended key no schema has, a value out of range: before anything runs
             check_protocol(cfg)
-        except ValueError as exc:
+            check_run_settings(cfg)
+            check_config(cfg)
+        except (ValueError, UnknownNameError) as exc:
             raise GridError(f"{group.task}: {exc}") from None
 
 
@@ -333,24 +337,42 @@ def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, An
     return rows
 
 
-def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> tuple[float, int]:
-    """(seconds, cells estimated) for the cells not yet finished: the mean wall time of recorded
+@dataclass
+class Estimate:
+    """The time the cells left would take, and what it rests on."""
+
+    seconds: float  # summed over the cells estimated (one at a time)
+    cells: int  # cells left that had a recorded peer to estimate from
+    records: int  # distinct recorded cells the estimate rests on
+    training_only: int  # of those, records with no process_wall_s (only their training time: too low)
+
+
+def record_seconds(record: dict[str, Any]) -> float | None:
+    """What a recorded cell cost: its process's whole wall time (``process_wall_s``: start-up,
+    imports and data loading included), else (a record from before it was kept) ``wall_s``,
+    its training and testing alone."""
+    return record.get("process_wall_s") or record.get("wall_s") or None
+
+
+def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> Estimate:
+    """The time of the cells not yet finished: the mean cost (``record_seconds``) of recorded
     cells of the same config (a rerun), else of the same task and overrides (``variant_label``,
     any mechanism: the grid's other cells), else of the same task and mechanism, else of the same
     task, else of all. The config comes first: a preset cell of the same mechanism says little
-    about a cell with a 4x smaller model."""
+    about a cell with a 4x smaller model. Says how many distinct records it rests on."""
     from harness.results import FINISHED, read_results
 
     def peers(scale, task, mechanism, config_hash, label) -> list[tuple]:  # most to least alike
         return [(scale, task, mechanism, config_hash), (scale, task, label), (scale, task, mechanism), (task,), ()]
 
-    walls: list[dict[tuple, list[float]]] = [{} for _ in peers("", "", "", "", "")]
+    walls: list[dict[tuple, list[tuple[float, str, bool]]]] = [{} for _ in peers("", "", "", "", "")]
     for r in read_results(results_dir):
-        if r.get("wall_s"):
+        seconds = record_seconds(r)
+        if seconds:
             keys = peers(r["scale"], r["task"], r["mechanism"], r.get("config_hash"), r.get("variant_label") or "")
             for key, table in zip(keys, walls):
-                table.setdefault(key, []).append(r["wall_s"])
-    total, known = 0.0, 0
+                table.setdefault(key, []).append((seconds, r["_path"], not r.get("process_wall_s")))
+    total, known, used = 0.0, 0, {}
     for row in rows:
         if row["status"] in FINISHED:
             continue
@@ -358,9 +380,10 @@ def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> tuple[float, int
         keys = peers(c.scale, c.task, c.mechanism, c.config_hash, c.variant_label)
         found = next((table[key] for key, table in zip(keys, walls) if table.get(key)), None)
         if found:
-            total += sum(found) / len(found)
+            total += sum(f[0] for f in found) / len(found)
             known += 1
-    return total, known
+            used.update({path: training_only for _, path, training_only in found})
+    return Estimate(total, known, len(used), sum(used.values()))
 
 
 GPU_SUSTAINED_TFLOPS = 20.0  # an assumed sustained rate for LRA-sized models (widths 32-512) on one modern GPU
@@ -408,16 +431,30 @@ def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> i
               f"~{cost['gpu_hours']:.2g} GPU-h")
     counts = Counter(row["status"] for row in rows)
     todo = sum(v for k, v in counts.items() if k not in ("ok", "unsupported"))
-    seconds, known = estimate_s(rows, results_dir)
+    estimate = estimate_s(rows, results_dir)
     print(f"{len(rows)} cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"estimated GPU time of the cells left: ~{total_hours:.2g} GPU-h (training FLOPs from each config at "
           f"{GPU_SUSTAINED_TFLOPS:g} TFLOP/s sustained, softmax's attention cost as the upper bound; "
           f"harness.grid.cell_cost)")
     if todo:
-        basis = f"from {known} of {todo} cells' recorded peers" if known else "no recorded cells to estimate from"
-        print(f"estimated time left: {format_duration(seconds / max(1, n_jobs)) if known else 'unknown'} "
-              f"({basis}, {n_jobs} at a time)")
+        print(f"estimated time left: {format_duration(estimate.seconds / max(1, n_jobs)) if estimate.cells else 'unknown'}"
+              f" ({estimate_basis(estimate, todo)}, {n_jobs} at a time)")
     return 0
+
+
+def estimate_basis(estimate: Estimate, todo: int) -> str:
+    """What an estimate rests on, in words: '14 of 14 cells left estimated from 2 recorded cells'
+    whole process time' (one recorded cell behind 768 estimates is said, not hidden)."""
+    if not estimate.cells:
+        return "no recorded cells to estimate from"
+    whose = "1 recorded cell's" if estimate.records == 1 else f"{estimate.records} recorded cells'"
+    text = f"{estimate.cells} of {todo} cells left estimated from {whose} whole process time"
+    if estimate.cells < todo:
+        text += f"; {todo - estimate.cells} with no recorded peer are not counted"
+    if estimate.training_only:
+        text += (f"; {estimate.training_only} of those record{'s' if estimate.training_only == 1 else ''} only "
+                 "training time (an older record): too low")
+    return text
 
 
 STOP_GRACE_S = 60  # how long a stopping grid waits for its cells to stop cleanly before SIGKILL
@@ -477,8 +514,11 @@ def summarize(scale: str, groups: list[Group], results_dir: str, returncode: int
     for row in unfinished:
         error = (row["record"] or {}).get("error")
         print(f"  {row['cell'].name}: {row['status']}" + (f" ({error})" if error else ""))
-    if unfinished:
+    if any(row["record"] is not None for row in unfinished):  # a recorded failure: rerun=failed redoes it
         print("retry failed cells with: python -m harness grid ... rerun=failed")
+    if any(row["record"] is None for row in unfinished):  # never recorded: a plain rerun runs them
+        print("cells without a record (interrupted, running elsewhere, or never started) run when the same command "
+              "runs again")
     return 0 if returncode == 0 and not unfinished else 1
 
 
@@ -524,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "groups": [g.__dict__ for g in groups]}))
             return 0
         _check_overrides(scale, groups, results_dir)
+        if own.get("dry_run") != "true":  # a dry run only reads
+            from harness.results import UnwritableFolder, check_writable_folder
+
+            try:
+                check_writable_folder(results_dir, "results_dir")
+            except UnwritableFolder as exc:
+                raise GridError(str(exc)) from None
     except GridError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

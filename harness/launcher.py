@@ -215,13 +215,15 @@ class ProcessLauncherBase(Launcher):
         fresh = record is not None and cell.result_path.stat().st_mtime >= started - 1
         if not fresh and (self._stopping is not None or is_interrupt(rc)):  # stopped, not failed: resumable
             return self._interrupted(cell, rc)
+        lived = round(time.time() - started, 2)
         if rc < 0 and not fresh:  # killed by a signal before it could write its result
-            return self._record_killed(cell, -rc, last_line(cell.log_dir / "cell.log") or last_line(out_path))
+            return self._record_killed(cell, -rc, last_line(cell.log_dir / "cell.log") or last_line(out_path),
+                                       process_wall_s=lived)
         if record is None:
             tail = last_line(out_path)
             if "running in another process" in tail or "running in another process" in _tail_text(out_path):
                 return {"status": "running", "task": cell.task, "mechanism": cell.mechanism, "seed": cell.seed}
-            return self._record_killed(cell, None, tail, returncode=rc)
+            return self._record_killed(cell, None, tail, returncode=rc, process_wall_s=lived)
         record["_skipped"] = not fresh  # a recorded cell the child only skipped
         return record
 
@@ -232,8 +234,10 @@ class ProcessLauncherBase(Launcher):
         return {"status": "interrupted", "task": cell.task, "mechanism": cell.mechanism, "scale": cell.scale,
                 "seed": cell.seed, "variant": cell.variant, "error": f"interrupted: {how}", "_skipped": returncode is None}
 
-    def _record_killed(self, cell, signum: int | None, last: str, returncode: int | None = None) -> dict[str, Any]:
-        """Write the result of a cell whose process died without writing one."""
+    def _record_killed(self, cell, signum: int | None, last: str, returncode: int | None = None,
+                       process_wall_s: float | None = None) -> dict[str, Any]:
+        """Write the result of a cell whose process died without writing one (``process_wall_s``:
+        how long its process lived)."""
         from harness.cells import cell_lock
         from harness.results import Result, environment, write_result
 
@@ -251,6 +255,7 @@ class ProcessLauncherBase(Launcher):
             task_config={k: v for k, v in identity["task"].items() if k != "name"},
             model_config=identity["model"], train_config=identity["train"], env=environment(),
             variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=identity,
+            process_wall_s=process_wall_s,
         )
         with cell_lock(cell):
             write_result(cell.results_dir, result)

@@ -182,6 +182,8 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "unigram_bits": data.get("unigram_bits_per_token"), "sizes": sizes, "n_test": sizes.get("test"),
             "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
             "num_classes": data.get("num_classes"), "commit": env.get("commit"), "device": env.get("device"),
+            # every commit the cell trained under (a resumed cell may have several), and whether its code differed
+            "commits": tuple(c for c in (env.get("commits") or [env.get("commit")]) if c), "dirty": env.get("dirty"),
             "torch": env.get("torch"), "log": log_folder(r),
             # per test item (paired tests), the test units' clusters, the validation curve, softmax in disguise
             "items_correct": (r.get("test_items") or {}).get("correct"),
@@ -194,7 +196,8 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "variant_other", "length", "status",
                "error", "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s",
                "source", "fingerprint", "cache_path", "majority", "unigram_bits", "sizes", "n_test", "length_mean",
-               "length_max", "num_classes", "commit", "device", "torch", "log", "items_correct", "items_count",
+               "length_max", "num_classes", "commit", "commits", "dirty", "device", "torch", "log", "items_correct",
+               "items_count",
                "clusters", "val_curve", "softmax_equivalent", "warmup_steps", "protocol"]
     frame = pd.DataFrame(rows, columns=columns)
     ids = variant_ids(frame.variant_other)
@@ -963,11 +966,22 @@ def header_lines(cells: pd.DataFrame, speed_records: list[dict[str, Any]], resul
         f"- **scale(s)**: {', '.join(f'`{s}`' for s in sorted(cells.scale.unique()))}; **seeds**: {seeds}",
         f"- **hardware**: {', '.join(sorted(set(cells.device.dropna()))) or '?'}; "
         f"**torch**: {', '.join(sorted(set(cells.torch.dropna()))) or '?'}; "
-        f"**commit(s)**: {', '.join(sorted(set(cells.commit.dropna()))) or '?'}",
+        f"**commit(s)**: {', '.join(sorted({c for cs in cells.commits for c in cs} | set(cells.commit.dropna()))) or '?'}"
+        + code_caveat(cells),
         f"- **total wall time**: {total / 3600:.2f} h (cells {grid_wall / 3600:.2f} h + speed sweep "
         f"{speed_wall / 3600:.2f} h, summed from the records)"]
     measured = make_benchmark_line(results_dir)
     return lines + ([measured] if measured else []) + [""]
+
+
+def code_caveat(cells: pd.DataFrame) -> str:
+    """Cells whose code is not one commit: trained under several (resumed across a change), or
+    with imported files that differ from their commit (``env.dirty_files`` in their records)."""
+    dirty = int((cells.dirty == True).sum())  # noqa: E712 - None (not recorded) is not dirty
+    several = int(sum(len(c) > 1 for c in cells.commits))
+    parts = ([f"{dirty} cell(s) ran code that differs from its commit (env.dirty_files)"] if dirty else []) + (
+        [f"{several} cell(s) trained under several commits (env.segments)"] if several else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def make_benchmark_line(results_dir: Path) -> str | None:

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +45,10 @@ class Result:
     params: int | None = None
     tokens_per_s: float | None = None
     peak_memory_mb: float | None = None
-    wall_s: float | None = None
+    wall_s: float | None = None  # the cell's training and testing, from its trainer's start (resumed runs summed)
+    # the cell process's whole wall time, from its start (interpreter, imports, data loading, model
+    # building included) to the record's write; a resumed cell adds its earlier runs' ``wall_s`` part
+    process_wall_s: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
     task_config: dict[str, Any] = field(default_factory=dict)
@@ -289,7 +293,7 @@ _OPTIONAL_TEXT = ("error", "config_hash")
 _OBJECTS = ("mechanism_config", "data", "env", "task_config", "model_config", "train_config", "config",
             "mechanism_metrics", "test_items", "metrics")
 _COUNTS = ("params", "steps", "best_step", "resumed_from_step")
-_AMOUNTS = ("tokens_per_s", "peak_memory_mb", "wall_s")
+_AMOUNTS = ("tokens_per_s", "peak_memory_mb", "wall_s", "process_wall_s")
 
 
 def record_problem(record: dict[str, Any]) -> str | None:
@@ -431,7 +435,8 @@ def read_results(results_dir: str | Path) -> list[dict[str, Any]]:
 
 def code_commit() -> tuple[str | None, bool]:
     """(short commit of this checkout or None, whether tracked files outside ``results/`` differ from it:
-    a regenerated leaderboard is not a change of code)."""
+    a regenerated leaderboard is not a change of code). The report's own header; a cell records
+    ``code_state()``, the state of the code it imported."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
@@ -448,20 +453,161 @@ def code_commit() -> tuple[str | None, bool]:
     return commit, dirty
 
 
+# ----------------------------------------------------------------------------- which code produced a record
+
+PLUGIN_ENTRY_POINT_GROUPS = ("harness.mechanisms", "harness.tasks")
+NOT_CODE_FOLDERS = ("tests",)  # below the project, but not what a cell runs (pytest imports them)
+
+
+def imported_code_files(root: Path = PROJECT_ROOT) -> list[Path]:
+    """The source files of the modules this process has imported that are the project's code
+    (every module below ``root`` but its tests and virtual environments: harness/, mechanisms/,
+    tasks/, hydra_plugins/, plugins/) or a plugin's (files from ``$HARNESS_PLUGIN_PATH`` folders
+    and the helpers beside them, the packages behind the ``harness.*`` entry points)."""
+    import importlib.metadata
+
+    files = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and file.endswith(".py"):
+            files[name] = os.path.abspath(file)
+    plugin_dirs = {os.path.dirname(f) for n, f in files.items() if n.startswith("harness_plugin_")}
+    plugin_dirs |= {os.path.abspath(p) for p in os.environ.get("HARNESS_PLUGIN_PATH", "").split(os.pathsep) if p}
+    try:
+        packages = {ep.value.split(":")[0].split(".")[0] for group in PLUGIN_ENTRY_POINT_GROUPS
+                    for ep in importlib.metadata.entry_points(group=group)}
+    except Exception:  # a broken distribution's metadata: its entry points are registry's to report
+        packages = set()
+    prefix = str(root) + os.sep
+    keep = set()
+    for name, file in files.items():
+        if file.startswith(prefix):
+            parts = Path(file[len(prefix):]).parts
+            if parts[0] not in NOT_CODE_FOLDERS and not any(p.startswith(".") or p == "site-packages" for p in parts):
+                keep.add(Path(file))
+        elif os.path.dirname(file) in plugin_dirs or name.split(".")[0] in packages:
+            keep.add(Path(file))
+    return sorted(keep)
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """``git args`` run in ``folder``: its output, or None when git fails (not a repository, no git)."""
+    try:
+        done = subprocess.run(["git", "--literal-pathspecs", *args], capture_output=True, text=True, cwd=folder,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _differing(top: Path, files: list[Path]) -> set[Path]:
+    """The ``files`` (inside the work tree ``top``) that differ from its HEAD: modified, staged,
+    untracked or ignored (an ignored file is in no commit either)."""
+    relative = [str(f.relative_to(top)) for f in files]
+    out = _git(top, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignored=matching", "--", *relative)
+    if out is None:
+        return set(files)
+    found, entries = set(), iter(out.split("\0"))
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        found.add(top / entry[3:])
+        if entry[0] in "RC":  # a rename or copy names its source next
+            next(entries, None)
+    return {f for f in files if f in found}
+
+
+def code_state(files: list[Path] | None = None, root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """Which code produced a result: the commit of the project's checkout (``root``), whether any
+    of ``files`` (default: the code this process imported, ``imported_code_files``) differs from
+    the commit of the git work tree holding it, or lies in none, and which ones (paths below
+    ``root`` relative to it, others absolute). A file edited, staged, untracked or ignored counts;
+    files that were not imported do not. ``other_commits``: the commits of other work trees that
+    imported files come from (e.g. a plugin package's own repository), when there are any."""
+    files = imported_code_files(root) if files is None else [Path(f) for f in files]
+    root = Path(root)
+    commit = (_git(root, "rev-parse", "--short", "HEAD") or "").strip() or None
+    tops: dict[Path, Path | None] = {}
+    by_top: dict[Path | None, list[Path]] = {}
+    for file in files:
+        folder = file.parent
+        if folder not in tops:
+            top = _git(folder, "rev-parse", "--show-toplevel") if folder.is_dir() else None
+            tops[folder] = Path(top.strip()).resolve() if top and top.strip() else None
+        by_top.setdefault(tops[folder], []).append(file.resolve())
+    differing, others = set(), {}
+    for top, group in by_top.items():
+        if top is None:  # in no git work tree: no commit names this code
+            differing.update(group)
+            continue
+        differing |= _differing(top, group)
+        if top != root.resolve():
+            others[str(top)] = (_git(top, "rev-parse", "--short", "HEAD") or "").strip() or None
+
+    def shown(path: Path) -> str:
+        try:
+            return str(path.relative_to(root.resolve()))
+        except ValueError:
+            return str(path)
+
+    state = {"commit": commit, "dirty": bool(differing) if commit else None,
+             "dirty_files": sorted(shown(f) for f in differing), "code_files": len(files)}
+    if others:
+        state["other_commits"] = others
+    return state
+
+
+def code_segments_summary(segments: list[dict[str, Any]], now: dict[str, Any]) -> dict[str, Any]:
+    """The ``env`` fields of a cell that trained in ``segments`` (the runs its checkpoints name, this
+    one last) and now writes its record with the code ``now``: ``commit`` is today's, ``commits``
+    every commit it trained under in order, ``dirty`` whether any of its code differed from its commit
+    in any run (``dirty_files``: which files, in any run)."""
+    commits, files = [], set(now.get("dirty_files") or [])
+    for segment in [*segments, now]:
+        if segment.get("commit") not in commits:
+            commits.append(segment.get("commit"))
+        files.update(segment.get("dirty_files") or [])
+    dirties = [s.get("dirty") for s in [*segments, now]]
+    dirty = True if any(dirties) else (None if all(d is None for d in dirties) else False)
+    return {**now, "commits": commits, "dirty": dirty, "dirty_files": sorted(files), "segments": segments}
+
+
+# ----------------------------------------------------------------------------- where results go
+
+
+class UnwritableFolder(ValueError):
+    """A folder a command must write to cannot be written (one line: which and why)."""
+
+
+def check_writable_folder(path: str | Path, setting: str = "results_dir") -> None:
+    """``UnwritableFolder`` ("cannot write to results_dir=...: why") unless ``path`` is, or can be
+    created as, a writable folder: it or a folder above it is a file, or the nearest existing
+    folder is not writable (its permissions, a read-only file system). Nothing is created."""
+    path = Path(path)
+    for probe in [path, *path.absolute().parents]:
+        if os.path.lexists(probe):
+            break
+    if not probe.is_dir():
+        what = "is a file, not a folder" if probe.is_file() else "is not a folder (a broken link?)"
+        raise UnwritableFolder(f"cannot write to {setting}={path}: {probe} {what}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UnwritableFolder(f"cannot write to {setting}={path}: {probe} is not writable (its permissions, or a "
+                               "read-only file system); choose another folder")
+
+
 def environment() -> dict[str, Any]:
-    """Commit, torch version and device, recorded with every result."""
+    """The code (``code_state``: commit, and whether the imported code differs from it), torch
+    version and device, recorded with every result."""
     import platform
 
     import torch
 
-    commit, dirty = code_commit()
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
-        "commit": commit,
-        "dirty": dirty,
+        **code_state(),
         "torch": torch.__version__,
         "device": device,
         "python": platform.python_version(),

@@ -32,9 +32,36 @@ from filelock import Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from harness.cells import Cell, cell_lock, resolve_cell
-from harness.results import FINISHED, Result, environment, read_result, result_path, status_of, write_result
+from harness.results import (
+    FINISHED,
+    Result,
+    code_segments_summary,
+    code_state,
+    environment,
+    read_result,
+    result_path,
+    status_of,
+    write_result,
+)
 
 log = logging.getLogger("harness.run")
+_IMPORTED_AT = time.time()  # when /proc cannot say when this process started
+
+
+def process_started_at() -> float:
+    """When this process started (seconds since the epoch): the kernel's start time of the process
+    (``/proc/self/stat``) on Linux, so the interpreter's start and every import count; elsewhere
+    when this module was imported."""
+    import os
+
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_ticks = int(fields[19])  # field 22, starttime, in clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        started = time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+    return started if started <= _IMPORTED_AT + 1 else _IMPORTED_AT  # a /proc that does not add up
 
 
 class _DropAdvertising(logging.Filter):
@@ -325,6 +352,9 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
         log.debug("traceback:\n%s", traceback.format_exc())
     if result.wall_s is None:
         result.wall_s = round(time.perf_counter() - start, 2)
+    # the whole cell: this process from its start (imports, data, model), and earlier runs of a resumed cell
+    result.process_wall_s = round(time.time() - process_started_at() + cell.extra.get("earlier_wall_s", 0.0), 2)
+    result.env.update(code_segments_summary(cell.extra.get("segments") or [], code_state()))
     written = write_result(cfg.results_dir, result)
     log.info("%s %s: %s", result.status, cell.name, _summary(result))
     print(written, flush=True)
@@ -468,7 +498,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     from harness.attention import computes_softmax
     from harness.model import ModelConfig, build_model, count_parameters
     from harness.registry import create_task, get_mechanism
-    from harness.training import CellMeter, TaskDataModule, TaskModule
+    from harness.training import CellMeter, CodeSegments, TaskDataModule, TaskModule
 
     _route_lightning_logs()  # after Lightning's import, which adds its own console handler
     L.seed_everything(result.seed, workers=True, verbose=False)
@@ -520,6 +550,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     monitor, mode = ("val/loss", "min") if model.causal else ("val/accuracy", "max")
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_last=True, filename="best")
     meter = CellMeter(time_limit_s=train.time_limit_s)
+    segments = CodeSegments(code_state)  # the code of every run this cell trains in, kept in its checkpoints
     show_progress = bool(cfg.trainer.progress_bar) and sys.stdout.isatty()  # no bars in log files
     progress = RichProgressBar() if show_progress else TQDMProgressBar(refresh_rate=max(1, train.eval_every // 5))
     resume = ckpt_dir / "last.ckpt"
@@ -537,7 +568,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         gradient_clip_val=train.grad_clip or None,
         gradient_clip_algorithm=train.grad_clip_algorithm,
         deterministic="warn" if cfg.trainer.deterministic else False,
-        callbacks=[checkpoint, meter, *([progress] if show_progress else [])],
+        callbacks=[checkpoint, meter, segments, *([progress] if show_progress else [])],
         enable_progress_bar=show_progress,
         # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/curves/metrics.csv
         logger=build_logger(cfg, cell),
@@ -586,6 +617,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
             result.metrics["test"].update(extra)
     finally:
         meter.stop_timer()
+        cell.extra["segments"], cell.extra["earlier_wall_s"] = segments.segments, meter.elapsed_before
         result.resumed_from_step = meter.resumed_from_step
         result.wall_s = round(meter.wall_s, 2)
         result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)  # an oom or failed cell's peak too
@@ -676,6 +708,57 @@ def check_names(overrides: list[str]) -> None:
                     sys.exit(2)
 
 
+def _first_job(args: list[str]) -> list[str] | None:
+    """The overrides of a sweep's first cell (each swept key at its first value), or None when
+    the sweep needs Hydra's config loader to expand (``glob()`` over a group)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        out = []
+        for override in OverridesParser.create().parse_overrides(args):
+            if override.is_sweep_override():
+                out.append(f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}")
+            else:
+                out.append(override.input_line)
+        return out
+    except Exception:  # Hydra's own parsing reports it
+        return None
+
+
+def check_before_hydra(args: list[str]) -> None:
+    """Compose and check the cell's config (names, keys, values, ``results_dir``) before Hydra
+    creates its output folder and log file below ``results_dir``: a typo'd key leaves no folder
+    behind, and a results folder that cannot be written is one line ("cannot write to
+    results_dir=...: why"), not Hydra's "Unable to configure handler 'file'". One line on
+    stderr and exit 2; a config Hydra itself rejects is left to Hydra's message. A sweep
+    (``--multirun``) is checked on its first cell."""
+    from harness.cells import UnsafeName, resolve_cell
+    from harness.config import compose
+    from harness.registry import UnknownNameError
+    from harness.results import check_writable_folder
+
+    flags = [a for a in args if a.startswith("-")]
+    if any(f not in ("--multirun", "-m") for f in flags):  # --cfg, --help, --info ...: Hydra's own
+        return
+    overrides = [a for a in args if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    if flags:
+        overrides = _first_job(overrides)
+        if overrides is None:
+            return
+    try:
+        cfg = compose(overrides)
+    except Exception:  # Hydra's composition says what is wrong, before it creates anything
+        return
+    try:
+        check_run_settings(cfg)
+        check_config(cfg)
+        resolve_cell(cfg)
+        check_writable_folder(cfg.results_dir, "results_dir")
+    except (UnknownNameError, UnsafeName, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     """Hydra entry point (``python -m harness.run ...``, or ``--multirun`` for a sweep)."""
     import hydra
@@ -685,6 +768,7 @@ def main() -> None:
 
     discover()
     check_names(sys.argv[1:])
+    check_before_hydra(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _main(cfg: DictConfig) -> dict[str, Any]:

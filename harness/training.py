@@ -375,3 +375,39 @@ class CellMeter(L.Callback):
     @property
     def tokens_per_s(self) -> float | None:
         return self.tokens / self.train_time if self.train_time > 0 else None
+
+
+class CodeSegments(L.Callback):
+    """The code every run of a cell trained under, carried in its checkpoints: one segment per
+    run (``code_state()``'s commit, dirty flag and dirty files, the step the run started from,
+    when it started), so a cell killed, changed and resumed records both codes, not only the last.
+    A run killed before its next checkpoint leaves no segment: the work it did is not in the
+    checkpoint the next run resumes from either."""
+
+    def __init__(self, code_state):
+        self._code_state = code_state  # () -> {"commit", "dirty", "dirty_files", ...}
+        self.earlier: list[dict[str, Any]] = []  # the runs before this one (from the checkpoint)
+        self.current: dict[str, Any] | None = None
+        self._fit_done = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.current is None:  # after the model, data and trainer: the code training runs is imported
+            state = self._code_state()
+            self.current = {"commit": state.get("commit"), "dirty": state.get("dirty"),
+                            "dirty_files": list(state.get("dirty_files") or []), "from_step": int(trainer.global_step),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._fit_done = True
+
+    @property
+    def segments(self) -> list[dict[str, Any]]:
+        return self.earlier + ([self.current] if self.current is not None else [])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"segments": self.segments}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._fit_done:  # testing the best checkpoint after fit restores callbacks too: keep this run's list
+            return
+        self.earlier = [dict(s) for s in state.get("segments") or []]

@@ -265,11 +265,14 @@ def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
         return {"status": "todo", "cell": SimpleNamespace(scale="small", task="listops", mechanism=mechanism,
                                                           config_hash=config_hash, variant_label=label)}
 
-    assert estimate_s([row("softmax", "b2", "model.dim=32")], str(tmp_path)) == (20.0, 1)  # same overrides
-    assert estimate_s([row("linear", "a1", "model.dim=32")], str(tmp_path)) == (20.0, 1)  # the same config
-    assert estimate_s([row("softmax", "c3", "model.depth=9")], str(tmp_path)) == (900.0, 1)  # else the mechanism
-    assert estimate_s([row("softmax", "c3", "model.depth=9"), row("linear", "a1", "model.dim=32")],
-                      str(tmp_path)) == (920.0, 2)
+    def estimate(*rows):
+        found = estimate_s(list(rows), str(tmp_path))
+        return found.seconds, found.cells
+
+    assert estimate(row("softmax", "b2", "model.dim=32")) == (20.0, 1)  # same overrides
+    assert estimate(row("linear", "a1", "model.dim=32")) == (20.0, 1)  # the same config
+    assert estimate(row("softmax", "c3", "model.depth=9")) == (900.0, 1)  # else the mechanism
+    assert estimate(row("softmax", "c3", "model.depth=9"), row("linear", "a1", "model.dim=32")) == (920.0, 2)
 
 
 def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_length(env):
@@ -367,3 +370,19 @@ def test_a_cells_training_cost_is_estimated_from_its_config():
                                "warmup_batch_size": 8}}
     assert cell_cost(warm)["tokens"] == 6 * 4 * 100 + 4 * 8 * 10 and cell_cost(warm)["steps"] == 10
     assert cell_cost({**plain, "task": {"resolution": 8, "max_len": 1000}})["tokens"] == 10 * 4 * 64
+
+
+def test_the_smoke_grid_is_two_tasks_by_softmax_and_one_mechanism_per_family(tmp_path):
+    """`make smoke` (conf/grid/smoke.yaml at scale=tiny): 14 preset cells, one seed, generated data
+    only, a peer plugin among them: minutes on 2 cores, not the default grid's 264 cells."""
+    from harness.grid import expand, plan
+
+    scale, groups = expand({"grid": "smoke", "scale": "tiny"})
+    cells = [row["cell"] for row in plan(scale, groups, str(tmp_path))]
+    assert scale == "tiny" and len(cells) == 14
+    assert sorted({c.task for c in cells}) == ["listops", "mqar"] and {c.seed for c in cells} == {0}
+    assert sorted({c.mechanism for c in cells}) == ["bigbird", "nystrom", "nystrom_attention", "performer", "reformer",
+                                                    "s4d", "softmax"]
+    assert all(c.variant == "" for c in cells)  # the scale's presets
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m harness grid grid=smoke scale=tiny " in makefile

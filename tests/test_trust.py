@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -810,3 +811,260 @@ def test_the_same_seed_gives_the_same_record_twice(workdir, tmp_path, mechanism)
                      for name in ("first", "second"))
     assert first["status"] == second["status"]
     assert first["metrics"] == second["metrics"] and first["test_items"] == second["test_items"]
+
+
+# ----------------------------------------------------------------------------- which code made a record (round two)
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=repo,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_code_state_names_the_imported_files_that_differ_from_the_commit(tmp_path):
+    """A real git repository: a file edited, one never committed and one ignored differ from the
+    commit; a file not imported does not count, whatever its state; a file in no repository does."""
+    from harness.results import code_state
+
+    repo = tmp_path / "repo"
+    (repo / "mechanisms").mkdir(parents=True)
+    for name in ("committed", "edited", "not_imported"):
+        (repo / "mechanisms" / f"{name}.py").write_text(f"NAME = {name!r}\n")
+    (repo / ".gitignore").write_text("mechanisms/ignored_*.py\n")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "one")
+    commit = git(repo, "rev-parse", "--short", "HEAD")
+    (repo / "mechanisms" / "edited.py").write_text("NAME = 'changed'\n")
+    (repo / "mechanisms" / "not_imported.py").write_text("NAME = 'changed too'\n")
+    (repo / "mechanisms" / "untracked.py").write_text("NAME = 'new'\n")
+    (repo / "mechanisms" / "ignored_x.py").write_text("NAME = 'ignored'\n")
+    outside = tmp_path / "elsewhere" / "plugin.py"
+    outside.parent.mkdir()
+    outside.write_text("NAME = 'outside'\n")
+    m = repo / "mechanisms"
+
+    clean = code_state([m / "committed.py"], root=repo)
+    assert clean["commit"] == commit and clean["dirty"] is False and clean["dirty_files"] == []
+    state = code_state([m / "committed.py", m / "edited.py", m / "untracked.py", m / "ignored_x.py", outside], root=repo)
+    assert state["commit"] == commit and state["dirty"] is True
+    assert state["dirty_files"] == sorted(["mechanisms/edited.py", "mechanisms/untracked.py", "mechanisms/ignored_x.py",
+                                           str(outside.resolve())])
+    git(repo, "add", "mechanisms/edited.py")  # staged, not committed: still not the commit's code
+    assert "mechanisms/edited.py" in code_state([m / "edited.py"], root=repo)["dirty_files"]
+
+
+def test_the_imported_code_is_the_projects_and_the_plugins_not_tests_or_packages(workdir):
+    from harness.results import PROJECT_ROOT, imported_code_files
+
+    files = imported_code_files()
+    assert PROJECT_ROOT / "harness" / "run.py" in files and PROJECT_ROOT / "mechanisms" / "softmax.py" in files
+    assert workdir / "plugins" / "faults.py" in files  # a $HARNESS_PLUGIN_PATH plugin this process imported
+    assert "tests" not in {f.relative_to(PROJECT_ROOT).parts[0] for f in files if f.is_relative_to(PROJECT_ROOT)}
+    assert not [f for f in files if "site-packages" in f.parts]
+    assert Path(pytest.__file__) not in files and Path(__file__).resolve() not in files
+
+
+def test_a_plugin_file_in_no_commit_makes_the_record_dirty_and_names_it(workdir, tmp_path):
+    """The faults plugin is in no git repository: the record says its code is not the commit's
+    (it said dirty: false, looking only at tracked files of the checkout)."""
+    record = run_cell(cell(workdir, "mechanism=slow", "mechanism.seconds=0", f"results_dir={tmp_path}"))
+    assert record["status"] == "ok"
+    env = record["env"]
+    assert env["dirty"] is True and str((workdir / "plugins" / "faults.py").resolve()) in env["dirty_files"]
+    assert env["commits"] == [env["commit"]] and len(env["segments"]) == 1
+    assert env["segments"][0]["from_step"] == 0 and env["segments"][0]["dirty"] is True
+    assert json.loads(result_path(tmp_path, "tiny", "listops", "slow", 0, record["variant"]).read_text())["env"] == env
+
+
+SLOW_IN_GIT = '''"""A slow mechanism committed in the project (for the provenance test)."""
+import time
+from dataclasses import dataclass
+
+from harness.attention import Attention
+from harness.registry import register_mechanism
+
+
+@dataclass
+class SlowConfig:
+    seconds: float = 0.05
+
+
+@register_mechanism("slow_in_git", SlowConfig, key_padding=True)
+class SlowInGit(Attention):
+    def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
+        time.sleep(self.cfg.seconds)
+        return v * 1.0
+'''
+
+
+def test_a_cell_resumed_across_a_code_change_records_every_commit_it_trained_under(workdir, tmp_path):
+    """A copy of the project in a real git repository: a cell runs at commit A (clean) and is killed
+    after a checkpoint; a mechanism file is then changed and committed (B) and an uncommitted
+    mechanism file added; the resumed cell records both commits, and the dirty file of its second run."""
+    import shutil
+
+    repo = tmp_path / "project"
+    for name in ("harness", "mechanisms", "tasks", "conf", "hydra_plugins"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    (repo / "mechanisms" / "slow_in_git.py").write_text(SLOW_IN_GIT)
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "A")
+    first = git(repo, "rev-parse", "--short", "HEAD")
+    results = tmp_path / "results"
+    args = ["run", "mechanism=slow_in_git", "scale=tiny", "trainer.progress_bar=false", "train.max_steps=16",
+            "train.eval_every=4", f"results_dir={results}", f"cache_dir={workdir / 'cache'}"]  # a variant
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_PLUGIN_PATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    checkpoints = results / "checkpoints" / "tiny" / "listops" / "slow_in_git"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=repo, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoints.rglob("last.ckpt")) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    runs = results / "runs"
+    assert list(checkpoints.rglob("last.ckpt")) and not list(runs.rglob("seed0.json"))
+
+    changed = SLOW_IN_GIT.replace('"""A slow', '"""A changed slow')  # the same config, other code
+    (repo / "mechanisms" / "slow_in_git.py").write_text(changed)
+    git(repo, "commit", "-q", "-am", "B")
+    second = git(repo, "rev-parse", "--short", "HEAD")
+    (repo / "mechanisms" / "uncommitted.py").write_text(SLOW_IN_GIT.replace('"slow_in_git"', '"uncommitted"'))
+    done = subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=repo, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [record_path] = runs.rglob("seed0.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ok" and record["resumed_from_step"] >= 4 and record["steps"] == 16
+    env_record = record["env"]
+    assert env_record["commit"] == second and env_record["commits"] == [first, second]
+    segments = env_record["segments"]
+    assert [s["commit"] for s in segments] == [first, second]
+    assert segments[0]["from_step"] == 0 and segments[1]["from_step"] == record["resumed_from_step"]
+    in_project = [[f for f in s["dirty_files"] if not os.path.isabs(f)] for s in segments]
+    assert in_project == [[], ["mechanisms/uncommitted.py"]]  # the first run's code was exactly commit A
+    assert segments[1]["dirty"] is True and env_record["dirty"] is True
+    assert "mechanisms/uncommitted.py" in env_record["dirty_files"]
+
+
+def test_the_leaderboard_header_says_when_a_cells_code_is_not_one_commit(tmp_path):
+    from harness.report import write_report
+    from harness.results import write_json_atomic
+
+    folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
+    write_json_atomic(folder / "seed0.json", a_record(env={"commit": "abc1234", "commits": ["abc1234"], "dirty": False}))
+    text = write_report(tmp_path).read_text()
+    assert "**commit(s)**: abc1234\n" in text
+    write_json_atomic(folder / "seed1.json", a_record(seed=1, env={
+        "commit": "def5678", "commits": ["abc1234", "def5678"], "dirty": True, "dirty_files": ["mechanisms/x.py"]}))
+    text = write_report(tmp_path).read_text()
+    assert ("**commit(s)**: abc1234, def5678 (1 cell(s) ran code that differs from its commit (env.dirty_files); "
+            "1 cell(s) trained under several commits (env.segments))") in text
+
+
+# ----------------------------------------------------------------------------- a results folder that cannot be written
+
+
+def test_a_results_folder_under_a_file_is_one_line_before_anything_runs(workdir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    results = blocker / "results"
+    expected = f"error: cannot write to results_dir={results}: {blocker} is a file, not a folder"
+    done = cli(workdir, "run", "mechanism=softmax", *TINY, f"results_dir={results}", f"cache_dir={tmp_path / 'cache'}",
+               timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [expected], done.stderr[-3000:]
+    assert not (tmp_path / "cache").exists()  # nothing read or built
+    grid = cli(workdir, "grid", "tasks=listops", "mechanisms=softmax", "seeds=0", *TINY, f"results_dir={results}",
+               f"cache_dir={tmp_path / 'cache'}", timeout=120)
+    assert grid.returncode == 2 and grid.stderr.strip().splitlines() == [expected], grid.stderr[-3000:]
+    assert "rerun=failed" not in grid.stdout + grid.stderr and "Traceback" not in grid.stderr
+
+
+def test_a_results_folder_without_write_permission_is_one_line(tmp_path, monkeypatch, capsys):
+    """Tests may run as root, where permissions are not enforced: os.access says what a user would meet."""
+    from harness import grid
+    from harness.results import UnwritableFolder, check_writable_folder
+    from harness.run import check_before_hydra
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked else real_access(path, mode))
+    results = locked / "results"
+    expected = f"cannot write to results_dir={results}: {locked} is not writable"
+    with pytest.raises(UnwritableFolder, match="^" + expected):
+        check_writable_folder(results)
+    check_writable_folder(tmp_path / "fine" / "results")  # a folder that can be made: no error, nothing made
+    assert not (tmp_path / "fine").exists()
+    with pytest.raises(SystemExit) as stopped:
+        check_before_hydra(["mechanism=softmax", "scale=tiny", f"results_dir={results}"])
+    assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: " + expected)
+    assert grid.main(["scale=tiny", "tasks=listops", "mechanisms=softmax", "seeds=0", f"results_dir={results}"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: " + expected) and "rerun=failed" not in out.out + out.err
+    assert not results.exists()
+
+
+def test_a_mistyped_key_leaves_no_folder_behind(workdir, tmp_path):
+    """Hydra created the cell's log folder (and the grid its sweep folder) before the keys were checked."""
+    for command in (["run", "mechanism=softmax"], ["grid", "tasks=listops", "mechanisms=softmax", "seeds=0"]):
+        done = cli(workdir, *command, *TINY, "+train.max_step=10", f"results_dir={tmp_path / 'r'}",
+                   f"cache_dir={tmp_path / 'cache'}", timeout=120)
+        assert done.returncode == 2 and "train.max_step is not a train setting" in done.stderr, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "r").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_grid_advises_rerun_failed_only_for_recorded_failures(tmp_path, capsys):
+    from harness.grid import expand, summarize
+    from harness.results import write_json_atomic
+
+    scale, groups = expand({"grid": "default", "scale": "tiny", "tasks": "listops", "mechanisms": "softmax,linear",
+                            "seeds": "0"})
+    assert summarize(scale, groups, str(tmp_path), 0) == 1  # nothing recorded: a plain rerun runs them
+    out = capsys.readouterr().out
+    assert "rerun=failed" not in out and "run when the same command runs again" in out
+    write_json_atomic(tmp_path / "runs" / "tiny" / "listops" / "softmax" / "seed0.json",
+                      a_record(status="failed", metrics={}, error="RuntimeError: boom"))
+    assert summarize(scale, groups, str(tmp_path), 0) == 1
+    assert "rerun=failed" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- estimates that are true
+
+
+def test_a_cell_records_its_process_whole_wall_time(workdir, tmp_path):
+    started = time.time()
+    done = cli(workdir, "run", "mechanism=softmax", *TINY, f"results_dir={tmp_path}", f"cache_dir={workdir / 'cache'}")
+    elapsed = time.time() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    records, _ = scan_results(tmp_path)
+    record = records[0]
+    # start-up, imports and data loading are in it, not in wall_s; no more than the process lived
+    assert record["wall_s"] + 1.0 < record["process_wall_s"] <= elapsed + 0.5, (record["wall_s"], elapsed)
+
+
+def test_the_dry_run_estimates_from_whole_process_times_and_says_from_how_many_records(tmp_path, capsys):
+    from harness.grid import dry_run, expand
+    from harness.results import write_json_atomic
+
+    scale, groups = expand({"grid": "default", "scale": "tiny", "tasks": "listops",
+                            "mechanisms": "softmax,linear,performer", "seeds": "0,1"})
+    runs = tmp_path / "runs" / "tiny" / "listops"
+    write_json_atomic(runs / "softmax" / "seed0.json", a_record(wall_s=5.0, process_wall_s=20.0))
+    dry_run(scale, groups, str(tmp_path), 1)
+    out = capsys.readouterr().out
+    # 5 cells left, each from the one recorded cell's 20 s (its wall_s, 5 s, leaves out start-up and data)
+    assert "estimated time left: 100 s (5 of 5 cells left estimated from 1 recorded cell's whole process time, " \
+           "1 at a time)" in out, out
+    write_json_atomic(runs / "linear" / "seed0.json", a_record(mechanism="linear", wall_s=6.0))  # an older record
+    dry_run(scale, groups, str(tmp_path), 2)
+    out = capsys.readouterr().out
+    assert "4 of 4 cells left estimated from 2 recorded cells' whole process time; 1 of those records only " \
+           "training time" in out, out
