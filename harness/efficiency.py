@@ -370,12 +370,13 @@ def wrapped(text: str, width_in: float, fontsize: float) -> str:
 
 
 def series_style(names: list[str]) -> dict[str, dict[str, Any]]:
-    """A distinct (colour, marker, line style) per name, for 15+ series: 20 tab20 colours (strong
+    """A distinct (colour, marker, line style) per name, for 15+ series: 18 tab20 colours (strong
     shades first) crossed with 14 markers, solid lines first, then dashed; softmax drawn thicker."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
-    palette = [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]
+    # grey (tab20's 14 and 15) is left out: the baselines are drawn grey
+    palette = [cmap(i) for i in range(0, 20, 2) if i != 14] + [cmap(i) for i in range(1, 20, 2) if i != 15]
     style = {}
     for i, name in enumerate(names):
         style[name] = {"color": palette[i % len(palette)], "marker": MARKERS[i % len(MARKERS)],
