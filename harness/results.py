@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "failed", "oom", "nan", "timeout", "unsupported")
 FINISHED = ("ok", "unsupported")  # never re-run unless rerun=all
@@ -197,9 +200,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# The cell record's layout: 1 = the first versioned one (records without the key are the same
+# layout, written before it was versioned). A reader refuses records of a newer version.
+SCHEMA_VERSION = 1
+
+
 def write_result(results_dir: str | Path, result: Result) -> Path:
     path = result_path(results_dir, result.scale, result.task, result.mechanism, result.seed, result.variant)
-    return write_json_atomic(path, result.as_dict())
+    return write_json_atomic(path, {"schema_version": SCHEMA_VERSION, **result.as_dict()})
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +307,10 @@ _AMOUNTS = ("tokens_per_s", "peak_memory_mb", "wall_s", "process_wall_s")
 def record_problem(record: dict[str, Any]) -> str | None:
     """Why ``record`` is not a valid result (types and ranges of every field the report reads),
     or None. Optional fields may be absent or null; present ones must have their type."""
+    version = record.get("schema_version", SCHEMA_VERSION)
+    if not _is_count(version) or version > SCHEMA_VERSION:
+        return (f"schema_version {_shown(version)}: this harness reads records up to version {SCHEMA_VERSION} "
+                f"(a newer harness wrote it?)")
     for key in _TEXT:
         if key in record and not isinstance(record[key], str):
             return f"{key} is {_shown(record[key])}, not text"
@@ -426,6 +438,29 @@ def scan_results(results_dir: str | Path) -> tuple[list[dict[str, Any]], list[di
         record["_path"] = str(path)
         records.append(record)
     return records, unreadable
+
+
+def load_frame(results_dir: str | Path = "results", kind: str = "cells"):
+    """The results as a ``pandas.DataFrame``, one row per record, validated as the report reads them.
+
+    ``kind="cells"``: one row per grid cell under ``<results_dir>/runs`` (scale, task, mechanism,
+    seed, variant, length, status, metric, test, params, tokens_per_s, peak_memory_mb, wall_s,
+    data fingerprint, commit, ...: the columns the leaderboard is built from); records that
+    are unreadable or fail the schema are left out and logged. ``kind="speed"``: one row per
+    speed measurement under ``<results_dir>/speed`` (mechanism, mode, causal, length, status,
+    tokens_per_s, time_s, memory_mb, params)."""
+    if kind == "cells":
+        from harness.report import cells_frame
+
+        records, unreadable = scan_results(results_dir)
+        for bad in unreadable:
+            log.warning("left out %s: %s", bad["path"], bad["reason"])
+        return cells_frame(records)
+    if kind == "speed":
+        from harness.efficiency import load_records, speed_frame
+
+        return speed_frame(load_records(Path(results_dir) / "speed"))
+    raise ValueError(f"load_frame: kind={kind!r} is not one of cells, speed")
 
 
 def read_results(results_dir: str | Path) -> list[dict[str, Any]]:

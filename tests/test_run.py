@@ -47,7 +47,13 @@ def test_tiny_cell_writes_a_valid_result(workdir, capsys):
     assert "train.max_steps=12" in result["variant_label"]
     path = result_path(workdir / "results", "tiny", "listops", "softmax", 0, result["variant"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)  # last line printed: the path
-    assert json.loads(path.read_text())["status"] == "ok"
+    written = json.loads(path.read_text())
+    assert written["status"] == "ok" and written["schema_version"] == 1  # the record's layout, versioned
+    from harness.results import load_frame
+
+    frame = load_frame(workdir / "results")  # the documented loader reads it back
+    assert frame[["task", "mechanism", "seed", "status"]].values.tolist() == [["listops", "softmax", 0, "ok"]]
+    assert frame.test.iloc[0] == result["metrics"]["test"]["accuracy"]
 
 
 def test_same_seed_reproduces_the_same_numbers(workdir):
