@@ -475,6 +475,11 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
             import hydra_plugins.hydra_submitit_launcher  # noqa: F401
         except ImportError:
             raise GridError("launcher=slurm needs hydra-submitit-launcher: pip install -e '.[slurm]'") from None
+    if launcher == "joblib":
+        try:
+            import hydra_plugins.hydra_joblib_launcher  # noqa: F401
+        except ImportError:
+            raise GridError("launcher=joblib needs hydra-joblib-launcher: pip install -e '.[joblib]'") from None
     total = sum(len(g.cells()) for g in groups)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     sweep_root = Path(results_dir) / "sweeps" / stamp

@@ -386,3 +386,18 @@ def test_the_smoke_grid_is_two_tasks_by_softmax_and_one_mechanism_per_family(tmp
     assert all(c.variant == "" for c in cells)  # the scale's presets
     makefile = (ROOT / "Makefile").read_text()
     assert "-m harness grid grid=smoke scale=tiny " in makefile
+
+
+def test_an_opt_in_launcher_without_its_package_names_the_extra(monkeypatch, tmp_path):
+    """hydra-joblib-launcher is an extra now (launcher=process needs nothing): without it,
+    launcher=joblib is one line naming the extra, before any cell runs."""
+    from harness.grid import GridError, expand, launch
+
+    scale, groups = expand({"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"})
+    for package, extra in (("hydra_joblib_launcher", "joblib"), ("hydra_submitit_launcher", "slurm")):
+        monkeypatch.setitem(sys.modules, f"hydra_plugins.{package}", None)  # import fails as if absent
+        launcher = "joblib" if extra == "joblib" else "slurm"
+        with pytest.raises(GridError) as raised:
+            launch(scale, groups, {"launcher": launcher}, str(tmp_path))
+        assert f"pip install -e '.[{extra}]'" in raised.value.message
+    assert not (tmp_path / "sweeps").exists()
