@@ -188,7 +188,7 @@ def _protocol_settings(
         unknown_tasks = sorted(set(per_task) - {"*", *tasks})
         if unknown_tasks:
             raise ValueError(f"mechanism '{name}': protocol {protocol} has no task {unknown_tasks}; it covers {tasks}")
-        for task_name, settings in per_task.items():
+        for settings in per_task.values():
             unknown = sorted(set(settings) - fields)
             if unknown:
                 raise TypeError(f"mechanism '{name}': protocol {protocol} sets unknown fields {unknown}; valid: {sorted(fields)}")
