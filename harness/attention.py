@@ -199,6 +199,25 @@ def allowed_mask(
     return mask
 
 
+def instance_seed(seed: int) -> int:
+    """The seed of one mechanism instance's random draws: ``seed`` when ≥ 0 (shared by every
+    instance built with it), else one drawn from torch's RNG when the instance is built, so the
+    layers of a model differ and a run is reproducible from its seed."""
+    return seed if seed >= 0 else int(torch.randint(0, 2**31 - 1, ()))
+
+
+def draw_generator(seed: int, step: int = 0) -> torch.Generator:
+    """A CPU generator for the draws of (instance seed, training step): the same numbers whatever
+    the batch, the example's row in it, its padding or torch's global random state. Draw on the
+    CPU and move the (small) result to the device, so CPU and GPU runs see the same numbers."""
+    return torch.Generator().manual_seed(draw_seed(seed, step))
+
+
+def draw_seed(seed: int, step: int = 0) -> int:
+    """The integer seed ``draw_generator`` uses for (instance seed, step)."""
+    return (int(seed) * 1_000_003 + int(step)) % 2**63
+
+
 def zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
     """Zero the rows of x (B, H, L, F) at padded positions (B, L): for linear mechanisms,
     so that padded keys contribute exactly nothing to any sum."""

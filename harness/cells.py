@@ -66,8 +66,17 @@ LATER_SETTINGS = {
 }
 
 
+# The same for a mechanism's config fields, per mechanism (fields whose default keeps what the
+# mechanism computed before they existed; a field that changed the computation is not listed).
+LATER_MECHANISM_SETTINGS = {
+    "sinkhorn": {"sort": "sinkhorn", "clip": 0.0},
+}
+
+
 def _without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
     later = LATER_SETTINGS.get(section, {})
+    if section == "mechanism":
+        later = LATER_MECHANISM_SETTINGS.get(values.get("name", ""), {})
     return {k: v for k, v in values.items() if not (k in later and v == later[k])}
 
 
@@ -79,7 +88,7 @@ def cell_identity(cfg: DictConfig) -> dict[str, Any]:
     identity = {
         "scale": cfg.scale.name,
         "task": _plain(cfg.task),
-        "mechanism": _plain(cfg.mechanism),
+        "mechanism": _without_later_defaults("mechanism", _plain(cfg.mechanism)),
         "model": _without_later_defaults("model", _plain(cfg.model)),
         "train": _without_later_defaults("train", train),
         "trainer": {k: v for k, v in trainer.items() if k not in TRAINER_KEYS_NOT_IN_IDENTITY},

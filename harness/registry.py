@@ -12,7 +12,11 @@ group ``harness.mechanisms`` of another installed package)::
 
 Registration stores the typed config in Hydra's ConfigStore under the group
 ``mechanism`` (tasks: ``task``), so ``mechanism=mine mechanism.rank=32`` works and is
-type-checked with no YAML. Discovery imports every ``mechanisms/*.py`` and
+type-checked with no YAML. A mechanism's settings under a ``scale=lra`` protocol (whose
+settings a cell follows, docs/protocols.md), e.g. LRA's own Linformer k, are given with it
+(``protocols=``) and composed for the cells of that protocol (group ``mechanism_protocol``).
+
+Discovery imports every ``mechanisms/*.py`` and
 ``tasks/*.py`` not starting with ``_``, the entry-point groups, and the directories in
 ``$HARNESS_PLUGIN_PATH`` (os.pathsep-separated). A plugin that fails to import is
 recorded in ``plugin_errors()`` with its error and never stops the others.
@@ -81,6 +85,7 @@ class MechanismSpec:
     module: str
     file: str = ""  # the source file that registered it
     family: str = "other"  # one of FAMILIES: the speed plots draw a panel per family
+    protocols: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # protocol -> task -> settings
 
     @property
     def doc(self) -> str:
@@ -161,6 +166,37 @@ def _check_new(kind: str, registry: dict, name: str, cls: type) -> str:
     raise ValueError(message)
 
 
+PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
+
+
+def protocol_tasks(protocol: str) -> list[str]:
+    """The tasks a scale=lra protocol covers: its ``conf/protocol/<protocol>/<task>.yaml`` files."""
+    return sorted(p.stem for p in (PROTOCOL_DIR / protocol).glob("[!_]*.yaml"))
+
+
+def _protocol_settings(
+    name: str, config_class: type, protocols: dict[str, dict[str, dict[str, Any]]] | None
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{protocol: {task or "*": settings}}`` -> ``{protocol: {task: settings}}``, "*" being every
+    task of the protocol (a task's own entry adds to it); fields checked against the config."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for protocol, per_task in (protocols or {}).items():
+        tasks = protocol_tasks(protocol)
+        if not tasks:
+            raise ValueError(f"mechanism '{name}': protocols= names '{protocol}', which has no conf/protocol/{protocol}/")
+        unknown_tasks = sorted(set(per_task) - {"*", *tasks})
+        if unknown_tasks:
+            raise ValueError(f"mechanism '{name}': protocol {protocol} has no task {unknown_tasks}; it covers {tasks}")
+        for settings in per_task.values():
+            unknown = sorted(set(settings) - fields)
+            if unknown:
+                raise TypeError(f"mechanism '{name}': protocol {protocol} sets unknown fields {unknown}; valid: {sorted(fields)}")
+        common = per_task.get("*", {})
+        out[protocol] = {t: {**common, **per_task.get(t, {})} for t in tasks if common or t in per_task}
+    return out
+
+
 def register_mechanism(
     name: str,
     config_class: type,
@@ -170,9 +206,15 @@ def register_mechanism(
     key_padding: bool = False,
     relations: bool = False,
     family: str = "other",
+    protocols: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> Callable[[type[Attention]], type[Attention]]:
     """Class decorator: make an ``Attention`` subclass known as ``name``; ``family`` is one of
-    ``FAMILIES`` (a peer, ``peer_of = "<ours>"``, is drawn in its counterpart's)."""
+    ``FAMILIES`` (a peer, ``peer_of = "<ours>"``, is drawn in its counterpart's).
+
+    ``protocols`` gives the mechanism's settings under a scale=lra protocol, per task of it
+    (``"*"``: every task the protocol covers), e.g. ``{"lra": {"*": {"k": 16}, "text": {...}}}``:
+    they are stored as Hydra config ``mechanism_protocol/<mechanism>_<protocol>_<task>`` and
+    composed into the preset cells of that protocol, so command-line overrides still win."""
     if family not in FAMILIES:
         raise ValueError(f"mechanism '{name}': family={family!r} is not one of {', '.join(FAMILIES)}")
 
@@ -180,10 +222,16 @@ def register_mechanism(
         if not (isinstance(cls, type) and issubclass(cls, Attention)):
             raise TypeError(f"mechanism '{name}' must subclass harness.attention.Attention")
         file = _check_new("mechanism", _MECHANISMS, name, cls)
+        settings = _protocol_settings(name, config_class, protocols)
         caps = Capabilities(causal=causal, cross=cross, key_padding=key_padding, relations=relations)
         cls.name, cls.capabilities, cls.config_class = name, caps, config_class
-        ConfigStore.instance().store(group="mechanism", name=name, node=_config_node(name, config_class))
-        _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__, file, family)
+        store = ConfigStore.instance()
+        store.store(group="mechanism", name=name, node=_config_node(name, config_class))
+        for protocol, per_task in settings.items():
+            for task_name, values in per_task.items():
+                store.store(group="mechanism_protocol", name=f"{name}_{protocol}_{task_name}",
+                            node={"mechanism": dict(values)}, package="_global_")
+        _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__, file, family, settings)
         return cls
 
     return decorate
@@ -382,6 +430,7 @@ def describe() -> dict[str, Any]:
             "family": spec.family,
             "capabilities": spec.capabilities.as_dict(),
             "config": {f.name: _default(f) for f in dataclasses.fields(spec.config_class)},
+            "protocols": spec.protocols,
             "doc": spec.doc,
             "module": spec.module,
         }

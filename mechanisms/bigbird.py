@@ -45,6 +45,16 @@ attention below (2g + 2s + 1 + r)·b tokens, here short sequences simply have fe
 candidate random blocks. (3) The authors' kernel gathers the window as three shifted copies
 of the blocked keys with the first/last blocks special-cased; here one gather per query
 block (same pattern, no wrap-around). (4) Self-attention only (no ``cross``).
+
+Protocol settings under ``scale=lra`` (``PROTOCOLS`` below), the defaults here: ``protocol=lra``
+blocks of 64 and 3 random blocks (google-research/long-range-arena
+``lra_benchmarks/models/bigbird/bigbird.py`` ``_DEFAULT_BLOCK_SIZE = 64``,
+``bigbird_attention.py`` ``num_rand_blocks=3``; ``image/configs/{cifar10,pathfinder32}/bigbird_base.py``
+set ``config.model.block_size = 64`` again), each layer its own pattern (its
+``connectivity_seed = hash(path)``); ``protocol=pytorch`` the same (pkuzengqi/Skyformer
+``src/config.py`` ``"bigbird": {"num_random_blocks": 3, "block_size": 64}``). The LRA image and
+Pathfinder configs also change the model per mechanism (CIFAR-10: 1 layer of width 128,
+``num_head = 4``, a key the model does not read): not followed, see docs/protocols.md.
 """
 
 from __future__ import annotations
@@ -202,7 +212,14 @@ def bigbird_attention(q, k, v, cfg: BigBirdConfig, *, key_padding_mask=None, cau
     return out
 
 
-@register_mechanism("bigbird", BigBirdConfig, causal=True, key_padding=True, family="sparse")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {
+    "lra": {"*": {"block_size": 64, "random_blocks": 3, "window_blocks": 3, "global_blocks": 1}},  # bigbird.py
+    "pytorch": {"*": {"block_size": 64, "random_blocks": 3, "window_blocks": 3, "global_blocks": 1}},  # config.py
+}
+
+
+@register_mechanism("bigbird", BigBirdConfig, causal=True, key_padding=True, family="sparse", protocols=PROTOCOLS)
 class BigBirdAttention(Attention):
     """BigBird (Zaheer et al. 2020), ITC: window + global + random blocks, O(L·b·(w + g + r))."""
 

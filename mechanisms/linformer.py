@@ -18,11 +18,27 @@ yes, any Lk ≤ max_len. Deviations: the authors' fairseq code
 fairseq ``compress_k`` uses Xavier-uniform). No layerwise sharing across layers (each
 mechanism instance owns its projections).
 
-Defaults: k = 256 as the paper's main runs and lucidrains'. The LRA benchmark uses k = 16
-with one projection for keys and values (google-research/long-range-arena,
-``lra_benchmarks/models/linformer/linformer_attention.py``: ``low_rank_features=16``, one
-``lr_kernel`` for both; its text config sets 32): ``+preset=lra_linformer``
-(``conf/preset/lra_linformer.yaml``). When k ≥ Lk nothing is compressed (the projection is
+Defaults: k = 256 as the paper's main runs and lucidrains'. Under ``scale=lra`` each protocol
+gets its authors' settings (``PROTOCOLS`` below, composed into the preset cells):
+
+* ``protocol=lra``: k = 16, one projection for keys and values (google-research/long-range-arena
+  ``lra_benchmarks/models/linformer/linformer_attention.py``: ``low_rank_features=16``, one
+  ``lr_kernel`` of shape (max_len, k) for both, per layer, shared by the heads, as here). Every
+  task: the text config's ``config.low_rank_features = 32``
+  (``text_classification/configs/linformer_base.py``) is a top-level key that
+  ``text_classification/train.py`` never passes to the model (it builds ``model_kwargs`` from
+  named fields and ``config.model``), so LRA's text runs use 16 too. Outside scale=lra the same
+  settings: ``+preset=lra_linformer`` (``conf/preset/lra_linformer.yaml``).
+* ``protocol=nystromformer``: k = 256, keys and values through one E (mlpen/Nystromformer
+  ``LRA/code/lra_config.py`` ``"linformer-256": {"linformer_k": 256}``,
+  ``LRA/code/attention_linformer.py``: ``K = E K``, ``V = E V``). Deviation: their E is one
+  (heads, k, L) parameter per head, shared by every layer (a class attribute), ours one per
+  layer shared by the heads.
+* ``protocol=pytorch``: k = 128, one E for both (pkuzengqi/Skyformer ``src/config.py``
+  ``"linformer": {"linformer_k": 128}``, ``src/models/attention_linformer.py``). Deviation: their
+  E is per head and per layer (initialised N(0, 0.02)), ours per layer shared by the heads.
+
+When k ≥ Lk nothing is compressed (the projection is
 then a learned mixing of at most as many rows as there are keys): the mechanism warns once
 per instance and ``metrics()['k_over_length']`` (k / Lk of the last call, in the result's
 ``mech/`` metrics) records it.
@@ -62,7 +78,15 @@ def linformer_attention(
     return weights @ v_low
 
 
-@register_mechanism("linformer", LinformerConfig, cross=True, key_padding=True, family="low_rank")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {
+    "lra": {"*": {"k": 16, "share_kv": True}},  # linformer_attention.py low_rank_features=16, one lr_kernel
+    "nystromformer": {"*": {"k": 256, "share_kv": True}},  # lra_config.py "linformer-256"
+    "pytorch": {"*": {"k": 128, "share_kv": True}},  # Skyformer src/config.py "linformer"
+}
+
+
+@register_mechanism("linformer", LinformerConfig, cross=True, key_padding=True, family="low_rank", protocols=PROTOCOLS)
 class Linformer(Attention):
     """Linformer (Wang et al. 2020): learned sequence projections of K and V to k rows, O(L·k)."""
 

@@ -25,7 +25,15 @@ tests compare the two, values and gradients, in float64.
 
 Deviations: LRA's own local attention (``lra_benchmarks/models/local/local_attention.py``)
 lets each block see only itself (look_backward = look_forward = 0 here); the default
-look-around of one block each side follows lucidrains. No rotary embeddings (the library
+look-around of one block each side follows lucidrains. Under ``scale=lra`` ``protocol=lra``
+(``PROTOCOLS`` below) runs LRA's settings: blocks of 50 (``local/local.py``
+``LocalTransformerEncoder`` ``block_size=50``), 64 on Image and Pathfinder
+(``image/configs/{cifar10,pathfinder32}/local_base.py`` ``config.model.block_size = 64``), no
+look-around. LRA's code reshapes the (L, d) queries, keys and values to (block_size, L/block_size)
+and attends along the first axis, so its "blocks" are the positions congruent modulo
+L/block_size (a strided pattern), while its padding mask is reshaped as contiguous blocks; ours
+are contiguous blocks, as the paper's local attention. Those image configs also change the
+model per mechanism (CIFAR-10: 1 layer, width 128, 2 heads, mean pooling): not followed. No rotary embeddings (the library
 adds them when given ``dim``; the harness's backbone owns positions). Self-attention only
 (no ``cross``): the window is defined on one sequence's positions.
 """
@@ -133,7 +141,14 @@ def local_attention(q, k, v, cfg: LocalConfig, *, key_padding_mask=None, causal=
     return out.reshape(b, h, n * w, d)[:, :, :length]
 
 
-@register_mechanism("local", LocalConfig, causal=True, key_padding=True, family="sparse")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {
+    "lra": {"*": {"window": 50, "look_backward": 0, "look_forward": 0, "exact_window": False},  # local.py
+            "image": {"window": 64}, "pathfinder": {"window": 64}},  # image/configs/*/local_base.py
+}
+
+
+@register_mechanism("local", LocalConfig, causal=True, key_padding=True, family="sparse", protocols=PROTOCOLS)
 class LocalAttention(Attention):
     """Blocked sliding-window attention (LRA's local attention; lucidrains' local-attention form), O(L·w)."""
 

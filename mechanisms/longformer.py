@@ -18,6 +18,13 @@ Deviations from the authors' model: (1) the paper gives global attention its own
 projections Q_g, K_g, V_g; the backbone owns the projections here, so global rows use the
 same q, k, v as the local ones. (2) No dilation (the paper dilates windows in some heads of
 its char-LM). (3) Self-attention only (no ``cross``).
+
+Protocol settings under ``scale=lra`` (``PROTOCOLS`` below): ``protocol=lra`` runs LRA's
+``LongformerEncoder`` defaults (google-research/long-range-arena
+``lra_benchmarks/models/longformer/longformer.py``: ``sliding_window_size=512``,
+``global_mask=None``, which no config changes; the encoder's CLS token is not made global):
+window 512, no global tokens. LRA's ``_build_sliding_window_mask`` gives 256 keys on the left
+counting the token itself and 256 on the right (ours: 256 on each side plus the token).
 """
 
 from __future__ import annotations
@@ -78,7 +85,11 @@ def longformer_attention(q, k, v, cfg: LongformerConfig, *, key_padding_mask=Non
     return out
 
 
-@register_mechanism("longformer", LongformerConfig, causal=True, key_padding=True, family="sparse")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {"lra": {"*": {"window": 512, "global_tokens": 0}}}  # longformer.py sliding_window_size=512, no globals
+
+
+@register_mechanism("longformer", LongformerConfig, causal=True, key_padding=True, family="sparse", protocols=PROTOCOLS)
 class LongformerAttention(Attention):
     """Longformer (Beltagy et al. 2020): sliding window + global tokens, O(L·(w + G))."""
 

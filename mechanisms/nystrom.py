@@ -41,7 +41,12 @@ column of the middle factor, whose pseudo-inverse is then zero there too), never
 
 Defaults: ``conv_kernel_size = 35`` and m ∈ {32, 64, 128, 256} are the authors' LRA configs
 (mlpen/Nystromformer ``LRA/code/lra_config.py``: ``"nystrom-64": {"num_landmarks": 64,
-"conv_kernel_size": 35}`` for every task); lucidrains' nystrom-attention uses 33.
+"conv_kernel_size": 35}`` for every task); lucidrains' nystrom-attention uses 33. Under
+``scale=lra`` (``PROTOCOLS`` below) ``protocol=nystromformer`` runs ``nystrom-64``, the model
+its ``LRA/README.md`` names (64 landmarks, conv 35), and ``protocol=pytorch`` Skyformer's
+``"nystrom": {"num_landmarks": 128}`` (pkuzengqi/Skyformer ``src/config.py``), whose
+``src/models/attention_nystrom.py`` adds the conv only when the config has a
+``conv_kernel_size``, which it does not: 128 landmarks, no conv. LRA ran no Nyströmformer.
 
 Deviations from the authors' code (mlpen/Nystromformer ``LRA/code/attention_nystrom.py``):
 (1) their landmarks are means over the padded length (Q and K are zeroed at padded positions
@@ -196,7 +201,14 @@ def value_conv_residual(v: Tensor, conv: nn.Conv2d, key_padding_mask: Tensor | N
     return out[:, :, :length]  # an even kernel gives L + 1 rows
 
 
-@register_mechanism("nystrom", NystromConfig, key_padding=True, family="low_rank")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {
+    "nystromformer": {"*": {"num_landmarks": 64, "conv_kernel_size": 35}},  # lra_config.py "nystrom-64"
+    "pytorch": {"*": {"num_landmarks": 128, "conv_kernel_size": 0}},  # Skyformer src/config.py "nystrom"
+}
+
+
+@register_mechanism("nystrom", NystromConfig, key_padding=True, family="low_rank", protocols=PROTOCOLS)
 class NystromAttention(Attention):
     """Nyströmformer (Xiong et al. 2021): segment-mean landmarks, iterative pinv, conv residual."""
 

@@ -29,6 +29,33 @@ Stabiliser placement as the references (google-research ``fast_attention.py``
 of w·x' alone, then φ = (exp(w·x' − |x'|²/2 − max) + eps)/√m; tested against the installed
 performer-pytorch with the same projection (``tests/mechanisms/test_performer.py``).
 
+``kernel="relu_deterministic"`` is LRA's default Performer (google-research/long-range-arena
+``lra_benchmarks/models/performer/performer.py``: ``_DEFAULT_ATTENTION_FN_CLS = 'generalized'``;
+``performer_attention.py`` ``make_fast_generalized_attention``: ``features_type='deterministic'``,
+so no projection, ``kernel_fn=relu``, ``kernel_epsilon=0.001``, data not rescaled): φ(x) = ReLU(x)
++ ε, ``num_features`` unused. Protocol settings under ``scale=lra`` (``PROTOCOLS`` below):
+
+* ``protocol=lra``: that kernel with ε = 10⁻³ on Text, Retrieval, Image and Pathfinder (their
+  configs set no ``model_kwargs``); on ListOps FAVOR+ with 2 features, orthogonal rows with chi
+  norms, ε = 10⁻⁶ (``listops/configs/performer_base.py``: ``attention_fn_cls="softmax"``,
+  ``nb_features=2``, ``ortho_scaling=0.0``, read by ``listops/train.py``;
+  ``make_fast_softmax_attention`` defaults ``numerical_stabilizer=0.000001``,
+  ``redraw_features=True``). LRA redraws at every call from a seed made of the batch's query sum
+  (``jnp.ceil(jnp.sum(query) * 1e7)``); ours redraws every training step (``redraw_interval=1``).
+* ``protocol=nystromformer``: FAVOR+ with 256 features (mlpen/Nystromformer
+  ``LRA/code/lra_config.py`` ``"performer-256": {"rp_dim": 256, "kernel_type": "relu"}``;
+  ``LRA/code/attention_performer.py`` builds performer-pytorch's ``FastAttention`` with
+  ``kernel_fn=nn.ReLU()`` but ``generalized_attention=False``, so the ``softmax_kernel`` runs
+  and the kernel_fn is unused), ε = 10⁻⁴ (its default), one draw for good (``FastAttention``
+  alone never redraws).
+* ``protocol=pytorch``: the same with 128 features (pkuzengqi/Skyformer ``src/config.py``
+  ``"performer": {"rp_dim": 128, "kernel_type": "exp"}``; ``src/models/attention_performer.py``,
+  ``src/models/performer.py``).
+
+Both PyTorch codes divide Q and K by d^(1/4) before ``FastAttention``, which divides them by
+d^(1/4) again (``normalize_data=True``): their FAVOR+ approximates softmax(q·k/d), ours
+softmax(q·k/√d). Not reproduced.
+
 Deviations from the references: the key stabiliser is a max over valid keys only (the
 references take it over all keys, so padding could move it); padded key features are zeroed
 (the references have no key padding in FastAttention). Causal mode adds eps to the query
@@ -50,13 +77,13 @@ from torch import Tensor, nn
 from harness.attention import Attention, AttentionContext, zero_padded
 from harness.registry import register_mechanism
 
-KERNELS = ("softmax", "relu")
+KERNELS = ("softmax", "relu", "relu_deterministic")
 
 
 @dataclass
 class PerformerConfig:
     num_features: int = 256  # random features m: error ~ 1/√m, cost O(L·m·d) — the accuracy/speed knob
-    kernel: str = "softmax"  # "softmax" (FAVOR+ positive features) or "relu" (generalised attention)
+    kernel: str = "softmax"  # "softmax" (FAVOR+), "relu" (generalised, ReLU(Wx)) or "relu_deterministic" (ReLU(x), LRA)
     orthogonal_features: bool = True  # block-orthogonal rows with chi norms (False: i.i.d. Gaussian)
     redraw_interval: int = 1000  # global training steps (context.step) between feature redraws; 0 = never
     feature_eps: float = 1e-4  # added to the exp (softmax) or ReLU (relu) features of queries and keys: positive denominators
@@ -121,6 +148,13 @@ def softmax_kernel_features(
     if is_query or eps_keys:
         feats = feats + eps * projection.shape[0] ** -0.5
     return feats if is_query else zero_padded(feats, key_padding_mask)
+
+
+def deterministic_relu_features(x: Tensor, *, key_padding_mask: Tensor | None = None, eps: float = 1e-3) -> Tensor:
+    """LRA's default generalised attention (``features_type='deterministic'``): φ(x) = ReLU(x) + eps,
+    no projection and no d^(-1/4) scaling: (B, H, L, D) -> (B, H, L, D)."""
+    feats = F.relu(x.to(torch.promote_types(x.dtype, torch.float32))) + eps
+    return zero_padded(feats, key_padding_mask)
 
 
 def relu_kernel_features(
@@ -297,7 +331,26 @@ def check_kernel_config(num_features: int, redraw_interval: int, feature_eps: fl
         raise ValueError(f"feature_eps must be >= 0, got {feature_eps}")
 
 
-@register_mechanism("performer", PerformerConfig, causal=True, cross=True, key_padding=True, family="kernel")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {
+    "lra": {
+        # performer.py _DEFAULT_ATTENTION_FN_CLS='generalized': performer_attention.py
+        # make_fast_generalized_attention features_type='deterministic', kernel_fn=relu, kernel_epsilon=0.001
+        "*": {"kernel": "relu_deterministic", "feature_eps": 1e-3},
+        # listops/configs/performer_base.py model_kwargs: attention_fn_cls="softmax", nb_features=2,
+        # ortho_scaling=0.0; make_fast_softmax_attention numerical_stabilizer=1e-6, redraw_features=True
+        "listops": {"kernel": "softmax", "num_features": 2, "orthogonal_features": True, "feature_eps": 1e-6,
+                    "redraw_interval": 1},
+    },
+    # lra_config.py "performer-256": rp_dim 256 (performer-pytorch FastAttention, softmax_kernel eps 1e-4, no redraw)
+    "nystromformer": {"*": {"kernel": "softmax", "num_features": 256, "feature_eps": 1e-4, "redraw_interval": 0}},
+    # Skyformer src/config.py "performer": rp_dim 128 (its copy of performer-pytorch, as above)
+    "pytorch": {"*": {"kernel": "softmax", "num_features": 128, "feature_eps": 1e-4, "redraw_interval": 0}},
+}
+
+
+@register_mechanism("performer", PerformerConfig, causal=True, cross=True, key_padding=True,
+                    family="kernel", protocols=PROTOCOLS)
 class PerformerAttention(Attention):
     """Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features, O(L·m·d)."""
 
@@ -317,6 +370,8 @@ class PerformerAttention(Attention):
     ) -> Tensor:
         if self.cfg.kernel == "relu":
             return relu_kernel_features(x, projection, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps)
+        if self.cfg.kernel == "relu_deterministic":
+            return deterministic_relu_features(x, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps)
         return softmax_kernel_features(
             x, projection, is_query=is_query, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps,
             eps_keys=not causal,

@@ -5,7 +5,7 @@ Transformer", ICLR 2020, arXiv:2001.04451; authors' code google/trax
 
 Shared-QK attention: the keys are the unit-normalised queries, k̂_j = q_j/‖q_j‖, and a token
 never attends to itself unless it has nothing else to attend to (its logit is set to −5·10⁴).
-Angular LSH with random rotations R_r (d × n_b/2, Gaussian, drawn anew at every call):
+Angular LSH with random rotations R_r (d × n_b/2, Gaussian; see "Random draws" below):
 
     h_r(x) = argmax([x R_r ; −x R_r])          (one bucket id in 0 … n_b − 1 per round r)
 
@@ -39,16 +39,42 @@ allowed key in any round returns 0 (a padded query too).
 
 Padding amount: everything is per example, from its real length ℓ. Its bucket count is its
 own (⌈ℓ/bucket_size⌉ rounded up to even, ≥ 2) and so are its rotations: exactly the
-``randn(1, d, n_hashes, n_b/2)`` it would draw alone from the same random state (the state
-is rewound once per distinct count in the batch; a batch with one count draws once, as the
-reference does, so the agreement with reformer-pytorch holds); round r of its sorted tokens takes the slots r·P …
+``randn(1, d, n_hashes, n_b/2)`` it would draw alone (one draw per distinct count in the
+batch, each from the same generator state); round r of its sorted tokens takes the slots r·P …
 r·P + ℓ − 1 of the rounds-end-to-end axis, P = ⌈ℓ/c⌉·c, and its first chunk looks back at
 its own last one. So an example alone and the same example padded in a batch give the same
-outputs on their real tokens (same random state; tested in float64 to 1e-10 in
+outputs on their real tokens (tested in float64 to 1e-10 in
 ``tests/mechanisms/test_padding_invariance.py``). A short example (ℓ ≤ bucket_size) is one
 chunk per round either way. ``n_buckets = 1`` disables hashing (one bucket): with
 ``bucket_size ≥ L`` this is exactly shared-QK softmax attention minus the self-mask rule
 (tested against the float64 oracle).
+
+Random draws: the rotations come from a generator seeded by (the layer's ``seed``, the
+training step ``context.step``), drawn on the CPU: new rotations every training step (the
+reference draws anew at every call), the same for every forward pass of one step (two
+towers, accumulation, evaluation at that step) and for every row of the batch, whatever the
+other rows, the padding or torch's global random state (tested registry-wide in
+``tests/test_batch_rows.py``: an example alone equals itself at rows 0, 1, 2 of a batch of 3).
+``seed = -1`` (default): each instance (layer) draws its own seed from torch's RNG when built,
+so the layers differ and a run is reproducible from its seed. ``redraw = False`` keeps one
+draw (step 0) for good.
+
+Protocol settings under ``scale=lra`` (``PROTOCOLS`` below): ``protocol=lra`` runs LRA's
+``ReformerAttention`` defaults (google-research/long-range-arena
+``lra_benchmarks/models/reformer/reformer_attention.py``: ``n_hashes=1``, ``n_buckets=10``,
+``chunk_len=10``; ``ReformerBlock`` passes none of them and no config overrides them): its
+``lsh_attention_single_head`` cuts the sorted sequence into ``n_hashes · n_buckets`` = 10
+chunks, after padding the length L to L + 10 − (L mod 10) (10 more when L is a multiple of
+10; the CLS token, where the encoder adds one, counts), so a chunk is ⌈(L + 1)/10⌉ tokens:
+bucket_size 201 on ListOps (2000 tokens), 101 on Text (1000), 401 on Retrieval (4000 per
+document, no CLS), 103 on Image and Pathfinder (1024); and its rotations come from
+``jax.random.PRNGKey(0)`` at every call, in every layer: ``seed = 0``, ``redraw = False``.
+``protocol=nystromformer`` and ``protocol=pytorch`` run ``reformer-2`` (mlpen/Nystromformer
+``LRA/code/lra_config.py`` ``"reformer-2": {"num_hash": 2}``; pkuzengqi/Skyformer
+``src/config.py`` ``"reformer": {"num_hash": 2}``), i.e. HuggingFace's ``LSHSelfAttention``
+with ``ReformerConfig`` defaults (``LRA/code/attention_reformer.py``,
+``src/models/attention_reformer.py``): chunk length 64 (our ``bucket_size`` default), one
+chunk looked back, 2 hashes.
 
 Deviations from the authors' code: (1) padding via the extra bucket (reformer-pytorch hashes
 padded tokens like real ones, so their values move real tokens between chunks); (2) any
@@ -57,7 +83,13 @@ round weights in at least float32 under autocast; (4) duplicate query–key pair
 are not de-duplicated (the reference's default ``allow_duplicate_attention=True``); no hash
 dropout, no per-head rotations (the reference's defaults); (5) the causal window (above);
 (6) per-example bucket counts and round layout (above): the reference derives n_b and the
-chunk boundaries from the padded length, so padding changes every example's hashing.
+chunk boundaries from the padded length, so padding changes every example's hashing;
+(7) random draws per (layer seed, training step) (above), not per call. LRA's own code
+(``reformer_attention.py``) further differs and is not reproduced: its logits are multiplied
+by √d instead of divided (``* (qdim ** 0.5)``), its keys are the raw queries
+(``length_norm=False``), a token may attend to itself, and there is no padding mask; HF's
+``LSHSelfAttention`` (the PyTorch protocols) uses a power-of-two bucket count (ours: the chunk
+count rounded up to even).
 """
 
 from __future__ import annotations
@@ -69,7 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext
+from harness.attention import Attention, AttentionContext, draw_seed, instance_seed
 from harness.registry import register_mechanism
 
 SELF_LOGIT = -5e4  # the reference's TOKEN_SELF_ATTN_VALUE: self only when nothing else is allowed
@@ -80,6 +112,8 @@ class ReformerConfig:
     bucket_size: int = 64  # chunk length c: each query sees 2c keys per round (cost O(n_hashes·L·2c·d))
     n_hashes: int = 4  # hashing rounds: more rounds = fewer missed neighbours, proportionally more cost
     n_buckets: int = 0  # buckets per round; 0 = number of chunks rounded up to even (reference); 1 = no hashing
+    seed: int = -1  # rotation seed; -1 = each instance (layer) draws its own from torch's RNG when built
+    redraw: bool = True  # new rotations every training step (context.step); False: one draw for good (LRA)
 
 
 def num_buckets(cfg: ReformerConfig, padded_length: int, chunk: int) -> int:
@@ -89,24 +123,24 @@ def num_buckets(cfg: ReformerConfig, padded_length: int, chunk: int) -> int:
     return max(2, chunks + chunks % 2)
 
 
-def draw_rotations(d: int, n_hashes: int, example_buckets: Tensor, device) -> tuple[Tensor, Tensor | None]:
+def draw_rotations(
+    d: int, n_hashes: int, example_buckets: Tensor, device, seed: int
+) -> tuple[Tensor, Tensor | None]:
     """Random rotations for the examples' bucket counts (B,): each example gets exactly the
-    ``torch.randn(1, d, n_hashes, n_b/2)`` it would draw alone from the current random state
-    (the state is rewound for each distinct count, a handful at most, and left after the
-    widest draw). One count in the batch: (1, d, R, n_b/2) and None; several: (B, d, R, max/2)
-    (zeros beyond an example's columns) and the per-example counts for ``hash_buckets``."""
+    ``torch.randn(1, d, n_hashes, n_b/2)`` it would draw alone from a generator seeded ``seed``
+    (``harness.attention.draw_seed``), one draw per distinct count, on the CPU. One count in the
+    batch: (1, d, R, n_b/2) and None; several: (B, d, R, max/2) (zeros beyond an example's
+    columns) and the per-example counts for ``hash_buckets``."""
     counts = sorted(set(example_buckets.tolist()))
+
+    def draw(count: int) -> Tensor:
+        return torch.randn(1, d, n_hashes, count // 2, generator=torch.Generator().manual_seed(seed)).to(device)
+
     if len(counts) == 1:
-        return torch.randn(1, d, n_hashes, counts[0] // 2, device=device), None
-    cuda = torch.device(device).type == "cuda"
-    get_state = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
-    set_state = (lambda state: torch.cuda.set_rng_state(state, device)) if cuda else torch.set_rng_state
-    start = get_state()
+        return draw(counts[0]), None
     rotations = torch.zeros(example_buckets.shape[0], d, n_hashes, counts[-1] // 2, device=device)
-    for count in counts:  # ascending: the state ends after the widest draw
-        set_state(start)
-        draw = torch.randn(1, d, n_hashes, count // 2, device=device)
-        rotations[example_buckets == count, :, :, : count // 2] = draw
+    for count in counts:
+        rotations[example_buckets == count, :, :, : count // 2] = draw(count)
     return rotations, example_buckets
 
 
@@ -275,7 +309,18 @@ def lsh_attention_reference(
     return (out * round_weights[..., None]).sum(2) * valid[:, None, :, None]
 
 
-@register_mechanism("reformer", ReformerConfig, causal=True, key_padding=True, family="routing")
+# The authors' settings per scale=lra protocol (sources: the module docstring). LRA: bucket_size is
+# the length of one of its 10 chunks, (L + 10 - L mod 10) / 10 with the CLS token counted in L.
+_LRA_CHUNKS = {"listops": 201, "text": 101, "retrieval": 401, "image": 103, "pathfinder": 103}
+PROTOCOLS = {
+    "lra": {"*": {"n_hashes": 1, "n_buckets": 10, "seed": 0, "redraw": False},  # reformer_attention.py defaults
+            **{task: {"bucket_size": size} for task, size in _LRA_CHUNKS.items()}},
+    "nystromformer": {"*": {"n_hashes": 2, "bucket_size": 64, "n_buckets": 0}},  # lra_config.py "reformer-2"
+    "pytorch": {"*": {"n_hashes": 2, "bucket_size": 64, "n_buckets": 0}},  # Skyformer src/config.py "reformer"
+}
+
+
+@register_mechanism("reformer", ReformerConfig, causal=True, key_padding=True, family="routing", protocols=PROTOCOLS)
 class Reformer(Attention):
     """Reformer LSH attention (Kitaev et al. 2020): shared QK, hashed chunks, n_hashes rounds."""
 
@@ -288,7 +333,14 @@ class Reformer(Attention):
                 f"reformer needs bucket_size >= 1, n_hashes >= 1 and n_buckets 0 (derived), 1 (no hashing) "
                 f"or even, got {cfg}"
             )
+        if cfg.seed < -1:
+            raise ValueError(f"reformer needs seed >= -1 (-1: drawn per instance), got {cfg.seed}")
+        self.seed = instance_seed(cfg.seed)
         self._buckets = 0
+
+    def draw_seed(self, step: int = 0) -> int:
+        """The generator seed of this instance's rotations at training step ``step``."""
+        return draw_seed(self.seed, step if self.cfg.redraw else 0)
 
     def forward(
         self,
@@ -304,16 +356,20 @@ class Reformer(Attention):
         chunk = min(self.cfg.bucket_size, length)
         padded = -(-length // chunk) * chunk
         kpm = None if key_padding_mask is None else key_padding_mask.bool()
-        # Random rotations drawn anew at every call, as the reference (shape as reformer-pytorch's).
+        # Rotations from (layer seed, training step), shape as reformer-pytorch's: the same for
+        # every row of the batch and every forward pass of one step, whatever torch's global RNG.
+        seed = self.draw_seed(0 if context is None else int(context.step))
         example_buckets = None
         if self.cfg.n_buckets > 0:
             n_buckets = self.cfg.n_buckets
-            rotations = None if n_buckets == 1 else torch.randn(1, d, self.cfg.n_hashes, n_buckets // 2, device=q.device)
+            rotations = None
+            if n_buckets > 1:
+                rotations, _ = draw_rotations(d, self.cfg.n_hashes, torch.tensor([n_buckets]), q.device, seed)
         else:  # each example's own count from its real length, and the rotations it would draw alone
             real = torch.full((b,), length, device=q.device) if kpm is None else (~kpm).sum(-1)
             counts = example_num_buckets(real, self.cfg.bucket_size)
             n_buckets = int(counts.max())
-            rotations, example_buckets = draw_rotations(d, self.cfg.n_hashes, counts, q.device)
+            rotations, example_buckets = draw_rotations(d, self.cfg.n_hashes, counts, q.device, seed)
         if padded > length:
             q, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (q, v))
             kpm = torch.zeros(b, length, dtype=torch.bool, device=q.device) if kpm is None else kpm

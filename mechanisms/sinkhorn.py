@@ -40,10 +40,12 @@ training Gumbel noise is drawn for the padded block count, so its draw still dif
 it too matches itself alone (where b = ℓ). The authors' code sorts all N blocks of the padded
 length, so padding blocks take part in (and change) the sort: a deviation, (5) below.
 
-Deviations from the authors' code: (1) ``sort_activation`` is Sinkhorn (the paper's method;
-the LRA code defaults to a plain softmax over the last axis); Gumbel noise only in training
-(``gumbel_noise``), deterministic in eval; (2) blocks are contiguous (the LRA code's reshape
-to (block_size, num_blocks) makes strided blocks); (3) no causal variant: the paper's causal
+Deviations from the authors' code: (1) ``sort`` is Sinkhorn by default (the paper's method;
+the LRA code's ``sort_activation`` defaults to a plain softmax over the slots, which
+``SinkhornTransformerBlock`` never changes: ``sort="softmax"``, what ``protocol=lra`` uses);
+Gumbel noise only in training (``gumbel_noise``; the LRA code has none), deterministic in eval;
+(2) blocks are contiguous (the LRA code's reshape to (block_size, num_blocks) makes strided
+blocks); (3) no causal variant: the paper's causal
 Sinkhorn sorts with cumulative block sums, but a block's own summary still contains the later
 tokens of that block, so an honest strictly causal version needs more than the paper gives —
 the flag is off; no cross attention (query and key block counts must match); (4) softmax and
@@ -51,10 +53,18 @@ Sinkhorn in at least float32 under autocast; (5) the per-example block count (ab
 (6) the sorted block: the LRA code forms it with ``einsum('bskhd,bnhl->bsnhd', block_key,
 permutation)``, which sums over both the source-block axis k and the slot axis l, so with
 its default softmax sort (rows summing to 1) every slot receives the sum of all key blocks;
-we mix K̃_j = Σ_i P_ij K_i as the paper's §3.2 describes; (7) LRA's runs use block_size 50
-(64 on CIFAR-10) and its ``sinkhorn_operator`` (when selected) 1 iteration, temperature 1
-and log-values clipped to ±1; our defaults are lucidrains' (7 iterations, τ = 0.75), no
-clipping.
+we mix K̃_j = Σ_i P_ij K_i as the paper's §3.2 describes; (7) defaults: lucidrains' (7
+iterations, τ = 0.75, no clipping, block 64). ``scale=lra`` (``protocol=lra``, ``PROTOCOLS``
+below) runs LRA's settings: block_size 50
+(``sinkhorn_transformer.py`` ``SinkhornTransformerEncoder`` default; 64 on CIFAR-10 and
+Pathfinder: ``image/configs/{cifar10,pathfinder32}/sinkhorn_base.py``
+``config.model.block_size = 64``), the softmax sort, no Gumbel noise, the two attentions summed,
+and for ``sort=sinkhorn`` its ``sinkhorn_operator``'s 1 iteration, temperature 1 and log
+weights clipped to ±1 (``clip``). The CIFAR-10 config also sets ``weight_decay = 0.7``,
+``dropout_rate = 0.1``, one layer and leaves the base config's 32-wide model (32/1/32/64):
+model and training settings that ``conf/protocol/lra/image.yaml`` (the Transformer's) does not
+follow per mechanism. The PyTorch protocols (mlpen/Nystromformer, pkuzengqi/Skyformer) ran no
+Sinkhorn attention.
 """
 
 from __future__ import annotations
@@ -77,9 +87,20 @@ class SinkhornConfig:
     temperature: float = 0.75  # τ: lower = closer to a hard permutation
     gumbel_noise: bool = True  # Gumbel-Sinkhorn noise on the sort scores while training (never in eval)
     combine: str = "sum"  # "sum": own-block and sorted-block attentions added (authors' LRA code); "joint": one softmax
+    sort: str = "sinkhorn"  # "sinkhorn" (the paper) or "softmax": each key block's weights over the slots (LRA's default)
+    clip: float = 0.0  # sinkhorn sort: clip the final log weights to ±clip before exp (LRA's operator: 1); 0 = none
 
 
 COMBINES = ("sum", "joint")
+SORTS = ("sinkhorn", "softmax")
+
+
+def real_block_pairs(real_blocks: Tensor, n: int) -> Tensor:
+    """real_blocks (B,) -> (B, N, N) bool: the pairs that may carry sort weight, the real blocks
+    among themselves and each all-padding block (after an example's real ones) with itself."""
+    ids = torch.arange(n, device=real_blocks.device)
+    pad = ids[None, :] >= real_blocks[:, None]  # (B, N) all-padding blocks
+    return ~(pad[:, :, None] | pad[:, None, :]) | (ids[:, None] == ids[None, :])
 
 
 def restrict_to_real_blocks(log_scores: Tensor, real_blocks: Tensor) -> Tensor:
@@ -88,20 +109,26 @@ def restrict_to_real_blocks(log_scores: Tensor, real_blocks: Tensor) -> Tensor:
     them (0 on their diagonal, a finite −∞ elsewhere, so exp gives exactly 0 and no NaN). The
     real blocks are then sorted among themselves exactly as with no padding blocks at all."""
     n = log_scores.shape[-1]
+    pairs = real_block_pairs(real_blocks, n)[:, None]  # (B, 1, N, N)
     ids = torch.arange(n, device=log_scores.device)
-    pad = ids[None, :] >= real_blocks[:, None]  # (B, N) all-padding blocks
-    off = (pad[:, :, None] | pad[:, None, :]) & (ids[:, None] != ids[None, :])  # (B, N, N) outside the two blocks
+    pad = (ids[None, :] >= real_blocks[:, None])[:, None, :, None] & (ids[:, None] == ids[None, :])
     low = torch.finfo(log_scores.dtype).min / 4
-    log_scores = log_scores.masked_fill(off[:, None], low)
-    return log_scores.masked_fill((pad[:, :, None] & (ids[:, None] == ids[None, :]))[:, None], 0.0)
+    return log_scores.masked_fill(~pairs, low).masked_fill(pad, 0.0)
 
 
-def sinkhorn(log_scores: Tensor, iters: int) -> Tensor:
-    """(…, N, N) scores -> doubly-stochastic matrix exp(Sⁿ), rows then columns normalised in log space."""
+def sinkhorn(log_scores: Tensor, iters: int, *, clip: float = 0.0, allowed: Tensor | None = None) -> Tensor:
+    """(…, N, N) scores -> doubly-stochastic matrix exp(Sⁿ), rows then columns normalised in log space.
+
+    ``clip`` > 0: exp(clip(Sⁿ, −clip, clip)) as LRA's ``sinkhorn_operator`` ends (no longer doubly
+    stochastic: every weight lies in [e^−clip, e^clip]); ``allowed`` (broadcastable bool) keeps
+    the pairs outside it at exactly 0 (clipping would lift them to e^−clip)."""
     for _ in range(iters):
         log_scores = log_scores - log_scores.logsumexp(-1, keepdim=True)
         log_scores = log_scores - log_scores.logsumexp(-2, keepdim=True)
-    return log_scores.exp()
+    if clip > 0:
+        log_scores = log_scores.clamp(-clip, clip)
+    weights = log_scores.exp()
+    return weights if allowed is None else weights * allowed
 
 
 def gumbel_like(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -144,7 +171,20 @@ def sorted_block_attention(
     return out.reshape(b, h, length, d)
 
 
-@register_mechanism("sinkhorn", SinkhornConfig, key_padding=True, family="routing")
+# The authors' settings per scale=lra protocol (sources: the module docstring, deviation 7).
+PROTOCOLS = {
+    "lra": {
+        # sinkhorn_transformer.py block_size=50; sinkhorn_attention.py sort_activation='softmax' (no noise);
+        # its sinkhorn_operator, if selected, n_iters=1, temp=1.0, clip=1.0; x = x + sorted_x ("sum")
+        "*": {"block_size": 50, "sort": "softmax", "gumbel_noise": False, "sinkhorn_iters": 1, "temperature": 1.0,
+              "clip": 1.0, "combine": "sum"},
+        "image": {"block_size": 64},  # image/configs/cifar10/sinkhorn_base.py config.model.block_size = 64
+        "pathfinder": {"block_size": 64},  # image/configs/pathfinder32/sinkhorn_base.py
+    },
+}
+
+
+@register_mechanism("sinkhorn", SinkhornConfig, key_padding=True, family="routing", protocols=PROTOCOLS)
 class SinkhornAttention(Attention):
     """Sparse Sinkhorn attention (Tay et al. 2020): learned block sorting + local blocks."""
 
@@ -154,14 +194,17 @@ class SinkhornAttention(Attention):
             raise ValueError(f"sinkhorn needs block_size >= 1, sinkhorn_iters >= 0 and temperature > 0, got {cfg}")
         if cfg.combine not in COMBINES:
             raise ValueError(f"sinkhorn.combine='{cfg.combine}'; valid: {', '.join(COMBINES)}")
+        if cfg.sort not in SORTS or cfg.clip < 0:
+            raise ValueError(f"sinkhorn.sort='{cfg.sort}' (valid: {', '.join(SORTS)}) and clip={cfg.clip} (>= 0)")
         self.max_blocks = math.ceil(max_len / cfg.block_size)
         self.sort_net = nn.Linear(dim_head, self.max_blocks)  # key-block sum -> score of each target slot
         self._perm: Tensor | None = None
 
     def sort_matrix(self, k: Tensor, n_blocks: int, block: int, real_blocks: Tensor | None = None) -> Tensor:
         """k: (B, H, L, d) with padded rows zeroed, real_blocks (B,) blocks holding a real token
-        (None: all) -> P: (B, H, N, N) doubly stochastic, float32+; the identity on the
-        all-padding blocks, which are kept out of the real blocks' sort."""
+        (None: all) -> P: (B, H, N, N), float32+: doubly stochastic (``sort="sinkhorn"``, no clip) or
+        row-stochastic (``sort="softmax"``); the identity on the all-padding blocks, which are kept
+        out of the real blocks' sort."""
         b, h, length, d = k.shape
         summary = k.view(b, h, n_blocks, block, d).sum(3)  # (B, H, N, d)
         weight, bias = self.sort_net.weight[:n_blocks].to(k.dtype), self.sort_net.bias[:n_blocks].to(k.dtype)
@@ -169,9 +212,13 @@ class SinkhornAttention(Attention):
         if self.training and self.cfg.gumbel_noise:
             scores = scores + gumbel_like(scores)
         scores = scores / self.cfg.temperature
+        allowed = None
         if real_blocks is not None:
             scores = restrict_to_real_blocks(scores, real_blocks)
-        return sinkhorn(scores, self.cfg.sinkhorn_iters)
+            allowed = real_block_pairs(real_blocks, n_blocks)[:, None]
+        if self.cfg.sort == "softmax":  # LRA's default sort_activation: softmax over the slots, no clipping
+            return scores.softmax(-1)
+        return sinkhorn(scores, self.cfg.sinkhorn_iters, clip=self.cfg.clip, allowed=allowed)
 
     def forward(
         self,

@@ -32,13 +32,24 @@ couple; ``pinv_iterations = 0`` uses an exact pseudo-inverse (torch.linalg.pinv)
 landmark slot, when too few valid points exist, is a zero row and column, the ridge
 included), so they have no influence; a query whose keys are all padded gets 0. When Lq = Lk
 (self-attention) a padded position is taken to be a padded query as well and is never
-sampled as a landmark; (5) padding amount: the landmark draw is one priority per real-token
-rank over a fixed width (max_len), so with the same random state an example alone and the
-same example padded in a batch choose the same real tokens and give the same outputs (tested
-in float64 to 1e-10 in ``tests/mechanisms/test_padding_invariance.py``); an example with
-2ℓ ≤ m (self-attention) uses all its points, as it does alone. Which tokens are drawn still
-depends on the example's row in the batch (one random state for the batch), as in the
-reference.
+sampled as a landmark; (5) padding amount: the landmark draw is one priority per real-token rank over a fixed width
+(max_len), so an example alone and the same example padded in a batch choose the same real
+tokens and give the same outputs (tested in float64 to 1e-10 in
+``tests/mechanisms/test_padding_invariance.py``); an example with 2ℓ ≤ m (self-attention) uses
+all its points, as it does alone; (6) random draws: the priorities come from a generator seeded
+by (the layer's ``seed``, the training step ``context.step``), drawn on the CPU, and are shared
+by the rows of the batch: new landmarks every training step (the reference draws anew at every
+call, and per row), the same for every forward pass of one step and for an example at any row
+of any batch, whatever torch's global random state (tested registry-wide in
+``tests/test_batch_rows.py``). The price: the examples of one batch sample the same real-token
+ranks (each its own tokens at those ranks), where the reference draws each row independently.
+``seed = -1`` (default): each instance (layer) draws its own seed from torch's RNG when built.
+
+Protocol settings under ``scale=lra`` (``PROTOCOLS`` below): ``protocol=pytorch`` runs
+Skyformer's own configuration (pkuzengqi/Skyformer ``src/config.py``, every task:
+``"skyformer": {"nb_features": 128, ...}``, the number of sampled points of
+``src/models/attention_skyformer.py``): 128 landmarks, the default here. LRA and
+mlpen/Nystromformer ran no Skyformer.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext, zero_padded
+from harness.attention import Attention, AttentionContext, draw_generator, instance_seed, zero_padded
 from harness.registry import register_mechanism
 
 
@@ -57,6 +68,7 @@ class SkyformerConfig:
     num_landmarks: int = 128  # m sampled points of [Q; K] (half each): the accuracy/speed knob; exact at m ≥ Lq + Lk
     ridge: float = 0.1  # λ added to the landmark kernel matrix before inverting (the reference's 1e-1)
     pinv_iterations: int = 6  # Newton–Schulz iterations of the inverse; 0 = exact torch.linalg.pinv
+    seed: int = -1  # landmark-draw seed; -1 = each instance (layer) draws its own from torch's RNG when built
 
 
 def gaussian_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -103,10 +115,11 @@ def newton_schulz_inverse(a: Tensor, iterations: int) -> Tensor:
 
 def skyformer_attention(
     q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int, ridge: float, pinv_iterations: int,
-    key_padding_mask: Tensor | None, draw_length: int = 0,
+    key_padding_mask: Tensor | None, draw_length: int = 0, generator: torch.Generator | None = None,
 ) -> Tensor:
     """q: (B, H, Lq, d), k, v: (B, H, Lk, d) -> (B, H, Lq, d) in at least float32. draw_length:
-    the width of the landmark draw (``sample_landmarks``), the module's max_len."""
+    the width of the landmark draw (``sample_landmarks``), the module's max_len; generator: the
+    CPU generator of the draw, one draw shared by the rows (None: torch's global RNG, per row)."""
     b, h, lq, d = q.shape
     lk = k.shape[-2]
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -120,8 +133,12 @@ def skyformer_attention(
         idx_q = torch.arange(lq, device=q.device).expand(b, lq)
         idx_k = torch.arange(lk, device=q.device).expand(b, lk)
     else:
-        # one draw for both sides, each example's in its own row: (B, 2, W)
-        priority = torch.rand(b, 2, max(draw_length, lq, lk), device=q.device)
+        # one draw for both sides: (1, 2, W) from the generator, shared by the rows; (B, 2, W) without
+        width = max(draw_length, lq, lk)
+        if generator is not None:
+            priority = torch.rand(1, 2, width, generator=generator).to(q.device).expand(b, -1, -1)
+        else:
+            priority = torch.rand(b, 2, width, device=q.device)
         idx_q = sample_landmarks(valid_q, num_landmarks - num_landmarks // 2, priority[:, 0])  # (B, mq)
         idx_k = sample_landmarks(valid_k, num_landmarks // 2, priority[:, 1])  # (B, mk)
     gather = lambda x, idx: x.gather(2, idx[:, None, :, None].expand(-1, h, -1, d))  # noqa: E731
@@ -145,7 +162,11 @@ def skyformer_attention(
     return kernel_qs @ (inverse @ context)  # (B, H, Lq, d)
 
 
-@register_mechanism("skyformer", SkyformerConfig, cross=True, key_padding=True, family="low_rank")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {"pytorch": {"*": {"num_landmarks": 128}}}  # Skyformer src/config.py "skyformer": nb_features 128
+
+
+@register_mechanism("skyformer", SkyformerConfig, cross=True, key_padding=True, family="low_rank", protocols=PROTOCOLS)
 class Skyformer(Attention):
     """Skyformer (Chen et al. 2021): Gaussian-kernel attention, Nyström on the symmetrised kernel."""
 
@@ -153,6 +174,9 @@ class Skyformer(Attention):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
         if cfg.num_landmarks < 2 or cfg.ridge < 0 or cfg.pinv_iterations < 0:
             raise ValueError(f"skyformer needs num_landmarks >= 2, ridge >= 0 and pinv_iterations >= 0, got {cfg}")
+        if cfg.seed < -1:
+            raise ValueError(f"skyformer needs seed >= -1 (-1: drawn per instance), got {cfg.seed}")
+        self.seed = instance_seed(cfg.seed)
 
     def forward(
         self,
@@ -168,6 +192,6 @@ class Skyformer(Attention):
             out = skyformer_attention(
                 q, k, v, num_landmarks=self.cfg.num_landmarks, ridge=self.cfg.ridge,
                 pinv_iterations=self.cfg.pinv_iterations, key_padding_mask=key_padding_mask,
-                draw_length=self.max_len,
+                draw_length=self.max_len, generator=draw_generator(self.seed, 0 if context is None else int(context.step)),
             )
         return out.to(q.dtype)

@@ -21,6 +21,11 @@ do we. (2) LRA's patterns are always causal, even for classification; ours are
 bidirectional unless ``causal=True`` (the "bidirectional" fixed layout of DeepSpeed's
 ``FixedSparsityConfig``). (3) One pattern for all heads (the paper's "merged" head
 integration), not different summary offsets per head. (4) Self-attention only (no ``cross``).
+
+Protocol settings under ``scale=lra`` (``PROTOCOLS`` below): ``protocol=lra`` runs the patterns
+LRA's model factory builds (``lra_benchmarks/utils/train_utils.py`` ``get_model``:
+``Fixed1Pattern(block_size=50)``, ``Fixed2Pattern(block_size=50, c=10)``; the encoder's own
+default of 128 and 32 is replaced there): stride 50, 10 summary positions.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from mechanisms._blocks import dedup_keep_first, gathered_block_attention
 
 @dataclass
 class SparseConfig:
-    stride: int = 128  # block length l (LRA and the paper's EnWik8 model: 128)
+    stride: int = 128  # block length l (the paper's EnWik8 model: 128; LRA's runs: 50)
     summary: int = 8  # c: last positions of each block every query also sees (LRA: 32 of 128)
 
 
@@ -67,7 +72,11 @@ def sparse_attention(q, k, v, cfg: SparseConfig, *, key_padding_mask=None, causa
     )
 
 
-@register_mechanism("sparse", SparseConfig, causal=True, key_padding=True, family="sparse")
+# The authors' settings per scale=lra protocol (sources: the module docstring).
+PROTOCOLS = {"lra": {"*": {"stride": 50, "summary": 10}}}  # train_utils.py get_model: Fixed{1,2}Pattern(50, c=10)
+
+
+@register_mechanism("sparse", SparseConfig, causal=True, key_padding=True, family="sparse", protocols=PROTOCOLS)
 class SparseAttention(Attention):
     """Sparse Transformer fixed pattern (Child et al. 2019): own block + summary columns, O(L·(l + c·L/l))."""
 

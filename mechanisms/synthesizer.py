@@ -24,9 +24,14 @@ in the weights by design: they enter the graph with weight exactly zero so that 
 gradient is an explicit zero rather than None; (5) self-attention only (no ``cross``);
 (6) the default here is ``dense`` without dot product; the LRA model's default
 (``lra_benchmarks/models/synthesizer/synthesizer.py``, ``SynthesizerBlock.apply``:
-``synthesizer_mode='random'``, ``ignore_dot_product=False``) is random + dot product, the
-``+preset=lra_synthesizer`` (``conf/preset/lra_synthesizer.yaml``); LRA's text config uses
-``factorized_random`` (R = R₁R₂, rank 32) without dot product, which is not implemented here.
+``synthesizer_mode='random'``, ``ignore_dot_product=False``) is random + dot product, which
+``scale=lra`` (``protocol=lra``, ``PROTOCOLS`` below) uses for every task and
+``+preset=lra_synthesizer`` (``conf/preset/lra_synthesizer.yaml``) at any scale. The image
+configs set ``config.model.synthesizer_mode = "random"`` (``image/configs/*/synthesizer_base.py``);
+the text config's ``synthesizer_mode = "factorized_random"``, ``ignore_dot_product = True`` and
+``k = 32`` (``text_classification/configs/synthesizer_base.py``) are top-level keys that
+``text_classification/train.py`` never passes to the model (only named fields and
+``config.model``), so LRA's text runs are random + dot product too.
 """
 
 from __future__ import annotations
@@ -70,7 +75,11 @@ def synthesizer_attention(
     return weights @ v
 
 
-@register_mechanism("synthesizer", SynthesizerConfig, causal=True, key_padding=True, family="full")
+# The authors' settings per scale=lra protocol (sources: the module docstring, deviation 6).
+PROTOCOLS = {"lra": {"*": {"mode": "random", "add_dot_product": True}}}  # synthesizer.py SynthesizerBlock defaults
+
+
+@register_mechanism("synthesizer", SynthesizerConfig, causal=True, key_padding=True, family="full", protocols=PROTOCOLS)
 class Synthesizer(Attention):
     """Synthesizer (Tay et al. 2021), dense or random synthesized weights; quadratic O(L²)."""
 

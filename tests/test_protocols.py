@@ -393,3 +393,109 @@ def test_the_grid_refuses_a_protocol_without_a_preset_before_anything_runs(tmp_p
     assert code != 0
     assert "mqar: protocol=pytorch has no preset for task 'mqar'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- mechanisms under a protocol
+
+_ALL = dict.fromkeys(LRA_TASKS)
+# Each mechanism's settings as its protocol's source runs them (the mechanism's docstring cites the file).
+MECHANISMS = {
+    "lra": {  # google-research/long-range-arena @ cd31e5c, lra_benchmarks/
+        # linformer_attention.py low_rank_features=16, one lr_kernel (text's 32 never reaches the model)
+        "linformer": {t: {"k": 16, "share_kv": True} for t in _ALL},
+        # synthesizer.py SynthesizerBlock: synthesizer_mode='random', ignore_dot_product=False
+        "synthesizer": {t: {"mode": "random", "add_dot_product": True} for t in _ALL},
+        # sinkhorn_transformer.py block_size=50 (64 in image/configs/*/sinkhorn_base.py); sort_activation='softmax';
+        # sinkhorn_operator n_iters=1, temp=1.0, clip=1.0
+        "sinkhorn": {t: {"block_size": 64 if t in ("image", "pathfinder") else 50, "sort": "softmax",
+                         "gumbel_noise": False, "sinkhorn_iters": 1, "temperature": 1.0, "clip": 1.0, "combine": "sum"}
+                     for t in _ALL},
+        # reformer_attention.py n_hashes=1, n_buckets=10: 10 chunks of the length padded by chunk_len=10
+        # (CLS counted), PRNGKey(0) at every call
+        "reformer": {t: {"n_hashes": 1, "n_buckets": 10, "seed": 0, "redraw": False, "bucket_size": size}
+                     for t, size in {"listops": 201, "text": 101, "retrieval": 401, "image": 103, "pathfinder": 103}.items()},
+        # performer.py 'generalized' (deterministic ReLU features, kernel_epsilon 0.001); listops/configs/performer_base.py
+        "performer": {**{t: {"kernel": "relu_deterministic", "feature_eps": 1e-3} for t in _ALL},
+                      "listops": {"kernel": "softmax", "num_features": 2, "feature_eps": 1e-6, "redraw_interval": 1}},
+        "bigbird": {t: {"block_size": 64, "random_blocks": 3} for t in _ALL},  # bigbird.py, bigbird_attention.py
+        # local.py block_size=50; image/configs/*/local_base.py block_size 64; each block sees itself only
+        "local": {t: {"window": 64 if t in ("image", "pathfinder") else 50, "look_backward": 0, "look_forward": 0}
+                  for t in _ALL},
+        "longformer": {t: {"window": 512, "global_tokens": 0} for t in _ALL},  # sliding_window_size=512, no global_mask
+        "sparse": {t: {"stride": 50, "summary": 10} for t in _ALL},  # train_utils.py Fixed{1,2}Pattern(50, c=10)
+    },
+    "nystromformer": {  # mlpen/Nystromformer @ 5689313, LRA/code/lra_config.py and README
+        "nystrom": {t: {"num_landmarks": 64, "conv_kernel_size": 35} for t in _ALL},  # nystrom-64
+        "linformer": {t: {"k": 256, "share_kv": True} for t in _ALL},  # linformer-256, K = E K, V = E V
+        "reformer": {t: {"n_hashes": 2, "bucket_size": 64} for t in _ALL},  # reformer-2, HF chunk length 64
+        "performer": {t: {"kernel": "softmax", "num_features": 256, "redraw_interval": 0} for t in _ALL},
+    },
+    "pytorch": {  # pkuzengqi/Skyformer @ 1a677cb, src/config.py
+        "nystrom": {t: {"num_landmarks": 128, "conv_kernel_size": 0} for t in _ALL},
+        "linformer": {t: {"k": 128, "share_kv": True} for t in _ALL},
+        "reformer": {t: {"n_hashes": 2, "bucket_size": 64} for t in _ALL},
+        "performer": {t: {"kernel": "softmax", "num_features": 128, "redraw_interval": 0} for t in _ALL},
+        "bigbird": {t: {"block_size": 64, "random_blocks": 3} for t in _ALL},
+        "skyformer": {t: {"num_landmarks": 128} for t in _ALL},
+    },
+}
+MECHANISM_CELLS = [(p, m, t) for p, per in MECHANISMS.items() for m, tasks in per.items() for t in tasks]
+
+
+@pytest.mark.parametrize("protocol,mechanism,task", MECHANISM_CELLS)
+def test_scale_lra_runs_each_mechanism_with_its_protocols_settings(protocol, mechanism, task):
+    cfg = preset(task, None if protocol == "lra" else protocol, f"mechanism={mechanism}")
+    want = MECHANISMS[protocol][mechanism][task]
+    assert {k: cfg.mechanism[k] for k in want} == want
+
+
+def test_mechanism_protocol_settings_stay_inside_their_protocol():
+    from harness.registry import create_mechanism  # noqa: F401  (discovery)
+
+    # other scales, tasks a protocol does not cover, and other protocols keep the mechanism's own defaults
+    assert compose(["task=listops", "mechanism=linformer"]).mechanism.k == 256
+    assert compose(["task=listops", "mechanism=linformer", "scale=small"]).mechanism.k == 256
+    assert preset("mqar", None, "mechanism=linformer").mechanism.k == 256
+    assert preset("listops", "pytorch", "mechanism=sinkhorn").mechanism.block_size == 64
+    # the command line still wins, and a changed setting is a variant named by it
+    assert preset("text", None, "mechanism=linformer", "mechanism.k=32").mechanism.k == 32
+
+
+def test_a_mechanisms_protocol_settings_are_its_preset_cell(tmp_path):
+    base = resolve_cell(preset("listops", None, "mechanism=reformer", f"results_dir={tmp_path}"))
+    assert base.variant == "" and base.identity["mechanism"]["n_hashes"] == 1
+    other = resolve_cell(preset("listops", None, "mechanism=reformer", "mechanism.n_hashes=2", f"results_dir={tmp_path}"))
+    assert other.variant == other.config_hash and other.variant_label == "mechanism.n_hashes=2"
+
+
+def test_protocol_settings_are_checked_when_a_mechanism_registers():
+    from dataclasses import dataclass
+
+    from harness.attention import Attention
+    from harness.registry import register_mechanism
+
+    @dataclass
+    class RankConfig:
+        rank: int = 4
+
+    class Ranked(Attention):
+        pass
+
+    def register(protocols):
+        return register_mechanism("ranked_protocol_check", RankConfig, protocols=protocols)(Ranked)
+
+    with pytest.raises(TypeError, match=r"protocol lra sets unknown fields \['rnak'\]"):
+        register({"lra": {"*": {"rnak": 2}}})
+    with pytest.raises(ValueError, match=r"protocol lra has no task \['mqar'\]"):
+        register({"lra": {"mqar": {"rank": 2}}})
+    with pytest.raises(ValueError, match=r"names 'nope', which has no conf/protocol/nope/"):
+        register({"nope": {"*": {"rank": 2}}})
+
+
+def test_new_mechanism_settings_at_their_defaults_leave_the_identity_alone(tmp_path):
+    """sinkhorn's sort and clip were added after cells were recorded: at the values those cells
+    ran with they are left out of the identity (so the recorded cells keep their presets)."""
+    base = resolve_cell(compose(["task=listops", "mechanism=sinkhorn", f"results_dir={tmp_path}"]))
+    assert "sort" not in base.identity["mechanism"] and "clip" not in base.identity["mechanism"]
+    lra = resolve_cell(preset("listops", None, "mechanism=sinkhorn", f"results_dir={tmp_path}"))
+    assert lra.identity["mechanism"]["sort"] == "softmax" and lra.identity["mechanism"]["clip"] == 1.0

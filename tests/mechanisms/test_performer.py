@@ -80,6 +80,24 @@ def test_relu_kernel_is_generalised_attention():
     assert (phi(q) >= 1e-3).all()  # positive features: denominators never vanish
 
 
+def test_relu_deterministic_kernel_is_lras_default_performer():
+    """kernel="relu_deterministic" (LRA's default 'generalized' attention, features_type
+    'deterministic'): φ(x) = ReLU(x) + ε, no projection, no rescaling; num_features unused."""
+    mech = build("performer", kernel="relu_deterministic", num_features=2, feature_eps=1e-3)
+    q, k, v = qkv(lq=9, lk=11)
+    kpm = padding_mask(2, 11, [11, 7])
+
+    def phi(x):
+        return torch.relu(x.double()) + 1e-3
+
+    for causal in (False, True):
+        out = call(mech, q, k, v, key_padding_mask=kpm, causal=causal)
+        ref = dense_kernel_attention(phi(q), phi(k).masked_fill(kpm[:, None, :, None], 0.0), v, causal=causal)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        assert_padding_invariant(mech, causal=causal)
+    assert_fully_padded_row_finite(mech)
+
+
 def test_orthogonal_features_are_orthogonal_within_blocks_with_chi_norms():
     torch.manual_seed(0)
     dim, num_features = 8, 20  # blocks of 8, 8 and 4 rows

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from mechanism_checks import (
@@ -119,3 +121,25 @@ def test_gradients_subquadratic_and_refusals():
         mech(*qkv(lq=20))
     with pytest.raises(ValueError, match="temperature"):
         build("sinkhorn", temperature=0.0)
+
+
+@pytest.mark.parametrize("settings", [{"sort": "softmax"}, {"sinkhorn_iters": 1, "temperature": 1.0, "clip": 1.0}])
+def test_lras_sorts_keep_padding_out(settings):
+    """LRA's sorts (a softmax over the slots; its Sinkhorn operator: 1 iteration, log weights
+    clipped to ±1): the sort matrix has their form, padded values change nothing, and an example
+    padded in a batch gives what it gives alone (the clip must not lift padding blocks to e^−1)."""
+    mech = build("sinkhorn", block_size=4, max_len=32, gumbel_noise=False, **settings).double()
+    for p in mech.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    q, k, v = qkv(lq=24, dtype=torch.float64)
+    p = mech.sort_matrix(k, 6, 4)  # (B, H, 6, 6)
+    if settings.get("sort") == "softmax":
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)))
+    else:
+        assert p.min() >= math.exp(-1.0) - 1e-12 and p.max() <= math.exp(1.0) + 1e-12
+        assert not torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)))  # clipped: no longer stochastic
+    assert_padding_invariant(mech, lq=16)
+    kpm = padding_mask(2, 24, [24, 13])
+    batched = call(mech, q, k, v, key_padding_mask=kpm)
+    alone = call(mech, q[1:, :, :13], k[1:, :, :13], v[1:, :, :13])
+    torch.testing.assert_close(batched[1, :, :13], alone[0], atol=1e-10, rtol=1e-10)
