@@ -403,6 +403,7 @@ OUR_TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_work
 
 MANAGED_TRAINER_KEYS = frozenset({
     "max_steps", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "callbacks",
+    "use_distributed_sampler",
     "gradient_clip_val", "gradient_clip_algorithm", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
     "enable_model_summary"})
 
@@ -498,7 +499,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     from harness.attention import computes_softmax
     from harness.model import ModelConfig, build_model, count_parameters
     from harness.registry import create_task, get_mechanism
-    from harness.training import CellMeter, CodeSegments, TaskDataModule, TaskModule
+    from harness.training import CellMeter, CodeSegments, RandomStates, TaskDataModule, TaskModule
 
     _route_lightning_logs()  # after Lightning's import, which adds its own console handler
     L.seed_everything(result.seed, workers=True, verbose=False)
@@ -568,7 +569,8 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         gradient_clip_val=train.grad_clip or None,
         gradient_clip_algorithm=train.grad_clip_algorithm,
         deterministic="warn" if cfg.trainer.deterministic else False,
-        callbacks=[checkpoint, meter, segments, *([progress] if show_progress else [])],
+        use_distributed_sampler=False,  # the train batches shard themselves by rank (ResumableBatches)
+        callbacks=[checkpoint, meter, segments, RandomStates(), *([progress] if show_progress else [])],
         enable_progress_bar=show_progress,
         # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/curves/metrics.csv
         logger=build_logger(cfg, cell),
@@ -676,11 +678,14 @@ def _test_interval(items: dict[str, list[int]], clusters: list[int] | None) -> l
 
 
 def _earlier_val_curve(rows: list[dict[str, str]], before_step: int | None) -> list[list[float]]:
-    """The validation points a killed run logged before the step this one resumed from."""
+    """The validation points a killed run logged up to the step this one resumed from (its
+    checkpoint is written after that step's validation, which the resumed run does not repeat).
+    ``val/at_step`` is the trainer's step; logs without it give the logger's count, one less."""
     out = []
     for row in rows:
-        step, value = _as_int(row.get("step")), row.get("val/bits_per_token") or row.get("val/accuracy")
-        if value and (before_step is None or step < before_step):
+        value = row.get("val/bits_per_token") or row.get("val/accuracy")
+        step = _as_int(row.get("val/at_step")) if row.get("val/at_step") else _as_int(row.get("step")) + 1
+        if value and (before_step is None or step <= before_step):
             out.append([step, round(float(value), 6)])
     return out
 

@@ -7,6 +7,7 @@ Metrics are accumulated as sums (``correct``, ``count``, ``nll``) over a whole s
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Any
@@ -137,6 +138,8 @@ class TaskModule(L.LightningModule):
         if split == "val" and self.trainer.state.fn == "fit":
             primary = metrics["bits_per_token"] if self.model.causal else metrics["accuracy"]
             self.val_curve.append([int(self.global_step), round(float(primary), 6)])
+            # the step itself, logged: the CSV's own "step" column is the logger's count (one less)
+            self.log("val/at_step", float(self.global_step), sync_dist=False)
         self.final_metrics[split] = metrics
 
     def validation_step(self, batch, batch_idx):
@@ -177,7 +180,7 @@ class TaskDataModule(L.LightningDataModule):
     def __init__(self, dataset_dict, *, batch_size: int, seed: int, num_workers: int = 0, eval_batch_size: int | None = None,
                  warmup: tuple[Any, int, int] | None = None):
         """``warmup``: (a train split at a shorter length, steps, batch size): the warm start's
-        first batches, before any of ``dataset_dict["train"]`` (see ``WarmStartBatches``)."""
+        first batches, before any of ``dataset_dict["train"]`` (see ``ResumableBatches``)."""
         super().__init__()
         self.dsd = dataset_dict
         self.warmup = warmup
@@ -186,85 +189,100 @@ class TaskDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.dsd[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=collate,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
     def train_dataloader(self):
-        if not self.warmup:
-            return self._loader("train", True)
+        """Seeded batches that know where they are (``ResumableBatches``): every iterator starts at
+        the batch the trainer's step says comes next, so a killed and resumed cell trains on the
+        batches the uninterrupted one would have. (A shuffling DataLoader restarted a resumed
+        epoch from its first batch in another order.)"""
         from torch.utils.data import ConcatDataset
 
-        short, steps, short_batch = self.warmup
-        sampler = WarmStartBatches(len(short), len(self.dsd["train"]), steps=steps, short_batch=short_batch,
-                                   batch=self.batch_size, seed=self.seed)
+        short, steps, short_batch = self.warmup or ([], 0, 1)
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.global_step:  # a resumed cell: Lightning restarts the epoch's
-            # iterator from its first batch, so the sampler skips what the killed run already trained on
-            sampler.resume_at(trainer.global_step * trainer.accumulate_grad_batches)
-        self.warm_sampler = sampler
-        return DataLoader(ConcatDataset([short, self.dsd["train"]]), batch_sampler=sampler, collate_fn=collate,
+        done = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else None
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableBatches(len(short), len(self.dsd["train"]), steps=steps, short_batch=short_batch,
+                                   batch=self.batch_size, seed=self.seed, batches_done=done, rank=rank, world=world)
+        if self.warmup:
+            self.warm_sampler = sampler
+        dataset = ConcatDataset([short, self.dsd["train"]]) if self.warmup else self.dsd["train"]
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=self._generator(),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator: an iterator draws its workers' base seed from it, not from
+        torch's global generator (whose state would then depend on how many iterators a run made)."""
+        return torch.Generator().manual_seed(self.seed)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.dsd[split], batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          generator=self._generator(), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
     def val_dataloader(self):
-        return self._loader("validation", False)
+        return self._eval_loader("validation")
 
     def test_dataloader(self):
-        return self._loader("test", False)
+        return self._eval_loader("test")
 
 
-class WarmStartBatches(torch.utils.data.Sampler):
+class ResumableBatches(torch.utils.data.Sampler):
     """Batches of indices into ``ConcatDataset([short, long])``: in the first epoch, ``steps``
-    shuffled batches of ``short_batch`` short examples (cycling through them), then the long
-    split shuffled in batches of ``batch``; later epochs are the long split alone. Lightning
-    calls ``set_epoch``; a resumed run picks the epoch up from its checkpoint, and steps past
-    the warm-up resume on the long split. Seeded per epoch, so one seed gives one order."""
+    shuffled batches of ``short_batch`` short examples (cycling through them: the warm start),
+    then the long split shuffled in batches of ``batch``; later epochs are the long split alone,
+    each in its own order. Without a warm start (``n_short = steps = 0``): shuffled batches of the
+    train split. Each epoch's order comes from (seed, epoch) alone, and each iterator starts where
+    ``batches_done()`` (the trainer's step) says the run stands: a resumed cell continues at the
+    batch the uninterrupted one trains next. (Lightning does not call ``set_epoch`` on a batch
+    sampler, and restarts a resumed epoch's iterator from its start: neither can be relied on.)
+    Without ``batches_done`` the sampler counts the batches it has yielded. Under DDP (``world``
+    processes; the trainer runs with ``use_distributed_sampler=False``) rank r takes batches r,
+    r + world, ... of each epoch, the same number on every rank (a remainder is dropped)."""
 
-    def __init__(self, n_short: int, n_long: int, *, steps: int, short_batch: int, batch: int, seed: int):
+    def __init__(self, n_short: int, n_long: int, *, steps: int, short_batch: int, batch: int, seed: int,
+                 batches_done=None, rank: int = 0, world: int = 1):
         self.n_short, self.n_long, self.steps = n_short, n_long, steps
-        self.short_batch, self.batch, self.seed, self.epoch = short_batch, batch, seed, 0
-        self.skip = 0  # batches of the current epoch already trained on (a resumed cell)
+        self.short_batch, self.batch, self.seed = short_batch, batch, seed
+        self.batches_done = batches_done
+        self.rank, self.world = rank, world
+        self.yielded = 0  # batches this sampler has yielded (its own count without ``batches_done``)
         self.short_drawn = 0  # warm-up batches this process has yielded
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume_at(self, batches_done: int) -> None:
-        """Continue after ``batches_done`` batches: the epoch they end in, and its next batch."""
+    def position(self, batches_done: int) -> tuple[int, int]:
+        """(epoch, batch within it) after ``batches_done`` batches."""
         epoch, left = 0, batches_done
         while True:
-            self.epoch = epoch
-            length = len(self)
+            length = self.epoch_length(epoch)
             if left < length or length == 0:
-                break
+                return epoch, left
             left -= length
             epoch += 1
-        self.skip = left
 
     def _long_batches(self) -> int:
         return math.ceil(self.n_long / self.batch)
 
+    def epoch_length(self, epoch: int) -> int:
+        """This rank's batches in ``epoch``."""
+        return ((self.steps if epoch == 0 else 0) + self._long_batches()) // self.world
+
     def __len__(self) -> int:
-        return (self.steps if self.epoch == 0 else 0) + self._long_batches()
+        """Batches of the epoch the next iterator serves."""
+        return self.epoch_length(self.position(self._done())[0])
+
+    def _done(self) -> int:
+        return self.batches_done() if self.batches_done is not None else self.yielded
 
     def __iter__(self):
-        skip, self.skip = self.skip, 0
-        for i, batch in enumerate(self._batches()):
+        epoch, skip = self.position(self._done())
+        mine = itertools.islice(self._batches(epoch), self.rank, self.world * self.epoch_length(epoch), self.world)
+        for i, batch in enumerate(mine):
             if i >= skip:
-                self.short_drawn += int(self.epoch == 0 and i < self.steps)
+                self.short_drawn += int(epoch == 0 and i < self.steps)
+                self.yielded += 1
                 yield batch
 
-    def _batches(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        if self.epoch == 0:
+    def _batches(self, epoch: int):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        if epoch == 0 and self.steps:
             need = self.steps * self.short_batch
             order = torch.cat([torch.randperm(self.n_short, generator=g) for _ in range(math.ceil(need / self.n_short))])
             for i in range(self.steps):
@@ -272,6 +290,38 @@ class WarmStartBatches(torch.utils.data.Sampler):
         order = torch.randperm(self.n_long, generator=g) + self.n_short
         for i in range(self._long_batches()):
             yield order[i * self.batch:(i + 1) * self.batch].tolist()
+
+
+class RandomStates(L.Callback):
+    """The random generators' states (torch, CUDA, numpy, Python) saved in every checkpoint and
+    restored on resume, so dropout and every other draw after a resume is the one the
+    uninterrupted run makes. Plain lists and tensors: the checkpoint still loads with
+    ``weights_only``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        version, python_state, gauss_next = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                "python": [version, list(python_state), gauss_next]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        version, python_state, gauss_next = state["python"]
+        random.setstate((version, tuple(python_state), gauss_next))
 
 
 class CellMeter(L.Callback):

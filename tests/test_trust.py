@@ -443,6 +443,32 @@ def test_an_interrupted_cell_records_nothing_keeps_its_checkpoints_and_resumes(w
     assert done["status"] == "ok" and done["resumed_from_step"] >= 2 and done["steps"] == 12
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_resumed_cell_ends_at_the_uninterrupted_cells_number(workdir, tmp_path, dropout):
+    """Interrupted at step 5 (after the step-4 checkpoint, in the third epoch: 8 train examples in
+    batches of 4) and resumed, the cell ends with the validation curve, metrics and per-item
+    outcomes of the same cell run without interruption: it trains on the same batches (each
+    epoch's order from the seed and the epoch, the resumed iterator starting at the next batch)
+    and, with dropout, makes the same draws (the generators' states are in the checkpoint).
+    Before, the resumed cell restarted its epoch in another order, from generators at the seed."""
+    from harness.registry import get_mechanism
+
+    signalled = sys.modules[get_mechanism("signals_itself").cls.__module__].SIGNALLED
+    signalled.clear()
+    overrides = ["mechanism=signals_itself", "mechanism.at_step=5", "train.eval_every=2", f"model.dropout={dropout}",
+                 "train.batch_size=4", "task.num_train=8"]
+    resumed_dir, plain_dir = tmp_path / "resumed", tmp_path / "plain"
+    with pytest.raises(BaseException) as stopped:
+        run_cell(cell(workdir, *overrides, f"results_dir={resumed_dir}"))
+    assert getattr(stopped.value, "exit_code", None) == 128 + signal.SIGTERM, repr(stopped.value)
+    resumed = run_cell(cell(workdir, *overrides, f"results_dir={resumed_dir}"))
+    assert resumed["status"] == "ok" and resumed["resumed_from_step"] == 4 and resumed["steps"] == 12
+    plain = run_cell(cell(workdir, *overrides, f"results_dir={plain_dir}"))  # signalled already: runs through
+    assert plain["status"] == "ok" and not plain.get("resumed_from_step")
+    assert resumed["val_curve"] == plain["val_curve"] and [s for s, _ in plain["val_curve"]] == [2, 4, 6, 8, 10, 12]
+    assert resumed["metrics"] == plain["metrics"] and resumed["test_items"] == plain["test_items"]
+
+
 def signal_after_a_checkpoint(command, env, last, signum, *, group=False):
     """Start a real process, send it (or its group) ``signum`` once ``last`` exists; its exit code."""
     proc = subprocess.Popen([sys.executable, "-m", "harness", *command], stdout=subprocess.DEVNULL,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.training import WarmStartBatches
+from harness.training import ResumableBatches
 from tasks.mqar import IGNORE, MQARConfig, generate_splits, solve, token_ranges
 
 SMALL = dict(max_len=96, num_pairs=8, num_keys=16, num_values=8, num_noise=4, num_train=300, num_val=40, num_test=40)
@@ -87,15 +87,16 @@ def test_tagger_head_counts_query_positions_only():
 
 
 def test_warm_start_batches_short_first_then_long_and_seeded():
-    s = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=0)
+    s = ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=0)
     batches = list(s)
-    assert len(batches) == len(s) == 4 + 4
+    assert len(batches) == 4 + 4
     assert all(i < 5 for b in batches[:4] for i in b) and all(len(b) == 3 for b in batches[:4])
     long = [i for b in batches[4:] for i in b]
     assert sorted(long) == list(range(5, 12))  # the long split once, after the warm-up
-    assert batches == list(WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=0))
-    s.set_epoch(1)
-    assert len(s) == 4 and all(i >= 5 for b in s for i in b)  # later epochs: no warm-up again
+    assert batches == list(ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=0))
+    second = list(s)  # the next iterator: the next epoch (no warm-up again), in its own order
+    assert len(s) == 4 and len(second) == 4 and all(i >= 5 for b in second for i in b)
+    assert sorted(i for b in second for i in b) == list(range(5, 12)) and second != batches[4:]
 
 
 def test_warm_start_settings_are_checked_and_in_the_identity():
@@ -128,16 +129,29 @@ def test_bag_of_ngrams_on_mqar_sits_near_chance():
 
 
 def test_a_resumed_warm_start_continues_where_it_stopped():
-    """Lightning restarts a resumed epoch's iterator at its first batch; the sampler then skips
-    the batches already trained on, so a killed-and-resumed cell sees the same batches as an
-    uninterrupted one (and never repeats its warm-up)."""
-    whole = list(WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3))
-    for done in (0, 2, 4, 6):
-        s = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3)
-        s.resume_at(done)
-        assert list(s) == whole[done:] and s.short_drawn == max(0, 4 - done)
-    s = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3)
-    s.resume_at(len(whole) + 1)  # one batch into the second epoch (the long split alone)
-    s2 = WarmStartBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3)
-    s2.set_epoch(1)
-    assert s.epoch == 1 and list(s) == list(s2)[1:]
+    """Each iterator starts where the trainer's step says the run stands (Lightning restarts a
+    resumed epoch's iterator and never calls set_epoch on a batch sampler), so a killed and
+    resumed cell sees the batches of an uninterrupted one, warm-up never repeated."""
+    uninterrupted = ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3)
+    whole = list(uninterrupted) + list(uninterrupted) + list(uninterrupted)  # three epochs: 8 + 4 + 4
+    assert len(whole) == 16
+    for done in (0, 2, 4, 6, 8, 9, 12, 13):
+        s = ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3, batches_done=lambda: done)
+        epoch_end = 8 if done < 8 else 12 if done < 12 else 16
+        assert list(s) == whole[done:epoch_end]  # the rest of the epoch the run stands in
+        assert s.short_drawn == max(0, 4 - done)
+    plain = ResumableBatches(0, 10, steps=0, short_batch=1, batch=4, seed=1)  # no warm start: plain batches
+    first, second = list(plain), list(plain)
+    assert sorted(i for b in first for i in b) == list(range(10)) and [len(b) for b in first] == [4, 4, 2]
+    assert first != second and sorted(i for b in second for i in b) == list(range(10))
+
+def test_under_ddp_each_rank_takes_its_share_of_every_epoch():
+    """Two ranks: rank r takes batches r, r + 2, ... of the epoch, as many on each rank (the odd
+    batch dropped), disjoint, and a resumed rank continues at its own next batch."""
+    whole = list(ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3))  # 8 batches in epoch 0
+    ranks = [list(ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3, rank=r, world=2)) for r in (0, 1)]
+    assert ranks == [whole[0::2], whole[1::2]]
+    third = ResumableBatches(0, 10, steps=0, short_batch=1, batch=4, seed=1, rank=1, world=2)  # 3 batches: 1 each
+    assert len(list(third)) == 1
+    resumed = ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3, rank=1, world=2, batches_done=lambda: 2)
+    assert list(resumed) == whole[1::2][2:]
