@@ -234,6 +234,30 @@ class DataInfo:
         return out
 
 
+
+def unseen_splits(generate, sizes: tuple[int, int, int], seed: int, *, fails: str) -> dict[str, tuple]:
+    """train/validation/test of a synthetic task from one seed: ``generate(n, rng)`` gives (inputs,
+    targets) arrays of n sequences; a held-out sequence equal to a train one is redrawn (up to 100
+    rounds, then RuntimeError(``fails``)), so no split leaks into another."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    seen: set[bytes] = set()
+    out = {}
+    for split, n in zip(("train", "validation", "test"), sizes):
+        x, y = generate(n, rng)
+        if split != "train":
+            for _ in range(100):
+                dup = np.array([row.tobytes() in seen for row in x])
+                if not dup.any():
+                    break
+                x[dup], y[dup] = generate(int(dup.sum()), rng)
+            else:
+                raise RuntimeError(fails)
+        seen.update(row.tobytes() for row in x)
+        out[split] = (x, y)
+    return out
+
 class Task:
     """Base class of a task. Subclasses are registered with ``register_task`` and set:
 

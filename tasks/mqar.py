@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.data import Task
+from harness.data import Task, unseen_splits
 from harness.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -142,22 +142,8 @@ def solve(tokens, cfg: MQARConfig) -> list[int]:
 
 def generate_splits(cfg: MQARConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """train/validation/test from one seed; held-out sequences equal to a train one are redrawn."""
-    rng = np.random.default_rng(cfg.data_seed)
-    seen: set[bytes] = set()
-    out = {}
-    for split, n in (("train", cfg.num_train), ("validation", cfg.num_val), ("test", cfg.num_test)):
-        x, y = generate(cfg, n, rng)
-        if split != "train":
-            for _ in range(100):
-                dup = np.array([row.tobytes() in seen for row in x])
-                if not dup.any():
-                    break
-                x[dup], y[dup] = generate(cfg, int(dup.sum()), rng)
-            else:
-                raise RuntimeError("mqar: could not draw held-out sequences unseen in train; widen the vocabulary")
-        seen.update(row.tobytes() for row in x)
-        out[split] = (x, y)
-    return out
+    return unseen_splits(lambda n, rng: generate(cfg, n, rng), (cfg.num_train, cfg.num_val, cfg.num_test),
+                         cfg.data_seed, fails="mqar: could not draw held-out sequences unseen in train; widen the vocabulary")
 
 
 @register_task(
