@@ -300,18 +300,23 @@ def lookup_predictions(dsd) -> list[str]:
     return preds
 
 
-def lookup_exact(dsd) -> tuple[float, int]:
-    """(exact set match on test, number of test questions) of the template lookup."""
+def exact_hits(predictions: list[str], test) -> list[int]:
+    """Per test question, 1 where ``predictions[i]`` is an exact set match of its gold query
+    (official rules, ``tasks/_spider_eval.py``), else 0 (an unparsable prediction or gold is 0)."""
     from tasks._spider_eval import Schema, SQLParseError, exact_match, parse_sql
 
-    test = dsd["test"]
     schemas: dict[str, Schema] = {}
-    hits = 0
-    for i, (pred, gold, db) in enumerate(zip(lookup_predictions(dsd), test["query"], test["db_id"])):
+    hits = []
+    for i, (pred, gold, db) in enumerate(zip(predictions, test["query"], test["db_id"])):
         if db not in schemas:
             schemas[db] = Schema.from_entry(schema_of(test[i]["source_tokens"], test[i]["schema_links"], db))
         try:
-            hits += exact_match(parse_sql(pred, schemas[db]), parse_sql(gold, schemas[db]))
+            hits.append(int(exact_match(parse_sql(pred, schemas[db]), parse_sql(gold, schemas[db]))))
         except SQLParseError:
-            pass
-    return hits / max(1, len(test)), len(test)
+            hits.append(0)
+    return hits
+
+
+def lookup_exact(dsd) -> list[int]:
+    """The template lookup's exact set match on every test question (``exact_hits``)."""
+    return exact_hits(lookup_predictions(dsd), dsd["test"])

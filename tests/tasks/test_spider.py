@@ -550,5 +550,7 @@ def test_template_lookup_fills_seen_skeletons_and_misses_unseen_ones(layout):
                          "SELECT count (*) FROM song"], preds
     rows = {b["name"]: b for b in compute_baselines(dsd, "spider")}
     assert rows["template lookup"]["value"] == 0.75 and rows["template lookup"]["metric"] == "accuracy"
+    assert rows["template lookup"]["items"]["correct"] == [1, 1, 1, 0]  # per question, for paired tests
+    assert rows["majority"]["items"]["correct"] == [0, 0, 0, 0]
     # the most frequent training query, copied as it is: its table is not in the test database
     assert rows["majority"]["value"] == 0.0 and rows["majority"]["choice"] == "SELECT count(*) FROM animal"
