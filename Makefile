@@ -46,7 +46,7 @@ benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at smal
 	if [ $$status -ne 0 ]; then echo "make benchmark: the leaderboard is written, but some cells did not finish ok (grid exit status $$status): see its Run details; retry them with: $(PY) -m harness grid grid=$(GRID) scale=$(SCALE) rerun=failed train.time_limit_s=0"; fi; \
 	exit $$status
 
-smoke: install ## 2 tasks x softmax and one mechanism per family at scale=tiny (conf/grid/smoke.yaml, minutes on 2 cores), then its leaderboard in results/smoke
+smoke: install ## 2 tasks x softmax and one mechanism per family at scale=tiny (harness/conf/grid/smoke.yaml, minutes on 2 cores), then its leaderboard in results/smoke
 	$(PY) -m harness grid grid=smoke scale=tiny n_jobs=$(JOBS) results_dir=$(SMOKE_RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
 	status=$$?; $(PY) -m harness report results_dir=$(SMOKE_RESULTS) || exit $$?; exit $$status
 
@@ -63,7 +63,8 @@ test: install ## the fast test suite (what CI runs)
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -q -n 2
 
-lint: install ## ruff
+lint: install ## ruff and the import layers of harness/ (lint-imports)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 .PHONY: help install data benchmark smoke speed report test test-all lint

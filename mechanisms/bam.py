@@ -50,8 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 
 EULER_GAMMA = 0.5772156649015329
 

@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism, zero_padded
 
 
 @dataclass

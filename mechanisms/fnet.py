@@ -39,8 +39,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism, zero_padded
 
 NORMS = ("ortho", "backward")
 FFT_LENGTHS = ("max_len", "input")

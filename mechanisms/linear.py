@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext, causal_mask, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, causal_mask, register_mechanism, zero_padded
 
 
 @dataclass

@@ -28,7 +28,7 @@ gets its authors' settings (``PROTOCOLS`` below, composed into the preset cells)
   (``text_classification/configs/linformer_base.py``) is a top-level key that
   ``text_classification/train.py`` never passes to the model (it builds ``model_kwargs`` from
   named fields and ``config.model``), so LRA's text runs use 16 too. Outside scale=lra the same
-  settings: ``+preset=lra_linformer`` (``conf/preset/lra_linformer.yaml``).
+  settings: ``+preset=lra_linformer`` (``harness/conf/preset/lra_linformer.yaml``).
 * ``protocol=nystromformer``: k = 256, keys and values through one E (mlpen/Nystromformer
   ``LRA/code/lra_config.py`` ``"linformer-256": {"linformer_k": 256}``,
   ``LRA/code/attention_linformer.py``: ``K = E K``, ``V = E V``). Deviation: their E is one
@@ -53,8 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism, zero_padded
 
 
 @dataclass

@@ -46,8 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 from mechanisms._blocks import block_range, gathered_block_attention
 
 

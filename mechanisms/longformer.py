@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 from mechanisms._blocks import block_range, dedup_keep_first, dense_rows, gathered_block_attention, replace_rows
 
 

@@ -74,8 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism, zero_padded
 
 KERNELS = ("softmax", "relu", "relu_deterministic")
 

@@ -24,7 +24,7 @@ concatenated with, §3 of the paper), and a gradient step on P moves M by √d (
 more: the reference's per-slot learning-rate scaling.
 
 The paper's point is the *all-attention* layer: the persistent vectors replace the
-feed-forward sublayer. ``+preset=all_attention`` (conf/preset/all_attention.yaml) builds
+feed-forward sublayer. ``+preset=all_attention`` (harness/conf/preset/all_attention.yaml) builds
 that network: ``model.feedforward=none`` and this mechanism with the paper's N = 1024 slots
 (its small 18-layer, d = 512 model; 2048 for the large one; enwik8_pers*.sh in the reference).
 
@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext, allowed_mask
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, allowed_mask, register_mechanism
 
 
 @dataclass

@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext, allowed_mask
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, allowed_mask, register_mechanism
 
 RMS_EPS = 1e-6
 

@@ -101,8 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext, draw_seed, instance_seed
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, draw_seed, instance_seed, register_mechanism
 
 SELF_LOGIT = -5e4  # the reference's TOKEN_SELF_ATTN_VALUE: self only when nothing else is allowed
 
@@ -128,7 +127,7 @@ def draw_rotations(
 ) -> tuple[Tensor, Tensor | None]:
     """Random rotations for the examples' bucket counts (B,): each example gets exactly the
     ``torch.randn(1, d, n_hashes, n_b/2)`` it would draw alone from a generator seeded ``seed``
-    (``harness.attention.draw_seed``), one draw per distinct count, on the CPU. One count in the
+    (``harness.core.attention.draw_seed``), one draw per distinct count, on the CPU. One count in the
     batch: (1, d, R, n_b/2) and None; several: (B, d, R, max/2) (zeros beyond an example's
     columns) and the per-example counts for ``hash_buckets``."""
     counts = sorted(set(example_buckets.tolist()))

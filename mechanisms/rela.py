@@ -49,8 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext, allowed_mask, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, allowed_mask, register_mechanism, zero_padded
 
 STABILISERS = ("gate", "init", "query_gate")
 

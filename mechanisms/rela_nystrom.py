@@ -50,8 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import AttentionContext, zero_padded
-from harness.registry import register_mechanism
+from harness.core import AttentionContext, register_mechanism, zero_padded
 from mechanisms.nystrom import iterative_pinv, segment_means, value_conv_residual
 from mechanisms.rela import ReLAAttention, ReLANormConfig, relu_attention, zero_share
 

@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism, zero_padded
 
 INITS = ("lin", "inv")
 

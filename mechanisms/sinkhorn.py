@@ -62,7 +62,7 @@ Pathfinder: ``image/configs/{cifar10,pathfinder32}/sinkhorn_base.py``
 and for ``sort=sinkhorn`` its ``sinkhorn_operator``'s 1 iteration, temperature 1 and log
 weights clipped to ±1 (``clip``). The CIFAR-10 config also sets ``weight_decay = 0.7``,
 ``dropout_rate = 0.1``, one layer and leaves the base config's 32-wide model (32/1/32/64):
-model and training settings that ``conf/protocol/lra/image.yaml`` (the Transformer's) does not
+model and training settings that ``harness/conf/protocol/lra/image.yaml`` (the Transformer's) does not
 follow per mechanism. The PyTorch protocols (mlpen/Nystromformer, pkuzengqi/Skyformer) ran no
 Sinkhorn attention.
 """
@@ -76,8 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 
 
 @dataclass

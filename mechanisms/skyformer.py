@@ -59,8 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext, draw_generator, instance_seed, zero_padded
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, draw_generator, instance_seed, register_mechanism, zero_padded
 
 
 @dataclass

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext, allowed_mask
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, allowed_mask, register_mechanism
 
 
 @dataclass

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 from mechanisms._blocks import dedup_keep_first, gathered_block_attention
 
 

@@ -26,7 +26,7 @@ gradient is an explicit zero rather than None; (5) self-attention only (no ``cro
 (``lra_benchmarks/models/synthesizer/synthesizer.py``, ``SynthesizerBlock.apply``:
 ``synthesizer_mode='random'``, ``ignore_dot_product=False``) is random + dot product, which
 ``scale=lra`` (``protocol=lra``, ``PROTOCOLS`` below) uses for every task and
-``+preset=lra_synthesizer`` (``conf/preset/lra_synthesizer.yaml``) at any scale. The image
+``+preset=lra_synthesizer`` (``harness/conf/preset/lra_synthesizer.yaml``) at any scale. The image
 configs set ``config.model.synthesizer_mode = "random"`` (``image/configs/*/synthesizer_base.py``);
 the text config's ``synthesizer_mode = "factorized_random"``, ``ignore_dot_product = True`` and
 ``k = 32`` (``text_classification/configs/synthesizer_base.py``) are top-level keys that
@@ -42,8 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext, allowed_mask
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, allowed_mask, register_mechanism
 from mechanisms._blocks import masked_softmax
 
 MODES = ("dense", "random")

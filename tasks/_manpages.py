@@ -2,7 +2,7 @@
 
 Shared by the offline sources of ``text`` (label = manual section) and ``retrieval``
 (pairs linked by SEE ALSO). Files are selected **by package** (``dpkg -L``; when the
-packages are not installed, the .deb is unpacked into the cache by ``harness.debian``),
+packages are not installed, the .deb is unpacked into the cache by ``harness.data.debian``),
 never by folder, since other packages add pages to the same folders.
 
 Documents and redirects. A page file is ``man<N>/<title>.<section>.gz``. A symbolic link
@@ -348,19 +348,19 @@ class ManPage:
 
 def package_files(package: str) -> list[Path]:
     """Man page files (``.gz``, links included) shipped by ``package``: ``dpkg -L`` when it
-    is installed, else its .deb unpacked into the cache (``harness.debian``)."""
+    is installed, else its .deb unpacked into the cache (``harness.data.debian``)."""
     if shutil.which("dpkg"):
         done = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
         if done.returncode == 0:
             files = [Path(p) for p in done.stdout.splitlines() if p.startswith(f"/{MAN_ROOT}/man") and p.endswith(".gz")]
             if files:
                 return files
-    from harness.debian import fetch_package
+    from harness.data.debian import fetch_package
 
     if os.environ.get("HARNESS_NO_APT") and not (_unpacked(package) / ".complete").exists():
         raise DataSourceError(
             f"Debian package '{package}' is neither installed nor unpacked in the cache, and fetching is off "
-            f"(HARNESS_NO_APT). Install it (apt-get install {package}) or run `python -m harness.debian fetch {package}`"
+            f"(HARNESS_NO_APT). Install it (apt-get install {package}) or run `python -m harness.data.debian fetch {package}`"
         )
     root = fetch_package(package)
     return sorted(p for p in (root / MAN_ROOT).glob("man*/*.gz"))
@@ -385,7 +385,7 @@ def _listed_files(packages: tuple[str, ...]) -> tuple[Path, ...]:
 
 
 def _unpacked(package: str) -> Path:
-    from harness.debian import unpack_root
+    from harness.data.debian import unpack_root
 
     return unpack_root(package)
 

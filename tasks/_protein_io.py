@@ -5,7 +5,7 @@
   BLAST v4 protein databases (Debian ``metastudent-data``, with its GO annotations),
 * de-duplication and a split that keeps near-identical sequences in one split.
 
-Every reader raises ``harness.data.MalformedRecord`` naming the file and the record.
+Every reader raises ``harness.data.task.MalformedRecord`` naming the file and the record.
 Sequences are held as one flat uint8 array of token ids (``SequenceSet``), so the 170
 million residues of metastudent's MFO database read in seconds.
 """
@@ -367,7 +367,7 @@ def metastudent_folder(data_dir: str, ontology: str) -> Path:
     if data_dir:
         folder = Path(data_dir)
     else:
-        from harness.debian import debian_path
+        from harness.data.debian import debian_path
 
         folder = debian_path(METASTUDENT_PACKAGE, METASTUDENT_DIR)
     needed = [folder / ontology / "goasp.fasta.pin", folder / ontology / "goasp.fasta.psq"]

@@ -667,7 +667,7 @@ def _compose(db: _Db) -> tuple[str, str] | None:
 def generate_questions(db_id: str, tables: list[Table], db_path: Path, count: int, seed: int) -> list[dict[str, Any]]:
     """``count`` distinct (question, query) items for one database, every query checked to
     execute and return rows. Items as in Spider's json files."""
-    from tasks.spider import tokenize_question, tokenize_sql
+    from tasks._spider_tokens import tokenize_question, tokenize_sql
 
     rng = random.Random(f"{seed}-{db_id}")
     conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)

@@ -34,8 +34,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord, Task, files_under, stratified_split
-from harness.registry import register_task
+from harness.core import register_task
+from harness.data.task import DataSourceError, MalformedRecord, Task, files_under, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def subsample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         "tiny": {"task": {"resolution": 16, "max_len": 256, "num_train": 640, "num_val": 128, "num_test": 256}},
         # 2 CPU cores, a minute or two: 16x16 = 256 tokens, 12k training images.
         "small": {"task": {"resolution": 16, "max_len": 256, "num_train": 12000, "num_val": 1000, "num_test": 2000}},
-        # scale=lra: conf/protocol/<protocol>/image.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/image.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class ImageClassification(Task):
@@ -327,7 +327,7 @@ class ImageClassification(Task):
     def source_files(self) -> list[Path]:
         cfg = self.cfg
         if cfg.source == "fashion_mnist":
-            from harness.debian import debian_path
+            from harness.data.debian import debian_path
 
             try:
                 folder = debian_path(FASHION_PACKAGE, FASHION_DIR)
@@ -344,7 +344,7 @@ class ImageClassification(Task):
     def read_source(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{"train"/"test": (uint8 (N, 32, 32), int64 labels)} from ``cfg.source``."""
         if self.cfg.source == "fashion_mnist":
-            from harness.debian import debian_path
+            from harness.data.debian import debian_path
 
             return load_fashion_mnist(debian_path(FASHION_PACKAGE, FASHION_DIR))
         if self.cfg.source == "cifar10":

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.core import register_task
 from harness.data import DataSourceError, MalformedRecord, Task, text_lines
-from harness.registry import register_task
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def read_tsv(path: Path) -> list[tuple[list[int], int]]:
         "tiny": {"task": {"max_len": 64, "min_length": 8, "max_length": 64, "num_train": 640, "num_val": 128, "num_test": 128}},
         # 2 CPU cores, a minute or two per cell.
         "small": {"task": {"max_len": 128, "min_length": 16, "max_length": 128, "num_train": 12000, "num_val": 500, "num_test": 1000}},
-        # scale=lra: conf/protocol/<protocol>/listops.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/listops.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class ListOps(Task):

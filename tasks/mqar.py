@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.core import register_task
 from harness.data import Task, unseen_splits
-from harness.registry import register_task
 
 log = logging.getLogger(__name__)
 

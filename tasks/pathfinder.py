@@ -59,8 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import DataSourceError, MalformedRecord, Task, decode_text, files_under
-from harness.registry import register_task
+from harness.core import register_task
+from harness.data.task import DataSourceError, MalformedRecord, Task, decode_text, files_under
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class SnakesGenerator:
 
     def image_and_dot_distance(self, rng: np.random.Generator, label: int) -> tuple[np.ndarray, float]:
         """One image and the distance (pixels) between its two dots' centroids, the quantity
-        the dot-distance baseline (``harness.baselines``) thresholds."""
+        the dot-distance baseline (``harness.report.baselines``) thresholds."""
         s = self.stencils
         for _ in range(self.max_restarts):
             zone = np.where(s.inside, 0, self.WALL).astype(np.int32)
@@ -592,7 +592,7 @@ GENERATOR_FIELDS = ("contour_length", "distractor_length", "num_distractors", "c
         # 2 CPU cores, a minute or two: 16x16, targets of 3 paddles, no distractors.
         "small": {"task": {"resolution": 16, "max_len": 256, "difficulty": "easy", "contour_length": 3, "distractor_length": 1,
                            "num_distractors": 0, "num_train": 16000, "num_val": 1000, "num_test": 2000}},
-        # scale=lra: conf/protocol/<protocol>/pathfinder.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/pathfinder.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class Pathfinder(Task):

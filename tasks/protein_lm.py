@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.core import register_task
 from harness.data import DataInfo, DataSourceError, Task
-from harness.registry import register_task
 from tasks._protein_io import (
     ALPHABET,
     METASTUDENT_PACKAGE,

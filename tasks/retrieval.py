@@ -2,7 +2,7 @@
 
 Are two documents linked? Each document is read as bytes (token = byte + 1; 0 is
 padding), truncated to ``max_len`` bytes, and encoded **separately** by one shared
-encoder; the two-tower head (``harness.model.MatcherHead``) classifies
+encoder; the two-tower head (``harness.train.model.MatcherHead``) classifies
 ``[X1, X2, X1*X2, X1-X2]`` of the pooled states. Two classes, balanced. Sources:
 
 * ``manpages`` (offline default): the Linux man-pages of Debian ``manpages`` and
@@ -42,8 +42,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.data import UTF8_BOM, DataSourceError, MalformedRecord, Task
-from harness.registry import register_task
+from harness.core import register_task
+from harness.data.task import UTF8_BOM, DataSourceError, MalformedRecord, Task
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def build_manpages(cfg: RetrievalConfig, pages=None) -> dict[str, tuple[list[lis
     pairs = manpage_pairs(pages, cfg)
     used = sorted({key for rows in pairs.values() for a, b, _ in rows for key in (a, b)})
     ids = {key: encode_bytes(pages[key].text(drop=("SEE ALSO",)).encode("utf-8"), cfg.max_len) for key in used}
-    from harness.stats import shared_unit_clusters
+    from harness.core.stats import shared_unit_clusters
 
     # a pair's cluster: the pairs linked to it through shared documents (not independent test units)
     return {split: ([ids[a] for a, _, _ in rows], [ids[b] for _, b, _ in rows], [y for _, _, y in rows],
@@ -316,7 +316,7 @@ def _pairs_dataset(ids1: list[list[int]], ids2: list[list[int]], labels: list[in
         # documents learn slower in this budget (128 bytes: ~0.60 after 600 steps). Softmax:
         # 0.63 test accuracy vs 0.50 majority, ~80 s of CPU for 1,000 steps.
         "small": {"task": {"max_len": 64}, "train": {"max_steps": 1000, "lr": 3.0e-3, "eval_every": 250}},
-        # scale=lra: conf/protocol/<protocol>/retrieval.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/retrieval.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
     },
 )
 class Retrieval(Task):

@@ -59,8 +59,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.core import register_task
 from harness.data import Task, unseen_splits
-from harness.registry import register_task
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def generate_splits(cfg: SelectiveCopyConfig) -> dict[str, tuple[np.ndarray, np.
         # tokens (0.33 train accuracy there, 0.066 at 1K; 332 s) and 400 steps at 1K without a warm start
         # (0.065, loss flat at ln 16; 510 s): what is learnt short does not carry over to 1K (the order is
         # read from absolute positions), and learning at 1K from scratch takes more than this budget. Hence
-        # not in the CPU grid (conf/grid/cpu.yaml).
+        # not in the CPU grid (harness/conf/grid/cpu.yaml).
         "small": {
             "task": {"max_len": 1024},
             "model": {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128, "dropout": 0.0, "positions": "sinusoidal"},

@@ -2,7 +2,7 @@
 Complex and Cross-Domain Semantic Parsing and Text-to-SQL Task", arXiv:1809.08887).
 
 The model reads a question followed by the serialised schema of a database it has never
-seen and writes SQL (``harness.seq2seq``: encoder–decoder with a copy distribution over
+seen and writes SQL (``harness.train.seq2seq``: encoder–decoder with a copy distribution over
 the input tokens, greedy decoding or beam search with ``beam_size``). Train, validation
 and test use different databases.
 
@@ -69,20 +69,14 @@ from typing import Any
 
 import numpy as np
 
-from harness.data import CACHE_ENV, DEFAULT_CACHE_DIR, DataInfo, DataSourceError, MalformedRecord, Task
-from harness.registry import register_task
+from harness.core import register_task
+from harness.data.task import CACHE_ENV, DEFAULT_CACHE_DIR, DataInfo, DataSourceError, MalformedRecord, Task
+from tasks._spider_tokens import SQL_KEYWORDS, detokenize_sql, tokenize_question, tokenize_sql  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
 SCOPES = ("encoder", "all")
-SQL_KEYWORDS = {
-    "select", "from", "where", "group", "by", "order", "limit", "having", "join", "on", "as", "and", "or", "not",
-    "in", "like", "between", "is", "null", "distinct", "count", "max", "min", "sum", "avg", "asc", "desc",
-    "union", "intersect", "except", "exists", "all", "inner", "left", "outer", "cast", "case", "when", "then", "else", "end",
-}
-_SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|\d+\.\d+|\w+|!=|>=|<=|<>|\S")
-
 # Relation ids (RAT-SQL's schema-linking and schema relations, per token); 32 ids, so
 # relation_aware's default num_relations=32 fits.
 REL = {name: i for i, name in enumerate([
@@ -129,48 +123,6 @@ class SpiderConfig:
 # ----------------------------------------------------------------------------- tokens
 
 
-def tokenize_question(text: str) -> list[str]:
-    """Whitespace tokens, trailing punctuation split off; case kept (values are copied)."""
-    out = []
-    for word in text.split():
-        trail = []
-        while len(word) > 1 and word[-1] in "?.,!;:":
-            trail.insert(0, word[-1])
-            word = word[:-1]
-        out.extend([word, *trail])
-    return out
-
-
-def tokenize_sql(sql: str) -> list[str]:
-    """SQL tokens: keywords lower-cased, identifiers as written, a string literal as
-    ``'`` + its whitespace-separated words + ``'`` (so its words can be copied)."""
-    out = []
-    for tok in _SQL_TOKEN.findall(sql.strip().rstrip(";")):
-        if tok[0] in "'\"" and len(tok) >= 2 and tok[-1] == tok[0]:
-            out.extend(["'", *tok[1:-1].replace("''", "'").split(), "'"])
-        else:
-            out.append(tok.lower() if tok.lower() in SQL_KEYWORDS else tok)
-    return out
-
-
-def detokenize_sql(tokens: list[str]) -> str:
-    """Inverse of tokenize_sql (up to whitespace inside literals)."""
-    out, literal, words = [], False, []
-    for tok in tokens:
-        if tok == "'":
-            if literal:
-                out.append("'" + " ".join(words).replace("'", "''") + "'")
-                words = []
-            literal = not literal
-        elif literal:
-            words.append(tok)
-        else:
-            out.append(tok)
-    if literal:
-        out.append("'" + " ".join(words) + "'")
-    return re.sub(r"\s*\.\s*(?=[A-Za-z_])", ".", " ".join(out)).replace("( ", "(").replace(" )", ")")
-
-
 def word_pieces(token: str) -> list[str]:
     """Lower-cased word pieces of an input token: names split at underscores and camelCase
     (``total_phenols`` -> total, phenols; ``FirstName`` -> first, name), so a column's
@@ -191,7 +143,7 @@ def name_positions(links: list[list[int]]) -> list[bool]:
 
 
 def source_roles(tokens: list[str], links: list[list[int]]) -> list[int]:
-    """Per input token, its role for the decoder's copy constraint (``harness.seq2seq``
+    """Per input token, its role for the decoder's copy constraint (``harness.train.seq2seq``
     ROLE_*): 1 column name, 2 question word, 3 question number, 4 anything else, 5 table name."""
     names = name_positions(links)
     out = []
@@ -691,7 +643,7 @@ class Spider(Task):
         with ``task.beam_size`` > 1."""
         import torch
 
-        from harness.data import collate
+        from harness.data.task import collate
 
         target_vocab = self._loaded()["target"]
         model.eval()

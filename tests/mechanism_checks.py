@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from harness.attention import Attention, dense_attention_oracle  # noqa: F401  (re-exported for tests)
-from harness.registry import create_mechanism
+from harness.core.attention import Attention, dense_attention_oracle  # noqa: F401  (re-exported for tests)
+from harness.core.registry import create_mechanism
 
 
 def qkv(batch=2, heads=2, lq=12, lk=None, dim=8, *, seed=0, dtype=torch.float32, scale=1.0):

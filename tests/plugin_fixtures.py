@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.attention import Attention
-from harness.registry import register_mechanism
+from harness.core.attention import Attention
+from harness.core.registry import register_mechanism
 
 
 @dataclass

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from harness import baselines
+from harness.report import baselines
 
 
 def classification(rng, n, length=20, vocab=30):
@@ -144,7 +144,7 @@ def test_pixel_and_kmer_lr_see_what_a_bag_of_tokens_cannot():
     import datasets
     import numpy as np
 
-    from harness.baselines import kmer_lr_baseline, pixel_lr_baseline
+    from harness.report.baselines import kmer_lr_baseline, pixel_lr_baseline
 
     rng = np.random.default_rng(0)
 

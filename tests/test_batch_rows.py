@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.registry import create_mechanism, get_mechanism, list_mechanisms
+from harness.core.registry import create_mechanism, get_mechanism, list_mechanisms
 
 LENGTH, PADS, SHORT = 200, (0, 37, 150), 50
 

@@ -1,4 +1,4 @@
-"""The data cache (harness.data.Task.load): keyed on the source files' size and mtime,
+"""The data cache (harness.data.task.Task.load): keyed on the source files' size and mtime,
 never caches an empty split, rebuilds an unreadable cache once (naming it), removes the
 temporary folders of killed builds, and lets two processes build the same cache at once."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.data import DataSourceError, Task, cache_lock, remove_orphans
-from harness.registry import create_task
+from harness.core.registry import create_task
+from harness.data.task import DataSourceError, Task, cache_lock, remove_orphans
 from tasks import listops
 
 ROWS = [("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( ( [MIN 2 ) 9 ) ] )", 2), ("( ( [SM 3 ) ] )", 3)]
@@ -76,13 +76,13 @@ def test_a_truncated_arrow_file_is_rebuilt_once_naming_the_cache(tmp_path, caplo
     dsd, info = lra_task(src).load(tmp_path / "cache")
     arrow = next(Path(info.cache_path, "data", "train").glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="harness.data"):
+    with caplog.at_level(logging.WARNING, logger="harness.data.task"):
         again, info2 = lra_task(src).load(tmp_path / "cache")
     messages = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(messages) == 1 and info.cache_path in messages[0] and "rebuilding" in messages[0]
     assert info2.fingerprint == info.fingerprint and list(again["train"]["label"]) == [9, 2, 3]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="harness.data"):
+    with caplog.at_level(logging.WARNING, logger="harness.data.task"):
         lra_task(src).load(tmp_path / "cache")
     assert "cannot be read" not in caplog.text  # repaired for good
 

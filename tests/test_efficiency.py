@@ -1,4 +1,4 @@
-"""Efficiency tables and plots from a fixture of speed records (made by harness.speed's own
+"""Efficiency tables and plots from a fixture of speed records (made by harness.bench.speed's own
 record builder, so the fixture has the real layout) with known scaling laws."""
 
 import json
@@ -8,9 +8,10 @@ import math
 import pandas as pd
 import pytest
 
-from harness import efficiency, speed
-from harness.report import write_report
-from harness.results import write_json_atomic
+from harness.bench import speed
+from harness.core.results import write_json_atomic
+from harness.report import efficiency
+from harness.report.leaderboard import write_report
 
 LENGTHS = [256, 512, 1024, 2048, 4096]
 ENV = {"commit": "abc1234", "torch": "2.13.0+cpu", "device": "cpu (x86_64, 2 threads)",

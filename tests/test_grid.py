@@ -13,7 +13,7 @@ import time
 import pytest
 from plugin_fixtures import ROOT
 
-from harness.results import scan_results
+from harness.core.results import scan_results
 
 CELL = ["trainer.progress_bar=false", "train.max_steps=4", "train.eval_every=2"]
 
@@ -24,8 +24,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from harness.attention import Attention
-from harness.registry import register_mechanism
+from harness.core.attention import Attention
+from harness.core.registry import register_mechanism
 
 
 @dataclass
@@ -116,9 +116,9 @@ def test_killing_the_grid_kills_its_cells(env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env[1])
     deadline = time.time() + 300
     folder = str(results)  # the grid hands it on quoted (results_dir='...'): look for the path itself
-    while time.time() < deadline and not _processes_with(folder, "harness.run\x00task="):
+    while time.time() < deadline and not _processes_with(folder, "harness.train.run\x00task="):
         time.sleep(0.5)
-    assert _processes_with(folder, "harness.run\x00task="), "the cell never started"
+    assert _processes_with(folder, "harness.train.run\x00task="), "the cell never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30
@@ -179,7 +179,7 @@ def test_hydra_glob_and_choice_select_mechanisms(env):
 
 
 def test_a_grid_sweeps_any_key(env, tmp_path):
-    from harness.grid import expand
+    from harness.grid.sweep import expand
 
     scale, groups = expand({"grid": "length", "scale": "tiny", "tasks": "listops", "mechanisms": "softmax"})
     cells = groups[0].cells()
@@ -226,7 +226,7 @@ def test_joblib_launcher_runs_cells_side_by_side(env):
 
 
 def test_cells_side_by_side_share_the_cores():
-    from harness.launcher import cell_environment
+    from harness.grid.launcher import cell_environment
 
     assert cell_environment(2, environ={}, cores=2)["OMP_NUM_THREADS"] == "1"
     assert cell_environment(3, environ={}, cores=16)["MKL_NUM_THREADS"] == "5"
@@ -249,8 +249,8 @@ def test_process_launcher_gives_each_cell_its_share_of_threads(env):
 def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
     from types import SimpleNamespace
 
-    from harness.grid import estimate_s
-    from harness.results import result_path, write_json_atomic
+    from harness.core.results import result_path, write_json_atomic
+    from harness.grid.sweep import estimate_s
 
     def put(mechanism, variant, label, wall):
         record = {"task": "listops", "mechanism": mechanism, "scale": "small", "seed": 0, "status": "ok",
@@ -293,7 +293,7 @@ def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_l
 
 
 def test_a_command_line_override_with_several_values_is_swept():
-    from harness.grid import command_line_sweep, expand
+    from harness.grid.sweep import command_line_sweep, expand
 
     fixed, swept = command_line_sweep(["task.num_distractors=0,4", "train.lr=1e-3", "model.dims=[1,2]",
                                        "mechanism.name=glob(a,b)", "+trainer.x=1,2"])
@@ -307,7 +307,7 @@ def test_a_command_line_override_with_several_values_is_swept():
 
 
 def test_n_jobs_auto_is_one_cell_per_core_within_memory_and_one_on_a_gpu():
-    from harness.grid import GridError, resolve_n_jobs
+    from harness.grid.sweep import GridError, resolve_n_jobs
 
     assert resolve_n_jobs("auto", cores=2, memory_gb=24, gpu=False) == 2
     assert resolve_n_jobs("auto", cores=64, memory_gb=32, gpu=False) == 8  # 4 GB per cell
@@ -321,10 +321,10 @@ def test_n_jobs_auto_is_one_cell_per_core_within_memory_and_one_on_a_gpu():
 
 
 def test_the_cpu_grid_runs_mqar_at_the_presets_with_per_length_bundles(tmp_path):
-    """conf/grid/cpu.yaml: mqar 1K is the `small` preset itself; mqar 4K is its bundle (batch 4,
+    """harness/conf/grid/cpu.yaml: mqar 1K is the `small` preset itself; mqar 4K is its bundle (batch 4,
     250 test sequences) on the same model and warm start; three seeds. ListOps 128 had no accuracy
     signal at this budget and is not in it; `tasks=` adds it back at its preset."""
-    from harness.grid import expand, plan
+    from harness.grid.sweep import expand, plan
 
     scale, groups = expand({"grid": "cpu", "scale": "small", "mechanisms": "softmax"})
     rows = plan(scale, groups, str(tmp_path))
@@ -350,14 +350,14 @@ def test_a_results_folder_with_spaces_quotes_and_accents_works(env):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, unreadable = scan_results(results)
     assert not unreadable and [r["status"] for r in records] == ["ok"]
-    from harness.grid import quoted
+    from harness.grid.sweep import quoted
 
     assert quoted("a b/é'q\\\\x") == "'a b/é\\'q\\\\\\\\x'"  # a b/é'q\\x -> 'a b/é\'q\\\\x'
 
 
 def test_a_cells_training_cost_is_estimated_from_its_config():
     """The dry run's steps, tokens and GPU hours (issue 23), against hand-computed values."""
-    from harness.grid import GPU_SUSTAINED_TFLOPS, cell_cost
+    from harness.grid.sweep import GPU_SUSTAINED_TFLOPS, cell_cost
 
     plain = {"task": {"max_len": 100}, "model": {"dim": 8, "depth": 2, "mlp_dim": 16},
              "train": {"max_steps": 10, "batch_size": 4}}
@@ -373,9 +373,9 @@ def test_a_cells_training_cost_is_estimated_from_its_config():
 
 
 def test_the_smoke_grid_is_two_tasks_by_softmax_and_one_mechanism_per_family(tmp_path):
-    """`make smoke` (conf/grid/smoke.yaml at scale=tiny): 14 preset cells, one seed, generated data
+    """`make smoke` (harness/conf/grid/smoke.yaml at scale=tiny): 14 preset cells, one seed, generated data
     only, a peer plugin among them: minutes on 2 cores, not the default grid's 264 cells."""
-    from harness.grid import expand, plan
+    from harness.grid.sweep import expand, plan
 
     scale, groups = expand({"grid": "smoke", "scale": "tiny"})
     cells = [row["cell"] for row in plan(scale, groups, str(tmp_path))]
@@ -391,7 +391,7 @@ def test_the_smoke_grid_is_two_tasks_by_softmax_and_one_mechanism_per_family(tmp
 def test_an_opt_in_launcher_without_its_package_names_the_extra(monkeypatch, tmp_path):
     """hydra-joblib-launcher is an extra now (launcher=process needs nothing): without it,
     launcher=joblib is one line naming the extra, before any cell runs."""
-    from harness.grid import GridError, expand, launch
+    from harness.grid.sweep import GridError, expand, launch
 
     scale, groups = expand({"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"})
     for package, extra in (("hydra_joblib_launcher", "joblib"), ("hydra_submitit_launcher", "slurm")):

@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from harness.data import DataSourceError, MalformedRecord
-from harness.registry import create_task
+from harness.core.registry import create_task
+from harness.data.task import DataSourceError, MalformedRecord
 from tasks import listops
 
 

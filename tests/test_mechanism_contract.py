@@ -16,7 +16,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.registry import discover, get_mechanism, list_mechanisms
+from harness.core.registry import discover, get_mechanism, list_mechanisms
 
 discover()
 MECHANISMS = list_mechanisms()
@@ -156,7 +156,7 @@ def test_wrong_output_shape_is_a_contract_violation():
     """The base class checks every output against (B, H, Lq, D), whatever the mechanism."""
     from dataclasses import dataclass
 
-    from harness.attention import Attention, ContractViolation
+    from harness.core.attention import Attention, ContractViolation
 
     @dataclass
     class NoConfig:
@@ -181,8 +181,8 @@ def test_a_mechanism_may_call_super_init_without_arguments():
 
     from torch import nn
 
-    from harness.attention import Attention
-    from harness.registry import _MECHANISMS, create_mechanism, register_mechanism
+    from harness.core.attention import Attention
+    from harness.core.registry import _MECHANISMS, create_mechanism, register_mechanism
 
     @dataclass
     class ScaledConfig:

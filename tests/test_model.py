@@ -6,9 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness.config import TrainConfig
-from harness.model import ModelConfig, build_model, count_parameters, sinusoidal_positions
-from harness.training import TaskModule
+from harness.train.build import build_model
+from harness.train.config import TrainConfig
+from harness.train.model import ModelConfig, count_parameters, sinusoidal_positions
+from harness.train.training import TaskModule
 
 
 def task(head="classifier", vocab_size=12, num_classes=3, max_len=32):

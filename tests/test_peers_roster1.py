@@ -6,8 +6,8 @@ import pytest
 import torch
 from mechanism_checks import build, call, padding_mask, qkv
 
-from harness.registry import discover, get_mechanism
-from harness.speed import resolve_mechanism_config
+from harness.bench.speed import resolve_mechanism_config
+from harness.core.registry import discover, get_mechanism
 
 discover()
 pytest.importorskip("local_attention")

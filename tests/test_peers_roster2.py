@@ -8,7 +8,7 @@ import torch
 from mechanism_checks import build, call, qkv
 from torch import nn
 
-from harness.registry import discover, get_mechanism
+from harness.core.registry import discover, get_mechanism
 
 discover()
 pytest.importorskip("reformer_pytorch")

@@ -2,11 +2,13 @@
 cells failed at their own length, lines only between cells of one config, and for every figure no
 text runs off it or over other text (tests/plot_geometry.py)."""
 
-from harness import efficiency, report
-from harness.registry import FAMILIES, get_mechanism, list_mechanisms
 from plot_geometry import capture_figures, problems
 from test_efficiency import record as speed_record
 from test_report import record, stats_of, write
+
+from harness.core.registry import FAMILIES, get_mechanism, list_mechanisms
+from harness.report import efficiency
+from harness.report import leaderboard as report
 
 LENGTHS = [256, 1024, 4096, 16384]
 
@@ -112,7 +114,7 @@ def test_accuracy_against_throughput_names_points_in_a_legend_and_ticks_do_not_c
 
 def test_every_figure_of_a_report_reads_cleanly(monkeypatch, tmp_path):
     """The whole page's figures from one folder of cells and speed records."""
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
 
     saved = capture_figures(monkeypatch)
     for i, m in enumerate(["softmax", "linear", "performer", "local"]):

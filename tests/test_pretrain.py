@@ -4,9 +4,10 @@ fine-tuning, part of the cell's identity and recorded."""
 import pytest
 import torch
 
-from harness.config import TrainConfig, compose
-from harness.model import ModelConfig, build_model
-from harness.pretrain import MaskedDenoising
+from harness.train.build import build_model
+from harness.train.config import TrainConfig, compose
+from harness.train.model import ModelConfig
+from harness.train.pretrain import MaskedDenoising
 
 
 class _Task:
@@ -45,7 +46,7 @@ def test_matcher_pretrains_on_both_documents():
 
 
 def test_pretraining_is_in_the_identity_and_the_record(tmp_path):
-    from harness.run import run_cell
+    from harness.train.run import run_cell
 
     result = run_cell(compose(["task=listops", "scale=tiny", "train.pretrain_steps=6", "train.max_steps=4",
                                "train.eval_every=4", "trainer.progress_bar=false", f"results_dir={tmp_path}/r",

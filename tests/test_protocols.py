@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.cells import config_hash, resolve_cell
-from harness.config import CONF_DIR, compose
+from harness.train.cells import config_hash, resolve_cell
+from harness.train.config import CONF_DIR, compose
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 
@@ -29,7 +29,7 @@ def flat(cfg) -> dict:
     return out
 
 
-# Each value as its source gives it (the YAML under conf/protocol/ cites file and line of thought).
+# Each value as its source gives it (the YAML under harness/conf/protocol/ cites file and line of thought).
 LRA = {  # google-research/long-range-arena @ cd31e5c
     "listops": {"task.max_len": 2000, "model.dim": 512, "model.depth": 4, "model.heads": 8, "model.qkv_dim": 512,
                 "model.mlp_dim": 1024, "model.dropout": 0.1, "model.attention_dropout": 0.1,
@@ -127,7 +127,7 @@ def test_tasks_outside_lra_keep_their_own_presets_under_protocol_lra():
 
 
 def test_protocol_errors_are_one_line():
-    from harness.config import check_protocol
+    from harness.train.config import check_protocol
 
     with pytest.raises(ValueError, match=r"protocol=pytorch is a setting of scale=lra; scale=tiny has no protocols"):
         check_protocol(compose(["task=listops", "protocol=pytorch"]))
@@ -179,7 +179,8 @@ class _Task:
 
 
 def _model(head="classifier", mechanism="softmax", **model):
-    from harness.model import ModelConfig, build_model
+    from harness.train.build import build_model
+    from harness.train.model import ModelConfig
 
     return build_model(_Task(head), ModelConfig(dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.0, **model), mechanism)
 
@@ -226,7 +227,8 @@ def test_first_and_padded_mean_pooling():
 def test_attention_dropout_reaches_mechanisms_with_attention_weights_only():
     assert _model(attention_dropout=0.2).encoder.blocks[0].mix.mechanism.cfg.dropout == 0.2
     assert not hasattr(_model(mechanism="linear", attention_dropout=0.2).encoder.blocks[0].mix.mechanism.cfg, "dropout")
-    from harness.model import ModelConfig, build_model
+    from harness.train.build import build_model
+    from harness.train.model import ModelConfig
 
     own = build_model(_Task("classifier"), ModelConfig(dim=16, depth=1, heads=2, attention_dropout=0.2), "softmax",
                       {"dropout": 0.05})
@@ -236,9 +238,9 @@ def test_attention_dropout_reaches_mechanisms_with_attention_weights_only():
 def test_a_mask_reaches_no_value_check_in_the_per_call_hook(monkeypatch):
     """The capability hook runs on every mechanism call: it must not read the mask's values
     (``bool(mask.any())`` is a device sync per call on a GPU)."""
-    import harness.attention as attention
-    from harness.attention import UnsupportedCapability
-    from harness.registry import create_mechanism, discover
+    import harness.core.attention as attention
+    from harness.core.attention import UnsupportedCapability
+    from harness.core.registry import create_mechanism, discover
 
     discover()
     calls = []
@@ -265,8 +267,8 @@ def test_a_mask_reaches_no_value_check_in_the_per_call_hook(monkeypatch):
 
 
 def _optimizer(**train):
-    from harness.config import TrainConfig
-    from harness.training import TaskModule
+    from harness.train.config import TrainConfig
+    from harness.train.training import TaskModule
 
     module = TaskModule(_model(), TrainConfig(max_steps=100, warmup_steps=10, **train))
     return module.configure_optimizers()
@@ -292,8 +294,8 @@ def test_onecycle_is_torchs_one_cycle_as_the_pytorch_codes_build_it():
     assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9
     assert lrs[-1] < 1e-5
     with pytest.raises(ValueError, match=r"train.schedule=onecycle needs train.warmup_steps=0 >= 2 and at least 2 steps"):
-        from harness.config import TrainConfig
-        from harness.training import TaskModule
+        from harness.train.config import TrainConfig
+        from harness.train.training import TaskModule
 
         TaskModule(_model(), TrainConfig(max_steps=100, warmup_steps=0, schedule="onecycle")).configure_optimizers()
 
@@ -347,7 +349,7 @@ FAST = ("pytorch", "listops")
 
 
 def _four_steps(protocol, task, sources, tmp_path):
-    from harness.run import run_cell
+    from harness.train.run import run_cell
 
     overrides = ["scale=lra", f"protocol={protocol}", *([f"task={task}"] if task != "pathx" else []), *sources[task],
                  "train.max_steps=4", "train.eval_every=4", "train.warmup_steps=2", "train.batch_size=2",
@@ -376,7 +378,7 @@ def test_every_protocol_cell_trains_four_steps_on_released_data(protocol, task, 
 def test_task_sentinel_defaults_pass_the_config_check():
     """image's num_train=0 (all) and pathfinder's num_distractors=-1 (LRA's) / 0 (none, the small
     preset) are settings, not errors; a size of 0 still is one."""
-    from harness.run import check_config
+    from harness.train.run import check_config
 
     check_config(compose(["task=pathfinder", "scale=small"]))  # num_distractors=0
     check_config(preset("image"))  # num_train=0
@@ -386,7 +388,7 @@ def test_task_sentinel_defaults_pass_the_config_check():
 
 
 def test_the_grid_refuses_a_protocol_without_a_preset_before_anything_runs(tmp_path, capsys):
-    from harness.grid import main
+    from harness.grid.sweep import main
 
     code = main(["scale=lra", "protocol=pytorch", "tasks=listops,mqar", "mechanisms=softmax", "seeds=0",
                  "dry_run=true", f"results_dir={tmp_path}"])
@@ -450,7 +452,7 @@ def test_scale_lra_runs_each_mechanism_with_its_protocols_settings(protocol, mec
 
 
 def test_mechanism_protocol_settings_stay_inside_their_protocol():
-    from harness.registry import create_mechanism  # noqa: F401  (discovery)
+    from harness.core.registry import create_mechanism  # noqa: F401  (discovery)
 
     # other scales, tasks a protocol does not cover, and other protocols keep the mechanism's own defaults
     assert compose(["task=listops", "mechanism=linformer"]).mechanism.k == 256
@@ -471,8 +473,8 @@ def test_a_mechanisms_protocol_settings_are_its_preset_cell(tmp_path):
 def test_protocol_settings_are_checked_when_a_mechanism_registers():
     from dataclasses import dataclass
 
-    from harness.attention import Attention
-    from harness.registry import register_mechanism
+    from harness.core.attention import Attention
+    from harness.core.registry import register_mechanism
 
     @dataclass
     class RankConfig:
@@ -488,7 +490,7 @@ def test_protocol_settings_are_checked_when_a_mechanism_registers():
         register({"lra": {"*": {"rnak": 2}}})
     with pytest.raises(ValueError, match=r"protocol lra has no task \['mqar'\]"):
         register({"lra": {"mqar": {"rank": 2}}})
-    with pytest.raises(ValueError, match=r"names 'nope', which has no conf/protocol/nope/"):
+    with pytest.raises(ValueError, match=r"names 'nope', which has no harness/conf/protocol/nope/"):
         register({"nope": {"*": {"rank": 2}}})
 
 

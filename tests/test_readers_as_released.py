@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.data import DataSourceError, MalformedRecord
-from harness.registry import create_task
+from harness.core.registry import create_task
+from harness.data.task import DataSourceError, MalformedRecord
 from tasks import _protein_io as pio
 from tasks import image, listops, pathfinder, retrieval
 

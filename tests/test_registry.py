@@ -8,8 +8,7 @@ import sys
 import pytest
 from plugin_fixtures import BROKEN, ROOT, readme_mechanism
 
-from harness.config import compose
-from harness.registry import (
+from harness.core.registry import (
     UnknownNameError,
     create_mechanism,
     describe,
@@ -18,6 +17,7 @@ from harness.registry import (
     list_mechanisms,
     plugin_errors,
 )
+from harness.train.config import compose
 
 
 @pytest.fixture()
@@ -102,7 +102,7 @@ def test_every_task_and_scale_composes():
 def test_every_built_in_mechanism_names_its_family_and_a_bad_family_is_refused():
     """The speed plots draw a panel per family: every built-in mechanism names one of FAMILIES
     (a peer is drawn in its counterpart's); an unknown family is an error at registration."""
-    from harness.registry import FAMILIES, get_mechanism, list_mechanisms, register_mechanism
+    from harness.core.registry import FAMILIES, get_mechanism, list_mechanisms, register_mechanism
 
     built_in = [n for n in list_mechanisms() if get_mechanism(n).module.startswith("mechanisms.")]
     assert len(built_in) >= 26

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import report
-from harness.results import result_path, write_json_atomic
+from harness.core.results import result_path, write_json_atomic
+from harness.report import leaderboard as report
 
 
 def record(task="listops", mechanism="softmax", *, seed=0, accuracy=0.5, status="ok", scale="small", max_len=128,
@@ -156,7 +156,7 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     softmax = next(line for line in accuracy.splitlines() if line.startswith("| softmax"))
     assert "✗ timeout" in softmax
     assert "| baseline: bag-of-n-grams LR" in accuracy  # computed from the text cell's own splits
-    from harness.baselines import VERSION
+    from harness.report.baselines import VERSION
     assert (tmp_path / "baselines" / f"text-text1-v{VERSION}.json").exists()
     assert (tmp_path / "plots" / "accuracy_vs_length_small.png").stat().st_size > 5000
     details = text[text.index("## Run details"):]
@@ -167,7 +167,7 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     assert "the other cells: 4 ok" in details
     assert "performer" not in details  # ok cells are only counted
     assert "**total wall time**: 0.08 h" in text  # 5 cells x 60 s
-    from harness.results import code_commit
+    from harness.core.results import code_commit
 
     assert f"by `python -m harness report` at commit {code_commit()[0]}" in text  # the renderer's commit too
     assert "**commit(s)**: abc1234" in text  # and the cells' own
@@ -285,7 +285,7 @@ def with_items(r, correct, *, count=None, clusters=None):
 
 
 def shortcut(baselines, correct, key=("listops", 128)):
-    """Make the column's strongest baseline one with per-item outcomes (as harness.baselines records them)."""
+    """Make the column's strongest baseline one with per-item outcomes (as harness.report.baselines records them)."""
     baselines[key]["baselines"].append({"name": "shortcut", "metric": "accuracy", "value": sum(correct) / len(correct),
                                         "n_test": len(correct), "half_width": None, "note": "",
                                         "items": {"correct": list(correct), "count": [1] * len(correct)}})

@@ -1,20 +1,21 @@
-"""harness.results.load_frame: the documented way to read results into pandas (cells and speed),
+"""harness.report.load_frame: the documented way to read results into pandas (cells and speed),
 validating records as the report does; the record schema's version."""
 
 import logging
 
 import pytest
-
-from harness.results import SCHEMA_VERSION, load_frame, record_problem, write_json_atomic
 from test_efficiency import record as speed_record
 from test_report import record, write
+
+from harness.core.results import SCHEMA_VERSION, record_problem, write_json_atomic
+from harness.report.frames import load_frame
 
 
 def test_cells_load_into_one_row_per_record_and_bad_ones_are_left_out_and_named(tmp_path, caplog):
     for seed, acc in ((0, 0.8), (1, 0.7)):
         write(tmp_path, record(mechanism="softmax", seed=seed, accuracy=acc))
     write(tmp_path, {**record(mechanism="linear", accuracy=0.6), "schema_version": SCHEMA_VERSION + 1})
-    with caplog.at_level(logging.WARNING, logger="harness.results"):
+    with caplog.at_level(logging.WARNING, logger="harness.core.results"):
         frame = load_frame(tmp_path)
     assert sorted(frame.seed) == [0, 1] and set(frame.mechanism) == {"softmax"}
     assert frame.set_index("seed").test.to_dict() == {0: 0.8, 1: 0.7}

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from plugin_fixtures import FAULTY, ROOT, readme_mechanism
 
-from harness.config import compose
-from harness.registry import discover
-from harness.report import write_report
-from harness.results import STATUSES, read_results, result_path
-from harness.run import run_cell
+from harness.core.registry import discover
+from harness.core.results import STATUSES, read_results, result_path
+from harness.report.leaderboard import write_report
+from harness.train.config import compose
+from harness.train.run import run_cell
 
 TINY = ["scale=tiny", "trainer.progress_bar=false", "train.max_steps=12", "train.eval_every=6"]
 KEYS = {"task", "mechanism", "mechanism_config", "scale", "seed", "status", "error", "metrics", "params",
@@ -49,7 +49,7 @@ def test_tiny_cell_writes_a_valid_result(workdir, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)  # last line printed: the path
     written = json.loads(path.read_text())
     assert written["status"] == "ok" and written["schema_version"] == 1  # the record's layout, versioned
-    from harness.results import load_frame
+    from harness.report.frames import load_frame
 
     frame = load_frame(workdir / "results")  # the documented loader reads it back
     assert frame[["task", "mechanism", "seed", "status"]].values.tolist() == [["listops", "softmax", 0, "ok"]]

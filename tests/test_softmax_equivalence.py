@@ -1,10 +1,10 @@
-"""harness.attention.computes_softmax: a mechanism that is softmax in disguise at a length
+"""harness.core.attention.computes_softmax: a mechanism that is softmax in disguise at a length
 (a window or blocks that cover the sequence) is detected, and only then."""
 
 import pytest
 
-from harness.attention import computes_softmax
-from harness.registry import create_mechanism
+from harness.core.attention import computes_softmax
+from harness.core.registry import create_mechanism
 
 
 def check(name, length, causal=False, **overrides):

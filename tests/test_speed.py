@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import speed
-from harness.registry import discover, get_mechanism, list_mechanisms
+from harness.bench import speed
+from harness.cli import cmd_speed
+from harness.core.registry import discover, get_mechanism, list_mechanisms
 
 FAULTY_SPEED = '''
 """Mechanisms that fail on purpose, from a given length on (speed-benchmark tests)."""
 import time
 from dataclasses import dataclass
 
-from harness.attention import Attention
-from harness.registry import register_mechanism
+from harness.core.attention import Attention
+from harness.core.registry import register_mechanism
 
 
 @dataclass
@@ -201,7 +202,7 @@ def test_command_line_settings_are_typed_and_checked():
 
 @pytest.mark.slow
 def test_overhead_measures_both_ratios(tmp_path):
-    from harness import overhead
+    from harness.bench import overhead
 
     threads = torch.get_num_threads()
     record = overhead.run_overhead(out=str(tmp_path), scale="tiny", max_steps=12, rounds=1, progress_bar=False,
@@ -229,7 +230,7 @@ def test_a_mechanism_and_length_list_measures_only_those(tmp_path):
 
 
 def test_overhead_runs_only_when_asked(tmp_path, monkeypatch):
-    from harness import overhead
+    from harness.bench import overhead
 
     calls = []
     monkeypatch.setattr(speed, "run_sweep", lambda cfg: calls.append(("sweep", cfg.mechanisms)) or [])
@@ -237,21 +238,21 @@ def test_overhead_runs_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(overhead, "main", lambda argv: calls.append(("overhead_main", list(argv))) or 0)
     out = str(tmp_path / "speed")
     assert speed.parse_config([]).overhead is False
-    speed.main(["mechanisms=[softmax]", "lengths=[16]", f"out={out}"])
+    cmd_speed(["mechanisms=[softmax]", "lengths=[16]", f"out={out}"])
     assert calls == [("sweep", ["softmax"])], "a sweep must not run the overhead study unannounced"
     calls.clear()
-    speed.main(["mechanisms=[softmax]", "overhead=true", f"out={out}"])
+    cmd_speed(["mechanisms=[softmax]", "overhead=true", f"out={out}"])
     assert calls == [("sweep", ["softmax"]), ("overhead", out)]
     calls.clear()
-    speed.main(["overhead", "max_steps=3"])
+    cmd_speed(["overhead", "max_steps=3"])
     assert calls == [("overhead_main", ["max_steps=3"])], "`speed overhead` runs the overhead study alone"
 
 
-# ----------------------------------------------------------------------------- speed compare=A:B (harness.compare)
+# ----------------------------------------------------------------------------- speed compare=A:B (harness.bench.compare)
 
 
 def test_compare_pairs_are_parsed_and_malformed_ones_refused():
-    from harness import compare
+    from harness.bench import compare
 
     cfg = compare.parse_config(["compare=local:softmax"])
     assert cfg.compare == [("local", "softmax")]
@@ -268,7 +269,7 @@ def test_compare_pairs_are_parsed_and_malformed_ones_refused():
 
 
 def test_compare_refuses_unknown_names_and_missing_capabilities_in_one_line():
-    from harness import compare
+    from harness.bench import compare
 
     with pytest.raises(ValueError, match=r"unknown mechanism 'softmx' \(did you mean softmax.*registered: .*local"):
         compare.check_pairs([("local", "softmx")], [False])
@@ -276,19 +277,19 @@ def test_compare_refuses_unknown_names_and_missing_capabilities_in_one_line():
         compare.check_pairs([("local", "nystrom")], [False, True])
     compare.check_pairs([("local", "nystrom")], [False])  # non-causal: fine
     with pytest.raises(SystemExit) as refused:
-        speed.main(["compare=softmax:nope", "lengths=[16]"])
+        cmd_speed(["compare=softmax:nope", "lengths=[16]"])
     assert "unknown mechanism 'nope'" in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_compare_alternates_a_and_b_after_the_warm_up():
-    from harness import compare
+    from harness.bench import compare
 
     assert compare.alternation(3, 2) == [("A", False), ("B", False)] * 2 + [("A", True), ("B", True)] * 3
     assert compare.alternation(1, 0) == [("A", True), ("B", True)]
 
 
 def test_compare_ratio_arithmetic_on_a_hand_made_sequence():
-    from harness import compare
+    from harness.bench import compare
 
     sequence = [("A", 1.0), ("B", 2.0), ("A", 2.0), ("B", 3.0), ("A", 4.0), ("B", 4.0)]
     assert compare.paired_ratios(sequence) == [2.0, 1.5, 1.0]
@@ -305,7 +306,7 @@ def test_compare_ratio_arithmetic_on_a_hand_made_sequence():
 
 
 def test_a_tiny_comparison_runs_alternating_in_a_fresh_process(tmp_path):
-    from harness import compare
+    from harness.bench import compare
 
     cfg = compare.CompareConfig(compare=[("local", "softmax")], lengths=[32], rounds=2, warmup=1, heads=2, dim_head=8,
                                 scale="tiny", device="cpu", out=str(tmp_path / "speed"), timeout_s=120)
@@ -328,7 +329,7 @@ def test_a_tiny_comparison_runs_alternating_in_a_fresh_process(tmp_path):
 def test_compare_from_the_command_line_prints_the_table(tmp_path, capsys):
     pytest.importorskip("harness_peers")
     out = tmp_path / "speed"
-    code = speed.main(["compare=[local:local_attention_peer]", "lengths=[40]", "causal=[true]", "rounds=2", "warmup=1",
+    code = cmd_speed(["compare=[local:local_attention_peer]", "lengths=[40]", "causal=[true]", "rounds=2", "warmup=1",
                        "heads=2", "dim_head=8", "scale=tiny", "device=cpu", "isolate=false", f"out={out}"])
     printed = capsys.readouterr().out
     assert code == 0 and "local_attention_peer" in printed and "causal" in printed

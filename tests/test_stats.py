@@ -5,7 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from harness.stats import chance_normalised, clustered_interval, mcnemar, paired_bootstrap, seeds_and_items_interval
+from harness.core.stats import (
+    chance_normalised,
+    clustered_interval,
+    mcnemar,
+    paired_bootstrap,
+    seeds_and_items_interval,
+)
 
 
 def test_mcnemar_exact_p_values():
@@ -70,7 +76,7 @@ def test_chance_normalised():
 
 
 def test_shared_unit_clusters_are_connected_components():
-    from harness.stats import shared_unit_clusters
+    from harness.core.stats import shared_unit_clusters
 
     # pairs (a, b): 0-1 share doc "x", 1-2 share "y" (so 0, 1, 2 are one cluster); 3 stands alone;
     # windows of one page are (page, page)
@@ -79,10 +85,10 @@ def test_shared_unit_clusters_are_connected_components():
 
 
 def test_a_cells_own_interval_is_cluster_robust_over_its_sequences():
-    """harness.run records each seed's 95% interval of test accuracy: with per-sequence counts
+    """harness.train.run records each seed's 95% interval of test accuracy: with per-sequence counts
     (MQAR: 4 queries each) the sequence is the unit, so a model right on whole sequences only
     gets a wider interval than 4x as many independent predictions would."""
-    from harness.run import _test_interval
+    from harness.train.run import _test_interval
 
     whole = {"correct": [4, 0] * 50, "count": [4] * 100}  # 0.5, all-or-nothing per sequence
     spread = {"correct": [2] * 100, "count": [4] * 100}  # 0.5, half of each sequence

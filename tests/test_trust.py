@@ -14,11 +14,12 @@ import pytest
 import torch
 from plugin_fixtures import ROOT
 
-from harness.cells import UnsafeName, cell_lock, resolve_cell
-from harness.config import compose
-from harness.registry import discover, plugin_errors
-from harness.results import read_result, result_path, scan_results
-from harness.run import run_cell
+from harness.core.names import UnsafeName
+from harness.core.registry import discover, plugin_errors
+from harness.core.results import read_result, result_path, scan_results
+from harness.train.cells import cell_lock, resolve_cell
+from harness.train.config import compose
+from harness.train.run import run_cell
 
 TINY = ["scale=tiny", "trainer.progress_bar=false", "train.max_steps=12", "train.eval_every=6"]
 
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.attention import Attention
-from harness.registry import register_mechanism
+from harness.core.attention import Attention
+from harness.core.registry import register_mechanism
 
 
 @dataclass
@@ -363,7 +364,7 @@ def test_a_redo_of_a_failed_cell_killed_half_way_resumes(workdir):
             f"cache_dir={workdir / 'cache'}"]
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
     target = resolve_cell(compose(args[1:]))
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
 
     failed = {"task": target.task, "mechanism": target.mechanism, "scale": target.scale, "seed": target.seed,
               "status": "timeout", "error": "an earlier time limit", "config_hash": target.config_hash,
@@ -414,7 +415,7 @@ def test_trainer_passthrough_is_part_of_the_identity_and_the_test_size_is_record
 def test_a_task_default_of_none_or_auto_is_not_a_nonsense_value(scale):
     """Pathfinder's num_distractors: 0 (none, its small preset) and -1 (auto, its default) are
     settings, not errors; a count that defaults to a positive number still must stay positive."""
-    from harness.run import check_config
+    from harness.train.run import check_config
 
     check_config(compose(["task=pathfinder", f"scale={scale}"]))
     check_config(compose(["task=pathfinder", "task.num_distractors=0"]))
@@ -451,7 +452,7 @@ def test_a_resumed_cell_ends_at_the_uninterrupted_cells_number(workdir, tmp_path
     epoch's order from the seed and the epoch, the resumed iterator starting at the next batch)
     and, with dropout, makes the same draws (the generators' states are in the checkpoint).
     Before, the resumed cell restarted its epoch in another order, from generators at the seed."""
-    from harness.registry import get_mechanism
+    from harness.core.registry import get_mechanism
 
     signalled = sys.modules[get_mechanism("signals_itself").cls.__module__].SIGNALLED
     signalled.clear()
@@ -549,7 +550,7 @@ def a_record(**changes):
 
 
 def test_copies_misplaced_records_and_seed_file_name_disagreements_are_listed_not_counted(tmp_path):
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
 
     softmax = tmp_path / "runs" / "tiny" / "listops" / "softmax"
     write_json_atomic(softmax / "seed0.json", a_record())
@@ -597,8 +598,8 @@ def test_copies_misplaced_records_and_seed_file_name_disagreements_are_listed_no
     ({"data": "generated"}, "data is 'generated', not an object"),
     ({"test_items": {"correct": [1, "x"]}}, "test_items.correct is not a list of whole numbers >= 0")])
 def test_a_record_against_the_schema_is_listed_with_its_reason_and_the_report_survives(tmp_path, changes, reason):
-    from harness.report import write_report
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
+    from harness.report.leaderboard import write_report
 
     folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
     write_json_atomic(folder / "seed0.json", a_record())
@@ -618,14 +619,14 @@ def report_under_a_file_size_limit(results, limit):
     def cap():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.run([sys.executable, "-c", f"from harness.report import write_report; write_report({str(results)!r})"],
+    return subprocess.run([sys.executable, "-c", f"from harness.report.leaderboard import write_report; write_report({str(results)!r})"],
                           capture_output=True, text=True, cwd=ROOT, preexec_fn=cap, timeout=300)
 
 
 def test_the_leaderboard_and_plots_survive_a_write_that_fails_part_way(tmp_path):
     """A report that cannot finish writing leaves the previous leaderboard and plots whole."""
-    from harness.report import write_report
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
+    from harness.report.leaderboard import write_report
 
     folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
     write_json_atomic(folder / "seed0.json", a_record())
@@ -654,9 +655,9 @@ def test_a_record_names_its_data_cache_relative_to_the_cache_root_and_the_report
         tmp_path, monkeypatch):
     """A cell run with the default relative cache (.cache/data) in one folder; the report run
     from another still computes the baselines from that cell's cached splits."""
-    from harness.registry import create_task
-    from harness.report import write_report
-    from harness.results import record_cache_path, write_json_atomic
+    from harness.core.registry import create_task
+    from harness.core.results import record_cache_path, write_json_atomic
+    from harness.report.leaderboard import write_report
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     project.mkdir()
@@ -689,7 +690,7 @@ def test_a_report_of_fewer_results_does_not_replace_a_leaderboard_built_from_mor
     there refuses with one line and leaves it as it is; force=true replaces it."""
     import re
 
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
 
     committed = (ROOT / "results" / "leaderboard.md").read_bytes()
     built_from = int(re.search(rb" from (\d+) cell results ", committed).group(1))
@@ -715,9 +716,10 @@ def test_a_report_of_fewer_results_does_not_replace_a_leaderboard_built_from_mor
 
 
 def test_one_classification_of_errors_for_cells_and_the_speed_sweep():
-    from harness import run, speed
-    from harness.results import status_of
-    from harness.training import CellTimeout, NonFiniteLoss
+    from harness.bench import speed
+    from harness.core.results import status_of
+    from harness.train import run
+    from harness.train.training import CellTimeout, NonFiniteLoss
 
     assert run.status_of is status_of and speed.status_of is status_of  # one place
     try:
@@ -752,8 +754,8 @@ def test_a_cell_out_of_memory_under_ulimit_v_is_oom_with_its_peak_memory(workdir
 PLUGIN = '''
 from dataclasses import dataclass
 
-from harness.attention import Attention
-from harness.registry import register_mechanism
+from harness.core.attention import Attention
+from harness.core.registry import register_mechanism
 {imports}
 
 @dataclass
@@ -773,7 +775,7 @@ def plugin(name, scale=1.0, imports="", factor="self.cfg.scale"):
 
 
 def test_two_plugin_files_registering_one_name_is_an_error_naming_both(tmp_path):
-    from harness.registry import UnknownNameError, get_mechanism, list_mechanisms
+    from harness.core.registry import UnknownNameError, get_mechanism, list_mechanisms
 
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
@@ -791,7 +793,7 @@ def test_two_plugin_files_registering_one_name_is_an_error_naming_both(tmp_path)
 
 @pytest.mark.parametrize("name", ["My Mech", "../../evil", "a/b", ".hidden", "all,of,them"])
 def test_a_name_that_cannot_be_a_path_is_refused_at_registration(tmp_path, name):
-    from harness.registry import list_mechanisms
+    from harness.core.registry import list_mechanisms
 
     (tmp_path / "bad_name.py").write_text(plugin(name))
     discover(extra_paths=[tmp_path])
@@ -823,7 +825,7 @@ def test_a_plugin_imports_its_own_helper_module_and_is_imported_once_per_run(wor
 
 
 def _builtin_mechanisms():
-    from harness.registry import get_mechanism, list_mechanisms
+    from harness.core.registry import get_mechanism, list_mechanisms
 
     return [n for n in list_mechanisms() if not get_mechanism(n).module.startswith("harness_plugin_")]
 
@@ -850,7 +852,7 @@ def git(repo, *args):
 def test_code_state_names_the_imported_files_that_differ_from_the_commit(tmp_path):
     """A real git repository: a file edited, one never committed and one ignored differ from the
     commit; a file not imported does not count, whatever its state; a file in no repository does."""
-    from harness.results import code_state
+    from harness.core.results import code_state
 
     repo = tmp_path / "repo"
     (repo / "mechanisms").mkdir(parents=True)
@@ -881,13 +883,13 @@ def test_code_state_names_the_imported_files_that_differ_from_the_commit(tmp_pat
 
 
 def test_the_imported_code_is_the_projects_and_the_plugins_not_tests_or_packages(workdir):
-    from harness.results import PROJECT_ROOT, imported_code_files
+    from harness.core.results import PROJECT_ROOT, imported_code_files
 
     files = imported_code_files()
-    assert PROJECT_ROOT / "harness" / "run.py" in files and PROJECT_ROOT / "mechanisms" / "softmax.py" in files
+    assert PROJECT_ROOT / "harness" / "train" / "run.py" in files and PROJECT_ROOT / "mechanisms" / "softmax.py" in files
     assert workdir / "plugins" / "faults.py" in files  # a $HARNESS_PLUGIN_PATH plugin this process imported
     assert "tests" not in {f.relative_to(PROJECT_ROOT).parts[0] for f in files if f.is_relative_to(PROJECT_ROOT)}
-    assert not [f for f in files if "site-packages" in f.parts]
+    assert not [f for f in files if "site-packages" in f.parts] and all(f.is_file() for f in files)
     assert Path(pytest.__file__) not in files and Path(__file__).resolve() not in files
 
 
@@ -907,8 +909,8 @@ SLOW_IN_GIT = '''"""A slow mechanism committed in the project (for the provenanc
 import time
 from dataclasses import dataclass
 
-from harness.attention import Attention
-from harness.registry import register_mechanism
+from harness.core.attention import Attention
+from harness.core.registry import register_mechanism
 
 
 @dataclass
@@ -931,7 +933,7 @@ def test_a_cell_resumed_across_a_code_change_records_every_commit_it_trained_und
     import shutil
 
     repo = tmp_path / "project"
-    for name in ("harness", "mechanisms", "tasks", "conf", "hydra_plugins"):
+    for name in ("harness", "mechanisms", "tasks", "hydra_plugins"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / ".gitignore").write_text("__pycache__/\n")
     (repo / "mechanisms" / "slow_in_git.py").write_text(SLOW_IN_GIT)
@@ -980,8 +982,8 @@ def test_a_cell_resumed_across_a_code_change_records_every_commit_it_trained_und
 
 
 def test_the_leaderboard_header_says_when_a_cells_code_is_not_one_commit(tmp_path):
-    from harness.report import write_report
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
+    from harness.report.leaderboard import write_report
 
     folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
     write_json_atomic(folder / "seed0.json", a_record(env={"commit": "abc1234", "commits": ["abc1234"], "dirty": False}))
@@ -1014,9 +1016,9 @@ def test_a_results_folder_under_a_file_is_one_line_before_anything_runs(workdir,
 
 def test_a_results_folder_without_write_permission_is_one_line(tmp_path, monkeypatch, capsys):
     """Tests may run as root, where permissions are not enforced: os.access says what a user would meet."""
-    from harness import grid
-    from harness.results import UnwritableFolder, check_writable_folder
-    from harness.run import check_before_hydra
+    from harness.core.results import UnwritableFolder, check_writable_folder
+    from harness.grid import sweep as grid
+    from harness.train.run import check_before_hydra
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -1048,8 +1050,8 @@ def test_a_mistyped_key_leaves_no_folder_behind(workdir, tmp_path):
 
 
 def test_a_grid_advises_rerun_failed_only_for_recorded_failures(tmp_path, capsys):
-    from harness.grid import expand, summarize
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
+    from harness.grid.sweep import expand, summarize
 
     scale, groups = expand({"grid": "default", "scale": "tiny", "tasks": "listops", "mechanisms": "softmax,linear",
                             "seeds": "0"})
@@ -1077,8 +1079,8 @@ def test_a_cell_records_its_process_whole_wall_time(workdir, tmp_path):
 
 
 def test_the_dry_run_estimates_from_whole_process_times_and_says_from_how_many_records(tmp_path, capsys):
-    from harness.grid import dry_run, expand
-    from harness.results import write_json_atomic
+    from harness.core.results import write_json_atomic
+    from harness.grid.sweep import dry_run, expand
 
     scale, groups = expand({"grid": "default", "scale": "tiny", "tasks": "listops",
                             "mechanisms": "softmax,linear,performer", "seeds": "0,1"})

@@ -1,9 +1,9 @@
 """Hydra finds launchers only in the ``hydra_plugins`` namespace: this module exposes
-``harness.launcher.ProcessLauncher`` (a fresh process per cell) there, as
+``harness.grid.launcher.ProcessLauncher`` (a fresh process per cell) there, as
 ``hydra/launcher=process``."""
 
-from harness.launcher import ProcessLauncherBase
+from harness.grid.launcher import ProcessLauncherBase
 
 
 class ProcessLauncher(ProcessLauncherBase):
-    """Runs each cell of a sweep in its own process (see ``harness.launcher``)."""
+    """Runs each cell of a sweep in its own process (see ``harness.grid.launcher``)."""

@@ -14,7 +14,7 @@ from mechanism_checks import (
 )
 
 import mechanisms.adaptive as adaptive
-from harness.attention import UnsupportedCapability
+from harness.core.attention import UnsupportedCapability
 
 WINDOW, RAMP = 4, 2
 

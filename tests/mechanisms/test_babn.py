@@ -16,7 +16,7 @@ from mechanism_checks import (
 )
 from torch.distributions import Gamma, Weibull
 
-from harness.attention import allowed_mask
+from harness.core.attention import allowed_mask
 from mechanisms.babn import babn_attention, babn_reference, layer_noise
 from mechanisms.bam import bam_reference, weibull_gamma_kl
 
@@ -283,7 +283,7 @@ def test_bad_config_names_the_fields():
 
 
 def test_registered_with_its_paper():
-    from harness.registry import get_mechanism
+    from harness.core.registry import get_mechanism
 
     spec = get_mechanism("babn")
     assert "Bayesian attention belief networks" in spec.doc

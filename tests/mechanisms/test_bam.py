@@ -15,7 +15,7 @@ from mechanism_checks import (
 )
 from torch.distributions import Gamma, Weibull
 
-from harness.attention import allowed_mask
+from harness.core.attention import allowed_mask
 from mechanisms.bam import _block_noise, bam_attention, bam_reference, weibull_gamma_kl
 
 
@@ -40,7 +40,7 @@ def test_kl_closed_form_matches_monte_carlo(shape):
 
 
 def test_registered_as_bam_not_as_belief_network():
-    from harness.registry import get_mechanism, list_mechanisms
+    from harness.core.registry import get_mechanism, list_mechanisms
 
     assert "bam" in list_mechanisms() and "bayesian" not in list_mechanisms()
     assert "Bayesian attention modules" in get_mechanism("bam").doc

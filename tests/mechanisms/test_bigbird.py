@@ -11,7 +11,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.registry import create_mechanism
+from harness.core.registry import create_mechanism
 from mechanisms.bigbird import BigBirdConfig, bigbird_pattern_reference, random_blocks
 
 SMALL = dict(block_size=3, window_blocks=3, global_blocks=1, random_blocks=2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mechanism_checks import build, call, qkv
 
-from harness.registry import discover, get_mechanism, list_mechanisms
+from harness.core.registry import discover, get_mechanism, list_mechanisms
 
 discover()
 ADVERSARIAL = [n for n in list_mechanisms() if get_mechanism(n).capabilities.causal]  # every causal mechanism

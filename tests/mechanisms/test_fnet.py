@@ -10,7 +10,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import UnsupportedCapability
+from harness.core.attention import UnsupportedCapability
 from mechanisms.fnet import fourier_mix_reference
 
 

@@ -12,7 +12,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import allowed_mask
+from harness.core.attention import allowed_mask
 from mechanisms.gated import blocked_gated_attention, gate_logits, gated_attention, sample_gates
 
 

@@ -14,7 +14,7 @@ from mechanism_checks import (
 )
 
 import mechanisms.kernel_rpe as kernel_rpe
-from harness.registry import create_mechanism
+from harness.core.registry import create_mechanism
 from mechanisms.performer import softmax_kernel_features
 
 MAX_LEN = 16
@@ -239,8 +239,8 @@ def test_lengths_beyond_max_len_and_bad_config_raise():
 def test_features_are_redrawn_by_the_training_step_not_per_call():
     """Like performer: calls within one training step share a draw; the schedule follows
     context.step, and a checkpoint restores the drawn features."""
-    from harness.attention import AttentionContext
-    from harness.registry import create_mechanism
+    from harness.core.attention import AttentionContext
+    from harness.core.registry import create_mechanism
 
     torch.manual_seed(0)
     mech = create_mechanism("kernel_rpe", heads=2, dim_head=8, max_len=32, redraw_interval=3).train()

@@ -93,7 +93,7 @@ def test_k_at_least_the_length_warns_once_and_is_recorded():
 
 def test_lra_preset_is_lra_linformer_k16_shared():
     """google-research/long-range-arena linformer_attention.py: low_rank_features=16, one lr_kernel."""
-    from harness.config import compose
+    from harness.train.config import compose
 
     cfg = compose(["+preset=lra_linformer"])
     assert (cfg.mechanism.name, cfg.mechanism.k, cfg.mechanism.share_kv) == ("linformer", 16, True)

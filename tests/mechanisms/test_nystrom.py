@@ -14,7 +14,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import UnsupportedCapability
+from harness.core.attention import UnsupportedCapability
 from mechanisms.nystrom import iterative_pinv, segment_means
 
 

@@ -9,7 +9,7 @@ its entry."""
 import pytest
 import torch
 
-from harness.registry import create_mechanism, get_mechanism, list_mechanisms
+from harness.core.registry import create_mechanism, get_mechanism, list_mechanisms
 
 LENGTH, PAD = 1100, 150
 

@@ -14,8 +14,8 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import AttentionContext
-from harness.registry import create_mechanism
+from harness.core.attention import AttentionContext
+from harness.core.registry import create_mechanism
 from mechanisms.performer import (
     causal_linear_attention,
     gaussian_orthogonal_random_matrix,

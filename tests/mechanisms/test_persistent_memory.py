@@ -12,7 +12,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.registry import create_mechanism
+from harness.core.registry import create_mechanism
 
 
 def reference_slots(mech):
@@ -156,8 +156,8 @@ def test_all_attention_preset_builds_the_papers_network():
     the feed-forward sublayer in every block."""
     from omegaconf import OmegaConf
 
-    from harness.config import compose
-    from harness.model import Encoder, ModelConfig
+    from harness.train.config import compose
+    from harness.train.model import Encoder, ModelConfig
 
     cfg = compose(["+preset=all_attention", "task=listops", "scale=tiny"])
     assert cfg.mechanism.name == "persistent_memory" and cfg.mechanism.num_slots == 1024

@@ -12,7 +12,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import UnsupportedCapability, allowed_mask
+from harness.core.attention import UnsupportedCapability, allowed_mask
 from mechanisms.reformer import SELF_LOGIT, hash_buckets, lsh_attention, lsh_attention_reference
 
 

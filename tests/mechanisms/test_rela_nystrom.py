@@ -12,7 +12,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import UnsupportedCapability
+from harness.core.attention import UnsupportedCapability
 
 
 def dense_row_normalised_rela(mech, q, k, v, key_padding_mask=None, skip=None):

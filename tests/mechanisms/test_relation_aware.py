@@ -15,7 +15,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import AttentionContext
+from harness.core.attention import AttentionContext
 
 
 def shaw_reference(q, k, v, ids, table_k, table_v, *, key_padding_mask=None, causal=False, detach=True):

@@ -13,7 +13,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import UnsupportedCapability
+from harness.core.attention import UnsupportedCapability
 from mechanisms.s4d import s4d_kernel, s4d_kernel_reference
 
 

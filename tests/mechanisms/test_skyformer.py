@@ -11,7 +11,7 @@ from mechanism_checks import (
     qkv,
 )
 
-from harness.attention import UnsupportedCapability
+from harness.core.attention import UnsupportedCapability
 from mechanisms.skyformer import gaussian_attention_reference, sample_landmarks
 
 

@@ -9,11 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from harness.config import compose
-from harness.data import DataSourceError, MalformedRecord
-from harness.debian import debian_path
-from harness.registry import create_task
-from harness.run import run_cell
+from harness.core.registry import create_task
+from harness.data.debian import debian_path
+from harness.data.task import DataSourceError, MalformedRecord
+from harness.train.config import compose
+from harness.train.run import run_cell
 from tasks import image
 
 # Pure colours and their grayscale as TF computes it: floor(255.5 * (0.2989 R + 0.5870 G + 0.1140 B) / 255).

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.training import ResumableBatches
+from harness.train.training import ResumableBatches
 from tasks.mqar import IGNORE, MQARConfig, generate_splits, solve, token_ranges
 
 SMALL = dict(max_len=96, num_pairs=8, num_keys=16, num_values=8, num_noise=4, num_train=300, num_val=40, num_test=40)
@@ -72,7 +72,7 @@ def test_the_warm_starts_short_split_has_its_own_size():
 
 
 def test_tagger_head_counts_query_positions_only():
-    from harness.model import Encoder, ModelConfig, TaggerHead
+    from harness.train.model import Encoder, ModelConfig, TaggerHead
 
     enc = Encoder(ModelConfig(dim=8, depth=1, heads=2, mlp_dim=8), vocab_size=10, max_len=6, mechanism="softmax")
     head = TaggerHead(enc, 3)
@@ -100,8 +100,8 @@ def test_warm_start_batches_short_first_then_long_and_seeded():
 
 
 def test_warm_start_settings_are_checked_and_in_the_identity():
-    from harness.cells import cell_identity
-    from harness.config import TrainConfig, compose
+    from harness.train.cells import cell_identity
+    from harness.train.config import TrainConfig, compose
 
     with pytest.raises(ValueError, match="needs both"):
         TrainConfig(warmup_length=128)
@@ -116,7 +116,7 @@ def test_bag_of_ngrams_on_mqar_sits_near_chance():
     """The generator must not leak a query's value into the bag of tokens."""
     import datasets
 
-    from harness.baselines import compute_baselines
+    from harness.report.baselines import compute_baselines
 
     cfg = MQARConfig(**{**SMALL, "num_train": 600, "num_val": 100, "num_test": 100})
     dsd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})

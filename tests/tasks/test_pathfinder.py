@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.config import compose
-from harness.data import DataSourceError, MalformedRecord
-from harness.registry import create_task
-from harness.run import run_cell
+from harness.core.registry import create_task
+from harness.data.task import DataSourceError, MalformedRecord
+from harness.train.config import compose
+from harness.train.run import run_cell
 from tasks import pathfinder
 
 
@@ -67,7 +67,7 @@ def test_matched_dot_distances_pair_every_positive_with_an_equally_distant_negat
                                                                                     distractors):
     """Measured as the dot-distance baseline measures them (centroids of the two brightest
     blobs of the rendered image), the positives' and negatives' dot distances are one multiset."""
-    from harness.baselines import dot_distances
+    from harness.report.baselines import dot_distances
 
     cfg = pathfinder.PathfinderConfig(resolution=resolution, max_len=resolution**2, contour_length=contour_length,
                                       distractor_length=1, num_distractors=distractors)
@@ -87,7 +87,7 @@ def test_the_dot_distance_shortcut_of_lras_generator_is_gone_when_matched():
     classify well above chance; with matched distances it is at chance."""
     import datasets
 
-    from harness.baselines import compute_baselines
+    from harness.report.baselines import compute_baselines
 
     accuracy = {}
     for mode in ("free", "matched"):

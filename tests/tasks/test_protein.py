@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.config import compose
-from harness.data import DataSourceError, MalformedRecord
-from harness.registry import create_task
-from harness.run import run_cell
+from harness.core.registry import create_task
+from harness.data.task import DataSourceError, MalformedRecord
+from harness.train.config import compose
+from harness.train.run import run_cell
 from tasks import _protein_io as pio
 
 STANDARD = pio.STANDARD
@@ -308,7 +308,7 @@ def test_blast_db_reader_round_trips_and_rejects_other_versions(tmp_path):
 
 def test_real_files_of_debian_hmmer_examples():
     """Pfam alignments and a BLAST database as shipped: sequence counts match the files' own."""
-    from harness.debian import debian_path
+    from harness.data.debian import debian_path
 
     examples = debian_path("hmmer-examples", "usr/share/doc/hmmer/examples")
     reader = pio.ResidueReader()

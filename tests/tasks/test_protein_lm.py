@@ -9,11 +9,12 @@ import pytest
 import torch
 from test_protein import STOCKHOLM, families, write_fasta, write_fasta_source
 
-from harness.config import compose
-from harness.data import MalformedRecord, collate
-from harness.model import ModelConfig, build_model
-from harness.registry import create_task, get_mechanism, list_mechanisms
-from harness.run import run_cell
+from harness.core.registry import create_task, get_mechanism, list_mechanisms
+from harness.data.task import MalformedRecord, collate
+from harness.train.build import build_model
+from harness.train.config import compose
+from harness.train.model import ModelConfig
+from harness.train.run import run_cell
 from tasks import _protein_io as pio
 from tasks.protein_lm import START_ID, residue_baselines
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import compose
-from harness.data import DataSourceError, MalformedRecord, collate
-from harness.model import ModelConfig, build_model
-from harness.registry import create_task
-from harness.run import run_cell
+from harness.core.registry import create_task
+from harness.data.task import DataSourceError, MalformedRecord, collate
+from harness.train.build import build_model
+from harness.train.config import compose
+from harness.train.model import ModelConfig
+from harness.train.run import run_cell
 from tasks import retrieval
 from tasks._manpages import load_corpus
 

@@ -77,7 +77,7 @@ def test_bag_of_ngrams_per_marker_sits_near_chance(numbered):
     replacement, as in the reference, the most frequent value would beat chance)."""
     import datasets
 
-    from harness.baselines import compute_baselines
+    from harness.report.baselines import compute_baselines
 
     cfg = SelectiveCopyConfig(**{**SMALL, "num_noise": 4, "numbered_markers": numbered,
                                  "num_train": 600, "num_val": 100, "num_test": 100})
@@ -95,8 +95,8 @@ def test_bag_of_ngrams_per_marker_sits_near_chance(numbered):
 @pytest.mark.parametrize("extra", [[], ["train.warmup_length=32", "train.warmup_length_steps=10"]],
                          ids=["plain", "warm-start"])
 def test_a_tiny_cell_runs_end_to_end(tmp_path, extra):
-    from harness.config import compose
-    from harness.run import run_cell
+    from harness.train.config import compose
+    from harness.train.run import run_cell
 
     cfg = compose(["task=selective_copy", "mechanism=softmax", "scale=tiny", "trainer.progress_bar=false",
                    f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", *extra])

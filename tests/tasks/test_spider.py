@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.data import DataSourceError, MalformedRecord
+from harness.data.task import DataSourceError, MalformedRecord
 from tasks import _spider_build as build
 from tasks._spider_eval import Schema, evaluate, exact_match, hardness, parse_sql, results_equal
 from tasks.spider import (
@@ -341,8 +341,9 @@ def test_relation_ids_on_known_example(layout):
 
 @pytest.mark.slow
 def test_seq2seq_head_trains_decodes_and_evaluates(layout):
-    from harness.data import collate
-    from harness.model import ModelConfig, build_model
+    from harness.data.task import collate
+    from harness.train.build import build_model
+    from harness.train.model import ModelConfig
 
     for mechanism, scope in (("relation_aware", "encoder"), ("softmax", "all")):
         task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, max_target_len=24,
@@ -370,7 +371,7 @@ def test_seq2seq_head_trains_decodes_and_evaluates(layout):
 
 def test_copying_produces_unseen_tokens(layout):
     """A target token outside the output vocabulary gets probability only by copying."""
-    from harness.seq2seq import copy_generate_log_probs
+    from harness.train.seq2seq import copy_generate_log_probs
 
     b, t, s, v, d = 1, 1, 3, 4, 8
     h = torch.zeros(b, t, d)
@@ -437,8 +438,8 @@ def test_schema_names_are_copy_only_and_pieces_reach_the_input(layout):
 
 
 def test_piece_embedding_is_the_mean_of_pieces_and_matches_plain_ids():
-    from harness.model import ModelConfig
-    from harness.seq2seq import Seq2SeqEncoder
+    from harness.train.model import ModelConfig
+    from harness.train.seq2seq import Seq2SeqEncoder
 
     torch.manual_seed(0)
     for positions in ("sinusoidal", "none"):
@@ -458,7 +459,7 @@ def test_piece_embedding_is_the_mean_of_pieces_and_matches_plain_ids():
 
 
 def test_copy_constraint_by_decoding_state():
-    from harness.seq2seq import copy_blocked, copy_generate_log_probs
+    from harness.train.seq2seq import copy_blocked, copy_generate_log_probs
 
     quote, frm, word = 7, 8, 9
     roles = torch.tensor([[1, 5, 2, 3, 4, 0]])  # column, table, question word, question number, other, padding
@@ -490,9 +491,10 @@ def test_source_roles_on_known_example(layout):
 
 
 def test_beam_search_scores_at_least_greedy_and_never_emits_specials(layout):
-    from harness.data import collate
-    from harness.model import ModelConfig, build_model
-    from harness.seq2seq import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+    from harness.data.task import collate
+    from harness.train.build import build_model
+    from harness.train.model import ModelConfig
+    from harness.train.seq2seq import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
     task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, max_target_len=12))
     dsd = task.build()
@@ -533,7 +535,7 @@ def lookup_dsd(layout: Path, train: list[tuple[str, str, str]], test: list[tuple
 
 
 def test_template_lookup_fills_seen_skeletons_and_misses_unseen_ones(layout):
-    from harness.baselines import compute_baselines
+    from harness.report.baselines import compute_baselines
     from tasks._spider_lookup import lookup_predictions
 
     train = [("list the kind of animal whose legs is 4 .", "SELECT kind FROM animal WHERE legs = 4", "zoo"),

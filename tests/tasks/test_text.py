@@ -1,15 +1,15 @@
 """Text: the man-page builder (labels, balance, split by page), the IMDB loaders in their
-published layouts, malformed records, and one tiny cell through harness.run."""
+published layouts, malformed records, and one tiny cell through harness.train.run."""
 
 import re
 from collections import Counter
 
 import pytest
 
-from harness.config import compose
-from harness.data import DataSourceError, MalformedRecord
-from harness.registry import create_task
-from harness.run import run_cell
+from harness.core.registry import create_task
+from harness.data.task import DataSourceError, MalformedRecord
+from harness.train.config import compose
+from harness.train.run import run_cell
 from tasks import text
 from tasks._manpages import load_corpus
 

@@ -2,7 +2,7 @@
 
 Importing this package imports every module in it, and each module registers its peer
 (e.g. ``performer_pytorch``, ``nystrom_attention``) through
-``harness.registry.register_mechanism``; the harness imports the package through the
+``harness.core.registry.register_mechanism``; the harness imports the package through the
 entry-point group ``harness.mechanisms`` (see this package's pyproject.toml). A new peer is
 one new file here: no list to keep in sync.
 """

@@ -28,8 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 
 
 @dataclass

@@ -24,8 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 
 
 @dataclass

@@ -26,8 +26,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 
 KERNELS = ("softmax", "relu")
 

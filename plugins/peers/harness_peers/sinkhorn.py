@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.attention import Attention, AttentionContext
-from harness.registry import register_mechanism
+from harness.core import Attention, AttentionContext, register_mechanism
 
 
 @dataclass

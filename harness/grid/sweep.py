@@ -1,0 +1,598 @@
+"""The whole grid: ``python -m harness grid grid=default scale=small [seeds=0,1] [k=v ...]``.
+
+A grid is data, ``harness/conf/grid/<name>.yaml``::
+
+    tasks: [listops, text]          # or all
+    mechanisms: all                 # or a list, or glob(*former*), choice(a,b)
+    seeds: null                     # null: the scale's seeds
+    sweep:                          # any config key -> values, crossed with tasks x mechanisms x seeds
+      task.max_len: [256, 1024]
+    task_sweep:                     # per task, replaces `sweep` for that task; keys joined by ","
+      pathfinder:                   # move together (zipped), e.g. a resolution and its length
+        task.resolution,task.max_len: [[16, 256], [32, 1024]]
+    overrides: {train.max_steps: 300}          # fixed, for every cell
+    task_overrides: {listops: {model.dim: 32}} # fixed, per task
+
+The grid expands it into one Hydra multirun per task (``python -m harness.train.run --multirun``)
+and launches it through a Hydra launcher: ``launcher=process`` (default: each cell in its
+own fresh process, ``n_jobs=N`` side by side), ``launcher=joblib`` (Hydra's joblib
+launcher, ``n_jobs=N``), ``launcher=slurm`` (hydra-submitit-launcher, the ``[slurm]``
+extra; ``harness/conf/hydra/launcher/slurm.yaml`` holds partition, GPUs, time and memory). Every
+cell skips itself when recorded, so re-running a grid resumes it; a failing or killed cell
+is recorded and the grid goes on; ``dry_run=true`` lists the cells, which are recorded, and
+an estimate of the time left. Any other ``key=value`` is a cell override for every cell;
+one with several values, ``key=a,b``, is swept (crossed with every task's cells).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from harness.train.config import CONF_DIR, RERUN
+
+GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_jobs", "results_dir", "dry_run")
+LAUNCHERS = {"process": "process", "local": "process", "joblib": "joblib", "slurm": "slurm"}
+GRID_FILE_KEYS = ("tasks", "mechanisms", "seeds", "sweep", "task_sweep", "overrides", "task_overrides")
+# what a cell override of these names most likely meant
+MISSPELLED = {"task": "tasks", "mechanism": "mechanisms", "seed": "seeds"}
+
+HELP = __doc__ + """
+Grid keys: grid=NAME (harness/conf/grid/NAME.yaml), scale=auto|tiny|small|lra, seeds=0,1,2,
+tasks=a,b|all, mechanisms=a,b|all|glob(..), launcher=process|joblib|slurm, n_jobs=N|auto,
+results_dir=DIR, dry_run=true, rerun=none|failed|all.  --cfg job prints the grid.
+"""
+
+
+class GridError(SystemExit):
+    """A grid that cannot run as asked: one line saying why (exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+@dataclass
+class Group:
+    """One Hydra multirun: a task, its mechanisms x seeds x sweep values, fixed overrides."""
+
+    task: str
+    mechanisms: list[str]
+    seeds: list[int]
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+    def cells(self) -> list[list[str]]:
+        """Every cell's overrides (besides scale/results_dir)."""
+        keys = list(self.sweep)
+        combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
+        return [[f"task={self.task}", f"mechanism={m}", f"seed={s}", *self.overrides,
+                 *(f"{k}={_value(v)}" for k, v in zip(keys, combo))]
+                for m in self.mechanisms for s in self.seeds for combo in combos]
+
+    def multirun_overrides(self) -> list[str]:
+        return [f"task={self.task}", f"mechanism={','.join(self.mechanisms)}",
+                f"seed={','.join(str(s) for s in self.seeds)}", *self.overrides,
+                *(f"{k}={','.join(_value(v) for v in values)}" for k, values in self.sweep.items())]
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def quoted(value: Any) -> str:
+    """A value for a Hydra override, quoted, so a path with spaces, non-ASCII letters or quotes
+    (``results_dir=/data/my runs/é``) stays one value."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _split(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``key=value`` arguments into the grid's own and the cells' overrides."""
+    own, passthrough = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise GridError(f"grid arguments are key=value, got '{arg}' (see python -m harness grid --help)")
+        if key in MISSPELLED:
+            raise GridError(f"'{arg}' would run every cell with {key}={value}; the grid key is "
+                            f"{MISSPELLED[key]}={value}")
+        if key in GRID_KEYS:
+            own[key] = value
+        else:
+            passthrough.append(arg)
+    return own, passthrough
+
+
+def _names(value: Any, valid: list[str], kind: str) -> list[str]:
+    """Names from a list, ``all``, or Hydra's ``glob(...)``/``choice(...)`` grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, Glob
+
+    text = value if isinstance(value, str) else None
+    if text and "(" in text:
+        parsed = OverridesParser.create().parse_override(f"x={text}").value()
+        if isinstance(parsed, Glob):
+            names = parsed.filter(valid)
+        elif isinstance(parsed, ChoiceSweep):
+            names = [str(x) for x in parsed.list]
+        else:
+            raise GridError(f"{kind}s={text}: use a list, all, glob(...) or choice(...)")
+    else:
+        names = _split(value)
+        if names == ["all"]:
+            names = list(valid)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise GridError(f"unknown {kind} {', '.join(repr(u) for u in unknown)}; registered {kind}s: {', '.join(valid)}")
+    if not names:
+        raise GridError(f"the grid has no {kind}s (pattern {value!r} matched none of: {', '.join(valid)})")
+    return names
+
+
+def _seeds(value: Any) -> list[int]:
+    out = []
+    for s in _split(value):
+        try:
+            out.append(int(s))
+        except ValueError:
+            raise GridError(f"seeds={','.join(_split(value))}: seeds are integers, e.g. seeds=0,1,2") from None
+    return out
+
+
+def resolve_scale(scale: str) -> str:
+    if scale == "auto":
+        import torch
+
+        scale = "lra" if torch.cuda.is_available() else "small"
+        reason = f"a GPU is present ({torch.cuda.get_device_name()})" if scale == "lra" else "no GPU is present"
+        print(f"scale=auto: using scale={scale} because {reason}; pass SCALE=... to choose", flush=True)
+    if not (CONF_DIR / "scale" / f"{scale}.yaml").exists():
+        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "scale").glob("*.yaml")))
+        raise GridError(f"unknown scale '{scale}'; scales: {valid}")
+    return scale
+
+
+CELL_MEMORY_GB = 4  # n_jobs=auto: the most a CPU cell was measured to need (peak RSS 2.9 GB, local at 1K) plus room
+
+
+def resolve_n_jobs(value: str, *, cores: int | None = None, memory_gb: float | None = None, gpu: bool | None = None) -> int:
+    """``n_jobs=auto``: one cell at a time on a GPU (cells share nothing else there); on a CPU one
+    cell per core (each then gets one thread: small models use a second thread poorly, so two
+    one-thread cells finish about twice the work of one two-thread cell), at most one per
+    ``CELL_MEMORY_GB`` of memory."""
+    if value != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise GridError(f"n_jobs={value}: a positive integer or auto")
+        return n
+    from harness.grid.launcher import available_cores
+
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if gpu:
+        n, reason = 1, "a GPU is present (cells take turns on it)"
+    else:
+        cores = cores or available_cores()
+        if memory_gb is None:
+            memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        n = max(1, min(cores, int(memory_gb // CELL_MEMORY_GB)))
+        reason = f"no GPU: {cores} core(s), {memory_gb:.0f} GB ({CELL_MEMORY_GB} GB per cell), one thread each"
+    print(f"n_jobs=auto: {n} cell(s) side by side because {reason}; pass JOBS=... (n_jobs=...) to choose", flush=True)
+    return n
+
+
+def resolve_grid(name: str, scale: str) -> str:
+    """``grid=auto``: the full ``default`` grid at scale=lra (a GPU), else ``cpu``, the CPU
+    default that fits about 3 hours on 2 cores (the README says how to run the rest)."""
+    if name != "auto":
+        return name
+    chosen = "default" if scale == "lra" else "cpu"
+    print(f"grid=auto: using grid={chosen} at scale={scale}; pass GRID=... to choose", flush=True)
+    return chosen
+
+
+def load_grid(name: str) -> dict[str, Any]:
+    path = CONF_DIR / "grid" / f"{name}.yaml"
+    if not path.exists():
+        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "grid").glob("*.yaml")))
+        raise GridError(f"unknown grid '{name}'; grids in harness/conf/grid: {valid}")
+    grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    unknown = sorted(set(grid) - set(GRID_FILE_KEYS))
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {unknown}; a grid has {', '.join(GRID_FILE_KEYS)}")
+    return grid
+
+
+def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[str, list[Group]]:
+    """(scale, groups): the grid's cells, validated against the registry."""
+    from harness.core.registry import list_mechanisms, list_tasks
+
+    scale = resolve_scale(own.get("scale", "auto"))
+    grid = load_grid(resolve_grid(own.get("grid", "default"), scale))
+    tasks = _names(own.get("tasks") or grid.get("tasks") or "all", list_tasks(), "task")
+    mechanisms = _names(own.get("mechanisms") or grid.get("mechanisms") or "all", list_mechanisms(), "mechanism")
+    seeds = _seeds(own.get("seeds")) or _seeds(grid.get("seeds"))
+    if not seeds:
+        seeds = [int(s) for s in OmegaConf.load(CONF_DIR / "scale" / f"{scale}.yaml").scale.seeds]
+    fixed = [f"{k}={_value(v)}" for k, v in (grid.get("overrides") or {}).items()]
+    passthrough, swept = command_line_sweep(passthrough)
+    groups = []
+    for task in tasks:
+        sweep = (grid.get("task_sweep") or {}).get(task, grid.get("sweep") or {})
+        sweep = {k: (v if isinstance(v, list) else [v]) for k, v in sweep.items()}
+        crossed = {**{k: v for k, v in sweep.items() if "," not in k}, **swept}
+        zipped = [_zipped(k, v) for k, v in sweep.items() if "," in k]
+        per_task = [f"{k}={_value(v)}" for k, v in ((grid.get("task_overrides") or {}).get(task) or {}).items()]
+        for combo in itertools.product(*zipped) if zipped else [()]:
+            together = [o for part in combo for o in part]
+            groups.append(Group(task, mechanisms, seeds, crossed, [*fixed, *per_task, *together, *(passthrough or [])]))
+    return scale, groups
+
+
+def _top_level_split(value: str) -> list[str]:
+    """'0,4' -> ['0', '4']; commas inside [], (), {} or quotes do not split ('[1,2]', "glob(a,b)")."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    return [*parts, "".join(current)]
+
+
+def command_line_sweep(passthrough: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+    """Cell overrides with several comma-separated values (``task.num_distractors=0,4``) become a
+    sweep crossed with every task's cells, as in a Hydra multirun; the rest stay fixed overrides."""
+    fixed, swept = [], {}
+    for arg in passthrough or []:
+        key, _, value = arg.partition("=")
+        parts = _top_level_split(value)
+        if len(parts) > 1 and not key.startswith(("+", "~", "hydra.")) and all(p.strip() for p in parts):
+            swept[key] = [p.strip() for p in parts]
+        else:
+            fixed.append(arg)
+    return fixed, swept
+
+
+def _zipped(keys: str, values: list[Any]) -> list[list[str]]:
+    """``"a,b": [[1, 2], [3, 4]]`` -> [["a=1", "b=2"], ["a=3", "b=4"]]: keys that move together."""
+    names = [k.strip() for k in keys.split(",")]
+    out = []
+    for value in values:
+        if not isinstance(value, list) or len(value) != len(names):
+            raise GridError(f"sweep '{keys}': each value must be a list of {len(names)} ({value!r})")
+        out.append([f"{k}={_value(v)}" for k, v in zip(names, value)])
+    return out
+
+
+def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
+    """Compose one cell of each group: a misspelled or mistyped override fails here, once,
+    with Hydra's message, before anything runs."""
+    from harness.core.registry import UnknownNameError
+    from harness.train.config import check_protocol, compose_isolated
+    from harness.train.run import check_config, check_run_settings
+
+    for group in groups:
+        overrides = group.cells()[0]
+        try:
+            cfg = compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"])
+        except Exception as exc:
+            raise GridError(f"cell override rejected: {str(exc).splitlines()[0]}") from None
+        try:  # a protocol the scale lacks, an appended key no schema has, a value out of range: before anything runs
+            check_protocol(cfg)
+            check_run_settings(cfg)
+            check_config(cfg)
+        except (ValueError, UnknownNameError) as exc:
+            raise GridError(f"{group.task}: {exc}") from None
+
+
+def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, Any]]:
+    """Every cell with its path and recorded status (for dry runs and the summary)."""
+    from harness.core.results import read_result
+    from harness.train.cells import resolve_cell
+    from harness.train.config import compose_isolated
+
+    rows = []
+    for group in groups:
+        for overrides in group.cells():
+            cell = resolve_cell(compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"]))
+            record = read_result(cell.result_path)
+            rows.append({"cell": cell, "record": record, "status": record["status"] if record else "todo"})
+    return rows
+
+
+@dataclass
+class Estimate:
+    """The time the cells left would take, and what it rests on."""
+
+    seconds: float  # summed over the cells estimated (one at a time)
+    cells: int  # cells left that had a recorded peer to estimate from
+    records: int  # distinct recorded cells the estimate rests on
+    training_only: int  # of those, records with no process_wall_s (only their training time: too low)
+
+
+def record_seconds(record: dict[str, Any]) -> float | None:
+    """What a recorded cell cost: its process's whole wall time (``process_wall_s``: start-up,
+    imports and data loading included), else (a record from before it was kept) ``wall_s``,
+    its training and testing alone."""
+    return record.get("process_wall_s") or record.get("wall_s") or None
+
+
+def estimate_s(rows: list[dict[str, Any]], results_dir: str) -> Estimate:
+    """The time of the cells not yet finished: the mean cost (``record_seconds``) of recorded
+    cells of the same config (a rerun), else of the same task and overrides (``variant_label``,
+    any mechanism: the grid's other cells), else of the same task and mechanism, else of the same
+    task, else of all. The config comes first: a preset cell of the same mechanism says little
+    about a cell with a 4x smaller model. Says how many distinct records it rests on."""
+    from harness.core.results import FINISHED, read_results
+
+    def peers(scale, task, mechanism, config_hash, label) -> list[tuple]:  # most to least alike
+        return [(scale, task, mechanism, config_hash), (scale, task, label), (scale, task, mechanism), (task,), ()]
+
+    walls: list[dict[tuple, list[tuple[float, str, bool]]]] = [{} for _ in peers("", "", "", "", "")]
+    for r in read_results(results_dir):
+        seconds = record_seconds(r)
+        if seconds:
+            keys = peers(r["scale"], r["task"], r["mechanism"], r.get("config_hash"), r.get("variant_label") or "")
+            for key, table in zip(keys, walls):
+                table.setdefault(key, []).append((seconds, r["_path"], not r.get("process_wall_s")))
+    total, known, used = 0.0, 0, {}
+    for row in rows:
+        if row["status"] in FINISHED:
+            continue
+        c = row["cell"]
+        keys = peers(c.scale, c.task, c.mechanism, c.config_hash, c.variant_label)
+        found = next((table[key] for key, table in zip(keys, walls) if table.get(key)), None)
+        if found:
+            total += sum(f[0] for f in found) / len(found)
+            known += 1
+            used.update({path: training_only for _, path, training_only in found})
+    return Estimate(total, known, len(used), sum(used.values()))
+
+
+GPU_SUSTAINED_TFLOPS = 20.0  # an assumed sustained rate for LRA-sized models (widths 32-512) on one modern GPU
+
+
+def cell_cost(identity: dict[str, Any]) -> dict[str, float]:
+    """Training steps, tokens and an estimate of FLOPs and GPU hours of one cell, from its config.
+
+    tokens = Σ steps × batch × L over the warm start, self-pretraining and the run proper (two
+    documents per example for a matcher are not counted twice: a lower bound there). FLOPs =
+    6 · tokens · depth · (4·d² + 2·d·mlp) for the projections and MLPs (forward + backward) plus
+    12 · depth · L² · d per sequence for softmax attention's QKᵀ and AV: an upper bound for the
+    efficient mechanisms, whose attention costs less. Hours at ``GPU_SUSTAINED_TFLOPS``; evaluation
+    passes are left out. Use the figure to size a request, not as a measurement."""
+    task, model, train = identity.get("task", {}), identity.get("model", {}), identity.get("train", {})
+    caps = [int(task[k]) for k in ("max_len", "max_length") if isinstance(task.get(k), (int, float)) and task[k]]
+    if task.get("resolution"):
+        caps.append(int(task["resolution"]) ** 2)
+    length = min(caps) if caps else 0
+    d, depth, mlp = int(model.get("dim", 0)), int(model.get("depth", 0)), int(model.get("mlp_dim", 0))
+    warm_steps = int(train.get("warmup_length_steps") or 0)
+    phases = [(int(train.get("max_steps", 0)) - warm_steps, int(train.get("batch_size", 0)), length),
+              (warm_steps, int(train.get("warmup_batch_size") or train.get("batch_size", 0)),
+               int(train.get("warmup_length") or 0)),
+              (int(train.get("pretrain_steps") or 0), int(train.get("batch_size", 0)), length)]
+    steps = sum(p[0] for p in phases)
+    tokens = sum(n * b * L for n, b, L in phases)
+    flops = 6 * tokens * depth * (4 * d * d + 2 * d * mlp) + sum(12 * depth * L * L * d * n * b for n, b, L in phases)
+    return {"steps": steps, "tokens": tokens, "flops": float(flops),
+            "gpu_hours": flops / (GPU_SUSTAINED_TFLOPS * 1e12) / 3600}
+
+
+def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> int:
+    from harness.grid.progress import format_duration
+
+    rows = plan(scale, groups, results_dir)
+    total_hours = 0.0
+    for row in rows:
+        c = row["cell"]
+        label = f"  [{c.variant_label}]" if c.variant_label else ""
+        cost = cell_cost(c.identity)
+        if row["status"] not in ("ok", "unsupported"):
+            total_hours += cost["gpu_hours"]
+        print(f"{row['status']:<11} {c.name}{label}  {cost['steps']:,} steps, {cost['tokens'] / 1e6:,.1f}M tokens, "
+              f"~{cost['gpu_hours']:.2g} GPU-h")
+    counts = Counter(row["status"] for row in rows)
+    todo = sum(v for k, v in counts.items() if k not in ("ok", "unsupported"))
+    estimate = estimate_s(rows, results_dir)
+    print(f"{len(rows)} cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"estimated GPU time of the cells left: ~{total_hours:.2g} GPU-h (training FLOPs from each config at "
+          f"{GPU_SUSTAINED_TFLOPS:g} TFLOP/s sustained, softmax's attention cost as the upper bound; "
+          f"harness.grid.sweep.cell_cost)")
+    if todo:
+        print(f"estimated time left: {format_duration(estimate.seconds / max(1, n_jobs)) if estimate.cells else 'unknown'}"
+              f" ({estimate_basis(estimate, todo)}, {n_jobs} at a time)")
+    return 0
+
+
+def estimate_basis(estimate: Estimate, todo: int) -> str:
+    """What an estimate rests on, in words: '14 of 14 cells left estimated from 2 recorded cells'
+    whole process time' (one recorded cell behind 768 estimates is said, not hidden)."""
+    if not estimate.cells:
+        return "no recorded cells to estimate from"
+    whose = "1 recorded cell's" if estimate.records == 1 else f"{estimate.records} recorded cells'"
+    text = f"{estimate.cells} of {todo} cells left estimated from {whose} whole process time"
+    if estimate.cells < todo:
+        text += f"; {todo - estimate.cells} with no recorded peer are not counted"
+    if estimate.training_only:
+        text += (f"; {estimate.training_only} of those record{'s' if estimate.training_only == 1 else ''} only "
+                 "training time (an older record): too low")
+    return text
+
+
+STOP_GRACE_S = 60  # how long a stopping grid waits for its cells to stop cleanly before SIGKILL
+
+
+def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: str) -> int:
+    launcher = own.get("launcher", "process")
+    if launcher not in LAUNCHERS:
+        raise GridError(f"launcher={launcher}: valid launchers are {', '.join(sorted(set(LAUNCHERS)))}")
+    n_jobs = int(own.get("n_jobs", 1))  # resolved by main()
+    launcher = LAUNCHERS[launcher]
+    if launcher in ("joblib", "slurm") and os.environ.get("HARNESS_PLUGIN_PATH"):
+        print(f"warning: launcher={launcher} pickles the configs to its workers; mechanisms loaded from "
+              "$HARNESS_PLUGIN_PATH files can't be unpickled there. Use launcher=process (the default), or "
+              "install them as a package with a harness.mechanisms entry point", file=sys.stderr)
+    if launcher == "slurm":
+        try:
+            import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+        except ImportError:
+            raise GridError("launcher=slurm needs hydra-submitit-launcher: pip install -e '.[slurm]'") from None
+    if launcher == "joblib":
+        try:
+            import hydra_plugins.hydra_joblib_launcher  # noqa: F401
+        except ImportError:
+            raise GridError("launcher=joblib needs hydra-joblib-launcher: pip install -e '.[joblib]'") from None
+    total = sum(len(g.cells()) for g in groups)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    sweep_root = Path(results_dir) / "sweeps" / stamp
+    env = {**os.environ, "HARNESS_GRID_TOTAL": str(total), "HARNESS_GRID_JOBS": str(n_jobs),
+           "HARNESS_GRID_PROGRESS": str(sweep_root / "progress.tsv")}
+    launcher_args = [f"hydra/launcher={launcher}"]
+    if launcher in ("process", "joblib") and "n_jobs" in own:
+        launcher_args.append(f"hydra.launcher.n_jobs={n_jobs}")
+    print(f"grid: {len({g.task for g in groups})} task(s), {total} cells at scale={scale}, launcher={launcher}"
+          f"{f' x{n_jobs}' if n_jobs > 1 else ''} (recorded cells are skipped)", flush=True)
+    returncode = 0
+    for number, group in enumerate(groups):
+        command = [sys.executable, "-m", "harness.train.run", "--multirun", *group.multirun_overrides(), f"scale={scale}",
+                   f"results_dir={quoted(results_dir)}",
+                   f"hydra.sweep.dir={quoted(sweep_root / f'{number:02d}-{group.task}')}",
+                   *launcher_args]
+        proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
+        try:
+            returncode |= proc.wait()
+        except BaseException:  # Ctrl-C or a kill of the grid: its cells stop, unrecorded, and resume on a rerun
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return summarize(scale, groups, results_dir, returncode)
+
+
+def summarize(scale: str, groups: list[Group], results_dir: str, returncode: int) -> int:
+    from harness.core.results import FINISHED
+
+    rows = plan(scale, groups, results_dir)
+    statuses = Counter(row["status"] if row["status"] != "todo" else "missing" for row in rows)
+    print("grid done: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())), flush=True)
+    unfinished = [row for row in rows if row["status"] not in FINISHED]
+    for row in unfinished:
+        error = (row["record"] or {}).get("error")
+        print(f"  {row['cell'].name}: {row['status']}" + (f" ({error})" if error else ""))
+    if any(row["record"] is not None for row in unfinished):  # a recorded failure: rerun=failed redoes it
+        print("retry failed cells with: python -m harness grid ... rerun=failed")
+    if any(row["record"] is None for row in unfinished):  # never recorded: a plain rerun runs them
+        print("cells without a record (interrupted, running elsewhere, or never started) run when the same command "
+              "runs again")
+    return 0 if returncode == 0 and not unfinished else 1
+
+
+def _own_group_dying_with_parent() -> None:
+    """In the sweep process: its own process group (so the grid can stop it and its cells
+    at once) and SIGKILL when the grid dies, even by kill -9."""
+    from harness.grid.launcher import die_with_parent
+
+    os.setsid()
+    die_with_parent()
+
+
+def _terminate_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.core.registry import describe
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP)
+        return 0
+    show_cfg = "--cfg" in argv
+    argv = [a for a in argv if a not in ("--cfg", "job", "all", "hydra")] if show_cfg else argv
+    try:
+        own, passthrough = parse_args(argv)
+        if own.get("dry_run", "false") not in ("true", "false"):
+            raise GridError(f"dry_run={own['dry_run']}: true or false")
+        for arg in passthrough:
+            key, _, value = arg.partition("=")
+            if key == "rerun" and value not in RERUN:
+                raise GridError(f"rerun={value!r} is not one of {', '.join(RERUN)}")
+        results_dir = own.get("results_dir", "results")
+        if "n_jobs" in own:
+            own["n_jobs"] = str(resolve_n_jobs(own["n_jobs"]))
+        scale, groups = expand(own, passthrough)
+        if show_cfg:
+            print(OmegaConf.to_yaml({"scale": scale, "results_dir": results_dir,
+                                     "groups": [g.__dict__ for g in groups]}))
+            return 0
+        _check_overrides(scale, groups, results_dir)
+        if own.get("dry_run") != "true":  # a dry run only reads
+            from harness.core.results import UnwritableFolder, check_writable_folder
+
+            try:
+                check_writable_folder(results_dir, "results_dir")
+            except UnwritableFolder as exc:
+                raise GridError(str(exc)) from None
+    except GridError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    for plugin, error in describe()["errors"].items():
+        print(f"warning: plugin {plugin} failed to load: {error}", file=sys.stderr)
+    if own.get("dry_run") == "true":
+        return dry_run(scale, groups, results_dir, int(own.get("n_jobs", 1)))
+    _terminate_on_sigterm()
+    try:
+        return launch(scale, groups, own, results_dir)
+    except GridError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("grid stopped; its running cells were stopped too (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

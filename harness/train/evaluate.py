@@ -1,0 +1,72 @@
+"""Test a kept checkpoint: ``python -m harness evaluate <the cell's overrides> [checkpoint=PATH]``.
+
+The cell is composed from the same overrides as ``run`` (so its model is built exactly as
+trained), the checkpoint's weights are loaded (``weights_only=True``), and the split is
+evaluated with the same exact sums as training's test; the metrics print as JSON. Nothing
+is written. Without ``checkpoint=``, the cell's own ``best.ckpt`` (kept by
+``keep_checkpoints=true``) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "test") -> dict:
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    from harness.core.registry import create_task
+    from harness.train.build import build_model
+    from harness.train.cells import resolve_cell
+    from harness.train.config import compose
+    from harness.train.model import ModelConfig
+    from harness.train.training import TaskDataModule, TaskModule
+
+    cfg = compose(overrides)
+    cell = resolve_cell(cfg)
+    path = Path(checkpoint) if checkpoint else cell.checkpoint_dir / "best.ckpt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; run the cell with keep_checkpoints=true, or pass checkpoint=PATH")
+    task_cfg = {k: v for k, v in cell.identity["task"].items() if k != "name"}
+    task = create_task(cell.task, scale=cell.scale, **task_cfg)
+    dsd, info = task.load(cfg.cache_dir)
+    model = build_model(task, ModelConfig(**cell.identity["model"]), cell.mechanism,
+                        {k: v for k, v in cell.identity["mechanism"].items() if k != "name"})
+    module = TaskModule(model, OmegaConf.to_object(cfg.train))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    data = TaskDataModule(dsd, batch_size=cfg.train.batch_size, seed=cell.seed)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    if split == "test":
+        trainer.test(module, datamodule=data, verbose=False)
+    elif split == "validation":
+        trainer.validate(module, datamodule=data, verbose=False)
+    else:
+        raise ValueError(f"split={split!r}; valid: test, validation")
+    metrics = module.final_metrics["test" if split == "test" else "val"]
+    return {"cell": cell.name, "checkpoint": str(path), "step": state.get("global_step"), "split": split,
+            "data": {"source": info.source, "fingerprint": info.fingerprint}, "metrics": metrics}
+
+
+def main(argv: list[str]) -> int:
+    checkpoint = next((a.partition("=")[2] for a in argv if a.startswith("checkpoint=")), None)
+    split = next((a.partition("=")[2] for a in argv if a.startswith("split=")), "test")
+    overrides = [a for a in argv if not a.startswith(("checkpoint=", "split="))]
+    if "--cfg" in overrides:
+        from omegaconf import OmegaConf
+
+        from harness.train.config import compose
+
+        print(OmegaConf.to_yaml(compose([a for a in overrides if a not in ("--cfg", "job")])))
+        return 0
+    try:
+        print(json.dumps(evaluate(overrides, checkpoint, split), indent=2))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
