@@ -43,7 +43,7 @@ def test_builtin_mechanisms_and_tasks_are_discovered():
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(UnknownNameError) as err:
+    with pytest.raises(UnknownNameError, match="unknown mechanism 'sofmax'") as err:
         get_mechanism("sofmax")
     message = str(err.value)
     assert "\n" not in message and "softmax" in message and "unknown mechanism 'sofmax'" in message

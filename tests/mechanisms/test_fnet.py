@@ -60,7 +60,7 @@ def test_padding():
 
 def test_refusals_and_subquadratic():
     q, k, v = qkv(lq=8)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match="'fnet' does not support causal attention"):
         build("fnet")(q, k, v, causal=True)
     with pytest.raises(ValueError, match="max_len"):
         build("fnet", max_len=4)(q, k, v)

@@ -179,12 +179,12 @@ def test_any_length_fp32_and_bf16_autocast(length):
 def test_unsupported_calls_raise():
     mech = build("nystrom")
     q, k, v = qkv(lq=8)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match="'nystrom' does not support causal attention"):
         mech(q, k, v, causal=True)
     q2, k2, v2 = qkv(lq=5, lk=8)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match=r"'nystrom' does not support cross attention \(Lq=5, Lk=8\)"):
         mech(q2, k2, v2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_landmarks"):
         build("nystrom", num_landmarks=0)
 
 

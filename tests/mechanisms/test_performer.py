@@ -200,8 +200,9 @@ def test_fully_padded_rows_gradients_and_bf16(kernel):
 
 
 def test_config_is_validated():
-    for bad in ({"kernel": "cosine"}, {"num_features": 0}, {"causal_chunk_size": 0}, {"redraw_interval": -1}):
-        with pytest.raises(ValueError):
+    for bad, says in (({"kernel": "cosine"}, "kernel must be one of"), ({"num_features": 0}, "num_features must be >= 1"),
+                      ({"causal_chunk_size": 0}, "causal_chunk_size must be >= 1"), ({"redraw_interval": -1}, "redraw_interval must be >= 0")):
+        with pytest.raises(ValueError, match=says):
             build("performer", **bad)
 
 

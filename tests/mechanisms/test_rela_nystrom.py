@@ -170,7 +170,7 @@ def test_fully_padded_rows_gradients_lengths_and_bf16():
 def test_unsupported_calls_raise():
     mech = build("rela_nystrom")
     q, k, v = qkv(lq=8)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match="'rela_nystrom' does not support causal attention"):
         mech(q, k, v, causal=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_landmarks >= 1"):
         build("rela_nystrom", num_landmarks=0)

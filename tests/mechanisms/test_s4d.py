@@ -129,7 +129,7 @@ def test_gradients_subquadratic_and_refusals():
     value_and_parameter_gradients(build("s4d"), causal=True)
     assert_subquadratic(build("s4d", heads=1, dim_head=16), length=8192, heads=1, dim=16)
     q, k, v = qkv(lq=5, lk=8)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match="'s4d' does not support cross attention"):
         build("s4d")(q, k, v)
     with pytest.raises(ValueError, match="init"):
         build("s4d", init="legs")

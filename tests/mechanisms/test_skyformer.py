@@ -77,7 +77,7 @@ def test_gradients_subquadratic_and_refusals():
     assert_subquadratic(build("skyformer"), length=8192, heads=1, dim=16)
     mech = build("skyformer")
     q, k, v = qkv(lq=8)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match="'skyformer' does not support causal attention"):
         mech(q, k, v, causal=True)
     with pytest.raises(ValueError, match="num_landmarks"):
         build("skyformer", num_landmarks=1)
