@@ -47,13 +47,13 @@ from harness.bench.speed import (
     Job,
     MeasurementTimeout,
     SpeedConfig,
-    build_attention_step,
-    limit_address_space,
-    quantile,
     attention_inputs,
+    build_attention_step,
     hardware,
     last_line,
+    limit_address_space,
     plan,
+    quantile,
 )
 from harness.core.results import status_of
 

@@ -136,7 +136,7 @@ def test_a_resumed_warm_start_continues_where_it_stopped():
     whole = list(uninterrupted) + list(uninterrupted) + list(uninterrupted)  # three epochs: 8 + 4 + 4
     assert len(whole) == 16
     for done in (0, 2, 4, 6, 8, 9, 12, 13):
-        s = ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3, batches_done=lambda: done)
+        s = ResumableBatches(5, 7, steps=4, short_batch=3, batch=2, seed=3, batches_done=lambda done=done: done)
         epoch_end = 8 if done < 8 else 12 if done < 12 else 16
         assert list(s) == whole[done:epoch_end]  # the rest of the epoch the run stands in
         assert s.short_drawn == max(0, 4 - done)
