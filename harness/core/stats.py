@@ -31,19 +31,18 @@ def mcnemar(a: Sequence[int], b: Sequence[int]) -> dict[str, float]:
     """Exact McNemar test: ``a``, ``b`` are 0/1 outcomes on the same items, in one order.
     Returns the discordant counts (``a_only``: A right, B wrong; ``b_only``) and the two-sided
     exact p-value, 2 · P[Binomial(a_only + b_only, ½) ≤ min(a_only, b_only)], capped at 1."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"paired outcomes of different lengths ({a.size} vs {b.size}): not the same test items")
-    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape:
+        raise ValueError(f"paired outcomes of different lengths ({x.size} vs {y.size}): not the same test items")
+    a_only, b_only = int((x & ~y).sum()), int((~x & y).sum())
     n, k = a_only + b_only, min(a_only, b_only)
     p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
     return {"a_only": a_only, "b_only": b_only, "p_value": p}
 
 
-def _item_scores(correct: np.ndarray, count: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    correct = np.asarray(correct, dtype=float)
-    count = np.ones_like(correct) if count is None else np.asarray(count, dtype=float)
-    return correct, count
+def _item_scores(correct: Sequence[float], count: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(correct, dtype=float)
+    return y, (np.ones_like(y) if count is None else np.asarray(count, dtype=float))
 
 
 def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *, count: Sequence[int] | None = None,
@@ -55,23 +54,23 @@ def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *, 
     of summed correct to summed count. Returns ``diff`` (the point estimate: means over seeds),
     ``low``/``high`` (the 2.5/97.5 percentiles) and ``p_value`` = the fraction of resamples with
     A − B ≤ 0 (one-sided, for "A beats B")."""
-    a = np.atleast_2d(np.asarray(a, dtype=float))
-    b = np.atleast_2d(np.asarray(b, dtype=float))
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"paired outcomes over {a.shape[1]} and {b.shape[1]} items: not the same test items")
-    n = a.shape[1]
+    xa = np.atleast_2d(np.asarray(a, dtype=float))
+    xb = np.atleast_2d(np.asarray(b, dtype=float))
+    if xa.shape[1] != xb.shape[1]:
+        raise ValueError(f"paired outcomes over {xa.shape[1]} and {xb.shape[1]} items: not the same test items")
+    n = xa.shape[1]
     cnt = np.ones(n) if count is None else np.asarray(count, dtype=float)
     groups = np.arange(n) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
     n_groups = int(groups.max()) + 1
     # per cluster sums: (seeds, clusters)
-    sa = np.stack([np.bincount(groups, weights=row, minlength=n_groups) for row in a])
-    sb = np.stack([np.bincount(groups, weights=row, minlength=n_groups) for row in b])
+    sa = np.stack([np.bincount(groups, weights=row, minlength=n_groups) for row in xa])
+    sb = np.stack([np.bincount(groups, weights=row, minlength=n_groups) for row in xb])
     sc = np.bincount(groups, weights=cnt, minlength=n_groups)
-    diff = float(a.sum(1).mean() / cnt.sum() - b.sum(1).mean() / cnt.sum())
+    diff = float(xa.sum(1).mean() / cnt.sum() - xb.sum(1).mean() / cnt.sum())
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
     weights = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # (n_boot, clusters)
-    ia, ib = rng.integers(0, len(a), n_boot), rng.integers(0, len(b), n_boot)
+    ia, ib = rng.integers(0, len(xa), n_boot), rng.integers(0, len(xb), n_boot)
     total = weights @ sc
     boot = ((weights * sa[ia]).sum(1) - (weights * sb[ib]).sum(1)) / np.maximum(total, 1e-12)
     low, high = np.percentile(boot, [2.5, 97.5])
