@@ -160,7 +160,8 @@ def building(cfg: Any, heads: int, dim_head: int, max_len: int) -> Iterator[None
 
 def _qkv_of(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     names = ("q", "k", "v")
-    return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))  # type: ignore[return-value]
+    q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+    return q, k, v
 
 
 def _check_capabilities(module: Attention, args: tuple, kwargs: dict) -> None:

@@ -31,6 +31,7 @@ raises that error, so neither silently wins.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -260,7 +261,9 @@ def register_task(
 
     def decorate(cls: type) -> type:
         file = _check_new("task", _TASKS, name, cls)
-        cls.name, cls.config_class, cls.sources, cls.requires = name, config_class, tuple(sources), frozenset(requires)
+        for attribute, value in (("name", name), ("config_class", config_class), ("sources", tuple(sources)),
+                                 ("requires", frozenset(requires))):
+            setattr(cls, attribute, value)
         store = ConfigStore.instance()
         store.store(group="task", name=name, node=_config_node(name, config_class))
         for scale, preset in (scales or {}).items():
@@ -283,7 +286,7 @@ def _import_package_modules(package: str) -> None:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        _guarded_import(f"{package}.{info.name}", lambda n=f"{package}.{info.name}": importlib.import_module(n))
+        _guarded_import(f"{package}.{info.name}", functools.partial(importlib.import_module, f"{package}.{info.name}"))
 
 
 def _import_file(path: Path) -> None:
@@ -295,6 +298,8 @@ def _import_file(path: Path) -> None:
     if folder not in sys.path:
         sys.path.append(folder)  # after everything else: a helper never shadows an installed module
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path}: not an importable Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
@@ -339,7 +344,7 @@ def discover(extra_paths: list[str | Path] | None = None, *, force: bool = False
             if path.name.startswith("_") or (str(path.resolve()) in _LOADED and not force):
                 continue  # a helper, or imported already in this process
             _LOADED.add(str(path.resolve()))
-            _guarded_import(str(path), lambda p=path: _import_file(p))
+            _guarded_import(str(path), functools.partial(_import_file, path))
 
 
 def plugin_errors() -> dict[str, str]:
@@ -393,10 +398,12 @@ def build_config(config_class: type, overrides: dict[str, Any] | Any | None, *, 
     if overrides is None:
         return config_class()
     if dataclasses.is_dataclass(overrides) and not isinstance(overrides, type):
-        overrides = dataclasses.asdict(overrides)
-    elif not isinstance(overrides, dict):
-        overrides = OmegaConf.to_container(overrides, resolve=True)
-    overrides = {k: v for k, v in dict(overrides).items() if k != "name"}
+        given: Any = dataclasses.asdict(overrides)
+    elif isinstance(overrides, dict):
+        given = overrides
+    else:
+        given = OmegaConf.to_container(overrides, resolve=True)
+    overrides = {k: v for k, v in dict(given).items() if k != "name"}
     valid = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
@@ -451,5 +458,10 @@ def describe() -> dict[str, Any]:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:  # a required field
+        return "???"
     return value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else repr(value)

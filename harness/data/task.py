@@ -156,7 +156,7 @@ def remove_orphans(folder: Path) -> list[Path]:
     now (their ``<name>.lock`` is free); returns what was removed."""
     from filelock import Timeout
 
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in sorted(folder.iterdir()):
@@ -418,9 +418,10 @@ class Task:
             for column in sorted(ds.column_names):
                 values = ds[column]
                 if column.startswith("input_ids"):
-                    lengths.extend(len(x) for x in values) if split == "test" else None
-                    flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in values]) if len(values) else []
-                    digest.update(np.asarray(flat, dtype=np.int64).tobytes())
+                    if split == "test":
+                        lengths.extend(len(x) for x in values)
+                    flat = [np.asarray(x, dtype=np.int64) for x in values]
+                    digest.update((np.concatenate(flat) if flat else np.zeros(0, np.int64)).tobytes())
                     digest.update(np.asarray([len(x) for x in values], dtype=np.int64).tobytes())
                 else:
                     digest.update(json.dumps(values, default=str).encode())
@@ -469,7 +470,8 @@ def pad_nested(values: list[list], pad_id: int = PAD_ID) -> torch.Tensor:
     shape = [max(a.shape[d] for a in arrays) for d in range(ndim)]
     out = np.full((len(arrays), *shape), pad_id, dtype=np.int64)
     for i, a in enumerate(arrays):
-        out[(i, *(slice(0, n) for n in a.shape))] = a
+        index: tuple[int | slice, ...] = (i, *[slice(0, n) for n in a.shape])
+        out[index] = a
     return torch.from_numpy(out)
 
 
