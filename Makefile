@@ -57,8 +57,12 @@ speed: install ## speed and memory of every mechanism across sequence lengths (r
 report: install ## regenerate results/leaderboard.md and results/plots/ from the results
 	$(PY) -m harness report results_dir=$(RESULTS)
 
-test: install ## the fast test suite (what CI runs)
+test: install ## the fast test suite, then the wheel test (what CI runs)
 	$(PY) -m pytest -q -m "not slow" -n 2
+	$(MAKE) --no-print-directory wheel-test
+
+wheel-test: install ## build the wheels, install them (not editable) in a fresh venv, run `harness list` and a tiny cell
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_wheel.py
 
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -q -n 2
@@ -67,4 +71,4 @@ lint: install ## ruff and the import layers of harness/ (lint-imports)
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 
-.PHONY: help install data benchmark smoke speed report test test-all lint
+.PHONY: help install data benchmark smoke speed report test wheel-test test-all lint
