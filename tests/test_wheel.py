@@ -31,8 +31,12 @@ pytestmark = pytest.mark.slow
 def _source_copy(dest: Path) -> Path:
     """The files of this checkout a commit would hold (tracked and untracked-not-ignored), copied
     to ``dest``: the wheel is built from them without writing build/ or *.egg-info into the tree."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if listed.returncode != 0:
         pytest.fail(f"git ls-files failed in {ROOT}: {listed.stderr.strip()}")
     for name in filter(None, listed.stdout.split("\0")):
@@ -54,20 +58,42 @@ def installed(tmp_path_factory):
     source = _source_copy(tmp / "src")
     wheels = tmp / "wheels"
     for project in (source, source / "plugins" / "peers"):
-        built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                      "-w", str(wheels), str(project)], tmp, dict(os.environ))
-        assert built.returncode == 0, f"pip wheel {project.name} failed:\n{built.stdout[-3000:]}\n{built.stderr[-3000:]}"
+        built = _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-w",
+                str(wheels),
+                str(project),
+            ],
+            tmp,
+            dict(os.environ),
+        )
+        assert built.returncode == 0, (
+            f"pip wheel {project.name} failed:\n{built.stdout[-3000:]}\n{built.stderr[-3000:]}"
+        )
     venv = tmp / "venv"
     made = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, dict(os.environ))
     assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     wheel_files = sorted(str(w) for w in wheels.glob("*.whl"))
     assert len(wheel_files) == 2, wheel_files
-    done = _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-                 *wheel_files], tmp, dict(os.environ))
+    done = _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", *wheel_files],
+        tmp,
+        dict(os.environ),
+    )
     assert done.returncode == 0, f"pip install failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp,
-                     dict(os.environ)).stdout.strip())
+    site = Path(
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp, dict(os.environ)
+        ).stdout.strip()
+    )
     deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site / "_test_wheel_dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HARNESS_PLUGIN_PATH", "HARNESS_CACHE_DIR")}
@@ -79,10 +105,12 @@ def installed(tmp_path_factory):
 
 def test_the_wheels_code_and_configs_are_the_ones_imported(installed):
     python, venv, env, empty = installed
-    code = ("import harness, tasks, mechanisms, harness_peers, hydra_plugins.harness_launcher as hl;"
-            "from harness.train.config import CONF_DIR;"
-            "print(harness.__file__, tasks.__file__, mechanisms.__file__, harness_peers.__file__, hl.__file__);"
-            "print(CONF_DIR, (CONF_DIR / 'config.yaml').is_file())")
+    code = (
+        "import harness, tasks, mechanisms, harness_peers, hydra_plugins.harness_launcher as hl;"
+        "from harness.train.config import CONF_DIR;"
+        "print(harness.__file__, tasks.__file__, mechanisms.__file__, harness_peers.__file__, hl.__file__);"
+        "print(CONF_DIR, (CONF_DIR / 'config.yaml').is_file())"
+    )
     done = _run([str(python), "-c", code], empty, env)
     assert done.returncode == 0, done.stderr
     files, conf = done.stdout.splitlines()
@@ -105,12 +133,31 @@ def test_harness_list_from_an_empty_folder(installed):
 def test_one_tiny_cell_from_an_empty_folder(installed, tmp_path):
     python, venv, env, empty = installed
     results = tmp_path / "results"
-    done = _run([str(python), "-m", "harness", "run", "task=listops", "mechanism=softmax", "scale=tiny",
-                 "train.max_steps=2", f"results_dir={results}", f"cache_dir={tmp_path / 'cache'}"], empty, env)
+    done = _run(
+        [
+            str(python),
+            "-m",
+            "harness",
+            "run",
+            "task=listops",
+            "mechanism=softmax",
+            "scale=tiny",
+            "train.max_steps=2",
+            f"results_dir={results}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+        empty,
+        env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = list((results / "runs").rglob("seed0.json"))
     assert len(records) == 1, records
     record = json.loads(records[0].read_text())
-    assert (record["status"], record["task"], record["mechanism"], record["scale"]) == ("ok", "listops", "softmax", "tiny")
+    assert (record["status"], record["task"], record["mechanism"], record["scale"]) == (
+        "ok",
+        "listops",
+        "softmax",
+        "tiny",
+    )
     assert record["steps"] == 2
     assert list(empty.iterdir()) == [], "the cell wrote into the working folder"
