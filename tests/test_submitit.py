@@ -2,7 +2,8 @@
 hydra-submitit-launcher and submitit (pickled job, a process per cell, results collected by
 submitit) with submitit's local executor instead of sbatch; ``launcher=slurm`` composes
 harness/conf/hydra/launcher/slurm.yaml onto the plugin's SLURM schema. Skipped only when
-hydra-submitit-launcher is not installed (it is in the ``dev`` and ``slurm`` extras)."""
+hydra-submitit-launcher is not installed (it is in the ``dev`` and ``slurm`` extras); without it,
+``launcher=submitit_local`` is one line naming the extra."""
 
 from __future__ import annotations
 
@@ -17,12 +18,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
+needs_submitit = pytest.mark.skipif(
     importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]', or make install)",
 )
 
 
+def test_submitit_local_without_the_package_names_the_extra(monkeypatch, tmp_path):
+    from harness.grid.sweep import GridError, expand, launch
+
+    scale, groups = expand({"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"})
+    monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_submitit_launcher", None)  # import fails as if absent
+    with pytest.raises(GridError) as raised:
+        launch(scale, groups, {"launcher": "submitit_local"}, str(tmp_path))
+    assert raised.value.message == ("launcher=submitit_local needs hydra-submitit-launcher: pip install -e '.[slurm]'")
+    assert not (tmp_path / "sweeps").exists()
+
+
+@needs_submitit
 def test_slurm_launcher_config_composes_onto_the_plugins_schema():
     from hydra import compose, initialize_config_dir
 
@@ -41,6 +54,7 @@ def test_slurm_launcher_config_composes_onto_the_plugins_schema():
     assert (launcher.gpus_per_node, launcher.array_parallelism, launcher.timeout_min) == (1, 64, 720)
 
 
+@needs_submitit
 @pytest.mark.slow
 def test_two_cell_grid_through_submitit_local(tmp_path):
     results = tmp_path / "results"

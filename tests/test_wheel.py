@@ -55,6 +55,9 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Compl
 def installed(tmp_path_factory):
     """(venv python, venv bin folder, environment, empty working folder) of a fresh venv holding the wheels."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # no PYTHONPATH: a checkout on it (its longbench.egg-info from an editable install) would pass for the wheel
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HARNESS_PLUGIN_PATH", "HARNESS_CACHE_DIR")}
+    clean["PYTHONNOUSERSITE"] = "1"
     source = _source_copy(tmp / "src")
     wheels = tmp / "wheels"
     for project in (source, source / "plugins" / "peers"):
@@ -72,31 +75,44 @@ def installed(tmp_path_factory):
                 str(project),
             ],
             tmp,
-            dict(os.environ),
+            clean,
         )
         assert built.returncode == 0, (
             f"pip wheel {project.name} failed:\n{built.stdout[-3000:]}\n{built.stderr[-3000:]}"
         )
     venv = tmp / "venv"
-    made = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, dict(os.environ))
+    made = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, clean)
     assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     wheel_files = sorted(str(w) for w in wheels.glob("*.whl"))
     assert len(wheel_files) == 2, wheel_files
     done = _run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", *wheel_files],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            *wheel_files,
+        ],
         tmp,
-        dict(os.environ),
+        clean,
     )
     assert done.returncode == 0, f"pip install failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     site = Path(
         _run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp, dict(os.environ)
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp, clean
         ).stdout.strip()
     )
+    for package in ("harness", "tasks", "mechanisms", "harness_peers", "hydra_plugins/harness_launcher"):
+        assert (site / package).is_dir(), f"the wheels installed no {package}/ in {site}:\n{done.stdout[-3000:]}"
     deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site / "_test_wheel_dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HARNESS_PLUGIN_PATH", "HARNESS_CACHE_DIR")}
+    env = dict(clean)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     empty = tmp / "cwd"
     empty.mkdir()
