@@ -20,15 +20,28 @@ help: ## show this help
 	@grep -hE '^[a-z][a-z-]*:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: SCALE=auto|tiny|small|lra  GRID=auto|cpu|default|length|smoke  SEEDS=0,1,2  JOBS=auto|N  RESULTS=results  SMOKE_RESULTS=results/smoke  SPEED_ARGS='threads=1 lengths=[256,1024]'"
 
-install: $(STAMP) ## create .venv and install torch==2.13.0, then the project with [dev] and the peer plugins
+install: $(STAMP) ## create .venv and install torch==2.13.0, then the project with [dev] and the peer plugins, at the versions of constraints.txt
 
-$(STAMP): pyproject.toml plugins/peers/pyproject.toml
+$(STAMP): pyproject.toml plugins/peers/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet -e plugins/peers
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e plugins/peers
 	touch $@
+
+# pip's resolver, run dry against what .venv holds (pip freeze as constraints), names every package that
+# torch, .[dev] and the peers need and its version; constraints.txt is that list (the projects themselves left out)
+constraints: install ## regenerate constraints.txt from the versions installed in .venv (after changing dependencies)
+	$(PY) -m pip freeze --exclude-editable > $(VENV)/freeze.txt
+	$(PY) -m pip install --quiet --dry-run --ignore-installed --report $(VENV)/resolved.json -c $(VENV)/freeze.txt \
+	  torch==2.13.0 -e ".[dev]" -e plugins/peers
+	$(PY) -c 'import json, sys; \
+	  pins = sorted(((p["metadata"]["name"], p["metadata"]["version"].split("+")[0]) for p in json.load(open(sys.argv[1]))["install"]), key=lambda p: p[0].lower()); \
+	  print("# The versions CI tested: make install installs with -c constraints.txt. Regenerate with make constraints"); \
+	  print("# (pip resolves torch==2.13.0, .[dev] and plugins/peers against the packages .venv holds)."); \
+	  print("\n".join(f"{n}=={v}" for n, v in pins if n.lower() not in ("longbench", "harness-peers")))' \
+	  $(VENV)/resolved.json > constraints.txt
 
 data: install ## prepare every task's offline data (fetches the Debian packages it needs)
 	$(PY) -m harness data task=all scale=$(if $(filter auto,$(SCALE)),small,$(SCALE))
@@ -57,8 +70,12 @@ speed: install ## speed and memory of every mechanism across sequence lengths (r
 report: install ## regenerate results/leaderboard.md and results/plots/ from the results
 	$(PY) -m harness report results_dir=$(RESULTS)
 
-test: install ## the fast test suite (what CI runs)
+test: install ## the fast test suite, then the packaging tests: the wheel and a grid through submitit (what CI runs)
 	$(PY) -m pytest -q -m "not slow" -n 2
+	$(PY) -m pytest -q -p no:cacheprovider -m slow -n 2 --dist loadfile tests/test_wheel.py tests/test_submitit.py
+
+wheel-test: install ## build the wheels, install them (not editable) in a fresh venv, run `harness list` and a tiny cell
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_wheel.py
 
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -q -n 2
@@ -67,4 +84,4 @@ lint: install ## ruff and the import layers of harness/ (lint-imports)
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 
-.PHONY: help install data benchmark smoke speed report test test-all lint
+.PHONY: help install constraints data benchmark smoke speed report test wheel-test test-all lint

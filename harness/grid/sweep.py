@@ -42,7 +42,9 @@ from omegaconf import OmegaConf
 from harness.train.config import CONF_DIR, RERUN
 
 GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_jobs", "results_dir", "dry_run")
-LAUNCHERS = {"process": "process", "local": "process", "joblib": "joblib", "slurm": "slurm"}
+# launcher= -> hydra/launcher=; submitit_local: the SLURM path's submitit machinery, run locally (tests/test_submitit.py)
+LAUNCHERS = {"process": "process", "local": "process", "joblib": "joblib", "slurm": "slurm",
+             "submitit_local": "submitit_local"}
 GRID_FILE_KEYS = ("tasks", "mechanisms", "seeds", "sweep", "task_sweep", "overrides", "task_overrides")
 # what a cell override of these names most likely meant
 MISSPELLED = {"task": "tasks", "mechanism": "mechanisms", "seed": "seeds"}
@@ -470,11 +472,11 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
         print(f"warning: launcher={launcher} pickles the configs to its workers; mechanisms loaded from "
               "$HARNESS_PLUGIN_PATH files can't be unpickled there. Use launcher=process (the default), or "
               "install them as a package with a harness.mechanisms entry point", file=sys.stderr)
-    if launcher == "slurm":
+    if launcher in ("slurm", "submitit_local"):
         try:
             import hydra_plugins.hydra_submitit_launcher  # noqa: F401
         except ImportError:
-            raise GridError("launcher=slurm needs hydra-submitit-launcher: pip install -e '.[slurm]'") from None
+            raise GridError(f"launcher={launcher} needs hydra-submitit-launcher: pip install -e '.[slurm]'") from None
     if launcher == "joblib":
         try:
             import hydra_plugins.hydra_joblib_launcher  # noqa: F401
