@@ -123,8 +123,15 @@ def test_cli_run_exits_nonzero_on_a_failed_cell(workdir):
         capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "HARNESS_PLUGIN_PATH": env_plugins},
     )
     assert done.returncode == 1
-    record = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
+    path = Path(done.stdout.strip().splitlines()[-1])
+    record = json.loads(path.read_text())
     assert record["status"] == "failed"
+    # one log per cell, in the cell's own folder (Hydra writes no second copy as run.log)
+    folder = workdir / "results" / "logs" / record["scale"] / record["task"] / "raises"
+    logs = [p.relative_to(folder).as_posix() for p in folder.rglob("*.log") if "seed7" in p.parts]
+    assert logs == [f"{record['variant']}/seed7/cell.log"]
+    logs = [folder / p for p in logs]
+    assert "raises" in logs[0].read_text()
 
 
 @pytest.mark.slow

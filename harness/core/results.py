@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -101,6 +102,13 @@ def status_of(exc: BaseException) -> str:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(m in text for m in OOM_MARKERS):
         return "oom"
     return "failed"
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of ``exc`` as Python prints it (``ValueError: shape``): what a record's
+    ``error`` holds, for a cell and a measurement alike."""
+    lines = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
 
 
 def result_path(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:

@@ -70,14 +70,8 @@ def die_with_parent() -> None:  # runs in the child between fork and exec
 
 def last_line(path: Path) -> str:
     """The last non-empty line of a text file (the cell's last words), '' if none."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            lines = [x.strip() for x in f.read().decode("utf-8", "replace").splitlines() if x.strip()]
-        return lines[-1] if lines else ""
-    except OSError:
-        return ""
+    lines = [x.strip() for x in _tail_text(path, 8192).splitlines() if x.strip()]
+    return lines[-1] if lines else ""
 
 
 def available_cores() -> int:
@@ -260,6 +254,7 @@ def is_interrupt(returncode: int | None) -> bool:
 
 
 def _tail_text(path: Path, size: int = 4096) -> str:
+    """The last ``size`` bytes of a text file, decoded ('' when it cannot be read)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
