@@ -113,9 +113,9 @@ def primary_metric(metrics: dict[str, float]) -> tuple[str, bool]:
 
 
 def sequence_length(record: dict[str, Any]) -> int | None:
-    """The cell's sequence length: the smallest length cap of its task config (``max_len``,
-    ``max_length``), else the longest test sequence of its data."""
-    config = record.get("task_config") or {}
+    """The cell's sequence length: the smallest length cap of its task's settings
+    (``config.task.max_len``, ``config.task.max_length``), else the longest test sequence of its data."""
+    config = (record.get("config") or {}).get("task") or {}
     caps = [int(config[k]) for k in LENGTH_KEYS if isinstance(config.get(k), (int, float)) and config[k]]
     if caps:
         return min(caps)
@@ -191,7 +191,7 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "clusters": data.get("test_clusters"), "val_curve": r.get("val_curve") or None,
             "softmax_equivalent": r.get("softmax_equivalent"),
             "warmup_steps": ((data.get("warmup") or {}).get("steps")),
-            "protocol": r.get("protocol") or (r.get("config") or {}).get("protocol") or "",
+            "protocol": (r.get("config") or {}).get("protocol") or "",
         })
     columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "variant_other", "length", "status",
                "error", "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s",

@@ -37,6 +37,7 @@ from harness.core.results import (
     Result,
     code_segments_summary,
     code_state,
+    config_section,
     environment,
     last_line,
     read_result,
@@ -235,7 +236,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     cell = resolve_cell(cfg)
     if _ddp_worker_rank() > 0:  # a DDP worker that Lightning started: train, the main process records
-        _train_and_test(cfg, cell, _new_result(cfg, cell))
+        _train_and_test(cfg, cell, new_result(cell))
         return {"status": "ok", "task": cell.task, "mechanism": cell.mechanism, "seed": cell.seed}
     if cell.variant:
         log.info("cell %s: config %s differs from the presets: %s", cell.name, cell.config_hash, cell.variant_label)
@@ -292,7 +293,7 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
         log.info("redoing %s (recorded as %s); that record kept as %s", cell.name, previous["status"], kept)
     _claim_checkpoints(cell)
 
-    result = _new_result(cfg, cell)
+    result = new_result(cell)
     start = time.perf_counter()
     try:
         _train_and_test(cfg, cell, result)
@@ -327,14 +328,13 @@ def _keep_replaced(cell: Cell, previous: dict[str, Any]) -> Path:
     return target
 
 
-def _new_result(cfg: DictConfig, cell: Cell) -> Result:
+def new_result(cell: Cell, status: str = "failed", **fields: Any) -> Result:
+    """A record of ``cell``: its names, its settings (``config``: the cell's identity), this
+    process's environment, ``status`` and any other ``fields`` (e.g. ``error``)."""
     return Result(
-        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status="failed",
-        mechanism_config={k: v for k, v in cell.identity["mechanism"].items() if k != "name"},
-        env=environment(), task_config={k: v for k, v in cell.identity["task"].items() if k != "name"},
-        model_config=cell.identity["model"], train_config=_container(cfg.train),
+        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status=status, env=environment(),
         variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
-        protocol=cell.identity.get("protocol", ""),
+        **fields,
     )
 
 
@@ -461,7 +461,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     _route_lightning_logs()  # after Lightning's import, which adds its own console handler
     L.seed_everything(result.seed, workers=True, verbose=False)
 
-    task = create_task(result.task, scale=result.scale, **result.task_config)
+    task = create_task(result.task, scale=result.scale, **config_section(cell.identity, "task"))
     log.info("data: %s (source=%s)", task.name, task.source)
     dsd, data_info = task.load(cfg.cache_dir)
     result.data = data_info.as_record()
@@ -475,8 +475,8 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         result.error = f"task '{task.name}' needs {', '.join(missing)}; mechanism '{result.mechanism}' lacks it"
         return
 
-    model_cfg = ModelConfig(**result.model_config)
-    model = build_model(task, model_cfg, result.mechanism, result.mechanism_config)
+    model_cfg = ModelConfig(**cell.identity["model"])
+    model = build_model(task, model_cfg, result.mechanism, config_section(cell.identity, "mechanism"))
     result.params = count_parameters(model)
     log.info("model: %s with %s, %d parameters", task.head, result.mechanism, result.params)
     result.softmax_equivalent = computes_softmax(model.encoder.mechanisms[0], model.encoder.max_len,
