@@ -282,7 +282,7 @@ def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_l
                    f"results_dir={results}", *CELL, "task.num_train=64", "task.num_val=16")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, _ = scan_results(results)
-    assert sorted(r["task_config"]["max_len"] for r in records) == [1024, 4096]
+    assert sorted(r["config"]["task"]["max_len"] for r in records) == [1024, 4096]
     assert len({r["config_hash"] for r in records}) == 2 and all(r["status"] == "ok" for r in records)
     done = harness(env, "report", f"results_dir={results}")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -124,11 +124,11 @@ def test_training_loss_includes_the_mechanisms_aux_loss():
     b = batch([[1, 2, 3, 4], [4, 3, 2, 1]])
     torch.manual_seed(0)
     total = module.training_step(b, 0)
-    aux = module.aux_loss()
+    aux = m.encoder.aux_loss()
     assert aux is not None and aux.item() > 0
     torch.manual_seed(0)
     task_loss, _ = m.loss(m(b), b)
-    torch.testing.assert_close(total, task_loss + module.aux_loss())
+    torch.testing.assert_close(total, task_loss + m.encoder.aux_loss())
 
 
 def test_parameter_count_grows_with_depth():

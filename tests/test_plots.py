@@ -34,7 +34,7 @@ def every_mechanism_swept():
 
 def test_speed_plots_are_small_multiples_per_family_with_softmax_in_each(tmp_path, monkeypatch):
     saved = capture_figures(monkeypatch)
-    paths = efficiency.write_plots(every_mechanism_swept(), None, tmp_path)
+    paths = efficiency.write_plots(every_mechanism_swept(), tmp_path)
     assert sorted(p.name for p in paths) == ["memory_vs_length.png", "throughput_vs_length.png"]
     for fig in saved:
         panels = [ax for ax in fig.axes if ax.axison]
@@ -62,7 +62,7 @@ def test_stop_labels_at_one_length_do_not_pile_up(monkeypatch, tmp_path):
                                         memory=1.0, mode="attention"))
         if name != "softmax":
             records.append(speed_record(name, 16384, status="oom", mode="attention"))
-    efficiency.write_plots(records, None, tmp_path)
+    efficiency.write_plots(records, tmp_path)
     for fig in saved:
         assert [t.get_text() for ax in fig.axes for t in ax.texts] == ["oom ×4"]
         crosses = [ln for ax in fig.axes for ln in ax.lines if ln.get_marker() == "x"]
@@ -130,3 +130,6 @@ def test_every_figure_of_a_report_reads_cleanly(monkeypatch, tmp_path):
     for fig in saved:
         assert problems(fig) == [], fig._suptitle.get_text() if fig._suptitle else ""
 
+    # one accuracy-vs-speed figure, from the cells' own throughput (the speed sweep draws none)
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("accuracy_vs_*.png"))
+    assert plots == ["accuracy_vs_length_small.png", "accuracy_vs_throughput_small.png"]

@@ -359,14 +359,14 @@ def _four_steps(protocol, task, sources, tmp_path):
         overrides.append("mechanism=linear")
     result = run_cell(compose(overrides))
     assert result["status"] == "ok", result["error"]
-    assert result["steps"] == 4 and result["protocol"] == protocol and result["config"]["protocol"] == protocol
+    assert result["steps"] == 4 and result["config"]["protocol"] == protocol and "protocol" not in result
     assert result["variant_label"].startswith(f"protocol={protocol}, " if protocol != "lra" else "")
     return result
 
 
 def test_a_protocol_cell_trains_four_steps_on_released_data(real_sources, tmp_path):
     result = _four_steps(*FAST, real_sources, tmp_path)
-    assert result["model_config"]["pooling"] == "padded_mean" and result["data"]["source"] == "lra"
+    assert result["config"]["model"]["pooling"] == "padded_mean" and result["data"]["source"] == "lra"
 
 
 @pytest.mark.slow

@@ -17,14 +17,15 @@ def record(task="listops", mechanism="softmax", *, seed=0, accuracy=0.5, status=
            fingerprint="fp", cache_path="", error=None, bits=None, wall_s=60.0):
     test = {"bits_per_token": bits, "loss": 1.0} if bits is not None else {"accuracy": accuracy, "loss": 1.0}
     return {
-        "task": task, "mechanism": mechanism, "mechanism_config": {}, "scale": scale, "seed": seed, "status": status,
+        "schema_version": 2, "task": task, "mechanism": mechanism, "scale": scale, "seed": seed, "status": status,
         "error": error, "metrics": {"val": test, "test": test} if status == "ok" else {},
         "params": params, "tokens_per_s": tokens_per_s, "peak_memory_mb": memory, "wall_s": wall_s,
         "data": {"source": "generated", "fingerprint": fingerprint, "majority_accuracy": majority,
                  "sizes": {"train": 100, "validation": 50, "test": n_test}, "length_mean": max_len / 2,
                  "length_max": max_len - 1, "num_classes": 2, "cache_path": cache_path},
         "env": {"commit": "abc1234", "torch": "2.13.0+cpu", "device": "cpu (test, 2 threads)"},
-        "task_config": {"max_len": max_len}, "variant": variant, "variant_label": label, "config_hash": variant or "h0",
+        "config": {"scale": scale, "task": {"name": task, "max_len": max_len}, "mechanism": {"name": mechanism}},
+        "variant": variant, "variant_label": label, "config_hash": variant or "h0",
     }
 
 
@@ -196,8 +197,8 @@ def test_report_main_survives_an_empty_folder(tmp_path, capsys):
 
 
 def test_sequence_length_and_variant_labels():
-    assert report.sequence_length({"task_config": {"max_len": 4096, "max_length": 1024}}) == 1024
-    assert report.sequence_length({"task_config": {}, "data": {"length_max": 300}}) == 300
+    assert report.sequence_length({"config": {"task": {"max_len": 4096, "max_length": 1024}}}) == 1024
+    assert report.sequence_length({"config": {"task": {}}, "data": {"length_max": 300}}) == 300
     assert report.other_differences("task.max_len=1024, mechanism.num_features=128") == "mechanism.num_features=128"
     assert report.band_of(1000) == "513–1K" and report.band_of(2000) == "1K–2K" and report.band_of(128) == "≤ 256"
     assert math.isnan(report.wilson(0.5, 0)[0])
@@ -416,7 +417,7 @@ def test_published_rows_sit_only_beside_cells_of_their_protocol():
     for protocol, acc in (("lra", 0.37), ("pytorch", 0.39)):
         r = record(task="listops", mechanism="softmax", scale="lra", accuracy=acc)
         r["data"]["source"] = "lra"
-        r["protocol"] = protocol
+        r["config"]["protocol"] = protocol
         records.append(r)
     section = report.reference_section(report.cells_frame(records))
     lra = section[section.index("### LRA's own protocol"):section.index("### The PyTorch")]

@@ -9,13 +9,13 @@ import pytest
 from plugin_fixtures import FAULTY, ROOT, readme_mechanism
 
 from harness.core.registry import discover
-from harness.core.results import STATUSES, read_results, result_path
+from harness.core.results import SCHEMA_VERSION, STATUSES, read_results, result_path
 from harness.report.leaderboard import write_report
 from harness.train.config import compose
 from harness.train.run import run_cell
 
 TINY = ["scale=tiny", "trainer.progress_bar=false", "train.max_steps=12", "train.eval_every=6"]
-KEYS = {"task", "mechanism", "mechanism_config", "scale", "seed", "status", "error", "metrics", "params",
+KEYS = {"task", "mechanism", "config", "scale", "seed", "status", "error", "metrics", "params",
         "tokens_per_s", "peak_memory_mb", "wall_s", "data", "env"}
 
 
@@ -48,7 +48,7 @@ def test_tiny_cell_writes_a_valid_result(workdir, capsys):
     path = result_path(workdir / "results", "tiny", "listops", "softmax", 0, result["variant"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)  # last line printed: the path
     written = json.loads(path.read_text())
-    assert written["status"] == "ok" and written["schema_version"] == 1  # the record's layout, versioned
+    assert written["status"] == "ok" and written["schema_version"] == SCHEMA_VERSION == 2  # the record's layout, versioned
     from harness.report.frames import load_frame
 
     frame = load_frame(workdir / "results")  # the documented loader reads it back
@@ -123,8 +123,15 @@ def test_cli_run_exits_nonzero_on_a_failed_cell(workdir):
         capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "HARNESS_PLUGIN_PATH": env_plugins},
     )
     assert done.returncode == 1
-    record = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
+    path = Path(done.stdout.strip().splitlines()[-1])
+    record = json.loads(path.read_text())
     assert record["status"] == "failed"
+    # one log per cell, in the cell's own folder (Hydra writes no second copy as run.log)
+    folder = workdir / "results" / "logs" / record["scale"] / record["task"] / "raises"
+    logs = [p.relative_to(folder).as_posix() for p in folder.rglob("*.log") if "seed7" in p.parts]
+    assert logs == [f"{record['variant']}/seed7/cell.log"]
+    logs = [folder / p for p in logs]
+    assert "raises" in logs[0].read_text()
 
 
 @pytest.mark.slow

@@ -50,12 +50,11 @@ from harness.bench.speed import (
     attention_inputs,
     build_attention_step,
     hardware,
-    last_line,
     limit_address_space,
     plan,
     quantile,
 )
-from harness.core.results import status_of
+from harness.core.results import last_line, status_of
 
 log = logging.getLogger("harness.bench.compare")
 

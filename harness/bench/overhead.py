@@ -166,9 +166,9 @@ def bare_epoch(cell, cfg: OverheadConfig, steps: int, device_type: str) -> float
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(batch, step=index)
             loss, _ = model.loss(logits, batch)
-            aux = [m.aux_loss.float() for m in model.encoder.mechanisms if m.aux_loss is not None]
-            if aux:
-                loss = loss + torch.stack(aux).sum()
+            aux = model.encoder.aux_loss()
+            if aux is not None:
+                loss = loss + aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip:

@@ -56,13 +56,14 @@ import resource
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness.core.results import status_of
+from harness.core.labels import softmax_first
+from harness.core.memory import current_memory_mb, peak_memory_mb, proc_status_kb, reset_peak_memory, total_memory_mb
+from harness.core.results import last_line, status_of
 
 log = logging.getLogger("harness.bench.speed")
 
@@ -159,7 +160,8 @@ class MeasurementTimeout(TimeoutError):
 
 
 class PeakMemory:
-    """Peak memory of this process above a baseline: CUDA max allocated, or CPU peak RSS."""
+    """Peak memory of this process above a baseline (``harness.core.memory``): CUDA max
+    allocated, or CPU peak RSS."""
 
     def __init__(self, device: str):
         self.device = device
@@ -173,43 +175,18 @@ class PeakMemory:
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated() / 2**20
-            self.method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory allocated before"
-            return
-        _release_free_heap()
-        if _reset_peak_rss():
-            self.method = "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus the RSS before model and inputs"
         else:
-            self.method = "peak RSS (getrusage ru_maxrss; not resettable here) minus the RSS before model and inputs"
-        self.baseline = _status_kb("VmRSS") / 1024
+            _release_free_heap()
+        before = "memory allocated" if self.device == "cuda" else "the RSS"
+        self.method = f"{reset_peak_memory(self.device)} minus {before} before model and inputs"
+        self.baseline = current_memory_mb(self.device)
 
     def peak_mb(self) -> float:
         import torch
 
         if self.device == "cuda":
             torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / 2**20 - self.baseline
-        peak = _status_kb("VmHWM") / 1024 if _status_kb("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return max(0.0, peak - self.baseline)
-
-
-def _status_kb(key: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux ≥ 4.0: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
+        return max(0.0, peak_memory_mb(self.device) - self.baseline)
 
 
 def _release_free_heap() -> None:
@@ -227,7 +204,7 @@ def limit_address_space(limit_mb: float) -> None:
     allocation past it raises instead of driving the machine into swap or the OOM killer."""
     if limit_mb <= 0:
         return
-    current = _status_kb("VmSize") * 1024
+    current = (proc_status_kb("VmSize") or 0.0) * 1024
     cap = int(current + limit_mb * 2**20)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
@@ -310,9 +287,9 @@ def _build_train_step(job: Job, device):
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(batch)
             loss, _ = model.loss(logits, batch)
-            aux = [m.aux_loss.float() for m in model.encoder.mechanisms if m.aux_loss is not None]
-            if aux:
-                loss = loss + torch.stack(aux).sum()
+            aux = model.encoder.aux_loss()
+            if aux is not None:
+                loss = loss + aux
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -371,11 +348,6 @@ def quantile(values: list[float], q: float) -> float:
     pos = q * (len(ordered) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def last_line(exc: BaseException) -> str:
-    lines = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
-    return lines[-1] if lines else type(exc).__name__
 
 
 def measure(job: Job, *, limit_memory: bool = False) -> dict[str, Any]:
@@ -496,7 +468,7 @@ def hardware(device: str) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "memory_gb": round(_total_memory_mb() / 1024, 1),
+    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "memory_gb": round(total_memory_mb() / 1024, 1),
                             "torch_threads_default": torch.get_num_threads()}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -504,26 +476,11 @@ def hardware(device: str) -> dict[str, Any]:
     return info
 
 
-def _total_memory_mb() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def scale_settings(scale: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    """The contents of ``harness/conf/scale/<scale>.yaml`` (ValueError naming the valid scales)."""
+    from harness.train.config import load_conf
 
-    from harness.train.config import CONF_DIR
-
-    path = CONF_DIR / "scale" / f"{scale}.yaml"
-    if not path.exists():
-        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "scale").glob("*.yaml")))
-        raise ValueError(f"scale '{scale}' has no {path}; valid scales: {valid}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return load_conf("scale", scale)
 
 
 def ordered_mechanisms(names: list[str]) -> list[str]:
@@ -531,7 +488,7 @@ def ordered_mechanisms(names: list[str]) -> list[str]:
     from harness.core.registry import get_mechanism
 
     peer_of = {n: getattr(get_mechanism(n).cls, "peer_of", None) for n in names}
-    ours = sorted((n for n in names if not peer_of[n] or peer_of[n] not in names), key=lambda n: (n != "softmax", n))
+    ours = softmax_first(n for n in names if not peer_of[n] or peer_of[n] not in names)
     out = []
     for name in ours:
         out.append(name)
@@ -591,7 +548,7 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], dict[str, Any]]:
     heads = cfg.heads or model["heads"]
     dim_head = cfg.dim_head or model["dim"] // model["heads"]
     batch = cfg.batch_size or (8 if device == "cuda" else 1)
-    memory_limit = cfg.memory_limit_mb or round(_total_memory_mb() / 2)
+    memory_limit = cfg.memory_limit_mb or round(total_memory_mb() / 2)
     causal_flags = cfg.causal if isinstance(cfg.causal, (list, tuple)) else [cfg.causal]
     mech_overrides = dict(cfg.mechanism_config)
     jobs = []

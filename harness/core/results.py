@@ -1,7 +1,8 @@
 """The result of one grid cell: a dataclass, written atomically as JSON, read back.
 
 A cell is its whole effective config (task with its source and data, mechanism, model,
-train, trainer precision): ``config`` holds it, ``config_hash`` identifies it. The cell
+train, trainer precision): ``config`` holds it, once (``config.task.max_len``,
+``config.mechanism.num_features``, ...), and ``config_hash`` identifies it. The cell
 with the scale's presets is the *default* variant (``variant == ""``); any other config is
 its own record under a folder named by its hash, so two configs never share a result:
 
@@ -23,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +39,13 @@ FINISHED = ("ok", "unsupported")  # never re-run unless rerun=all
 
 @dataclass
 class Result:
+    """One cell's record (layout ``SCHEMA_VERSION``): its names, status, measurements, data and
+    environment, and its settings once, in ``config`` (the cell's identity,
+    ``harness.train.cells.cell_identity``: scale, task, mechanism, model, train, trainer and,
+    at a scale with protocols, protocol)."""
+
     task: str
     mechanism: str
-    mechanism_config: dict[str, Any]
     scale: str
     seed: int
     status: str
@@ -54,17 +60,13 @@ class Result:
     process_wall_s: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
-    task_config: dict[str, Any] = field(default_factory=dict)
-    model_config: dict[str, Any] = field(default_factory=dict)
-    train_config: dict[str, Any] = field(default_factory=dict)
     mechanism_metrics: dict[str, float] = field(default_factory=dict)
     steps: int | None = None
     best_step: int | None = None
     variant: str = ""  # "" for the scale's presets, else the config hash
     variant_label: str = ""  # how the config differs from the presets, in override syntax
-    protocol: str = ""  # whose settings at a scale with protocols (scale=lra: lra | pytorch | nystromformer); else ""
     config_hash: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # every setting of the cell, once
     resumed_from_step: int | None = None  # set when a killed run was resumed from its checkpoint
     warnings: list[str] = field(default_factory=list)
     # per test item, in test-split order: {"correct": [...], "count": [...]} (predictions scored per
@@ -101,6 +103,13 @@ def status_of(exc: BaseException) -> str:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(m in text for m in OOM_MARKERS):
         return "oom"
     return "failed"
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of ``exc`` as Python prints it (``ValueError: shape``): what a record's
+    ``error`` holds, for a cell and a measurement alike."""
+    lines = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
 
 
 def result_path(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
@@ -200,9 +209,51 @@ def _finite(value: Any) -> Any:
     return value
 
 
-# The cell record's layout: 1 = the first versioned one (records without the key are the same
-# layout, written before it was versioned). A reader refuses records of a newer version.
-SCHEMA_VERSION = 1
+# The cell record's layout. 1: the first versioned one (records without the key are the same
+# layout, written before it was versioned); it stored the settings twice, as ``config`` and as
+# ``task_config``/``mechanism_config``/``model_config``/``train_config`` (and ``protocol``).
+# 2: the settings once, in ``config``. A reader upgrades older records (``upgrade_record``) and
+# refuses newer ones.
+SCHEMA_VERSION = 2
+V1_COPIES = ("task_config", "mechanism_config", "model_config", "train_config", "protocol")
+
+
+def config_section(config: dict[str, Any], section: str) -> dict[str, Any]:
+    """The settings of one section of a cell's ``config`` (``task``, ``mechanism``, ``model``, ...)
+    without its ``name``: what the task, mechanism or model is built from."""
+    return {k: v for k, v in (config.get(section) or {}).items() if k != "name"}
+
+
+def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` in today's layout (``SCHEMA_VERSION``), from any older one; a record of today's
+    layout (or of an unknown version, for ``record_problem`` to refuse) is returned as it is.
+
+    Version 1 to 2: the copies of the settings (``task_config``, ``mechanism_config``,
+    ``model_config``, ``train_config``, ``protocol``) go; ``config`` stays. A version-1 record from
+    before ``config`` was recorded gets one built from the copies (``config.task`` is
+    ``{"name": <task>, **task_config}``, likewise the mechanism; ``config.model`` and
+    ``config.train`` the copies as they are). The argument is not changed."""
+    version = record.get("schema_version", 1)
+    if version != 1:
+        return record
+    old = {key: record.get(key) for key in V1_COPIES}
+    record = {k: v for k, v in record.items() if k not in V1_COPIES}
+    config = record.get("config")
+    if isinstance(config, dict) and config:
+        config = dict(config)
+    else:
+        config = {"scale": record.get("scale")}
+        for section in ("task", "mechanism"):
+            if isinstance(old[f"{section}_config"], dict):
+                config[section] = {"name": record.get(section), **old[f"{section}_config"]}
+        for section in ("model", "train"):
+            if isinstance(old[f"{section}_config"], dict):
+                config[section] = dict(old[f"{section}_config"])
+    if old["protocol"] and "protocol" not in config:
+        config["protocol"] = old["protocol"]
+    record["config"] = config
+    record["schema_version"] = SCHEMA_VERSION
+    return record
 
 
 def write_result(results_dir: str | Path, result: Result) -> Path:
@@ -253,7 +304,8 @@ class UnreadableResult(ValueError):
 
 
 def load_result(path: str | Path) -> dict[str, Any]:
-    """The record in ``path``; UnreadableResult (saying why) for anything that isn't one."""
+    """The record in ``path`` in today's layout (an older one upgraded, ``upgrade_record``), checked
+    against the schema (``record_problem``); UnreadableResult (saying why) for anything that isn't one."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -271,11 +323,12 @@ def load_result(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise UnreadableResult(f"no {', '.join(missing)} (not a result record)")
-    record.setdefault("variant", "")
-    record.setdefault("variant_label", "")
     problem = record_problem(record)
     if problem:
         raise UnreadableResult(problem)
+    record = upgrade_record(record)
+    record.setdefault("variant", "")
+    record.setdefault("variant_label", "")
     return record
 
 
@@ -298,19 +351,47 @@ def is_fraction_metric(name: str) -> bool:
 
 _TEXT = ("task", "mechanism", "scale", "variant", "variant_label")
 _OPTIONAL_TEXT = ("error", "config_hash")
-_OBJECTS = ("mechanism_config", "data", "env", "task_config", "model_config", "train_config", "config",
-            "mechanism_metrics", "test_items", "metrics")
+_OBJECTS = ("data", "env", "config", "mechanism_metrics", "test_items", "metrics")
+_CONFIG_SECTIONS = ("task", "mechanism", "model", "train", "trainer")
 _COUNTS = ("params", "steps", "best_step", "resumed_from_step")
 _AMOUNTS = ("tokens_per_s", "peak_memory_mb", "wall_s", "process_wall_s")
 
 
 def record_problem(record: dict[str, Any]) -> str | None:
-    """Why ``record`` is not a valid result (types and ranges of every field the report reads),
-    or None. Optional fields may be absent or null; present ones must have their type."""
-    version = record.get("schema_version", SCHEMA_VERSION)
-    if not _is_count(version) or version > SCHEMA_VERSION:
-        return (f"schema_version {_shown(version)}: this harness reads records up to version {SCHEMA_VERSION} "
-                f"(a newer harness wrote it?)")
+    """Why ``record`` is not a valid result of its ``schema_version`` (absent: 1), in one line, or
+    None: a version this harness knows (1 to ``SCHEMA_VERSION``), and the types and ranges of
+    every field the report reads, checked on the record as ``upgrade_record`` makes it (a
+    version-1 record's copies of its settings must be objects; today's layout holds the settings
+    only in ``config``, an object whose sections are objects naming the record's task and
+    mechanism). Optional fields may be absent or null; present ones must have their type."""
+    version = record.get("schema_version", 1)
+    if not _is_count(version) or not 1 <= version <= SCHEMA_VERSION:
+        return (f"schema_version {_shown(version)}: this harness reads records of version 1 up to version "
+                f"{SCHEMA_VERSION} (a newer harness wrote it?)")
+    if version == 1:
+        for key in V1_COPIES[:-1]:
+            if record.get(key) is not None and not isinstance(record[key], dict):
+                return f"{key} is {_shown(record[key])}, not an object"
+        if record.get("protocol") is not None and not isinstance(record["protocol"], str):
+            return f"protocol is {_shown(record['protocol'])}, not text"
+        if record.get("config") is not None and not isinstance(record["config"], dict):
+            return f"config is {_shown(record['config'])}, not an object"
+        record = upgrade_record(record)
+    else:
+        copies = [key for key in V1_COPIES if key in record]
+        if copies:
+            return (f"{', '.join(copies)}: settings outside config in a version-{version} record "
+                    "(they live in config.task, config.mechanism, ...)")
+        if not isinstance(record.get("config"), dict) or not record["config"]:
+            return f"config is {_shown(record.get('config'))}, not the cell's settings (an object)"
+    config = record.get("config") or {}
+    for section in _CONFIG_SECTIONS:
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            return f"config.{section} is {_shown(config[section])}, not an object"
+    for section in ("task", "mechanism"):
+        name = (config.get(section) or {}).get("name")
+        if name is not None and name != record.get(section):
+            return f"config.{section}.name is {_shown(name)} but the record's {section} is {_shown(record.get(section))}"
     for key in _TEXT:
         if key in record and not isinstance(record[key], str):
             return f"{key} is {_shown(record[key])}, not text"

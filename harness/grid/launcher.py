@@ -70,14 +70,8 @@ def die_with_parent() -> None:  # runs in the child between fork and exec
 
 def last_line(path: Path) -> str:
     """The last non-empty line of a text file (the cell's last words), '' if none."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            lines = [x.strip() for x in f.read().decode("utf-8", "replace").splitlines() if x.strip()]
-        return lines[-1] if lines else ""
-    except OSError:
-        return ""
+    lines = [x.strip() for x in _tail_text(path, 8192).splitlines() if x.strip()]
+    return lines[-1] if lines else ""
 
 
 def available_cores() -> int:
@@ -227,8 +221,9 @@ class ProcessLauncherBase(Launcher):
                        process_wall_s: float | None = None) -> dict[str, Any]:
         """Write the result of a cell whose process died without writing one (``process_wall_s``:
         how long its process lived)."""
-        from harness.core.results import Result, environment, write_result
+        from harness.core.results import write_result
         from harness.train.cells import cell_lock
+        from harness.train.run import new_result
 
         if signum is not None:
             name = signal.Signals(signum).name if signum in {s.value for s in signal.Signals} else str(signum)
@@ -236,16 +231,8 @@ class ProcessLauncherBase(Launcher):
             why = f"cell process killed by {name}" + (" (the kernel's OOM killer sends SIGKILL)" if status == "oom" else "")
         else:
             status, why = "failed", f"cell process exited with code {returncode} without writing a result"
-        identity = cell.identity
-        result = Result(
-            task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status=status,
-            error=f"{why}; last log line: {last}" if last else why,
-            mechanism_config={k: v for k, v in identity["mechanism"].items() if k != "name"},
-            task_config={k: v for k, v in identity["task"].items() if k != "name"},
-            model_config=identity["model"], train_config=identity["train"], env=environment(),
-            variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=identity,
-            process_wall_s=process_wall_s,
-        )
+        result = new_result(cell, status, error=f"{why}; last log line: {last}" if last else why,
+                            process_wall_s=process_wall_s)
         with cell_lock(cell):
             write_result(cell.results_dir, result)
         log.error("%s %s: %s", status, cell.name, result.error)
@@ -260,6 +247,7 @@ def is_interrupt(returncode: int | None) -> bool:
 
 
 def _tail_text(path: Path, size: int = 4096) -> str:
+    """The last ``size`` bytes of a text file, decoded ('' when it cannot be read)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)

@@ -39,7 +39,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from harness.train.config import CONF_DIR, RERUN
+from harness.core.memory import total_memory_mb
+from harness.train.config import RERUN, conf_file, load_conf
 
 GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_jobs", "results_dir", "dry_run")
 # launcher= -> hydra/launcher=; submitit_local: the SLURM path's submitit machinery, run locally (tests/test_submitit.py)
@@ -170,9 +171,10 @@ def resolve_scale(scale: str) -> str:
         scale = "lra" if torch.cuda.is_available() else "small"
         reason = f"a GPU is present ({torch.cuda.get_device_name()})" if scale == "lra" else "no GPU is present"
         print(f"scale=auto: using scale={scale} because {reason}; pass SCALE=... to choose", flush=True)
-    if not (CONF_DIR / "scale" / f"{scale}.yaml").exists():
-        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "scale").glob("*.yaml")))
-        raise GridError(f"unknown scale '{scale}'; scales: {valid}")
+    try:
+        conf_file("scale", scale)
+    except ValueError as exc:
+        raise GridError(str(exc)) from None
     return scale
 
 
@@ -203,7 +205,7 @@ def resolve_n_jobs(value: str, *, cores: int | None = None, memory_gb: float | N
     else:
         cores = cores or available_cores()
         if memory_gb is None:
-            memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+            memory_gb = total_memory_mb() / 1024
         n = max(1, min(cores, int(memory_gb // CELL_MEMORY_GB)))
         reason = f"no GPU: {cores} core(s), {memory_gb:.0f} GB ({CELL_MEMORY_GB} GB per cell), one thread each"
     print(f"n_jobs=auto: {n} cell(s) side by side because {reason}; pass JOBS=... (n_jobs=...) to choose", flush=True)
@@ -221,10 +223,10 @@ def resolve_grid(name: str, scale: str) -> str:
 
 
 def load_grid(name: str) -> dict[str, Any]:
-    path = CONF_DIR / "grid" / f"{name}.yaml"
-    if not path.exists():
-        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "grid").glob("*.yaml")))
-        raise GridError(f"unknown grid '{name}'; grids in harness/conf/grid: {valid}")
+    try:
+        path = conf_file("grid", name)
+    except ValueError as exc:
+        raise GridError(str(exc)) from None
     grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
     unknown = sorted(set(grid) - set(GRID_FILE_KEYS))
     if unknown:
@@ -242,7 +244,7 @@ def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[s
     mechanisms = _names(own.get("mechanisms") or grid.get("mechanisms") or "all", list_mechanisms(), "mechanism")
     seeds = _seeds(own.get("seeds")) or _seeds(grid.get("seeds"))
     if not seeds:
-        seeds = [int(s) for s in OmegaConf.load(CONF_DIR / "scale" / f"{scale}.yaml").scale.seeds]
+        seeds = [int(s) for s in load_conf("scale", scale)["scale"]["seeds"]]
     fixed = [f"{k}={_value(v)}" for k, v in (grid.get("overrides") or {}).items()]
     passthrough, swept = command_line_sweep(passthrough)
     groups = []

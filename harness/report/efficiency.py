@@ -6,7 +6,8 @@ relative to softmax per sequence length with the crossover length, peak memory r
 softmax, absolute tokens/s and MB (LRA's efficiency table, Tay et al. 2021, table 2) →
 ours vs the peer implementations → parameters → the harness's own overhead. Plots
 (matplotlib, Agg): tokens/s and peak memory vs length, log-log with O(L) and O(L²) guide
-lines, and accuracy vs speed with memory as bubble size (LRA's figure 3).
+lines, a panel per family. (Accuracy against throughput, LRA's figure 3, is the leaderboard's
+``accuracy_throughput_plot``, from the cells' own training.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from harness.core.labels import FAILURE_MARK, length_label, softmax_first
 from harness.core.results import save_figure_atomic
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,6 @@ MODE_TITLES = {
     "train_step": "Training step (forward + backward + AdamW, whole model)",
     "attention": "Attention layer (mechanism forward + backward)",
 }
-FAILURE_MARK = {"oom": "✗ oom", "timeout": "✗ timeout", "failed": "✗ failed", "skipped": "– skipped"}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -71,15 +72,6 @@ def speed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     columns = ["mechanism", "peer_of", "mode", "causal", "length", "status", "error", "tokens_per_s", "time_s",
                "iqr_s", "memory_mb", "params"]
     return pd.DataFrame(rows, columns=columns)
-
-
-def mechanism_order(names) -> list[str]:
-    """softmax first, then alphabetical."""
-    return sorted(set(names), key=lambda n: (n != "softmax", n))
-
-
-def length_label(length: int) -> str:
-    return f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
 
 
 def _groups(frame: pd.DataFrame):
@@ -158,7 +150,7 @@ def _ratio_cell(value: float | None, softmax_status: str | None) -> str:
 def relative_tables(group: pd.DataFrame) -> tuple[str, str, str]:
     """Markdown: speed relative to softmax (+ crossover), memory relative to softmax, absolute."""
     lengths = sorted(group.length.unique())
-    mechanisms = mechanism_order(group.mechanism)
+    mechanisms = softmax_first(group.mechanism)
     speed = relative_to_softmax(group, "time_s", invert=True)
     memory = relative_to_softmax(group, "memory_mb", invert=False)
     softmax_status = group[group.mechanism == "softmax"].set_index("length").status.to_dict()
@@ -241,7 +233,7 @@ def peer_table(frame: pd.DataFrame) -> str | None:
 
 
 def parameter_table(frame: pd.DataFrame, params: dict[str, int]) -> str:
-    names = mechanism_order(set(frame.mechanism) | set(params))
+    names = softmax_first(set(frame.mechanism) | set(params))
     rows = []
     for mech in names:
         step = frame[(frame.mechanism == mech) & (frame["mode"] == "train_step") & (frame.status == "ok") & ~frame.causal]
@@ -481,7 +473,7 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.6 * cols, 3.9 * rows_n), squeeze=False, layout="constrained")
     for ax, (fam, mode) in zip(axes.flat, panels):
         group = data[data["mode"] == mode]
-        members = mechanism_order(m for m in set(frame.mechanism) if family[m] == fam or m == "softmax")
+        members = softmax_first(m for m in set(frame.mechanism) if family[m] == fam or m == "softmax")
         style = _style(members, frame[frame.mechanism.isin(members)])
         if "softmax" in style:
             style["softmax"] = {**style["softmax"], "color": "black", "linewidth": 2.2}
@@ -525,16 +517,6 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
     return path
 
 
-def choose_speed_length(frame: pd.DataFrame, mechanisms: list[str]) -> int | None:
-    """The longest length at which the most of ``mechanisms`` have an ok non-causal training step."""
-    ok = frame[(frame["mode"] == "train_step") & ~frame.causal & (frame.status == "ok")
-               & frame.mechanism.isin(mechanisms)]
-    if ok.empty:
-        return None
-    counts = ok.groupby("length").mechanism.nunique()
-    return int(max(counts.index, key=lambda L: (counts[L], L)))
-
-
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     """Names not dominated in (speed, accuracy), both higher-better, ordered by speed: no other
     point is at least as fast and as accurate and better in one."""
@@ -547,54 +529,10 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda n: points[n][0])
 
 
-def accuracy_speed_plot(frame: pd.DataFrame, averages: pd.Series, path: Path, length: int | None = None,
-                        *, scale: str | None = None, accuracy_label: str = "average chance-normalised test accuracy over tasks (%)"
-                        ) -> Path | None:
-    """LRA's figure 3: accuracy vs training throughput at one length, bubble area ∝ peak memory,
-    the Pareto front drawn; the title states the scale of the accuracies and the length."""
-    import matplotlib.pyplot as plt
-
-    averages = averages.dropna()
-    mechanisms = [m for m in averages.index if m in set(frame.mechanism)]
-    length = length or choose_speed_length(frame, mechanisms)
-    if length is None:
-        return None
-    ok = frame[(frame["mode"] == "train_step") & ~frame.causal & (frame.status == "ok") & (frame.length == length)
-               & frame.mechanism.isin(mechanisms)].set_index("mechanism")
-    if ok.empty:
-        return None
-    style = _style(mechanism_order(frame.mechanism), frame)
-    memory = ok.memory_mb.fillna(0).clip(lower=1e-3)
-    sizes = 80 + 1500 * memory / memory.max()
-    fig, ax = plt.subplots(figsize=(10, 6))
-    points = {m: (float(ok.tokens_per_s[m]), 100 * float(averages[m])) for m in ok.index}
-    for mech in mechanism_order(ok.index):
-        speed, accuracy = points[mech]
-        ax.scatter(speed, accuracy, s=sizes[mech], color=style[mech]["color"], marker=style[mech]["marker"], alpha=0.6,
-                   edgecolors="black", linewidths=0.6, label=f"{mech} ({ok.memory_mb[mech]:,.0f} MB)")
-        ax.annotate(mech, (speed, accuracy), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    front = pareto_front(points)
-    ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", linestyle="--",
-            linewidth=1, drawstyle="steps-post" if len(front) > 1 else "default", label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"training throughput at L = {length_label(length)} (tokens/s, log scale; speed benchmark)")
-    ax.set_ylabel(accuracy_label)
-    where = f"scale `{scale}`" if scale else "the grid"
-    ax.set_title(f"Accuracy ({where}) vs speed at L = {length_label(length)}; bubble area ∝ peak memory", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=0.4, labelspacing=1.2,
-              frameon=False)  # off the data
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure_atomic(fig, path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_plots(records: list[dict[str, Any]], averages: pd.Series | None, plots_dir: str | Path,
-                *, speed_length: int | None = None, scale: str | None = None) -> list[Path]:
-    """Write the scaling plots (and the accuracy-vs-speed plot when accuracies exist)."""
+def write_plots(records: list[dict[str, Any]], plots_dir: str | Path) -> list[Path]:
+    """Write the scaling plots: throughput and peak memory against length, non-causal and causal.
+    (Accuracy against throughput is the leaderboard's ``accuracy_throughput_plot``, from the
+    cells' own training.)"""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -609,9 +547,5 @@ def write_plots(records: list[dict[str, Any]], averages: pd.Series | None, plots
             path = _scaling_plot(frame, causal, kind, plots_dir / f"{name}{suffix}.png")
             if path:
                 written.append(path)
-    if averages is not None and not averages.dropna().empty:
-        path = accuracy_speed_plot(frame, averages, plots_dir / "accuracy_vs_speed.png", speed_length, scale=scale)
-        if path:
-            written.append(path)
     log.info("efficiency plots: %s", ", ".join(str(p) for p in written))
     return written

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from harness.core.labels import FAILURE_MARK, length_label, softmax_first
 from harness.core.results import (
     WouldShrink,
     check_not_shrinking,
@@ -41,7 +42,6 @@ from harness.core.results import (
 
 log = logging.getLogger(__name__)
 
-FAILURE_MARK = {"failed": "✗ failed", "oom": "✗ oom", "nan": "✗ nan", "timeout": "✗ timeout"}
 NOT_OK = ("failed", "oom", "nan", "timeout")
 Z95 = 1.959963984540054
 CI_TARGET_POINTS = 3.5  # a test split is "too small" when its worst-case 95% half-width rounds above ±3 points
@@ -113,9 +113,9 @@ def primary_metric(metrics: dict[str, float]) -> tuple[str, bool]:
 
 
 def sequence_length(record: dict[str, Any]) -> int | None:
-    """The cell's sequence length: the smallest length cap of its task config (``max_len``,
-    ``max_length``), else the longest test sequence of its data."""
-    config = record.get("task_config") or {}
+    """The cell's sequence length: the smallest length cap of its task's settings
+    (``config.task.max_len``, ``config.task.max_length``), else the longest test sequence of its data."""
+    config = (record.get("config") or {}).get("task") or {}
     caps = [int(config[k]) for k in LENGTH_KEYS if isinstance(config.get(k), (int, float)) and config[k]]
     if caps:
         return min(caps)
@@ -148,7 +148,7 @@ def variant_key(cells: pd.DataFrame) -> str:
 
 
 def log_folder(record: dict[str, Any]) -> str:
-    """The cell's log folder relative to the results folder (Hydra log and curves/metrics.csv)."""
+    """The cell's log folder relative to the results folder (cell.log and curves/metrics.csv)."""
     parts = ["logs", record["scale"], record["task"], record["mechanism"]]
     if record.get("variant"):
         parts.append(record["variant"])
@@ -191,7 +191,7 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "clusters": data.get("test_clusters"), "val_curve": r.get("val_curve") or None,
             "softmax_equivalent": r.get("softmax_equivalent"),
             "warmup_steps": ((data.get("warmup") or {}).get("steps")),
-            "protocol": r.get("protocol") or (r.get("config") or {}).get("protocol") or "",
+            "protocol": (r.get("config") or {}).get("protocol") or "",
         })
     columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "variant_other", "length", "status",
                "error", "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s",
@@ -223,13 +223,6 @@ def column_configs(frame: pd.DataFrame) -> list[str]:
     return [shared.get(key, "") for key in keys]
 
 
-def length_label(length) -> str:
-    if length is None or (isinstance(length, float) and math.isnan(length)):
-        return "?"
-    length = int(length)
-    return f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
-
-
 def band_of(length) -> str:
     for upper, label in BANDS:
         if length <= upper:
@@ -238,10 +231,6 @@ def band_of(length) -> str:
 
 
 # ----------------------------------------------------------------------------- columns and groups
-
-
-def column_key(task: str, length) -> tuple[str, int]:
-    return task, -1 if length is None or pd.isna(length) else int(length)
 
 
 def column_baselines(cells: pd.DataFrame, store: Path) -> dict[tuple, dict[str, Any]]:
@@ -513,7 +502,7 @@ def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series
             match = [b for b in baselines.get(c, {}).get("baselines", []) if b["name"] == name]
             row.append(baseline_text(match[0], higher[c]) if match else "")
         rows.append(row + [""])
-    order = sorted(stats.row.unique(), key=lambda r: (not r.startswith("softmax"), r))
+    order = softmax_first(stats.row)
     averages = {}
     for label in order:
         row, accs = [label], []
@@ -582,7 +571,7 @@ def throughput_table(stats: pd.DataFrame) -> str:
         return "_no finished cells_"
     columns = columns_of(ok)
     rows = []
-    for label in sorted(ok.row.unique(), key=lambda r: (not r.startswith("softmax"), r)):
+    for label in softmax_first(ok.row):
         row = [label]
         for task, length in columns:
             entry = ok[(ok.task == task) & (ok.length == length) & (ok.row == label)]
@@ -602,7 +591,7 @@ def params_table(stats: pd.DataFrame) -> str:
     """Parameters per row and task (its primary length), flagged > 10% over softmax (LRA's budget)."""
     primary = primary_columns(stats)
     rows = []
-    for label in sorted(stats.row.unique(), key=lambda r: (not r.startswith("softmax"), r)):
+    for label in softmax_first(stats.row):
         row = [label]
         for task, length in sorted(primary.items()):
             column = stats[(stats.task == task) & (stats.length == length)]
@@ -719,7 +708,7 @@ def details_section(cells: pd.DataFrame, unreadable: list[dict[str, str]], resul
     bad = cells[cells.status.isin(NOT_OK)]
     rows = []
     for _, c in bad.sort_values(["scale", "task", "mechanism", "variant", "seed"]).iterrows():
-        links = f"[log]({c.log}/) · [curves]({c.log}/curves/metrics.csv)"
+        links = f"[log]({c.log}/cell.log) · [curves]({c.log}/curves/metrics.csv)"
         rows.append([c.scale, c.task, c.mechanism, c.variant_label or "default", c.seed, FAILURE_MARK[c.status],
                      (c.error or "")[:120].replace("|", "\\|"), links])
     for item in unreadable:
@@ -766,7 +755,7 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     tasks = sorted(stats.task.unique())
     if not tasks:
         return None
-    style = series_style(sorted(stats.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
+    style = series_style(softmax_first(stats.row))
     cols = min(3, len(tasks))
     rows_n = math.ceil(len(tasks) / cols)
     # the legend sits right of the panels: ~0.19 in per entry at fontsize 8, in as many columns as it
@@ -850,7 +839,7 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     columns = columns_of(shown) if len(shown) else []
     if not columns:
         return None
-    style = series_style(sorted(shown.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
+    style = series_style(softmax_first(shown.row))
     cols = min(3, len(columns))
     rows_n = math.ceil(len(columns) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 2.4, 3.8 * rows_n), squeeze=False,
@@ -910,7 +899,7 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
     panels = [(t, L, c) for (t, L, c), g in ok.groupby(["task", "length", "config"]) if len(g) >= min_rows]
     if not panels:
         return None
-    style = series_style(sorted(ok.row.unique(), key=lambda r: (not r.startswith("softmax"), r)))
+    style = series_style(softmax_first(ok.row))
     cols = min(3, len(panels))
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.8 * cols, 4.2 * rows_n), squeeze=False, layout="constrained")
@@ -919,7 +908,7 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
         points = {e.row: (float(e.tokens_per_s), 100 * float(e["mean"])) for _, e in group.iterrows()}
         for label, (x, y) in points.items():  # named in the panel's legend: labels beside points collide
             ax.scatter(x, y, color=style[label]["color"], marker=style[label]["marker"], s=36, alpha=0.8, label=label)
-        front = sorted(pareto_front(points), key=lambda m: points[m][0])
+        front = pareto_front(points)  # ordered by throughput
         ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", linestyle="--",
                 linewidth=1, label="Pareto front")
         base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), True)
@@ -1017,10 +1006,10 @@ LEGEND = ("Test metric of the checkpoint selected on validation: accuracy (%) or
           "most-populated length; a row missing one of them has none.")
 
 
-def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[list[str], pd.Series]:
+def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> list[str]:
     baselines = column_baselines(cells, results_dir / "baselines")
     stats = group_stats(cells, baselines)
-    table, averages = accuracy_table(stats, baselines)
+    table = accuracy_table(stats, baselines)[0]
     lines = [f"## Accuracy — scale `{scale}`", "", LEGEND, "", table, ""]
     key = variant_key(cells)
     if key:
@@ -1058,18 +1047,17 @@ def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> tuple[l
     lines += [f"### Parameters — scale `{scale}`", "",
               "Model parameters per task (at its most-populated length), relative to softmax; ⚠: more than 10% "
               "over softmax (LRA's parameter budget).", "", params_table(stats), ""]
-    return lines, averages
+    return lines
 
 
-def efficiency_section(results_dir: Path, averages: pd.Series, params: dict[str, int], scale: str | None,
-                       records: list[dict[str, Any]]) -> str:
+def efficiency_section(results_dir: Path, params: dict[str, int], records: list[dict[str, Any]]) -> str:
     """Tables and plots from the speed benchmark (``harness.bench.speed``), when it has run."""
     from harness.report import efficiency
 
     if not records:
         return "\n## Efficiency\n\n_No speed benchmark yet: run `make speed`._\n"
     text = efficiency.efficiency_markdown(records, params=params)
-    written = efficiency.write_plots(records, averages.dropna(), results_dir / "plots", scale=scale)
+    written = efficiency.write_plots(records, results_dir / "plots")
     images = "\n".join(f"![{p.stem}]({p.relative_to(results_dir).as_posix()})" for p in written)
     return "\n" + text + ("\n" + images + "\n" if images else "")
 
@@ -1084,23 +1072,17 @@ def write_report(results_dir: str | Path = "results", *, force: bool = False) ->
     out = results_dir / "leaderboard.md"
     cells = cells_frame(records)
     lines = ["# Leaderboard", "", *header_lines(cells, speed_records, results_dir)]
-    averages = pd.Series(dtype=float)
     params: dict[str, int] = {}
-    plot_scale = None
     if cells.empty:
         lines += ["_No results yet: run `make smoke` or `make benchmark`._", ""]
     else:
         scales = sorted(cells.scale.unique(), key=lambda s: (SCALE_ORDER.index(s) if s in SCALE_ORDER else 9, s))
         for scale in scales:
-            section, averages_s = scale_section(scale, cells[cells.scale == scale], results_dir)
-            lines += section
-            if scale != "tiny" or averages.empty:
-                averages, plot_scale = averages_s, scale
-        averages = averages[[not label.count("[") for label in averages.index]]  # default variants only
+            lines += scale_section(scale, cells[cells.scale == scale], results_dir)
         ok = cells[(cells.status == "ok") & (cells.variant == "")].sort_values(["task"], key=lambda t: t != "listops")
         params = ok.dropna(subset=["params"]).groupby("mechanism", sort=False).params.first().astype(int).to_dict()
         lines.append(reference_section(cells))
-    lines.append(efficiency_section(results_dir, averages, params, plot_scale, speed_records))
+    lines.append(efficiency_section(results_dir, params, speed_records))
     lines.append(details_section(cells, unreadable, results_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "\n".join(lines).rstrip() + "\n")

@@ -23,6 +23,22 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RERUN = ("none", "failed", "all")
 
 
+def conf_file(group: str, name: str) -> Path:
+    """``harness/conf/<group>/<name>.yaml`` (a scale, a grid, ...); ValueError in one line
+    ("unknown scale 'big'; valid: lra, small, tiny") when the group has no such file."""
+    valid = sorted(p.stem for p in (CONF_DIR / group).glob("[!_]*.yaml"))
+    if name not in valid:
+        raise ValueError(f"unknown {group} '{name}'; valid: {', '.join(valid)}")
+    return CONF_DIR / group / f"{name}.yaml"
+
+
+def load_conf(group: str, name: str) -> dict[str, Any]:
+    """The contents of ``conf_file(group, name)``, resolved, as plain Python values."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(conf_file(group, name)), resolve=True) or {}
+
+
 @dataclass
 class ProcessLauncherConf:
     """``hydra/launcher=process``, the grid's launcher (``harness.grid.launcher``): every cell in its own process."""

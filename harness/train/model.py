@@ -180,6 +180,12 @@ class Encoder(nn.Module):
     def mechanisms(self) -> list[Attention]:
         return [block.mix.mechanism for block in self.blocks]
 
+    def aux_loss(self) -> Tensor | None:
+        """The sum of its mechanisms' auxiliary losses (``Attention.aux_loss`` of the last forward,
+        in float32), or None when none has one: what training adds to the task loss."""
+        terms = [m.aux_loss.float() for m in self.mechanisms if m.aux_loss is not None]
+        return torch.stack(terms).sum() if terms else None
+
     def forward(self, ids: Tensor, padding_mask: Tensor, *, causal=False, relations=None, step: int = 0):
         """Returns (states (B, L', dim), padding_mask (B, L'))."""
         if self.use_cls:

@@ -31,12 +31,15 @@ from typing import Any
 from filelock import Timeout
 from omegaconf import DictConfig, OmegaConf
 
+from harness.core.memory import peak_memory_mb, reset_peak_memory
 from harness.core.results import (
     FINISHED,
     Result,
     code_segments_summary,
     code_state,
+    config_section,
     environment,
+    last_line,
     read_result,
     result_path,
     status_of,
@@ -124,52 +127,6 @@ def _interrupt_signal(exc: BaseException) -> int | None:
     if isinstance(exc, KeyboardInterrupt):  # SIGINT before our handler, or one raised by hand
         return signal.SIGINT
     return None
-
-
-def _last_line(exc: BaseException) -> str:
-    lines = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
-    return lines[-1] if lines else type(exc).__name__
-
-
-def _reset_peak_memory(device_type: str) -> None:
-    """Start measuring this cell's own peak: CUDA's allocator peak, or the process's peak
-    resident set (VmHWM, reset through /proc/self/clear_refs on Linux)."""
-    import torch
-
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not permitted: the process peak is what we get
-        pass
-
-
-def _peak_memory_mb(device_type: str) -> float:
-    import resource
-
-    import torch
-
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def checkpoint_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
-    folder = Path(results_dir) / "checkpoints" / scale / task / mechanism
-    return (folder / variant if variant else folder) / f"seed{seed}"
-
-
-def log_dir(results_dir: str | Path, scale: str, task: str, mechanism: str, seed: int, variant: str = "") -> Path:
-    """Where the cell's Hydra log (run.log) and training curves go."""
-    folder = Path(results_dir) / "logs" / scale / task / mechanism
-    return (folder / variant if variant else folder) / f"seed{seed}"
 
 
 def _container(node: Any) -> dict[str, Any]:
@@ -279,7 +236,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     cell = resolve_cell(cfg)
     if _ddp_worker_rank() > 0:  # a DDP worker that Lightning started: train, the main process records
-        _train_and_test(cfg, cell, _new_result(cfg, cell))
+        _train_and_test(cfg, cell, new_result(cell))
         return {"status": "ok", "task": cell.task, "mechanism": cell.mechanism, "seed": cell.seed}
     if cell.variant:
         log.info("cell %s: config %s differs from the presets: %s", cell.name, cell.config_hash, cell.variant_label)
@@ -336,7 +293,7 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
         log.info("redoing %s (recorded as %s); that record kept as %s", cell.name, previous["status"], kept)
     _claim_checkpoints(cell)
 
-    result = _new_result(cfg, cell)
+    result = new_result(cell)
     start = time.perf_counter()
     try:
         _train_and_test(cfg, cell, result)
@@ -347,7 +304,7 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
             log.warning("interrupted %s by %s after %s: nothing recorded (%s); rerun the same command to resume",
                         cell.name, signal.Signals(signum).name, f"{time.perf_counter() - start:.1f} s", kept)
             raise CellInterrupted(signum) from None
-        result.status, result.error = status_of(exc), _last_line(exc)
+        result.status, result.error = status_of(exc), last_line(exc)
         log.error("cell %s %s: %s", cell.name, result.status, result.error)
         log.debug("traceback:\n%s", traceback.format_exc())
     if result.wall_s is None:
@@ -371,14 +328,13 @@ def _keep_replaced(cell: Cell, previous: dict[str, Any]) -> Path:
     return target
 
 
-def _new_result(cfg: DictConfig, cell: Cell) -> Result:
+def new_result(cell: Cell, status: str = "failed", **fields: Any) -> Result:
+    """A record of ``cell``: its names, its settings (``config``: the cell's identity), this
+    process's environment, ``status`` and any other ``fields`` (e.g. ``error``)."""
     return Result(
-        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status="failed",
-        mechanism_config={k: v for k, v in cell.identity["mechanism"].items() if k != "name"},
-        env=environment(), task_config={k: v for k, v in cell.identity["task"].items() if k != "name"},
-        model_config=cell.identity["model"], train_config=_container(cfg.train),
+        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status=status, env=environment(),
         variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
-        protocol=cell.identity.get("protocol", ""),
+        **fields,
     )
 
 
@@ -494,7 +450,7 @@ def _summary(result: Result) -> str:
 def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     from harness.core.attention import computes_softmax
     from harness.core.registry import create_task, get_mechanism
@@ -505,7 +461,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     _route_lightning_logs()  # after Lightning's import, which adds its own console handler
     L.seed_everything(result.seed, workers=True, verbose=False)
 
-    task = create_task(result.task, scale=result.scale, **result.task_config)
+    task = create_task(result.task, scale=result.scale, **config_section(cell.identity, "task"))
     log.info("data: %s (source=%s)", task.name, task.source)
     dsd, data_info = task.load(cfg.cache_dir)
     result.data = data_info.as_record()
@@ -519,8 +475,8 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         result.error = f"task '{task.name}' needs {', '.join(missing)}; mechanism '{result.mechanism}' lacks it"
         return
 
-    model_cfg = ModelConfig(**result.model_config)
-    model = build_model(task, model_cfg, result.mechanism, result.mechanism_config)
+    model_cfg = ModelConfig(**cell.identity["model"])
+    model = build_model(task, model_cfg, result.mechanism, config_section(cell.identity, "mechanism"))
     result.params = count_parameters(model)
     log.info("model: %s with %s, %d parameters", task.head, result.mechanism, result.params)
     result.softmax_equivalent = computes_softmax(model.encoder.mechanisms[0], model.encoder.max_len,
@@ -554,7 +510,6 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     meter = CellMeter(time_limit_s=train.time_limit_s)
     segments = CodeSegments(code_state)  # the code of every run this cell trains in, kept in its checkpoints
     show_progress = bool(cfg.trainer.progress_bar) and sys.stdout.isatty()  # no bars in log files
-    progress = RichProgressBar() if show_progress else TQDMProgressBar(refresh_rate=max(1, train.eval_every // 5))
     resume = ckpt_dir / "last.ckpt"
     curves = cell.log_dir / "curves" / "metrics.csv"
     earlier_curves = _read_curves(curves) if resume.exists() else []
@@ -571,7 +526,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         gradient_clip_algorithm=train.grad_clip_algorithm,
         deterministic="warn" if cfg.trainer.deterministic else False,
         use_distributed_sampler=False,  # the train batches shard themselves by rank (ResumableBatches)
-        callbacks=[checkpoint, meter, segments, RandomStates(), *([progress] if show_progress else [])],
+        callbacks=[checkpoint, meter, segments, RandomStates(), *([RichProgressBar()] if show_progress else [])],
         enable_progress_bar=show_progress,
         # Per-step training curves: results/logs/<scale>/<task>/<mechanism>/[<variant>/]seed<k>/curves/metrics.csv
         logger=build_logger(cfg, cell),
@@ -581,7 +536,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         **trainer_passthrough(cfg),
     )
     device_type = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
-    _reset_peak_memory(device_type)
+    reset_peak_memory(device_type)
     try:
         if train.pretrain_steps and not resume.exists():  # a resumed cell has its pretrained weights in the checkpoint
             from harness.train.pretrain import self_pretrain
@@ -623,7 +578,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         cell.extra["segments"], cell.extra["earlier_wall_s"] = segments.segments, meter.elapsed_before
         result.resumed_from_step = meter.resumed_from_step
         result.wall_s = round(meter.wall_s, 2)
-        result.peak_memory_mb = round(_peak_memory_mb(device_type), 1)  # an oom or failed cell's peak too
+        result.peak_memory_mb = round(peak_memory_mb(device_type), 1)  # an oom or failed cell's peak too
         if earlier_curves:
             _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
         result.val_curve = _earlier_val_curve(earlier_curves, meter.resumed_from_step) + module.val_curve

@@ -77,14 +77,10 @@ class TaskModule(L.LightningModule):
         self.evaluated: dict[str, int] = {}  # examples each split's last evaluation actually saw
         self.val_curve: list[list[float]] = []  # [step, accuracy or bits/token] of each validation while fitting
 
-    def aux_loss(self) -> torch.Tensor | None:
-        terms = [m.aux_loss for m in self.model.encoder.mechanisms if m.aux_loss is not None]
-        return torch.stack([t.float() for t in terms]).sum() if terms else None
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch, step=self.global_step)
         loss, stats = self.model.loss(logits, batch)
-        aux = self.aux_loss()
+        aux = self.model.encoder.aux_loss()
         total = loss if aux is None else loss + aux
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite training loss {total.item()} at step {self.global_step}")

@@ -164,6 +164,6 @@ def test_tiny_image_cell_end_to_end(tmp_path):
                    f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}"])
     result = run_cell(cfg)
     assert result["status"] == "ok", result["error"]
-    assert result["data"]["source"] == "fashion_mnist" and result["task_config"]["resolution"] == 16
+    assert result["data"]["source"] == "fashion_mnist" and result["config"]["task"]["resolution"] == 16
     assert result["data"]["sizes"] == {"train": 640, "validation": 128, "test": 256}
     assert 0 <= result["metrics"]["test"]["accuracy"] <= 1 and result["params"] > 0
