@@ -293,17 +293,161 @@ def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_l
 
 
 def test_a_command_line_override_with_several_values_is_swept():
+    """Hydra's override parser reads the command line: a,b / choice() / range() sweep; lists, quoted
+    commas and hydra.* overrides stay fixed (hydra.* go to the multirun, not the cells)."""
     from harness.grid.sweep import command_line_sweep, expand
 
     fixed, swept = command_line_sweep(["task.num_distractors=0,4", "train.lr=1e-3", "model.dims=[1,2]",
-                                       "mechanism.name=glob(a,b)", "+trainer.x=1,2"])
-    assert swept == {"task.num_distractors": ["0", "4"]}
-    assert fixed == ["train.lr=1e-3", "model.dims=[1,2]", "mechanism.name=glob(a,b)", "+trainer.x=1,2"]
+                                       "+trainer.x=1,2", "task.source='a,b'", "train.batch_size=range(2,5)",
+                                       "task.data_dir=choice(a,'b c')", "hydra.launcher.partition=gpu"])
+    assert swept == {"task.num_distractors": ["0", "4"], "+trainer.x": ["1", "2"],
+                     "train.batch_size": ["2", "3", "4"], "task.data_dir": ["a", "b\\ c"]}  # Hydra's escape of 'b c'
+    assert fixed == ["train.lr=1e-3", "model.dims=[1,2]", "task.source='a,b'", "hydra.launcher.partition=gpu"]
     _, groups = expand({"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"},
-                       ["train.max_steps=4,8", "train.lr=1e-3"])
+                       ["train.max_steps=4,8", "train.lr=1e-3", "hydra.launcher.n_jobs=3"])
     cells = groups[0].cells()
     assert len(cells) == 2 and {c[-1] for c in cells} == {"train.max_steps=4", "train.max_steps=8"}
     assert all("train.lr=1e-3" in c for c in cells)
+    assert groups[0].hydra_overrides == ["hydra.launcher.n_jobs=3"] and not any("hydra" in o for c in cells for o in c)
+    assert [label for label, _ in groups[0].labelled_cells()] == ["train.max_steps=4", "train.max_steps=8"]
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("train.lr=interval(0,1)", "train.lr=interval(0,1): the grid sweeps lists of values (a,b), choice(...) or range(...)"),
+    ("task.name=glob(*a*)", "task.name=glob(*a*): the grid sweeps lists of values"),
+    ("train.lr=[1,", "train.lr=[1,: not a Hydra override value"),
+])
+def test_a_command_line_sweep_the_grid_cannot_list_is_one_line(arg, message):
+    from harness.grid.sweep import GridError, command_line_sweep
+
+    with pytest.raises(GridError) as raised:
+        command_line_sweep([arg])
+    assert raised.value.message.startswith(message) and "\n" not in raised.value.message
+
+
+def test_grid_keys_are_read_by_hydras_parser():
+    from harness.grid.sweep import _names, _seeds
+
+    assert _seeds("range(0,3)") == [0, 1, 2] and _seeds("0,2") == [0, 2] and _seeds([1]) == [1]
+    assert _names("[mqar,listops]", ["listops", "mqar", "text"], "task") == ["mqar", "listops"]
+    assert _names("glob(*s)", ["listops", "mqar", "text"], "task") == ["listops"]
+    assert _names("choice(text,mqar)", ["listops", "mqar", "text"], "task") == ["text", "mqar"]
+
+
+def a_grid_file(monkeypatch, tmp_path, text):
+    """A grid file of one's own: ``grid=mine`` reads ``tmp_path/mine.yaml``."""
+    from harness.grid import sweep
+
+    (tmp_path / "mine.yaml").write_text(text)
+    monkeypatch.setattr(sweep, "grid_path", lambda name: tmp_path / f"{name}.yaml")
+    return tmp_path / "mine.yaml"
+
+
+def test_named_bundles_are_groups_with_their_names(monkeypatch, tmp_path):
+    from harness.grid.sweep import expand
+
+    a_grid_file(monkeypatch, tmp_path, """
+tasks: [listops, mqar]
+mechanisms: [softmax]
+seeds: [0]
+overrides: {train.max_steps: 5}
+task_sweep:
+  listops:
+    - {name: short, task.max_length: 64, train.batch_size: 4}
+    - {name: long, task.max_length: 128, train.batch_size: 2}
+  mqar: {task.max_len: [64, 128]}
+""")
+    scale, groups = expand({"grid": "mine", "scale": "tiny"}, ["train.lr=1e-3"])
+    assert [(g.task, g.bundle) for g in groups] == [("listops", "short"), ("listops", "long"), ("mqar", "")]
+    assert groups[1].cells() == [["task=listops", "mechanism=softmax", "seed=0", "train.max_steps=5",
+                                  "task.max_length=128", "train.batch_size=2", "train.lr=1e-3"]]
+    assert groups[1].source == f"{tmp_path / 'mine.yaml'}, task_sweep.listops"
+    assert [label for label, _ in groups[2].labelled_cells()] == ["task.max_len=64", "task.max_len=128"]
+    _, swept = expand({"grid": "mine", "scale": "tiny", "tasks": "listops"}, ["train.lr=1e-3,1e-2"])
+    assert [label for label, _ in swept[0].labelled_cells()] == ["short,train.lr=0.001", "short,train.lr=0.01"]
+
+
+@pytest.mark.parametrize("sweep,message", [
+    ("[{name: a, task.max_length: 64, train.batch_size: 4}, {name: b, task.max_length: 128}]",
+     "task_sweep.listops: bundle 'b' lacks train.batch_size (the bundles of one task set the same keys: "
+     "task.max_length, train.batch_size)"),
+    ("[{name: a, task.max_length: 64}, {name: b, task.max_length: 128, train.lr: 0.1}]",
+     "task_sweep.listops: bundle 'b' sets train.lr, which bundle 'a' does not"),
+    ("[{task.max_length: 64}]", "task_sweep.listops: bundle 1 (task.max_length) has no name"),
+    ("[{name: a, task.max_length: 64}, {name: a, task.max_length: 128}]", "task_sweep.listops: two bundles are named 'a'"),
+    ("[]", "task_sweep.listops: an empty list of bundles"),
+    ('{"task.max_length,train.batch_size": [[64, 4], [128, 2]]}',
+     "task_sweep.listops: keys joined by a comma ('task.max_length,train.batch_size') are the old positional "
+     "form; write one named bundle per value instead: - {name: NAME, task.max_length: 64, train.batch_size: 4}"),
+])
+def test_a_malformed_bundle_is_one_line_naming_it_and_its_file(monkeypatch, tmp_path, sweep, message):
+    from harness.grid.sweep import GridError, expand
+
+    path = a_grid_file(monkeypatch, tmp_path, f"tasks: [mqar]\ntask_sweep:\n  listops: {sweep}\n")
+    with pytest.raises(GridError) as raised:  # listops's entry is checked though the grid runs mqar only
+        expand({"grid": "mine", "scale": "tiny"})
+    assert raised.value.message.startswith(f"{path}, {message}"), raised.value.message
+    assert "\n" not in raised.value.message
+
+
+def test_a_bundle_key_no_config_has_is_caught_before_anything_runs(monkeypatch, tmp_path):
+    from harness.grid import sweep
+
+    path = a_grid_file(monkeypatch, tmp_path, """
+tasks: [listops]
+task_sweep:
+  listops:
+    - {name: typo, task.max_lenght: 64}
+""")
+    scale, groups = sweep.expand({"grid": "mine", "scale": "tiny", "mechanisms": "softmax", "seeds": "0"})
+    with pytest.raises(GridError := sweep.GridError) as raised:
+        sweep._check_overrides(scale, groups, str(tmp_path / "results"))
+    assert raised.value.message.startswith(
+        f"cell override rejected in bundle 'typo' ({path}, task_sweep.listops): Could not override 'task.max_lenght'")
+    assert "\n" not in raised.value.message
+    # a mistake on the command line is not blamed on the bundle
+    scale, groups = sweep.expand({"grid": "mine", "scale": "tiny", "mechanisms": "softmax", "seeds": "0"},
+                                 ["modle.depth=2"])
+    with pytest.raises(GridError) as raised:
+        sweep._check_overrides(scale, groups, str(tmp_path / "results"))
+    assert raised.value.message.startswith("cell override rejected: ") and "bundle" not in raised.value.message
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_dry_run_lists_bundle_names_and_the_launch_puts_costly_groups_first(tmp_path, capsys):
+    from harness.grid import sweep
+
+    scale, groups = sweep.expand({"grid": "cpu", "scale": "small", "mechanisms": "softmax", "seeds": "0"})
+    assert [g.bundle for g in groups] == ["mqar_1k", "mqar_4k"]
+    sweep._check_overrides(scale, groups, str(tmp_path))
+    assert groups[1].cost > groups[0].cost > 0  # 4K tokens cost more than 1K
+    assert [label for label, _ in sweep.launch_order(groups)] == ["mqar_4k", "mqar_1k"]
+    sweep.dry_run(scale, groups, str(tmp_path), 1)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("todo")]
+    assert len(lines) == 2 and "small/mqar/softmax/seed0  mqar_1k  360 steps" in lines[0]
+    assert "mqar_4k  [task.max_len=4096, task.num_test=250, train.batch_size=4, train.eval_batches=8]" in lines[1]
+
+
+@pytest.mark.slow
+def test_one_launch_keeps_two_workers_busy_across_groups(env):
+    """Two groups (listops, mqar), each a short and a long cell, n_jobs=2, all in one launch: the
+    second group's first cell starts when the first group's short cell ends, while its long one still
+    runs (one multirun per group would leave a worker idle until the long one ended)."""
+    results = env[0] / "busy"
+    done = harness(env, "grid", "scale=tiny", "tasks=listops,mqar", "mechanisms=sleepy", "seeds=0", "n_jobs=2",
+                   f"results_dir={results}", "trainer.progress_bar=false", "train.max_steps=2,120",
+                   "train.eval_every=100", "train.eval_batches=1", "mechanism.seconds=0.1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len([x for x in done.stdout.splitlines() if re.match(r"\[\d/4\] ok ", x)]) == 4
+    (sweep,) = (results / "sweeps").iterdir()  # one multirun for both groups
+    assert len(json.loads((sweep / "cells.json").read_text())) == 4
+    spans = {}  # task -> [(start, end)] from the progress file: status, seconds, ran, name, finished at
+    for line in (sweep / "progress.tsv").read_text().splitlines():
+        status, seconds, ran, name, finished = line.split("\t")
+        spans.setdefault(name.split("/")[0], []).append((float(finished) - float(seconds), float(finished)))
+    first, second = sorted(spans, key=lambda task: min(start for start, _ in spans[task]))
+    assert len(spans[first]) == len(spans[second]) == 2
+    assert min(start for start, _ in spans[second]) < max(end for _, end in spans[first]), spans
 
 
 def test_n_jobs_auto_is_one_cell_per_core_within_memory_and_one_on_a_gpu():

@@ -23,7 +23,9 @@ reads the sweep's peak memory. Here each cell is ``python -m harness.train.run <
 
 Hydra instantiates launchers only from its ``hydra_plugins`` namespace, so the class Hydra
 sees is ``hydra_plugins.harness_launcher.process_launcher.ProcessLauncher``, a thin
-subclass of the one here. Hydra's own machinery stays: the sweeper expands the overrides (``glob()``, ``choice()``,
+subclass of the one here. The grid launches all its cells at once through
+``hydra/sweeper=cells`` (``CellListSweeperBase`` here, ``hydra_plugins.harness_launcher.cells_sweeper``
+there): a list of cells rather than a crossed product, in one ``launch`` call of any launcher. Hydra's own machinery stays: the sweeper expands the overrides (``glob()``, ``choice()``,
 ``range()``), ``load_sweep_config`` composes each job, callbacks see every job, and the
 joblib and submitit launchers remain one override away.
 """
@@ -44,6 +46,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
@@ -255,3 +258,58 @@ def _tail_text(path: Path, size: int = 4096) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def read_cells(path: str | Path) -> list[dict[str, Any]]:
+    """A cells file (written by the grid, ``harness.grid.sweep.write_cells``): a JSON list of
+    ``{"name": label, "overrides": [...]}``, one per cell, in launch order."""
+    import json
+
+    cells = json.loads(Path(path).read_text())
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("overrides"), list)
+                                              for c in cells):
+        raise ValueError(f"{path}: not a cells file (a JSON list of {{name, overrides}})")
+    return cells
+
+
+class CellListSweeperBase(Sweeper):
+    """``hydra/sweeper=cells``: launches a given list of cells (``hydra.sweeper.cells_file``, each
+    cell its own override list, no crossed product) through the configured launcher in one
+    ``launch`` call, so a launcher with ``n_jobs`` workers keeps them all busy to the last cell
+    (the grid's groups need not wait for each other). The multirun's own overrides (scale,
+    results_dir) follow each cell's; ``hydra.job.num`` is the cell's place in the file."""
+
+    def __init__(self, cells_file: str | None = None) -> None:
+        super().__init__()
+        self.cells_file = cells_file
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import OmegaConf
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        if not self.cells_file:
+            raise ValueError("hydra/sweeper=cells needs hydra.sweeper.cells_file=<a JSON list of cells>")
+        common = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(arguments)
+        swept = [o.input_line for o in common if o.is_sweep_override()]
+        if swept:
+            raise ValueError(f"hydra/sweeper=cells takes its cells from {self.cells_file}; sweep them there, not "
+                             f"with {', '.join(swept)}")
+        jobs = [[*cell["overrides"], *(o.input_line for o in common)] for cell in read_cells(self.cells_file)]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns = self.launcher.launch(jobs, initial_job_idx=0)
+        for ret in returns:
+            _ = ret.return_value  # a job that failed raises here, as in Hydra's basic sweeper
+        return [returns]

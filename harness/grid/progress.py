@@ -1,10 +1,12 @@
 """One line per finished cell of a sweep, from a Hydra callback (``hydra.callbacks``):
 
-    [ 12/98] ok       listops/performer/seed0   test accuracy 0.364   112 s   ETA 2h31m
+    [ 12/98] ok       mqar/performer[mqar_4k]/seed0   test accuracy 0.364   112 s   ETA 2h31m
 
-k counts finished cells across every process of the grid (a line per cell in
-``<sweep dir>/progress.tsv``, appended under a lock, so joblib and submitit workers count
-too); N and the grid's offset come from the grid (``HARNESS_GRID_TOTAL``) or default to the
+The name in brackets is the cell's label in the grid's cells file (``hydra/sweeper=cells``: its
+bundle and swept values), else its variant. k counts finished cells across every process of the
+grid (a line per cell in ``<sweep dir>/progress.tsv``: status, seconds, whether it ran, name, and
+when it finished (seconds since the epoch), appended under a lock, so joblib and submitit workers
+count too); N and the grid's offset come from the grid (``HARNESS_GRID_TOTAL``) or default to the
 sweep's size. The ETA is the mean wall time of the cells that ran (recorded cells that were
 skipped cost nothing) times the cells left, divided by the cells that run at once.
 """
@@ -49,6 +51,25 @@ class CellProgress(Callback):
 
     def __init__(self) -> None:
         self._started: dict[int, float] = {}
+        self._labels: dict[str, list[str]] = {}  # cells file -> each cell's label
+
+    def _label(self, config: DictConfig, num: int) -> str:
+        """The cell's label in the grid's cells file ('' outside a grid, or when it has none)."""
+        try:
+            path = config.hydra.sweeper.get("cells_file")
+        except Exception:
+            return ""
+        if not path:
+            return ""
+        if path not in self._labels:
+            from harness.grid.launcher import read_cells
+
+            try:
+                self._labels[path] = [str(c.get("name") or "") for c in read_cells(path)]
+            except (OSError, ValueError):
+                self._labels[path] = []
+        labels = self._labels[path]
+        return labels[num] if 0 <= num < len(labels) else ""
 
     @staticmethod
     def _multirun(config: DictConfig) -> bool:
@@ -72,8 +93,9 @@ class CellProgress(Callback):
         if isinstance(record, dict):
             status = record.get("status", "?")
             ran = not record.get("_skipped")
-            name = f"{record.get('task')}/{record.get('mechanism')}" + (
-                f"[{record['variant']}]" if record.get("variant") else "") + f"/seed{record.get('seed')}"
+            tag = self._label(config, num) or record.get("variant")
+            name = f"{record.get('task')}/{record.get('mechanism')}" + (f"[{tag}]" if tag else "") + (
+                f"/seed{record.get('seed')}")
             detail = key_metric(record) if status != "running" else "running in another process"
         else:
             status = "done" if job_return.status == JobStatus.COMPLETED else "failed"
@@ -85,7 +107,7 @@ class CellProgress(Callback):
         progress.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(progress) + ".lock"):
             with open(progress, "a") as f:
-                f.write(f"{status}\t{elapsed:.1f}\t{int(ran)}\t{name}\n")
+                f.write(f"{status}\t{elapsed:.1f}\t{int(ran)}\t{name}\t{time.time():.2f}\n")
             rows = [line.split("\t") for line in progress.read_text().splitlines() if line.count("\t") >= 3]
         done = len(rows)
         total = int(os.environ.get(TOTAL_ENV) or 0) or done

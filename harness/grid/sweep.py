@@ -7,27 +7,41 @@ A grid is data, ``harness/conf/grid/<name>.yaml``::
     seeds: null                     # null: the scale's seeds
     sweep:                          # any config key -> values, crossed with tasks x mechanisms x seeds
       task.max_len: [256, 1024]
-    task_sweep:                     # per task, replaces `sweep` for that task; keys joined by ","
-      pathfinder:                   # move together (zipped), e.g. a resolution and its length
-        task.resolution,task.max_len: [[16, 256], [32, 1024]]
+    task_sweep:                     # per task, replaces `sweep` for that task: crossed keys as above,
+      text: {task.max_len: [256, 1024]}
+      pathfinder:                   # or named bundles, settings that move together (one cell config each)
+        - {name: pathfinder_256, task.resolution: 16, task.max_len: 256}
+        - {name: pathfinder_1k, task.resolution: 32, task.max_len: 1024}
     overrides: {train.max_steps: 300}          # fixed, for every cell
     task_overrides: {listops: {model.dim: 32}} # fixed, per task
 
-The grid expands it into one Hydra multirun per task (``python -m harness.train.run --multirun``)
-and launches it through a Hydra launcher: ``launcher=process`` (default: each cell in its
-own fresh process, ``n_jobs=N`` side by side), ``launcher=joblib`` (Hydra's joblib
-launcher, ``n_jobs=N``), ``launcher=slurm`` (hydra-submitit-launcher, the ``[slurm]``
-extra; ``harness/conf/hydra/launcher/slurm.yaml`` holds partition, GPUs, time and memory). Every
-cell skips itself when recorded, so re-running a grid resumes it; a failing or killed cell
-is recorded and the grid goes on; ``dry_run=true`` lists the cells, which are recorded, and
-an estimate of the time left. Any other ``key=value`` is a cell override for every cell;
-one with several values, ``key=a,b``, is swept (crossed with every task's cells).
+A bundle is a mapping of config keys to values plus a ``name`` (for people: the dry run and the
+progress lines show it); the bundles of one task set the same keys (a missing one is an error
+naming the bundle and the file), and a key no config has is caught before anything runs (one cell
+of every bundle is composed). The overrides of a cell, in order: ``overrides``, the task's
+``task_overrides``, its bundle, the command line's, then the swept keys.
+
+The grid expands into groups (a task and a bundle: mechanisms x seeds x swept values) and launches
+every cell of every group through one Hydra multirun (``python -m harness.train.run --multirun``
+with ``hydra/sweeper=cells``, which hands the launcher the list of cells), so ``n_jobs`` cells run
+side by side until the last one, groups whose cells cost most (``cell_cost``) first. The launcher:
+``launcher=process`` (default: each cell in its own fresh process, ``n_jobs=N`` side by side),
+``launcher=joblib`` (Hydra's joblib launcher, ``n_jobs=N``), ``launcher=slurm``
+(hydra-submitit-launcher, the ``[slurm]`` extra; ``harness/conf/hydra/launcher/slurm.yaml`` holds
+partition, GPUs, time and memory; one job array). Every cell skips itself when recorded, so
+re-running a grid resumes it; a failing or killed cell is recorded and the grid goes on;
+``dry_run=true`` lists the cells, which are recorded, and an estimate of the time left. Any other
+``key=value`` is a cell override for every cell, parsed by Hydra's override parser: one with
+several values (``key=a,b``, ``choice(a,b)``, ``range(0,3)``) is swept, crossed with every group's
+cells; ``hydra.*`` overrides (``hydra.launcher.partition=gpu``) go to the multirun, not the cells.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,33 +81,53 @@ class GridError(SystemExit):
 
 @dataclass
 class Group:
-    """One Hydra multirun: a task, its mechanisms x seeds x sweep values, fixed overrides."""
+    """The cells of one task and one bundle (or none): mechanisms x seeds x the swept values, with
+    fixed overrides. ``hydra_overrides`` (the command line's ``hydra.*``) go to the multirun that
+    launches the cells, not to each cell."""
 
     task: str
     mechanisms: list[str]
     seeds: list[int]
-    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    sweep: dict[str, list[str]] = field(default_factory=dict)  # key -> values as override text, crossed
     overrides: list[str] = field(default_factory=list)
+    bundle: str = ""  # the bundle's name ('' when the task has no bundles)
+    source: str = ""  # where the bundle is written ("<grid file>, task_sweep.<task>"), for errors
+    bundle_overrides: list[str] = field(default_factory=list)  # the bundle's own (part of ``overrides``)
+    hydra_overrides: list[str] = field(default_factory=list)
+    cost: float | None = None  # estimated training FLOPs of a cell (``cell_cost``), set by ``_check_overrides``
+
+    def labelled_cells(self) -> list[tuple[str, list[str]]]:
+        """Every cell as (label, overrides besides scale/results_dir); the label is the bundle's
+        name and the swept values (``mqar_4k``, ``task.max_len=512``), for people."""
+        keys = list(self.sweep)
+        combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
+        cells = []
+        for m in self.mechanisms:
+            for s in self.seeds:
+                for combo in combos:
+                    swept = [f"{k}={v}" for k, v in zip(keys, combo)]
+                    label = ",".join([self.bundle, *swept] if self.bundle else swept)
+                    cells.append((label, [f"task={self.task}", f"mechanism={m}", f"seed={s}", *self.overrides, *swept]))
+        return cells
 
     def cells(self) -> list[list[str]]:
         """Every cell's overrides (besides scale/results_dir)."""
-        keys = list(self.sweep)
-        combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
-        return [[f"task={self.task}", f"mechanism={m}", f"seed={s}", *self.overrides,
-                 *(f"{k}={_value(v)}" for k, v in zip(keys, combo))]
-                for m in self.mechanisms for s in self.seeds for combo in combos]
+        return [overrides for _, overrides in self.labelled_cells()]
 
-    def multirun_overrides(self) -> list[str]:
-        return [f"task={self.task}", f"mechanism={','.join(self.mechanisms)}",
-                f"seed={','.join(str(s) for s in self.seeds)}", *self.overrides,
-                *(f"{k}={','.join(_value(v) for v in values)}" for k, values in self.sweep.items())]
+
+PLAIN = re.compile(r"[\w./:+*$%@-]+")  # a value Hydra's override grammar reads as is, unquoted
 
 
 def _value(v: Any) -> str:
+    """A YAML value as the text of a Hydra override (lists as ``[a,b]``, other strings quoted)."""
     if isinstance(v, bool):
         return str(v).lower()
+    if v is None:
+        return "null"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, str) and not PLAIN.fullmatch(v):
+        return quoted(v)
     return str(v)
 
 
@@ -103,12 +137,42 @@ def quoted(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _split(value: Any) -> list[str]:
+def parse_override(text: str, what: str | None = None):
+    """One ``key=value`` through Hydra's override parser (sweeps, lists, quoting, glob/choice/range);
+    a malformed one is a GridError naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(text)
+    except Exception as exc:  # Hydra's OverrideParseException: its first line says where
+        raise GridError(f"{what or text}: not a Hydra override value ({str(exc).splitlines()[0]})") from None
+
+
+def sweep_values(override, what: str) -> list[str]:
+    """The values of a parsed sweep override as override text (``0,4`` -> ['0', '4'];
+    ``choice(a,b)``, ``range(0,3)``); interval() and glob() cannot be listed here."""
+    from hydra.core.override_parser.types import Glob
+
+    if isinstance(override.value(), Glob) or not override.is_discrete_sweep():
+        raise GridError(f"{what}: the grid sweeps lists of values (a,b), choice(...) or range(...); interval() "
+                        "and glob() it cannot list")
+    return list(override.sweep_string_iterator())
+
+
+def _split(value: Any, what: str = "value") -> list[str]:
+    """A list of names or numbers: a YAML list, or text as Hydra reads it (``a,b``, ``[a,b]``,
+    ``choice(a,b)``, ``range(0,3)``, one value)."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-    return [str(v) for v in value]
+    if not isinstance(value, str):
+        return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if not value.strip():
+        return []
+    override = parse_override(f"x={value}", f"{what}={value}")
+    if override.is_sweep_override():
+        return [v.strip("'\"") for v in sweep_values(override, f"{what}={value}")]
+    parsed = override.value()
+    return [str(v) for v in parsed] if isinstance(parsed, list) else [str(parsed)]
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -129,21 +193,15 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def _names(value: Any, valid: list[str], kind: str) -> list[str]:
-    """Names from a list, ``all``, or Hydra's ``glob(...)``/``choice(...)`` grammar."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep, Glob
+    """Names from a list, ``all``, or Hydra's override grammar (``a,b``, ``[a,b]``, ``glob(...)``,
+    ``choice(...)``)."""
+    from hydra.core.override_parser.types import Glob
 
-    text = value if isinstance(value, str) else None
-    if text and "(" in text:
-        parsed = OverridesParser.create().parse_override(f"x={text}").value()
-        if isinstance(parsed, Glob):
-            names = parsed.filter(valid)
-        elif isinstance(parsed, ChoiceSweep):
-            names = [str(x) for x in parsed.list]
-        else:
-            raise GridError(f"{kind}s={text}: use a list, all, glob(...) or choice(...)")
+    override = parse_override(f"x={value}", f"{kind}s={value}") if isinstance(value, str) and value.strip() else None
+    if override is not None and isinstance(override.value(), Glob):
+        names = override.value().filter(valid)
     else:
-        names = _split(value)
+        names = _split(value, f"{kind}s")
         if names == ["all"]:
             names = list(valid)
     unknown = [n for n in names if n not in valid]
@@ -156,11 +214,11 @@ def _names(value: Any, valid: list[str], kind: str) -> list[str]:
 
 def _seeds(value: Any) -> list[int]:
     out = []
-    for s in _split(value):
+    for s in _split(value, "seeds"):
         try:
             out.append(int(s))
         except ValueError:
-            raise GridError(f"seeds={','.join(_split(value))}: seeds are integers, e.g. seeds=0,1,2") from None
+            raise GridError(f"seeds={','.join(_split(value, 'seeds'))}: seeds are integers, e.g. seeds=0,1,2") from None
     return out
 
 
@@ -222,11 +280,16 @@ def resolve_grid(name: str, scale: str) -> str:
     return chosen
 
 
-def load_grid(name: str) -> dict[str, Any]:
+def grid_path(name: str) -> Path:
+    """``harness/conf/grid/<name>.yaml``; GridError naming the valid grids when there is none."""
     try:
-        path = conf_file("grid", name)
+        return conf_file("grid", name)
     except ValueError as exc:
         raise GridError(str(exc)) from None
+
+
+def load_grid(name: str) -> dict[str, Any]:
+    path = grid_path(name)
     grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
     unknown = sorted(set(grid) - set(GRID_FILE_KEYS))
     if unknown:
@@ -234,110 +297,172 @@ def load_grid(name: str) -> dict[str, Any]:
     return grid
 
 
+def bundles(entries: list[Any], where: str) -> list[tuple[str, list[str]]]:
+    """Named bundles (``[{name: mqar_1k, task.max_len: 1024, ...}, ...]``) as (name, overrides):
+    each a mapping with a ``name``, names unique, every bundle setting the same keys. ``where``
+    (``<file>, task_sweep.<task>``) starts every error."""
+    out: list[tuple[str, list[str]]] = []
+    first: tuple[str, list[str]] | None = None
+    if not entries:
+        raise GridError(f"{where}: an empty list of bundles; give at least one {{name: NAME, key: value, ...}}")
+    for number, bundle in enumerate(entries, 1):
+        if not isinstance(bundle, dict):
+            raise GridError(f"{where}: bundle {number} is {bundle!r}; a bundle is a mapping {{name: NAME, key: value, ...}}")
+        name = str(bundle.get("name") or "").strip()
+        keys = [str(k) for k in bundle if k != "name"]
+        if not name:
+            raise GridError(f"{where}: bundle {number} ({', '.join(keys)}) has no name; add one: {{name: NAME, ...}}")
+        if any(name == seen for seen, _ in out):
+            raise GridError(f"{where}: two bundles are named '{name}'; names tell the bundles apart")
+        bad = [k for k in keys if not k or any(c in k for c in ",= ")]
+        if bad:
+            raise GridError(f"{where}: bundle '{name}': {bad[0]!r} is not a config key (one key per entry, e.g. "
+                            "task.max_len: 1024)")
+        if not keys:
+            raise GridError(f"{where}: bundle '{name}' sets nothing; a bundle is {{name: NAME, key: value, ...}}")
+        if first is None:
+            first = (name, keys)
+        else:
+            missing = [k for k in first[1] if k not in keys]
+            extra = [k for k in keys if k not in first[1]]
+            if missing or extra:
+                what = [f"lacks {', '.join(missing)}"] if missing else []
+                what += [f"sets {', '.join(extra)}, which bundle '{first[0]}' does not"] if extra else []
+                raise GridError(f"{where}: bundle '{name}' {' and '.join(what)} (the bundles of one task set the same "
+                                f"keys: {', '.join(first[1])})")
+        out.append((name, [f"{k}={_value(bundle[k])}" for k in keys]))
+    return out
+
+
+def _old_positional_form(where: str, keys: str, values: Any) -> str:
+    """The one-line refusal of ``"a,b": [[1, 2], ...]``, showing the bundle it becomes."""
+    names = [k.strip() for k in keys.split(",")]
+    first = values[0] if isinstance(values, list) and values and isinstance(values[0], list) else []
+    settings = ", ".join(f"{k}: {_value(v)}" for k, v in zip(names, first)) if first else ", ".join(
+        f"{k}: ..." for k in names)
+    return (f"{where}: keys joined by a comma ('{keys}') are the old positional form; write one named bundle per "
+            f"value instead: - {{name: NAME, {settings}}}")
+
+
+def sweep_entry(entry: Any, where: str) -> list[tuple[str, list[str], dict[str, list[str]]]]:
+    """A ``sweep`` or ``task_sweep.<task>`` entry as groups (bundle name, bundle overrides, crossed
+    keys): a mapping of keys to values is one unnamed group whose keys are crossed; a list of
+    bundles is a group per bundle."""
+    if entry is None:
+        return [("", [], {})]
+    if isinstance(entry, list):
+        return [(name, overrides, {}) for name, overrides in bundles(entry, where)]
+    if not isinstance(entry, dict):
+        raise GridError(f"{where}: a mapping of keys to values (crossed) or a list of bundles "
+                        f"[{{name: NAME, key: value, ...}}], not {entry!r}")
+    crossed = {}
+    for key, values in entry.items():
+        if "," in str(key):
+            raise GridError(_old_positional_form(where, str(key), values))
+        crossed[str(key)] = [_value(v) for v in (values if isinstance(values, list) else [values])]
+    return [("", [], crossed)]
+
+
 def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[str, list[Group]]:
-    """(scale, groups): the grid's cells, validated against the registry."""
+    """(scale, groups): the grid's cells, validated against the registry; a group per task and
+    bundle."""
     from harness.core.registry import list_mechanisms, list_tasks
 
     scale = resolve_scale(own.get("scale", "auto"))
-    grid = load_grid(resolve_grid(own.get("grid", "default"), scale))
-    tasks = _names(own.get("tasks") or grid.get("tasks") or "all", list_tasks(), "task")
+    name = resolve_grid(own.get("grid", "default"), scale)
+    grid, path = load_grid(name), grid_path(name)
+    valid_tasks = list_tasks()
+    tasks = _names(own.get("tasks") or grid.get("tasks") or "all", valid_tasks, "task")
     mechanisms = _names(own.get("mechanisms") or grid.get("mechanisms") or "all", list_mechanisms(), "mechanism")
     seeds = _seeds(own.get("seeds")) or _seeds(grid.get("seeds"))
     if not seeds:
         seeds = [int(s) for s in load_conf("scale", scale)["scale"]["seeds"]]
+    for key in ("task_sweep", "task_overrides"):
+        unknown = sorted(set(grid.get(key) or {}) - set(valid_tasks))
+        if unknown:
+            raise GridError(f"{path}: {key} names unknown task(s) {', '.join(unknown)}; registered tasks: "
+                            f"{', '.join(valid_tasks)}")
     fixed = [f"{k}={_value(v)}" for k, v in (grid.get("overrides") or {}).items()]
-    passthrough, swept = command_line_sweep(passthrough)
+    default_sweep = sweep_entry(grid.get("sweep"), f"{path}, sweep")
+    task_sweeps = {task: sweep_entry(entry, f"{path}, task_sweep.{task}")  # every entry checked, used or not
+                   for task, entry in (grid.get("task_sweep") or {}).items()}
+    cli_fixed, cli_swept = command_line_sweep(passthrough)
+    cli_hydra = [o for o in cli_fixed if parse_override(o).is_hydra_override()]
+    cli_cells = [o for o in cli_fixed if o not in cli_hydra]
     groups = []
     for task in tasks:
-        sweep = (grid.get("task_sweep") or {}).get(task, grid.get("sweep") or {})
-        sweep = {k: (v if isinstance(v, list) else [v]) for k, v in sweep.items()}
-        crossed = {**{k: v for k, v in sweep.items() if "," not in k}, **swept}
-        zipped = [_zipped(k, v) for k, v in sweep.items() if "," in k]
         per_task = [f"{k}={_value(v)}" for k, v in ((grid.get("task_overrides") or {}).get(task) or {}).items()]
-        for combo in itertools.product(*zipped) if zipped else [()]:
-            together = [o for part in combo for o in part]
-            groups.append(Group(task, mechanisms, seeds, crossed, [*fixed, *per_task, *together, *(passthrough or [])]))
+        source = f"{path}, task_sweep.{task}" if task in task_sweeps else f"{path}, sweep"
+        for bundle, bundle_overrides, crossed in task_sweeps.get(task, default_sweep):
+            groups.append(Group(task, mechanisms, seeds, {**crossed, **cli_swept},
+                                [*fixed, *per_task, *bundle_overrides, *cli_cells], bundle=bundle,
+                                source=source if bundle else "", bundle_overrides=bundle_overrides,
+                                hydra_overrides=cli_hydra))
     return scale, groups
 
 
-def _top_level_split(value: str) -> list[str]:
-    """'0,4' -> ['0', '4']; commas inside [], (), {} or quotes do not split ('[1,2]', "glob(a,b)")."""
-    parts, depth, quote, current = [], 0, "", []
-    for ch in value:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[({":
-            depth += 1
-        elif ch in "])}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    return [*parts, "".join(current)]
-
-
 def command_line_sweep(passthrough: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
-    """Cell overrides with several comma-separated values (``task.num_distractors=0,4``) become a
-    sweep crossed with every task's cells, as in a Hydra multirun; the rest stay fixed overrides."""
+    """Cell overrides as Hydra's override parser reads them: one with several values
+    (``task.num_distractors=0,4``, ``choice(a,b)``, ``range(0,3)``) becomes a sweep crossed with
+    every group's cells, as in a Hydra multirun; the rest (lists ``[1,2]``, quoted commas, any
+    ``hydra.*`` override) stay fixed. ``interval()`` and ``glob()`` are refused (one line)."""
     fixed, swept = [], {}
     for arg in passthrough or []:
-        key, _, value = arg.partition("=")
-        parts = _top_level_split(value)
-        if len(parts) > 1 and not key.startswith(("+", "~", "hydra.")) and all(p.strip() for p in parts):
-            swept[key] = [p.strip() for p in parts]
+        override = parse_override(arg)
+        if override.is_sweep_override() and not override.is_hydra_override():
+            swept[override.get_key_element()] = sweep_values(override, arg)
         else:
             fixed.append(arg)
     return fixed, swept
 
 
-def _zipped(keys: str, values: list[Any]) -> list[list[str]]:
-    """``"a,b": [[1, 2], [3, 4]]`` -> [["a=1", "b=2"], ["a=3", "b=4"]]: keys that move together."""
-    names = [k.strip() for k in keys.split(",")]
-    out = []
-    for value in values:
-        if not isinstance(value, list) or len(value) != len(names):
-            raise GridError(f"sweep '{keys}': each value must be a list of {len(names)} ({value!r})")
-        out.append([f"{k}={_value(v)}" for k, v in zip(names, value)])
-    return out
-
-
 def _check_overrides(scale: str, groups: list[Group], results_dir: str) -> None:
-    """Compose one cell of each group: a misspelled or mistyped override fails here, once,
-    with Hydra's message, before anything runs."""
+    """Compose one cell of each group (each bundle): a misspelled or mistyped override fails here,
+    once, with Hydra's message, before anything runs; one a bundle brings names the bundle and its
+    file. Notes each group's estimated cost (``cell_cost``), which orders the launch."""
     from harness.core.registry import UnknownNameError
+    from harness.train.cells import resolve_cell
     from harness.train.config import check_protocol, compose_isolated
     from harness.train.run import check_config, check_run_settings
 
+    def compose(overrides: list[str]):
+        return compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"])
+
     for group in groups:
         overrides = group.cells()[0]
+        where = f" in bundle '{group.bundle}' ({group.source})" if group.bundle else ""
         try:
-            cfg = compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"])
+            cfg = compose(overrides)
         except Exception as exc:
-            raise GridError(f"cell override rejected: {str(exc).splitlines()[0]}") from None
+            why = str(exc).splitlines()[0]
+            if where:  # the bundle's fault, or the rest's?
+                try:
+                    compose([o for o in overrides if o not in group.bundle_overrides])
+                except Exception:
+                    where = ""
+            raise GridError(f"cell override rejected{where}: {why}") from None
         try:  # a protocol the scale lacks, an appended key no schema has, a value out of range: before anything runs
             check_protocol(cfg)
             check_run_settings(cfg)
             check_config(cfg)
+            group.cost = cell_cost(resolve_cell(cfg).identity)["flops"]
         except (ValueError, UnknownNameError) as exc:
-            raise GridError(f"{group.task}: {exc}") from None
+            raise GridError(f"{group.task}{where}: {exc}") from None
 
 
 def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, Any]]:
-    """Every cell with its path and recorded status (for dry runs and the summary)."""
+    """Every cell with its path, recorded status, label and bundle (for dry runs and the summary)."""
     from harness.core.results import read_result
     from harness.train.cells import resolve_cell
     from harness.train.config import compose_isolated
 
     rows = []
     for group in groups:
-        for overrides in group.cells():
+        for label, overrides in group.labelled_cells():
             cell = resolve_cell(compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"]))
             record = read_result(cell.result_path)
-            rows.append({"cell": cell, "record": record, "status": record["status"] if record else "todo"})
+            rows.append({"cell": cell, "record": record, "status": record["status"] if record else "todo",
+                         "label": label, "bundle": group.bundle})
     return rows
 
 
@@ -427,7 +552,7 @@ def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> i
     total_hours = 0.0
     for row in rows:
         c = row["cell"]
-        label = f"  [{c.variant_label}]" if c.variant_label else ""
+        label = (f"  {row['bundle']}" if row["bundle"] else "") + (f"  [{c.variant_label}]" if c.variant_label else "")
         cost = cell_cost(c.identity)
         if row["status"] not in ("ok", "unsupported"):
             total_hours += cost["gpu_hours"]
@@ -464,7 +589,23 @@ def estimate_basis(estimate: Estimate, todo: int) -> str:
 STOP_GRACE_S = 60  # how long a stopping grid waits for its cells to stop cleanly before SIGKILL
 
 
+def launch_order(groups: list[Group]) -> list[tuple[str, list[str]]]:
+    """Every cell of every group as (label, overrides), in the order they start: the groups whose
+    cells cost most (``Group.cost``, from ``cell_cost``) first, so the last cells to finish are
+    short ones; groups without an estimate keep their place after those with one."""
+    ordered = sorted(groups, key=lambda g: -(g.cost or 0.0))
+    return [cell for group in ordered for cell in group.labelled_cells()]
+
+
+def write_cells(path: Path, cells: list[tuple[str, list[str]]]) -> None:
+    """The cells file of ``hydra/sweeper=cells`` (``harness.grid.launcher.CellListSweeperBase``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"name": label, "overrides": overrides} for label, overrides in cells], indent=1))
+
+
 def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: str) -> int:
+    """Run every cell of every group through one Hydra multirun (``hydra/sweeper=cells`` hands the
+    launcher the whole list, so ``n_jobs`` workers stay busy to the last cell), then summarize."""
     launcher = own.get("launcher", "process")
     if launcher not in LAUNCHERS:
         raise GridError(f"launcher={launcher}: valid launchers are {', '.join(sorted(set(LAUNCHERS)))}")
@@ -484,32 +625,33 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
             import hydra_plugins.hydra_joblib_launcher  # noqa: F401
         except ImportError:
             raise GridError("launcher=joblib needs hydra-joblib-launcher: pip install -e '.[joblib]'") from None
-    total = sum(len(g.cells()) for g in groups)
+    cells = launch_order(groups)
+    total = len(cells)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     sweep_root = Path(results_dir) / "sweeps" / stamp
+    cells_file = sweep_root / "cells.json"
+    write_cells(cells_file, cells)
     env = {**os.environ, "HARNESS_GRID_TOTAL": str(total), "HARNESS_GRID_JOBS": str(n_jobs),
            "HARNESS_GRID_PROGRESS": str(sweep_root / "progress.tsv")}
     launcher_args = [f"hydra/launcher={launcher}"]
     if launcher in ("process", "joblib") and "n_jobs" in own:
         launcher_args.append(f"hydra.launcher.n_jobs={n_jobs}")
+    hydra_args = list(dict.fromkeys(o for g in groups for o in g.hydra_overrides))  # the command line's, once
     print(f"grid: {len({g.task for g in groups})} task(s), {total} cells at scale={scale}, launcher={launcher}"
           f"{f' x{n_jobs}' if n_jobs > 1 else ''} (recorded cells are skipped)", flush=True)
-    returncode = 0
-    for number, group in enumerate(groups):
-        command = [sys.executable, "-m", "harness.train.run", "--multirun", *group.multirun_overrides(), f"scale={scale}",
-                   f"results_dir={quoted(results_dir)}",
-                   f"hydra.sweep.dir={quoted(sweep_root / f'{number:02d}-{group.task}')}",
-                   *launcher_args]
-        proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
+    command = [sys.executable, "-m", "harness.train.run", "--multirun", f"scale={scale}",
+               f"results_dir={quoted(results_dir)}", f"hydra.sweep.dir={quoted(sweep_root)}",
+               "hydra/sweeper=cells", f"hydra.sweeper.cells_file={quoted(cells_file)}", *launcher_args, *hydra_args]
+    proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
+    try:
+        returncode = proc.wait()
+    except BaseException:  # Ctrl-C or a kill of the grid: its cells stop, unrecorded, and resume on a rerun
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            returncode |= proc.wait()
-        except BaseException:  # Ctrl-C or a kill of the grid: its cells stop, unrecorded, and resume on a rerun
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return summarize(scale, groups, results_dir, returncode)
 
 
