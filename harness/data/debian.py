@@ -5,7 +5,7 @@ folder from the installed system when the package is installed, otherwise from a
 unpacked into the cache (``apt-get download`` + ``dpkg-deb -x``; no root needed). When
 neither works the error says which package to install.
 
-``python -m harness.data.debian fetch PKG ...`` unpacks packages ahead of time (``make data``).
+``python -m harness tool debian-fetch packages=[PKG,...]`` unpacks packages ahead of time (``make data``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.data.task import CACHE_ENV, DEFAULT_CACHE_DIR, DataSourceError
@@ -41,7 +42,7 @@ def debian_path(package: str, relative: str, *, fetch: bool = True) -> Path:
             return unpacked
     raise DataSourceError(
         f"/{relative} not found: it ships in the Debian package '{package}'. "
-        f"Install it (apt-get install {package}) or run `python -m harness.data.debian fetch {package}` "
+        f"Install it (apt-get install {package}) or run `python -m harness tool debian-fetch packages=[{package}]` "
         f"(or `make data`), or point the task at its real source (task.source=...)"
     )
 
@@ -91,20 +92,24 @@ def _ensure(path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] != "fetch":
-        print("usage: python -m harness.data.debian fetch PACKAGE [PACKAGE ...]", file=sys.stderr)
-        return 2
+@dataclass
+class FetchSettings:
+    """Unpack Debian packages into the data cache ahead of time (what an offline task needs)."""
+
+    packages: list[str] = field(default_factory=list)  # package names, e.g. [manpages,manpages-dev]
+
+
+def fetch(settings: FetchSettings) -> int:
+    """``python -m harness tool debian-fetch``: one line per package; exit 1 when one failed."""
+    from harness.core.overrides import UsageError
+
+    if not settings.packages:
+        raise UsageError("debian-fetch needs packages=[NAME,...]")
     status = 0
-    for package in argv[1:]:
+    for package in settings.packages:
         try:
             print(f"{package}: {fetch_package(package)}")
         except DataSourceError as exc:
             print(f"{package}: {exc}", file=sys.stderr)
             status = 1
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
