@@ -434,5 +434,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``harness`` console script and ``python -m harness``: ``main``'s exit status."""
-    sys.exit(main())
+    """The ``harness`` console script and ``python -m harness``: ``main``'s exit status (a reader that
+    closed the pipe early, ``| head``, ends it quietly, as Python's documentation advises)."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 1
+    sys.exit(status)
