@@ -51,7 +51,7 @@ data: install ## prepare every task's offline data (fetches the Debian packages 
 benchmark: install ## the grid (GPU: default at scale=lra; CPU: grid=cpu at small), the speed sweep, the leaderboard
 	started=$$(date +%s); \
 	$(PY) -m harness grid grid=$(GRID) scale=$(SCALE) n_jobs=$(JOBS) results_dir=$(RESULTS) $(if $(SEEDS),seeds=$(SEEDS)); \
-	status=$$?; $(PY) -m harness speed out=$(RESULTS)/speed $(BENCH_SPEED_ARGS); \
+	status=$$?; $(PY) -m harness speed results_dir=$(RESULTS) $(BENCH_SPEED_ARGS); \
 	mkdir -p $(RESULTS)/runs; \
 	printf '{"started": %s, "finished": %s, "grid_status": %s, "command": "make benchmark GRID=$(GRID) SCALE=$(SCALE) JOBS=$(JOBS)"}\n' \
 	  $$started $$(date +%s) $$status > $(RESULTS)/runs/make_benchmark.json; \
@@ -64,8 +64,8 @@ smoke: install ## 2 tasks x softmax and one mechanism per family at scale=tiny (
 	status=$$?; $(PY) -m harness report results_dir=$(SMOKE_RESULTS) || exit $$?; exit $$status
 
 speed: install ## speed and memory of every mechanism across sequence lengths (results/speed/)
-	$(PY) -m harness speed out=$(RESULTS)/speed $(SPEED_ARGS)
-	$(PY) -m harness report results_dir=$(RESULTS)
+	$(PY) -m harness speed results_dir=$(RESULTS) $(SPEED_ARGS); \
+	status=$$?; $(PY) -m harness report results_dir=$(RESULTS) || exit $$?; exit $$status
 
 report: install ## regenerate results/leaderboard.md and results/plots/ from the results
 	$(PY) -m harness report results_dir=$(RESULTS)

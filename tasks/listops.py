@@ -15,17 +15,15 @@ Evaluate a nested list expression over the digits 0-9, e.g. ``[MAX 2 9 [MIN 4 7 
   generator writes them (Python's ``csv`` defaults: CRLF line ends; LF and a BOM are read too).
 
 Tokenised as LRA's input pipeline does: parentheses dropped, operators, digits and
-``]`` are the tokens. ``python -m tasks.listops generate --out DIR ...`` writes the
+``]`` are the tokens. ``python -m harness tool listops-generate data_dir=DIR ...`` writes the
 generated source in LRA's file format.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,30 +257,32 @@ class ListOps(Task):
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.listops", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="write basic_{train,val,test}.tsv in LRA's format")
-    gen.add_argument("--out", required=True, type=Path)
-    gen.add_argument("--num-train", type=int, default=96000)
-    gen.add_argument("--num-val", type=int, default=2000)
-    gen.add_argument("--num-test", type=int, default=2000)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--min-length", type=int, default=500)
-    gen.add_argument("--max-length", type=int, default=2000)
-    gen.add_argument("--max-depth", type=int, default=10)
-    gen.add_argument("--max-args", type=int, default=10)
-    args = parser.parse_args(argv)
+@dataclass
+class GenerateSettings:
+    """Write the generated source as LRA's basic_{train,val,test}.tsv (read back with task.source=lra
+    task.data_dir=DIR)."""
+
+    data_dir: str = "???"  # the folder to write basic_{train,val,test}.tsv into
+    num_train: int = 96000
+    num_val: int = 2000
+    num_test: int = 2000
+    seed: int = 0  # the generator's seed (the task's data_seed)
+    min_length: int = 500  # a tree is kept when min_length < length < max_length
+    max_length: int = 2000
+    max_depth: int = 10
+    max_args: int = 10
+
+
+def generate(settings: GenerateSettings) -> int:
+    """``python -m harness tool listops-generate``: write the three files, print one line each."""
     cfg = ListOpsConfig(
-        num_train=args.num_train, num_val=args.num_val, num_test=args.num_test, data_seed=args.seed,
-        min_length=args.min_length, max_length=args.max_length, max_depth=args.max_depth, max_args=args.max_args,
+        num_train=settings.num_train, num_val=settings.num_val, num_test=settings.num_test, data_seed=settings.seed,
+        min_length=settings.min_length, max_length=settings.max_length, max_depth=settings.max_depth,
+        max_args=settings.max_args,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = Path(settings.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
     for split, rows in generate_split_rows(cfg).items():
-        write_tsv(args.out / SPLIT_FILES[split], rows)
-        print(f"{args.out / SPLIT_FILES[split]}: {len(rows)} rows")
+        write_tsv(out / SPLIT_FILES[split], rows)
+        print(f"{out / SPLIT_FILES[split]}: {len(rows)} rows")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -42,18 +42,16 @@ padding): a 32x32 image is 1024 tokens, two classes (1 = connected). Sources:
   skipped, counted and logged, as LRA's pipeline filters them. Split 80/10/10 in metadata
   order, as LRA's ``[:80%]`` / ``[80%:90%]`` / ``[90%:]``.
 
-``python -m tasks.pathfinder generate --out DIR ...`` writes the generated source in the
+``python -m harness tool pathfinder-generate data_dir=DIR ...`` writes the generated source in the
 release's layout (read back with ``task.source=lra task.data_dir=DIR``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -682,30 +680,34 @@ class Pathfinder(Task):
         return parts
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.pathfinder", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="write generated images in the layout of LRA's release")
-    gen.add_argument("--out", required=True, type=Path, help="folder to hold <difficulty folder>/metadata and imgs")
-    gen.add_argument("--count", type=int, default=1000)
-    gen.add_argument("--resolution", type=int, default=32)
-    gen.add_argument("--difficulty", choices=list(DIFFICULTIES), default="easy")
-    gen.add_argument("--contour-length", type=int, default=0)
-    gen.add_argument("--num-distractors", type=int, default=-1)
-    gen.add_argument("--dot-distance", choices=DOT_DISTANCES, default="matched",
-                     help="matched: both classes share one distribution of dot distances; free: LRA's generator")
-    gen.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    cfg = PathfinderConfig(resolution=args.resolution, max_len=args.resolution**2, difficulty=args.difficulty,
-                           contour_length=args.contour_length, num_distractors=args.num_distractors,
-                           dot_distance=args.dot_distance, data_seed=args.seed)
+@dataclass
+class GenerateSettings:
+    """Write generated images in the layout of LRA's release (read back with task.source=lra
+    task.data_dir=DIR)."""
+
+    data_dir: str = "???"  # the folder to hold <difficulty folder>/metadata and imgs
+    count: int = 1000
+    resolution: int = 32
+    difficulty: str = "easy"  # easy | intermediate | hard
+    contour_length: int = 0  # 0 = the difficulty's
+    num_distractors: int = -1  # -1 = the generator's default
+    dot_distance: str = "matched"  # matched: both classes share one distribution of dot distances; free: LRA's generator
+    seed: int = 0
+
+
+def generate(settings: GenerateSettings) -> int:
+    """``python -m harness tool pathfinder-generate``: write the images and metadata, print one line."""
+    from harness.core.overrides import check_choice
+
+    check_choice("difficulty", settings.difficulty, DIFFICULTIES)
+    check_choice("dot_distance", settings.dot_distance, DOT_DISTANCES)
+    cfg = PathfinderConfig(resolution=settings.resolution, max_len=settings.resolution**2,
+                           difficulty=settings.difficulty, contour_length=settings.contour_length,
+                           num_distractors=settings.num_distractors, dot_distance=settings.dot_distance,
+                           data_seed=settings.seed)
     generator = generator_for(cfg)
-    images, labels = generator.images(args.count, args.seed)
-    folder = args.out / DIFFICULTIES[args.difficulty][0]
+    images, labels = generator.images(settings.count, settings.seed)
+    folder = Path(settings.data_dir) / DIFFICULTIES[settings.difficulty][0]
     write_release(folder, images, labels, generator)
     print(f"{folder}: {len(images)} images, {int(labels.sum())} connected")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

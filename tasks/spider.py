@@ -49,19 +49,17 @@ accuracy by hardness and the valid-SQL rate (``tasks/_spider_eval.py``). During
 training ``accuracy`` is the share of queries whose every token is predicted right under
 teacher forcing (= greedy decoding reproduces the gold token sequence).
 
-CLI: ``python -m tasks.spider evaluate --gold GOLD --pred PRED --tables tables.json
---db-dir DIR [--json]`` scores any system's output as Spider's script does.
+CLI: ``python -m harness tool spider-evaluate gold=GOLD pred=PRED tables=tables.json
+db_dir=DIR [json=true]`` scores any system's output as Spider's script does.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -718,43 +716,35 @@ def read_gold_pred(gold: Path, pred: Path) -> list[tuple[str, str, str]]:
     return items
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"--timeout must be a positive number of seconds, got {text!r}")
-    return value
+@dataclass
+class EvaluateSettings:
+    """Score predicted queries as Spider's script does: exact set match and execution accuracy by hardness."""
+
+    gold: str = "???"  # lines 'SQL<TAB>db_id'
+    pred: str = "???"  # one predicted query per line
+    tables: str = "???"  # Spider's tables.json
+    db_dir: str = "???"  # folder with <db_id>/<db_id>.sqlite
+    json: bool = False  # print the scores as one JSON object
+    timeout: float = 1.0  # seconds per query (> 0)
+    values: bool = False  # compare values in exact match (Spider ignores them)
+    distinct: str = "strip"  # execution: strip every DISTINCT before running (test-suite-sql-eval's default) or keep
+    check_join: bool = False  # exact match also compares the first join condition (not done by the official script)
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate_command(settings: EvaluateSettings) -> int:
+    """``python -m harness tool spider-evaluate``: print the scores (a table, or JSON with json=true)."""
+    from harness.core.overrides import UsageError, check_choice
     from tasks._spider_eval import Schema, evaluate, format_table
 
-    parser = argparse.ArgumentParser(prog="python -m tasks.spider", description="Spider evaluation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("evaluate", help="exact set match + execution accuracy by hardness")
-    ev.add_argument("--gold", required=True, type=Path, help="lines 'SQL<TAB>db_id'")
-    ev.add_argument("--pred", required=True, type=Path, help="one predicted query per line")
-    ev.add_argument("--tables", required=True, type=Path, help="Spider's tables.json")
-    ev.add_argument("--db-dir", required=True, type=Path, help="folder with <db_id>/<db_id>.sqlite")
-    ev.add_argument("--json", action="store_true", help="print the scores as one JSON object")
-    ev.add_argument("--timeout", type=_positive_seconds, default=1.0, help="seconds per query (> 0)")
-    ev.add_argument("--values", action="store_true", help="compare values in exact match (Spider ignores them)")
-    ev.add_argument("--distinct", choices=("strip", "keep"), default="strip",
-                    help="execution: strip every DISTINCT before running (test-suite-sql-eval's default) or keep it")
-    ev.add_argument("--check-join", action="store_true",
-                    help="exact match also compares the first join condition (not done by the official script)")
-    args = parser.parse_args(argv)
-    schemas = {db: Schema.from_entry(e) for db, e in read_tables(args.tables).items()}
-    scores = evaluate(read_gold_pred(args.gold, args.pred), schemas, args.db_dir, timeout_s=args.timeout, values=args.values,
-                      distinct=args.distinct, check_join=args.check_join)
-    if args.json:
+    if not settings.timeout > 0 or math.isinf(settings.timeout):
+        raise UsageError(f"timeout must be a positive number of seconds, got {settings.timeout}")
+    check_choice("distinct", settings.distinct, ("strip", "keep"))
+    schemas = {db: Schema.from_entry(e) for db, e in read_tables(Path(settings.tables)).items()}
+    scores = evaluate(read_gold_pred(Path(settings.gold), Path(settings.pred)), schemas, Path(settings.db_dir),
+                      timeout_s=settings.timeout, values=settings.values, distinct=settings.distinct,
+                      check_join=settings.check_join)
+    if settings.json:
         print(json.dumps({k: scores[k] for k in ("exact", "execution", "valid_sql", "items")}))
     else:
         print(format_table(scores))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -191,7 +191,8 @@ def test_a_grid_sweeps_any_key(env, tmp_path):
     (["mechanism=softmax"], "the grid key is mechanisms=softmax"),
     (["seeds=a"], "seeds are integers"),
     (["rerun=maybe"], "rerun='maybe' is not one of"),
-    (["modle.depth=2"], "cell override rejected"),
+    (["modle.depth=2"], "unknown key 'modle' for grid (did you mean 'model'?)"),
+    (["model.depht=2"], "cell override rejected"),
     (["mechanisms=nope"], "unknown mechanism 'nope'"),
     (["n_jobs=lots"], "n_jobs=lots: a positive integer or auto"),
 ])

@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 
+from harness.cli import main
 from harness.core.registry import create_task
 from harness.data.task import DataSourceError, MalformedRecord
 from tasks import listops
@@ -51,8 +52,8 @@ def depth_and_args(tokens: list[str]) -> tuple[int, list[int]]:
 
 
 def test_generated_rows_are_correct_and_bounded(tmp_path):
-    assert listops.main(["generate", "--out", str(tmp_path), "--num-train", "300", "--num-val", "40",
-                         "--num-test", "40", "--seed", "3", "--min-length", "20", "--max-length", "120"]) == 0
+    assert main(["tool", "listops-generate", f"data_dir={tmp_path}", "num_train=300", "num_val=40",
+                 "num_test=40", "seed=3", "min_length=20", "max_length=120"]) == 0
     seen = set()
     for name in ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"):
         lines = (tmp_path / name).read_text().splitlines()
@@ -71,9 +72,9 @@ def test_generated_rows_are_correct_and_bounded(tmp_path):
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
-    args = ["--num-train", "30", "--num-val", "5", "--num-test", "5", "--min-length", "10", "--max-length", "80"]
+    args = ["num_train=30", "num_val=5", "num_test=5", "min_length=10", "max_length=80"]
     for out, seed in (("a", "1"), ("b", "1"), ("c", "2")):
-        listops.main(["generate", "--out", str(tmp_path / out), "--seed", seed, *args])
+        assert main(["tool", "listops-generate", f"data_dir={tmp_path / out}", f"seed={seed}", *args]) == 0
     a, b, c = ((tmp_path / d / "basic_train.tsv").read_text() for d in "abc")
     assert a == b and a != c
 

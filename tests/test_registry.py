@@ -71,7 +71,7 @@ def test_broken_plugin_is_reported_and_others_still_load(plugin_dir):
 
 def test_list_json_cli_shows_plugins_and_errors(plugin_dir):
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(plugin_dir)}
-    out = subprocess.run([sys.executable, "-m", "harness", "list", "--json"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "harness", "list", "json=true"], capture_output=True, text=True,
                          env=env, cwd=ROOT, check=True).stdout
     info = json.loads(out)
     assert set(info) == {"mechanisms", "tasks", "errors"}

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.core.overrides import UsageError
 from harness.core.results import result_path, write_json_atomic
 from harness.report import leaderboard as report
 
@@ -192,7 +193,7 @@ def test_report_main_survives_an_empty_folder(tmp_path, capsys):
     assert report.main([f"results_dir={tmp_path}"]) == 0
     text = (tmp_path / "leaderboard.md").read_text()
     assert "_No results yet" in text and "## Run details" in text
-    with pytest.raises(SystemExit, match="usage"):
+    with pytest.raises(UsageError, match="unknown key 'results' for report \\(did you mean 'results_dir'\\?\\)"):
         report.main(["results=x"])
 
 

@@ -12,6 +12,7 @@ import torch
 
 from harness.bench import speed
 from harness.cli import cmd_speed
+from harness.core.overrides import UsageError
 from harness.core.registry import discover, get_mechanism, list_mechanisms
 
 FAULTY_SPEED = '''
@@ -73,7 +74,7 @@ def faulty_plugins(tmp_path_factory):
 
 
 def config(tmp_path: Path, **overrides) -> speed.SpeedConfig:
-    return speed.SpeedConfig(**{**TINY, "out": str(tmp_path / "speed"), **overrides})
+    return speed.SpeedConfig(**{**TINY, "results_dir": str(tmp_path), **overrides})
 
 
 def by_key(records):
@@ -192,10 +193,12 @@ def test_command_line_settings_are_typed_and_checked():
     assert cfg.lengths == [256, 512] and cfg.mechanisms == ["softmax", "performer"] and cfg.causal == [False]
     assert cfg.mechanism_config == {"performer": {"num_features": 64}} and cfg.timeout_s == 30.0
     assert speed.parse_config(["mechanisms=softmax,rela"]).mechanisms == ["softmax", "rela"]
-    with pytest.raises(SystemExit, match="lenghts"):
+    with pytest.raises(UsageError, match="unknown key 'lenghts' for speed \\(did you mean 'lengths'\\?\\)"):
         speed.parse_config(["lenghts=[256]"])
-    with pytest.raises(SystemExit, match="key=value"):
+    with pytest.raises(UsageError, match="key=value"):
         speed.parse_config(["softmax"])
+    with pytest.raises(UsageError, match="'out=' is not a setting: use results_dir="):
+        speed.parse_config(["out=results/speed"])
     with pytest.raises(ValueError, match="valid: attention, train_step"):
         speed.plan(speed.SpeedConfig(modes=["inference"], device="cpu"))
 
@@ -205,10 +208,10 @@ def test_overhead_measures_both_ratios(tmp_path):
     from harness.bench import overhead
 
     threads = torch.get_num_threads()
-    record = overhead.run_overhead(out=str(tmp_path), scale="tiny", max_steps=12, rounds=1, progress_bar=False,
+    record = overhead.run_overhead(results_dir=str(tmp_path), scale="tiny", max_steps=12, rounds=1, progress_bar=False,
                                    contract_lengths=[32], contract_min_run_time=0.05, cache_dir=str(tmp_path / "cache"),
                                    device="cpu", threads=1)
-    assert json.loads((tmp_path / "overhead.json").read_text())["kind"] == "overhead"
+    assert json.loads((tmp_path / "speed" / "overhead.json").read_text())["kind"] == "overhead"
     training = record["training"]
     assert training["steps"] == 12 and len(training["lightning_tokens_per_s"]) == len(training["bare_tokens_per_s"]) == 1
     assert training["ratio"] == pytest.approx(training["lightning_tokens_per_s"][0] / training["bare_tokens_per_s"][0])
@@ -234,14 +237,14 @@ def test_overhead_runs_only_when_asked(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(speed, "run_sweep", lambda cfg: calls.append(("sweep", cfg.mechanisms)) or [])
-    monkeypatch.setattr(overhead, "run_overhead", lambda **kw: calls.append(("overhead", kw["out"])))
+    monkeypatch.setattr(overhead, "run_overhead", lambda **kw: calls.append(("overhead", kw["results_dir"])))
     monkeypatch.setattr(overhead, "main", lambda argv: calls.append(("overhead_main", list(argv))) or 0)
-    out = str(tmp_path / "speed")
+    out = str(tmp_path)
     assert speed.parse_config([]).overhead is False
-    cmd_speed(["mechanisms=[softmax]", "lengths=[16]", f"out={out}"])
+    cmd_speed(["mechanisms=[softmax]", "lengths=[16]", f"results_dir={out}"])
     assert calls == [("sweep", ["softmax"])], "a sweep must not run the overhead study unannounced"
     calls.clear()
-    cmd_speed(["mechanisms=[softmax]", "overhead=true", f"out={out}"])
+    cmd_speed(["mechanisms=[softmax]", "overhead=true", f"results_dir={out}"])
     assert calls == [("sweep", ["softmax"]), ("overhead", out)]
     calls.clear()
     cmd_speed(["overhead", "max_steps=3"])
@@ -261,10 +264,11 @@ def test_compare_pairs_are_parsed_and_malformed_ones_refused():
     assert listed.compare == [("local", "local_attention_peer"), ("performer", "performer_pytorch")] and listed.rounds == 5
     assert compare.parse_pairs("softmax:local,nystrom:nystrom_attention") == [("softmax", "local"),
                                                                                ("nystrom", "nystrom_attention")]
-    for bad in ("compare=local", "compare=a:b:c", "compare=[softmax:]", "compare=[local: softmax]", "compare=[]"):
-        with pytest.raises(SystemExit, match="A:B|empty"):
+    assert compare.parse_config(["compare=[local: softmax]"]).compare == [("local", "softmax")]  # Hydra's grammar: a string
+    for bad in ("compare=local", "compare=a:b:c", "compare=[softmax:]", "compare=[]"):
+        with pytest.raises(UsageError, match="A:B|empty"):
             compare.parse_config([bad])
-    with pytest.raises(SystemExit, match="roundz"):
+    with pytest.raises(UsageError, match="unknown key 'roundz' .*did you mean 'rounds'"):
         compare.parse_config(["compare=local:softmax", "roundz=3"])
 
 
@@ -276,7 +280,7 @@ def test_compare_refuses_unknown_names_and_missing_capabilities_in_one_line():
     with pytest.raises(ValueError, match="'nystrom' has no causal capability"):
         compare.check_pairs([("local", "nystrom")], [False, True])
     compare.check_pairs([("local", "nystrom")], [False])  # non-causal: fine
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(UsageError, match="unknown mechanism 'nope'") as refused:
         cmd_speed(["compare=softmax:nope", "lengths=[16]"])
     assert "unknown mechanism 'nope'" in str(refused.value) and "\n" not in str(refused.value)
 
@@ -309,7 +313,7 @@ def test_a_tiny_comparison_runs_alternating_in_a_fresh_process(tmp_path):
     from harness.bench import compare
 
     cfg = compare.CompareConfig(compare=[("local", "softmax")], lengths=[32], rounds=2, warmup=1, heads=2, dim_head=8,
-                                scale="tiny", device="cpu", out=str(tmp_path / "speed"), timeout_s=120)
+                                scale="tiny", device="cpu", results_dir=str(tmp_path), timeout_s=120)
     [record] = compare.run_compare(cfg)
     assert record["status"] == "ok", record["error"]
     assert record["kind"] == "compare" and (record["a"], record["b"], record["length"]) == ("local", "softmax", 32)
@@ -330,7 +334,7 @@ def test_compare_from_the_command_line_prints_the_table(tmp_path, capsys):
     pytest.importorskip("harness_peers")
     out = tmp_path / "speed"
     code = cmd_speed(["compare=[local:local_attention_peer]", "lengths=[40]", "causal=[true]", "rounds=2", "warmup=1",
-                       "heads=2", "dim_head=8", "scale=tiny", "device=cpu", "isolate=false", f"out={out}"])
+                       "heads=2", "dim_head=8", "scale=tiny", "device=cpu", "isolate=false", f"results_dir={tmp_path}"])
     printed = capsys.readouterr().out
     assert code == 0 and "local_attention_peer" in printed and "causal" in printed
     record = json.loads((out / "compare" / "local-vs-local_attention_peer" / "causal-L40.json").read_text())

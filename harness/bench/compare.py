@@ -23,13 +23,12 @@ process) would defeat; and not one process for everything: a pair's allocations 
 must not reach the next pair or length. Within the process A and B share the allocator, and
 alternation gives each the same state half the time.
 
-Records: ``<out>/compare/<A>-vs-<B>/<noncausal|causal>-L<length>.json`` (``kind: compare``),
+Records: ``<results_dir>/speed/compare/<A>-vs-<B>/<noncausal|causal>-L<length>.json`` (``kind: compare``),
 always measured anew (a comparison is about the machine now), and a table on stdout.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import logging
 import os
@@ -53,6 +52,7 @@ from harness.bench.speed import (
     limit_address_space,
     plan,
     quantile,
+    records_dir,
 )
 from harness.core.results import last_line, status_of
 
@@ -83,7 +83,7 @@ class CompareConfig:
     memory_limit_mb: float = 0.0  # CPU: address-space cap above the child's start; 0 = half the RAM
     bootstrap: int = 2000  # resamples for the 95% interval of the median ratio
     isolate: bool = True  # a fresh process per pair and length (False: in this process, for tests)
-    out: str = "results/speed"  # records under <out>/compare/
+    results_dir: str = "results"  # records under <results_dir>/speed/compare/
     seed: int = 0
 
 
@@ -125,25 +125,24 @@ def parse_pairs(value: Any) -> list[tuple[str, str]]:
 
 
 def parse_config(argv: list[str]) -> CompareConfig:
-    """``k=v`` arguments (OmegaConf dot-list syntax) -> a CompareConfig with ``compare`` as [(A, B), ...]."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """``k=v`` arguments (the one grammar, ``harness.core.overrides``) -> a CompareConfig with
+    ``compare`` as [(A, B), ...] and both names registered; a UsageError otherwise."""
+    from harness.bench.speed import REFUSED
+    from harness.core.overrides import UsageError, parse
+    from harness.core.registry import discover
 
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"usage: python -m harness speed compare=A:B [key=value ...]; not key=value: {bad}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(CompareConfig), OmegaConf.from_dotlist(list(argv)))
-    except OmegaConfBaseException as exc:
-        valid = ", ".join(f.name for f in dataclasses.fields(CompareConfig))
-        raise SystemExit(f"bad compare setting: {str(exc).splitlines()[0]}; settings: {valid}") from exc
-    cfg = OmegaConf.to_object(merged)
+    cfg = parse(CompareConfig, argv, command="speed compare", refused=REFUSED)
     try:
         cfg.compare = parse_pairs(cfg.compare)
     except ValueError as exc:
-        raise SystemExit(str(exc)) from exc
+        raise UsageError(str(exc)) from None
     if cfg.rounds < 1 or cfg.warmup < 0:
-        raise SystemExit(f"compare needs rounds >= 1 and warmup >= 0; got rounds={cfg.rounds}, warmup={cfg.warmup}")
+        raise UsageError(f"compare needs rounds >= 1 and warmup >= 0; got rounds={cfg.rounds}, warmup={cfg.warmup}")
+    discover()
+    try:
+        check_pairs(cfg.compare, cfg.causal)  # unknown names (did you mean), missing capabilities: one line
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return cfg
 
 
@@ -356,14 +355,14 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     log.info("compare: %d comparison(s) on %s (%s, %s), batch %d, %d heads × %d dims, %d thread(s), %d rounds A,B "
              "after %d warm-up -> %s", len(pairs), env["hardware"].get("gpu") or env["hardware"]["cpu"],
              shared["device"], shared["precision"], shared["batch_size"], shared["heads"], shared["dim_head"],
-             cfg.threads, cfg.rounds, cfg.warmup, Path(cfg.out) / "compare")
+             cfg.threads, cfg.rounds, cfg.warmup, records_dir(cfg) / "compare")
     records = []
     for pair in pairs:
         before = _load_average()
         outcome = run(pair)
         load = {"before": before, "after": _load_average()}
         record = make_record(pair, outcome, env, isolated=cfg.isolate, bootstrap=cfg.bootstrap, load=load)
-        write_json_atomic(record_path(cfg.out, pair), record)
+        write_json_atomic(record_path(records_dir(cfg), pair), record)
         log.info("%s", _one_line(record))
         records.append(record)
     return records
@@ -398,12 +397,15 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """The comparison; exit 1 when any pair did not finish ok."""
+    from harness.core.overrides import UsageError
+
     cfg = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         records = run_compare(cfg)
-    except (ValueError, KeyError) as exc:  # unknown names, missing capabilities, bad settings: one line
-        raise SystemExit(str(exc)) from exc
+    except (ValueError, KeyError) as exc:  # missing capabilities, bad settings: one line
+        raise UsageError(str(exc).strip("'\"")) from None
     print(table(records))
     print("B/A = time(B) / time(A) per round, median over rounds: > 1 means A is faster.")
     return 0 if all(r["status"] == "ok" for r in records) else 1

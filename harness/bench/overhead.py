@@ -1,6 +1,6 @@
 """The harness's own overhead: ``python -m harness speed overhead [k=v ...]``.
 
-Two ratios, written to ``<out>/overhead.json`` and shown in the leaderboard:
+Two ratios, written to ``<results_dir>/speed/overhead.json`` and shown in the leaderboard:
 
 1. **Lightning vs a bare loop** (target: the harness keeps ≥ 90% of the bare loop's
    throughput). The same task data (the cached ``task`` at ``scale``), the same model
@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("harness.bench.overhead")
@@ -40,10 +39,12 @@ CONTRACT_TARGET = 1.05  # contract time / bare SDPA time, at most
 
 @dataclass
 class OverheadConfig:
-    out: str = "results/speed"
-    task: str = "listops"
+    """``python -m harness speed overhead`` settings."""
+
+    results_dir: str = "results"  # writes <results_dir>/speed/overhead.json
+    task: str = "listops"  # the cached task whose data both paths train on
     scale: str = "auto"  # auto = lra on CUDA, else small
-    mechanism: str = "softmax"
+    mechanism: str = "softmax"  # the model's attention in both paths
     rounds: int = 2  # A B B A per two rounds
     max_steps: int = 0  # 0 = one full training epoch
     skip: int = 5  # warm-up batches left out of the throughput
@@ -271,7 +272,7 @@ def contract_vs_sdpa(cfg: OverheadConfig, *, batch_size: int, heads: int, dim_he
 
 
 def run_overhead(cfg: OverheadConfig | None = None, **overrides: Any) -> dict[str, Any]:
-    """Measure both ratios and write ``<out>/overhead.json``; returns the record."""
+    """Measure both ratios and write ``<results_dir>/speed/overhead.json``; returns the record."""
     import torch
 
     from harness.core.registry import discover
@@ -290,7 +291,7 @@ def run_overhead(cfg: OverheadConfig | None = None, **overrides: Any) -> dict[st
 def _measure_and_write(cfg: OverheadConfig) -> dict[str, Any]:
     import torch
 
-    from harness.bench.speed import hardware, scale_settings
+    from harness.bench.speed import hardware, records_dir, scale_settings
     from harness.core.results import environment, write_json_atomic
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -314,7 +315,7 @@ def _measure_and_write(cfg: OverheadConfig) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - started, 1),
         "config": dataclasses.asdict(cfg),
     }
-    path = write_json_atomic(Path(cfg.out) / "overhead.json", record)
+    path = write_json_atomic(records_dir(cfg) / "overhead.json", record)
     log.info("overhead: Lightning/bare throughput %.3f (target >= %.2f); contract/SDPA %s -> %s",
              training["ratio"], LIGHTNING_TARGET, ", ".join(f"{r['ratio']:.3f}" for r in contract), path)
     return record
@@ -323,31 +324,37 @@ def _measure_and_write(cfg: OverheadConfig) -> dict[str, Any]:
 def after_sweep(speed_cfg: Any) -> None:
     """The overhead after a speed sweep asked for it (``overhead=true``): measured into the sweep's
     folder unless it is recorded there already (``rerun=all`` measures it anew)."""
-    path = Path(speed_cfg.out) / "overhead.json"
+    from harness.bench.speed import records_dir
+
+    path = records_dir(speed_cfg) / "overhead.json"
     if path.exists() and speed_cfg.rerun != "all":
         log.info("overhead: recorded in %s (rerun=all to redo)", path)
         return
     log.info("overhead: measuring the harness's own overhead (overhead=true)")
-    run_overhead(out=speed_cfg.out, device=speed_cfg.device, threads=speed_cfg.threads)
+    run_overhead(results_dir=speed_cfg.results_dir, device=speed_cfg.device, threads=speed_cfg.threads)
+
+
+def parse_config(argv: list[str]) -> OverheadConfig:
+    """``k=v`` arguments (the one grammar, ``harness.core.overrides``) -> a checked OverheadConfig."""
+    from harness.bench.speed import REFUSED
+    from harness.core.overrides import parse
+    from harness.core.registry import discover, get_mechanism, get_task
+
+    cfg = parse(OverheadConfig, argv, command="speed overhead", refused=REFUSED)
+    discover()
+    get_mechanism(cfg.mechanism)  # UnknownNameError: one line with the registered names
+    get_task(cfg.task)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from harness.bench.speed import records_dir
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # its set-up banner, once per epoch
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"usage: python -m harness speed overhead [key=value ...]; not key=value: {bad}")
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OverheadConfig), OmegaConf.from_dotlist(argv)))
-    except OmegaConfBaseException as exc:
-        valid = ", ".join(f.name for f in dataclasses.fields(OverheadConfig))
-        raise SystemExit(f"bad overhead setting: {str(exc).splitlines()[0]}; settings: {valid}") from exc
     run_overhead(cfg)
-    print(Path(cfg.out) / "overhead.json")
+    print(records_dir(cfg) / "overhead.json")
     return 0
 
 

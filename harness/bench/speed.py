@@ -27,7 +27,7 @@ that runs past ``timeout_s`` is killed (or stopped early when its warm-up alread
 cannot finish) and recorded ``timeout``; the longer lengths of that mechanism, mode and
 masking are then recorded ``skipped``. Other errors are ``failed``. The sweep always goes on.
 
-Records: ``<out>/<mode>/<mechanism>/<noncausal|causal>-L<length>.json`` with the hardware,
+Records: ``<results_dir>/speed/<mode>/<mechanism>/<noncausal|causal>-L<length>.json`` with the hardware,
 torch version, threads, dtype and method. Resumable: a record measured with the same
 settings is kept (``rerun=failed`` redoes failed ones, ``rerun=all`` everything; a
 ``timeout``/``oom`` is redone when the limit was raised). Peer implementations (a
@@ -100,7 +100,7 @@ class SpeedConfig:
     timeout_s: float = 45.0  # per measurement, set-up included; past it: "timeout"
     memory_limit_mb: float = 0.0  # CPU: address-space cap above the child's start; 0 = auto (half the RAM)
     isolate: bool = True  # a fresh process per measurement (False: in this process, for tests)
-    out: str = "results/speed"
+    results_dir: str = "results"  # records under <results_dir>/speed/
     rerun: str = "none"  # none | failed | all
     overhead: bool = False  # also run harness.bench.overhead after the sweep (only when asked)
     progress: bool = True
@@ -681,12 +681,12 @@ def run_sweep(cfg: SpeedConfig) -> list[dict[str, Any]]:
     records = []
     log.info("speed sweep: %d measurements on %s (%s, %s), batch %d, %d heads × %d dims, scale %s -> %s",
              len(jobs), env["hardware"].get("gpu") or env["hardware"]["cpu"], shared["device"], shared["precision"],
-             shared["batch_size"], shared["heads"], shared["dim_head"], shared["scale"], cfg.out)
+             shared["batch_size"], shared["heads"], shared["dim_head"], shared["scale"], records_dir(cfg))
     bar = _progress(len(jobs), cfg.progress)
     counts: dict[str, int] = {}
     try:
         for job in jobs:
-            path = record_path(cfg.out, job)
+            path = record_path(records_dir(cfg), job)
             key = job.settings_key(env.get("device", ""), torch.__version__)
             label = f"{job.mode} {'causal' if job.causal else 'non-causal'} {job.mechanism} L={job.length}"
             bar.set_description(label)
@@ -746,35 +746,46 @@ def _progress(total: int, enabled: bool):
 # ============================================================================= command line
 
 
-def parse_config(argv: list[str]) -> SpeedConfig:
-    """``k=v`` arguments (OmegaConf dot-list syntax, e.g. ``lengths=[256,512]``,
-    ``mechanism_config.performer.num_features=128``) -> a validated SpeedConfig."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+def records_dir(cfg: Any) -> Path:
+    """Where the speed records of a sweep, compare or overhead run go: ``<results_dir>/speed``."""
+    return Path(cfg.results_dir) / "speed"
 
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"usage: python -m harness speed [overhead] [key=value ...]; not key=value: {bad}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SpeedConfig), OmegaConf.from_dotlist(list(argv)))
-    except OmegaConfBaseException as exc:
-        valid = ", ".join(f.name for f in dataclasses.fields(SpeedConfig))
-        raise SystemExit(f"bad speed setting: {str(exc).splitlines()[0]}; settings: {valid}") from exc
-    cfg = OmegaConf.to_object(merged)
+
+REFUSED = {"out": "use results_dir= (the records go to <results_dir>/speed)"}
+
+
+def parse_config(argv: list[str]) -> SpeedConfig:
+    """``k=v`` arguments (the one grammar, ``harness.core.overrides``: e.g. ``lengths=[256,512]``,
+    ``mechanism_config.performer.num_features=128``) -> a checked SpeedConfig (UsageError if not)."""
+    from harness.core.overrides import check_choice, parse
+
+    cfg = parse(SpeedConfig, argv, command="speed", refused=REFUSED)
     if isinstance(cfg.mechanisms, str) and cfg.mechanisms != "all":
         cfg.mechanisms = [m.strip() for m in cfg.mechanisms.split(",") if m.strip()]
+    for mode in cfg.modes:
+        check_choice("modes", mode, MODES)
+    check_choice("rerun", cfg.rerun, ("none", "failed", "all"))
+    check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    check_choice("precision", cfg.precision, ("auto", *PRECISIONS))
+    if cfg.mechanisms != "all":
+        from harness.core.registry import discover, get_mechanism
+
+        discover()
+        for name in cfg.mechanisms:
+            get_mechanism(name)  # UnknownNameError: one line with the registered names
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The sweep; exit 1 when any measurement failed (an error other than oom or timeout)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    cfg = parse_config(argv)
     records = run_sweep(cfg)
     failed = [r for r in records if r["status"] == "failed"]
-    print(f"{len(records)} speed records in {cfg.out} ({len(failed)} failed)")
-    return 0
+    print(f"{len(records)} speed records in {records_dir(cfg)} ({len(failed)} failed)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -431,7 +431,7 @@ def create_task(name: str, *, scale: str = "tiny", **config_overrides: Any):
 
 
 def describe() -> dict[str, Any]:
-    """Everything registered, as plain data (what ``python -m harness list --json`` prints)."""
+    """Everything registered, as plain data (what ``python -m harness list json=true`` prints)."""
     discover()
     mechanisms = {
         name: {

@@ -12,7 +12,7 @@ What it can change on the system: nothing, unless the apt package lists hold no 
 the package at all; then, as root only, it runs ``apt-get update`` once to refresh them
 (``/var/lib/apt/lists``) and says so in a warning. Without root it says to run that instead.
 
-``python -m harness.data.debian fetch PKG ...`` unpacks packages ahead of time (``make data``).
+``python -m harness tool debian-fetch packages=[PKG,...]`` unpacks packages ahead of time (``make data``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.data.integrity import check_sha256, sha256_file
@@ -49,7 +50,7 @@ def debian_path(package: str, relative: str, *, fetch: bool = True) -> Path:
             return unpacked
     raise DataSourceError(
         f"/{relative} not found: it ships in the Debian package '{package}'. "
-        f"Install it (apt-get install {package}) or run `python -m harness.data.debian fetch {package}` "
+        f"Install it (apt-get install {package}) or run `python -m harness tool debian-fetch packages=[{package}]` "
         f"(or `make data`), or point the task at its real source (task.source=...)"
     )
 
@@ -151,20 +152,24 @@ def _ensure(path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] != "fetch":
-        print("usage: python -m harness.data.debian fetch PACKAGE [PACKAGE ...]", file=sys.stderr)
-        return 2
+@dataclass
+class FetchSettings:
+    """Unpack Debian packages into the data cache ahead of time (what an offline task needs)."""
+
+    packages: list[str] = field(default_factory=list)  # package names, e.g. [manpages,manpages-dev]
+
+
+def fetch(settings: FetchSettings) -> int:
+    """``python -m harness tool debian-fetch``: one line per package; exit 1 when one failed."""
+    from harness.core.overrides import UsageError
+
+    if not settings.packages:
+        raise UsageError("debian-fetch needs packages=[NAME,...]")
     status = 0
-    for package in argv[1:]:
+    for package in settings.packages:
         try:
             print(f"{package}: {fetch_package(package)}")
         except DataSourceError as exc:
             print(f"{package}: {exc}", file=sys.stderr)
             status = 1
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -64,11 +64,26 @@ GRID_FILE_KEYS = ("tasks", "mechanisms", "seeds", "sweep", "task_sweep", "overri
 # what a cell override of these names most likely meant
 MISSPELLED = {"task": "tasks", "mechanism": "mechanisms", "seed": "seeds"}
 
-HELP = __doc__ + """
-Grid keys: grid=NAME (harness/conf/grid/NAME.yaml), scale=auto|tiny|small|lra, seeds=0,1,2,
-tasks=a,b|all, mechanisms=a,b|all|glob(..), launcher=process|joblib|slurm, n_jobs=N|auto,
-results_dir=DIR, dry_run=true, rerun=none|failed|all.  --cfg job prints the grid.
-"""
+
+
+@dataclass
+class GridSettings:
+    """``python -m harness grid`` settings; every other ``key=value`` is a cell override for every cell."""
+
+    grid: str = "default"  # harness/conf/grid/<grid>.yaml
+    scale: str = "auto"  # auto | tiny | small | lra (auto: lra on CUDA, else small)
+    seeds: Any = None  # e.g. [0,1,2] or 0,1; null = the scale's seeds
+    tasks: Any = None  # a list, all, or glob(...); null = the grid file's
+    mechanisms: Any = None  # a list, all, glob(*former*) or choice(a,b); null = the grid file's
+    launcher: str = "process"  # process | joblib | slurm
+    n_jobs: Any = 1  # cells side by side, or auto
+    results_dir: str = "results"  # records under <results_dir>/runs
+    dry_run: bool = False  # list the cells, which are recorded, and the time left; run nothing
+
+
+HELP = """Cell overrides: any other key=value (e.g. rerun=failed, train.max_steps=300) goes to every
+cell; one with several values, key=a,b, is swept. python -m harness list names the tasks and
+mechanisms; harness/conf/grid/ holds the grids."""
 
 
 class GridError(SystemExit):
@@ -176,12 +191,16 @@ def _split(value: Any, what: str = "value") -> list[str]:
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split ``key=value`` arguments into the grid's own and the cells' overrides."""
+    """Split ``key=value`` arguments into the grid's own (checked against ``GridSettings``, returned
+    as their text) and the cells' overrides (checked when the cells are composed)."""
+    from harness.core.overrides import UsageError, parse, split
+
+    try:
+        pairs = split(argv, "grid")
+    except UsageError as exc:
+        raise GridError(str(exc)) from None
     own, passthrough = {}, []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise GridError(f"grid arguments are key=value, got '{arg}' (see python -m harness grid --help)")
+    for arg, (key, value) in zip(argv, pairs):
         if key in MISSPELLED:
             raise GridError(f"'{arg}' would run every cell with {key}={value}; the grid key is "
                             f"{MISSPELLED[key]}={value}")
@@ -189,6 +208,24 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
             own[key] = value
         else:
             passthrough.append(arg)
+    try:
+        parse(GridSettings, [f"{k}={v}" for k, v in own.items()], command="grid")
+    except UsageError as exc:
+        raise GridError(str(exc)) from None
+    cell_keys = None
+    for arg in passthrough:
+        root = arg.partition("=")[0].lstrip("+~").split(".")[0].split("/")[0]
+        if root in ("hydra", "preset") or arg.startswith("+"):
+            continue
+        if cell_keys is None:
+            from harness.train.config import compose
+
+            cell_keys = [str(k) for k in compose([]).keys()]
+        if root not in cell_keys:
+            from harness.core.overrides import unknown_key
+
+            valid = dict.fromkeys([*GRID_KEYS, *(k for k in cell_keys if k not in MISSPELLED)])
+            raise GridError(str(unknown_key(root, valid, "grid")))
     return own, passthrough
 
 
@@ -690,18 +727,16 @@ def _terminate_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The grid (``--cfg job``: print its groups instead); exit 2 for a grid that cannot run as asked."""
     from harness.core.registry import describe
 
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(HELP)
-        return 0
     show_cfg = "--cfg" in argv
     argv = [a for a in argv if a not in ("--cfg", "job", "all", "hydra")] if show_cfg else argv
     try:
         own, passthrough = parse_args(argv)
-        if own.get("dry_run", "false") not in ("true", "false"):
-            raise GridError(f"dry_run={own['dry_run']}: true or false")
+        if "dry_run" in own:
+            own["dry_run"] = str(own["dry_run"].lower() in ("true", "yes", "on", "1")).lower()
         for arg in passthrough:
             key, _, value = arg.partition("=")
             if key == "rerun" and value not in RERUN:

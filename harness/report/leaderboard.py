@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -1089,16 +1090,22 @@ def write_report(results_dir: str | Path = "results", *, force: bool = False) ->
     return out
 
 
+@dataclass
+class ReportSettings:
+    """``python -m harness report`` settings."""
+
+    results_dir: str = "results"  # reads <results_dir>/runs and /speed; writes leaderboard.md and plots/ there
+    force: bool = False  # write even when the new table has fewer cells than the one on disk
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    results_dir, force = "results", "false"
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in ("results_dir", "force") or not value or (key == "force" and value not in ("true", "false")):
-            raise SystemExit(f"usage: python -m harness report [results_dir=DIR] [force=true]; got '{arg}'")
-        results_dir, force = (value, force) if key == "results_dir" else (results_dir, value)
+    """Write the report; exit 1 when it refuses (a table that would shrink without force=true)."""
+    from harness.core.overrides import parse
+
+    settings = parse(ReportSettings, sys.argv[1:] if argv is None else argv, command="report",
+                     refused={"out": "use results_dir= (the folder holding runs/ and speed/)"})
     try:
-        path = write_report(results_dir, force=force == "true")
+        path = write_report(settings.results_dir, force=settings.force)
     except WouldShrink as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

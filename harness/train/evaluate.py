@@ -10,8 +10,16 @@ is written. Without ``checkpoint=``, the cell's own ``best.ckpt`` (kept by
 from __future__ import annotations
 
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass
+class EvaluateSettings:
+    """``python -m harness evaluate`` settings; every other ``key=value`` is the cell's (as ``run``)."""
+
+    checkpoint: str | None = None  # a .ckpt file; null = the cell's own best.ckpt (kept by keep_checkpoints=true)
+    split: str = "test"  # test | validation
 
 
 def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "test") -> dict:
@@ -53,20 +61,28 @@ def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "
             "data": {"source": info.source, "fingerprint": info.fingerprint}, "metrics": metrics}
 
 
+def parse(argv: list[str]) -> tuple[EvaluateSettings, list[str]]:
+    """The evaluate settings and the cell's overrides (checked by composing them): UsageError if bad."""
+    from harness.core.overrides import check_choice
+    from harness.core.overrides import parse as parse_settings
+    from harness.train.run import compose_checked
+
+    own = [a for a in argv if a.partition("=")[0] in ("checkpoint", "split")]
+    cell = [a for a in argv if a not in own]
+    settings = parse_settings(EvaluateSettings, own, command="evaluate")
+    check_choice("split", settings.split, ("test", "validation"))
+    compose_checked(cell, "evaluate")
+    return settings, cell
+
+
 def main(argv: list[str]) -> int:
-    checkpoint = next((a.partition("=")[2] for a in argv if a.startswith("checkpoint=")), None)
-    split = next((a.partition("=")[2] for a in argv if a.startswith("split=")), "test")
-    overrides = [a for a in argv if not a.startswith(("checkpoint=", "split="))]
-    if "--cfg" in overrides:
-        from omegaconf import OmegaConf
-
-        from harness.train.config import compose
-
-        print(OmegaConf.to_yaml(compose([a for a in overrides if a not in ("--cfg", "job")])))
-        return 0
+    """Evaluate the checkpoint; exit 1 when there is none to evaluate."""
+    settings, cell = parse(argv)
     try:
-        print(json.dumps(evaluate(overrides, checkpoint, split), indent=2))
-    except (FileNotFoundError, ValueError) as exc:
+        print(json.dumps(evaluate(cell, settings.checkpoint, settings.split), indent=2))
+    except FileNotFoundError as exc:
+        import sys
+
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     return 0

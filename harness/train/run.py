@@ -686,18 +686,61 @@ def _first_job(args: list[str]) -> list[str] | None:
         return None
 
 
+def compose_checked(overrides: list[str], command: str = "run") -> DictConfig:
+    """``compose`` whose refusals are one-line ``UsageError``s: an unknown key lists the valid ones
+    (with the closest), an unknown group option the valid options, a bad value its key."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.core.overrides import UsageError, did_you_mean, unknown_key
+    from harness.core.registry import discover, get_mechanism, get_task
+    from harness.train.config import compose
+
+    discover()
+    lookups = {"task": get_task, "mechanism": get_mechanism}
+    for key, _, value in (a.partition("=") for a in overrides):
+        if key in lookups and "(" not in value:
+            for name in value.split(","):
+                lookups[key](name.strip())  # UnknownNameError: one line with the valid names
+    try:
+        return compose(overrides)
+    except MissingConfigException as exc:  # scale=hugee: "Could not find 'scale/hugee'" + the options
+        import re
+
+        found = re.search(r"Could not find '([^']+)'", str(exc))
+        group, _, option = (found.group(1) if found else "?/?").rpartition("/")
+        lines = [ln.strip() for ln in str(exc).splitlines()]
+        start = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("Available options")), len(lines))
+        options = [ln for ln in lines[start:] if ln and not ln.startswith(("Config search path", "provider="))]
+        raise UsageError(f"{command}: unknown {group} '{option}'{did_you_mean(option, options)}; valid: "
+                         f"{', '.join(options)}") from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if text.startswith("Could not override '"):
+            key = text.split("'")[1]
+            parent, _, leaf = key.rpartition(".")
+            base = compose([a for a in overrides if not a.startswith(f"{key}=")])
+            node = OmegaConf.select(base, parent) if parent else base
+            if node is not None and hasattr(node, "keys"):
+                valid = [f"{parent}.{k}" if parent else str(k) for k in node.keys()]
+                raise unknown_key(key, valid, command) from None
+        cause = exc.__cause__
+        detail = f": {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else ""
+        raise UsageError(f"{command}: {text}{detail}") from None
+
+
 def check_before_hydra(args: list[str]) -> None:
     """Compose and check the cell's config (names, keys, values, ``results_dir``) before Hydra
     creates its output folder and log file below ``results_dir``: a typo'd key leaves no folder
     behind, and a results folder that cannot be written is one line ("cannot write to
     results_dir=...: why"), not Hydra's "Unable to configure handler 'file'". One line on
-    stderr and exit 2; a config Hydra itself rejects is left to Hydra's message. A sweep
+    stderr and exit 2 (an unknown key lists the valid ones, ``compose_checked``). A sweep
     (``--multirun``) is checked on its first cell."""
     from harness.core.names import UnsafeName
     from harness.core.registry import UnknownNameError
     from harness.core.results import check_writable_folder
     from harness.train.cells import resolve_cell
-    from harness.train.config import compose
 
     flags = [a for a in args if a.startswith("-")]
     if any(f not in ("--multirun", "-m") for f in flags):  # --cfg, --help, --info ...: Hydra's own
@@ -707,10 +750,13 @@ def check_before_hydra(args: list[str]) -> None:
         overrides = _first_job(overrides)
         if overrides is None:
             return
+    from harness.core.overrides import UsageError
+
     try:
-        cfg = compose(overrides)
-    except Exception:  # Hydra's composition says what is wrong, before it creates anything
-        return
+        cfg = compose_checked(overrides)
+    except (UsageError, UnknownNameError) as exc:  # one line, before Hydra creates anything
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         check_run_settings(cfg)
         check_config(cfg)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness.cli import main
 from harness.core.registry import create_task
 from harness.data.task import DataSourceError, MalformedRecord
 from harness.train.config import compose
@@ -190,8 +191,8 @@ def test_metadata_saved_as_a_numpy_array_is_read_too(tmp_path):
 
 
 def test_generated_images_round_trip_through_the_release_layout(tmp_path):
-    args = ["--count", "24", "--resolution", "16", "--contour-length", "3", "--num-distractors", "1", "--seed", "4"]
-    assert pathfinder.main(["generate", "--out", str(tmp_path / "pf"), *args]) == 0
+    args = ["count=24", "resolution=16", "contour_length=3", "num_distractors=1", "seed=4", "difficulty=easy"]
+    assert main(["tool", "pathfinder-generate", f"data_dir={tmp_path / 'pf'}", *args]) == 0
     cfg = pathfinder.PathfinderConfig(resolution=16, max_len=256, difficulty="easy", contour_length=3, num_distractors=1)
     images, labels = pathfinder.generator_for(cfg).images(24, 4)
     dsd, _ = create_task("pathfinder", source="lra", difficulty="easy", resolution=16, max_len=256,

@@ -299,10 +299,10 @@ def test_cli_json_shape(layout, tmp_path, capsys):
     pred = tmp_path / "pred.sql"
     gold.write_text("SELECT name FROM singer WHERE age > 26\tshop\nSELECT kind FROM animal\tzoo\n")
     pred.write_text("SELECT name FROM singer WHERE age > 29\nSELECT legs FROM animal\n")
-    from tasks.spider import main
+    from harness.cli import main
 
-    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--tables", str(layout / "tables.json"),
-                 "--db-dir", str(layout / "database"), "--json"]) == 0
+    assert main(["tool", "spider-evaluate", f"gold={gold}", f"pred={pred}", f"tables={layout / 'tables.json'}",
+                 f"db_dir={layout / 'database'}", "json=true"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert set(scores) == {"exact", "execution", "valid_sql", "items"}
     assert scores["exact"]["all"] == 0.5 and scores["execution"]["all"] == 0.5 and scores["valid_sql"] == 1.0

@@ -210,9 +210,9 @@ def run_cli(tmp_path, pred_bytes: bytes, *extra: str) -> subprocess.CompletedPro
     (tmp_path / "tables.json").write_text(json.dumps([entry]))
     (tmp_path / "gold.tsv").write_text("SELECT kind FROM animal\tzoo\nSELECT count(*) FROM animal\tzoo\n")
     (tmp_path / "pred.txt").write_bytes(pred_bytes)
-    return subprocess.run([sys.executable, "-m", "tasks.spider", "evaluate", "--gold", str(tmp_path / "gold.tsv"),
-                           "--pred", str(tmp_path / "pred.txt"), "--tables", str(tmp_path / "tables.json"),
-                           "--db-dir", str(tmp_path / "db"), "--json", *extra],
+    return subprocess.run([sys.executable, "-m", "harness", "tool", "spider-evaluate", f"gold={tmp_path / 'gold.tsv'}",
+                           f"pred={tmp_path / 'pred.txt'}", f"tables={tmp_path / 'tables.json'}",
+                           f"db_dir={tmp_path / 'db'}", "json=true", *extra],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
@@ -224,8 +224,8 @@ def test_cli_reads_binary_predictions_line_by_line(tmp_path):
 
 
 def test_cli_rejects_zero_timeout(tmp_path):
-    out = run_cli(tmp_path, b"SELECT kind FROM animal\nSELECT count(*) FROM animal\n", "--timeout", "0")
-    assert out.returncode == 2 and "--timeout must be a positive number of seconds" in out.stderr
+    out = run_cli(tmp_path, b"SELECT kind FROM animal\nSELECT count(*) FROM animal\n", "timeout=0")
+    assert out.returncode == 2 and "timeout must be a positive number of seconds" in out.stderr
 
 
 def test_check_join_is_an_option_off_by_default(tmp_path):
