@@ -75,7 +75,7 @@ class GridSettings:
     seeds: Any = None  # e.g. [0,1,2] or 0,1; null = the scale's seeds
     tasks: Any = None  # a list, all, or glob(...); null = the grid file's
     mechanisms: Any = None  # a list, all, glob(*former*) or choice(a,b); null = the grid file's
-    launcher: str = "process"  # process | joblib | slurm
+    launcher: str = "process"  # process | joblib | slurm | submitit_local
     n_jobs: Any = 1  # cells side by side, or auto
     results_dir: str = "results"  # records under <results_dir>/runs
     dry_run: bool = False  # list the cells, which are recorded, and the time left; run nothing
@@ -648,7 +648,7 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
         raise GridError(f"launcher={launcher}: valid launchers are {', '.join(sorted(set(LAUNCHERS)))}")
     n_jobs = int(own.get("n_jobs", 1))  # resolved by main()
     launcher = LAUNCHERS[launcher]
-    if launcher in ("joblib", "slurm") and os.environ.get("HARNESS_PLUGIN_PATH"):
+    if launcher in ("joblib", "slurm", "submitit_local") and os.environ.get("HARNESS_PLUGIN_PATH"):
         print(f"warning: launcher={launcher} pickles the configs to its workers; mechanisms loaded from "
               "$HARNESS_PLUGIN_PATH files can't be unpickled there. Use launcher=process (the default), or "
               "install them as a package with a harness.mechanisms entry point", file=sys.stderr)
