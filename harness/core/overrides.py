@@ -66,6 +66,15 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def _as_text(text: str) -> str | None:
+    """A string setting's value: as typed, without one pair of surrounding quotes; ``null`` is None."""
+    if text == "null":
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def split(argv: typing.Iterable[str], command: str) -> list[tuple[str, str]]:
     """``key=value`` arguments -> [(key, value text)]; anything else is a UsageError."""
     pairs = []
@@ -88,6 +97,8 @@ def parse(schema: type[T], argv: typing.Iterable[str], *, command: str,
     names = [f.name for f in dataclasses.fields(schema)]
     hints = typing.get_type_hints(schema)
     lists = {n for n in names if typing.get_origin(hints.get(n)) is list}
+    # a path or a name: the text as typed (a folder "my runs/é'q" is not Hydra grammar)
+    texts = {n for n in names if hints.get(n) in (str, str | None)}
     cfg = OmegaConf.structured(schema)
     for key, text in split(argv, command):
         root = key.split(".")[0]
@@ -95,7 +106,7 @@ def parse(schema: type[T], argv: typing.Iterable[str], *, command: str,
             raise UsageError(f"{command}: '{root}=' is not a setting: {refused[root]}")
         if root not in names:
             raise unknown_key(root, names, command)
-        value = parse_value(text)
+        value = _as_text(text) if key == root and root in texts else parse_value(text)
         if key == root and root in lists and not isinstance(value, list) and value is not None:
             value = [value]  # lengths=1024 is lengths=[1024]
         try:

@@ -61,6 +61,8 @@ GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_job
 LAUNCHERS = {"process": "process", "local": "process", "joblib": "joblib", "slurm": "slurm",
              "submitit_local": "submitit_local"}
 GRID_FILE_KEYS = ("tasks", "mechanisms", "seeds", "sweep", "task_sweep", "overrides", "task_overrides")
+# config groups a cell chooses that are not keys of the composed config (protocol=lra picks settings)
+CHOICE_GROUPS = ("protocol",)
 # what a cell override of these names most likely meant
 MISSPELLED = {"task": "tasks", "mechanism": "mechanisms", "seed": "seeds"}
 
@@ -220,7 +222,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
         if cell_keys is None:
             from harness.train.config import compose
 
-            cell_keys = [str(k) for k in compose([]).keys()]
+            cell_keys = [str(k) for k in compose([]).keys()] + list(CHOICE_GROUPS)
         if root not in cell_keys:
             from harness.core.overrides import unknown_key
 
