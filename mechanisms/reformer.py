@@ -111,6 +111,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from harness.attention import Attention, AttentionContext, draw_seed, instance_seed
 from harness.registry import register_mechanism
@@ -178,11 +179,12 @@ def hash_buckets(x: Tensor, rotations: Tensor | None, example_buckets: Tensor | 
         return x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[2], dtype=torch.long)
     x = x.detach()  # ids only: no gradient flows through the hash
     if example_buckets is None and rotations.shape[0] == 1:
-        # (x R) a slab of rows at a time (a few MB, so it is reduced while in cache, never stored whole)
+        # (x R) a slab of rows at a time on the CPU (a few MB, so it is reduced while in cache,
+        # never stored whole); in one piece on an accelerator
         b, h, length, d = x.shape
         rounds, half = rotations.shape[2], rotations.shape[3]
         rot = rotations[0].reshape(d, rounds * half).to(x.dtype)
-        rows = max(1, (1 << 19) // (rounds * half))
+        rows = max(1, (1 << 19) // (rounds * half)) if x.device.type == "cpu" else max(1, b * h * length)
         ids = torch.cat([_signed_argmax((slab @ rot).view(-1, rounds, half)) for slab in x.reshape(-1, d).split(rows)])
         return ids.view(b, h, length, rounds).transpose(-1, -2)  # (B, H, R, L)
     if rotations.shape[0] == 1:
@@ -229,6 +231,7 @@ class _ChunkSoftmax(torch.autograd.Function):
         return p @ v, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, p = ctx.saved_tensors
         if grad_out is not None:
