@@ -42,6 +42,12 @@ When k ≥ Lk nothing is compressed (the projection is
 then a learned mixing of at most as many rows as there are keys): the mechanism warns once
 per instance and ``metrics()['k_over_length']`` (k / Lk of the last call, in the result's
 ``mech/`` metrics) records it.
+
+Implementation (speed only, the same function): Eᵀ K and Fᵀ V are each one (k, Lk) @ (Lk, B·H·D)
+product with the heads side by side; for float32/float64 inputs outside autocast the softmax
+attention runs in ``F.scaled_dot_product_attention`` (fused: the (Lq, k) weights are never
+stored for backward; rounding differs from the written-out form at the last bits); other dtypes
+and autocast use the written-out form with the softmax in at least float32.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.core import Attention, AttentionContext, register_mechanism, zero_padded
@@ -70,8 +77,17 @@ def linformer_attention(
     e, f = proj_k[:lk].to(k.dtype), proj_v[:lk].to(v.dtype)  # (Lk, k)
     k = zero_padded(k, key_padding_mask)
     v = zero_padded(v, key_padding_mask)
-    k_low = torch.einsum("bhjd,jr->bhrd", k, e)  # (B, H, k, D) = Eᵀ K
-    v_low = torch.einsum("bhjd,jr->bhrd", v, f)  # (B, H, k, D) = Fᵀ V
+    b, h, _, d = k.shape
+    # Eᵀ K as one (k, Lk) @ (Lk, B·H·D) product (the heads side by side) rather than a matmul per head
+    def project(x: Tensor, p: Tensor) -> Tensor:  # (B, H, Lk, D), (Lk, k) -> (B, H, k, D)
+        return (p.T @ x.permute(2, 0, 1, 3).reshape(lk, b * h * d)).view(-1, b, h, d).permute(1, 2, 0, 3)
+
+    k_low = project(k, e)  # (B, H, k, D) = Eᵀ K
+    v_low = project(v, f)  # (B, H, k, D) = Fᵀ V
+    if q.dtype in (torch.float32, torch.float64) and q.dtype == k_low.dtype == v_low.dtype \
+            and not torch.is_autocast_enabled(q.device.type):
+        # softmax(Q (EᵀK)ᵀ/√d) (FᵀV) in torch's fused kernel: no (Lq, k) weights stored for backward
+        return F.scaled_dot_product_attention(q, k_low, v_low)
     scores = torch.einsum("bhid,bhrd->bhir", q, k_low) / math.sqrt(q.shape[-1])  # (B, H, Lq, k)
     weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v_low.dtype)
     return weights @ v_low

@@ -90,6 +90,17 @@ by √d instead of divided (``* (qdim ** 0.5)``), its keys are the raw queries
 (``length_norm=False``), a token may attend to itself, and there is no padding mask; HF's
 ``LSHSelfAttention`` (the PyTorch protocols) uses a power-of-two bucket count (ours: the chunk
 count rounded up to even).
+
+Implementation (speed only, the same function): the hash ids, argmax([xR; −xR]), come from the
+maximum and minimum of xR (ties as the argmax of the concatenation), computed without gradient a
+slab of rows at a time, so the (B, H, R, L, n_b) rotations are never stored; one sort, unsorted by
+scatter; the chunk attention is one autograd function (``_ChunkSoftmax``): logits filled in
+place, torch's fused softmax, the logsumexp read off the softmax at each row's maximum, and a
+hand-written backward (the logsumexp's gradient included), instead of masked_fill, logsumexp
+and exp(dots − lse) through autograd; without padding and not causal the self logits are set on
+the chunk diagonals and in the round-boundary chunks only (the only places a token meets itself).
+Rounding differs from the step-by-step form at the last bits (gradients tested against the
+dense float64 formula).
 """
 
 from __future__ import annotations
@@ -100,6 +111,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from harness.core import Attention, AttentionContext, draw_seed, instance_seed, register_mechanism
 
@@ -149,6 +161,14 @@ def example_num_buckets(real: Tensor, bucket_size: int) -> Tensor:
     return (chunks + chunks % 2).clamp_min(2)
 
 
+def _signed_argmax(rotated: Tensor) -> Tensor:
+    """argmax over the last axis of [r, −r] without building it: the first maximum of r if it is
+    ≥ −min(r), else n/2 + the first minimum of r (ties resolve as the argmax of the concatenation)."""
+    high, at_high = rotated.max(-1)
+    low, at_low = rotated.min(-1)
+    return torch.where(high >= -low, at_high, at_low + rotated.shape[-1])
+
+
 def hash_buckets(x: Tensor, rotations: Tensor | None, example_buckets: Tensor | None = None) -> Tensor:
     """Angular LSH. x: (B, H, L, d), rotations: (1 or B, d, R, n/2) -> (B, H, R, L) ids in
     0 … n_b−1 (all 0 when rotations is None: one bucket). example_buckets (B,) even, ≤ n:
@@ -156,12 +176,22 @@ def hash_buckets(x: Tensor, rotations: Tensor | None, example_buckets: Tensor | 
     (None: all n)."""
     if rotations is None:
         return x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[2], dtype=torch.long)
+    x = x.detach()  # ids only: no gradient flows through the hash
+    if example_buckets is None and rotations.shape[0] == 1:
+        # (x R) a slab of rows at a time on the CPU (a few MB, so it is reduced while in cache,
+        # never stored whole); in one piece on an accelerator
+        b, h, length, d = x.shape
+        rounds, half = rotations.shape[2], rotations.shape[3]
+        rot = rotations[0].reshape(d, rounds * half).to(x.dtype)
+        rows = max(1, (1 << 19) // (rounds * half)) if x.device.type == "cpu" else max(1, b * h * length)
+        ids = torch.cat([_signed_argmax((slab @ rot).view(-1, rounds, half)) for slab in x.reshape(-1, d).split(rows)])
+        return ids.view(b, h, length, rounds).transpose(-1, -2)  # (B, H, R, L)
     if rotations.shape[0] == 1:
         rotated = torch.einsum("bhld,drk->bhrlk", x, rotations[0].to(x.dtype))  # (B, H, R, L, n/2)
     else:
         rotated = torch.einsum("bhld,bdrk->bhrlk", x, rotations.to(x.dtype))
     if example_buckets is None:
-        return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+        return _signed_argmax(rotated)
     half = rotated.shape[-1]
     used = (example_buckets // 2)[:, None, None, None]  # (B, 1, 1, 1) columns example b uses
     unused = torch.arange(half, device=x.device) >= used[..., None]  # (B, 1, 1, 1, n/2)
@@ -174,6 +204,48 @@ def round_slots(valid: Tensor, chunk: int) -> Tensor:
     """(B, L) bool -> (B,) slots one round takes on the sorted axis: the example's real length
     rounded up to whole chunks, ⌈ℓ/c⌉·c (at least one chunk)."""
     return (-(-valid.sum(-1) // chunk)).clamp_min(1) * chunk
+
+
+class _ChunkSoftmax(torch.autograd.Function):
+    """Chunked attention that also returns every row's logsumexp, forward and backward in few
+    passes over the (…, c, 2c) logits: dots = q kᵀ (q already scaled), the masked logits filled
+    in place (``fill``), p = softmax(dots) (torch's fused kernel), lse = max + log Σ exp(dots − max)
+    read off p at the row's maximum (p there is 1/Σ), out = p v. Backward: ∂dots = p ⊙ (∂p −
+    ⟨p, ∂p⟩) + ∂lse·p, 0 at the filled logits (as ``masked_fill``'s backward). The same math as
+    ``masked_fill``, ``logsumexp`` and ``exp(dots − lse)`` written out; rounding differs at the
+    last bits.
+
+    ``fill(t, self_value, blocked_value)`` writes the two fills into t (B, H, n, c, 2c) in place."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fill):
+        dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, n, c, 2c)
+        fill(dots, SELF_LOGIT, torch.finfo(dots.dtype).min)
+        high = dots.amax(-1, keepdim=True)
+        p = torch.softmax(dots, -1)
+        del dots
+        lse = high - p.amax(-1, keepdim=True).log()  # (B, H, n, c, 1): p at the maximum is exp(0)/Σ
+        ctx.save_for_backward(q, k, v, p)
+        ctx.fill = fill
+        return p @ v, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, p = ctx.saved_tensors
+        if grad_out is not None:
+            grad_dots = torch._softmax_backward_data(grad_out @ v.transpose(-1, -2), p, -1, p.dtype)
+        else:
+            grad_dots = torch.zeros_like(p)
+        if grad_lse is not None:
+            grad_dots.addcmul_(p, grad_lse)
+        ctx.fill(grad_dots, 0.0, 0.0)
+        grad_q = grad_dots @ k if ctx.needs_input_grad[0] else None
+        grad_k = grad_dots.transpose(-1, -2) @ q if ctx.needs_input_grad[1] else None
+        grad_v = None
+        if ctx.needs_input_grad[2] and grad_out is not None:
+            grad_v = p.transpose(-1, -2) @ grad_out
+        return grad_q, grad_k, grad_v, None
 
 
 def lsh_attention(
@@ -237,7 +309,6 @@ def lsh_attention(
     sk = F.normalize(sq, dim=-1)  # shared QK: keys are the unit queries
     q_pos = flat.view(b, h, n_chunks, chunk)  # (B, H, n, c)
     sk, sv, k_pos = look_one_back(sk), look_one_back(sv), look_one_back(q_pos)
-    dots = torch.einsum("bhnid,bhnjd->bhnij", sq * d**-0.5, sk)  # (B, H, n, c, 2c)
     allowed = None  # (B, H, n, 1|c, 2c) bool, None = every key in the window
     if slot_valid is not None:
         k_valid = look_one_back(slot_valid.view(b, 1, n_chunks, chunk).expand(b, h, -1, -1))  # (B, H, n, 2c)
@@ -251,11 +322,31 @@ def lsh_attention(
         back = q_place[..., :, None] - k_place[..., None, :]  # (B, H, n, c, 2c)
         same = (k_bucket[..., None, :] == q_bucket[..., :, None]) & (back >= 0) & (back < chunk)
         allowed = same if allowed is None else allowed & same
-    dots = dots.masked_fill(q_pos[..., :, None] == k_pos[..., None, :], SELF_LOGIT)
-    if allowed is not None:  # finite fill: exp(min − lse) is exactly 0 in any row with an allowed key
-        dots = dots.masked_fill(~allowed, torch.finfo(dtype).min)
-    lse = dots.logsumexp(-1, keepdim=True)  # (B, H, n, c, 1)
-    out = torch.exp(dots - lse) @ sv  # (B, H, n, c, d)
+    if slot_valid is None and not causal:
+        # every slot real, rounds of L slots end to end: a token meets itself on the diagonal of its
+        # own chunk, and in the previous chunk only where that is the last chunk of another round
+        per_chunks = length // chunk
+        first = q_pos.view(b, h, n_hashes, per_chunks, chunk)[:, :, :, 0]  # (B, H, R, c) rounds' first chunks
+        back_self = None
+        if n_hashes > 1:
+            back_pos = k_pos.view(b, h, n_hashes, per_chunks, 2 * chunk)[:, :, :, 0, chunk:]
+            back_self = first[..., :, None] == back_pos[..., None, :]  # (B, H, R, c, c)
+
+        def fill(t: Tensor, self_value: float, blocked_value: float) -> None:
+            t[..., :chunk].diagonal(dim1=-2, dim2=-1).fill_(self_value)
+            if back_self is not None:
+                t.view(b, h, n_hashes, per_chunks, chunk, 2 * chunk)[:, :, :, 0, :, chunk:].masked_fill_(
+                    back_self, self_value)
+    else:
+        self_mask = q_pos[..., :, None] == k_pos[..., None, :]
+        blocked = None if allowed is None else ~allowed
+
+        def fill(t: Tensor, self_value: float, blocked_value: float) -> None:
+            t.masked_fill_(self_mask, self_value)
+            if blocked is not None:  # finite fill: exp(min − lse) is exactly 0 in any row with an allowed key
+                t.masked_fill_(blocked, blocked_value)
+
+    out, lse = _ChunkSoftmax.apply(sq * d**-0.5, sk, sv, fill)  # (B, H, n, c, d), (B, H, n, c, 1)
     if allowed is not None:  # a row with no allowed key is 0
         out = out * allowed.any(-1, keepdim=True)
     # unsort: each real slot back to (round, position); empty slots to a dump row
@@ -263,9 +354,15 @@ def lsh_attention(
     index = flat + (slot_round * length)[:, None]  # (B, H, total)
     if slot_valid is not None:
         index = torch.where(slot_valid[:, None], index, total)
-    out = out.new_zeros(b, h, total + 1, d).scatter(2, index[..., None].expand(-1, -1, -1, d), out.view(b, h, -1, d))
-    lse = lse.new_zeros(b, h, total + 1).scatter(2, index, lse.view(b, h, -1))
-    out, lse = out[:, :, :total].view(b, h, n_hashes, length, d), lse[:, :, :total].view(b, h, n_hashes, length)
+    if slot_valid is None:  # a permutation of the slots: every row written, no dump row
+        out = out.new_empty(b, h, total, d).scatter(2, index[..., None].expand(-1, -1, -1, d), out.view(b, h, -1, d))
+        lse = lse.new_empty(b, h, total).scatter(2, index, lse.view(b, h, -1))
+        out, lse = out.view(b, h, n_hashes, length, d), lse.view(b, h, n_hashes, length)
+    else:
+        out = out.new_zeros(b, h, total + 1, d).scatter(2, index[..., None].expand(-1, -1, -1, d),
+                                                        out.view(b, h, -1, d))
+        lse = lse.new_zeros(b, h, total + 1).scatter(2, index, lse.view(b, h, -1))
+        out, lse = out[:, :, :total].view(b, h, n_hashes, length, d), lse[:, :, :total].view(b, h, n_hashes, length)
     round_weights = torch.softmax(lse, dim=2)  # (B, H, R, L): rounds combined by their mass
     return (out * round_weights[..., None]).sum(2)
 

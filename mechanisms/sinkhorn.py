@@ -65,6 +65,12 @@ weights clipped to ±1 (``clip``). The CIFAR-10 config also sets ``weight_decay 
 model and training settings that ``harness/conf/protocol/lra/image.yaml`` (the Transformer's) does not
 follow per mechanism. The PyTorch protocols (mlpen/Nystromformer, pkuzengqi/Skyformer) ran no
 Sinkhorn attention.
+
+Implementation (speed only, the same function): with no key padding mask and L a multiple of b
+nothing is padded, zeroed or masked, so q, k, v are used as given, and when every slot of P
+holds some weight (then every sorted key is valid) the block softmaxes run unmasked in
+``F.scaled_dot_product_attention`` (fused; rounding differs at the last bits); otherwise the
+masked form (``block_softmax``), which also keeps an empty slot's keys out of the gradients.
 """
 
 from __future__ import annotations
@@ -145,20 +151,40 @@ def block_softmax(q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor) ->
     return weights @ values
 
 
+def _blocks_sdpa(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """Unmasked blocked softmax attention through torch's fused kernel: (B, H, N, b, d) queries,
+    (B, H, N, S, d) keys/values -> (B, H, N, b, d); softmax(q kᵀ/√d) v per block, as ``block_softmax``
+    with every key valid (the same math; fused, so rounding differs at the last bits)."""
+    b, h, n, t, d = q.shape
+    flat = lambda x: x.reshape(b * h, n, x.shape[-2], d)  # noqa: E731  4-D: the fused (flash) CPU kernel
+    return F.scaled_dot_product_attention(flat(q), flat(keys), flat(values)).view(b, h, n, t, d)
+
+
 def sorted_block_attention(
-    q: Tensor, k: Tensor, v: Tensor, perm: Tensor, valid: Tensor, block: int, combine: str = "joint"
+    q: Tensor, k: Tensor, v: Tensor, perm: Tensor, valid: Tensor | None, block: int, combine: str = "joint"
 ) -> Tensor:
     """Each query block attends to its sorted block and itself: "joint" = one softmax over the
     2b keys [K̃_j; K_j] (lucidrains), "sum" = softmax over K_j plus softmax over K̃_j, each
     normalised on its own (the authors' LRA code: ``x = x + sorted_x``).
 
     q, k, v: (B, H, L, d) with padded rows zeroed, L = N_B·b; perm: (B, H, N_B, N_B), perm[i, j]
-    = weight of key block i in slot j; valid: (B, L) bool -> (B, H, L, d) in q's dtype."""
+    = weight of key block i in slot j; valid: (B, L) bool, None = every position real -> (B, H, L, d)
+    in q's dtype. With every position real and every slot holding some weight (then no key is
+    masked) the two softmaxes run unmasked through ``F.scaled_dot_product_attention``."""
     b, h, length, d = q.shape
     n = length // block
     qb, kb, vb = (x.view(b, h, n, block, d) for x in (q, k, v))  # (B, H, N, b, d)
     k_sorted = torch.einsum("bhij,bhitd->bhjtd", perm, kb)  # (B, H, N, b, d)
     v_sorted = torch.einsum("bhij,bhitd->bhjtd", perm, vb)
+    # all real: slot j's sorted keys are valid iff Σ_i P_ij > 0 (a sum of nonnegative weights)
+    if valid is None and bool((perm > 0).any(-2).all()):
+        if combine == "sum":
+            out = _blocks_sdpa(qb, kb, vb) + _blocks_sdpa(qb, k_sorted, v_sorted)
+        else:
+            out = _blocks_sdpa(qb, torch.cat([k_sorted, kb], dim=3), torch.cat([v_sorted, vb], dim=3))
+        return out.reshape(b, h, length, d)
+    if valid is None:
+        valid = torch.ones(b, length, dtype=torch.bool, device=q.device)
     vmask = valid.view(b, 1, n, block).to(perm.dtype).expand(b, h, n, block)
     sorted_valid = torch.einsum("bhij,bhit->bhjt", perm, vmask) > 0  # some real key mixed in
     if combine == "sum":
@@ -239,18 +265,24 @@ class SinkhornAttention(Attention):
                 f"for max_len={self.max_len} ({self.max_blocks} blocks); build it with a larger max_len"
             )
         padded = n_blocks * block
-        valid = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask.bool()
-        valid = F.pad(valid, (0, padded - length), value=False)
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)).masked_fill(~valid[:, None, :, None], 0.0)
-                       for x in (q, k, v))
-            # blocks up to each example's last real token take part in its sort; the all-padding
-            # ones after it do not, so the amount of padding does not change the sort
-            last = torch.where(valid, torch.arange(padded, device=q.device), -1).amax(-1)  # (B,)
-            real_blocks = None if key_padding_mask is None else (last // block + 1).clamp_min(1)
-            perm = self.sort_matrix(k, n_blocks, block, real_blocks)
-            out = sorted_block_attention(q, k, v, perm, valid, block, self.cfg.combine)
+            if key_padding_mask is None and padded == length:  # every position real: nothing to zero or mask
+                q, k, v = (x.to(dtype) for x in (q, k, v))
+                perm = self.sort_matrix(k, n_blocks, block, None)
+                out = sorted_block_attention(q, k, v, perm, None, block, self.cfg.combine)
+            else:
+                valid = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_padding_mask is None \
+                    else ~key_padding_mask.bool()
+                valid = F.pad(valid, (0, padded - length), value=False)
+                q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)).masked_fill(~valid[:, None, :, None], 0.0)
+                           for x in (q, k, v))
+                # blocks up to each example's last real token take part in its sort; the all-padding
+                # ones after it do not, so the amount of padding does not change the sort
+                last = torch.where(valid, torch.arange(padded, device=q.device), -1).amax(-1)  # (B,)
+                real_blocks = None if key_padding_mask is None else (last // block + 1).clamp_min(1)
+                perm = self.sort_matrix(k, n_blocks, block, real_blocks)
+                out = sorted_block_attention(q, k, v, perm, valid, block, self.cfg.combine)
         self._perm = perm.detach()
         return out[:, :, :length].to(in_dtype)
 

@@ -99,3 +99,28 @@ def test_lra_preset_is_lra_linformer_k16_shared():
     assert (cfg.mechanism.name, cfg.mechanism.k, cfg.mechanism.share_kv) == ("linformer", 16, True)
     assert compose(["+preset=lra_synthesizer"]).mechanism.mode == "random"
     assert compose(["+preset=lra_synthesizer"]).mechanism.add_dot_product
+
+
+def test_outputs_and_gradients_equal_the_written_out_formula():
+    """softmax(Q (EᵀK)ᵀ/√d) (FᵀV) written out in float64: the mechanism's outputs and the gradients
+    of q, k, v, E and F agree (the fused kernel computes the same function), padding included."""
+    from mechanisms.linformer import linformer_attention
+
+    q, k, v = qkv(lq=9, lk=20, dtype=torch.float64)
+    kpm = padding_mask(2, 20, [20, 13])
+    e, f = torch.randn(24, 6, dtype=torch.float64), torch.randn(24, 6, dtype=torch.float64)
+    grad = torch.randn_like(q)
+
+    def written_out(q, k, v, e, f, key_padding_mask):
+        keep = ~key_padding_mask[:, None, :, None]
+        k_low = torch.einsum("bhjd,jr->bhrd", k * keep, e[:20])
+        v_low = torch.einsum("bhjd,jr->bhrd", v * keep, f[:20])
+        return torch.softmax(q @ k_low.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v_low
+
+    results = []
+    for fn in (lambda *a: linformer_attention(*a[:5], key_padding_mask=a[5]), written_out):
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, e, f)]
+        out = fn(*inputs, kpm)
+        (out * grad).sum().backward()
+        results.append((out, *(x.grad for x in inputs)))
+    torch.testing.assert_close(results[0], results[1], atol=1e-10, rtol=1e-10)

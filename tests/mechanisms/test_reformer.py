@@ -116,3 +116,34 @@ def test_gradients_ignore_k_subquadratic_and_refusals():
         build("reformer")(*qkv(lq=5, lk=8))
     with pytest.raises(ValueError, match="n_buckets"):
         build("reformer", n_buckets=3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n_hashes,n_buckets,chunk", [(1, 4, 4), (2, 4, 4), (3, 6, 2), (2, 2, 16), (2, 4, 8)])
+def test_chunked_gradients_equal_the_dense_window_formula(causal, n_hashes, n_buckets, chunk):
+    """The hand-written backward of the chunked softmax (its logsumexp included, which weights the
+    rounds) gives the dense float64 formula's gradients for q and v, padding included."""
+    length = 16
+    q, k, v = qkv(lq=length, dtype=torch.float64)
+    rotations = torch.randn(1, 8, n_hashes, n_buckets // 2)
+    kpm = padding_mask(2, length, [length, 11])
+    grad = torch.randn_like(q)
+    for mask, buckets in ((None, None), (kpm, None), (kpm, torch.tensor([n_buckets, 2]))):
+        args = dict(rotations=rotations, n_hashes=n_hashes, n_buckets=n_buckets, chunk=chunk, key_padding_mask=mask,
+                    causal=causal, example_buckets=buckets)
+        grads = []
+        for fn in (lsh_attention, lsh_attention_reference):
+            qq, vv = q.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+            (fn(qq, vv, **args) * grad).sum().backward()
+            grads.append((qq.grad, vv.grad))
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)
+
+
+def test_hash_ids_are_the_argmax_over_both_signs():
+    """The slab-wise hash equals argmax([xR, −xR]) exactly (the reference's form), zero rows included."""
+    x = torch.randn(2, 3, 300, 8)
+    x[0, 0, :5] = 0.0  # all-zero rotated rows: the first column wins, as the argmax of the concatenation
+    rotations = torch.randn(1, 8, 3, 5)
+    rotated = torch.einsum("bhld,drk->bhrlk", x, rotations[0])
+    expected = torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+    assert torch.equal(hash_buckets(x, rotations), expected)

@@ -143,3 +143,38 @@ def test_lras_sorts_keep_padding_out(settings):
     batched = call(mech, q, k, v, key_padding_mask=kpm)
     alone = call(mech, q[1:, :, :13], k[1:, :, :13], v[1:, :, :13])
     torch.testing.assert_close(batched[1, :, :13], alone[0], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("combine", ["sum", "joint"])
+def test_unmasked_fast_path_equals_the_masked_form(combine):
+    """With every position real (valid=None) the blocks go through the fused unmasked kernel:
+    outputs and gradients equal the masked form run with an all-true mask, in float64."""
+    block, length = 4, 16
+    q, k, v = qkv(lq=length, dtype=torch.float64)
+    perm = torch.rand(2, 2, 4, 4, dtype=torch.float64).softmax(-1)
+    grad = torch.randn_like(q)
+    results = []
+    for valid in (None, torch.ones(2, length, dtype=torch.bool)):
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, perm)]
+        out = sorted_block_attention(*inputs[:4], valid, block, combine)
+        (out * grad).sum().backward()
+        results.append((out, *(x.grad for x in inputs)))
+    torch.testing.assert_close(results[0], results[1], atol=1e-10, rtol=1e-10)
+
+
+def test_a_slot_without_weight_falls_back_to_the_mask():
+    """A slot no block is sorted into (a zero column of P) has no valid sorted key: its queries
+    get only their own block, as the masked form says, also with no padding at all; the gradients
+    (of P too, where an unmasked softmax would send some) are the masked form's."""
+    block, length = 4, 16
+    q, k, v = qkv(lq=length, dtype=torch.float64)
+    perm = torch.eye(4, dtype=torch.float64)[[0, 0, 2, 3]].expand(2, 2, 4, 4).contiguous()  # slot 1 empty
+    assert not bool((perm > 0).any(-2).all())
+    grad = torch.randn_like(q)
+    results = []
+    for valid in (None, torch.ones(2, length, dtype=torch.bool)):
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, perm)]
+        out = sorted_block_attention(*inputs[:4], valid, block, "sum")
+        (out * grad).sum().backward()
+        results.append((out, *(x.grad for x in inputs)))
+    torch.testing.assert_close(results[0], results[1], atol=1e-10, rtol=1e-10)
