@@ -112,7 +112,7 @@ def test_gradients_ignore_k_subquadratic_and_refusals():
     assert k.grad is None and mech.ignored_inputs == ("k",)
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0 and torch.isfinite(v.grad).all()
     assert_subquadratic(build("reformer", n_hashes=2), length=8192, heads=1, dim=16)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match=r"'reformer' does not support cross attention \(Lq=5, Lk=8\)"):
         build("reformer")(*qkv(lq=5, lk=8))
     with pytest.raises(ValueError, match="n_buckets"):
         build("reformer", n_buckets=3)

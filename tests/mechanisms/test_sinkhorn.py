@@ -115,7 +115,7 @@ def test_gradients_subquadratic_and_refusals():
     assert_gradients_finite(build("sinkhorn", block_size=4), length=13, key_padding=True)
     assert_subquadratic(build("sinkhorn", heads=1, dim_head=16, max_len=8192), length=8192, heads=1, dim=16)
     mech = build("sinkhorn", block_size=4, max_len=16)
-    with pytest.raises(UnsupportedCapability):
+    with pytest.raises(UnsupportedCapability, match="'sinkhorn' does not support causal attention"):
         mech(*qkv(lq=8), causal=True)
     with pytest.raises(ValueError, match="max_len"):
         mech(*qkv(lq=20))
