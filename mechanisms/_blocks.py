@@ -77,8 +77,9 @@ def gathered_block_attention(
     if n * block < lq:
         raise ValueError(f"key_index has {n} query blocks of {block}; {lq} queries need {math.ceil(lq / block)}")
     if 2 * s >= lk:  # short sequences: each block gathers about every key, so the dense form is cheaper
-        return dense_pattern_attention(q, k, v, key_index, allowed, block=block, key_padding_mask=key_padding_mask,
-                                       causal=causal, scale=scale)
+        return dense_pattern_attention(
+            q, k, v, key_index, allowed, block=block, key_padding_mask=key_padding_mask, causal=causal, scale=scale
+        )
     qb = F.pad(q, (0, 0, 0, n * block - lq)).reshape(b, h, n, block, d)  # (B, H, N, blk, D)
     valid = key_index >= 0  # ([B,] P, N, S)
     idx = key_index.clamp_min(0)
@@ -137,8 +138,18 @@ def dense_pattern_attention(
     return _dense_attention(q, k, v, mask, rows, lq, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
 
 
-def _dense_attention(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor, lq: int, *,
-                     key_padding_mask: Tensor | None, causal: bool, scale: float | None) -> Tensor:
+def _dense_attention(
+    qs: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    rows: Tensor,
+    lq: int,
+    *,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float | None,
+) -> Tensor:
     """softmax(qs·kᵀ·scale) v over the keys ``mask`` (broadcastable to (B, H, G, Lk)) allows, the
     G query rows qs (B, H, G, D) standing at positions ``rows`` (G,) of Lq; causal and padded
     keys masked as in the gathered form."""
@@ -166,8 +177,9 @@ def dense_rows(
     """Full softmax attention of the query rows ``rows`` (G,) to every key: (B, H, G, D).
     O(G·Lk): for a few global tokens."""
     mask = torch.ones(1, 1, rows.numel(), k.shape[-2], dtype=torch.bool, device=q.device)
-    return _dense_attention(q[:, :, rows], k, v, mask, rows, q.shape[-2], key_padding_mask=key_padding_mask,
-                            causal=causal, scale=scale)
+    return _dense_attention(
+        q[:, :, rows], k, v, mask, rows, q.shape[-2], key_padding_mask=key_padding_mask, causal=causal, scale=scale
+    )
 
 
 def replace_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:

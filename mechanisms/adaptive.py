@@ -164,7 +164,8 @@ def adaptive_attention(
 
 @register_mechanism("adaptive", AdaptiveConfig, causal=True, key_padding=True, family="full")
 class AdaptiveAttention(Attention):
-    """Adaptive attention (our reading of an EPFL–UPC 2022 thesis): low-rank content + learned soft-span pattern, gated."""
+    """Adaptive attention (our reading of an EPFL–UPC 2022 thesis): low-rank content + learned soft-span
+    pattern, gated."""
 
     def __init__(self, cfg: AdaptiveConfig, *, heads: int, dim_head: int, max_len: int):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
@@ -195,10 +196,17 @@ class AdaptiveAttention(Attention):
         with torch.autocast(device_type=q.device.type, enabled=False):
             span = self.spans().to(dtype)
             out = adaptive_attention(
-                q.to(dtype), k.to(dtype), v.to(dtype),
-                landmarks=self.landmarks.to(dtype), rel_bias=self.rel_bias.to(dtype),
-                gate_logit=self.gate_logit.to(dtype), span=span, window=self.cfg.max_span,
-                ramp=self.cfg.span_ramp, key_padding_mask=key_padding_mask, causal=causal,
+                q.to(dtype),
+                k.to(dtype),
+                v.to(dtype),
+                landmarks=self.landmarks.to(dtype),
+                rel_bias=self.rel_bias.to(dtype),
+                gate_logit=self.gate_logit.to(dtype),
+                span=span,
+                window=self.cfg.max_span,
+                ramp=self.cfg.span_ramp,
+                key_padding_mask=key_padding_mask,
+                causal=causal,
             )
         self.aux_loss = self.cfg.span_penalty * span.mean() / self.cfg.max_span if self.cfg.span_penalty > 0 else None
         return out.to(q.dtype)

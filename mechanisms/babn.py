@@ -83,8 +83,17 @@ class BABNConfig:
 
 
 def babn_reference(
-    q: Tensor, k: Tensor, v: Tensor, prior_logits: Tensor, temperatures: Tensor, gates: Tensor, *,
-    allowed: Tensor, shape: float, rate: float, noise: list[Tensor] | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prior_logits: Tensor,
+    temperatures: Tensor,
+    gates: Tensor,
+    *,
+    allowed: Tensor,
+    shape: float,
+    rate: float,
+    noise: list[Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The plain formula, every (i, j) pair of every layer written out (the tests' reference).
 
@@ -102,8 +111,10 @@ def babn_reference(
     def log_softmax(x: Tensor) -> Tensor:  # over the usable keys, 0 elsewhere (finite everywhere)
         return torch.log_softmax(x.masked_fill(~usable, -math.inf), -1).masked_fill(~usable, 0.0)
 
-    upward = [log_softmax(scores if layer == 0 else temperatures[layer][None, :, None, None] * scores)
-              for layer in range(n_layers)]
+    upward = [
+        log_softmax(scores if layer == 0 else temperatures[layer][None, :, None, None] * scores)
+        for layer in range(n_layers)
+    ]
     log_pi = log_softmax(prior_logits[:, :, None, :].expand_as(scores))
     kls = [scores.new_zeros(())] * n_layers
     log_w = None
@@ -135,9 +146,21 @@ def layer_noise(like: Tensor, seed: int, num_layers: int) -> list[Tensor]:
     return draws[::-1]
 
 
-def _babn_block(qb: Tensor, k: Tensor, v: Tensor, g: Tensor, temperatures: Tensor, gates: Tensor,
-                keep_key: Tensor | None, rows: slice, lq: int, causal: bool, shape: float, rate: float,
-                seed: int | None) -> tuple[Tensor, Tensor]:
+def _babn_block(
+    qb: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    temperatures: Tensor,
+    gates: Tensor,
+    keep_key: Tensor | None,
+    rows: slice,
+    lq: int,
+    causal: bool,
+    shape: float,
+    rate: float,
+    seed: int | None,
+) -> tuple[Tensor, Tensor]:
     """One block of queries rows: qb (B, H, bq, D) -> out (B, H, bq, D), KL per layer (T,).
     g: (B, H, Lk) prior logits (causal), or (B, H, Lk) log π already normalised over the kept
     keys (non-causal: the same for every row), whose Σ_j log Γ(β π_j) the caller adds."""
@@ -202,8 +225,19 @@ def _allowed_per_row(b: int, lq: int, lk: int, key_padding_mask: Tensor | None, 
 
 
 def babn_attention(
-    q: Tensor, k: Tensor, v: Tensor, prior_logits: Tensor, temperatures: Tensor, gates: Tensor, *,
-    key_padding_mask: Tensor | None, causal: bool, shape: float, rate: float, sample: bool, query_block: int = 0,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prior_logits: Tensor,
+    temperatures: Tensor,
+    gates: Tensor,
+    *,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    shape: float,
+    rate: float,
+    sample: bool,
+    query_block: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same maths and outputs as ``babn_reference`` (noise drawn inside, per query block), with
     no (Lq, Lk) tensor kept for backward. Float32 inside (float64 stays). Returns out
@@ -229,8 +263,21 @@ def babn_attention(
     outs, kls = [], []
     for n, start in enumerate(range(0, lq, bq)):
         rows = slice(start, min(start + bq, lq))
-        args = (q[:, :, rows], k, v, g, temperatures, gates, keep_key, rows, lq, causal, shape, rate,
-                None if base_seed is None else base_seed + n)
+        args = (
+            q[:, :, rows],
+            k,
+            v,
+            g,
+            temperatures,
+            gates,
+            keep_key,
+            rows,
+            lq,
+            causal,
+            shape,
+            rate,
+            None if base_seed is None else base_seed + n,
+        )
         ob, kb = checkpoint(_babn_block, *args, use_reentrant=False) if recompute else _babn_block(*args)
         outs.append(ob)
         kls.append(kb)
@@ -247,8 +294,14 @@ class BABN(Attention):
 
     def __init__(self, cfg: BABNConfig, *, heads: int, dim_head: int, max_len: int):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
-        if (cfg.num_layers < 1 or cfg.weibull_shape <= 0 or cfg.prior_rate <= 0 or cfg.kl_weight < 0
-                or cfg.prior_hidden < 1 or cfg.query_block < 0):
+        if (
+            cfg.num_layers < 1
+            or cfg.weibull_shape <= 0
+            or cfg.prior_rate <= 0
+            or cfg.kl_weight < 0
+            or cfg.prior_hidden < 1
+            or cfg.query_block < 0
+        ):
             raise ValueError(
                 "babn needs num_layers >= 1, weibull_shape > 0, prior_rate > 0, kl_weight >= 0, prior_hidden >= 1, "
                 f"query_block >= 0; got {cfg}"
@@ -290,8 +343,17 @@ class BABN(Attention):
     ) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
             out, kl_sums, n_pairs = babn_attention(
-                q, k, v, self.prior_logits(k), self.temperatures(), self.gates(), key_padding_mask=key_padding_mask,
-                causal=causal, shape=self.cfg.weibull_shape, rate=self.cfg.prior_rate, sample=self.training,
+                q,
+                k,
+                v,
+                self.prior_logits(k),
+                self.temperatures(),
+                self.gates(),
+                key_padding_mask=key_padding_mask,
+                causal=causal,
+                shape=self.cfg.weibull_shape,
+                rate=self.cfg.prior_rate,
+                sample=self.training,
                 query_block=self.cfg.query_block,
             )
         mean_kl = kl_sums / n_pairs.clamp_min(1)  # (T,)

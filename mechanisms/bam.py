@@ -85,7 +85,14 @@ def weibull_gamma_kl(shape: float, log_scale: Tensor, alpha: Tensor, rate: float
 
 
 def bam_reference(
-    q: Tensor, k: Tensor, v: Tensor, prior_logits: Tensor, *, allowed: Tensor, shape: float, rate: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prior_logits: Tensor,
+    *,
+    allowed: Tensor,
+    shape: float,
+    rate: float,
     noise: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The plain formula, every (i, j) pair written out (the tests' reference, any dtype).
@@ -112,8 +119,9 @@ def bam_reference(
 # ----------------------------------------------------------------------------- the fast path
 
 
-def _block_mask(rows: slice, lq: int, lk: int, keep_key: Tensor | None, causal: bool, device,
-                open_empty: bool = True) -> Tensor | None:
+def _block_mask(
+    rows: slice, lq: int, lk: int, keep_key: Tensor | None, causal: bool, device, open_empty: bool = True
+) -> Tensor | None:
     """(B|1, 1, bq, Lk) bool, True = may attend, for query rows ``rows``; with ``open_empty`` a
     row with no allowed key is opened to every key (finite arithmetic; the caller zeroes it)."""
     mask = None
@@ -186,8 +194,17 @@ def _causal_lgamma_block(log_w: Tensor, log_z_rows: Tensor, keep: Tensor, rate: 
 
 
 def bam_attention(
-    q: Tensor, k: Tensor, v: Tensor, prior_logits: Tensor, *, key_padding_mask: Tensor | None, causal: bool,
-    shape: float, rate: float, sample: bool, query_block: int = 0,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prior_logits: Tensor,
+    *,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    shape: float,
+    rate: float,
+    sample: bool,
+    query_block: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same maths and outputs as ``bam_reference`` (noise drawn inside, per query block), with no
     (Lq, Lk) tensor kept for backward. q: (B, H, Lq, D), k/v: (B, H, Lk, D), prior_logits:
@@ -197,7 +214,9 @@ def bam_attention(
     work = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 stays (tests)
     q, k, v, g = q.to(work), k.to(work), v.to(work), prior_logits.to(work)
     offset = lk - lq
-    keep_key = torch.ones(b, lk, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask.bool()
+    keep_key = (
+        torch.ones(b, lk, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask.bool()
+    )
     # allowed keys per row, (B, 1, Lq), without building the (Lq, Lk) mask
     kept_prefix = torch.cumsum(keep_key.long(), -1)  # (B, Lk)
     if causal:
@@ -240,10 +259,17 @@ def bam_attention(
         sums = []
         for start in range(0, lq, bq):
             rows = slice(start, min(start + bq, lq))
-            args = (log_w[:, :, None, :], log_z[:, :, rows, None].to(work),
-                    _block_mask(rows, lq, lk, keep_key, True, q.device, open_empty=False), rate)
-            sums.append(checkpoint(_causal_lgamma_block, *args, use_reentrant=False) if torch.is_grad_enabled()
-                        else _causal_lgamma_block(*args))
+            args = (
+                log_w[:, :, None, :],
+                log_z[:, :, rows, None].to(work),
+                _block_mask(rows, lq, lk, keep_key, True, q.device, open_empty=False),
+                rate,
+            )
+            sums.append(
+                checkpoint(_causal_lgamma_block, *args, use_reentrant=False)
+                if torch.is_grad_enabled()
+                else _causal_lgamma_block(*args)
+            )
         lgamma_alpha = torch.cat(sums, -1).double()  # (B, H, Lq)
     else:
         kept = keep_key[:, None, :]
@@ -251,8 +277,14 @@ def bam_attention(
         lgamma_alpha = torch.where(kept, torch.lgamma(alpha), 0.0).sum(-1, keepdim=True)
     c = math.lgamma(1.0 + 1.0 / shape)
     beta = rate
-    row_kl = (EULER_GAMMA * beta / shape - beta * (s_bar - lse.double() - c) + n_row.double() * (math.log(shape) - EULER_GAMMA - 1.0)
-              + beta - beta * math.log(beta) + lgamma_alpha)
+    row_kl = (
+        EULER_GAMMA * beta / shape
+        - beta * (s_bar - lse.double() - c)
+        + n_row.double() * (math.log(shape) - EULER_GAMMA - 1.0)
+        + beta
+        - beta * math.log(beta)
+        + lgamma_alpha
+    )
     kl_sum = row_kl.masked_fill(empty, 0.0).sum()
     n_pairs = n_row.expand(b, h, lq).sum()
     return out, kl_sum.to(work), n_pairs
@@ -271,9 +303,16 @@ class BAM(Attention):
 
     def __init__(self, cfg: BAMConfig, *, heads: int, dim_head: int, max_len: int):
         super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)
-        if cfg.weibull_shape <= 0 or cfg.prior_rate <= 0 or cfg.kl_weight < 0 or cfg.prior_hidden < 1 or cfg.query_block < 0:
+        if (
+            cfg.weibull_shape <= 0
+            or cfg.prior_rate <= 0
+            or cfg.kl_weight < 0
+            or cfg.prior_hidden < 1
+            or cfg.query_block < 0
+        ):
             raise ValueError(
-                f"bam needs weibull_shape > 0, prior_rate > 0, kl_weight >= 0, prior_hidden >= 1, query_block >= 0; got {cfg}"
+                "bam needs weibull_shape > 0, prior_rate > 0, kl_weight >= 0, prior_hidden >= 1, query_block >= 0; "
+                f"got {cfg}"
             )
         # contextual prior g(k_j): the reference's key MLP, shared by the heads, its init
         self.prior_in = nn.Linear(dim_head, cfg.prior_hidden)
@@ -298,8 +337,15 @@ class BAM(Attention):
     ) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
             out, kl_sum, n_pairs = bam_attention(
-                q, k, v, self.prior_logits(k), key_padding_mask=key_padding_mask, causal=causal,
-                shape=self.cfg.weibull_shape, rate=self.cfg.prior_rate, sample=self.training,
+                q,
+                k,
+                v,
+                self.prior_logits(k),
+                key_padding_mask=key_padding_mask,
+                causal=causal,
+                shape=self.cfg.weibull_shape,
+                rate=self.cfg.prior_rate,
+                sample=self.training,
                 query_block=self.cfg.query_block,
             )
         mean_kl = kl_sum / n_pairs.clamp_min(1)

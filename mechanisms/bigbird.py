@@ -91,8 +91,15 @@ def global_block_mask(n: int, g: int, device=None) -> Tensor:
 
 
 def random_blocks(
-    n: int, heads: int, cfg: BigBirdConfig, *, causal: bool, device=None, seed: int | None = None,
-    draw_blocks: int = 0, real_blocks: Tensor | None = None,
+    n: int,
+    heads: int,
+    cfg: BigBirdConfig,
+    *,
+    causal: bool,
+    device=None,
+    seed: int | None = None,
+    draw_blocks: int = 0,
+    real_blocks: Tensor | None = None,
 ) -> Tensor:
     """(H, N, r) random key-block ids per query block and head, -1 where no candidate is left;
     (B, H, N, r) with real_blocks (B,): each example's own candidates among its real blocks.
@@ -133,8 +140,15 @@ def global_blocks_of(n: int, g: int, real_blocks: Tensor | None, device=None) ->
 
 
 def bigbird_pattern(
-    length: int, heads: int, cfg: BigBirdConfig, *, causal: bool, device=None, seed: int | None = None,
-    draw_blocks: int = 0, real_lengths: Tensor | None = None,
+    length: int,
+    heads: int,
+    cfg: BigBirdConfig,
+    *,
+    causal: bool,
+    device=None,
+    seed: int | None = None,
+    draw_blocks: int = 0,
+    real_lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """key_index (H, N, S) of every query block (global, window, random key blocks, deduplicated)
     and the (H, N, r) random block table it was built from; with real_lengths (B,) one pattern
@@ -145,8 +159,9 @@ def bigbird_pattern(
     glob = global_blocks_of(n, cfg.global_blocks, real_blocks, device)  # (≤2g,) or (B, 2g)
     window = torch.arange(n, device=device)[:, None] + torch.arange(-s, 1 if causal else s + 1, device=device)
     window = window.masked_fill((window < 0) | (window >= n), -1)  # (N, 2s+1)
-    rand = random_blocks(n, heads, cfg, causal=causal, device=device, seed=seed, draw_blocks=draw_blocks,
-                         real_blocks=real_blocks)  # ([B,] H, N, r)
+    rand = random_blocks(
+        n, heads, cfg, causal=causal, device=device, seed=seed, draw_blocks=draw_blocks, real_blocks=real_blocks
+    )  # ([B,] H, N, r)
     lead = rand.shape[:-2]  # (H,) or (B, H)
     glob = glob.expand(*lead, n, -1) if real_blocks is None else glob[:, None, None, :].expand(*lead, n, -1)
     blocks = torch.cat([glob, window.expand(*lead, n, -1), rand], dim=-1)  # ([B,] H, N, M)
@@ -164,8 +179,17 @@ def bigbird_pattern_reference(length: int, cfg: BigBirdConfig, rand: Tensor) -> 
     return base[None] | in_rand
 
 
-def global_rows_per_example(q: Tensor, k: Tensor, v: Tensor, out: Tensor, real_lengths: Tensor, cfg: BigBirdConfig, *,
-                            key_padding_mask: Tensor, causal: bool) -> Tensor:
+def global_rows_per_example(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    real_lengths: Tensor,
+    cfg: BigBirdConfig,
+    *,
+    key_padding_mask: Tensor,
+    causal: bool,
+) -> Tensor:
     """out with the rows of each example's global blocks (its first g and last g blocks, from its
     own length) replaced by full softmax attention over its keys: O(B·2g·b·L)."""
     bsz, h, length, d = q.shape
@@ -189,20 +213,30 @@ def global_rows_per_example(q: Tensor, k: Tensor, v: Tensor, out: Tensor, real_l
     return padded[:, :, :length]
 
 
-def bigbird_attention(q, k, v, cfg: BigBirdConfig, *, key_padding_mask=None, causal=False, seed: int | None = None,
-                      draw_blocks: int = 0) -> Tensor:
+def bigbird_attention(
+    q, k, v, cfg: BigBirdConfig, *, key_padding_mask=None, causal=False, seed: int | None = None, draw_blocks: int = 0
+) -> Tensor:
     """q, k, v: (B, H, L, D) -> (B, H, L, D): block-sparse softmax attention. With a key-padding
     mask each example's pattern comes from its own real length (as if it were alone)."""
     length = q.shape[-2]
     real_lengths = None if key_padding_mask is None else (~key_padding_mask.bool()).sum(-1)
-    key_index, _ = bigbird_pattern(length, q.shape[1], cfg, causal=causal, device=q.device, seed=seed,
-                                   draw_blocks=draw_blocks, real_lengths=real_lengths)
+    key_index, _ = bigbird_pattern(
+        length,
+        q.shape[1],
+        cfg,
+        causal=causal,
+        device=q.device,
+        seed=seed,
+        draw_blocks=draw_blocks,
+        real_lengths=real_lengths,
+    )
     out = gathered_block_attention(
         q, k, v, key_index, None, block=cfg.block_size, key_padding_mask=key_padding_mask, causal=causal
     )
     if real_lengths is not None:
-        return global_rows_per_example(q, k, v, out, real_lengths, cfg, key_padding_mask=key_padding_mask,
-                                       causal=causal)
+        return global_rows_per_example(
+            q, k, v, out, real_lengths, cfg, key_padding_mask=key_padding_mask, causal=causal
+        )
     n = key_index.shape[1]
     rows = torch.arange(length, device=q.device)
     rows = rows[global_block_mask(n, cfg.global_blocks, q.device)[rows // cfg.block_size]]  # tokens of global blocks
@@ -236,8 +270,15 @@ class BigBirdAttention(Attention):
 
     def pattern(self, length: int, *, causal: bool = False, real_lengths: Tensor | None = None):
         """This instance's (key_index, random block table) at this length (see ``bigbird_pattern``)."""
-        return bigbird_pattern(length, self.heads, self.cfg, causal=causal, seed=self.pattern_seed,
-                               draw_blocks=self.draw_blocks, real_lengths=real_lengths)
+        return bigbird_pattern(
+            length,
+            self.heads,
+            self.cfg,
+            causal=causal,
+            seed=self.pattern_seed,
+            draw_blocks=self.draw_blocks,
+            real_lengths=real_lengths,
+        )
 
     def forward(
         self,
@@ -249,5 +290,13 @@ class BigBirdAttention(Attention):
         causal: bool = False,
         context: AttentionContext | None = None,
     ) -> Tensor:
-        return bigbird_attention(q, k, v, self.cfg, key_padding_mask=key_padding_mask, causal=causal,
-                                 seed=self.pattern_seed, draw_blocks=self.draw_blocks)
+        return bigbird_attention(
+            q,
+            k,
+            v,
+            self.cfg,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            seed=self.pattern_seed,
+            draw_blocks=self.draw_blocks,
+        )

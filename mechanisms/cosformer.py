@@ -159,7 +159,12 @@ class Cosformer(Attention):
     ) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
             out = cosformer_attention(
-                q, k, v, key_padding_mask=key_padding_mask, causal=causal, eps=self.cfg.eps,
+                q,
+                k,
+                v,
+                key_padding_mask=key_padding_mask,
+                causal=causal,
+                eps=self.cfg.eps,
                 chunk=self.cfg.causal_chunk_size,
             )
         return out.to(q.dtype)

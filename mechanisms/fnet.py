@@ -47,8 +47,12 @@ FFT_LENGTHS = ("max_len", "input")
 
 @dataclass
 class FNetConfig:
-    norm: str = "ortho"  # "ortho": DFT/√(L·Hd) (unit scale for the pre-norm backbone); "backward": unscaled, as the reference
-    fft_length: str = "max_len"  # "max_len": sequence DFT over max_len positions (padding-amount independent); "input": over L
+    norm: str = (
+        "ortho"  # "ortho": DFT/√(L·Hd) (unit scale for the pre-norm backbone); "backward": unscaled, as the reference
+    )
+    fft_length: str = (
+        "max_len"  # "max_len": sequence DFT over max_len positions (padding-amount independent); "input": over L
+    )
 
 
 def fourier_mix(v: Tensor, *, fft_length: int, norm: str) -> Tensor:
@@ -68,7 +72,9 @@ def fourier_mix_reference(v: Tensor, *, fft_length: int, norm: str) -> Tensor:
     x = v.double().transpose(1, 2).reshape(b, length, h * d)
     hd = h * d
     f_hidden = torch.exp(-2j * torch.pi * torch.outer(torch.arange(hd), torch.arange(hd)).double() / hd)
-    f_seq = torch.exp(-2j * torch.pi * torch.outer(torch.arange(fft_length), torch.arange(length)).double() / fft_length)
+    f_seq = torch.exp(
+        -2j * torch.pi * torch.outer(torch.arange(fft_length), torch.arange(length)).double() / fft_length
+    )
     scale = (hd * fft_length) ** -0.5 if norm == "ortho" else 1.0
     y = (f_seq @ (x.to(torch.complex128) @ f_hidden.T)).real * scale  # (B, L_fft, H·d)
     return y[:, :length].reshape(b, length, h, d).transpose(1, 2)

@@ -86,8 +86,12 @@ class KernelRPEConfig:
     fft_dtype: str = "float32"  # "float32" or "float64": precision of the Toeplitz products
     fft_feature_block: int = 16  # random features per FFT pass: peak memory ~ B·H·2L·block·(d+1)
     checkpoint_fft: bool = False  # recompute each FFT pass in backward instead of storing it
-    dense_max_len: int = 1024  # non-causal with Lq, Lk <= this: the exact (Lq × Lk) product, no FFT (cheaper there); 0 = always FFT
-    causal_leaf: int = 512  # causal: positions per exact dense leaf (power of 2); memory ~ B·H·L·leaf, FFT levels log2(L/leaf)
+    dense_max_len: int = (
+        1024  # non-causal with Lq, Lk <= this: the exact (Lq × Lk) product, no FFT (cheaper there); 0 = always FFT
+    )
+    causal_leaf: int = (
+        512  # causal: positions per exact dense leaf (power of 2); memory ~ B·H·L·leaf, FFT levels log2(L/leaf)
+    )
     normalize_qk: bool = False  # §3.3: ℓ2-normalised q and k, kernel exp(q̂·k̂ + b_{j−i}): bounded feature variance
 
 
@@ -129,8 +133,9 @@ def _feature_block(q_feats: Tensor, k_feats: Tensor, v1: Tensor, coeffs: Tensor)
     return torch.matmul(q_feats[..., None, :], y)[..., 0, :]  # Σ_m φ(q_i)_m y_ime (a batched matvec)
 
 
-def dense_rpe_attention(q_feats: Tensor, k_feats: Tensor, v: Tensor, coeffs: Tensor, *,
-                        visible: Tensor | None = None) -> Tensor:
+def dense_rpe_attention(
+    q_feats: Tensor, k_feats: Tensor, v: Tensor, coeffs: Tensor, *, visible: Tensor | None = None
+) -> Tensor:
     """The non-causal product written out for short sequences: A = (φ(Q) φ(K)ᵀ) ∘ C with
     C_ij = coeffs[j − i + Lq − 1], out = A [V, 1] normalised. O(Lq·Lk·(m + d)) time and
     O(Lq·Lk) memory per head, exact (no FFT round-off); same arguments as the FFT path."""
@@ -170,7 +175,9 @@ def kernelized_rpe_attention(
     acc = 0
     for start in range(0, q_feats.shape[-1], block):
         args = (q_feats[..., start : start + block], k_feats[..., start : start + block], v1, coeffs)
-        acc = acc + (checkpoint(_feature_block, *args, use_reentrant=False) if use_checkpoint else _feature_block(*args))
+        acc = acc + (
+            checkpoint(_feature_block, *args, use_reentrant=False) if use_checkpoint else _feature_block(*args)
+        )
     mass = (q_feats @ k_feats.sum(-2)[..., None]).squeeze(-1)  # (B, H, Lq)
     return normalised_rows(acc, mass, visible)
 
@@ -279,6 +286,7 @@ def causal_kernelized_rpe_attention(
 
     size = leaf
     while size < padded:  # log2(Lp / C) levels: sibling blocks (S, T) of `size` positions
+
         def pair(x: Tensor, size: int = size) -> Tensor:  # (B, H, Lp, ...) -> (B, H, N, 2, size, ...)
             return x.unflatten(2, (-1, 2, size))
 
@@ -291,7 +299,9 @@ def causal_kernelized_rpe_attention(
         level = 0
         for start in range(0, m, block):
             args = (q_t[..., start : start + block], phi_s[..., start : start + block], v1_s, kernel)
-            level = level + (checkpoint(_sibling_block, *args, use_reentrant=False) if use_checkpoint else _sibling_block(*args))
+            level = level + (
+                checkpoint(_sibling_block, *args, use_reentrant=False) if use_checkpoint else _sibling_block(*args)
+            )
         level_mass = (q_t @ phi_s.sum(-2)[..., None]).squeeze(-1)  # (B, H, N, s)
         acc = acc + torch.stack([torch.zeros_like(level), level * target_scale[..., None]], 3).view(b, h, padded, e)
         mass = mass + torch.stack([torch.zeros_like(level_mass), level_mass * target_scale], 3).view(b, h, padded)
@@ -383,7 +393,12 @@ class KernelRPEAttention(Attention):
                     out = dense_rpe_attention(q_feats, k_feats, v, coeffs, visible=visible)
                 else:
                     out = kernelized_rpe_attention(
-                        q_feats, k_feats, v, coeffs, visible=visible, block=self.cfg.fft_feature_block,
+                        q_feats,
+                        k_feats,
+                        v,
+                        coeffs,
+                        visible=visible,
+                        block=self.cfg.fft_feature_block,
                         use_checkpoint=self.cfg.checkpoint_fft and torch.is_grad_enabled(),
                     )
         return out.to(out_dtype)

@@ -78,14 +78,18 @@ def linformer_attention(
     k = zero_padded(k, key_padding_mask)
     v = zero_padded(v, key_padding_mask)
     b, h, _, d = k.shape
+
     # Eᵀ K as one (k, Lk) @ (Lk, B·H·D) product (the heads side by side) rather than a matmul per head
     def project(x: Tensor, p: Tensor) -> Tensor:  # (B, H, Lk, D), (Lk, k) -> (B, H, k, D)
         return (p.T @ x.permute(2, 0, 1, 3).reshape(lk, b * h * d)).view(-1, b, h, d).permute(1, 2, 0, 3)
 
     k_low = project(k, e)  # (B, H, k, D) = Eᵀ K
     v_low = project(v, f)  # (B, H, k, D) = Fᵀ V
-    if q.dtype in (torch.float32, torch.float64) and q.dtype == k_low.dtype == v_low.dtype \
-            and not torch.is_autocast_enabled(q.device.type):
+    if (
+        q.dtype in (torch.float32, torch.float64)
+        and q.dtype == k_low.dtype == v_low.dtype
+        and not torch.is_autocast_enabled(q.device.type)
+    ):
         # softmax(Q (EᵀK)ᵀ/√d) (FᵀV) in torch's fused kernel: no (Lq, k) weights stored for backward
         return F.scaled_dot_product_attention(q, k_low, v_low)
     scores = torch.einsum("bhid,bhrd->bhir", q, k_low) / math.sqrt(q.shape[-1])  # (B, H, Lq, k)

@@ -33,7 +33,8 @@ look-around. LRA's code reshapes the (L, d) queries, keys and values to (block_s
 and attends along the first axis, so its "blocks" are the positions congruent modulo
 L/block_size (a strided pattern), while its padding mask is reshaped as contiguous blocks; ours
 are contiguous blocks, as the paper's local attention. Those image configs also change the
-model per mechanism (CIFAR-10: 1 layer, width 128, 2 heads, mean pooling): not followed. No rotary embeddings (the library
+model per mechanism (CIFAR-10: 1 layer, width 128, 2 heads, mean pooling): not followed. No rotary embeddings (the
+library
 adds them when given ``dim``; the harness's backbone owns positions). Self-attention only
 (no ``cross``): the window is defined on one sequence's positions.
 """
@@ -133,8 +134,9 @@ def local_attention(q, k, v, cfg: LocalConfig, *, key_padding_mask=None, causal=
         empty = ~mask.any(-1, keepdim=True)  # (1|BH, N, 1|w, 1)
         mask = mask | empty
     qb = F.pad(q, (0, 0, 0, n * w - length)).reshape(b * h, n, w, d)  # (BH, N, w, D): blocks as heads
-    out = F.scaled_dot_product_attention(qb, look_around(k, w, back, fwd), look_around(v, w, back, fwd),
-                                         attn_mask=mask, scale=d**-0.5)  # (BH, N, w, D)
+    out = F.scaled_dot_product_attention(
+        qb, look_around(k, w, back, fwd), look_around(v, w, back, fwd), attn_mask=mask, scale=d**-0.5
+    )  # (BH, N, w, D)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out.reshape(b, h, n * w, d)[:, :, :length]
@@ -142,8 +144,11 @@ def local_attention(q, k, v, cfg: LocalConfig, *, key_padding_mask=None, causal=
 
 # The authors' settings per scale=lra protocol (sources: the module docstring).
 PROTOCOLS = {
-    "lra": {"*": {"window": 50, "look_backward": 0, "look_forward": 0, "exact_window": False},  # local.py
-            "image": {"window": 64}, "pathfinder": {"window": 64}},  # image/configs/*/local_base.py
+    "lra": {
+        "*": {"window": 50, "look_backward": 0, "look_forward": 0, "exact_window": False},  # local.py
+        "image": {"window": 64},
+        "pathfinder": {"window": 64},
+    },  # image/configs/*/local_base.py
 }
 
 

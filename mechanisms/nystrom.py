@@ -20,7 +20,8 @@ Accuracy/speed trade-off: ``num_landmarks`` (m; more landmarks = closer to softm
 landmark (m ≥ L) the mechanism computes exact softmax attention (plus the conv residual),
 as the authors' code does (mlpen/Nystromformer, ``NystromAttention.forward``: ``if
 self.num_landmarks == self.seq_len`` it takes the dense softmax); the three-factor form with
-a 6-iteration pinv would leave a ~4% relative error at L = m = 64. Cost O(L·m·d + m³·iterations) time, O(L·m) memory; the products are
+a 6-iteration pinv would leave a ~4% relative error at L = m = 64. Cost O(L·m·d + m³·iterations) time, O(L·m) memory;
+the products are
 taken right to left so no L × m × m term appears. A converged pinv is not better for m < L:
 it inverts the tiny singular values of an ill-conditioned middle factor and can amplify the
 error (measured on random inputs, L = 64: relative error 0.74 → 0.04 steadily as m goes
@@ -220,9 +221,7 @@ class NystromAttention(Attention):
         self.value_conv: nn.Conv2d | None = None
         if cfg.conv_kernel_size > 0:
             kernel = cfg.conv_kernel_size
-            self.value_conv = nn.Conv2d(
-                heads, heads, (kernel, 1), padding=(kernel // 2, 0), groups=heads, bias=False
-            )
+            self.value_conv = nn.Conv2d(heads, heads, (kernel, 1), padding=(kernel // 2, 0), groups=heads, bias=False)
         self._landmarks = 0
 
     def forward(

@@ -85,7 +85,9 @@ class PerformerConfig:
     kernel: str = "softmax"  # "softmax" (FAVOR+), "relu" (generalised, ReLU(Wx)) or "relu_deterministic" (ReLU(x), LRA)
     orthogonal_features: bool = True  # block-orthogonal rows with chi norms (False: i.i.d. Gaussian)
     redraw_interval: int = 1000  # global training steps (context.step) between feature redraws; 0 = never
-    feature_eps: float = 1e-4  # added to the exp (softmax) or ReLU (relu) features of queries and keys: positive denominators
+    feature_eps: float = (
+        1e-4  # added to the exp (softmax) or ReLU (relu) features of queries and keys: positive denominators
+    )
     causal_chunk_size: int = 128  # keys per block of the chunked causal prefix sum
 
 
@@ -121,7 +123,8 @@ def softmax_kernel_features(
     x: (B, H, L, D), projection: (m, D) -> (B, H, L, m) in float32 (float64 for float64 x).
     The stabiliser is a max of w·x' (not of w·x' − |x'|²/2), as both references take it:
     queries: row max; keys: max over valid keys and features (so padded keys cannot move it).
-    With an additive eps the placement matters: it sets how much weight eps carries. Queries, and keys when ``eps_keys`` (what ``performer`` uses), then get + eps/√m,
+    With an additive eps the placement matters: it sets how much weight eps carries. Queries, and keys when
+    ``eps_keys`` (what ``performer`` uses), then get + eps/√m,
     i.e. φ = (exp(…) + eps)/√m, as the references place it (google-research performer
     ``softmax_kernel_transformation``: ``ratio * (exp(...) + numerical_stabilizer)``;
     performer-pytorch ``softmax_kernel``: ``ratio * (exp(...) + eps)``, queries and keys alike).
@@ -137,7 +140,9 @@ def softmax_kernel_features(
         if is_query:
             stab = dash.amax(-1, keepdim=True)  # (B, H, L, 1)
         else:
-            valid = dash if key_padding_mask is None else dash.masked_fill(key_padding_mask[:, None, :, None], -math.inf)
+            valid = (
+                dash if key_padding_mask is None else dash.masked_fill(key_padding_mask[:, None, :, None], -math.inf)
+            )
             stab = valid.amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
             stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
     # one pass over (L, m) adds −(|x'|²/2 + stab + log √m), a (B, H, L, 1) column negated before it
@@ -186,7 +191,9 @@ def linear_attention(q_feats: Tensor, k_feats: Tensor, v: Tensor) -> Tensor:
     return _divide(out[..., :-1], out[..., -1])
 
 
-def causal_key_features(x: Tensor, projection: Tensor, *, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def causal_key_features(
+    x: Tensor, projection: Tensor, *, key_padding_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Causal FAVOR+ key features with a running (prefix) stabiliser that sees the past only.
 
     x: (B, H, L, D) -> features (B, H, L, m) and stabiliser s (B, H, L), float32 (float64 for
@@ -338,8 +345,13 @@ PROTOCOLS = {
         "*": {"kernel": "relu_deterministic", "feature_eps": 1e-3},
         # listops/configs/performer_base.py model_kwargs: attention_fn_cls="softmax", nb_features=2,
         # ortho_scaling=0.0; make_fast_softmax_attention numerical_stabilizer=1e-6, redraw_features=True
-        "listops": {"kernel": "softmax", "num_features": 2, "orthogonal_features": True, "feature_eps": 1e-6,
-                    "redraw_interval": 1},
+        "listops": {
+            "kernel": "softmax",
+            "num_features": 2,
+            "orthogonal_features": True,
+            "feature_eps": 1e-6,
+            "redraw_interval": 1,
+        },
     },
     # lra_config.py "performer-256": rp_dim 256 (performer-pytorch FastAttention, softmax_kernel eps 1e-4, no redraw)
     "nystromformer": {"*": {"kernel": "softmax", "num_features": 256, "feature_eps": 1e-4, "redraw_interval": 0}},
@@ -348,8 +360,9 @@ PROTOCOLS = {
 }
 
 
-@register_mechanism("performer", PerformerConfig, causal=True, cross=True, key_padding=True,
-                    family="kernel", protocols=PROTOCOLS)
+@register_mechanism(
+    "performer", PerformerConfig, causal=True, cross=True, key_padding=True, family="kernel", protocols=PROTOCOLS
+)
 class PerformerAttention(Attention):
     """Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features, O(L·m·d)."""
 
@@ -372,7 +385,11 @@ class PerformerAttention(Attention):
         if self.cfg.kernel == "relu_deterministic":
             return deterministic_relu_features(x, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps)
         return softmax_kernel_features(
-            x, projection, is_query=is_query, key_padding_mask=key_padding_mask, eps=self.cfg.feature_eps,
+            x,
+            projection,
+            is_query=is_query,
+            key_padding_mask=key_padding_mask,
+            eps=self.cfg.feature_eps,
             eps_keys=not causal,
         )
 

@@ -101,7 +101,9 @@ def persistent_memory_attention(
     return F.scaled_dot_product_attention(q, k_ext.to(q.dtype), v_ext.to(q.dtype), attn_mask=mask, dropout_p=dropout)
 
 
-@register_mechanism("persistent_memory", PersistentMemoryConfig, causal=True, cross=True, key_padding=True, family="full")
+@register_mechanism(
+    "persistent_memory", PersistentMemoryConfig, causal=True, cross=True, key_padding=True, family="full"
+)
 class PersistentMemoryAttention(Attention):
     """All-attention with persistent memory slots (Sukhbaatar et al. 2019)."""
 

@@ -202,8 +202,14 @@ class PolynomialAttention(Attention):
         dtype = torch.promote_types(q.dtype, torch.float32)  # products of N factors in >= fp32
         with torch.autocast(device_type=q.device.type, enabled=False):
             out = polynomial_attention(
-                q.to(dtype), k.to(dtype), v.to(dtype), self.query_factors.to(dtype), self.key_factors.to(dtype),
-                key_padding_mask=key_padding_mask, causal=causal, normalize=self.cfg.normalize,
+                q.to(dtype),
+                k.to(dtype),
+                v.to(dtype),
+                self.query_factors.to(dtype),
+                self.key_factors.to(dtype),
+                key_padding_mask=key_padding_mask,
+                causal=causal,
+                normalize=self.cfg.normalize,
                 chunk=self.cfg.causal_chunk_size,
             )
         return out.to(out_dtype)

@@ -134,9 +134,7 @@ def num_buckets(cfg: ReformerConfig, padded_length: int, chunk: int) -> int:
     return max(2, chunks + chunks % 2)
 
 
-def draw_rotations(
-    d: int, n_hashes: int, example_buckets: Tensor, device, seed: int
-) -> tuple[Tensor, Tensor | None]:
+def draw_rotations(d: int, n_hashes: int, example_buckets: Tensor, device, seed: int) -> tuple[Tensor, Tensor | None]:
     """Random rotations for the examples' bucket counts (B,): each example gets exactly the
     ``torch.randn(1, d, n_hashes, n_b/2)`` it would draw alone from a generator seeded ``seed``
     (``harness.core.attention.draw_seed``), one draw per distinct count, on the CPU. One count in the
@@ -312,8 +310,13 @@ def lsh_attention(
     allowed = None  # (B, H, n, 1|c, 2c) bool, None = every key in the window
     if slot_valid is not None:
         k_valid = look_one_back(slot_valid.view(b, 1, n_chunks, chunk).expand(b, h, -1, -1))  # (B, H, n, 2c)
-        k_valid = k_valid & torch.cat([torch.ones_like(back_ok)[..., None].expand(-1, -1, chunk),
-                                       back_ok[..., None].expand(-1, -1, chunk)], dim=-1)[:, None]
+        k_valid = (
+            k_valid
+            & torch.cat(
+                [torch.ones_like(back_ok)[..., None].expand(-1, -1, chunk), back_ok[..., None].expand(-1, -1, chunk)],
+                dim=-1,
+            )[:, None]
+        )
         allowed = k_valid[..., None, :]
     if causal:  # same bucket, at most c places back on the sorted axis: only earlier tokens decide
         q_bucket = slot_bucket.view(b, h, n_chunks, chunk)
@@ -336,7 +339,8 @@ def lsh_attention(
             t[..., :chunk].diagonal(dim1=-2, dim2=-1).fill_(self_value)
             if back_self is not None:
                 t.view(b, h, n_hashes, per_chunks, chunk, 2 * chunk)[:, :, :, 0, :, chunk:].masked_fill_(
-                    back_self, self_value)
+                    back_self, self_value
+                )
     else:
         self_mask = q_pos[..., :, None] == k_pos[..., None, :]
         blocked = None if allowed is None else ~allowed
@@ -359,8 +363,9 @@ def lsh_attention(
         lse = lse.new_empty(b, h, total).scatter(2, index, lse.view(b, h, -1))
         out, lse = out.view(b, h, n_hashes, length, d), lse.view(b, h, n_hashes, length)
     else:
-        out = out.new_zeros(b, h, total + 1, d).scatter(2, index[..., None].expand(-1, -1, -1, d),
-                                                        out.view(b, h, -1, d))
+        out = out.new_zeros(b, h, total + 1, d).scatter(
+            2, index[..., None].expand(-1, -1, -1, d), out.view(b, h, -1, d)
+        )
         lse = lse.new_zeros(b, h, total + 1).scatter(2, index, lse.view(b, h, -1))
         out, lse = out[:, :, :total].view(b, h, n_hashes, length, d), lse[:, :, :total].view(b, h, n_hashes, length)
     round_weights = torch.softmax(lse, dim=2)  # (B, H, R, L): rounds combined by their mass
@@ -368,8 +373,16 @@ def lsh_attention(
 
 
 def lsh_attention_reference(
-    q: Tensor, v: Tensor, *, rotations: Tensor | None, n_hashes: int, n_buckets: int, chunk: int,
-    key_padding_mask: Tensor | None = None, causal: bool = False, example_buckets: Tensor | None = None,
+    q: Tensor,
+    v: Tensor,
+    *,
+    rotations: Tensor | None,
+    n_hashes: int,
+    n_buckets: int,
+    chunk: int,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    example_buckets: Tensor | None = None,
 ) -> Tensor:
     """The same attention written densely in float64 (O(R²·L²), for tests): every query i of
     round r scores every token copy (j, r'); the copy is in i's window when its chunk on the
@@ -409,8 +422,10 @@ def lsh_attention_reference(
 # the length of one of its 10 chunks, (L + 10 - L mod 10) / 10 with the CLS token counted in L.
 _LRA_CHUNKS = {"listops": 201, "text": 101, "retrieval": 401, "image": 103, "pathfinder": 103}
 PROTOCOLS = {
-    "lra": {"*": {"n_hashes": 1, "n_buckets": 10, "seed": 0, "redraw": False},  # reformer_attention.py defaults
-            **{task: {"bucket_size": size} for task, size in _LRA_CHUNKS.items()}},
+    "lra": {
+        "*": {"n_hashes": 1, "n_buckets": 10, "seed": 0, "redraw": False},  # reformer_attention.py defaults
+        **{task: {"bucket_size": size} for task, size in _LRA_CHUNKS.items()},
+    },
     "nystromformer": {"*": {"n_hashes": 2, "bucket_size": 64, "n_buckets": 0}},  # lra_config.py "reformer-2"
     "pytorch": {"*": {"n_hashes": 2, "bucket_size": 64, "n_buckets": 0}},  # Skyformer src/config.py "reformer"
 }
@@ -472,8 +487,15 @@ class Reformer(Attention):
             kpm = F.pad(kpm, (0, padded - length), value=True)
         with torch.autocast(q.device.type, enabled=False):
             out = lsh_attention(
-                q, v, rotations=rotations, n_hashes=self.cfg.n_hashes, n_buckets=n_buckets, chunk=chunk,
-                key_padding_mask=kpm, causal=causal, example_buckets=example_buckets,
+                q,
+                v,
+                rotations=rotations,
+                n_hashes=self.cfg.n_hashes,
+                n_buckets=n_buckets,
+                chunk=chunk,
+                key_padding_mask=kpm,
+                causal=causal,
+                example_buckets=example_buckets,
             )
         self._buckets = float(n_buckets) if example_buckets is None else float(example_buckets.float().mean())
         return out[:, :, :length].to(v.dtype)

@@ -160,7 +160,13 @@ def allowed_pairs(batch: int, heads: int, lq: int, lk: int, keep: Tensor | None,
 
 
 def blocked_relu_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None, causal: bool = False, block_size: int = 256
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    block_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
     """Fast form of ``relu_attention``: (W V: (B, H, Lq, D), sparsity: 0-dim float64, the share
     of exactly-zero weights among allowed pairs)."""
@@ -237,7 +243,9 @@ class ReLAAttention(Attention):
     def normalise(self, out: Tensor, q: Tensor) -> Tensor:
         """The stabiliser applied to the mixed values out (B, H, Lq, D)."""
         if self.cfg.stabiliser == "query_gate":
-            return query_gated_head_rms_norm(out, q, self.norm_gain, self.gate_weight, self.gate_bias, self.cfg.norm_eps)
+            return query_gated_head_rms_norm(
+                out, q, self.norm_gain, self.gate_weight, self.gate_bias, self.cfg.norm_eps
+            )
         return gated_rms_norm(out, self.norm_gain, self.gate, self.cfg.norm_eps)
 
     def forward(
@@ -259,8 +267,12 @@ class ReLAAttention(Attention):
                 dtype = torch.get_autocast_dtype(q.device.type)
             with torch.autocast(q.device.type, enabled=False):
                 out, self._sparsity = blocked_relu_attention(
-                    q.to(dtype), k.to(dtype), v.to(dtype),
-                    key_padding_mask=key_padding_mask, causal=causal, block_size=self.cfg.block_size,
+                    q.to(dtype),
+                    k.to(dtype),
+                    v.to(dtype),
+                    key_padding_mask=key_padding_mask,
+                    causal=causal,
+                    block_size=self.cfg.block_size,
                 )
         return self.normalise(out, q)
 

@@ -98,7 +98,9 @@ def relu_nystrom_attention(
     if num_landmarks >= q.shape[-2]:  # every token its own landmark: the dense row-normalised form
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
-            _, weights, allowed = relu_attention(q.to(dtype), k.to(dtype), v.to(dtype), key_padding_mask=key_padding_mask)
+            _, weights, allowed = relu_attention(
+                q.to(dtype), k.to(dtype), v.to(dtype), key_padding_mask=key_padding_mask
+            )
             p = weights / weights.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)
             return p @ v.to(dtype), zero_share(weights, allowed)
     valid = None if key_padding_mask is None else ~key_padding_mask.bool()  # (B, L)

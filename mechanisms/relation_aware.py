@@ -145,7 +145,9 @@ def _band_view(buf: Tensor, first: int, rows: int, width: int) -> Tensor:
     """(..., rows, W) buffer -> (..., rows, width) view of buf[..., t, first + t + c]."""
     *lead, _, w = buf.shape
     strides = buf.stride()
-    return buf.as_strided((*lead, rows, width), (*strides[:-2], strides[-2] + strides[-1], strides[-1]), buf.storage_offset() + first)
+    return buf.as_strided(
+        (*lead, rows, width), (*strides[:-2], strides[-2] + strides[-1], strides[-1]), buf.storage_offset() + first
+    )
 
 
 def _window(i_first: int, rows: int, lk: int, m: int) -> tuple[int, int]:
@@ -154,7 +156,8 @@ def _window(i_first: int, rows: int, lk: int, m: int) -> tuple[int, int]:
 
 
 def expand_relative(rel: Tensor, i_first: int, lk: int, m: int) -> Tensor:
-    """Per-row bucket values rel (..., rows, 2M + 1) -> (..., rows, Lk) with entry j = rel[t, clip(j − i'_t, −M, M) + M],
+    """Per-row bucket values rel (..., rows, 2M + 1) -> (..., rows, Lk) with entry
+    j = rel[t, clip(j − i'_t, −M, M) + M],
     i'_t = i_first + t (the aligned query positions)."""
     rows = rel.shape[-2]
     lo, hi = _window(i_first, rows, lk, m)
@@ -167,7 +170,8 @@ def expand_relative(rel: Tensor, i_first: int, lk: int, m: int) -> Tensor:
 
 
 def bucket_sums(x: Tensor, i_first: int, m: int) -> Tensor:
-    """(..., rows, Lk) -> (..., rows, 2M + 1): Σ_{j: clip(j − i'_t) = r − M} x[t, j] (the adjoint of expand_relative)."""
+    """(..., rows, Lk) -> (..., rows, 2M + 1): Σ_{j: clip(j − i'_t) = r − M} x[t, j]
+    (the adjoint of expand_relative)."""
     rows, lk = x.shape[-2], x.shape[-1]
     lo, hi = _window(i_first, rows, lk, m)
     i = torch.arange(rows, device=x.device) + i_first
@@ -260,7 +264,9 @@ class _RelativeAttention(torch.autograd.Function):
             total = p.sum(-1, keepdim=True)
             mixed = torch.matmul(p, v[:, :, : g.cols]) + torch.matmul(_buckets(p, g.i_first, m, g.w0, g.w1), rel_values)
             out[:, :, g.start : g.stop] = mixed / total.clamp_min(torch.finfo(p.dtype).tiny)
-            lse[:, :, g.start : g.stop] = torch.where(total[..., 0] > 0, row_max[..., 0] + total[..., 0].log(), math.inf)
+            lse[:, :, g.start : g.stop] = torch.where(
+                total[..., 0] > 0, row_max[..., 0] + total[..., 0].log(), math.inf
+            )
         ctx.save_for_backward(q, k, v, rel_keys, rel_values, out, lse)
         ctx.kpm, ctx.causal, ctx.m, ctx.block = kpm, causal, m, block
         return out
@@ -288,7 +294,9 @@ class _RelativeAttention(torch.autograd.Function):
             _add_relative(d_alpha, torch.matmul(g_b, rel_v_diff.t()), g.i_first, m, g.w0, g.w1)
             ds = d_alpha.sub_(delta[:, :, g.start : g.stop]).mul_(alpha)  # dL/d(scaled score)
             ds_buckets = _buckets(ds, g.i_first, m, g.w0, g.w1)  # (B, H, Bq, R)
-            dq[:, :, g.start : g.stop] = (torch.matmul(ds, k[:, :, : g.cols]) + torch.matmul(ds_buckets, rel_keys)) * scale
+            dq[:, :, g.start : g.stop] = (
+                torch.matmul(ds, k[:, :, : g.cols]) + torch.matmul(ds_buckets, rel_keys)
+            ) * scale
             dk[:, :, : g.cols] += torch.matmul(ds.transpose(-1, -2), q_b)
             dv[:, :, : g.cols] += torch.matmul(alpha.transpose(-1, -2), g_b)
             d_rel_k += torch.einsum("bhtr,bhtd->rd", ds_buckets, q_b)
@@ -317,7 +325,9 @@ def relative_position_attention(
     return _RelativeAttention.apply(*args, kpm, causal, max_distance, block)
 
 
-@register_mechanism("relation_aware", RelationAwareConfig, causal=True, cross=True, key_padding=True, relations=True, family="full")
+@register_mechanism(
+    "relation_aware", RelationAwareConfig, causal=True, cross=True, key_padding=True, relations=True, family="full"
+)
 class RelationAwareAttention(Attention):
     """Relation-aware self-attention (Shaw et al. 2018; RAT-SQL): relation embeddings on keys and values."""
 
@@ -327,7 +337,8 @@ class RelationAwareAttention(Attention):
             raise ValueError(f"relation_aware query_block must be >= 1, got {cfg.query_block}")
         if cfg.num_relations < 1 or cfg.max_distance < 0:
             raise ValueError(
-                f"relation_aware needs num_relations >= 1 and max_distance >= 0, got {cfg.num_relations}, {cfg.max_distance}"
+                "relation_aware needs num_relations >= 1 and max_distance >= 0, "
+                f"got {cfg.num_relations}, {cfg.max_distance}"
             )
         rows = cfg.num_relations + 2 * cfg.max_distance + 1  # relation ids first, then distances
         self.relation_keys = nn.Parameter(torch.randn(rows, dim_head) * dim_head**-0.5)
@@ -357,8 +368,15 @@ class RelationAwareAttention(Attention):
             out_dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
             with torch.autocast(q.device.type, enabled=False):
                 out = relative_position_attention(
-                    q, k, v, rel_k, rel_v, max_distance=self.cfg.max_distance, key_padding_mask=key_padding_mask,
-                    causal=causal, block=self.cfg.query_block,
+                    q,
+                    k,
+                    v,
+                    rel_k,
+                    rel_v,
+                    max_distance=self.cfg.max_distance,
+                    key_padding_mask=key_padding_mask,
+                    causal=causal,
+                    block=self.cfg.query_block,
                 )
             return out.to(out_dtype)
         if relations is not None:

@@ -14,7 +14,8 @@ recurrence of N/2 complex diagonal modes, discretised by zero-order hold with st
     K[l] = 2·Re( Σ_n C_n B̄_n Ā_n^l ),  l = 0 … L−1         (a Vandermonde product)
 
 computed by FFT (sequence zero-padded to 2L): O(L log L) per channel, plus the Vandermonde
-product O(N·L) per channel, taken as one batched matmul of √L-sized factors (no (N, L) matrix). Bidirectional (encoders): a second kernel K' with its own C' (same A and
+product O(N·L) per channel, taken as one batched matmul of √L-sized factors (no (N, L) matrix). Bidirectional
+(encoders): a second kernel K' with its own C' (same A and
 Δ, the reference's ``channels=2``) runs backwards, y_t += Σ_{s>t} K'[s−t−1] u_s, i.e. the
 2L-periodic kernel [K, flip(K')] of fftconv.py. Causal calls use K alone, by a float64 FFT (a
 float32 FFT's round-off is relative to the whole sequence, so a huge future value leaked about
@@ -122,7 +123,9 @@ class S4D(Attention):
             imag = math.pi * n
         else:
             imag = cfg.d_state / math.pi * (cfg.d_state / (2 * n + 1) - 1)
-        self.log_dt = nn.Parameter(torch.rand(channels) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        self.log_dt = nn.Parameter(
+            torch.rand(channels) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min)
+        )
         self.log_a_real = nn.Parameter(torch.log(0.5 * torch.ones(channels, modes)))
         self.a_imag = nn.Parameter(imag.expand(channels, modes).clone())
         sides = 2 if cfg.bidirectional else 1

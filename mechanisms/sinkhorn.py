@@ -92,7 +92,9 @@ class SinkhornConfig:
     temperature: float = 0.75  # τ: lower = closer to a hard permutation
     gumbel_noise: bool = True  # Gumbel-Sinkhorn noise on the sort scores while training (never in eval)
     combine: str = "sum"  # "sum": own-block and sorted-block attentions added (authors' LRA code); "joint": one softmax
-    sort: str = "sinkhorn"  # "sinkhorn" (the paper) or "softmax": each key block's weights over the slots (LRA's default)
+    sort: str = (
+        "sinkhorn"  # "sinkhorn" (the paper) or "softmax": each key block's weights over the slots (LRA's default)
+    )
     clip: float = 0.0  # sinkhorn sort: clip the final log weights to ±clip before exp (LRA's operator: 1); 0 = none
 
 
@@ -201,8 +203,15 @@ PROTOCOLS = {
     "lra": {
         # sinkhorn_transformer.py block_size=50; sinkhorn_attention.py sort_activation='softmax' (no noise);
         # its sinkhorn_operator, if selected, n_iters=1, temp=1.0, clip=1.0; x = x + sorted_x ("sum")
-        "*": {"block_size": 50, "sort": "softmax", "gumbel_noise": False, "sinkhorn_iters": 1, "temperature": 1.0,
-              "clip": 1.0, "combine": "sum"},
+        "*": {
+            "block_size": 50,
+            "sort": "softmax",
+            "gumbel_noise": False,
+            "sinkhorn_iters": 1,
+            "temperature": 1.0,
+            "clip": 1.0,
+            "combine": "sum",
+        },
         "image": {"block_size": 64},  # image/configs/cifar10/sinkhorn_base.py config.model.block_size = 64
         "pathfinder": {"block_size": 64},  # image/configs/pathfinder32/sinkhorn_base.py
     },
@@ -272,11 +281,16 @@ class SinkhornAttention(Attention):
                 perm = self.sort_matrix(k, n_blocks, block, None)
                 out = sorted_block_attention(q, k, v, perm, None, block, self.cfg.combine)
             else:
-                valid = torch.ones(b, length, dtype=torch.bool, device=q.device) if key_padding_mask is None \
+                valid = (
+                    torch.ones(b, length, dtype=torch.bool, device=q.device)
+                    if key_padding_mask is None
                     else ~key_padding_mask.bool()
+                )
                 valid = F.pad(valid, (0, padded - length), value=False)
-                q, k, v = (F.pad(x.to(dtype), (0, 0, 0, padded - length)).masked_fill(~valid[:, None, :, None], 0.0)
-                           for x in (q, k, v))
+                q, k, v = (
+                    F.pad(x.to(dtype), (0, 0, 0, padded - length)).masked_fill(~valid[:, None, :, None], 0.0)
+                    for x in (q, k, v)
+                )
                 # blocks up to each example's last real token take part in its sort; the all-padding
                 # ones after it do not, so the amount of padding does not change the sort
                 last = torch.where(valid, torch.arange(padded, device=q.device), -1).amax(-1)  # (B,)

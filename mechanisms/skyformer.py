@@ -113,8 +113,16 @@ def newton_schulz_inverse(a: Tensor, iterations: int) -> Tensor:
 
 
 def skyformer_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int, ridge: float, pinv_iterations: int,
-    key_padding_mask: Tensor | None, draw_length: int = 0, generator: torch.Generator | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_landmarks: int,
+    ridge: float,
+    pinv_iterations: int,
+    key_padding_mask: Tensor | None,
+    draw_length: int = 0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """q: (B, H, Lq, d), k, v: (B, H, Lk, d) -> (B, H, Lq, d) in at least float32. draw_length:
     the width of the landmark draw (``sample_landmarks``), the module's max_len; generator: the
@@ -189,8 +197,14 @@ class Skyformer(Attention):
     ) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
             out = skyformer_attention(
-                q, k, v, num_landmarks=self.cfg.num_landmarks, ridge=self.cfg.ridge,
-                pinv_iterations=self.cfg.pinv_iterations, key_padding_mask=key_padding_mask,
-                draw_length=self.max_len, generator=draw_generator(self.seed, 0 if context is None else int(context.step)),
+                q,
+                k,
+                v,
+                num_landmarks=self.cfg.num_landmarks,
+                ridge=self.cfg.ridge,
+                pinv_iterations=self.cfg.pinv_iterations,
+                key_padding_mask=key_padding_mask,
+                draw_length=self.max_len,
+                generator=draw_generator(self.seed, 0 if context is None else int(context.step)),
             )
         return out.to(q.dtype)

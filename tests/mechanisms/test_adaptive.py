@@ -163,7 +163,10 @@ def test_long_inputs_bf16_and_unsupported_calls():
     q2, k2, v2 = qkv(lq=5, lk=8)
     with pytest.raises(UnsupportedCapability, match=r"'adaptive' does not support cross attention \(Lq=5, Lk=8\)"):
         mech(q2, k2, v2)
-    for bad, says in (({"span_ramp": 32}, "1 <= span_ramp < max_span"), ({"num_landmarks": 0}, "num_landmarks >= 1"),
-                      ({"gate_init": 1.0}, r"gate_init and span_init in \(0, 1\)")):
+    for bad, says in (
+        ({"span_ramp": 32}, "1 <= span_ramp < max_span"),
+        ({"num_landmarks": 0}, "num_landmarks >= 1"),
+        ({"gate_init": 1.0}, r"gate_init and span_init in \(0, 1\)"),
+    ):
         with pytest.raises(ValueError, match=says):
             build("adaptive", **bad)

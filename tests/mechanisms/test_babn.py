@@ -54,8 +54,10 @@ def reference_noise(seed, b, h, lq, lk, block, n_layers, dtype=torch.float64):
     """The draws the fast path makes: a base seed from the global RNG, one generator per block."""
     torch.manual_seed(seed)
     base = int(torch.randint(0, 2**62, (1,)).item())
-    blocks = [layer_noise(torch.empty(b, h, min(block, lq - s), lk, dtype=dtype), base + n, n_layers)
-              for n, s in enumerate(range(0, lq, block))]
+    blocks = [
+        layer_noise(torch.empty(b, h, min(block, lq - s), lk, dtype=dtype), base + n, n_layers)
+        for n, s in enumerate(range(0, lq, block))
+    ]
     return [torch.cat([blk[layer] for blk in blocks], 2) for layer in range(n_layers)]
 
 
@@ -73,8 +75,9 @@ def test_blocked_fast_path_matches_the_plain_formula_float64(sample, causal, lq,
     kpm = padding_mask(b, lk, [lk, max(lk - 4, 1)])
     inputs = [x.clone().requires_grad_() for x in (q, k, v, prior, temps, gates)]
     torch.manual_seed(7)
-    out, kl, n = babn_attention(*inputs, key_padding_mask=kpm, causal=causal, shape=3.0, rate=2.0, sample=sample,
-                                query_block=block)
+    out, kl, n = babn_attention(
+        *inputs, key_padding_mask=kpm, causal=causal, shape=3.0, rate=2.0, sample=sample, query_block=block
+    )
     (out.square().sum() + (kl * torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)).sum()).backward()
     ref_inputs = [x.clone().requires_grad_() for x in (q, k, v, prior, temps, gates)]
     allowed = allowed_mask(lq, lk, key_padding_mask=kpm, causal=causal)
@@ -97,8 +100,9 @@ def test_one_layer_is_bam(sample):
     allowed = allowed_mask(9, 9, key_padding_mask=padding_mask(2, 9, [9, 5]), causal=True)
     noise = torch.log(-torch.log(torch.rand(2, 2, 9, 9, dtype=torch.float64))) if sample else None
     temps, gates = params(1, 2)
-    out, kl, n = babn_reference(q, k, v, prior, temps, gates, allowed=allowed, shape=4.0, rate=3.0,
-                                noise=None if noise is None else [noise])
+    out, kl, n = babn_reference(
+        q, k, v, prior, temps, gates, allowed=allowed, shape=4.0, rate=3.0, noise=None if noise is None else [noise]
+    )
     bam_out, bam_kl, bam_n = bam_reference(q, k, v, prior, allowed=allowed, shape=4.0, rate=3.0, noise=noise)
     torch.testing.assert_close(out, bam_out, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(kl[0], bam_kl, atol=1e-10, rtol=1e-10)
@@ -156,9 +160,16 @@ def test_eval_uses_the_upper_layers_when_they_are_trained():
     out = call(mech, q, k, v, key_padding_mask=kpm, causal=True)
     with torch.no_grad():
         ref, _, _ = babn_reference(
-            q.double(), k.double(), v.double(), mech.prior_logits(k).double(), mech.temperatures().double(),
-            mech.gates().double(), allowed=allowed_mask(8, 8, key_padding_mask=kpm, causal=True), shape=10.0,
-            rate=1.0, noise=None,
+            q.double(),
+            k.double(),
+            v.double(),
+            mech.prior_logits(k).double(),
+            mech.temperatures().double(),
+            mech.gates().double(),
+            allowed=allowed_mask(8, 8, key_padding_mask=kpm, causal=True),
+            shape=10.0,
+            rate=1.0,
+            noise=None,
         )
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     softmax = dense_attention_oracle(q, k, v, key_padding_mask=kpm, causal=True)
@@ -175,8 +186,12 @@ def test_training_depends_on_every_layer_and_every_layer_kl_enters_aux_loss():
     torch.testing.assert_close(mech.aux_loss, 0.3 * layer_kl.sum())
     assert set(mech.metrics()) == {"kl", "kl_layer1", "kl_layer2", "kl_layer3"}
     # the top layer's upward temperature, and each downward gate, move the sampled output
-    for param, index in [(mech.log_temperature, (1, 0)), (mech.log_temperature, (0, 1)),
-                         (mech.gate_logit, (1, 0)), (mech.gate_logit, (0, 1))]:
+    for param, index in [
+        (mech.log_temperature, (1, 0)),
+        (mech.log_temperature, (0, 1)),
+        (mech.gate_logit, (1, 0)),
+        (mech.gate_logit, (0, 1)),
+    ]:
         with torch.no_grad():
             param[index] += 0.5
         moved = call(mech, q, k, v, key_padding_mask=kpm)

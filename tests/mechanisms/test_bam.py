@@ -50,8 +50,10 @@ def reference_noise(seed, b, h, lq, lk, block, dtype=torch.float64):
     """The ε the fast path draws: a base seed from the global RNG, one generator per block."""
     torch.manual_seed(seed)
     base = int(torch.randint(0, 2**62, (1,)).item())
-    blocks = [_block_noise(torch.empty(b, h, min(block, lq - s), lk, dtype=dtype), base + n)
-              for n, s in enumerate(range(0, lq, block))]
+    blocks = [
+        _block_noise(torch.empty(b, h, min(block, lq - s), lk, dtype=dtype), base + n)
+        for n, s in enumerate(range(0, lq, block))
+    ]
     return torch.cat(blocks, 2)
 
 
@@ -67,8 +69,9 @@ def test_blocked_fast_path_matches_the_plain_formula_float64(sample, causal, lq,
     kpm = padding_mask(b, lk, [lk, max(lk - 4, 1)])
     inputs = [x.clone().requires_grad_() for x in (q, k, v, prior)]
     torch.manual_seed(7)
-    out, kl, n = bam_attention(*inputs, key_padding_mask=kpm, causal=causal, shape=3.0, rate=2.0, sample=sample,
-                               query_block=block)
+    out, kl, n = bam_attention(
+        *inputs, key_padding_mask=kpm, causal=causal, shape=3.0, rate=2.0, sample=sample, query_block=block
+    )
     (out.square().sum() + kl).backward()
     ref_inputs = [x.clone().requires_grad_() for x in (q, k, v, prior)]
     allowed = allowed_mask(lq, lk, key_padding_mask=kpm, causal=causal)

@@ -90,7 +90,9 @@ def test_all_blocks_global_is_softmax():
     mech = build("bigbird", block_size=4, global_blocks=3, random_blocks=1)
     q, k, v = qkv(lq=21, dtype=torch.float64)
     kpm = padding_mask(2, 21, [21, 13])
-    torch.testing.assert_close(call(mech, q, k, v, key_padding_mask=kpm), dense_attention_oracle(q, k, v, key_padding_mask=kpm))
+    torch.testing.assert_close(
+        call(mech, q, k, v, key_padding_mask=kpm), dense_attention_oracle(q, k, v, key_padding_mask=kpm)
+    )
 
 
 def test_causal_and_padding():

@@ -199,5 +199,7 @@ def test_module_fast_and_plain_paths_agree():
     for causal in (False, True):
         torch.testing.assert_close(
             call(fast, q, k, v, key_padding_mask=kpm, causal=causal),
-            call(plain, q, k, v, key_padding_mask=kpm, causal=causal), atol=1e-6, rtol=1e-5,
+            call(plain, q, k, v, key_padding_mask=kpm, causal=causal),
+            atol=1e-6,
+            rtol=1e-5,
         )

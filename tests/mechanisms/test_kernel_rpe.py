@@ -231,8 +231,12 @@ def test_lengths_beyond_max_len_and_bad_config_raise():
     q, k, v = qkv(lq=MAX_LEN + 1)
     with pytest.raises(ValueError, match="max_len"):
         mech(q, k, v)
-    for bad, says in (({"fft_dtype": "float16"}, "fft_dtype must be one of"), ({"fft_feature_block": 0}, "fft_feature_block must be >= 1"),
-                      ({"num_features": 0}, "num_features must be >= 1"), ({"causal_leaf": 3}, "causal_leaf must be a power of two")):
+    for bad, says in (
+        ({"fft_dtype": "float16"}, "fft_dtype must be one of"),
+        ({"fft_feature_block": 0}, "fft_feature_block must be >= 1"),
+        ({"num_features": 0}, "num_features must be >= 1"),
+        ({"causal_leaf": 3}, "causal_leaf must be a power of two"),
+    ):
         with pytest.raises(ValueError, match=says):
             build("kernel_rpe", **bad)
 

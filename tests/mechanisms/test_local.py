@@ -125,8 +125,9 @@ def test_fused_form_tracks_the_reference_in_float32_and_bfloat16(causal, exact):
     kpm = padding_mask(2, 200, [200, 150])
     for mask in (None, kpm):
         ref = local_attention_reference(q, k, v, cfg, key_padding_mask=mask, causal=causal)
-        torch.testing.assert_close(local_attention(q, k, v, cfg, key_padding_mask=mask, causal=causal), ref,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            local_attention(q, k, v, cfg, key_padding_mask=mask, causal=causal), ref, rtol=1e-5, atol=1e-5
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cfg, key_padding_mask=mask, causal=causal)
         assert torch.isfinite(low).all()

@@ -47,7 +47,9 @@ def test_window_covering_the_sequence_is_softmax():
     mech = build("longformer", window=40, global_tokens=0)
     q, k, v = qkv(lq=17, dtype=torch.float64)
     kpm = padding_mask(2, 17, [17, 11])
-    torch.testing.assert_close(call(mech, q, k, v, key_padding_mask=kpm), dense_attention_oracle(q, k, v, key_padding_mask=kpm))
+    torch.testing.assert_close(
+        call(mech, q, k, v, key_padding_mask=kpm), dense_attention_oracle(q, k, v, key_padding_mask=kpm)
+    )
 
 
 def test_global_token_carries_information_across_the_sequence():

@@ -200,8 +200,12 @@ def test_fully_padded_rows_gradients_and_bf16(kernel):
 
 
 def test_config_is_validated():
-    for bad, says in (({"kernel": "cosine"}, "kernel must be one of"), ({"num_features": 0}, "num_features must be >= 1"),
-                      ({"causal_chunk_size": 0}, "causal_chunk_size must be >= 1"), ({"redraw_interval": -1}, "redraw_interval must be >= 0")):
+    for bad, says in (
+        ({"kernel": "cosine"}, "kernel must be one of"),
+        ({"num_features": 0}, "num_features must be >= 1"),
+        ({"causal_chunk_size": 0}, "causal_chunk_size must be >= 1"),
+        ({"redraw_interval": -1}, "redraw_interval must be >= 0"),
+    ):
         with pytest.raises(ValueError, match=says):
             build("performer", **bad)
 

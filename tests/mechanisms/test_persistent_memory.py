@@ -163,7 +163,12 @@ def test_all_attention_preset_builds_the_papers_network():
     assert cfg.mechanism.name == "persistent_memory" and cfg.mechanism.num_slots == 1024
     assert cfg.model.feedforward == "none"
     mech_cfg = {k: v for k, v in OmegaConf.to_container(cfg.mechanism).items() if k != "name"}
-    encoder = Encoder(ModelConfig(**OmegaConf.to_container(cfg.model)), vocab_size=20, max_len=16,
-                      mechanism=cfg.mechanism.name, mechanism_cfg=mech_cfg)
+    encoder = Encoder(
+        ModelConfig(**OmegaConf.to_container(cfg.model)),
+        vocab_size=20,
+        max_len=16,
+        mechanism=cfg.mechanism.name,
+        mechanism_cfg=mech_cfg,
+    )
     assert all(block.mlp is None for block in encoder.blocks)
     assert all(m.memory_keys.shape[1] == 1024 for m in encoder.mechanisms)

@@ -58,8 +58,14 @@ def test_matches_explicit_formula(normalize, causal, lq, lk, chunk):
         out64 = call(mech.double(), q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal)
         torch.testing.assert_close(out64, ref, atol=1e-10, rtol=1e-9)
         module_ref = polynomial.polynomial_attention_reference(
-            q.double(), k.double(), v.double(), mech.query_factors.detach(), mech.key_factors.detach(),
-            key_padding_mask=mask, causal=causal, normalize=normalize,
+            q.double(),
+            k.double(),
+            v.double(),
+            mech.query_factors.detach(),
+            mech.key_factors.detach(),
+            key_padding_mask=mask,
+            causal=causal,
+            normalize=normalize,
         )
         torch.testing.assert_close(module_ref, ref, atol=1e-10, rtol=1e-9)
         mech.float()

@@ -53,8 +53,15 @@ def test_chunked_form_equals_the_dense_window_formula(causal, n_hashes, n_bucket
     kpm = padding_mask(2, length, [length, 11])
     per_example = torch.tensor([n_buckets, 2])  # the second example hashes with fewer buckets
     for mask, buckets in ((None, None), (kpm, None), (kpm, per_example)):
-        args = dict(rotations=rotations, n_hashes=n_hashes, n_buckets=n_buckets, chunk=chunk, key_padding_mask=mask,
-                    causal=causal, example_buckets=buckets)
+        args = dict(
+            rotations=rotations,
+            n_hashes=n_hashes,
+            n_buckets=n_buckets,
+            chunk=chunk,
+            key_padding_mask=mask,
+            causal=causal,
+            example_buckets=buckets,
+        )
         out = lsh_attention(q, v, **args)
         torch.testing.assert_close(out, lsh_attention_reference(q, v, **args), atol=1e-10, rtol=1e-10)
 
@@ -129,8 +136,15 @@ def test_chunked_gradients_equal_the_dense_window_formula(causal, n_hashes, n_bu
     kpm = padding_mask(2, length, [length, 11])
     grad = torch.randn_like(q)
     for mask, buckets in ((None, None), (kpm, None), (kpm, torch.tensor([n_buckets, 2]))):
-        args = dict(rotations=rotations, n_hashes=n_hashes, n_buckets=n_buckets, chunk=chunk, key_padding_mask=mask,
-                    causal=causal, example_buckets=buckets)
+        args = dict(
+            rotations=rotations,
+            n_hashes=n_hashes,
+            n_buckets=n_buckets,
+            chunk=chunk,
+            key_padding_mask=mask,
+            causal=causal,
+            example_buckets=buckets,
+        )
         grads = []
         for fn in (lsh_attention, lsh_attention_reference):
             qq, vv = q.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()

@@ -22,7 +22,9 @@ def test_blocked_vandermonde_equals_the_direct_kernel(length):
     mech = build("s4d", d_state=16, init="inv")
     params = [p.double() for p in (mech.log_dt, mech.log_a_real, mech.a_imag)]
     c = torch.view_as_complex(mech.c.double().contiguous())
-    torch.testing.assert_close(s4d_kernel(*params, c, length), s4d_kernel_reference(*params, c, length), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(
+        s4d_kernel(*params, c, length), s4d_kernel_reference(*params, c, length), atol=1e-12, rtol=1e-10
+    )
     c32 = torch.view_as_complex(mech.c.detach().contiguous())
     fast = s4d_kernel(mech.log_dt, mech.log_a_real, mech.a_imag, c32, length)
     torch.testing.assert_close(fast.double(), s4d_kernel_reference(*params, c, length), atol=1e-4, rtol=1e-4)
@@ -59,9 +61,13 @@ def recurrence(mech, v, *, causal):
 def test_fft_convolution_equals_the_recurrence_float64(init, bidirectional, causal):
     mech = build("s4d", d_state=8, init=init, bidirectional=bidirectional, dt_min=0.01, dt_max=0.5)
     q, k, v = qkv(lq=23, dtype=torch.float64)
-    torch.testing.assert_close(call(mech, q, k, v, causal=causal), recurrence(mech, v, causal=causal), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(
+        call(mech, q, k, v, causal=causal), recurrence(mech, v, causal=causal), atol=1e-9, rtol=1e-9
+    )
     q, k, v = qkv(lq=23)
-    torch.testing.assert_close(call(mech, q, k, v, causal=causal).double(), recurrence(mech, v, causal=causal), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        call(mech, q, k, v, causal=causal).double(), recurrence(mech, v, causal=causal), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_initialisations():
@@ -108,7 +114,9 @@ def test_padding_values_and_amount_change_nothing(causal):
     q, k, v = qkv(lq=16)
     valid = 7
     long = call(mech, q, k, v, key_padding_mask=padding_mask(2, 16, [valid, valid]), causal=causal)
-    short = call(mech, q[:, :, :9], k[:, :, :9], v[:, :, :9], key_padding_mask=padding_mask(2, 9, [valid, valid]), causal=causal)
+    short = call(
+        mech, q[:, :, :9], k[:, :, :9], v[:, :, :9], key_padding_mask=padding_mask(2, 9, [valid, valid]), causal=causal
+    )
     torch.testing.assert_close(long[:, :, :valid], short[:, :, :valid], atol=1e-5, rtol=1e-5)
 
 

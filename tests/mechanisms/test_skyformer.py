@@ -23,7 +23,9 @@ def test_exact_when_every_point_is_a_landmark(lq, lk):
     kpm = padding_mask(2, lk, [lk, max(1, lk - 3)])
     for mask in (None, kpm):
         out = call(mech, q, k, v, key_padding_mask=mask)
-        torch.testing.assert_close(out, gaussian_attention_reference(q, k, v, key_padding_mask=mask), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(
+            out, gaussian_attention_reference(q, k, v, key_padding_mask=mask), atol=1e-7, rtol=1e-6
+        )
 
 
 def test_error_falls_as_landmarks_grow():

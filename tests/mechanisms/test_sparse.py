@@ -24,9 +24,7 @@ def oracle_with_pattern(q, k, v, pattern, **kwargs):
 
 def test_pattern_is_own_block_plus_summary_columns():
     pattern = sparse_pattern_reference(8, SparseConfig(stride=4, summary=1))
-    expected = torch.tensor(
-        [[1, 1, 1, 1, 0, 0, 0, 1]] * 4 + [[0, 0, 0, 1, 1, 1, 1, 1]] * 4, dtype=torch.bool
-    )
+    expected = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 1]] * 4 + [[0, 0, 0, 1, 1, 1, 1, 1]] * 4, dtype=torch.bool)
     assert torch.equal(pattern, expected)
 
 

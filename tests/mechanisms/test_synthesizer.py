@@ -44,7 +44,9 @@ def test_add_dot_product_mixes_in_softmax_scores():
     mech = build("synthesizer", mode="random", max_len=16, add_dot_product=True).double()
     q, k, v = qkv(lq=11, dtype=torch.float64)
     out = call(mech, q, k, v, causal=True)
-    torch.testing.assert_close(out, dense_attention_oracle(q, k, v, causal=True, bias=mech.random[None, :, :11, :11].detach()))
+    torch.testing.assert_close(
+        out, dense_attention_oracle(q, k, v, causal=True, bias=mech.random[None, :, :11, :11].detach())
+    )
 
 
 @pytest.mark.parametrize("mode", ["dense", "random"])
