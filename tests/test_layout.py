@@ -27,13 +27,18 @@ def test_no_module_imports_another_modules_private_names():
     for path in HARNESS.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness"):
-                found += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
-                          for a in node.names if a.name.startswith("_")]
+                found += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_")
+                ]
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize("room", ["harness.core", "harness.data", "harness.train", "harness.grid", "harness.bench",
-                                  "harness.report", "harness.cli"])
+@pytest.mark.parametrize(
+    "room",
+    ["harness.core", "harness.data", "harness.train", "harness.grid", "harness.bench", "harness.report", "harness.cli"],
+)
 def test_every_room_imports_alone_in_a_fresh_interpreter(room):
     """A room's public names come from its __init__, and importing it first (nothing else loaded)
     works: no module relies on another having been imported before it."""

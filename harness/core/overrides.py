@@ -72,13 +72,14 @@ def split(argv: typing.Iterable[str], command: str) -> list[tuple[str, str]]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key or key.startswith("-"):
-            raise UsageError(f"{command} takes key=value arguments, got '{arg}' (see python -m harness {command} --help)")
+            raise UsageError(
+                f"{command} takes key=value arguments, got '{arg}' (see python -m harness {command} --help)"
+            )
         pairs.append((key, value))
     return pairs
 
 
-def parse(schema: type[T], argv: typing.Iterable[str], *, command: str,
-          refused: dict[str, str] | None = None) -> T:
+def parse(schema: type[T], argv: typing.Iterable[str], *, command: str, refused: dict[str, str] | None = None) -> T:
     """``key=value`` arguments -> an instance of the dataclass ``schema``, checked: every key a field
     (a dotted key reaches into a dict field), every value of the field's type. ``refused`` maps an
     old spelling to the hint its error gives (``{"out": "use results_dir="}``)."""
@@ -119,8 +120,9 @@ def check_choice(key: str, value: Any, choices: typing.Iterable[Any]) -> None:
     """A UsageError unless ``value`` is one of ``choices``."""
     choices = list(choices)
     if value not in choices:
-        raise UsageError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}"
-                         f"{did_you_mean(str(value), map(str, choices))}")
+        raise UsageError(
+            f"{key}={value!r} is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}"
+        )
 
 
 def to_yaml(settings: Any) -> str:
@@ -160,7 +162,9 @@ def field_comments(schema: type) -> dict[str, str]:
     out = {}
     for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = " ".join(comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments)
+            text = " ".join(
+                comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments
+            )
             if text:
                 out[node.target.id] = text
     return out
@@ -218,8 +222,12 @@ def schema_help(usage: str, paragraph: str, schema: type | None, *, extra: str =
 
     parts = [f"usage: {usage}", textwrap.fill(" ".join(paragraph.split()), width=100)]
     if schema is not None:
-        table = tabulate([list(r) for r in schema_rows(schema)], headers=["key", "type", "default", "description"],
-                         tablefmt="plain", maxcolwidths=[None, 24, 28, 70])
+        table = tabulate(
+            [list(r) for r in schema_rows(schema)],
+            headers=["key", "type", "default", "description"],
+            tablefmt="plain",
+            maxcolwidths=[None, 24, 28, 70],
+        )
         parts.append("keys (key=value; lists as [a,b]):\n" + textwrap.indent(table, "  "))
     if extra:
         parts.append(extra.strip("\n"))

@@ -124,8 +124,11 @@ class ProcessLauncherBase(Launcher):
             for signum, handler in old.items():
                 signal.signal(signum, handler)
         if self._stopping is not None:
-            log.warning("sweep interrupted by %s: running cells stopped unrecorded (checkpoints kept); "
-                        "rerun the same command to resume", signal.Signals(self._stopping).name)
+            log.warning(
+                "sweep interrupted by %s: running cells stopped unrecorded (checkpoints kept); "
+                "rerun the same command to resume",
+                signal.Signals(self._stopping).name,
+            )
             raise SweepInterrupted(self._stopping)
         return returns
 
@@ -158,8 +161,13 @@ class ProcessLauncherBase(Launcher):
             sweep_config.hydra.job.num = idx
         callbacks = self.hydra_context.callbacks
         callbacks.on_job_start(config=sweep_config, task_function=self.task_function)
-        ret = JobReturn(overrides=overrides, cfg=sweep_config, hydra_cfg=sweep_config, task_name="harness.train.run",
-                        working_dir=os.getcwd())
+        ret = JobReturn(
+            overrides=overrides,
+            cfg=sweep_config,
+            hydra_cfg=sweep_config,
+            task_name="harness.train.run",
+            working_dir=os.getcwd(),
+        )
         try:
             with _RESOLVE:
                 cell = resolve_cell(sweep_config)
@@ -185,8 +193,14 @@ class ProcessLauncherBase(Launcher):
             with self._procs:
                 if self._stopping is not None:
                     return self._interrupted(cell)
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+                proc = subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+                )
                 self._running.add(proc)
             try:
                 rc = proc.wait()
@@ -203,8 +217,9 @@ class ProcessLauncherBase(Launcher):
             return self._interrupted(cell, rc)
         lived = round(time.time() - started, 2)
         if rc < 0 and not fresh:  # killed by a signal before it could write its result
-            return self._record_killed(cell, -rc, last_line(cell.log_dir / "cell.log") or last_line(out_path),
-                                       process_wall_s=lived)
+            return self._record_killed(
+                cell, -rc, last_line(cell.log_dir / "cell.log") or last_line(out_path), process_wall_s=lived
+            )
         if record is None:
             tail = last_line(out_path)
             if "running in another process" in tail or "running in another process" in _tail_text(out_path):
@@ -217,11 +232,20 @@ class ProcessLauncherBase(Launcher):
         """A cell stopped by an interrupt (or never started because of one): nothing recorded."""
         how = "not started" if returncode is None else f"stopped (exit {returncode})"
         log.warning("interrupted %s: %s, nothing recorded; a rerun resumes it", cell.name, how)
-        return {"status": "interrupted", "task": cell.task, "mechanism": cell.mechanism, "scale": cell.scale,
-                "seed": cell.seed, "variant": cell.variant, "error": f"interrupted: {how}", "_skipped": returncode is None}
+        return {
+            "status": "interrupted",
+            "task": cell.task,
+            "mechanism": cell.mechanism,
+            "scale": cell.scale,
+            "seed": cell.seed,
+            "variant": cell.variant,
+            "error": f"interrupted: {how}",
+            "_skipped": returncode is None,
+        }
 
-    def _record_killed(self, cell, signum: int | None, last: str, returncode: int | None = None,
-                       process_wall_s: float | None = None) -> dict[str, Any]:
+    def _record_killed(
+        self, cell, signum: int | None, last: str, returncode: int | None = None, process_wall_s: float | None = None
+    ) -> dict[str, Any]:
         """Write the result of a cell whose process died without writing one (``process_wall_s``:
         how long its process lived)."""
         from harness.core.results import write_result
@@ -231,11 +255,14 @@ class ProcessLauncherBase(Launcher):
         if signum is not None:
             name = signal.Signals(signum).name if signum in {s.value for s in signal.Signals} else str(signum)
             status = "oom" if signum == signal.SIGKILL else "failed"
-            why = f"cell process killed by {name}" + (" (the kernel's OOM killer sends SIGKILL)" if status == "oom" else "")
+            why = f"cell process killed by {name}" + (
+                " (the kernel's OOM killer sends SIGKILL)" if status == "oom" else ""
+            )
         else:
             status, why = "failed", f"cell process exited with code {returncode} without writing a result"
-        result = new_result(cell, status, error=f"{why}; last log line: {last}" if last else why,
-                            process_wall_s=process_wall_s)
+        result = new_result(
+            cell, status, error=f"{why}; last log line: {last}" if last else why, process_wall_s=process_wall_s
+        )
         with cell_lock(cell):
             write_result(cell.results_dir, result)
         log.error("%s %s: %s", status, cell.name, result.error)
@@ -266,8 +293,9 @@ def read_cells(path: str | Path) -> list[dict[str, Any]]:
     import json
 
     cells = json.loads(Path(path).read_text())
-    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("overrides"), list)
-                                              for c in cells):
+    if not isinstance(cells, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("overrides"), list) for c in cells
+    ):
         raise ValueError(f"{path}: not a cells file (a JSON list of {{name, overrides}})")
     return cells
 
@@ -290,8 +318,9 @@ class CellListSweeperBase(Sweeper):
         from hydra.core.plugins import Plugins
 
         self.config, self.hydra_context = config, hydra_context
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
-                                                                task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -303,8 +332,10 @@ class CellListSweeperBase(Sweeper):
         common = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(arguments)
         swept = [o.input_line for o in common if o.is_sweep_override()]
         if swept:
-            raise ValueError(f"hydra/sweeper=cells takes its cells from {self.cells_file}; sweep them there, not "
-                             f"with {', '.join(swept)}")
+            raise ValueError(
+                f"hydra/sweeper=cells takes its cells from {self.cells_file}; sweep them there, not "
+                f"with {', '.join(swept)}"
+            )
         jobs = [[*cell["overrides"], *(o.input_line for o in common)] for cell in read_cells(self.cells_file)]
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

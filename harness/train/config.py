@@ -84,21 +84,27 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.grad_clip_algorithm not in GRAD_CLIP_ALGORITHMS:
-            raise ValueError(f"train.grad_clip_algorithm='{self.grad_clip_algorithm}'; valid: {', '.join(GRAD_CLIP_ALGORITHMS)}")
+            raise ValueError(
+                f"train.grad_clip_algorithm='{self.grad_clip_algorithm}'; valid: {', '.join(GRAD_CLIP_ALGORITHMS)}"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas={list(self.betas)} must be two numbers in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"train.eps={self.eps} must be > 0")
         if self.pretrain_steps < 0 or not 0 < self.pretrain_mask < 1:
-            raise ValueError(f"train.pretrain_steps={self.pretrain_steps} must be >= 0 and train.pretrain_mask="
-                             f"{self.pretrain_mask} in (0, 1)")
+            raise ValueError(
+                f"train.pretrain_steps={self.pretrain_steps} must be >= 0 and train.pretrain_mask="
+                f"{self.pretrain_mask} in (0, 1)"
+            )
         if self.warmup_length < 0 or self.warmup_length_steps < 0 or self.warmup_batch_size < 0:
             raise ValueError("train.warmup_length, train.warmup_length_steps and train.warmup_batch_size must be >= 0")
         if bool(self.warmup_length) != bool(self.warmup_length_steps):
             raise ValueError("a warm start needs both train.warmup_length and train.warmup_length_steps (or neither)")
         if self.warmup_length_steps >= self.max_steps > 0 and self.warmup_length:
-            raise ValueError(f"train.warmup_length_steps={self.warmup_length_steps} leaves no step of "
-                             f"train.max_steps={self.max_steps} at the task's own length")
+            raise ValueError(
+                f"train.warmup_length_steps={self.warmup_length_steps} leaves no step of "
+                f"train.max_steps={self.max_steps} at the task's own length"
+            )
 
 
 @dataclass
@@ -195,13 +201,17 @@ def check_protocol(cfg: DictConfig) -> None:
     protocol, accepted = scale.get("protocol") or "", list(scale.get("protocols") or [])
     if not accepted:
         if protocol:
-            raise ValueError(f"protocol={protocol} is a setting of scale=lra; scale={scale.name} has no protocols "
-                             "(drop protocol=, or add scale=lra)")
+            raise ValueError(
+                f"protocol={protocol} is a setting of scale=lra; scale={scale.name} has no protocols "
+                "(drop protocol=, or add scale=lra)"
+            )
         return
     if protocol not in accepted:
         raise ValueError(f"protocol={protocol or 'none'} at scale={scale.name}; valid: {', '.join(accepted)}")
     task = cfg.task.name
     if protocol != "lra" and not protocol_preset(protocol, task).exists():
         have = sorted(p.stem for p in (CONF_DIR / "protocol" / protocol).glob("[!_]*.yaml"))
-        raise ValueError(f"protocol={protocol} has no preset for task '{task}' (it covers {', '.join(have)}); "
-                         "use protocol=lra for it")
+        raise ValueError(
+            f"protocol={protocol} has no preset for task '{task}' (it covers {', '.join(have)}); "
+            "use protocol=lra for it"
+        )

@@ -167,7 +167,10 @@ class Encoder(nn.Module):
             Block(
                 cfg,
                 create_mechanism(
-                    mechanism, heads=cfg.heads, dim_head=(cfg.qkv_dim or cfg.dim) // cfg.heads, max_len=self.max_len,
+                    mechanism,
+                    heads=cfg.heads,
+                    dim_head=(cfg.qkv_dim or cfg.dim) // cfg.heads,
+                    max_len=self.max_len,
                     **overrides,
                 ),
             )
@@ -208,7 +211,9 @@ class Encoder(nn.Module):
         elif self.pos is not None:
             x = x + self.pos.weight[:n]
         x = self.drop(x)
-        context = AttentionContext(positions=torch.arange(n, device=x.device).expand(b, n), relations=relations, step=step)
+        context = AttentionContext(
+            positions=torch.arange(n, device=x.device).expand(b, n), relations=relations, step=step
+        )
         # All-False masks are dropped so mechanisms without key_padding run unpadded batches.
         kpm = padding_mask if bool(padding_mask.any()) else None
         for block in self.blocks:
@@ -281,8 +286,13 @@ class Head(nn.Module):
         labels = batch["label"]
         loss = F.cross_entropy(logits.float(), labels)
         hits = logits.argmax(-1) == labels
-        return loss, {"correct": hits.sum(), "count": torch.tensor(labels.numel()), "nll": loss.detach() * labels.numel(),
-                      "item_correct": hits.long(), "item_count": torch.ones_like(labels)}
+        return loss, {
+            "correct": hits.sum(),
+            "count": torch.tensor(labels.numel()),
+            "nll": loss.detach() * labels.numel(),
+            "item_correct": hits.long(),
+            "item_count": torch.ones_like(labels),
+        }
 
 
 class ClassifierHead(Head):
@@ -293,7 +303,9 @@ class ClassifierHead(Head):
         self.out = _head_mlp(encoder.cfg.dim, encoder.cfg.head_mlp, num_classes)
 
     def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
-        states, mask = self.encoder(batch["input_ids"], batch["padding_mask"], relations=batch.get("relations"), step=step)
+        states, mask = self.encoder(
+            batch["input_ids"], batch["padding_mask"], relations=batch.get("relations"), step=step
+        )
         return self.out(self.encoder.pool(states, mask))
 
 
@@ -314,8 +326,9 @@ class MatcherHead(Head):
             if cfg.head_mlp < 2:
                 raise ValueError("model.interaction=concat needs model.head_mlp >= 2 (LRA: the model's mlp_dim)")
             h = cfg.head_mlp
-            self.out = nn.Sequential(nn.Linear(2 * cfg.dim, h), nn.ReLU(), nn.Linear(h, h // 2), nn.ReLU(),
-                                     nn.Linear(h // 2, num_classes))
+            self.out = nn.Sequential(
+                nn.Linear(2 * cfg.dim, h), nn.ReLU(), nn.Linear(h, h // 2), nn.ReLU(), nn.Linear(h // 2, num_classes)
+            )
         elif cfg.head_mlp:
             self.out = _head_mlp(4 * cfg.dim, cfg.head_mlp, num_classes)
         else:
@@ -324,7 +337,9 @@ class MatcherHead(Head):
     def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         # Both towers in one encoder pass (stacked along the batch), so the mechanisms'
         # aux losses and metrics cover both documents.
-        ids, mask = _stack_padded([batch["input_ids_1"], batch["input_ids_2"]], [batch["padding_mask_1"], batch["padding_mask_2"]])
+        ids, mask = _stack_padded(
+            [batch["input_ids_1"], batch["input_ids_2"]], [batch["padding_mask_1"], batch["padding_mask_2"]]
+        )
         x1, x2 = self.encoder.pool(*self.encoder(ids, mask, step=step)).chunk(2, dim=0)
         if self.interaction == "concat":
             return self.out(torch.cat([x1, x2], dim=-1))
@@ -388,8 +403,13 @@ class TaggerHead(Head):
         count = valid.sum()
         loss = nll.sum() / count.clamp_min(1)
         hits = (logits.argmax(-1) == targets) & valid
-        return loss, {"correct": hits.sum(), "count": count, "nll": nll.detach().sum(),
-                      "item_correct": hits.sum(1), "item_count": valid.sum(1)}
+        return loss, {
+            "correct": hits.sum(),
+            "count": count,
+            "nll": nll.detach().sum(),
+            "item_correct": hits.sum(1),
+            "item_count": valid.sum(1),
+        }
 
 
 HEADS = {"classifier": ClassifierHead, "matcher": MatcherHead, "lm": LanguageModelHead, "tagger": TaggerHead}
