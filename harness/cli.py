@@ -154,9 +154,10 @@ def list_mechanism(name: str, as_json: bool) -> int:
     print(f"mechanism {name} ({info['family']}): {info['doc']}")
     print(f"capabilities: {', '.join(caps) or '-'}; module: {info['module']}")
     rows = [list(r) for r in schema_rows(spec.config_class)]
-    print(
-        f"\nconfig (mechanism.KEY=VALUE):\n{tabulate(rows, headers=['key', 'type', 'default', 'description'], tablefmt='plain', maxcolwidths=[None, 24, 28, 70])}"
+    table = tabulate(
+        rows, headers=["key", "type", "default", "description"], tablefmt="plain", maxcolwidths=[None, 24, 28, 70]
     )
+    print(f"\nconfig (mechanism.KEY=VALUE):\n{table}")
     if info["protocols"]:
         print("\nprotocol settings (composed into that protocol's preset cells; overrides win):")
         print(to_yaml(info["protocols"]), end="")

@@ -434,7 +434,8 @@ def package_files(package: str) -> list[Path]:
     if os.environ.get("HARNESS_NO_APT") and not (_unpacked(package) / ".complete").exists():
         raise DataSourceError(
             f"Debian package '{package}' is neither installed nor unpacked in the cache, and fetching is off "
-            f"(HARNESS_NO_APT). Install it (apt-get install {package}) or run `python -m harness tool debian-fetch packages=[{package}]`"
+            f"(HARNESS_NO_APT). Install it (apt-get install {package}) or run "
+            f"`python -m harness tool debian-fetch packages=[{package}]`"
         )
     root = fetch_package(package)
     return sorted(p for p in (root / MAN_ROOT).glob("man*/*.gz"))

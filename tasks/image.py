@@ -326,7 +326,8 @@ def subsample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         "tiny": {"task": {"resolution": 16, "max_len": 256, "num_train": 640, "num_val": 128, "num_test": 256}},
         # 2 CPU cores, a minute or two: 16x16 = 256 tokens, 12k training images.
         "small": {"task": {"resolution": 16, "max_len": 256, "num_train": 12000, "num_val": 1000, "num_test": 2000}},
-        # scale=lra: harness/conf/protocol/<protocol>/image.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/image.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class ImageClassification(Task):

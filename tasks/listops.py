@@ -224,7 +224,8 @@ def read_tsv(path: Path) -> list[tuple[list[int], int]]:
                 "num_test": 1000,
             }
         },
-        # scale=lra: harness/conf/protocol/<protocol>/listops.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/listops.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class ListOps(Task):

@@ -92,7 +92,8 @@ class PathfinderConfig:
     distractor_length: int = 0  # generated: paddles per distractor (0: contour_length // 3, as LRA)
     num_distractors: int = -1  # generated: distractor contours (-1: LRA's budget // distractor_length)
     continuity: float = 0.0  # generated: turn weight cos(min(|turn| * continuity, 90 deg))^2 (0: LRA's)
-    dot_distance: str = "matched"  # generated: matched (each positive paired with a negative whose dots are as far apart) | free (LRA's)
+    # generated: matched (each positive paired with a negative whose dots are as far apart) | free (LRA's)
+    dot_distance: str = "matched"
     num_train: int = 160000  # generated: images per split (LRA: 200,000, 80/10/10); lra: a cap (0 = all)
     num_val: int = 20000
     num_test: int = 20000
@@ -653,7 +654,8 @@ GENERATOR_FIELDS = ("contour_length", "distractor_length", "num_distractors", "c
                 "num_test": 2000,
             }
         },
-        # scale=lra: harness/conf/protocol/<protocol>/pathfinder.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/pathfinder.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class Pathfinder(Task):

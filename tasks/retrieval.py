@@ -57,7 +57,8 @@ AAN_FILES = {
 AAN_COLUMNS = ("label", "id1", "id2", "text1", "text2")
 AAN_HINT = (
     "Download LRA's release (lra_release.gz from github.com/google-research/long-range-arena), and set "
-    "task.data_dir to its tsv_data folder holding new_aan_pairs.train.tsv, new_aan_pairs.eval.tsv, new_aan_pairs.test.tsv"
+    "task.data_dir to its tsv_data folder holding new_aan_pairs.train.tsv, new_aan_pairs.eval.tsv, "
+    "new_aan_pairs.test.tsv"
 )
 CHUNK = 4096  # pairs per in-memory Arrow chunk (AAN's train split has ~147K pairs of up to 2 x 4K bytes)
 
@@ -348,7 +349,8 @@ def _pairs_dataset(ids1: list[list[int]], ids2: list[list[int]], labels: list[in
         # documents learn slower in this budget (128 bytes: ~0.60 after 600 steps). Softmax:
         # 0.63 test accuracy vs 0.50 majority, ~80 s of CPU for 1,000 steps.
         "small": {"task": {"max_len": 64}, "train": {"max_steps": 1000, "lr": 3.0e-3, "eval_every": 250}},
-        # scale=lra: harness/conf/protocol/<protocol>/retrieval.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/retrieval.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class Retrieval(Task):

@@ -542,7 +542,8 @@ class Spider(Task):
         if self.cfg.source == "spider":
             if not self.cfg.data_dir:
                 raise DataSourceError(
-                    "task.source=spider needs task.data_dir=<folder with tables.json, train_spider.json, dev.json, database/>"
+                    "task.source=spider needs "
+                    "task.data_dir=<folder with tables.json, train_spider.json, dev.json, database/>"
                 )
             return Path(self.cfg.data_dir)
         from tasks._spider_build import LAYOUT_VERSION, build_offline
@@ -601,7 +602,8 @@ class Spider(Task):
         dbs = sorted({it["db_id"] for it in train})
         if len(dbs) < 2:
             raise DataSourceError(
-                f"{folder / 'train_spider.json'} has {len(dbs)} database(s); validation is carved by database and needs >= 2"
+                f"{folder / 'train_spider.json'} has {len(dbs)} database(s); "
+                "validation is carved by database and needs >= 2"
             )
         rng = np.random.default_rng(self.cfg.data_seed)
         n_val = min(len(dbs) - 1, max(1, int(round(self.cfg.val_fraction * len(dbs)))))

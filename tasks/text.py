@@ -282,7 +282,8 @@ def build_imdb(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int]]]:
         # 2 CPU cores: 256-byte windows, up to 4 per page (pages split by document), 1,758 train
         # examples; softmax: 0.78 test accuracy vs 0.50 majority, ~60 s of CPU for 600 steps.
         "small": {"task": {"max_len": 256, "windows_per_doc": 4}},
-        # scale=lra: harness/conf/protocol/<protocol>/text.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/text.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class Text(Task):

@@ -603,7 +603,8 @@ MECHANISMS = {
             t: {"n_hashes": 1, "n_buckets": 10, "seed": 0, "redraw": False, "bucket_size": size}
             for t, size in {"listops": 201, "text": 101, "retrieval": 401, "image": 103, "pathfinder": 103}.items()
         },
-        # performer.py 'generalized' (deterministic ReLU features, kernel_epsilon 0.001); listops/configs/performer_base.py
+        # performer.py 'generalized' (deterministic ReLU features, kernel_epsilon 0.001);
+        # listops/configs/performer_base.py
         "performer": {
             **{t: {"kernel": "relu_deterministic", "feature_eps": 1e-3} for t in _ALL},
             "listops": {"kernel": "softmax", "num_features": 2, "feature_eps": 1e-6, "redraw_interval": 1},

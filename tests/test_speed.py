@@ -339,7 +339,7 @@ def test_overhead_runs_only_when_asked(tmp_path, monkeypatch):
     assert calls == [("overhead_main", ["max_steps=3"])], "`speed overhead` runs the overhead study alone"
 
 
-# ----------------------------------------------------------------------------- speed compare=A:B (harness.bench.compare)
+# ---------------------------------------------------------------------------- speed compare=A:B (harness.bench.compare)
 
 
 def test_compare_pairs_are_parsed_and_malformed_ones_refused():

@@ -94,7 +94,8 @@ class SignalsItself(Attention):
     """Sends its own process a signal at a training step, once per signal (as kill or Ctrl-C would)."""
 
     def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
-        if self.training and context is not None and context.step == self.cfg.at_step and self.cfg.signum not in SIGNALLED:
+        at_step = context is not None and context.step == self.cfg.at_step
+        if self.training and at_step and self.cfg.signum not in SIGNALLED:
             SIGNALLED.append(self.cfg.signum)
             import os
             os.kill(os.getpid(), self.cfg.signum)
@@ -768,8 +769,12 @@ def test_copies_misplaced_records_and_seed_file_name_disagreements_are_listed_no
     assert reasons == {
         "tiny/listops/softmax/seed0 copy.json": "file name 'seed0 copy.json' is not seed<k>.json (a copy?)",
         "tiny/listops/softmax/seed1.json": "record's seed is 0 but the file is seed1.json",
-        "tiny/listops/performer/seed0.json": "record's mechanism is 'softmax' but it lies in folder 'performer' (a misplaced record)",
-        "tiny/listops/softmax/abcdef1234/seed0.json": "record's variant is '' but it lies in folder 'abcdef1234' (a misplaced record)",
+        "tiny/listops/performer/seed0.json": (
+            "record's mechanism is 'softmax' but it lies in folder 'performer' (a misplaced record)"
+        ),
+        "tiny/listops/softmax/abcdef1234/seed0.json": (
+            "record's variant is '' but it lies in folder 'abcdef1234' (a misplaced record)"
+        ),
         "tiny/seed0.json": "lies 1 folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]",
     }
 

@@ -88,8 +88,9 @@ class Attention(nn.Module):
         if cfg is None and heads is None:  # `super().__init__()` with no arguments, the usual PyTorch way
             if not _BUILDING:
                 raise TypeError(
-                    f"{type(self).__name__}: build mechanisms with harness.core.registry.create_mechanism(name, heads=, "
-                    "dim_head=, max_len=), or call super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)"
+                    f"{type(self).__name__}: build mechanisms with "
+                    "harness.core.registry.create_mechanism(name, heads=, dim_head=, max_len=), "
+                    "or call super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)"
                 )
             cfg, heads, dim_head, max_len = _BUILDING[-1]
         elif heads is None or dim_head is None or max_len is None:

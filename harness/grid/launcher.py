@@ -25,7 +25,8 @@ Hydra instantiates launchers only from its ``hydra_plugins`` namespace, so the c
 sees is ``hydra_plugins.harness_launcher.process_launcher.ProcessLauncher``, a thin
 subclass of the one here. The grid launches all its cells at once through
 ``hydra/sweeper=cells`` (``CellListSweeperBase`` here, ``hydra_plugins.harness_launcher.cells_sweeper``
-there): a list of cells rather than a crossed product, in one ``launch`` call of any launcher. Hydra's own machinery stays: the sweeper expands the overrides (``glob()``, ``choice()``,
+there): a list of cells rather than a crossed product, in one ``launch`` call of any launcher. Hydra's own
+machinery stays: the sweeper expands the overrides (``glob()``, ``choice()``,
 ``range()``), ``load_sweep_config`` composes each job, callbacks see every job, and the
 joblib and submitit launchers remain one override away.
 """

@@ -57,7 +57,8 @@ from harness.core.memory import total_memory_mb
 from harness.train.config import RERUN, conf_file, load_conf
 
 GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_jobs", "results_dir", "dry_run")
-# launcher= -> hydra/launcher=; submitit_local: the SLURM path's submitit machinery, run locally (tests/test_submitit.py)
+# launcher= -> hydra/launcher=; submitit_local: the SLURM path's submitit machinery, run locally
+# (tests/test_submitit.py)
 LAUNCHERS = {
     "process": "process",
     "local": "process",
@@ -655,7 +656,8 @@ def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> i
     )
     if todo:
         print(
-            f"estimated time left: {format_duration(estimate.seconds / max(1, n_jobs)) if estimate.cells else 'unknown'}"
+            "estimated time left: "
+            f"{format_duration(estimate.seconds / max(1, n_jobs)) if estimate.cells else 'unknown'}"
             f" ({estimate_basis(estimate, todo)}, {n_jobs} at a time)"
         )
     return 0

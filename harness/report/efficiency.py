@@ -298,7 +298,8 @@ def overhead_markdown(record: dict[str, Any]) -> str:
             f"({training['steps']} steps of batch {training['batch_size']}, the first {training['skip']} untimed), "
             f"Lightning path (`TaskModule` + `Trainer`) vs a bare PyTorch loop: "
             f"**{training['ratio']:.3f}** of the bare loop's throughput (target ≥ {training['target']:.2f} {mark}); "
-            f"{si_number(_median(training['lightning_tokens_per_s']))} vs {si_number(_median(training['bare_tokens_per_s']))} "
+            f"{si_number(_median(training['lightning_tokens_per_s']))} vs "
+            f"{si_number(_median(training['bare_tokens_per_s']))} "
             "tokens/s (medians; the ratio is the median over adjacent pairs of alternating rounds).",
             "",
         ]

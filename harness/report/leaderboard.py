@@ -1238,7 +1238,8 @@ def header_lines(cells: pd.DataFrame, speed_records: list[dict[str, Any]], resul
         f"- **scale(s)**: {', '.join(f'`{s}`' for s in sorted(cells.scale.unique()))}; **seeds**: {seeds}",
         f"- **hardware**: {', '.join(sorted(set(cells.device.dropna()))) or '?'}; "
         f"**torch**: {', '.join(sorted(set(cells.torch.dropna()))) or '?'}; "
-        f"**commit(s)**: {', '.join(sorted({c for cs in cells.commits for c in cs} | set(cells.commit.dropna()))) or '?'}"
+        "**commit(s)**: "
+        f"{', '.join(sorted({c for cs in cells.commits for c in cs} | set(cells.commit.dropna()))) or '?'}"
         + code_caveat(cells),
         f"- **total wall time**: {total / 3600:.2f} h (cells {grid_wall / 3600:.2f} h + speed sweep "
         f"{speed_wall / 3600:.2f} h, summed from the records)",

@@ -72,7 +72,8 @@ class TrainConfig:
     warmup_length: int = 0
     warmup_length_steps: int = 0
     warmup_batch_size: int = 0
-    # -- the reference protocols' optimiser (harness/conf/protocol/, docs/protocols.md); the defaults are the harness's own
+    # -- the reference protocols' optimiser (harness/conf/protocol/, docs/protocols.md); the defaults are the
+    # harness's own
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # Adam(W)'s (beta1, beta2)
     eps: float = 1e-8  # Adam(W)'s epsilon (LRA: 1e-9; the PyTorch re-implementations: 1e-6)
     weight_decay_all: bool = False  # decay every parameter, as Flax's Adam does (LRA); else not norms/biases/embeddings

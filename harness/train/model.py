@@ -41,7 +41,8 @@ class ModelConfig:
     pooling: str = "mean"  # mean (over non-pad tokens) | cls | first (no CLS token) | padded_mean (sum / max_len)
     feedforward: str = "mlp"  # mlp | none (all-attention blocks, e.g. persistent memory replacing the MLP)
     short_conv: int = 0  # kernel of a causal depthwise convolution over the embeddings (0: none); see Encoder
-    # -- the reference protocols' options (harness/conf/protocol/, docs/protocols.md); the defaults are the harness's own model
+    # -- the reference protocols' options (harness/conf/protocol/, docs/protocols.md); the defaults are the
+    # harness's own model
     qkv_dim: int = 0  # total width of Q/K/V over all heads (LRA's qkv_dim); 0 = dim
     attention_dropout: float = 0.0  # dropout on attention weights, for mechanisms with a `dropout` setting left at 0
     head_mlp: int = 0  # hidden width of the head's ReLU MLP (LRA: Dense(mlp_dim) -> ReLU -> Dense); 0 = one Linear

@@ -315,7 +315,8 @@ def test_values_compared_when_asked(shop):
         ("SELECT name FROM singer ORDER BY age DESC LIMIT 1", "medium"),
         ("SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer)", "hard"),
         (
-            "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id GROUP BY T2.singer_id ORDER BY count(*) DESC LIMIT 1",
+            "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id "
+            "GROUP BY T2.singer_id ORDER BY count(*) DESC LIMIT 1",
             "extra",
         ),
     ],
@@ -513,7 +514,7 @@ def test_tiny_cell_end_to_end(tmp_path):
     assert record["status"] == "ok" and record["task"] == "spider"
 
 
-# ----------------------------------------------------------------------------- word pieces, placeholders, copy-only names
+# ------------------------------------------------------------------------ word pieces, placeholders, copy-only names
 
 
 def test_word_pieces_split_names_into_question_words():

@@ -83,7 +83,8 @@ RULES = [
     ),  # nested DISTINCT stays
     (
         "SELECT name FROM singer WHERE id IN (SELECT T2.id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id)",
-        "SELECT name FROM singer WHERE id IN (SELECT T1.singer_id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id)",
+        "SELECT name FROM singer WHERE id IN "
+        "(SELECT T1.singer_id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id)",
         False,
         "hard",
     ),  # no foreign-key merging inside a nested query
