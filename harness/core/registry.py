@@ -41,7 +41,7 @@ import os
 import pkgutil
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,7 +334,7 @@ def _guarded_import(label: str, load: Callable[[], Any]) -> None:
         log.warning("plugin %s failed to load: %s", label, _ERRORS[label])
 
 
-def discover(extra_paths: list[str | Path] | None = None, *, force: bool = False) -> None:
+def discover(extra_paths: Sequence[str | Path] | None = None, *, force: bool = False) -> None:
     """Import every mechanism and task: built-in packages, entry points, plugin paths.
 
     Safe to call many times; built-ins and entry points load once unless ``force``."""

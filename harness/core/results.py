@@ -50,7 +50,7 @@ class Result:
     seed: int
     status: str
     error: str | None = None
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     params: int | None = None
     tokens_per_s: float | None = None
     peak_memory_mb: float | None = None
@@ -248,11 +248,13 @@ def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
     else:
         config = {"scale": record.get("scale")}
         for section in ("task", "mechanism"):
-            if isinstance(old[f"{section}_config"], dict):
-                config[section] = {"name": record.get(section), **old[f"{section}_config"]}
+            settings = old[f"{section}_config"]
+            if isinstance(settings, dict):
+                config[section] = {"name": record.get(section), **settings}
         for section in ("model", "train"):
-            if isinstance(old[f"{section}_config"], dict):
-                config[section] = dict(old[f"{section}_config"])
+            settings = old[f"{section}_config"]
+            if isinstance(settings, dict):
+                config[section] = dict(settings)
     if old["protocol"] and "protocol" not in config:
         config["protocol"] = old["protocol"]
     record["config"] = config
@@ -653,8 +655,8 @@ def code_state(files: list[Path] | None = None, root: Path = PROJECT_ROOT) -> di
     for file in files:
         folder = file.parent
         if folder not in tops:
-            top = _git(folder, "rev-parse", "--show-toplevel") if folder.is_dir() else None
-            tops[folder] = Path(top.strip()).resolve() if top and top.strip() else None
+            toplevel = _git(folder, "rev-parse", "--show-toplevel") if folder.is_dir() else None
+            tops[folder] = Path(toplevel.strip()).resolve() if toplevel and toplevel.strip() else None
         by_top.setdefault(tops[folder], []).append(file.resolve())
     differing, others = set(), {}
     for top, group in by_top.items():
@@ -671,7 +673,7 @@ def code_state(files: list[Path] | None = None, root: Path = PROJECT_ROOT) -> di
         except ValueError:
             return str(path)
 
-    state = {
+    state: dict[str, Any] = {
         "commit": commit,
         "dirty": bool(differing) if commit else None,
         "dirty_files": sorted(shown(f) for f in differing),
