@@ -36,7 +36,31 @@ def load_conf(group: str, name: str) -> dict[str, Any]:
     """The contents of ``conf_file(group, name)``, resolved, as plain Python values."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(conf_file(group, name)), resolve=True) or {}
+    return as_dict(OmegaConf.load(conf_file(group, name)))
+
+
+def as_dict(node: Any) -> dict[str, Any]:
+    """A config section (a ``DictConfig``, or a mapping already) as a plain ``dict[str, Any]``,
+    interpolations resolved; an empty (``None``) section is ``{}``. TypeError when it is not a mapping."""
+    from omegaconf import OmegaConf
+
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, dict):
+        raise TypeError(f"expected a mapping of settings, got {type(node).__name__}")
+    return {str(k): v for k, v in node.items()}
+
+
+def train_settings(section: DictConfig) -> TrainConfig:
+    """The ``train`` section of a composed config as its typed ``TrainConfig`` object."""
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.to_object(section)
+    if not isinstance(train, TrainConfig):
+        raise TypeError(f"train: expected the TrainConfig schema, got {type(train).__name__}")
+    return train
 
 
 @dataclass

@@ -25,12 +25,11 @@ class EvaluateSettings:
 def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "test") -> dict:
     import lightning as L
     import torch
-    from omegaconf import OmegaConf
 
     from harness.core.registry import create_task
     from harness.train.build import build_model
     from harness.train.cells import resolve_cell
-    from harness.train.config import compose
+    from harness.train.config import compose, train_settings
     from harness.train.model import ModelConfig
     from harness.train.training import TaskDataModule, TaskModule
 
@@ -50,7 +49,7 @@ def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "
         cell.mechanism,
         {k: v for k, v in cell.identity["mechanism"].items() if k != "name"},
     )
-    module = TaskModule(model, OmegaConf.to_object(cfg.train))
+    module = TaskModule(model, train_settings(cfg.train))
     state = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
     data = TaskDataModule(dsd, batch_size=cfg.train.batch_size, seed=cell.seed)

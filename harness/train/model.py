@@ -115,7 +115,8 @@ class Block(nn.Module):
         super().__init__()
         self.norm_mix = nn.LayerNorm(cfg.dim)
         self.mix = MultiHeadMixing(cfg.dim, cfg.heads, mechanism, inner=cfg.qkv_dim)
-        self.norm_mlp = self.mlp = None
+        self.norm_mlp: nn.LayerNorm | None = None
+        self.mlp: nn.Sequential | None = None
         if cfg.feedforward == "mlp":
             self.norm_mlp = nn.LayerNorm(cfg.dim)
             self.mlp = nn.Sequential(
@@ -125,7 +126,7 @@ class Block(nn.Module):
 
     def forward(self, x, *, key_padding_mask=None, causal=False, context=None) -> Tensor:
         x = x + self.drop(self.mix(self.norm_mix(x), key_padding_mask=key_padding_mask, causal=causal, context=context))
-        if self.mlp is None:
+        if self.mlp is None or self.norm_mlp is None:
             return x
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
@@ -182,7 +183,7 @@ class Encoder(nn.Module):
 
     @property
     def mechanisms(self) -> list[Attention]:
-        return [block.mix.mechanism for block in self.blocks]
+        return [_block(block).mix.mechanism for block in self.blocks]
 
     def aux_loss(self) -> Tensor | None:
         """The sum of its mechanisms' auxiliary losses (``Attention.aux_loss`` of the last forward,
@@ -235,6 +236,13 @@ class Encoder(nn.Module):
         return (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
+def _block(module: nn.Module) -> Block:
+    """An ``Encoder.blocks`` entry as the ``Block`` it is (a ModuleList yields plain Modules)."""
+    if not isinstance(module, Block):
+        raise TypeError(f"an encoder block is a Block, not {type(module).__name__}")
+    return module
+
+
 def as_overrides(mechanism_cfg: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -244,7 +252,7 @@ def as_overrides(mechanism_cfg: Any) -> dict[str, Any]:
         return {}
     if isinstance(mechanism_cfg, DictConfig):
         mechanism_cfg = OmegaConf.to_container(mechanism_cfg, resolve=True)
-    elif dataclasses.is_dataclass(mechanism_cfg):
+    elif dataclasses.is_dataclass(mechanism_cfg) and not isinstance(mechanism_cfg, type):
         mechanism_cfg = dataclasses.asdict(mechanism_cfg)
     return {k: v for k, v in dict(mechanism_cfg).items() if k != "name"}
 
@@ -327,7 +335,7 @@ class MatcherHead(Head):
             if cfg.head_mlp < 2:
                 raise ValueError("model.interaction=concat needs model.head_mlp >= 2 (LRA: the model's mlp_dim)")
             h = cfg.head_mlp
-            self.out = nn.Sequential(
+            self.out: nn.Module = nn.Sequential(
                 nn.Linear(2 * cfg.dim, h), nn.ReLU(), nn.Linear(h, h // 2), nn.ReLU(), nn.Linear(h // 2, num_classes)
             )
         elif cfg.head_mlp:

@@ -129,10 +129,6 @@ def _interrupt_signal(exc: BaseException) -> int | None:
     return None
 
 
-def _container(node: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-
-
 def check_run_settings(cfg: DictConfig) -> None:
     """Settings with a fixed set of values fail with one line listing them."""
     from harness.train.config import ON_LOCKED, RERUN
@@ -175,7 +171,7 @@ def check_config(cfg: DictConfig) -> None:
         "trainer": _fields(TrainerConfig) | trainer_arguments(),
     }
     top = _fields(RunConfig)
-    for key in cfg:
+    for key in map(str, cfg):
         if key not in top:
             raise ValueError(f"{key} is not a setting; {_close(key, top)}")
     for group, valid in schemas.items():
@@ -335,13 +331,13 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     except BaseException as exc:  # recorded, never lost
         signum = _interrupt_signal(exc)
         if signum is not None:  # stopped from outside: no record, checkpoints kept, resumed by a rerun
-            kept = "last.ckpt kept" if (cell.checkpoint_dir / "last.ckpt").exists() else "no checkpoint yet"
+            checkpoint = "last.ckpt kept" if (cell.checkpoint_dir / "last.ckpt").exists() else "no checkpoint yet"
             log.warning(
                 "interrupted %s by %s after %s: nothing recorded (%s); rerun the same command to resume",
                 cell.name,
                 signal.Signals(signum).name,
                 f"{time.perf_counter() - start:.1f} s",
-                kept,
+                checkpoint,
             )
             raise CellInterrupted(signum) from None
         result.status, result.error = status_of(exc), last_line(exc)
@@ -444,7 +440,9 @@ def trainer_passthrough(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning as L
 
-    extra = {k: v for k, v in _container(cfg.trainer).items() if k not in OUR_TRAINER_KEYS}
+    from harness.train.config import as_dict
+
+    extra = {k: v for k, v in as_dict(cfg.trainer).items() if k not in OUR_TRAINER_KEYS}
     valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     managed = MANAGED_TRAINER_KEYS
     unknown = sorted(set(extra) - valid)
@@ -528,6 +526,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     from harness.core.attention import computes_softmax
     from harness.core.registry import create_task, get_mechanism
     from harness.train.build import build_model
+    from harness.train.config import train_settings
     from harness.train.model import ModelConfig, count_parameters
     from harness.train.training import CellMeter, CodeSegments, RandomStates, TaskDataModule, TaskModule
 
@@ -564,7 +563,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
             model.encoder.max_len,
         )
 
-    train = OmegaConf.to_object(cfg.train)
+    train = train_settings(cfg.train)
     module = TaskModule(model, train)
     warm = None
     if train.warmup_length:  # the warm start: the first steps on the same task at a shorter length
@@ -783,6 +782,8 @@ def _first_job(args: list[str]) -> list[str] | None:
         for override in OverridesParser.create().parse_overrides(args):
             if override.is_sweep_override():
                 out.append(f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}")
+            elif override.input_line is None:  # parse_overrides keeps each override's text
+                raise ValueError(f"override {override} has no input line")
             else:
                 out.append(override.input_line)
         return out
@@ -794,7 +795,6 @@ def compose_checked(overrides: list[str], command: str = "run") -> DictConfig:
     """``compose`` whose refusals are one-line ``UsageError``s: an unknown key lists the valid ones
     (with the closest), an unknown group option the valid options, a bad value its key."""
     from hydra.errors import HydraException, MissingConfigException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from harness.core.overrides import UsageError, did_you_mean, unknown_key
@@ -828,7 +828,8 @@ def compose_checked(overrides: list[str], command: str = "run") -> DictConfig:
             base = compose([a for a in overrides if not a.startswith(f"{key}=")])
             node = OmegaConf.select(base, parent) if parent else base
             if node is not None and hasattr(node, "keys"):
-                valid = [f"{parent}.{k}" if parent else str(k) for k in node.keys()]
+                keys = [str(k) for k in node.keys()]
+                valid = [f"{parent}.{k}" if parent else k for k in keys]
                 raise unknown_key(key, valid, command) from None
         cause = exc.__cause__
         detail = f": {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else ""
@@ -854,9 +855,10 @@ def check_before_hydra(args: list[str]) -> None:
         a for a in args if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))
     ]
     if flags:
-        overrides = _first_job(overrides)
-        if overrides is None:
+        first = _first_job(overrides)
+        if first is None:
             return
+        overrides = first
     from harness.core.overrides import UsageError
 
     try:
@@ -900,7 +902,8 @@ def main() -> None:
         except CellInterrupted as exc:
             print(f"{exc}: nothing recorded, checkpoints kept; rerun the same command to resume", file=sys.stderr)
             sys.exit(exc.exit_code)
-        multirun = HydraConfig.get().mode.name == "MULTIRUN"
+        mode = HydraConfig.get().mode
+        multirun = mode is not None and mode.name == "MULTIRUN"
         if record["status"] not in (*FINISHED, "running") and not multirun:
             sys.exit(1)
         return record  # a launcher's callbacks (the grid's progress line) read it

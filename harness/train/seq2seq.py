@@ -189,7 +189,7 @@ class Seq2SeqHead(Head):
         )
 
     def encode(self, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, Tensor | None]:
-        relations = self.relations_fn(batch) if self.uses_relations else None
+        relations = self.relations_fn(batch) if self.uses_relations and self.relations_fn is not None else None
         memory, mask = self.encoder(
             batch["input_ids"],
             batch["padding_mask"],
@@ -296,13 +296,15 @@ class Seq2SeqHead(Head):
         k = max(1, int(beam_size))
         memory, mask = self.encode(batch)
         b, v = memory.shape[0], self.target_vocab_size
-        grow = lambda t: t.repeat_interleave(k, dim=0) if t is not None else None  # noqa: E731  (B, ...) -> (B*K, ...)
-        memory, mask = grow(memory), grow(mask)
-        source_str, source_tgt, roles = (
-            grow(batch["source_copy_ids"]),
-            grow(batch["source_target_ids"]),
-            grow(batch.get("source_role_ids")),
-        )
+
+        def grow(t: Tensor) -> Tensor:  # (B, ...) -> (B*K, ...)
+            return t.repeat_interleave(k, dim=0)
+
+        memory = grow(memory)
+        mask = grow(mask) if mask is not None else None
+        source_str, source_tgt = grow(batch["source_copy_ids"]), grow(batch["source_target_ids"])
+        roles = batch.get("source_role_ids")
+        roles = grow(roles) if roles is not None else None
         n = v + source_str.shape[1]
         device = memory.device
         never = torch.zeros(n, dtype=torch.bool, device=device)
@@ -376,5 +378,5 @@ def build_seq2seq(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: A
         table_slot_ids=getattr(task, "target_table_slot_ids", ()),
     )
     if scope == "all":
-        encoder.extra_mechanisms = [m for blk in head.blocks for m in (blk.self_mix.mechanism, blk.cross_mix.mechanism)]
+        encoder.extra_mechanisms = [m for blk in blocks for m in (blk.self_mix.mechanism, blk.cross_mix.mechanism)]
     return head

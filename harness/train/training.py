@@ -107,8 +107,8 @@ class TaskModule(L.LightningModule):
             else:
                 sums[key] = sums.get(key, 0.0) + float(value)
         for mech in self.model.encoder.mechanisms:
-            for key, value in mech.metrics().items():
-                sums[f"mech/{key}"] = sums.get(f"mech/{key}", 0.0) + float(value)
+            for key, number in mech.metrics().items():
+                sums[f"mech/{key}"] = sums.get(f"mech/{key}", 0.0) + float(number)
         sums["batches"] = sums.get("batches", 0.0) + 1.0
 
     def _eval_end(self, split: str) -> None:
@@ -348,7 +348,10 @@ class RandomStates(L.Callback):
 
         import numpy as np
 
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = np.random.get_state(legacy=True)
+        if isinstance(state, dict):  # only for a bit generator other than numpy's global MT19937
+            raise TypeError(f"numpy's global random state is not MT19937: {state.get('bit_generator')}")
+        name, keys, pos, has_gauss, cached = state
         version, python_state, gauss_next = random.getstate()
         return {
             "torch": torch.get_rng_state(),
