@@ -160,6 +160,8 @@ class ProcessLauncherBase(Launcher):
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
+        if self.task_function is None:
+            raise RuntimeError("the launcher runs a job before Hydra's setup() gave it the task function")
         callbacks = self.hydra_context.callbacks
         callbacks.on_job_start(config=sweep_config, task_function=self.task_function)
         ret = JobReturn(
@@ -331,7 +333,7 @@ class CellListSweeperBase(Sweeper):
         if not self.cells_file:
             raise ValueError("hydra/sweeper=cells needs hydra.sweeper.cells_file=<a JSON list of cells>")
         common = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(arguments)
-        swept = [o.input_line for o in common if o.is_sweep_override()]
+        swept = [str(o.input_line) for o in common if o.is_sweep_override()]  # parse_overrides keeps the text
         if swept:
             raise ValueError(
                 f"hydra/sweeper=cells takes its cells from {self.cells_file}; sweep them there, not "

@@ -54,7 +54,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from harness.core.memory import total_memory_mb
-from harness.train.config import RERUN, conf_file, load_conf
+from harness.train.config import RERUN, as_dict, conf_file, load_conf
 
 GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_jobs", "results_dir", "dry_run")
 # launcher= -> hydra/launcher=; submitit_local: the SLURM path's submitit machinery, run locally
@@ -337,7 +337,7 @@ def grid_path(name: str) -> Path:
 
 def load_grid(name: str) -> dict[str, Any]:
     path = grid_path(name)
-    grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    grid = as_dict(OmegaConf.load(path))
     unknown = sorted(set(grid) - set(GRID_FILE_KEYS))
     if unknown:
         raise GridError(f"{path}: unknown key(s) {unknown}; a grid has {', '.join(GRID_FILE_KEYS)}")
