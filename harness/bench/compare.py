@@ -36,6 +36,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -404,7 +405,7 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     if cfg.isolate:
         preload = mechanism_modules(plugins=False)
         runner = IsolatedRunner(["harness.bench.compare", *preload], target=_compare_child)
-        run = runner.run
+        run: Callable[[PairJob], dict[str, Any]] = runner.run
     else:
         run = measure_pair
     log.info(

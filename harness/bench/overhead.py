@@ -100,22 +100,20 @@ def _cell_config(cfg: OverheadConfig, scale: str):
 def _build(cell, seed: int):
     """(task, data module, TaskModule) for one path, from the same seed."""
     import lightning as L
-    from omegaconf import OmegaConf
 
     from harness.core.registry import create_task
     from harness.train.build import build_model
+    from harness.train.config import as_dict, train_settings
     from harness.train.model import ModelConfig
     from harness.train.training import TaskDataModule, TaskModule
 
-    task_cfg = {k: v for k, v in OmegaConf.to_container(cell.task, resolve=True).items() if k != "name"}
-    mech_cfg = {k: v for k, v in OmegaConf.to_container(cell.mechanism, resolve=True).items() if k != "name"}
+    task_cfg = {k: v for k, v in as_dict(cell.task).items() if k != "name"}
+    mech_cfg = {k: v for k, v in as_dict(cell.mechanism).items() if k != "name"}
     task = create_task(cell.task.name, scale=cell.scale.name, **task_cfg)
     dsd, _ = task.load(cell.cache_dir)
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_model(
-        task, ModelConfig(**OmegaConf.to_container(cell.model, resolve=True)), cell.mechanism.name, mech_cfg
-    )
-    train = OmegaConf.to_object(cell.train)
+    model = build_model(task, ModelConfig(**as_dict(cell.model)), cell.mechanism.name, mech_cfg)
+    train = train_settings(cell.train)
     module = TaskModule(model, train)
     data = TaskDataModule(dsd, batch_size=train.batch_size, seed=seed, num_workers=cell.trainer.num_workers)
     return module, data, train

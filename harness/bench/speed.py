@@ -630,8 +630,9 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], dict[str, Any]]:
 def _plugin_dirs(spec) -> list[str]:
     """A mechanism loaded from a plugin file is loaded again from its folder in the child."""
     module = sys.modules.get(spec.module)
-    if spec.module.startswith("harness_plugin_") and module is not None and getattr(module, "__file__", None):
-        return [str(Path(module.__file__).parent)]
+    file = getattr(module, "__file__", None) if module is not None else None
+    if spec.module.startswith("harness_plugin_") and file:
+        return [str(Path(file).parent)]
     return []
 
 
@@ -772,8 +773,10 @@ def run_sweep(cfg: SpeedConfig) -> list[dict[str, Any]]:
                     record = make_record(job, outcome, env, cfg.isolate)
                     write_json_atomic(path, record)
                     bar.write(_one_line(record))
-                else:
+                elif existing is not None:  # needs_measurement is true without one
                     record = existing
+                else:
+                    raise RuntimeError(f"{path}: no record and no measurement")
                 if record["status"] in STOPPING_STATUSES:
                     stopped[job.series] = (record["status"], job.length)
             counts[record["status"]] = counts.get(record["status"], 0) + 1
