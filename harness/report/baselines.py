@@ -328,12 +328,14 @@ def _fit_lr(x: dict, labels: dict, name: str, note: str, items: np.ndarray | Non
     maps each test row to its test item (per-position tasks: a query to its sequence)."""
     from sklearn.linear_model import LogisticRegression
 
-    best = None
+    best: tuple[float, float, Any] | None = None
     for c in LR_C:
         model = LogisticRegression(C=c, max_iter=300).fit(x["train"], labels["train"])
         val = float((model.predict(x["validation"]) == labels["validation"]).mean())
         if best is None or val > best[0]:
             best = (val, c, model)
+    if best is None:
+        raise ValueError("no regularisation strength to try: LR_C is empty")
     _, c, model = best
     hit = model.predict(x["test"]) == labels["test"]
     correct, count = per_item(hit, items)

@@ -162,10 +162,11 @@ def _status_cell(group: pd.DataFrame, mech: str, length: int) -> str | None:
 
 
 def _ratio_cell(value: float | None, softmax_status: str | None) -> str:
+    mark = None if softmax_status is None else FAILURE_MARK.get(softmax_status, softmax_status)
     if value is None:
-        return "–" if softmax_status in (None, "ok") else f"softmax {FAILURE_MARK.get(softmax_status, softmax_status)}"
+        return "–" if softmax_status in (None, "ok") else f"softmax {mark}"
     if math.isinf(value):
-        return f"faster (softmax {FAILURE_MARK.get(softmax_status, softmax_status)})"
+        return f"faster (softmax {mark})"
     return f"{value:.2f}"
 
 
@@ -182,7 +183,9 @@ def relative_tables(group: pd.DataFrame) -> tuple[str, str, str]:
         for length in lengths:
             failure = _status_cell(group, mech, length)
             if failure is not None:
-                s_row.append(failure), m_row.append(failure), a_row.append(failure)
+                s_row.append(failure)
+                m_row.append(failure)
+                a_row.append(failure)
                 continue
             s_row.append(_ratio_cell(speed.get((mech, length)), softmax_status.get(length)))
             m_row.append(_ratio_cell(memory.get((mech, length)), softmax_status.get(length)))

@@ -473,9 +473,9 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
                     entry["lo"], entry["hi"] = max(0.0, mean - half), min(1.0, mean + half)
             else:
                 best = strongest(own.get("baselines", []), higher=False)
-                half = best.get("half_width") if best else None
-                if half is not None and math.isfinite(half):
-                    entry["lo"], entry["hi"] = mean - half, mean + half
+                width = best.get("half_width") if best else None
+                if width is not None and math.isfinite(width):
+                    entry["lo"], entry["hi"] = mean - width, mean + width
         rows.append(entry)
     stats = pd.DataFrame(rows)
     if stats.empty:
@@ -521,7 +521,7 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
 # ----------------------------------------------------------------------------- tables
 
 
-def _value(entry, digits: int) -> str:
+def _value(entry, digits: int) -> tuple[str, str]:
     if entry.higher:
         text = (
             f"{100 * entry['mean']:.1f}" if entry.n_ok == 1 else f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
@@ -961,7 +961,7 @@ def details_section(cells: pd.DataFrame, unreadable: list[dict[str, str]], resul
 
 def figure_legend(fig, axes, ncol: int = 1) -> None:
     """One legend right of the panels, each label once (the panels share series)."""
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
