@@ -183,6 +183,7 @@ def cmd_data(argv: list[str], show_cfg: bool = False) -> int:
 
     from harness.core.registry import create_task, get_task, list_tasks
     from harness.data.debian import fetch_package
+    from harness.train.config import as_dict
     from harness.train.run import compose_checked
 
     own = [a for a in argv if a.partition("=")[0] in ("task", "scale")]
@@ -196,7 +197,7 @@ def cmd_data(argv: list[str], show_cfg: bool = False) -> int:
         return 0
     status = 0
     for name, cfg in configs.items():
-        task_cfg = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
+        task_cfg = {k: v for k, v in as_dict(cfg.task).items() if k != "name"}
         try:
             if task_cfg.get("source") == get_task(name).sources[0]:  # the offline default: its Debian packages
                 for package in getattr(get_task(name).cls, "debian_packages", ()):
@@ -438,6 +439,8 @@ def help_text(command: str, argv: list[str]) -> str:
     spec = _commands()[command]
     usage = spec.usage
     schema = spec.schema(argv)
+    if schema is None:
+        raise ValueError(f"{command} has no key=value settings of its own")
     doc = spec.doc
     if command == "speed" and schema.__name__ != "SpeedConfig":
         from harness.bench import compare, overhead
