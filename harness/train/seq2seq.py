@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.core.attention import AttentionContext
+from harness.core.attention import Attention, AttentionContext
 from harness.core.registry import create_mechanism
 from harness.train.model import Encoder, Head, ModelConfig, MultiHeadMixing, as_overrides, sinusoidal_positions
 
@@ -51,9 +51,9 @@ class Seq2SeqEncoder(Encoder):
     """The backbone's encoder; ``mechanisms`` also lists the decoder's when they are the
     mechanism under test (so the trainer adds their aux losses)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.extra_mechanisms: list = []  # plain list: the modules are registered in the decoder
+        self.extra_mechanisms: list[Attention] = []  # plain list: the modules are registered in the decoder
 
     @property
     def mechanisms(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -488,7 +489,7 @@ class CodeSegments(L.Callback):
     A run killed before its next checkpoint leaves no segment: the work it did is not in the
     checkpoint the next run resumes from either."""
 
-    def __init__(self, code_state):
+    def __init__(self, code_state: Callable[[], dict[str, Any]]) -> None:
         self._code_state = code_state  # () -> {"commit", "dirty", "dirty_files", ...}
         self.earlier: list[dict[str, Any]] = []  # the runs before this one (from the checkpoint)
         self.current: dict[str, Any] | None = None
