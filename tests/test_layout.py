@@ -2,6 +2,7 @@
 pyproject.toml), no module reaching into another's private names, every module importable alone."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,17 @@ def test_every_room_imports_alone_in_a_fresh_interpreter(room):
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in inside)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_harness_type_checks_clean():
+    """mypy on harness/ with the settings of pyproject.toml's [tool.mypy] finds nothing (``make lint``
+    runs it too); its cache goes to a temporary folder, not the work tree."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", os.devnull],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.stdout.startswith("Success: no issues found")
