@@ -70,7 +70,7 @@ speed: install ## speed and memory of every mechanism across sequence lengths (r
 report: install ## regenerate results/leaderboard.md and results/plots/ from the results
 	$(PY) -m harness report results_dir=$(RESULTS)
 
-test: install ## the fast test suite, then the packaging tests: the wheel and a grid through submitit (what CI runs)
+test: lint ## make lint, the fast test suite, then the packaging tests: the wheel and a grid through submitit (what CI runs)
 	$(PY) -m pytest -q -m "not slow" -n 2
 	$(PY) -m pytest -q -p no:cacheprovider -m slow -n 2 --dist loadfile tests/test_wheel.py tests/test_submitit.py
 
@@ -80,8 +80,10 @@ wheel-test: install ## build the wheels, install them (not editable) in a fresh 
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -q -n 2
 
-lint: install ## ruff and the import layers of harness/ (lint-imports)
+lint: install ## ruff check, ruff format --check, the import layers of harness/ (lint-imports), mypy on harness/ (settings in pyproject.toml)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 .PHONY: help install constraints data benchmark smoke speed report test wheel-test test-all lint

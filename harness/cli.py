@@ -62,14 +62,28 @@ def cmd_list(settings: ListSettings) -> int:
         return 0
     flags = ("causal", "cross", "key_padding", "relations")
     rows = [
-        [name, m["family"], *("✓" if m["capabilities"][f] else "" for f in flags),
-         ", ".join(f"{k}={v}" for k, v in m["config"].items()), m["doc"][:70]]
+        [
+            name,
+            m["family"],
+            *("✓" if m["capabilities"][f] else "" for f in flags),
+            ", ".join(f"{k}={v}" for k, v in m["config"].items()),
+            m["doc"][:70],
+        ]
         for name, m in info["mechanisms"].items()
     ]
     print(f"Mechanisms ({len(rows)}):")
-    print(tabulate(rows, headers=["name", "family", *flags, "config", "doc"], tablefmt="simple",
-                   maxcolwidths=[None] * 6 + [48, 48]))
-    rows = [[name, ", ".join(t["sources"]), ", ".join(t["requires"]) or "–", t["doc"][:70]] for name, t in info["tasks"].items()]
+    print(
+        tabulate(
+            rows,
+            headers=["name", "family", *flags, "config", "doc"],
+            tablefmt="simple",
+            maxcolwidths=[None] * 6 + [48, 48],
+        )
+    )
+    rows = [
+        [name, ", ".join(t["sources"]), ", ".join(t["requires"]) or "–", t["doc"][:70]]
+        for name, t in info["tasks"].items()
+    ]
     print(f"\nTasks ({len(rows)}):")
     print(tabulate(rows, headers=["name", "sources (default first)", "requires", "doc"], tablefmt="simple"))
     print(f"\n{PROG} list task=NAME: a task's presets per scale; list mechanism=NAME: a mechanism's config")
@@ -94,15 +108,24 @@ def task_presets(name: str) -> dict[str, Any]:
     info = describe()["tasks"][name]
     stored = ConfigStore.instance().repo.get("task_scale", {})
     scales = sorted(p.stem for p in (CONF_DIR / "scale").glob("*.yaml"))
-    presets = {s: OmegaConf.to_container(stored[f"{name}_{s}.yaml"].node) if f"{name}_{s}.yaml" in stored else {}
-               for s in scales}
+    presets = {
+        s: OmegaConf.to_container(stored[f"{name}_{s}.yaml"].node) if f"{name}_{s}.yaml" in stored else {}
+        for s in scales
+    }
     protocols = {}
     for folder in sorted(p for p in (CONF_DIR / "protocol").iterdir() if p.is_dir()):
         path = protocol_preset(folder.name, name)
         if path.exists():
             protocols[folder.name] = OmegaConf.to_container(OmegaConf.load(path))
-    return {"task": name, "doc": spec.doc, "sources": info["sources"], "requires": info["requires"],
-            "config": info["config"], "scales": presets, "protocols": protocols}
+    return {
+        "task": name,
+        "doc": spec.doc,
+        "sources": info["sources"],
+        "requires": info["requires"],
+        "config": info["config"],
+        "scales": presets,
+        "protocols": protocols,
+    }
 
 
 def list_task(name: str, as_json: bool) -> int:
@@ -131,7 +154,10 @@ def list_mechanism(name: str, as_json: bool) -> int:
     print(f"mechanism {name} ({info['family']}): {info['doc']}")
     print(f"capabilities: {', '.join(caps) or '-'}; module: {info['module']}")
     rows = [list(r) for r in schema_rows(spec.config_class)]
-    print(f"\nconfig (mechanism.KEY=VALUE):\n{tabulate(rows, headers=['key', 'type', 'default', 'description'], tablefmt='plain', maxcolwidths=[None, 24, 28, 70])}")
+    table = tabulate(
+        rows, headers=["key", "type", "default", "description"], tablefmt="plain", maxcolwidths=[None, 24, 28, 70]
+    )
+    print(f"\nconfig (mechanism.KEY=VALUE):\n{table}")
     if info["protocols"]:
         print("\nprotocol settings (composed into that protocol's preset cells; overrides win):")
         print(to_yaml(info["protocols"]), end="")
@@ -157,6 +183,7 @@ def cmd_data(argv: list[str], show_cfg: bool = False) -> int:
 
     from harness.core.registry import create_task, get_task, list_tasks
     from harness.data.debian import fetch_package
+    from harness.train.config import as_dict
     from harness.train.run import compose_checked
 
     own = [a for a in argv if a.partition("=")[0] in ("task", "scale")]
@@ -170,7 +197,7 @@ def cmd_data(argv: list[str], show_cfg: bool = False) -> int:
         return 0
     status = 0
     for name, cfg in configs.items():
-        task_cfg = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
+        task_cfg = {k: v for k, v in as_dict(cfg.task).items() if k != "name"}
         try:
             if task_cfg.get("source") == get_task(name).sources[0]:  # the offline default: its Debian packages
                 for package in getattr(get_task(name).cls, "debian_packages", ()):
@@ -225,9 +252,13 @@ def _tool(argv: list[str]) -> tuple[str, list[str]]:
 def tool_help(argv: list[str]) -> str:
     if not argv or argv[0] not in TOOLS:
         rows = [[name, first_paragraph(TOOLS[name].load()[0].__doc__)] for name in TOOLS]
-        return schema_help(f"{PROG} tool NAME [key=value ...]", "Tools of the tasks and of the data cache, one "
-                           "per NAME; each takes key=value settings (tool NAME --help lists them).", None,
-                           extra="tools:\n" + tabulate(rows, tablefmt="plain").replace("\n", "\n  ").join(["  ", ""]))
+        return schema_help(
+            f"{PROG} tool NAME [key=value ...]",
+            "Tools of the tasks and of the data cache, one "
+            "per NAME; each takes key=value settings (tool NAME --help lists them).",
+            None,
+            extra="tools:\n" + tabulate(rows, tablefmt="plain").replace("\n", "\n  ").join(["  ", ""]),
+        )
     name = argv[0]
     schema, _ = TOOLS[name].load()
     return schema_help(f"{PROG} tool {name} [key=value ...]", first_paragraph(schema.__doc__), schema)
@@ -320,24 +351,53 @@ def _commands() -> dict[str, Command]:
     from harness.train import evaluate
 
     return {
-        "list": Command(f"{PROG} list [task=NAME | mechanism=NAME] [json=true]", cmd_list.__doc__ or "",
-                        lambda a: ListSettings, lambda a: cmd_list(parse(ListSettings, a, command="list")),
-                        lambda a: to_yaml(parse(ListSettings, a, command="list"))),
+        "list": Command(
+            f"{PROG} list [task=NAME | mechanism=NAME] [json=true]",
+            cmd_list.__doc__ or "",
+            lambda a: ListSettings,
+            lambda a: cmd_list(parse(ListSettings, a, command="list")),
+            lambda a: to_yaml(parse(ListSettings, a, command="list")),
+        ),
         "run": Command(f"{PROG} run [key=value ...]", "", lambda a: None, lambda a: cmd_run(a), lambda a: ""),
-        "grid": Command(f"{PROG} grid [key=value ...]", sweep.__doc__ or "", lambda a: sweep.GridSettings,
-                        lambda a: sweep.main(a), _grid_cfg, extra=sweep.HELP),
-        "evaluate": Command(f"{PROG} evaluate <the cell's overrides> [checkpoint=PATH] [split=test|validation]",
-                            evaluate.__doc__ or "", lambda a: evaluate.EvaluateSettings, evaluate.main, _evaluate_cfg,
-                            extra="Cell keys: as run's (python -m harness run --help); the cell is composed from them."),
-        "data": Command(f"{PROG} data [task=NAME|all] [scale=S] [task.KEY=VALUE ...]", cmd_data.__doc__ or "",
-                        lambda a: DataSettings, cmd_data, lambda a: _capture(lambda: cmd_data(a, show_cfg=True)),
-                        extra="Cell keys: task.KEY=VALUE (the task's config: list task=NAME shows it), cache_dir=DIR."),
-        "report": Command(f"{PROG} report [key=value ...]", leaderboard.__doc__ or "", lambda a: leaderboard.ReportSettings,
-                          leaderboard.main, lambda a: to_yaml(parse(leaderboard.ReportSettings, a, command="report"))),
-        "speed": Command(f"{PROG} speed [overhead | compare=A:B] [key=value ...]", speed.__doc__ or "", _speed_schema,
-                         cmd_speed, _speed_cfg,
-                         extra=f"Forms: {PROG} speed compare=A:B --help and {PROG} speed overhead --help list "
-                               "their own keys."),
+        "grid": Command(
+            f"{PROG} grid [key=value ...]",
+            sweep.__doc__ or "",
+            lambda a: sweep.GridSettings,
+            lambda a: sweep.main(a),
+            _grid_cfg,
+            extra=sweep.HELP,
+        ),
+        "evaluate": Command(
+            f"{PROG} evaluate <the cell's overrides> [checkpoint=PATH] [split=test|validation]",
+            evaluate.__doc__ or "",
+            lambda a: evaluate.EvaluateSettings,
+            evaluate.main,
+            _evaluate_cfg,
+            extra="Cell keys: as run's (python -m harness run --help); the cell is composed from them.",
+        ),
+        "data": Command(
+            f"{PROG} data [task=NAME|all] [scale=S] [task.KEY=VALUE ...]",
+            cmd_data.__doc__ or "",
+            lambda a: DataSettings,
+            cmd_data,
+            lambda a: _capture(lambda: cmd_data(a, show_cfg=True)),
+            extra="Cell keys: task.KEY=VALUE (the task's config: list task=NAME shows it), cache_dir=DIR.",
+        ),
+        "report": Command(
+            f"{PROG} report [key=value ...]",
+            leaderboard.__doc__ or "",
+            lambda a: leaderboard.ReportSettings,
+            leaderboard.main,
+            lambda a: to_yaml(parse(leaderboard.ReportSettings, a, command="report")),
+        ),
+        "speed": Command(
+            f"{PROG} speed [overhead | compare=A:B] [key=value ...]",
+            speed.__doc__ or "",
+            _speed_schema,
+            cmd_speed,
+            _speed_cfg,
+            extra=f"Forms: {PROG} speed compare=A:B --help and {PROG} speed overhead --help list their own keys.",
+        ),
         "tool": Command(f"{PROG} tool NAME [key=value ...]", "", lambda a: None, cmd_tool, _tool_cfg),
     }
 
@@ -379,6 +439,8 @@ def help_text(command: str, argv: list[str]) -> str:
     spec = _commands()[command]
     usage = spec.usage
     schema = spec.schema(argv)
+    if schema is None:
+        raise ValueError(f"{command} has no key=value settings of its own")
     doc = spec.doc
     if command == "speed" and schema.__name__ != "SpeedConfig":
         from harness.bench import compare, overhead
@@ -413,9 +475,9 @@ def dispatch(argv: list[str]) -> int:
     spec = _commands()[command]
     if "--cfg" in rest:
         index = rest.index("--cfg")
-        if rest[index + 1:index + 2] != ["job"]:
+        if rest[index + 1 : index + 2] != ["job"]:
             raise UsageError(f"{command}: --cfg takes job (--cfg job prints the composed settings)")
-        print(spec.cfg(rest[:index] + rest[index + 2:]), end="")
+        print(spec.cfg(rest[:index] + rest[index + 2 :]), end="")
         return 0
     return spec.run(rest)
 

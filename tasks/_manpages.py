@@ -51,19 +51,91 @@ PAGE_RE = re.compile(r"^man(\d)/(.+)\.(\d\w*)\.gz$")  # man3/pread.3.gz -> (3, p
 # ----------------------------------------------------------------------------- roff -> text
 
 CHARS = {  # named characters \(xx, \[xx]
-    "aq": "'", "dq": '"', "bu": "*", "em": "--", "en": "-", "ha": "^", "ti": "~", "lq": '"', "rq": '"',
-    "oq": "'", "cq": "'", "ga": "`", "+-": "+-", "dg": "+", "mi": "-", "sd": '"', "fm": "'", "ra": ">",
-    "la": "<", "de": " deg", "co": "(C)", "rg": "(R)", "tm": "(TM)", "sc": "S", "mc": "u", "mu": "x",
-    "di": "/", "<=": "<=", ">=": ">=", "!=": "!=", "->": "->", "<-": "<-", "rs": "\\", "sl": "/",
-    "12": "1/2", "14": "1/4", "34": "3/4", "hy": "-", "lB": "[", "rB": "]", "lC": "{", "rC": "}",
-    ":a": "\u00e4", ":o": "\u00f6", ":u": "\u00fc", ":A": "\u00c4", ":O": "\u00d6", ":U": "\u00dc",
-    "'a": "\u00e1", "'e": "\u00e9", "`a": "\u00e0", "`e": "\u00e8", "^a": "\u00e2", "^o": "\u00f4", "ss": "\u00df",
+    "aq": "'",
+    "dq": '"',
+    "bu": "*",
+    "em": "--",
+    "en": "-",
+    "ha": "^",
+    "ti": "~",
+    "lq": '"',
+    "rq": '"',
+    "oq": "'",
+    "cq": "'",
+    "ga": "`",
+    "+-": "+-",
+    "dg": "+",
+    "mi": "-",
+    "sd": '"',
+    "fm": "'",
+    "ra": ">",
+    "la": "<",
+    "de": " deg",
+    "co": "(C)",
+    "rg": "(R)",
+    "tm": "(TM)",
+    "sc": "S",
+    "mc": "u",
+    "mu": "x",
+    "di": "/",
+    "<=": "<=",
+    ">=": ">=",
+    "!=": "!=",
+    "->": "->",
+    "<-": "<-",
+    "rs": "\\",
+    "sl": "/",
+    "12": "1/2",
+    "14": "1/4",
+    "34": "3/4",
+    "hy": "-",
+    "lB": "[",
+    "rB": "]",
+    "lC": "{",
+    "rC": "}",
+    ":a": "\u00e4",
+    ":o": "\u00f6",
+    ":u": "\u00fc",
+    ":A": "\u00c4",
+    ":O": "\u00d6",
+    ":U": "\u00dc",
+    "'a": "\u00e1",
+    "'e": "\u00e9",
+    "`a": "\u00e0",
+    "`e": "\u00e8",
+    "^a": "\u00e2",
+    "^o": "\u00f4",
+    "ss": "\u00df",
 }
 STRINGS = {"lq": '"', "rq": '"', "-": "-", "dg": "+", "R": "(R)", "Tm": "(TM)", "<": "<", ">": ">"}  # \*x
 SIMPLE = {  # one-character escapes
-    "-": "-", "e": "\\", "\\": "\\", " ": " ", "~": " ", "0": " ", "'": "'", "`": "`", ".": ".", "t": "\t",
-    "&": "", ":": "", "%": "", "|": "", "^": "", "c": "", "/": "", ",": "", ")": "", "{": "", "}": "", "r": "",
-    "p": "", "a": "", "d": "", "u": "", "E": "",
+    "-": "-",
+    "e": "\\",
+    "\\": "\\",
+    " ": " ",
+    "~": " ",
+    "0": " ",
+    "'": "'",
+    "`": "`",
+    ".": ".",
+    "t": "\t",
+    "&": "",
+    ":": "",
+    "%": "",
+    "|": "",
+    "^": "",
+    "c": "",
+    "/": "",
+    ",": "",
+    ")": "",
+    "{": "",
+    "}": "",
+    "r": "",
+    "p": "",
+    "a": "",
+    "d": "",
+    "u": "",
+    "E": "",
 }
 ESCAPE_RE = re.compile(
     r"""\\(?:
@@ -183,7 +255,7 @@ def roff_to_text(source: str) -> str:
             if (skip_until == ".." and raw.strip() == "..") or (skip_until == "\\}" and "\\}" in raw):
                 skip_until = None
             continue
-        if raw.startswith((".\\\"", "'\\\"", '.\\"')) or raw.strip() in (".", "'"):
+        if raw.startswith(('.\\"', "'\\\"", '.\\"')) or raw.strip() in (".", "'"):
             continue
         if in_table:
             if raw.startswith(".TE"):
@@ -352,7 +424,9 @@ def package_files(package: str) -> list[Path]:
     if shutil.which("dpkg"):
         done = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
         if done.returncode == 0:
-            files = [Path(p) for p in done.stdout.splitlines() if p.startswith(f"/{MAN_ROOT}/man") and p.endswith(".gz")]
+            files = [
+                Path(p) for p in done.stdout.splitlines() if p.startswith(f"/{MAN_ROOT}/man") and p.endswith(".gz")
+            ]
             if files:
                 return files
     from harness.data.debian import fetch_package
@@ -360,7 +434,8 @@ def package_files(package: str) -> list[Path]:
     if os.environ.get("HARNESS_NO_APT") and not (_unpacked(package) / ".complete").exists():
         raise DataSourceError(
             f"Debian package '{package}' is neither installed nor unpacked in the cache, and fetching is off "
-            f"(HARNESS_NO_APT). Install it (apt-get install {package}) or run `python -m harness tool debian-fetch packages=[{package}]`"
+            f"(HARNESS_NO_APT). Install it (apt-get install {package}) or run "
+            f"`python -m harness tool debian-fetch packages=[{package}]`"
         )
     root = fetch_package(package)
     return sorted(p for p in (root / MAN_ROOT).glob("man*/*.gz"))
@@ -454,7 +529,7 @@ def _so_target(roff: str) -> str | None:
     """'man7/queue.7' when the page is a ``.so`` redirect (only comments besides)."""
     target = None
     for line in roff.splitlines():
-        if not line.strip() or line.startswith((".\\\"", "'\\\"")):
+        if not line.strip() or line.startswith(('.\\"', "'\\\"")):
             continue
         if line.startswith(".so ") and target is None:
             target = line[4:].strip()

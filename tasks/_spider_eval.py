@@ -64,8 +64,16 @@ AGG_OPS = ("none", "max", "min", "count", "sum", "avg")
 WHERE_OPS = ("not", "between", "=", ">", "<", ">=", "<=", "!=", "in", "like", "is", "exists")
 UNIT_OPS = ("none", "-", "+", "*", "/")
 _AGG = {exp.Max: 1, exp.Min: 2, exp.Count: 3, exp.Sum: 4, exp.Avg: 5}
-_CMP = {exp.EQ: "=", exp.GT: ">", exp.LT: "<", exp.GTE: ">=", exp.LTE: "<=", exp.NEQ: "!=", exp.Like: "like",
-        exp.Is: "is"}
+_CMP = {
+    exp.EQ: "=",
+    exp.GT: ">",
+    exp.LT: "<",
+    exp.GTE: ">=",
+    exp.LTE: "<=",
+    exp.NEQ: "!=",
+    exp.Like: "like",
+    exp.Is: "is",
+}
 _UNIT = {exp.Sub: 1, exp.Add: 2, exp.Mul: 3, exp.Div: 4}
 
 
@@ -246,7 +254,9 @@ class _Reader:
         sources = ([from_.this] if from_ is not None else []) + [j.this for j in joins]
         for join in joins:
             if join.args.get("side") or join.args.get("kind"):
-                raise SQLParseError(f"{join.args.get('side') or join.args.get('kind')} JOIN (the official parser reads JOIN only)")
+                raise SQLParseError(
+                    f"{join.args.get('side') or join.args.get('kind')} JOIN (the official parser reads JOIN only)"
+                )
         for n, src in enumerate(sources):
             if isinstance(src, exp.Table):
                 name = src.name.lower()
@@ -290,7 +300,9 @@ class _Reader:
             "having": self.condition(having.this) if having is not None else [],
             "orderBy": self.order(order) if order is not None else [],
             "limit": self.limit(limit) if limit is not None else None,
-            "intersect": None, "union": None, "except": None,
+            "intersect": None,
+            "union": None,
+            "except": None,
         }
 
     # -- pieces -------------------------------------------------------------------------
@@ -384,17 +396,30 @@ class _Reader:
         if isinstance(node, exp.Paren):
             raise SQLParseError(f"parenthesised condition {node.sql()[:80]} (the official parser reads none)")
         if isinstance(node, (exp.And, exp.Or)):
-            return [*self.condition(node.this), "and" if isinstance(node, exp.And) else "or", *self.condition(node.expression)]
+            return [
+                *self.condition(node.this),
+                "and" if isinstance(node, exp.And) else "or",
+                *self.condition(node.expression),
+            ]
         negated = False
         if isinstance(node, exp.Not):
             negated, node = True, node.this
         if isinstance(node, exp.Between):
-            return [(negated, WHERE_OPS.index("between"), self.val_unit(node.this), self.value(node.args["low"]),
-                     self.value(node.args["high"]))]
+            return [
+                (
+                    negated,
+                    WHERE_OPS.index("between"),
+                    self.val_unit(node.this),
+                    self.value(node.args["low"]),
+                    self.value(node.args["high"]),
+                )
+            ]
         if isinstance(node, exp.In):
             query = node.args.get("query")
             if query is None:
-                raise SQLParseError(f"IN with a list of values {node.sql()[:80]} (the official parser reads IN (SELECT ...))")
+                raise SQLParseError(
+                    f"IN with a list of values {node.sql()[:80]} (the official parser reads IN (SELECT ...))"
+                )
             return [(negated, WHERE_OPS.index("in"), self.val_unit(node.this), self.query(query), None)]
         if isinstance(node, exp.Like) and node.args.get("negate"):
             negated = not negated
@@ -504,7 +529,11 @@ def partial_match(pred: dict, label: dict) -> dict[str, int]:
     cnt, _ = _match_units(pg, lg)
     res["group(no Having)"] = _scores(cnt, len(pg), len(lg))
     pt, lt = int(bool(pred["groupBy"])), int(bool(label["groupBy"]))
-    same = pt == lt == 1 and [u[1] for u in pred["groupBy"]] == [u[1] for u in label["groupBy"]] and pred["having"] == label["having"]
+    same = (
+        pt == lt == 1
+        and [u[1] for u in pred["groupBy"]] == [u[1] for u in label["groupBy"]]
+        and pred["having"] == label["having"]
+    )
     res["group"] = _scores(int(same), pt, lt)
     pt, lt = int(bool(pred["orderBy"])), int(bool(label["orderBy"]))
     same = lt == 1 and pred["orderBy"] == label["orderBy"] and (pred["limit"] is None) == (label["limit"] is None)
@@ -595,25 +624,38 @@ def hardness(sql: dict) -> str:
     units = sql["from"]["conds"][::2] + sql["where"][::2] + sql["having"][::2]
     comp1 += sum(u[1] == WHERE_OPS.index("like") for u in units)
     comp2 = len(_nested(sql))
-    aggs = sum(map(_has_agg, sql["select"][1])) + sum(map(_has_agg, sql["where"][::2])) + sum(map(_has_agg, sql["groupBy"]))
+    aggs = (
+        sum(map(_has_agg, sql["select"][1]))
+        + sum(map(_has_agg, sql["where"][::2]))
+        + sum(map(_has_agg, sql["groupBy"]))
+    )
     if sql["orderBy"]:
-        aggs += sum(map(_has_agg, [u[1] for u in sql["orderBy"][1] if u[1]] + [u[2] for u in sql["orderBy"][1] if u[2]]))
+        aggs += sum(
+            map(_has_agg, [u[1] for u in sql["orderBy"][1] if u[1]] + [u[2] for u in sql["orderBy"][1] if u[2]])
+        )
     aggs += sum(map(_has_agg, sql["having"]))
     others = int(aggs > 1) + int(len(sql["select"][1]) > 1) + int(len(sql["where"]) > 1) + int(len(sql["groupBy"]) > 1)
     if comp1 <= 1 and others == 0 and comp2 == 0:
         return "easy"
     if (others <= 2 and comp1 <= 1 and comp2 == 0) or (comp1 <= 2 and others < 2 and comp2 == 0):
         return "medium"
-    if ((others > 2 and comp1 <= 2 and comp2 == 0) or (2 < comp1 <= 3 and others <= 2 and comp2 == 0)
-            or (comp1 <= 1 and others == 0 and comp2 <= 1)):
+    if (
+        (others > 2 and comp1 <= 2 and comp2 == 0)
+        or (2 < comp1 <= 3 and others <= 2 and comp2 == 0)
+        or (comp1 <= 1 and others == 0 and comp2 <= 1)
+    ):
         return "hard"
     return "extra"
 
 
 # ----------------------------------------------------------------------------- execution (safe)
 
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                    getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+_ALLOWED_ACTIONS = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    getattr(sqlite3, "SQLITE_RECURSIVE", 33),
+}
 _DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
 
 
@@ -632,8 +674,15 @@ class ReadOnlyDatabase:
     ``max_rows`` rows and ``max_result_bytes`` of result. ``run(sql)`` -> (rows, None) or
     (None, error message)."""
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 1.0, max_rows: int = 100_000,
-                 max_value_bytes: int = 1_000_000, max_result_bytes: int = 64_000_000):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        timeout_s: float = 1.0,
+        max_rows: int = 100_000,
+        max_value_bytes: int = 1_000_000,
+        max_result_bytes: int = 64_000_000,
+    ):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"database file {path} not found")
@@ -718,9 +767,16 @@ def results_equal(gold: list[tuple], pred: list[tuple], *, ordered: bool) -> boo
 # ----------------------------------------------------------------------------- scoring
 
 
-def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_dir: str | Path, *,
-             timeout_s: float = 1.0, values: bool = False, distinct: str = "strip",
-             check_join: bool = False) -> dict[str, Any]:
+def evaluate(
+    items: list[tuple[str, str, str]],
+    schemas: dict[str, Schema],
+    db_dir: str | Path,
+    *,
+    timeout_s: float = 1.0,
+    values: bool = False,
+    distinct: str = "strip",
+    check_join: bool = False,
+) -> dict[str, Any]:
     """Score (gold SQL, predicted SQL, db_id) triples. Returns the CLI's JSON shape:
     ``{"exact": {level|"all": acc}, "execution": {...}, "valid_sql": rate, "items": [...]}``.
     A gold or predicted query that does not parse or execute is that item's error (counted
@@ -735,13 +791,23 @@ def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_d
     try:
         for index, (gold, pred, db_id) in enumerate(items):
             if db_id not in schemas:
-                raise KeyError(f"item {index}: db_id '{db_id}' is not in tables.json (known: {', '.join(sorted(schemas)[:20])})")
+                raise KeyError(
+                    f"item {index}: db_id '{db_id}' is not in tables.json (known: {', '.join(sorted(schemas)[:20])})"
+                )
             schema = schemas[db_id]
             try:
                 gold_sql = parse_sql(gold, schema, values=values)
             except SQLParseError as exc:  # the item's error, counted; the run goes on
-                out_items.append({"hardness": None, "exact": False, "execution": False, "valid": False,
-                                  "error": f"gold query does not parse: {exc}", "gold_error": True})
+                out_items.append(
+                    {
+                        "hardness": None,
+                        "exact": False,
+                        "execution": False,
+                        "valid": False,
+                        "error": f"gold query does not parse: {exc}",
+                        "gold_error": True,
+                    }
+                )
                 continue
             if db_id not in dbs:
                 dbs[db_id] = ReadOnlyDatabase(Path(db_dir) / db_id / f"{db_id}.sqlite", timeout_s=timeout_s)
@@ -755,14 +821,30 @@ def evaluate(items: list[tuple[str, str, str]], schemas: dict[str, Schema], db_d
                 exact, error = False, str(exc)
             gold_rows, gold_error = db.run(strip_distinct(gold) if distinct == "strip" else gold)
             if gold_error:
-                out_items.append({"hardness": hardness(gold_sql), "exact": bool(exact), "execution": False,
-                                  "valid": False, "error": f"gold query fails: {gold_error}", "gold_error": True})
+                out_items.append(
+                    {
+                        "hardness": hardness(gold_sql),
+                        "exact": bool(exact),
+                        "execution": False,
+                        "valid": False,
+                        "error": f"gold query fails: {gold_error}",
+                        "gold_error": True,
+                    }
+                )
                 continue
             pred_rows, pred_error = db.run(strip_distinct(pred) if distinct == "strip" else pred)
             error = pred_error or error
             execution = pred_rows is not None and results_equal(gold_rows, pred_rows, ordered=bool(gold_sql["orderBy"]))
-            out_items.append({"hardness": hardness(gold_sql), "exact": bool(exact), "execution": bool(execution),
-                              "valid": pred_rows is not None, "error": error, "gold_error": False})
+            out_items.append(
+                {
+                    "hardness": hardness(gold_sql),
+                    "exact": bool(exact),
+                    "execution": bool(execution),
+                    "valid": pred_rows is not None,
+                    "error": error,
+                    "gold_error": False,
+                }
+            )
     finally:
         for db in dbs.values():
             db.close()
@@ -798,9 +880,13 @@ def format_table(scores: dict[str, Any]) -> str:
     """The scores by hardness as Spider's script prints them."""
     levels = [*HARDNESS, "all"]
     fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
-    lines = ["".join(f"{h:>10}" for h in ["", *levels]),
-             f"{'count':>10}" + "".join(f"{scores['counts'][lvl]:>10d}" for lvl in levels)]
+    lines = [
+        "".join(f"{h:>10}" for h in ["", *levels]),
+        f"{'count':>10}" + "".join(f"{scores['counts'][lvl]:>10d}" for lvl in levels),
+    ]
     for key in ("execution", "exact"):
         lines.append(f"{key:>10}" + "".join(f"{fmt(scores[key][lvl]):>10}" for lvl in levels))
-    lines.append(f"valid SQL rate: {scores['valid_sql']:.3f}" if scores["valid_sql"] is not None else "valid SQL rate: -")
+    lines.append(
+        f"valid SQL rate: {scores['valid_sql']:.3f}" if scores["valid_sql"] is not None else "valid SQL rate: -"
+    )
     return "\n".join(lines)

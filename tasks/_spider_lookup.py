@@ -48,8 +48,13 @@ def schema_of(tokens: list[str], links: list[list[int]], db_id: str) -> dict[str
                 pks.append(link[COLUMN] - 1)
     names = [tables[i] for i in range(len(tables))]
     cols = [[-1, "*"]] + [list(columns.get(i, (-1, f"_missing{i}"))) for i in range(1, max(columns, default=0) + 1)]
-    return {"db_id": db_id, "table_names_original": names, "column_names_original": cols, "foreign_keys": fks,
-            "primary_keys": pks}
+    return {
+        "db_id": db_id,
+        "table_names_original": names,
+        "column_names_original": cols,
+        "foreign_keys": fks,
+        "primary_keys": pks,
+    }
 
 
 def _words(name: str) -> list[str]:
@@ -63,7 +68,11 @@ def _stem(word: str) -> str:
 
 
 def _keys(entry: dict[str, Any]) -> set[int]:
-    return set(entry.get("primary_keys", [])) | {a for a, _ in entry["foreign_keys"]} | {b for _, b in entry["foreign_keys"]}
+    return (
+        set(entry.get("primary_keys", []))
+        | {a for a, _ in entry["foreign_keys"]}
+        | {b for _, b in entry["foreign_keys"]}
+    )
 
 
 def template(question: str, entry: dict[str, Any]) -> tuple[str, list[list[int]], list[list[int]]]:
@@ -88,13 +97,26 @@ def template(question: str, entry: dict[str, Any]) -> tuple[str, list[list[int]]
         if any(name.lower() == toks[i] for name in tables):  # a table's own name: a table mention
             match = None
         else:
-            match = next((stems[i:i + n] for n in range(min(longest, len(toks) - i), 0, -1)
-                          if tuple(stems[i:i + n]) in phrases), None)
+            match = next(
+                (
+                    stems[i : i + n]
+                    for n in range(min(longest, len(toks) - i), 0, -1)
+                    if tuple(stems[i : i + n]) in phrases
+                ),
+                None,
+            )
         if match:
             before = stems[i - 1] if i else ""
             cands = phrases[tuple(match)]
-            cols.append(sorted(cands, key=lambda ci: (before not in table_words[entry["column_names_original"][ci][0]],
-                                                       entry["column_names_original"][ci][0] not in named_tables)))
+            cols.append(
+                sorted(
+                    cands,
+                    key=lambda ci: (
+                        before not in table_words[entry["column_names_original"][ci][0]],
+                        entry["column_names_original"][ci][0] not in named_tables,
+                    ),
+                )
+            )
             out.append("<c>")
             i += len(match)
             continue
@@ -120,7 +142,12 @@ def _slots(sql: str, entry: dict[str, Any]):
     tokens = list(sqlglot.tokenize(sql, read="sqlite"))
     alias, order = {}, []
     for i, tok in enumerate(tokens):
-        if tok.token_type.name == "VAR" and tok.text.lower() in tables and i > 0 and tokens[i - 1].token_type.name in ("FROM", "JOIN"):
+        if (
+            tok.token_type.name == "VAR"
+            and tok.text.lower() in tables
+            and i > 0
+            and tokens[i - 1].token_type.name in ("FROM", "JOIN")
+        ):
             order.append(tables.index(tok.text.lower()))
             if i + 2 < len(tokens) and tokens[i + 1].token_type.name == "ALIAS":
                 alias[tokens[i + 2].text.lower()] = order[-1]
@@ -130,16 +157,25 @@ def _slots(sql: str, entry: dict[str, Any]):
         name = tok.text.lower()
         role = None
         # a name is a VAR token, or a keyword token spelling a schema name (a column ``date``)
-        word = tok.token_type.name == "VAR" or (name in names and name.isidentifier() and tok.token_type.name not in ("STRING", "NUMBER")
-                                                 and not (i + 1 < len(tokens) and tokens[i + 1].text == "("))
+        word = tok.token_type.name == "VAR" or (
+            name in names
+            and name.isidentifier()
+            and tok.token_type.name not in ("STRING", "NUMBER")
+            and not (i + 1 < len(tokens) and tokens[i + 1].text == "(")
+        )
         if word:
             if i > 0 and tokens[i - 1].token_type.name in ("FROM", "JOIN") and name in tables:
                 role = ("table", tables.index(name))
             elif i > 1 and tokens[i - 1].text == "." and tokens[i - 2].text.lower() in alias:
                 t = alias[tokens[i - 2].text.lower()]
                 role = next((("column", ci) for ci, (ti, c) in enumerate(cols) if ti == t and c.lower() == name), None)
-            elif not (i + 1 < len(tokens) and tokens[i + 1].text == ".") and not (i > 0 and tokens[i - 1].token_type.name == "ALIAS"):
-                role = next((("column", ci) for t in order for ci, (ti, c) in enumerate(cols) if ti == t and c.lower() == name), None)
+            elif not (i + 1 < len(tokens) and tokens[i + 1].text == ".") and not (
+                i > 0 and tokens[i - 1].token_type.name == "ALIAS"
+            ):
+                role = next(
+                    (("column", ci) for t in order for ci, (ti, c) in enumerate(cols) if ti == t and c.lower() == name),
+                    None,
+                )
         roles.append(role)
     return tokens, roles
 

@@ -79,7 +79,9 @@ def read_idx(path: Path, *, images: bool) -> np.ndarray:
         with opener(path, "rb") as f:
             blob = f.read()
     except (OSError, EOFError) as exc:
-        raise MalformedRecord(path, "file", f"cannot be read as {'gzip' if opener is gzip.open else 'a file'}: {exc}") from exc
+        raise MalformedRecord(
+            path, "file", f"cannot be read as {'gzip' if opener is gzip.open else 'a file'}: {exc}"
+        ) from exc
     ndim = 3 if images else 1
     header_len = 4 + 4 * ndim
     if len(blob) < header_len:
@@ -87,21 +89,29 @@ def read_idx(path: Path, *, images: bool) -> np.ndarray:
     magic = int.from_bytes(blob[:4], "big")
     expected = IDX_IMAGES_MAGIC if images else IDX_LABELS_MAGIC
     if magic != expected:
-        raise MalformedRecord(path, "header", f"magic number {magic:#010x}, expected {expected:#010x} (uint8, {ndim}-d)")
+        raise MalformedRecord(
+            path, "header", f"magic number {magic:#010x}, expected {expected:#010x} (uint8, {ndim}-d)"
+        )
     dims = tuple(int(d) for d in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
     record = int(np.prod(dims[1:])) if images else 1
     have = len(blob) - header_len
     if have < dims[0] * record:
-        raise MalformedRecord(path, f"record {have // record}", f"file ends inside record {have // record} of {dims[0]} (truncated)")
+        raise MalformedRecord(
+            path, f"record {have // record}", f"file ends inside record {have // record} of {dims[0]} (truncated)"
+        )
     if have > dims[0] * record:
-        raise MalformedRecord(path, "trailer", f"{have - dims[0] * record} bytes after the {dims[0]} records the header announces")
+        raise MalformedRecord(
+            path, "trailer", f"{have - dims[0] * record} bytes after the {dims[0]} records the header announces"
+        )
     return np.frombuffer(blob, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
 def check_labels(path: Path, labels: np.ndarray, where: str = "record") -> np.ndarray:
     bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
     if bad.size:
-        raise MalformedRecord(path, f"{where} {int(bad[0])}", f"label {int(labels[bad[0]])} is not a class 0-{NUM_CLASSES - 1}")
+        raise MalformedRecord(
+            path, f"{where} {int(bad[0])}", f"label {int(labels[bad[0]])} is not a class 0-{NUM_CLASSES - 1}"
+        )
     return labels.astype(np.int64)
 
 
@@ -112,9 +122,13 @@ def load_fashion_mnist(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]
         images = read_idx(folder / image_file, images=True)
         labels = check_labels(folder / label_file, read_idx(folder / label_file, images=False))
         if images.shape[1:] != (28, 28):
-            raise MalformedRecord(folder / image_file, "header", f"images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+            raise MalformedRecord(
+                folder / image_file, "header", f"images are {images.shape[1]}x{images.shape[2]}, expected 28x28"
+            )
         if len(images) != len(labels):
-            raise MalformedRecord(folder / label_file, "header", f"{len(labels)} labels for {len(images)} images in {image_file}")
+            raise MalformedRecord(
+                folder / label_file, "header", f"{len(labels)} labels for {len(images)} images in {image_file}"
+            )
         out[split] = (np.pad(images, ((0, 0), (2, 2), (2, 2))), labels)
     return out
 
@@ -132,15 +146,21 @@ class _CifarUnpickler(pickle.Unpickler):
     """Loads CIFAR-10's pickles without executing arbitrary code: only NumPy arrays."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),  # how Python 3 writes bytes in a protocol-2 pickle (a re-pickled batch)
     }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unexpected object {module}.{name} (a CIFAR-10 batch holds a dict of arrays/lists)")
+        raise pickle.UnpicklingError(
+            f"unexpected object {module}.{name} (a CIFAR-10 batch holds a dict of arrays/lists)"
+        )
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -159,18 +179,29 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:  # any unpickling failure is a corrupt file
         raise MalformedRecord(path, "file", f"not a CIFAR-10 python batch: {exc}") from exc
     if not isinstance(batch, dict):
-        raise MalformedRecord(path, "file", f"holds a {type(batch).__name__}, expected a dict with b'data' and b'labels'")
+        raise MalformedRecord(
+            path, "file", f"holds a {type(batch).__name__}, expected a dict with b'data' and b'labels'"
+        )
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     for key in ("data", "labels"):
         if key not in batch:
             raise MalformedRecord(path, f"key '{key}'", f"missing; the batch has keys {sorted(batch)}")
     data = batch["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * NATIVE * NATIVE:
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3 * NATIVE * NATIVE
+    ):
         shape = getattr(data, "shape", None)
-        raise MalformedRecord(path, "key 'data'", f"expected a uint8 array N x {3 * NATIVE * NATIVE}, got {type(data).__name__} {shape}")
+        raise MalformedRecord(
+            path, "key 'data'", f"expected a uint8 array N x {3 * NATIVE * NATIVE}, got {type(data).__name__} {shape}"
+        )
     labels = np.asarray(batch["labels"])
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise MalformedRecord(path, "key 'labels'", f"expected {len(data)} integer labels, got {labels.shape} {labels.dtype}")
+        raise MalformedRecord(
+            path, "key 'labels'", f"expected {len(data)} integer labels, got {labels.shape} {labels.dtype}"
+        )
     return data, check_labels(path, labels)
 
 
@@ -229,9 +260,14 @@ def load_cifar10_hf(data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         for i, image in enumerate(ds["img"]):
             pixels = np.asarray(image.convert("RGB"))
             if pixels.shape != (NATIVE, NATIVE, 3):
-                raise MalformedRecord(folder, f"split {split}, record {i}", f"image is {pixels.shape}, expected 32x32 RGB")
+                raise MalformedRecord(
+                    folder, f"split {split}, record {i}", f"image is {pixels.shape}, expected 32x32 RGB"
+                )
             channel_major[i] = pixels.transpose(2, 0, 1).ravel()
-        out[split] = (rgb_to_gray(channel_major), check_labels(folder, np.asarray(ds["label"]), where=f"split {split}, record"))
+        out[split] = (
+            rgb_to_gray(channel_major),
+            check_labels(folder, np.asarray(ds["label"]), where=f"split {split}, record"),
+        )
     return out
 
 
@@ -290,7 +326,8 @@ def subsample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         "tiny": {"task": {"resolution": 16, "max_len": 256, "num_train": 640, "num_val": 128, "num_test": 256}},
         # 2 CPU cores, a minute or two: 16x16 = 256 tokens, 12k training images.
         "small": {"task": {"resolution": 16, "max_len": 256, "num_train": 12000, "num_val": 1000, "num_test": 2000}},
-        # scale=lra: harness/conf/protocol/<protocol>/image.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/image.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class ImageClassification(Task):
@@ -371,7 +408,11 @@ class ImageClassification(Task):
             "test": (test_images[test_idx], test_labels[test_idx]),
         }
         log.info(
-            "image (%s): %s at %dx%d", cfg.source, ", ".join(f"{s} {len(y)}" for s, (_, y) in parts.items()), cfg.resolution, cfg.resolution
+            "image (%s): %s at %dx%d",
+            cfg.source,
+            ", ".join(f"{s} {len(y)}" for s, (_, y) in parts.items()),
+            cfg.resolution,
+            cfg.resolution,
         )
         return datasets.DatasetDict(
             {split: to_dataset(to_tokens(downsample(x, cfg.resolution)), y) for split, (x, y) in parts.items()}

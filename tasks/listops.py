@@ -203,10 +203,29 @@ def read_tsv(path: Path) -> list[tuple[list[int], int]]:
     requires=("key_padding",),
     scales={
         # CI: short expressions, a few seconds per cell.
-        "tiny": {"task": {"max_len": 64, "min_length": 8, "max_length": 64, "num_train": 640, "num_val": 128, "num_test": 128}},
+        "tiny": {
+            "task": {
+                "max_len": 64,
+                "min_length": 8,
+                "max_length": 64,
+                "num_train": 640,
+                "num_val": 128,
+                "num_test": 128,
+            }
+        },
         # 2 CPU cores, a minute or two per cell.
-        "small": {"task": {"max_len": 128, "min_length": 16, "max_length": 128, "num_train": 12000, "num_val": 500, "num_test": 1000}},
-        # scale=lra: harness/conf/protocol/<protocol>/listops.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        "small": {
+            "task": {
+                "max_len": 128,
+                "min_length": 16,
+                "max_length": 128,
+                "num_train": 12000,
+                "num_val": 500,
+                "num_test": 1000,
+            }
+        },
+        # scale=lra: harness/conf/protocol/<protocol>/listops.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class ListOps(Task):
@@ -225,7 +244,16 @@ class ListOps(Task):
     def cache_params(self):
         params = super().cache_params()
         if self.cfg.source == "lra":  # generator knobs don't matter for files
-            for key in ("min_length", "max_length", "max_depth", "max_args", "num_train", "num_val", "num_test", "data_seed"):
+            for key in (
+                "min_length",
+                "max_length",
+                "max_depth",
+                "max_args",
+                "num_train",
+                "num_val",
+                "num_test",
+                "data_seed",
+            ):
                 params.pop(key)
             params["data_dir"] = str(Path(self.cfg.data_dir).resolve())
         return params
@@ -276,8 +304,13 @@ class GenerateSettings:
 def generate(settings: GenerateSettings) -> int:
     """``python -m harness tool listops-generate``: write the three files, print one line each."""
     cfg = ListOpsConfig(
-        num_train=settings.num_train, num_val=settings.num_val, num_test=settings.num_test, data_seed=settings.seed,
-        min_length=settings.min_length, max_length=settings.max_length, max_depth=settings.max_depth,
+        num_train=settings.num_train,
+        num_val=settings.num_val,
+        num_test=settings.num_test,
+        data_seed=settings.seed,
+        min_length=settings.min_length,
+        max_length=settings.max_length,
+        max_depth=settings.max_depth,
         max_args=settings.max_args,
     )
     out = Path(settings.data_dir)

@@ -73,13 +73,16 @@ class MQARConfig:
     def __post_init__(self):
         for key in ("num_keys", "num_values"):
             if getattr(self, key) < self.num_pairs:
-                raise ValueError(f"task.{key}={getattr(self, key)} < task.num_pairs={self.num_pairs}: "
-                                 f"{key[4:]} must be distinct within a sequence")
+                raise ValueError(
+                    f"task.{key}={getattr(self, key)} < task.num_pairs={self.num_pairs}: "
+                    f"{key[4:]} must be distinct within a sequence"
+                )
         context = int(self.max_len * self.context_fraction)
         if 2 * self.num_pairs > context or self.num_pairs > self.max_len - context:
             raise ValueError(
                 f"task.max_len={self.max_len} cannot hold {self.num_pairs} pairs in its first {context} tokens "
-                f"and {self.num_pairs} queries after them; raise task.max_len or lower task.num_pairs")
+                f"and {self.num_pairs} queries after them; raise task.max_len or lower task.num_pairs"
+            )
         if self.num_train_short < 0:
             raise ValueError(f"task.num_train_short must be >= 0 (0 = task.num_train; got {self.num_train_short})")
         for key in ("num_values", "num_noise", "num_train", "num_val", "num_test"):
@@ -142,8 +145,12 @@ def solve(tokens, cfg: MQARConfig) -> list[int]:
 
 def generate_splits(cfg: MQARConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """train/validation/test from one seed; held-out sequences equal to a train one are redrawn."""
-    return unseen_splits(lambda n, rng: generate(cfg, n, rng), (cfg.num_train, cfg.num_val, cfg.num_test),
-                         cfg.data_seed, fails="mqar: could not draw held-out sequences unseen in train; widen the vocabulary")
+    return unseen_splits(
+        lambda n, rng: generate(cfg, n, rng),
+        (cfg.num_train, cfg.num_val, cfg.num_test),
+        cfg.data_seed,
+        fails="mqar: could not draw held-out sequences unseen in train; widen the vocabulary",
+    )
 
 
 @register_task(
@@ -152,8 +159,18 @@ def generate_splits(cfg: MQARConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]
     sources=("generated",),
     scales={
         # CI: 256 tokens, 8 pairs.
-        "tiny": {"task": {"max_len": 256, "num_pairs": 8, "num_keys": 32, "num_values": 8, "num_train": 2000, "num_val": 200, "num_test": 200},
-                 "model": {"positions": "none", "short_conv": 2}},
+        "tiny": {
+            "task": {
+                "max_len": 256,
+                "num_pairs": 8,
+                "num_keys": 32,
+                "num_values": 8,
+                "num_train": 2000,
+                "num_val": 200,
+                "num_test": 200,
+            },
+            "model": {"positions": "none", "short_conv": 2},
+        },
         # 2 CPU cores: 1K tokens, 16 pairs over 16 value classes (chance 6.25%), one layer of width 64 with
         # 2 heads after a short convolution (kernel 2: the value's position also sees its key, so one
         # attention layer can match a query to it; without it, 2 layers stayed at chance after 1500 steps
@@ -164,15 +181,48 @@ def generate_splits(cfg: MQARConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]
         # linear 0.064/0.068/0.067 at 1K (chance 0.0625).
         "small": {
             "task": {"max_len": 1024},
-            "model": {"dim": 64, "depth": 1, "heads": 2, "mlp_dim": 128, "dropout": 0.0, "positions": "none", "short_conv": 2},
-            "train": {"max_steps": 360, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 20,
-                      "eval_every": 60, "eval_batches": 16, "warmup_length": 64, "warmup_length_steps": 300,
-                      "warmup_batch_size": 64},
+            "model": {
+                "dim": 64,
+                "depth": 1,
+                "heads": 2,
+                "mlp_dim": 128,
+                "dropout": 0.0,
+                "positions": "none",
+                "short_conv": 2,
+            },
+            "train": {
+                "max_steps": 360,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "weight_decay": 0.0,
+                "warmup_steps": 20,
+                "eval_every": 60,
+                "eval_batches": 16,
+                "warmup_length": 64,
+                "warmup_length_steps": 300,
+                "warmup_batch_size": 64,
+            },
         },
         # a GPU: 4K tokens, 64 pairs, 2 layers of width 128.
         "lra": {
-            "task": {"max_len": 4096, "num_pairs": 64, "num_keys": 256, "num_values": 64, "num_train": 100000, "num_val": 2000, "num_test": 2000},
-            "model": {"dim": 128, "depth": 2, "heads": 4, "mlp_dim": 256, "dropout": 0.0, "positions": "none", "short_conv": 2},
+            "task": {
+                "max_len": 4096,
+                "num_pairs": 64,
+                "num_keys": 256,
+                "num_values": 64,
+                "num_train": 100000,
+                "num_val": 2000,
+                "num_test": 2000,
+            },
+            "model": {
+                "dim": 128,
+                "depth": 2,
+                "heads": 4,
+                "mlp_dim": 256,
+                "dropout": 0.0,
+                "positions": "none",
+                "short_conv": 2,
+            },
             "train": {"max_steps": 20000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 500, "eval_every": 1000},
         },
     },
@@ -201,7 +251,9 @@ class MQAR(Task):
     def build(self):
         import datasets
 
-        return datasets.DatasetDict({
-            split: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
-            for split, (x, y) in generate_splits(self.cfg).items()
-        })
+        return datasets.DatasetDict(
+            {
+                split: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
+                for split, (x, y) in generate_splits(self.cfg).items()
+            }
+        )

@@ -92,7 +92,8 @@ class PathfinderConfig:
     distractor_length: int = 0  # generated: paddles per distractor (0: contour_length // 3, as LRA)
     num_distractors: int = -1  # generated: distractor contours (-1: LRA's budget // distractor_length)
     continuity: float = 0.0  # generated: turn weight cos(min(|turn| * continuity, 90 deg))^2 (0: LRA's)
-    dot_distance: str = "matched"  # generated: matched (each positive paired with a negative whose dots are as far apart) | free (LRA's)
+    # generated: matched (each positive paired with a negative whose dots are as far apart) | free (LRA's)
+    dot_distance: str = "matched"
     num_train: int = 160000  # generated: images per split (LRA: 200,000, 80/10/10); lra: a cap (0 = all)
     num_val: int = 20000
     num_test: int = 20000
@@ -172,7 +173,9 @@ class Stencils:
         self.width = geo.resolution + 2 * self.pad
         along = np.linspace(0.0, geo.paddle_length, int(math.ceil(2 * geo.paddle_length)) + 1)  # half-pixel steps
         for kind, start in (("seed", 0.0), ("paddle", geo.paddle_gap)):
-            rows = [np.rint((start + along)[:, None] * _unit(d)[None, :]).astype(np.int64) for d in range(NUM_DIRECTIONS)]
+            rows = [
+                np.rint((start + along)[:, None] * _unit(d)[None, :]).astype(np.int64) for d in range(NUM_DIRECTIONS)
+            ]
             setattr(self, kind, self._pack(rows))
             setattr(self, f"{kind}_near", self._pack([_near(r, geo.clearance - 1) for r in rows]))
             setattr(self, f"{kind}_step", self._flat(np.stack([r[-1] for r in rows])))
@@ -228,15 +231,30 @@ class SnakesGenerator:
 
     WALL = 1 << 20
 
-    def __init__(self, geo: Geometry, *, contour_length: int, distractor_length: int, num_distractors: int,
-                 continuity: float, match_dot_distance: bool = False, max_restarts: int = 1000,
-                 distractor_tries: int = 10, match_tries: int = 20, match_pool: int = 64):
+    def __init__(
+        self,
+        geo: Geometry,
+        *,
+        contour_length: int,
+        distractor_length: int,
+        num_distractors: int,
+        continuity: float,
+        match_dot_distance: bool = False,
+        max_restarts: int = 1000,
+        distractor_tries: int = 10,
+        match_tries: int = 20,
+        match_pool: int = 64,
+    ):
         if not (1 <= contour_length and 1 <= distractor_length and 0 <= num_distractors):
             raise ValueError("contour_length and distractor_length must be >= 1, num_distractors >= 0")
         if continuity <= 0:
             raise ValueError(f"continuity={continuity} must be > 0")
         self.geo, self.stencils, self.continuity = geo, Stencils(geo), continuity
-        self.contour_length, self.distractor_length, self.num_distractors = contour_length, distractor_length, num_distractors
+        self.contour_length, self.distractor_length, self.num_distractors = (
+            contour_length,
+            distractor_length,
+            num_distractors,
+        )
         self.max_restarts, self.distractor_tries = max_restarts, distractor_tries
         self.match_dot_distance, self.match_tries, self.match_pool = match_dot_distance, match_tries, match_pool
         turns = np.arange(NUM_DIRECTIONS) - NUM_DIRECTIONS // 2  # in direction steps
@@ -426,7 +444,8 @@ class SnakesGenerator:
                 raise DataSourceError(
                     f"pathfinder generator: {drawn} images drawn, {2 * len(kept[1])} of {n_positive + n_negative} "
                     f"kept with matched dot distances; the classes' dot distances barely overlap at these "
-                    f"settings: set task.dot_distance=free (LRA's generator) or change the contour lengths")
+                    f"settings: set task.dot_distance=free (LRA's generator) or change the contour lengths"
+                )
             image, distance = self.image_and_dot_distance(rng, label)
             drawn += 1
             key = round(distance, 2)
@@ -454,9 +473,14 @@ def generator_for(cfg: PathfinderConfig) -> SnakesGenerator:
     contour_length = cfg.contour_length or DIFFICULTIES[cfg.difficulty][1]
     distractor_length = cfg.distractor_length or max(1, contour_length // 3)
     num_distractors = cfg.num_distractors if cfg.num_distractors >= 0 else geo.distractor_budget // distractor_length
-    return SnakesGenerator(geo, contour_length=contour_length, distractor_length=distractor_length,
-                           num_distractors=num_distractors, continuity=cfg.continuity or geo.continuity,
-                           match_dot_distance=matches_dot_distance(cfg))
+    return SnakesGenerator(
+        geo,
+        contour_length=contour_length,
+        distractor_length=distractor_length,
+        num_distractors=num_distractors,
+        continuity=cfg.continuity or geo.continuity,
+        match_dot_distance=matches_dot_distance(cfg),
+    )
 
 
 # ----------------------------------------------------------------------------- LRA's release
@@ -467,14 +491,20 @@ def release_folder(data_dir: str, resolution: int, difficulty: str) -> Path:
     if not data_dir:
         raise DataSourceError(f"task.source=lra needs task.data_dir. {RELEASE_HINT}")
     root, name = Path(data_dir), DIFFICULTIES[difficulty][0]
-    for folder in (root / name, root / f"pathfinder{resolution}" / name, root / "lra_release" / f"pathfinder{resolution}" / name):
+    for folder in (
+        root / name,
+        root / f"pathfinder{resolution}" / name,
+        root / "lra_release" / f"pathfinder{resolution}" / name,
+    ):
         if (folder / "metadata").is_dir():
             return folder
     raise DataSourceError(f"{root / name / 'metadata'} not found. {RELEASE_HINT}")
 
 
 def metadata_files(folder: Path) -> list[Path]:
-    files = sorted((folder / "metadata").glob("*.npy"), key=lambda p: (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.stem))
+    files = sorted(
+        (folder / "metadata").glob("*.npy"), key=lambda p: (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.stem)
+    )
     if not files:
         raise DataSourceError(f"{folder / 'metadata'} holds no *.npy metadata files. {RELEASE_HINT}")
     return files
@@ -500,7 +530,9 @@ def read_metadata(path: Path) -> list[tuple[int, str, str, int]]:
         if not fields:
             continue
         if len(fields) < 4:
-            raise MalformedRecord(path, line_no, f"expected >= 4 space-separated fields (folder, image, index, label), got {len(fields)}")
+            raise MalformedRecord(
+                path, line_no, f"expected >= 4 space-separated fields (folder, image, index, label), got {len(fields)}"
+            )
         if fields[3] not in ("0", "1"):
             raise MalformedRecord(path, line_no, f"label {fields[3]!r} is not 0 or 1")
         rows.append((line_no, fields[0], fields[1], int(fields[3])))
@@ -525,7 +557,11 @@ def read_png(path: Path, resolution: int, where: str) -> np.ndarray | None:
     except Exception as exc:
         raise MalformedRecord(path, where, f"not a readable image: {exc}") from exc
     if pixels.shape != (resolution, resolution):
-        raise MalformedRecord(path, where, f"image is {pixels.shape[1]}x{pixels.shape[0]}, expected {resolution}x{resolution} (task.resolution)")
+        raise MalformedRecord(
+            path,
+            where,
+            f"image is {pixels.shape[1]}x{pixels.shape[0]}, expected {resolution}x{resolution} (task.resolution)",
+        )
     return pixels
 
 
@@ -534,7 +570,9 @@ def load_release(folder: Path, resolution: int) -> tuple[np.ndarray, np.ndarray,
     images, labels, empty = [], [], 0
     for meta in metadata_files(folder):
         for line_no, subdir, name, label in read_metadata(meta):
-            pixels = read_png(folder / subdir / name, resolution, f"listed in {meta.parent.name}/{meta.name} line {line_no}")
+            pixels = read_png(
+                folder / subdir / name, resolution, f"listed in {meta.parent.name}/{meta.name} line {line_no}"
+            )
             if pixels is None:
                 empty += 1
                 continue
@@ -545,7 +583,9 @@ def load_release(folder: Path, resolution: int) -> tuple[np.ndarray, np.ndarray,
     return np.stack(images), np.asarray(labels, dtype=np.int64), empty
 
 
-def write_release(folder: Path, images: np.ndarray, labels: np.ndarray, generator: SnakesGenerator, *, per_batch: int = 1000) -> None:
+def write_release(
+    folder: Path, images: np.ndarray, labels: np.ndarray, generator: SnakesGenerator, *, per_batch: int = 1000
+) -> None:
     """Images and metadata in the release's layout (rows as ``snakes2.accumulate_meta``)."""
     from PIL import Image
 
@@ -556,8 +596,10 @@ def write_release(folder: Path, images: np.ndarray, labels: np.ndarray, generato
         rows = []
         for k, (pixels, label) in enumerate(zip(images[start : start + per_batch], labels[start : start + per_batch])):
             Image.fromarray(pixels, mode="L").save(folder / "imgs" / str(batch) / f"sample_{k}.png")
-            rows.append(f"imgs/{batch} sample_{k}.png {k} {int(label)} {generator.continuity:g} {generator.contour_length} "
-                        f"{generator.distractor_length} {geo.paddle_length:g} 1 {geo.margin} 1")
+            rows.append(
+                f"imgs/{batch} sample_{k}.png {k} {int(label)} {generator.continuity:g} {generator.contour_length} "
+                f"{generator.distractor_length} {geo.paddle_length:g} 1 {geo.margin} 1"
+            )
         (folder / "metadata" / f"{batch}.npy").write_text("\n".join(rows) + "\n")
 
 
@@ -585,12 +627,35 @@ GENERATOR_FIELDS = ("contour_length", "distractor_length", "num_distractors", "c
     sources=("generated", "lra"),
     scales={
         # CI: 16x16 = 256 tokens, short targets (3 paddles), two one-paddle distractors.
-        "tiny": {"task": {"resolution": 16, "max_len": 256, "difficulty": "easy", "contour_length": 3, "distractor_length": 1,
-                          "num_distractors": 2, "num_train": 640, "num_val": 128, "num_test": 256}},
+        "tiny": {
+            "task": {
+                "resolution": 16,
+                "max_len": 256,
+                "difficulty": "easy",
+                "contour_length": 3,
+                "distractor_length": 1,
+                "num_distractors": 2,
+                "num_train": 640,
+                "num_val": 128,
+                "num_test": 256,
+            }
+        },
         # 2 CPU cores, a minute or two: 16x16, targets of 3 paddles, no distractors.
-        "small": {"task": {"resolution": 16, "max_len": 256, "difficulty": "easy", "contour_length": 3, "distractor_length": 1,
-                           "num_distractors": 0, "num_train": 16000, "num_val": 1000, "num_test": 2000}},
-        # scale=lra: harness/conf/protocol/<protocol>/pathfinder.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        "small": {
+            "task": {
+                "resolution": 16,
+                "max_len": 256,
+                "difficulty": "easy",
+                "contour_length": 3,
+                "distractor_length": 1,
+                "num_distractors": 0,
+                "num_train": 16000,
+                "num_val": 1000,
+                "num_test": 2000,
+            }
+        },
+        # scale=lra: harness/conf/protocol/<protocol>/pathfinder.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class Pathfinder(Task):
@@ -643,7 +708,12 @@ class Pathfinder(Task):
 
         parts = self._generate() if self.cfg.source == "generated" else self._read_release()
         for split, (_, labels) in parts.items():
-            log.info("pathfinder %s: %d images, %.1f%% connected", split, len(labels), 100 * labels.mean() if len(labels) else 0)
+            log.info(
+                "pathfinder %s: %d images, %.1f%% connected",
+                split,
+                len(labels),
+                100 * labels.mean() if len(labels) else 0,
+            )
         return datasets.DatasetDict({split: to_dataset(x, y) for split, (x, y) in parts.items()})
 
     def _generate(self):
@@ -651,15 +721,24 @@ class Pathfinder(Task):
         generator = generator_for(cfg)
         seeds = np.random.SeedSequence(cfg.data_seed).spawn(3)
         parts = {}
-        for (split, count), seed in zip((("train", cfg.num_train), ("validation", cfg.num_val), ("test", cfg.num_test)), seeds):
+        for (split, count), seed in zip(
+            (("train", cfg.num_train), ("validation", cfg.num_val), ("test", cfg.num_test)), seeds
+        ):
             parts[split] = generator.images(count, seed)
         log.info(
             "pathfinder generator %dx%d: targets of %d paddles, %d distractors of %d, continuity %.2f, dot "
             "distances %s; %d images restarted, %d distractors found no room, %d images drawn without a partner "
             "of the same dot distance (discarded)",
-            cfg.resolution, cfg.resolution, generator.contour_length, generator.num_distractors,
-            generator.distractor_length, generator.continuity, cfg.dot_distance, generator.restarts,
-            generator.missing_distractors, generator.unmatched,
+            cfg.resolution,
+            cfg.resolution,
+            generator.contour_length,
+            generator.num_distractors,
+            generator.distractor_length,
+            generator.continuity,
+            cfg.dot_distance,
+            generator.restarts,
+            generator.missing_distractors,
+            generator.unmatched,
         )
         return parts
 
@@ -668,7 +747,9 @@ class Pathfinder(Task):
         folder = release_folder(cfg.data_dir, cfg.resolution, cfg.difficulty)
         images, labels, empty = load_release(folder, cfg.resolution)
         if empty:
-            log.warning("pathfinder (lra) %s: skipped %d empty image files (LRA's pipeline filters them too)", folder, empty)
+            log.warning(
+                "pathfinder (lra) %s: skipped %d empty image files (LRA's pipeline filters them too)", folder, empty
+            )
         n = len(labels)
         cuts = [int(round(f * n)) for f in SPLIT_FRACTIONS]
         bounds = {"train": (0, cuts[0]), "validation": (cuts[0], cuts[1]), "test": (cuts[1], n)}
@@ -691,7 +772,9 @@ class GenerateSettings:
     difficulty: str = "easy"  # easy | intermediate | hard
     contour_length: int = 0  # 0 = the difficulty's
     num_distractors: int = -1  # -1 = the generator's default
-    dot_distance: str = "matched"  # matched: both classes share one distribution of dot distances; free: LRA's generator
+    dot_distance: str = (
+        "matched"  # matched: both classes share one distribution of dot distances; free: LRA's generator
+    )
     seed: int = 0
 
 
@@ -701,10 +784,15 @@ def generate(settings: GenerateSettings) -> int:
 
     check_choice("difficulty", settings.difficulty, DIFFICULTIES)
     check_choice("dot_distance", settings.dot_distance, DOT_DISTANCES)
-    cfg = PathfinderConfig(resolution=settings.resolution, max_len=settings.resolution**2,
-                           difficulty=settings.difficulty, contour_length=settings.contour_length,
-                           num_distractors=settings.num_distractors, dot_distance=settings.dot_distance,
-                           data_seed=settings.seed)
+    cfg = PathfinderConfig(
+        resolution=settings.resolution,
+        max_len=settings.resolution**2,
+        difficulty=settings.difficulty,
+        contour_length=settings.contour_length,
+        num_distractors=settings.num_distractors,
+        dot_distance=settings.dot_distance,
+        data_seed=settings.seed,
+    )
     generator = generator_for(cfg)
     images, labels = generator.images(settings.count, settings.seed)
     folder = Path(settings.data_dir) / DIFFICULTIES[settings.difficulty][0]

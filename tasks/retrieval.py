@@ -49,11 +49,16 @@ log = logging.getLogger(__name__)
 
 BYTE_VOCAB = 257  # 0 = padding, byte b -> b + 1
 SPLITS = ("train", "validation", "test")
-AAN_FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv", "test": "new_aan_pairs.test.tsv"}
+AAN_FILES = {
+    "train": "new_aan_pairs.train.tsv",
+    "validation": "new_aan_pairs.eval.tsv",
+    "test": "new_aan_pairs.test.tsv",
+}
 AAN_COLUMNS = ("label", "id1", "id2", "text1", "text2")
 AAN_HINT = (
     "Download LRA's release (lra_release.gz from github.com/google-research/long-range-arena), and set "
-    "task.data_dir to its tsv_data folder holding new_aan_pairs.train.tsv, new_aan_pairs.eval.tsv, new_aan_pairs.test.tsv"
+    "task.data_dir to its tsv_data folder holding new_aan_pairs.train.tsv, new_aan_pairs.eval.tsv, "
+    "new_aan_pairs.test.tsv"
 )
 CHUNK = 4096  # pairs per in-memory Arrow chunk (AAN's train split has ~147K pairs of up to 2 x 4K bytes)
 
@@ -97,13 +102,19 @@ def link_graph(pages) -> dict[str, set[str]]:
                 counts["resolved references"] += 1
     links = sum(len(n) for n in neighbours.values()) // 2
     isolated = sum(not n for n in neighbours.values())
-    log.info("man-page links: %d between %d pages (%d pages without links); SEE ALSO: %s", links,
-             len(pages) - isolated, isolated, ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+    log.info(
+        "man-page links: %d between %d pages (%d pages without links); SEE ALSO: %s",
+        links,
+        len(pages) - isolated,
+        isolated,
+        ", ".join(f"{n} {what}" for what, n in sorted(counts.items())),
+    )
     return neighbours
 
 
-def split_by_regions(neighbours: dict[str, set[str]], fractions: tuple[float, float], region_size: int,
-                     seed: int) -> dict[str, set[str]]:
+def split_by_regions(
+    neighbours: dict[str, set[str]], fractions: tuple[float, float], region_size: int, seed: int
+) -> dict[str, set[str]]:
     """{split: page keys}: validation and test grown as breadth-first regions of at most
     ``region_size`` pages from random seeds, each up to its fraction of the pages; the rest
     is train. Every page lands in exactly one split."""
@@ -137,8 +148,9 @@ def split_by_regions(neighbours: dict[str, set[str]], fractions: tuple[float, fl
     return {split: parts[split] for split in SPLITS}
 
 
-def degree_preserving_negatives(positives: list[tuple[str, str]], linked: dict[str, set[str]],
-                                rng: np.random.Generator, *, max_rounds: int = 20) -> list[tuple[str, str]]:
+def degree_preserving_negatives(
+    positives: list[tuple[str, str]], linked: dict[str, set[str]], rng: np.random.Generator, *, max_rounds: int = 20
+) -> list[tuple[str, str]]:
     """As many unlinked pairs as ``positives``, built by shuffling the positives' endpoints:
     each page appears in as many negatives as positives. A pair that is linked, a page with
     itself or a repeat is repaired by swapping partners with another pair (searched in random
@@ -179,8 +191,11 @@ def degree_preserving_negatives(positives: list[tuple[str, str]], linked: dict[s
     negatives = [(a, b) for a, b in pairs if not (a == b or b in linked[a])]
     negatives = list({key(a, b): (a, b) for a, b in negatives}.values())
     if len(negatives) < len(positives):
-        log.warning("negatives: %d of %d could not be paired without a link or a repeat (dropped)",
-                    len(positives) - len(negatives), len(positives))
+        log.warning(
+            "negatives: %d of %d could not be paired without a link or a repeat (dropped)",
+            len(positives) - len(negatives),
+            len(positives),
+        )
     return negatives
 
 
@@ -188,8 +203,10 @@ def check_config(cfg: RetrievalConfig) -> None:
     if cfg.max_len < 1:
         raise ValueError(f"task.max_len={cfg.max_len} must be >= 1")
     if min(cfg.val_fraction, cfg.test_fraction) <= 0 or cfg.val_fraction + cfg.test_fraction >= 1:
-        raise ValueError(f"task.val_fraction={cfg.val_fraction} and task.test_fraction={cfg.test_fraction} "
-                         f"must be > 0 and sum to less than 1")
+        raise ValueError(
+            f"task.val_fraction={cfg.val_fraction} and task.test_fraction={cfg.test_fraction} "
+            f"must be > 0 and sum to less than 1"
+        )
     if cfg.region_size < 1:
         raise ValueError(f"task.region_size={cfg.region_size} must be >= 1")
 
@@ -213,8 +230,13 @@ def manpage_pairs(pages, cfg: RetrievalConfig) -> dict[str, list[tuple[str, str,
         rows = [rows[i] for i in rng.permutation(len(rows))]
         flips = rng.random(len(rows)) < 0.5
         out[split] = [(b, a, y) if flip else (a, b, y) for (a, b, y), flip in zip(rows, flips)]
-        log.info("retrieval/manpages %s: %d pages, %d linked pairs, %d unlinked pairs", split, len(part),
-                 len(positives), len(negatives))
+        log.info(
+            "retrieval/manpages %s: %d pages, %d linked pairs, %d unlinked pairs",
+            split,
+            len(part),
+            len(positives),
+            len(negatives),
+        )
     log.info("retrieval/manpages: %d links cross splits (dropped)", cut // 2)
     return out
 
@@ -232,9 +254,15 @@ def build_manpages(cfg: RetrievalConfig, pages=None) -> dict[str, tuple[list[lis
     from harness.core.stats import shared_unit_clusters
 
     # a pair's cluster: the pairs linked to it through shared documents (not independent test units)
-    return {split: ([ids[a] for a, _, _ in rows], [ids[b] for _, b, _ in rows], [y for _, _, y in rows],
-                    shared_unit_clusters([(a, b) for a, b, _ in rows]))
-            for split, rows in pairs.items()}
+    return {
+        split: (
+            [ids[a] for a, _, _ in rows],
+            [ids[b] for _, b, _ in rows],
+            [y for _, _, y in rows],
+            shared_unit_clusters([(a, b) for a, b, _ in rows]),
+        )
+        for split, rows in pairs.items()
+    }
 
 
 # ----------------------------------------------------------------------------- AAN
@@ -258,14 +286,19 @@ def read_aan_tsv(path: Path, max_len: int):
                 continue
             fields = line.split(b"\t")
             if len(fields) != len(AAN_COLUMNS):
-                raise MalformedRecord(path, line_no, f"expected {len(AAN_COLUMNS)} tab-separated fields "
-                                      f"({', '.join(AAN_COLUMNS)}), got {len(fields)}")
+                raise MalformedRecord(
+                    path,
+                    line_no,
+                    f"expected {len(AAN_COLUMNS)} tab-separated fields ({', '.join(AAN_COLUMNS)}), got {len(fields)}",
+                )
             try:
                 label = float(fields[0])
             except ValueError:
                 label = None
             if label not in (0.0, 1.0):
-                raise MalformedRecord(path, line_no, f"label {fields[0][:20].decode('utf-8', 'replace')!r} is not 0 or 1")
+                raise MalformedRecord(
+                    path, line_no, f"label {fields[0][:20].decode('utf-8', 'replace')!r} is not 0 or 1"
+                )
             for name, text in zip(("text1", "text2"), fields[3:]):
                 if not text.strip():
                     raise MalformedRecord(path, line_no, f"{name} is empty")
@@ -316,7 +349,8 @@ def _pairs_dataset(ids1: list[list[int]], ids2: list[list[int]], labels: list[in
         # documents learn slower in this budget (128 bytes: ~0.60 after 600 steps). Softmax:
         # 0.63 test accuracy vs 0.50 majority, ~80 s of CPU for 1,000 steps.
         "small": {"task": {"max_len": 64}, "train": {"max_steps": 1000, "lr": 3.0e-3, "eval_every": 250}},
-        # scale=lra: harness/conf/protocol/<protocol>/retrieval.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/retrieval.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class Retrieval(Task):
@@ -361,6 +395,8 @@ class Retrieval(Task):
             if not self.cfg.data_dir:
                 raise DataSourceError(f"task.source=aan needs task.data_dir. {AAN_HINT}")
             folder = Path(self.cfg.data_dir)
-            return datasets.DatasetDict({split: aan_split(folder / name, self.max_len) for split, name in AAN_FILES.items()})
+            return datasets.DatasetDict(
+                {split: aan_split(folder / name, self.max_len) for split, name in AAN_FILES.items()}
+            )
         splits = build_manpages(self.cfg)
         return datasets.DatasetDict({split: _pairs_dataset(*rows) for split, rows in splits.items()})

@@ -72,7 +72,9 @@ class SelectiveCopyConfig:
     source: str = "generated"
     max_len: int = 1024  # tokens per sequence, markers included
     num_tokens: int = 16  # data tokens to copy (= markers) per sequence
-    num_values: int = 16  # value vocabulary = classes (>= num_tokens: distinct within a sequence; chance 1 / num_values)
+    num_values: int = (
+        16  # value vocabulary = classes (>= num_tokens: distinct within a sequence; chance 1 / num_values)
+    )
     num_noise: int = 1  # noise tokens between the data tokens (1: Mamba's single blank)
     numbered_markers: bool = True  # markers M1..Mk (True) or one marker token repeated (False: the reference)
     num_train: int = 8000
@@ -85,11 +87,15 @@ class SelectiveCopyConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"task.{key} must be >= 1 (got {getattr(self, key)})")
         if self.num_values < self.num_tokens:
-            raise ValueError(f"task.num_values={self.num_values} < task.num_tokens={self.num_tokens}: "
-                             f"values must be distinct within a sequence")
+            raise ValueError(
+                f"task.num_values={self.num_values} < task.num_tokens={self.num_tokens}: "
+                f"values must be distinct within a sequence"
+            )
         if 2 * self.num_tokens > self.max_len:
-            raise ValueError(f"task.max_len={self.max_len} cannot hold {self.num_tokens} data tokens and "
-                             f"{self.num_tokens} markers after them; raise task.max_len or lower task.num_tokens")
+            raise ValueError(
+                f"task.max_len={self.max_len} cannot hold {self.num_tokens} data tokens and "
+                f"{self.num_tokens} markers after them; raise task.max_len or lower task.num_tokens"
+            )
 
 
 def token_ranges(cfg: SelectiveCopyConfig) -> tuple[int, int, int]:
@@ -136,9 +142,13 @@ def solve(tokens, cfg: SelectiveCopyConfig) -> list[int]:
 
 def generate_splits(cfg: SelectiveCopyConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """train/validation/test from one seed; held-out sequences equal to a train one are redrawn."""
-    return unseen_splits(lambda n, rng: generate(cfg, n, rng), (cfg.num_train, cfg.num_val, cfg.num_test),
-                         cfg.data_seed, fails="selective_copy: could not draw held-out sequences unseen in train; "
-                                              "raise task.max_len, task.num_values or task.num_noise")
+    return unseen_splits(
+        lambda n, rng: generate(cfg, n, rng),
+        (cfg.num_train, cfg.num_val, cfg.num_test),
+        cfg.data_seed,
+        fails="selective_copy: could not draw held-out sequences unseen in train; "
+        "raise task.max_len, task.num_values or task.num_noise",
+    )
 
 
 @register_task(
@@ -147,8 +157,17 @@ def generate_splits(cfg: SelectiveCopyConfig) -> dict[str, tuple[np.ndarray, np.
     sources=("generated",),
     scales={
         # CI: 128 tokens, 8 data tokens over 8 values.
-        "tiny": {"task": {"max_len": 128, "num_tokens": 8, "num_values": 8, "num_train": 2000, "num_val": 200, "num_test": 200},
-                 "model": {"positions": "sinusoidal"}},
+        "tiny": {
+            "task": {
+                "max_len": 128,
+                "num_tokens": 8,
+                "num_values": 8,
+                "num_train": 2000,
+                "num_val": 200,
+                "num_test": 200,
+            },
+            "model": {"positions": "sinusoidal"},
+        },
         # 2 CPU cores: 1K tokens, 16 data tokens over 16 value classes (chance 6.25%), as Mamba's App. E.1
         # (16 tokens to copy, 16 symbols) at a quarter of its length; two layers with sinusoidal positions
         # (the data tokens' order is all there is to learn) and MQAR's warm start (300 steps of 64 sequences
@@ -162,9 +181,18 @@ def generate_splits(cfg: SelectiveCopyConfig) -> dict[str, tuple[np.ndarray, np.
         "small": {
             "task": {"max_len": 1024},
             "model": {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128, "dropout": 0.0, "positions": "sinusoidal"},
-            "train": {"max_steps": 360, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 20,
-                      "eval_every": 60, "eval_batches": 16, "warmup_length": 64, "warmup_length_steps": 300,
-                      "warmup_batch_size": 64},
+            "train": {
+                "max_steps": 360,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "weight_decay": 0.0,
+                "warmup_steps": 20,
+                "eval_every": 60,
+                "eval_batches": 16,
+                "warmup_length": 64,
+                "warmup_length_steps": 300,
+                "warmup_batch_size": 64,
+            },
         },
         # a GPU: Mamba's App. E.1 length (4096 blanks + 32: here 4K in all), 2 layers of width 128.
         "lra": {
@@ -195,7 +223,9 @@ class SelectiveCopy(Task):
     def build(self):
         import datasets
 
-        return datasets.DatasetDict({
-            split: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
-            for split, (x, y) in generate_splits(self.cfg).items()
-        })
+        return datasets.DatasetDict(
+            {
+                split: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
+                for split, (x, y) in generate_splits(self.cfg).items()
+            }
+        )

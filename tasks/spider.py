@@ -77,24 +77,81 @@ PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
 SCOPES = ("encoder", "all")
 # Relation ids (RAT-SQL's schema-linking and schema relations, per token); 32 ids, so
 # relation_aware's default num_relations=32 fits.
-REL = {name: i for i, name in enumerate([
-    "pad",
-    "qq-2", "qq-1", "qq0", "qq+1", "qq+2",                     # question-question distance, clipped to ±2
-    "q-c exact", "q-c partial", "c-q exact", "c-q partial",     # name matches, both ways
-    "q-t exact", "q-t partial", "t-q exact", "t-q partial",
-    "q-schema", "schema-q",                                     # question ↔ schema, no match
-    "c-t belongs", "c-t primary key", "t-c belongs", "t-c primary key",
-    "c-c same table", "c-c foreign key", "c-c foreign key reverse",
-    "t-t foreign key", "t-t foreign key reverse", "t-t foreign key both",
-    "same item",                                                # tokens of one column or table
-    "c-c", "t-t", "c-t", "t-c",                                 # schema pairs with no other relation
-    "other",                                                    # anything with <sep>
-])}
+REL = {
+    name: i
+    for i, name in enumerate(
+        [
+            "pad",
+            "qq-2",
+            "qq-1",
+            "qq0",
+            "qq+1",
+            "qq+2",  # question-question distance, clipped to ±2
+            "q-c exact",
+            "q-c partial",
+            "c-q exact",
+            "c-q partial",  # name matches, both ways
+            "q-t exact",
+            "q-t partial",
+            "t-q exact",
+            "t-q partial",
+            "q-schema",
+            "schema-q",  # question ↔ schema, no match
+            "c-t belongs",
+            "c-t primary key",
+            "t-c belongs",
+            "t-c primary key",
+            "c-c same table",
+            "c-c foreign key",
+            "c-c foreign key reverse",
+            "t-t foreign key",
+            "t-t foreign key reverse",
+            "t-t foreign key both",
+            "same item",  # tokens of one column or table
+            "c-c",
+            "t-t",
+            "c-t",
+            "t-c",  # schema pairs with no other relation
+            "other",  # anything with <sep>
+        ]
+    )
+}
 # Per-token link fields (schema_links column): what schema_relations needs.
 KIND, TABLE, COLUMN, QPOS, EXACT, PARTIAL, FK, TABLE_FK = range(8)
 KIND_QUESTION, KIND_TABLE, KIND_COLUMN, KIND_OTHER = 1, 2, 3, 4
-STOPWORDS = {"the", "a", "an", "of", "in", "is", "are", "and", "or", "for", "to", "what", "which", "with", "by", "on", "at",
-             "each", "all", "their", "its", "show", "list", "give", "how", "many", "who", "whose", "that", "id", "name"}
+STOPWORDS = {
+    "the",
+    "a",
+    "an",
+    "of",
+    "in",
+    "is",
+    "are",
+    "and",
+    "or",
+    "for",
+    "to",
+    "what",
+    "which",
+    "with",
+    "by",
+    "on",
+    "at",
+    "each",
+    "all",
+    "their",
+    "its",
+    "show",
+    "list",
+    "give",
+    "how",
+    "many",
+    "who",
+    "whose",
+    "that",
+    "id",
+    "name",
+}
 
 
 @dataclass
@@ -107,7 +164,9 @@ class SpiderConfig:
     split: str = "query"  # offline: query (test SQL skeletons never seen in training) | database (test_databases)
     test_fraction: float = 0.2  # offline, split=query: share of each hardness level's questions held out by skeleton
     test_databases: str = "cars,wine"  # offline, split=database: databases of the test split (dev.json)
-    val_fraction: float = 0.2  # of the training file's databases (split=query: of its skeletons), seeded, for validation
+    val_fraction: float = (
+        0.2  # of the training file's databases (split=query: of its skeletons), seeded, for validation
+    )
     min_freq: int = 2  # a training word piece seen fewer times is a placeholder (input); a target token, copy-only
     placeholders: int = 24  # per-example identity placeholders <w0>..<wK-1> for out-of-vocabulary word pieces
     anonymise: float = 0.3  # training only: share of a question's content word pieces replaced by placeholders
@@ -233,7 +292,9 @@ def serialise(question: list[str], entry: dict[str, Any]) -> tuple[list[str], li
             if owner != ti:
                 continue
             exact, partial = masks(naturals[ci][1])
-            marks = [name, entry["column_types"][ci]] + (["[pk]"] if ci in pks else []) + (["[fk]"] if ci in fk_of else [])
+            marks = (
+                [name, entry["column_types"][ci]] + (["[pk]"] if ci in pks else []) + (["[fk]"] if ci in fk_of else [])
+            )
             for tok in marks:
                 tokens.append(tok)
                 links.append([KIND_COLUMN, ti + 1, ci + 1, 0, exact, partial, fk_of.get(ci, -1) + 1, int(ci in pks)])
@@ -250,7 +311,9 @@ def schema_relations(links):
     ti, tj = links[..., TABLE][:, :, None], links[..., TABLE][:, None, :]
     ci, cj = links[..., COLUMN][:, :, None], links[..., COLUMN][:, None, :]
     qi, qj = links[..., QPOS][:, :, None], links[..., QPOS][:, None, :]
-    q_bit_i = torch.bitwise_right_shift(links[..., EXACT][:, None, :], (qi - 1).clamp(0, 62)) & 1  # (B, L, L): token i's bit in j's mask
+    q_bit_i = (
+        torch.bitwise_right_shift(links[..., EXACT][:, None, :], (qi - 1).clamp(0, 62)) & 1
+    )  # (B, L, L): token i's bit in j's mask
     p_bit_i = torch.bitwise_right_shift(links[..., PARTIAL][:, None, :], (qi - 1).clamp(0, 62)) & 1
     q_bit_j = torch.bitwise_right_shift(links[..., EXACT][:, :, None], (qj - 1).clamp(0, 62)) & 1
     p_bit_j = torch.bitwise_right_shift(links[..., PARTIAL][:, :, None], (qj - 1).clamp(0, 62)) & 1
@@ -302,21 +365,32 @@ def schema_relations(links):
 def read_tables(path: Path) -> dict[str, dict[str, Any]]:
     """{db_id: entry} of a tables.json; a broken entry names the file and the entry."""
     if not path.exists():
-        raise DataSourceError(f"{path} not found: Spider's tables.json (download Spider from "
-                              f"yale-lily.github.io/spider and set task.data_dir to its folder)")
+        raise DataSourceError(
+            f"{path} not found: Spider's tables.json (download Spider from "
+            f"yale-lily.github.io/spider and set task.data_dir to its folder)"
+        )
     try:
         entries = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise MalformedRecord(path, exc.lineno, f"not valid JSON: {exc.msg}") from None
     out = {}
-    required = ("db_id", "table_names_original", "column_names_original", "column_types", "primary_keys", "foreign_keys")
+    required = (
+        "db_id",
+        "table_names_original",
+        "column_names_original",
+        "column_types",
+        "primary_keys",
+        "foreign_keys",
+    )
     for i, entry in enumerate(entries):
         where = f"entry {i} (db_id {entry.get('db_id', '?')!r})" if isinstance(entry, dict) else f"entry {i}"
         if not isinstance(entry, dict):
             raise MalformedRecord(path, where, "expected an object")
         missing = [k for k in required if k not in entry]
         if missing:
-            raise MalformedRecord(path, where, f"missing keys {missing}; a Spider tables.json entry has {list(required)}")
+            raise MalformedRecord(
+                path, where, f"missing keys {missing}; a Spider tables.json entry has {list(required)}"
+            )
         n_tables, columns = len(entry["table_names_original"]), entry["column_names_original"]
         for col in columns:
             if not (isinstance(col, list) and len(col) == 2 and isinstance(col[0], int) and -1 <= col[0] < n_tables):
@@ -361,17 +435,36 @@ def _requires(self) -> frozenset[str]:
     sources=("offline", "spider"),
     requires=("key_padding",),
     scales={
-        "tiny": {"task": {"questions_per_db": 40, "max_len": 320, "max_target_len": 64},
-                 "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15}},
-        "small": {"task": {"questions_per_db": 300, "max_len": 320, "max_target_len": 64},
-                  "model": {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128, "dropout": 0.1},
-                  # ~0.4 s a step on a shared 2-core CPU; the limit leaves room for a loaded machine.
-                  "train": {"max_steps": 1200, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 100, "eval_every": 300,
-                            "time_limit_s": 1800}},
+        "tiny": {
+            "task": {"questions_per_db": 40, "max_len": 320, "max_target_len": 64},
+            "train": {"max_steps": 30, "batch_size": 16, "eval_every": 15},
+        },
+        "small": {
+            "task": {"questions_per_db": 300, "max_len": 320, "max_target_len": 64},
+            "model": {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128, "dropout": 0.1},
+            # ~0.4 s a step on a shared 2-core CPU; the limit leaves room for a loaded machine.
+            "train": {
+                "max_steps": 1200,
+                "batch_size": 32,
+                "lr": 2.0e-3,
+                "warmup_steps": 100,
+                "eval_every": 300,
+                "time_limit_s": 1800,
+            },
+        },
         # Spider's real data, a larger model (RAT-SQL-sized encoder), for GPUs.
-        "lra": {"task": {"source": "spider", "max_len": 1024, "max_target_len": 160, "min_freq": 2, "beam_size": 4},
-                "model": {"dim": 256, "depth": 4, "heads": 8, "mlp_dim": 1024, "dropout": 0.1},
-                "train": {"max_steps": 20000, "batch_size": 32, "lr": 5.0e-4, "schedule": "cosine", "warmup_steps": 1000, "eval_every": 1000}},
+        "lra": {
+            "task": {"source": "spider", "max_len": 1024, "max_target_len": 160, "min_freq": 2, "beam_size": 4},
+            "model": {"dim": 256, "depth": 4, "heads": 8, "mlp_dim": 1024, "dropout": 0.1},
+            "train": {
+                "max_steps": 20000,
+                "batch_size": 32,
+                "lr": 5.0e-4,
+                "schedule": "cosine",
+                "warmup_steps": 1000,
+                "eval_every": 1000,
+            },
+        },
     },
 )
 class Spider(Task):
@@ -448,25 +541,41 @@ class Spider(Task):
         """The folder in Spider's layout this task reads (built first for offline)."""
         if self.cfg.source == "spider":
             if not self.cfg.data_dir:
-                raise DataSourceError("task.source=spider needs task.data_dir=<folder with tables.json, train_spider.json, dev.json, database/>")
+                raise DataSourceError(
+                    "task.source=spider needs "
+                    "task.data_dir=<folder with tables.json, train_spider.json, dev.json, database/>"
+                )
             return Path(self.cfg.data_dir)
         from tasks._spider_build import LAYOUT_VERSION, build_offline
 
         root = self._cache_root or Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
         if self.cfg.split == "query":
-            key = f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-query{self.cfg.test_fraction:g}"
+            key = (
+                f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-query{self.cfg.test_fraction:g}"
+            )
         else:
-            key = f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-" + self.cfg.test_databases.replace(",", "_")
+            key = (
+                f"q{self.cfg.questions_per_db}-s{self.cfg.data_seed}-v{LAYOUT_VERSION}-"
+                + self.cfg.test_databases.replace(",", "_")
+            )
         tests = [d.strip() for d in self.cfg.test_databases.split(",") if d.strip()]
-        return build_offline(root / "spider" / f"offline-{key}", root, questions_per_db=self.cfg.questions_per_db,
-                             test_databases=tests, seed=self.cfg.data_seed, split=self.cfg.split,
-                             test_fraction=self.cfg.test_fraction)
+        return build_offline(
+            root / "spider" / f"offline-{key}",
+            root,
+            questions_per_db=self.cfg.questions_per_db,
+            test_databases=tests,
+            seed=self.cfg.data_seed,
+            split=self.cfg.split,
+            test_fraction=self.cfg.test_fraction,
+        )
 
     def load(self, cache_dir=None):
         self._cache_root = Path(cache_dir or os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
         dsd, info = super().load(cache_dir)
         vocab = dsd["vocabulary"]
-        self._vocab = {kind: [t for t, k in zip(vocab["token"], vocab["kind"]) if k == kind] for kind in ("source", "target")}
+        self._vocab = {
+            kind: [t for t, k in zip(vocab["token"], vocab["kind"]) if k == kind] for kind in ("source", "target")
+        }
         return dsd, info
 
     def read_splits(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
@@ -483,17 +592,27 @@ class Spider(Task):
             from tasks._spider_eval import Schema, hardness, parse_sql
 
             schemas = {db: Schema.from_entry(e) for db, e in tables.items()}
-            kept, held = skeleton_split(train, self.cfg.val_fraction, self.cfg.data_seed + 1,
-                                        lambda it: hardness(parse_sql(it["query"], schemas[it["db_id"]])))
+            kept, held = skeleton_split(
+                train,
+                self.cfg.val_fraction,
+                self.cfg.data_seed + 1,
+                lambda it: hardness(parse_sql(it["query"], schemas[it["db_id"]])),
+            )
             return tables, {"train": kept, "validation": held, "test": test}
         dbs = sorted({it["db_id"] for it in train})
         if len(dbs) < 2:
-            raise DataSourceError(f"{folder / 'train_spider.json'} has {len(dbs)} database(s); validation is carved by database and needs >= 2")
+            raise DataSourceError(
+                f"{folder / 'train_spider.json'} has {len(dbs)} database(s); "
+                "validation is carved by database and needs >= 2"
+            )
         rng = np.random.default_rng(self.cfg.data_seed)
         n_val = min(len(dbs) - 1, max(1, int(round(self.cfg.val_fraction * len(dbs)))))
         val_dbs = {dbs[i] for i in rng.permutation(len(dbs))[:n_val]}
-        splits = {"train": [it for it in train if it["db_id"] not in val_dbs],
-                  "validation": [it for it in train if it["db_id"] in val_dbs], "test": test}
+        splits = {
+            "train": [it for it in train if it["db_id"] not in val_dbs],
+            "validation": [it for it in train if it["db_id"] in val_dbs],
+            "test": test,
+        }
         return tables, splits
 
     def build(self):
@@ -515,9 +634,17 @@ class Spider(Task):
                     continue
                 question = item.get("question_toks") or tokenize_question(item["question"])
                 source, links = serialise(question, tables[item["db_id"]])
-                rows.append({"source": source[: self.max_len], "links": links[: self.max_len],
-                             "target": [BOS, *tokenize_sql(item["query"]), EOS], "query": item["query"],
-                             "db_id": item["db_id"], "question": item["question"], "hardness": level})
+                rows.append(
+                    {
+                        "source": source[: self.max_len],
+                        "links": links[: self.max_len],
+                        "target": [BOS, *tokenize_sql(item["query"]), EOS],
+                        "query": item["query"],
+                        "db_id": item["db_id"],
+                        "question": item["question"],
+                        "hardness": level,
+                    }
+                )
             if skipped:
                 log.warning("spider %s: %d gold queries sqlglot cannot read were skipped", split, skipped)
             examples[split] = rows
@@ -528,17 +655,23 @@ class Spider(Task):
                 r["pieces"] = [word_pieces(t) for t in r["source"]]
         piece_counts = Counter(p for r in examples["train"] for token in r["pieces"] for p in token)
         marks = [f"<w{k}>" for k in range(self.cfg.placeholders)]
-        source_vocab = [PAD, UNK, SEP, *marks] + sorted(t for t, n in piece_counts.items()
-                                                       if n >= self.cfg.min_freq and t not in (PAD, UNK, SEP))
+        source_vocab = [PAD, UNK, SEP, *marks] + sorted(
+            t for t, n in piece_counts.items() if n >= self.cfg.min_freq and t not in (PAD, UNK, SEP)
+        )
         copy_only: set[str] = set()
         if self.cfg.copy_only_schema:
             for db in {r["db_id"] for r in examples["train"]}:
-                copy_only |= set(tables[db]["table_names_original"]) | {c for _, c in tables[db]["column_names_original"]}
-            copy_only |= {t for r in examples["train"] for t, lit in zip(r["target"], literal_words(r["target"])) if lit}
+                copy_only |= set(tables[db]["table_names_original"]) | {
+                    c for _, c in tables[db]["column_names_original"]
+                }
+            copy_only |= {
+                t for r in examples["train"] for t, lit in zip(r["target"], literal_words(r["target"])) if lit
+            }
             copy_only -= {"*"}
         tgt_counts = Counter(t for r in examples["train"] for t in r["target"])
-        target_vocab = [PAD, UNK, BOS, EOS] + sorted(t for t, n in tgt_counts.items()
-                                                     if n >= self.cfg.min_freq and t not in (BOS, EOS) and t not in copy_only)
+        target_vocab = [PAD, UNK, BOS, EOS] + sorted(
+            t for t, n in tgt_counts.items() if n >= self.cfg.min_freq and t not in (BOS, EOS) and t not in copy_only
+        )
         src_id = {t: i for i, t in enumerate(source_vocab)}
         tgt_id = {t: i for i, t in enumerate(target_vocab)}
         strings: dict[str, int] = {PAD: 0}  # copy identity: one id per distinct string, over all splits
@@ -552,23 +685,46 @@ class Spider(Task):
             if self.cfg.anonymise <= 0:
                 return set()
             rng = np.random.default_rng([self.cfg.data_seed, index])
-            names = sorted({p for token, is_name in zip(r["pieces"], name_positions(r["links"])) if is_name
-                            for p in token if p.isalpha() and p not in STOPWORDS})
+            names = sorted(
+                {
+                    p
+                    for token, is_name in zip(r["pieces"], name_positions(r["links"]))
+                    if is_name
+                    for p in token
+                    if p.isalpha() and p not in STOPWORDS
+                }
+            )
             return {p for p, u in zip(names, rng.random(len(names))) if u < self.cfg.anonymise}
 
         truncated = Counter()
         out = {}
         for split, rows in examples.items():
-            cols: dict[str, list] = {k: [] for k in ("input_ids", "source_piece_ids", "source_role_ids", "source_copy_ids",
-                                                      "source_target_ids", "schema_links",
-                                                      "target_ids", "target_copy_ids", "source_tokens", "query", "db_id",
-                                                      "question", "hardness")}
+            cols: dict[str, list] = {
+                k: []
+                for k in (
+                    "input_ids",
+                    "source_piece_ids",
+                    "source_role_ids",
+                    "source_copy_ids",
+                    "source_target_ids",
+                    "schema_links",
+                    "target_ids",
+                    "target_copy_ids",
+                    "source_tokens",
+                    "query",
+                    "db_id",
+                    "question",
+                    "hardness",
+                )
+            }
             for index, r in enumerate(rows):
                 target = r["target"]
                 if len(target) > self.max_target_len:
                     truncated[split] += 1
                     target = target[: self.max_target_len]
-                pieces = piece_ids(r["pieces"], src_id, self.cfg.placeholders, hidden(r, index) if split == "train" else set())
+                pieces = piece_ids(
+                    r["pieces"], src_id, self.cfg.placeholders, hidden(r, index) if split == "train" else set()
+                )
                 cols["input_ids"].append([ids[0] for ids in pieces])
                 cols["source_piece_ids"].append(pieces)
                 cols["source_role_ids"].append(source_roles(r["source"], r["links"]))
@@ -582,7 +738,9 @@ class Spider(Task):
                     cols[k].append(r[k])
             out[split] = datasets.Dataset.from_dict(cols)
         if truncated:
-            log.warning("spider: gold queries longer than max_target_len=%d truncated: %s", self.max_target_len, dict(truncated))
+            log.warning(
+                "spider: gold queries longer than max_target_len=%d truncated: %s", self.max_target_len, dict(truncated)
+            )
         vocab = [(t, "source") for t in source_vocab] + [(t, "target") for t in target_vocab]
         out["vocabulary"] = datasets.Dataset.from_dict({"token": [t for t, _ in vocab], "kind": [k for _, k in vocab]})
         dsd = datasets.DatasetDict(out)
@@ -595,20 +753,28 @@ class Spider(Task):
         from tasks._spider_build import sql_skeleton
 
         out: dict[str, Any] = {}
-        skeletons = {split: Counter(sql_skeleton(q) for q in dsd[split]["query"]) for split in ("train", "validation", "test")}
+        skeletons = {
+            split: Counter(sql_skeleton(q) for q in dsd[split]["query"]) for split in ("train", "validation", "test")
+        }
         for split in ("train", "validation", "test"):
             ds = dsd[split]
             lengths = [len(x) for x in ds["input_ids"]]
             levels = Counter(ds["hardness"])
             seen = sum(n for sk, n in skeletons[split].items() if sk in skeletons["train"])
-            out[split] = {"databases": sorted(set(ds["db_id"])), "questions": len(ds), "skeletons": len(skeletons[split]),
-                          "skeletons_seen_in_train": sum(sk in skeletons["train"] for sk in skeletons[split]),
-                          "questions_with_a_train_skeleton": round(seen / max(1, len(ds)), 3),
-                          "hardness": {lv: levels.get(lv, 0) for lv in ("easy", "medium", "hard", "extra")},
-                          "hardness_share": {lv: round(levels.get(lv, 0) / max(1, len(ds)), 3) for lv in ("easy", "medium", "hard", "extra")},
-                          "input_tokens_mean": round(float(np.mean(lengths)), 1) if lengths else 0.0,
-                          "input_tokens_max": max(lengths, default=0),
-                          "target_tokens_mean": round(float(np.mean([len(x) for x in ds["target_ids"]])), 1) if len(ds) else 0.0}
+            out[split] = {
+                "databases": sorted(set(ds["db_id"])),
+                "questions": len(ds),
+                "skeletons": len(skeletons[split]),
+                "skeletons_seen_in_train": sum(sk in skeletons["train"] for sk in skeletons[split]),
+                "questions_with_a_train_skeleton": round(seen / max(1, len(ds)), 3),
+                "hardness": {lv: levels.get(lv, 0) for lv in ("easy", "medium", "hard", "extra")},
+                "hardness_share": {
+                    lv: round(levels.get(lv, 0) / max(1, len(ds)), 3) for lv in ("easy", "medium", "hard", "extra")
+                },
+                "input_tokens_mean": round(float(np.mean(lengths)), 1) if lengths else 0.0,
+                "input_tokens_max": max(lengths, default=0),
+                "target_tokens_mean": round(float(np.mean([len(x) for x in ds["target_ids"]])), 1) if len(ds) else 0.0,
+            }
         return out
 
     def describe(self, dsd) -> DataInfo:
@@ -646,7 +812,9 @@ class Spider(Task):
         target_vocab = self._loaded()["target"]
         model.eval()
         preds = []
-        numeric = [c for c in dataset.column_names if c not in ("source_tokens", "query", "db_id", "question", "hardness")]
+        numeric = [
+            c for c in dataset.column_names if c not in ("source_tokens", "query", "db_id", "question", "hardness")
+        ]
         with torch.no_grad():
             for start in range(0, len(dataset), batch_size):
                 rows = dataset[start : start + batch_size]
@@ -673,8 +841,12 @@ class Spider(Task):
         preds = self.decode(model, dataset, device=device, batch_size=batch_size)
         folder = self.layout_dir()
         schemas = {db: Schema.from_entry(e) for db, e in read_tables(folder / "tables.json").items()}
-        scores = evaluate(list(zip(dataset["query"], preds, dataset["db_id"])), schemas, folder / "database",
-                          timeout_s=self.cfg.eval_timeout_s)
+        scores = evaluate(
+            list(zip(dataset["query"], preds, dataset["db_id"])),
+            schemas,
+            folder / "database",
+            timeout_s=self.cfg.eval_timeout_s,
+        )
         return flat_scores(scores)
 
 
@@ -740,9 +912,15 @@ def evaluate_command(settings: EvaluateSettings) -> int:
         raise UsageError(f"timeout must be a positive number of seconds, got {settings.timeout}")
     check_choice("distinct", settings.distinct, ("strip", "keep"))
     schemas = {db: Schema.from_entry(e) for db, e in read_tables(Path(settings.tables)).items()}
-    scores = evaluate(read_gold_pred(Path(settings.gold), Path(settings.pred)), schemas, Path(settings.db_dir),
-                      timeout_s=settings.timeout, values=settings.values, distinct=settings.distinct,
-                      check_join=settings.check_join)
+    scores = evaluate(
+        read_gold_pred(Path(settings.gold), Path(settings.pred)),
+        schemas,
+        Path(settings.db_dir),
+        timeout_s=settings.timeout,
+        values=settings.values,
+        distinct=settings.distinct,
+        check_join=settings.check_join,
+    )
     if settings.json:
         print(json.dumps({k: scores[k] for k in ("exact", "execution", "valid_sql", "items")}))
     else:

@@ -95,8 +95,14 @@ def balance(labels: list[int], seed: int, what: str) -> list[int]:
         keep.extend(int(i) for i in rng.choice(idx, size=smallest, replace=False))
     dropped = len(labels) - len(keep)
     if dropped:
-        log.info("%s: balanced classes to %d each, dropped %d of %d examples (%s)", what, smallest, dropped,
-                 len(labels), ", ".join(f"class {y}: {n}" for y, n in sorted(counts.items())))
+        log.info(
+            "%s: balanced classes to %d each, dropped %d of %d examples (%s)",
+            what,
+            smallest,
+            dropped,
+            len(labels),
+            ", ".join(f"class {y}: {n}" for y, n in sorted(counts.items())),
+        )
     return sorted(keep)
 
 
@@ -115,7 +121,11 @@ def manpage_documents(sections: list[str]) -> list[tuple[str, str, int]]:
     from tasks._manpages import load_corpus
 
     pages = load_corpus()
-    docs = [(key, page.text(), sections.index(page.section)) for key, page in sorted(pages.items()) if page.section in sections]
+    docs = [
+        (key, page.text(), sections.index(page.section))
+        for key, page in sorted(pages.items())
+        if page.section in sections
+    ]
     counts = Counter(sections[y] for _, _, y in docs)
     log.info("man pages by section: %s", ", ".join(f"{s}: {counts[s]}" for s in sections))
     missing = [s for s in sections if not counts[s]]
@@ -129,7 +139,9 @@ def split_documents(cfg: TextConfig) -> dict[str, list[tuple[str, str, int]]]:
     docs = manpage_documents(parse_sections(cfg.sections))
     fractions = (1.0 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction)
     if min(fractions) <= 0:
-        raise ValueError(f"task.val_fraction={cfg.val_fraction} and task.test_fraction={cfg.test_fraction} must be > 0 and sum < 1")
+        raise ValueError(
+            f"task.val_fraction={cfg.val_fraction} and task.test_fraction={cfg.test_fraction} must be > 0 and sum < 1"
+        )
     parts = stratified_split([y for _, _, y in docs], fractions, cfg.data_seed)
     return {split: [docs[i] for i in idx] for split, idx in zip(("train", "validation", "test"), parts)}
 
@@ -167,7 +179,9 @@ def read_aclimdb_split(folder: Path) -> tuple[list[str], list[int]]:
                 raise MalformedRecord(path, "file name", "expected <id>_<rating>.txt as in the aclImdb release")
             rating = int(m.group(2))
             if (label == 1 and not 7 <= rating <= 10) or (label == 0 and not 1 <= rating <= 4):
-                raise MalformedRecord(path, "file name", f"rating {rating} does not belong in {name}/ (neg: 1-4, pos: 7-10)")
+                raise MalformedRecord(
+                    path, "file name", f"rating {rating} does not belong in {name}/ (neg: 1-4, pos: 7-10)"
+                )
             text = decode_text(path, path.read_bytes(), what="an IMDB review (UTF-8 text)")
             if not text.strip():
                 raise DataSourceError(f"{path} is empty; expected an IMDB review (UTF-8 text)")
@@ -199,7 +213,9 @@ def read_imdb(data_dir: Path) -> dict[str, tuple[list[str], list[int]]]:
         out = {}
         for split in ("train", "test"):
             if split not in dsd or not {"text", "label"} <= set(dsd[split].column_names):
-                raise DataSourceError(f"{data_dir}: expected splits train/test with columns text, label (stanfordnlp/imdb)")
+                raise DataSourceError(
+                    f"{data_dir}: expected splits train/test with columns text, label (stanfordnlp/imdb)"
+                )
             out[split] = _check_rows(data_dir / split, dsd[split]["text"], dsd[split]["label"])
         return out
     parquet = {split: sorted(data_dir.rglob(f"{split}-*.parquet")) for split in ("train", "test")}
@@ -213,7 +229,9 @@ def read_imdb(data_dir: Path) -> dict[str, tuple[list[str], list[int]]]:
                 try:
                     table = pq.read_table(path, columns=["text", "label"])
                 except Exception as exc:  # corrupt file or missing columns
-                    raise MalformedRecord(path, "whole file", f"not a parquet table with columns text, label ({exc})") from exc
+                    raise MalformedRecord(
+                        path, "whole file", f"not a parquet table with columns text, label ({exc})"
+                    ) from exc
                 rows = _check_rows(path, table.column("text").to_pylist(), table.column("label").to_pylist())
                 texts += rows[0]
                 labels += rows[1]
@@ -226,7 +244,12 @@ def imdb_files(data_dir: Path) -> list[Path]:
     """The files ``read_imdb`` reads in ``data_dir`` (whichever layout it holds)."""
     for root in (data_dir, data_dir / "aclImdb"):
         if (root / "train" / "pos").is_dir():
-            return [p for split in ("train", "test") for name in IMDB_LABELS for p in files_under(root / split / name, "*.txt")]
+            return [
+                p
+                for split in ("train", "test")
+                for name in IMDB_LABELS
+                for p in files_under(root / split / name, "*.txt")
+            ]
     return files_under(data_dir)
 
 
@@ -259,7 +282,8 @@ def build_imdb(cfg: TextConfig) -> dict[str, tuple[list[list[int]], list[int]]]:
         # 2 CPU cores: 256-byte windows, up to 4 per page (pages split by document), 1,758 train
         # examples; softmax: 0.78 test accuracy vs 0.50 majority, ~60 s of CPU for 600 steps.
         "small": {"task": {"max_len": 256, "windows_per_doc": 4}},
-        # scale=lra: harness/conf/protocol/<protocol>/text.yaml (protocol=lra, pytorch, nystromformer; docs/protocols.md)
+        # scale=lra: harness/conf/protocol/<protocol>/text.yaml (protocol=lra, pytorch, nystromformer;
+        # docs/protocols.md)
     },
 )
 class Text(Task):

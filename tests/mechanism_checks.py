@@ -113,8 +113,16 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def largest_intermediate(mech: Attention, *, length: int, heads: int = 1, dim: int = 16, causal: bool = False,
-                         key_padding: bool = False, backward: bool = True) -> tuple[int, str]:
+def largest_intermediate(
+    mech: Attention,
+    *,
+    length: int,
+    heads: int = 1,
+    dim: int = 16,
+    causal: bool = False,
+    key_padding: bool = False,
+    backward: bool = True,
+) -> tuple[int, str]:
     """(elements, op) of the largest tensor built by one forward (and backward) call at
     ``length`` with batch 1: a mechanism that claims sub-quadratic cost must stay far below
     length², the size of the (L, L) score matrix it claims never to build."""

@@ -13,8 +13,9 @@ def capture_figures(monkeypatch) -> list:
     """Figures as they are saved (the plot functions close theirs)."""
     saved: list = []
     real = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, *a, **k: (saved.append(fig), real(fig, *a, **k))[1])
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), real(fig, *a, **k))[1]
+    )
     return saved
 
 
@@ -35,8 +36,13 @@ def text_boxes(fig) -> list[tuple[str, Bbox]]:
         if not ax.axison and not ax.get_legend():
             continue
         frame = ax.get_window_extent(renderer)
-        for name, text in (("title", ax.title), ("left title", ax._left_title), ("right title", ax._right_title),
-                           ("x label", ax.xaxis.label), ("y label", ax.yaxis.label)):
+        for name, text in (
+            ("title", ax.title),
+            ("left title", ax._left_title),
+            ("right title", ax._right_title),
+            ("x label", ax.xaxis.label),
+            ("y label", ax.yaxis.label),
+        ):
             if ax.axison and _shown(text):
                 boxes.append((f"axes {i} {name} {text.get_text()!r}", text.get_window_extent(renderer)))
         if ax.axison:
@@ -66,7 +72,7 @@ def problems(fig, slack: float = 1.0) -> list[str]:
         if box.x0 < -slack or box.y0 < -slack or box.x1 > width + slack or box.y1 > height + slack:
             out.append(f"{what} runs off the figure: {box.bounds}")
     for i, (a, box_a) in enumerate(boxes):
-        for b, box_b in boxes[i + 1:]:
+        for b, box_b in boxes[i + 1 :]:
             overlap_x = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
             overlap_y = min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
             if overlap_x > slack and overlap_y > slack:

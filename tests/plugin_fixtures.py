@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def readme_mechanism() -> str:
     """The complete mechanism file shown in README.md's "Add a mechanism" section."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Add a mechanism"):]
+    section = text[text.index("## Add a mechanism") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -24,8 +24,9 @@ def classification(rng, n, length=20, vocab=30):
 
 def test_bag_of_ngrams_solves_a_bag_of_tokens_task_and_majority_is_the_train_mode():
     rng = np.random.default_rng(0)
-    dsd = datasets.DatasetDict({"train": classification(rng, 200), "validation": classification(rng, 60),
-                                "test": classification(rng, 60)})
+    dsd = datasets.DatasetDict(
+        {"train": classification(rng, 200), "validation": classification(rng, 60), "test": classification(rng, 60)}
+    )
     majority, lr = baselines.compute_baselines(dsd, "text")
     assert majority["name"] == "majority" and majority["value"] == pytest.approx(0.5)
     assert lr["name"] == "bag-of-n-grams LR" and lr["value"] >= 0.9 and lr["n_test"] == 60
@@ -62,8 +63,9 @@ def test_dot_distance_finds_the_generators_dots():
     """On images from the real snakes generator, tokenised as the task does, both dots are found."""
     from tasks.pathfinder import PathfinderConfig, generator_for, to_dataset
 
-    cfg = PathfinderConfig(resolution=16, max_len=256, difficulty="easy", contour_length=3, distractor_length=1,
-                           num_distractors=0)
+    cfg = PathfinderConfig(
+        resolution=16, max_len=256, difficulty="easy", contour_length=3, distractor_length=1, num_distractors=0
+    )
     generator = generator_for(cfg)
     splits = {}
     for split, seed in (("train", 0), ("validation", 1), ("test", 2)):
@@ -123,8 +125,9 @@ def test_bits_interval_is_over_sequences():
 
 def test_baselines_are_cached_per_fingerprint(tmp_path):
     rng = np.random.default_rng(3)
-    dsd = datasets.DatasetDict({"train": classification(rng, 40), "validation": classification(rng, 20),
-                                "test": classification(rng, 20)})
+    dsd = datasets.DatasetDict(
+        {"train": classification(rng, 40), "validation": classification(rng, 20), "test": classification(rng, 20)}
+    )
     dsd.save_to_disk(str(tmp_path / "cache" / "data"))
     store = tmp_path / "store"
     first = baselines.baselines_for("text", "abc", str(tmp_path / "cache"), store)
@@ -155,8 +158,9 @@ def test_pixel_and_kmer_lr_see_what_a_bag_of_tokens_cannot():
             x[i, [0, 1] if label else [14, 15]] = 256  # same histogram, different place
         return {"input_ids": x.tolist(), "label": y.tolist()}
 
-    dsd = datasets.DatasetDict({s: datasets.Dataset.from_dict(images(n)) for s, n in
-                                (("train", 200), ("validation", 50), ("test", 50))})
+    dsd = datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict(images(n)) for s, n in (("train", 200), ("validation", 50), ("test", 50))}
+    )
     assert pixel_lr_baseline(dsd)["value"] == 1.0
 
     def motifs(n):
@@ -168,8 +172,9 @@ def test_pixel_and_kmer_lr_see_what_a_bag_of_tokens_cannot():
             rows.append(a)
         return {"input_ids": rows, "label": y.tolist()}
 
-    dsd = datasets.DatasetDict({s: datasets.Dataset.from_dict(motifs(n)) for s, n in
-                                (("train", 300), ("validation", 60), ("test", 60))})
+    dsd = datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict(motifs(n)) for s, n in (("train", 300), ("validation", 60), ("test", 60))}
+    )
     assert kmer_lr_baseline(dsd)["value"] > 0.95
 
 
@@ -177,8 +182,9 @@ def test_every_accuracy_baseline_records_its_outcome_per_test_item():
     """The paired tests of the report need each baseline's outcome on every test item, in test
     order: they sum to the baseline's accuracy; per-position tasks count queries per sequence."""
     rng = np.random.default_rng(0)
-    dsd = datasets.DatasetDict({"train": classification(rng, 200), "validation": classification(rng, 60),
-                                "test": classification(rng, 60)})
+    dsd = datasets.DatasetDict(
+        {"train": classification(rng, 200), "validation": classification(rng, 60), "test": classification(rng, 60)}
+    )
     for b in baselines.compute_baselines(dsd, "text"):
         items = b["items"]
         assert len(items["correct"]) == 60 == len(items["count"])
@@ -189,8 +195,12 @@ def test_every_accuracy_baseline_records_its_outcome_per_test_item():
     from tasks.mqar import MQARConfig, generate_splits
 
     cfg = MQARConfig(max_len=64, num_pairs=4, num_keys=8, num_values=4, num_train=200, num_val=40, num_test=30)
-    mq = datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
-                               for s, (x, y) in generate_splits(cfg).items()})
+    mq = datasets.DatasetDict(
+        {
+            s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
+            for s, (x, y) in generate_splits(cfg).items()
+        }
+    )
     for b in baselines.compute_baselines(mq, "mqar"):
         items = b["items"]
         assert items["count"] == [4] * 30  # four queries in each of the 30 test sequences

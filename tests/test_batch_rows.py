@@ -41,8 +41,10 @@ def batch_row_differences(name: str) -> dict[tuple[int, int], float]:
             width = LENGTH + pad
             rows_len = [width, SHORT] if padded else [LENGTH, LENGTH]
             for row in range(3):
-                q, k, v = (torch.cat([o[:row, :, :width], F.pad(e, (0, 0, 0, width - LENGTH)), o[row:, :, :width]], 0)
-                           for o, e in zip(others, example))  # the example at `row`, the two others around it
+                q, k, v = (
+                    torch.cat([o[:row, :, :width], F.pad(e, (0, 0, 0, width - LENGTH)), o[row:, :, :width]], 0)
+                    for o, e in zip(others, example)
+                )  # the example at `row`, the two others around it
                 lengths = rows_len[:row] + [LENGTH] + rows_len[row:]
                 kpm = torch.arange(width)[None, :] >= torch.tensor(lengths)[:, None] if padded else None
                 torch.rand(7 + row + pad)

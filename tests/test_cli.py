@@ -47,7 +47,11 @@ def harness(*args: str, timeout: int = 180, script: bool = False) -> subprocess.
     if script:
         target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["harness"]
         module, function = target.split(":")
-        command = [sys.executable, "-c", f"import sys; sys.argv[0] = 'harness'; from {module} import {function}; {function}()"]
+        command = [
+            sys.executable,
+            "-c",
+            f"import sys; sys.argv[0] = 'harness'; from {module} import {function}; {function}()",
+        ]
     else:
         command = [sys.executable, "-m", "harness"]
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
@@ -71,7 +75,11 @@ def test_every_sub_has_the_same_help_shape(prefix, schema, capsys):
     assert usage.startswith(f"usage: python -m harness {' '.join(words)}"), usage
     assert len(paragraph.split()) >= 5 and not paragraph.startswith(("usage", "keys"))
     assert keys.splitlines()[0].startswith("keys (key=value") and keys.splitlines()[1].split() == [
-        "key", "type", "default", "description"]
+        "key",
+        "type",
+        "default",
+        "description",
+    ]
     schema = schema or TOOLS[prefix[1]].load()[0]
     listed = [line.split()[0] for line in keys.splitlines()[2:] if line.startswith("  ") and not line.startswith("   ")]
     assert listed == [f.name for f in dataclasses.fields(schema)]
@@ -97,10 +105,21 @@ def test_run_help_shows_the_cell_options_not_hydras_groups():
     assert done.returncode == 0, done.stderr
     head = done.stdout.split("== Config")[0]
     assert head.startswith("usage: python -m harness run")
-    for option in ("task=", "mechanism=", "scale=", "seed=", "protocol=", "results_dir=", "trainer=", "logger=",
-                   "+preset="):
+    for option in (
+        "task=",
+        "mechanism=",
+        "scale=",
+        "seed=",
+        "protocol=",
+        "results_dir=",
+        "trainer=",
+        "logger=",
+        "+preset=",
+    ):
         assert option in head, option
-    assert "python -m harness list" in head and "task_scale" not in done.stdout and "mechanism_protocol" not in done.stdout
+    assert (
+        "python -m harness list" in head and "task_scale" not in done.stdout and "mechanism_protocol" not in done.stdout
+    )
 
 
 # ----------------------------------------------------------------------------- usage errors: exit 2, one line
@@ -133,28 +152,36 @@ def test_a_typod_mechanism_is_exit_2_and_one_line(argv, capsys):
     assert "unknown mechanism 'sofmax'" in line and "softmax" in line.split("'sofmax'", 1)[1]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["report", "force=maybe"], "force=maybe"),
-    (["speed", "lengths=[16,long]"], "lengths=[16,long]"),
-    (["speed", "modes=[inference]"], "modes='inference' is not one of attention, train_step"),
-    (["list", "--json"], "list takes key=value arguments, got '--json'"),
-    (["tool", "listops-generate"], "tool listops-generate needs data_dir=..."),
-    (["tool", "listops-generat"], "unknown tool 'listops-generat' (did you mean 'listops-generate'?)"),
-    (["tool", "pathfinder-generate", "data_dir=x", "difficulty=hardest"], "difficulty='hardest' is not one of"),
-    (["tool", "debian-fetch"], "debian-fetch needs packages=[NAME,...]"),
-    (["evaluate", "split=train"], "split='train' is not one of test, validation"),
-    (["data", "task=listops", "task.max_lenn=3"], "unknown key 'task.max_lenn' for data (did you mean 'task.max_len'?)"),
-    (["lst"], "unknown command 'lst' (did you mean 'list'?)"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["report", "force=maybe"], "force=maybe"),
+        (["speed", "lengths=[16,long]"], "lengths=[16,long]"),
+        (["speed", "modes=[inference]"], "modes='inference' is not one of attention, train_step"),
+        (["list", "--json"], "list takes key=value arguments, got '--json'"),
+        (["tool", "listops-generate"], "tool listops-generate needs data_dir=..."),
+        (["tool", "listops-generat"], "unknown tool 'listops-generat' (did you mean 'listops-generate'?)"),
+        (["tool", "pathfinder-generate", "data_dir=x", "difficulty=hardest"], "difficulty='hardest' is not one of"),
+        (["tool", "debian-fetch"], "debian-fetch needs packages=[NAME,...]"),
+        (["evaluate", "split=train"], "split='train' is not one of test, validation"),
+        (
+            ["data", "task=listops", "task.max_lenn=3"],
+            "unknown key 'task.max_lenn' for data (did you mean 'task.max_len'?)",
+        ),
+        (["lst"], "unknown command 'lst' (did you mean 'list'?)"),
+    ],
+)
 def test_bad_values_and_names_are_exit_2_and_one_line(argv, message, capsys):
     assert main(argv) == 2
     assert message in one_error_line(capsys.readouterr().err)
 
 
 def test_run_usage_errors_are_exit_2_and_one_line_too(tmp_path):
-    for args, message in ((["lenghts=3"], "unknown key 'lenghts' for run"),
-                          (["mechanism=sofmax"], "unknown mechanism 'sofmax'"),
-                          (["scale=hugee"], "unknown scale 'hugee'")):
+    for args, message in (
+        (["lenghts=3"], "unknown key 'lenghts' for run"),
+        (["mechanism=sofmax"], "unknown mechanism 'sofmax'"),
+        (["scale=hugee"], "unknown scale 'hugee'"),
+    ):
         done = harness("run", f"results_dir={tmp_path}", *args)
         assert done.returncode == 2 and message in one_error_line(done.stderr), done.stderr
     assert not any(tmp_path.iterdir()), "a refused cell leaves no folder behind"
@@ -177,9 +204,17 @@ def test_out_is_refused_with_its_hint(prefix, capsys):
     assert "use results_dir=" in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("prefix", [["speed"], ["speed", "overhead"], ["speed", "compare=softmax:linear"], ["report"],
-                                    ["grid", "scale=tiny", "tasks=listops", "mechanisms=softmax"],
-                                    ["evaluate", "task=listops"]])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        ["speed"],
+        ["speed", "overhead"],
+        ["speed", "compare=softmax:linear"],
+        ["report"],
+        ["grid", "scale=tiny", "tasks=listops", "mechanisms=softmax"],
+        ["evaluate", "task=listops"],
+    ],
+)
 def test_results_dir_is_the_results_folder_everywhere(prefix, tmp_path, capsys):
     assert main([*prefix, f"results_dir={tmp_path / 'elsewhere'}", "--cfg", "job"]) == 0
     composed = yaml.safe_load(capsys.readouterr().out.split("\n---")[0])
@@ -196,23 +231,30 @@ def test_speed_records_go_under_results_dir_speed():
 
 def test_report_writes_into_results_dir(tmp_path, capsys):
     assert main(["report", f"results_dir={tmp_path}"]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "leaderboard.md") and (tmp_path / "leaderboard.md").exists()
+    assert (
+        capsys.readouterr().out.strip() == str(tmp_path / "leaderboard.md") and (tmp_path / "leaderboard.md").exists()
+    )
 
 
 # ----------------------------------------------------------------------------- --cfg job
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["list", "task=listops"], {"task": "listops", "mechanism": None, "json": False}),
-    (["report", "force=true"], {"results_dir": "results", "force": True}),
-    (["speed", "lengths=[16,32]", "mechanisms=[softmax,linear]", "model.dim=24"],
-     {"lengths": [16, 32], "mechanisms": ["softmax", "linear"], "model": {"dim": 24}}),
-    (["speed", "compare=[softmax:linear]", "rounds=3"], {"compare": ["softmax:linear"], "rounds": 3}),
-    (["speed", "overhead", "max_steps=3"], {"max_steps": 3, "mechanism": "softmax"}),
-    (["tool", "listops-generate", "data_dir='a b'", "num_train=5"], {"data_dir": "a b", "num_train": 5}),
-    (["tool", "debian-fetch", "packages=[manpages,manpages-dev]"], {"packages": ["manpages", "manpages-dev"]}),
-    (["evaluate", "split=validation", "task=listops", "model.dim=24"], {"split": "validation", "checkpoint": None}),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["list", "task=listops"], {"task": "listops", "mechanism": None, "json": False}),
+        (["report", "force=true"], {"results_dir": "results", "force": True}),
+        (
+            ["speed", "lengths=[16,32]", "mechanisms=[softmax,linear]", "model.dim=24"],
+            {"lengths": [16, 32], "mechanisms": ["softmax", "linear"], "model": {"dim": 24}},
+        ),
+        (["speed", "compare=[softmax:linear]", "rounds=3"], {"compare": ["softmax:linear"], "rounds": 3}),
+        (["speed", "overhead", "max_steps=3"], {"max_steps": 3, "mechanism": "softmax"}),
+        (["tool", "listops-generate", "data_dir='a b'", "num_train=5"], {"data_dir": "a b", "num_train": 5}),
+        (["tool", "debian-fetch", "packages=[manpages,manpages-dev]"], {"packages": ["manpages", "manpages-dev"]}),
+        (["evaluate", "split=validation", "task=listops", "model.dim=24"], {"split": "validation", "checkpoint": None}),
+    ],
+)
 def test_cfg_job_prints_the_composed_settings(argv, expected, capsys):
     assert main([*argv, "--cfg", "job"]) == 0
     composed = yaml.safe_load(capsys.readouterr().out.split("\n---")[0].split("\ntask:\n")[0])
@@ -224,7 +266,9 @@ def test_cfg_job_of_evaluate_grid_and_data_show_the_cells(capsys):
     assert "dim: 24" in capsys.readouterr().out
     assert main(["data", "task=listops", "task.max_len=77", "--cfg", "job"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["listops"]["max_len"] == 77
-    assert main(["grid", "scale=tiny", "tasks=listops", "mechanisms=[softmax,linear]", "seeds=0,1", "--cfg", "job"]) == 0
+    assert (
+        main(["grid", "scale=tiny", "tasks=listops", "mechanisms=[softmax,linear]", "seeds=0,1", "--cfg", "job"]) == 0
+    )
     grid = yaml.safe_load(capsys.readouterr().out)
     assert grid["groups"][0]["mechanisms"] == ["softmax", "linear"] and grid["groups"][0]["seeds"] == [0, 1]
 
@@ -258,7 +302,7 @@ def test_list_mechanism_prints_its_config_and_protocol_settings(capsys):
 # ----------------------------------------------------------------------------- failures: exit 1
 
 
-FAILING = '''
+FAILING = """
 from dataclasses import dataclass
 
 from harness.core.attention import Attention
@@ -274,7 +318,7 @@ class NoConfig:
 class CliRaises(Attention):
     def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
         raise RuntimeError("deliberate failure")
-'''
+"""
 
 
 def test_speed_exits_1_when_a_measurement_failed(tmp_path, capsys):
@@ -283,9 +327,22 @@ def test_speed_exits_1_when_a_measurement_failed(tmp_path, capsys):
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "cli_failing.py").write_text(FAILING)
     discover(extra_paths=[tmp_path / "plugins"])
-    common = ["lengths=[16]", "modes=[attention]", "causal=[false]", "heads=2", "dim_head=8", "scale=tiny",
-              "device=cpu", "isolate=false", "progress=false", "warmup=0", "min_reps=1", "max_reps=1", "min_time_s=0",
-              f"results_dir={tmp_path}"]
+    common = [
+        "lengths=[16]",
+        "modes=[attention]",
+        "causal=[false]",
+        "heads=2",
+        "dim_head=8",
+        "scale=tiny",
+        "device=cpu",
+        "isolate=false",
+        "progress=false",
+        "warmup=0",
+        "min_reps=1",
+        "max_reps=1",
+        "min_time_s=0",
+        f"results_dir={tmp_path}",
+    ]
     assert main(["speed", "mechanisms=[cli_raises]", *common]) == 1
     assert "(1 failed)" in capsys.readouterr().out
     assert main(["speed", "mechanisms=[softmax]", *common]) == 0
@@ -293,7 +350,20 @@ def test_speed_exits_1_when_a_measurement_failed(tmp_path, capsys):
 
 
 def test_tools_run_under_the_one_grammar(tmp_path, capsys):
-    assert main(["tool", "listops-generate", f"data_dir={tmp_path}", "num_train=4", "num_val=2", "num_test=2",
-                 "min_length=5", "max_length=40"]) == 0
+    assert (
+        main(
+            [
+                "tool",
+                "listops-generate",
+                f"data_dir={tmp_path}",
+                "num_train=4",
+                "num_val=2",
+                "num_test=2",
+                "min_length=5",
+                "max_length=40",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["basic_test.tsv", "basic_train.tsv", "basic_val.tsv"]
     assert "basic_train.tsv: 4 rows" in capsys.readouterr().out

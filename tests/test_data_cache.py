@@ -109,8 +109,11 @@ def test_a_cache_unreadable_even_after_its_rebuild_is_an_error_naming_it(tmp_pat
         raise OSError("Expected to be able to read 4808 bytes for message body, got 2064")
 
     monkeypatch.setattr(datasets, "load_from_disk", broken)  # the disk keeps failing
-    with pytest.raises(DataSourceError, match=rf"data cache {task.cache_path(tmp_path / 'cache')} was just built but "
-                                              rf"cannot be read \(OSError: Expected"):
+    with pytest.raises(
+        DataSourceError,
+        match=rf"data cache {task.cache_path(tmp_path / 'cache')} was just built but "
+        rf"cannot be read \(OSError: Expected",
+    ):
         task.load(tmp_path / "cache")
 
 
@@ -155,8 +158,12 @@ class SlowTask(Task):
         with open(self.cfg.counter, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(self.cfg.seconds)
-        return datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]], "label": [0, 1]})
-                                     for s in ("train", "validation", "test")})
+        return datasets.DatasetDict(
+            {
+                s: datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]], "label": [0, 1]})
+                for s in ("train", "validation", "test")
+            }
+        )
 
 
 def _load_after(start: float, cfg: SlowConfig, cache: str, out) -> None:

@@ -13,28 +13,71 @@ from harness.report import efficiency
 from harness.report.leaderboard import write_report
 
 LENGTHS = [256, 512, 1024, 2048, 4096]
-ENV = {"commit": "abc1234", "torch": "2.13.0+cpu", "device": "cpu (x86_64, 2 threads)",
-       "hardware": {"cpu": "Test CPU", "logical_cores": 2, "memory_gb": 16.0, "torch_threads_default": 2}}
+ENV = {
+    "commit": "abc1234",
+    "torch": "2.13.0+cpu",
+    "device": "cpu (x86_64, 2 threads)",
+    "hardware": {"cpu": "Test CPU", "logical_cores": 2, "memory_gb": 16.0, "torch_threads_default": 2},
+}
 
 
 def job(mechanism, mode, causal, length, peer_of=None):
     return speed.Job(
-        mechanism=mechanism, mechanism_config={}, peer_of=peer_of, mode=mode, causal=causal, length=length,
-        batch_size=1, heads=4, dim_head=16, model={"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
-        optimizer={"lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0}, precision="32-true", device="cpu", threads=2,
-        warmup=1, min_reps=3, max_reps=20, min_time_s=1.0, timeout_s=60.0, memory_limit_mb=8192.0, seed=0,
+        mechanism=mechanism,
+        mechanism_config={},
+        peer_of=peer_of,
+        mode=mode,
+        causal=causal,
+        length=length,
+        batch_size=1,
+        heads=4,
+        dim_head=16,
+        model={"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128},
+        optimizer={"lr": 1e-3, "weight_decay": 0.01, "grad_clip": 1.0},
+        precision="32-true",
+        device="cpu",
+        threads=2,
+        warmup=1,
+        min_reps=3,
+        max_reps=20,
+        min_time_s=1.0,
+        timeout_s=60.0,
+        memory_limit_mb=8192.0,
+        seed=0,
     )
 
 
-def record(mechanism, length, *, seconds=None, memory=None, status="ok", error=None, mode="train_step",
-           causal=False, peer_of=None, params=1000):
+def record(
+    mechanism,
+    length,
+    *,
+    seconds=None,
+    memory=None,
+    status="ok",
+    error=None,
+    mode="train_step",
+    causal=False,
+    peer_of=None,
+    params=1000,
+):
     outcome = {"status": status, "error": error, "threads": 2}
     if status == "ok":
         times = [seconds * 0.98, seconds, seconds * 1.03]
-        outcome.update(time_s={"median": seconds, "iqr": 0.02 * seconds, "min": min(times), "max": max(times),
-                               "reps": 3, "times": times},
-                       step_time_s=seconds, tokens_per_s=length / seconds, peak_memory_mb=memory, params=params,
-                       memory_method="peak RSS above baseline")
+        outcome.update(
+            time_s={
+                "median": seconds,
+                "iqr": 0.02 * seconds,
+                "min": min(times),
+                "max": max(times),
+                "reps": 3,
+                "times": times,
+            },
+            step_time_s=seconds,
+            tokens_per_s=length / seconds,
+            peak_memory_mb=memory,
+            params=params,
+            memory_method="peak RSS above baseline",
+        )
     return speed.make_record(job(mechanism, mode, causal, length, peer_of), outcome, ENV, isolated=True)
 
 
@@ -48,12 +91,26 @@ def records():
     for L in LENGTHS:
         out.append(record("softmax", L, seconds=softmax_seconds(L), memory=(L / 256) ** 2, params=5000))
         # performer: time = softmax's at L0 = 1024·√2, linear in L
-        out.append(record("performer", L, seconds=softmax_seconds(1024 * math.sqrt(2)) * L / (1024 * math.sqrt(2)),
-                          memory=2.0 * L / 256, params=5000))
+        out.append(
+            record(
+                "performer",
+                L,
+                seconds=softmax_seconds(1024 * math.sqrt(2)) * L / (1024 * math.sqrt(2)),
+                memory=2.0 * L / 256,
+                params=5000,
+            )
+        )
         # the peer: 25% slower, 10% more memory than ours
-        out.append(record("performer_pytorch", L, peer_of="performer",
-                          seconds=1.25 * softmax_seconds(1024 * math.sqrt(2)) * L / (1024 * math.sqrt(2)),
-                          memory=1.1 * 2.0 * L / 256, params=5000))
+        out.append(
+            record(
+                "performer_pytorch",
+                L,
+                peer_of="performer",
+                seconds=1.25 * softmax_seconds(1024 * math.sqrt(2)) * L / (1024 * math.sqrt(2)),
+                memory=1.1 * 2.0 * L / 256,
+                params=5000,
+            )
+        )
         # always faster than softmax
         out.append(record("linear", L, seconds=0.5 * softmax_seconds(256) * L / 256, memory=0.5 * L / 256))
     out.append(record("nystrom", 256, seconds=1e-3, memory=1.0))
@@ -65,21 +122,55 @@ def records():
         out.append(record("performer", L, mode="attention", causal=True, seconds=performer, memory=1.0))
     out.append(record("softmax", 1024, mode="attention", causal=True, status="timeout", error="killed after 60s"))
     out.append(record("performer", 1024, mode="attention", causal=True, seconds=4e-3, memory=2.0))
-    out.append({"kind": "overhead", "contract_target": 1.05, "training": {
-        "task": "listops", "scale": "small", "mechanism": "softmax", "steps": 375, "skip": 5, "batch_size": 32,
-        "lightning_tokens_per_s": [9000.0, 9400.0], "bare_tokens_per_s": [10000.0, 10000.0], "ratio": 0.92,
-        "target": 0.9}, "contract": [
-        {"length": 128, "causal": False, "batch_size": 32, "heads": 4, "dim_head": 16, "contract_s": 1.03e-3,
-         "sdpa_s": 1e-3, "ratio": 1.03, "overhead_us": 30.0},
-        {"length": 128, "causal": True, "batch_size": 32, "heads": 4, "dim_head": 16, "contract_s": 1.2e-3,
-         "sdpa_s": 1e-3, "ratio": 1.2, "overhead_us": 200.0}]})
+    out.append(
+        {
+            "kind": "overhead",
+            "contract_target": 1.05,
+            "training": {
+                "task": "listops",
+                "scale": "small",
+                "mechanism": "softmax",
+                "steps": 375,
+                "skip": 5,
+                "batch_size": 32,
+                "lightning_tokens_per_s": [9000.0, 9400.0],
+                "bare_tokens_per_s": [10000.0, 10000.0],
+                "ratio": 0.92,
+                "target": 0.9,
+            },
+            "contract": [
+                {
+                    "length": 128,
+                    "causal": False,
+                    "batch_size": 32,
+                    "heads": 4,
+                    "dim_head": 16,
+                    "contract_s": 1.03e-3,
+                    "sdpa_s": 1e-3,
+                    "ratio": 1.03,
+                    "overhead_us": 30.0,
+                },
+                {
+                    "length": 128,
+                    "causal": True,
+                    "batch_size": 32,
+                    "heads": 4,
+                    "dim_head": 16,
+                    "contract_s": 1.2e-3,
+                    "sdpa_s": 1e-3,
+                    "ratio": 1.2,
+                    "overhead_us": 200.0,
+                },
+            ],
+        }
+    )
     return out
 
 
 def table_rows(markdown: str, title: str, caption: str) -> dict[str, list[str]]:
     """mechanism -> cells of the table under ``### title`` / ``caption``."""
-    section = markdown[markdown.index(f"### {title}"):]
-    table = section[section.index(caption):].split("\n\n")[1]
+    section = markdown[markdown.index(f"### {title}") :]
+    table = section[section.index(caption) :].split("\n\n")[1]
     rows = {}
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -92,7 +183,9 @@ def test_speed_and_memory_relative_to_softmax_with_crossover(records):
     title = "Training step (forward + backward + AdamW, whole model), non-causal"
     speed_rows = table_rows(text, title, "Speed relative to softmax")
     assert speed_rows["softmax"] == ["1.00"] * 5 + ["–"]
-    expected = [softmax_seconds(L) / (softmax_seconds(1024 * math.sqrt(2)) * L / (1024 * math.sqrt(2))) for L in LENGTHS]
+    expected = [
+        softmax_seconds(L) / (softmax_seconds(1024 * math.sqrt(2)) * L / (1024 * math.sqrt(2))) for L in LENGTHS
+    ]
     assert speed_rows["performer"][:5] == [f"{x:.2f}" for x in expected]
     assert speed_rows["performer"][5] == "≈ 1.4K"  # 1024·√2 = 1448 (log-log interpolation of a power law)
     assert speed_rows["linear"][5] == "≤ 256"
@@ -109,7 +202,7 @@ def test_speed_and_memory_relative_to_softmax_with_crossover(records):
 
 def test_peers_parameters_overhead_and_method_are_reported(records):
     text = efficiency.efficiency_markdown(records, params={"softmax": 12345})
-    peers = text[text.index("### Ours vs peer implementations"):]
+    peers = text[text.index("### Ours vs peer implementations") :]
     row = next(line for line in peers.splitlines() if line.startswith("| performer / performer_pytorch"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "train_step" and cells[2:] == ["1.25 · 0.91"] * 5
@@ -133,8 +226,12 @@ def test_crossover_length_cases():
 def test_plots_render_from_records(records, tmp_path):
     paths = efficiency.write_plots(records, tmp_path / "plots")
     names = sorted(p.name for p in paths)
-    assert names == ["memory_vs_length.png", "memory_vs_length_causal.png",
-                     "throughput_vs_length.png", "throughput_vs_length_causal.png"]  # accuracy: the leaderboard's plot
+    assert names == [
+        "memory_vs_length.png",
+        "memory_vs_length_causal.png",
+        "throughput_vs_length.png",
+        "throughput_vs_length_causal.png",
+    ]  # accuracy: the leaderboard's plot
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -59,19 +59,38 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
     (root / "plugins").mkdir()
     (root / "plugins" / "killer.py").write_text(KILLER)
-    return root, {**os.environ, "HARNESS_PLUGIN_PATH": str(root / "plugins"), "OMP_NUM_THREADS": "1",
-                  "HARNESS_CACHE_DIR": str(root / "cache")}
+    return root, {
+        **os.environ,
+        "HARNESS_PLUGIN_PATH": str(root / "plugins"),
+        "OMP_NUM_THREADS": "1",
+        "HARNESS_CACHE_DIR": str(root / "cache"),
+    }
 
 
 def harness(env, *args, timeout=600, **kwargs):
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env[1], timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env[1],
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def test_a_cell_killed_by_the_kernel_is_recorded_and_the_grid_goes_on(env):
     results = env[0] / "killed"
-    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,killed_by_kernel,linear", "seeds=0",
-                   f"results_dir={results}", *CELL)
+    done = harness(
+        env,
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=softmax,killed_by_kernel,linear",
+        "seeds=0",
+        f"results_dir={results}",
+        *CELL,
+    )
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a cell did not finish
     records, unreadable = scan_results(results)
     status = {r["mechanism"]: r for r in records}
@@ -89,10 +108,22 @@ def test_a_cell_killed_by_the_kernel_is_recorded_and_the_grid_goes_on(env):
 
 def test_two_grids_on_one_results_folder_record_each_cell_once(env):
     results = env[0] / "two"
-    args = [sys.executable, "-m", "harness", "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear",
-            "seeds=0,1", f"results_dir={results}", *CELL]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env[1])
-             for _ in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "harness",
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=softmax,linear",
+        "seeds=0,1",
+        f"results_dir={results}",
+        *CELL,
+    ]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env[1])
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     records, unreadable = scan_results(results)
     assert not unreadable
@@ -102,18 +133,43 @@ def test_two_grids_on_one_results_folder_record_each_cell_once(env):
     ran = sum(o.count("ok          listops") for o in outputs)
     assert ran >= 4
     # a third run of the same grid finds everything recorded
-    again = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear", "seeds=0,1",
-                    f"results_dir={results}", "dry_run=true", *CELL)
+    again = harness(
+        env,
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=softmax,linear",
+        "seeds=0,1",
+        f"results_dir={results}",
+        "dry_run=true",
+        *CELL,
+    )
     assert again.returncode == 0 and again.stdout.count("ok ") >= 4 and "todo" not in again.stdout
 
 
 def test_killing_the_grid_kills_its_cells(env):
     results = env[0] / "orphans"
     marker = f"results_dir={results}"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "grid", "scale=tiny", "tasks=listops",
-                             "mechanisms=sleepy", "seeds=0", marker, "trainer.progress_bar=false",
-                             "train.max_steps=200", "mechanism.seconds=0.5"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env[1])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "grid",
+            "scale=tiny",
+            "tasks=listops",
+            "mechanisms=sleepy",
+            "seeds=0",
+            marker,
+            "trainer.progress_bar=false",
+            "train.max_steps=200",
+            "mechanism.seconds=0.5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env[1],
+    )
     deadline = time.time() + 300
     folder = str(results)  # the grid hands it on quoted (results_dir='...'): look for the path itself
     while time.time() < deadline and not _processes_with(folder, "harness.train.run\x00task="):
@@ -144,8 +200,16 @@ def _processes_with(*needles: str) -> list[int]:
 
 def test_ddp_with_two_cpu_processes_writes_exactly_one_result(env):
     results = env[0] / "ddp"
-    done = harness(env, "run", "task=listops", "mechanism=softmax", "scale=tiny", "trainer=ddp_cpu",
-                   f"results_dir={results}", *CELL)
+    done = harness(
+        env,
+        "run",
+        "task=listops",
+        "mechanism=softmax",
+        "scale=tiny",
+        "trainer=ddp_cpu",
+        f"results_dir={results}",
+        *CELL,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, unreadable = scan_results(results)
     assert len(records) == 1 and not unreadable and records[0]["status"] == "ok"
@@ -160,22 +224,43 @@ def test_every_subcommand_has_help(env, command):
 
 
 def test_cfg_job_shows_the_composed_config(env):
-    done = harness(env, "run", "task=listops", "mechanism=performer", "mechanism.num_features=32", "--cfg", "job",
-                   timeout=120)
+    done = harness(
+        env, "run", "task=listops", "mechanism=performer", "mechanism.num_features=32", "--cfg", "job", timeout=120
+    )
     assert done.returncode == 0 and "num_features: 32" in done.stdout
 
 
 def test_hydra_glob_and_choice_select_mechanisms(env):
-    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=glob(*nystrom*)", "seeds=0",
-                   f"results_dir={env[0] / 'glob'}", "dry_run=true", timeout=300)
+    done = harness(
+        env,
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=glob(*nystrom*)",
+        "seeds=0",
+        f"results_dir={env[0] / 'glob'}",
+        "dry_run=true",
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     cells = [x for x in done.stdout.splitlines() if x.startswith("todo")]
     assert cells and all("nystrom" in x for x in cells)
     assert any("/nystrom/" in x for x in cells) and any("rela_nystrom" in x for x in cells)
-    choice = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=choice(softmax,linear)", "seeds=0",
-                     f"results_dir={env[0] / 'glob'}", "dry_run=true", timeout=300)
+    choice = harness(
+        env,
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=choice(softmax,linear)",
+        "seeds=0",
+        f"results_dir={env[0] / 'glob'}",
+        "dry_run=true",
+        timeout=300,
+    )
     assert [x.split()[1] for x in choice.stdout.splitlines() if x.startswith("todo")] == [
-        "tiny/listops/softmax/seed0", "tiny/listops/linear/seed0"]
+        "tiny/listops/softmax/seed0",
+        "tiny/listops/linear/seed0",
+    ]
 
 
 def test_a_grid_sweeps_any_key(env, tmp_path):
@@ -187,15 +272,18 @@ def test_a_grid_sweeps_any_key(env, tmp_path):
     assert len(cells) > 1 and any(k.startswith("task.") for k in keys - {"task", "mechanism", "seed"})
 
 
-@pytest.mark.parametrize("args,message", [
-    (["mechanism=softmax"], "the grid key is mechanisms=softmax"),
-    (["seeds=a"], "seeds are integers"),
-    (["rerun=maybe"], "rerun='maybe' is not one of"),
-    (["modle.depth=2"], "unknown key 'modle' for grid (did you mean 'model'?)"),
-    (["model.depht=2"], "cell override rejected"),
-    (["mechanisms=nope"], "unknown mechanism 'nope'"),
-    (["n_jobs=lots"], "n_jobs=lots: a positive integer or auto"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["mechanism=softmax"], "the grid key is mechanisms=softmax"),
+        (["seeds=a"], "seeds are integers"),
+        (["rerun=maybe"], "rerun='maybe' is not one of"),
+        (["modle.depth=2"], "unknown key 'modle' for grid (did you mean 'model'?)"),
+        (["model.depht=2"], "cell override rejected"),
+        (["mechanisms=nope"], "unknown mechanism 'nope'"),
+        (["n_jobs=lots"], "n_jobs=lots: a positive integer or auto"),
+    ],
+)
 def test_grid_mistakes_are_one_line(env, args, message):
     done = harness(env, "grid", "scale=tiny", "tasks=listops", *args, timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
@@ -203,8 +291,18 @@ def test_grid_mistakes_are_one_line(env, args, message):
 
 def test_dry_run_estimates_from_recorded_cells(env):
     results = env[0] / "killed"  # recorded by the first test (or empty: then no estimate)
-    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear,killed_by_kernel",
-                   "seeds=0,1", f"results_dir={results}", "dry_run=true", *CELL, timeout=300)
+    done = harness(
+        env,
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=softmax,linear,killed_by_kernel",
+        "seeds=0,1",
+        f"results_dir={results}",
+        "dry_run=true",
+        *CELL,
+        timeout=300,
+    )
     assert done.returncode == 0
     assert "6 cells" in done.stdout and "estimated time left" in done.stdout
     records = [json.loads(p.read_text()) for p in results.rglob("seed*.json")]
@@ -217,11 +315,23 @@ def test_joblib_launcher_runs_cells_side_by_side(env):
     from $HARNESS_PLUGIN_PATH files (not importable by name) can't travel: run it without them."""
     results = env[0] / "joblib"
     plain = (env[0], {k: v for k, v in env[1].items() if k != "HARNESS_PLUGIN_PATH"})
-    done = harness(plain, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear", "seeds=0",
-                   "launcher=joblib", "n_jobs=2", f"results_dir={results}", *CELL)
+    done = harness(
+        plain,
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=softmax,linear",
+        "seeds=0",
+        "launcher=joblib",
+        "n_jobs=2",
+        f"results_dir={results}",
+        *CELL,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, _ = scan_results(results)
-    assert sorted(r["mechanism"] for r in records) == ["linear", "softmax"] and all(r["status"] == "ok" for r in records)
+    assert sorted(r["mechanism"] for r in records) == ["linear", "softmax"] and all(
+        r["status"] == "ok" for r in records
+    )
     lines = [x for x in done.stdout.splitlines() if re.match(r"\[\s*\d+/2\] ok ", x)]
     assert len(lines) == 2  # the progress callback runs in joblib's workers too
 
@@ -239,8 +349,17 @@ def test_cells_side_by_side_share_the_cores():
 def test_process_launcher_gives_each_cell_its_share_of_threads(env):
     results = env[0] / "threads"
     unset = (env[0], {k: v for k, v in env[1].items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
-    done = harness(unset, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,linear", "seeds=0", "n_jobs=2",
-                   f"results_dir={results}", *CELL)
+    done = harness(
+        unset,
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=softmax,linear",
+        "seeds=0",
+        "n_jobs=2",
+        f"results_dir={results}",
+        *CELL,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, _ = scan_results(results)
     share = max(1, len(os.sched_getaffinity(0)) // 2)
@@ -254,8 +373,17 @@ def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
     from harness.grid.sweep import estimate_s
 
     def put(mechanism, variant, label, wall):
-        record = {"task": "listops", "mechanism": mechanism, "scale": "small", "seed": 0, "status": "ok",
-                  "wall_s": wall, "config_hash": variant or "preset", "variant": variant, "variant_label": label}
+        record = {
+            "task": "listops",
+            "mechanism": mechanism,
+            "scale": "small",
+            "seed": 0,
+            "status": "ok",
+            "wall_s": wall,
+            "config_hash": variant or "preset",
+            "variant": variant,
+            "variant_label": label,
+        }
         write_json_atomic(result_path(tmp_path, "small", "listops", mechanism, 0, variant), record)
 
     put("softmax", "", "", 900.0)  # the preset: a big model
@@ -263,8 +391,12 @@ def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
     put("linear", "", "", 800.0)
 
     def row(mechanism, config_hash, label):
-        return {"status": "todo", "cell": SimpleNamespace(scale="small", task="listops", mechanism=mechanism,
-                                                          config_hash=config_hash, variant_label=label)}
+        return {
+            "status": "todo",
+            "cell": SimpleNamespace(
+                scale="small", task="listops", mechanism=mechanism, config_hash=config_hash, variant_label=label
+            ),
+        }
 
     def estimate(*rows):
         found = estimate_s(list(rows), str(tmp_path))
@@ -279,8 +411,19 @@ def test_the_estimate_prefers_cells_of_the_same_config(tmp_path):
 def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_length(env):
     """grid=cpu at scale=tiny for one task and mechanism: a cell per length, then the report."""
     results = env[0] / "lengths"
-    done = harness(env, "grid", "grid=cpu", "scale=tiny", "tasks=mqar", "mechanisms=softmax", "seeds=0",
-                   f"results_dir={results}", *CELL, "task.num_train=64", "task.num_val=16")
+    done = harness(
+        env,
+        "grid",
+        "grid=cpu",
+        "scale=tiny",
+        "tasks=mqar",
+        "mechanisms=softmax",
+        "seeds=0",
+        f"results_dir={results}",
+        *CELL,
+        "task.num_train=64",
+        "task.num_val=16",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, _ = scan_results(results)
     assert sorted(r["config"]["task"]["max_len"] for r in records) == [1024, 4096]
@@ -288,7 +431,7 @@ def test_the_cpu_grid_sweeps_length_end_to_end_and_the_report_has_a_column_per_l
     done = harness(env, "report", f"results_dir={results}")
     assert done.returncode == 0, done.stderr[-3000:]
     text = (results / "leaderboard.md").read_text()
-    accuracy = text[text.index("## Accuracy — scale `tiny`"):]
+    accuracy = text[text.index("## Accuracy — scale `tiny`") :]
     assert "mqar L=1K" in accuracy and "mqar L=4K" in accuracy
     assert (results / "plots" / "accuracy_vs_length_tiny.png").exists()
 
@@ -298,14 +441,29 @@ def test_a_command_line_override_with_several_values_is_swept():
     commas and hydra.* overrides stay fixed (hydra.* go to the multirun, not the cells)."""
     from harness.grid.sweep import command_line_sweep, expand
 
-    fixed, swept = command_line_sweep(["task.num_distractors=0,4", "train.lr=1e-3", "model.dims=[1,2]",
-                                       "+trainer.x=1,2", "task.source='a,b'", "train.batch_size=range(2,5)",
-                                       "task.data_dir=choice(a,'b c')", "hydra.launcher.partition=gpu"])
-    assert swept == {"task.num_distractors": ["0", "4"], "+trainer.x": ["1", "2"],
-                     "train.batch_size": ["2", "3", "4"], "task.data_dir": ["a", "b\\ c"]}  # Hydra's escape of 'b c'
+    fixed, swept = command_line_sweep(
+        [
+            "task.num_distractors=0,4",
+            "train.lr=1e-3",
+            "model.dims=[1,2]",
+            "+trainer.x=1,2",
+            "task.source='a,b'",
+            "train.batch_size=range(2,5)",
+            "task.data_dir=choice(a,'b c')",
+            "hydra.launcher.partition=gpu",
+        ]
+    )
+    assert swept == {
+        "task.num_distractors": ["0", "4"],
+        "+trainer.x": ["1", "2"],
+        "train.batch_size": ["2", "3", "4"],
+        "task.data_dir": ["a", "b\\ c"],
+    }  # Hydra's escape of 'b c'
     assert fixed == ["train.lr=1e-3", "model.dims=[1,2]", "task.source='a,b'", "hydra.launcher.partition=gpu"]
-    _, groups = expand({"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"},
-                       ["train.max_steps=4,8", "train.lr=1e-3", "hydra.launcher.n_jobs=3"])
+    _, groups = expand(
+        {"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"},
+        ["train.max_steps=4,8", "train.lr=1e-3", "hydra.launcher.n_jobs=3"],
+    )
     cells = groups[0].cells()
     assert len(cells) == 2 and {c[-1] for c in cells} == {"train.max_steps=4", "train.max_steps=8"}
     assert all("train.lr=1e-3" in c for c in cells)
@@ -313,11 +471,17 @@ def test_a_command_line_override_with_several_values_is_swept():
     assert [label for label, _ in groups[0].labelled_cells()] == ["train.max_steps=4", "train.max_steps=8"]
 
 
-@pytest.mark.parametrize("arg,message", [
-    ("train.lr=interval(0,1)", "train.lr=interval(0,1): the grid sweeps lists of values (a,b), choice(...) or range(...)"),
-    ("task.name=glob(*a*)", "task.name=glob(*a*): the grid sweeps lists of values"),
-    ("train.lr=[1,", "train.lr=[1,: not a Hydra override value"),
-])
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        (
+            "train.lr=interval(0,1)",
+            "train.lr=interval(0,1): the grid sweeps lists of values (a,b), choice(...) or range(...)",
+        ),
+        ("task.name=glob(*a*)", "task.name=glob(*a*): the grid sweeps lists of values"),
+        ("train.lr=[1,", "train.lr=[1,: not a Hydra override value"),
+    ],
+)
 def test_a_command_line_sweep_the_grid_cannot_list_is_one_line(arg, message):
     from harness.grid.sweep import GridError, command_line_sweep
 
@@ -347,7 +511,10 @@ def a_grid_file(monkeypatch, tmp_path, text):
 def test_named_bundles_are_groups_with_their_names(monkeypatch, tmp_path):
     from harness.grid.sweep import expand
 
-    a_grid_file(monkeypatch, tmp_path, """
+    a_grid_file(
+        monkeypatch,
+        tmp_path,
+        """
 tasks: [listops, mqar]
 mechanisms: [softmax]
 seeds: [0]
@@ -357,30 +524,52 @@ task_sweep:
     - {name: short, task.max_length: 64, train.batch_size: 4}
     - {name: long, task.max_length: 128, train.batch_size: 2}
   mqar: {task.max_len: [64, 128]}
-""")
+""",
+    )
     scale, groups = expand({"grid": "mine", "scale": "tiny"}, ["train.lr=1e-3"])
     assert [(g.task, g.bundle) for g in groups] == [("listops", "short"), ("listops", "long"), ("mqar", "")]
-    assert groups[1].cells() == [["task=listops", "mechanism=softmax", "seed=0", "train.max_steps=5",
-                                  "task.max_length=128", "train.batch_size=2", "train.lr=1e-3"]]
+    assert groups[1].cells() == [
+        [
+            "task=listops",
+            "mechanism=softmax",
+            "seed=0",
+            "train.max_steps=5",
+            "task.max_length=128",
+            "train.batch_size=2",
+            "train.lr=1e-3",
+        ]
+    ]
     assert groups[1].source == f"{tmp_path / 'mine.yaml'}, task_sweep.listops"
     assert [label for label, _ in groups[2].labelled_cells()] == ["task.max_len=64", "task.max_len=128"]
     _, swept = expand({"grid": "mine", "scale": "tiny", "tasks": "listops"}, ["train.lr=1e-3,1e-2"])
     assert [label for label, _ in swept[0].labelled_cells()] == ["short,train.lr=0.001", "short,train.lr=0.01"]
 
 
-@pytest.mark.parametrize("sweep,message", [
-    ("[{name: a, task.max_length: 64, train.batch_size: 4}, {name: b, task.max_length: 128}]",
-     "task_sweep.listops: bundle 'b' lacks train.batch_size (the bundles of one task set the same keys: "
-     "task.max_length, train.batch_size)"),
-    ("[{name: a, task.max_length: 64}, {name: b, task.max_length: 128, train.lr: 0.1}]",
-     "task_sweep.listops: bundle 'b' sets train.lr, which bundle 'a' does not"),
-    ("[{task.max_length: 64}]", "task_sweep.listops: bundle 1 (task.max_length) has no name"),
-    ("[{name: a, task.max_length: 64}, {name: a, task.max_length: 128}]", "task_sweep.listops: two bundles are named 'a'"),
-    ("[]", "task_sweep.listops: an empty list of bundles"),
-    ('{"task.max_length,train.batch_size": [[64, 4], [128, 2]]}',
-     "task_sweep.listops: keys joined by a comma ('task.max_length,train.batch_size') are the old positional "
-     "form; write one named bundle per value instead: - {name: NAME, task.max_length: 64, train.batch_size: 4}"),
-])
+@pytest.mark.parametrize(
+    "sweep,message",
+    [
+        (
+            "[{name: a, task.max_length: 64, train.batch_size: 4}, {name: b, task.max_length: 128}]",
+            "task_sweep.listops: bundle 'b' lacks train.batch_size (the bundles of one task set the same keys: "
+            "task.max_length, train.batch_size)",
+        ),
+        (
+            "[{name: a, task.max_length: 64}, {name: b, task.max_length: 128, train.lr: 0.1}]",
+            "task_sweep.listops: bundle 'b' sets train.lr, which bundle 'a' does not",
+        ),
+        ("[{task.max_length: 64}]", "task_sweep.listops: bundle 1 (task.max_length) has no name"),
+        (
+            "[{name: a, task.max_length: 64}, {name: a, task.max_length: 128}]",
+            "task_sweep.listops: two bundles are named 'a'",
+        ),
+        ("[]", "task_sweep.listops: an empty list of bundles"),
+        (
+            '{"task.max_length,train.batch_size": [[64, 4], [128, 2]]}',
+            "task_sweep.listops: keys joined by a comma ('task.max_length,train.batch_size') are the old positional "
+            "form; write one named bundle per value instead: - {name: NAME, task.max_length: 64, train.batch_size: 4}",
+        ),
+    ],
+)
 def test_a_malformed_bundle_is_one_line_naming_it_and_its_file(monkeypatch, tmp_path, sweep, message):
     from harness.grid.sweep import GridError, expand
 
@@ -394,21 +583,27 @@ def test_a_malformed_bundle_is_one_line_naming_it_and_its_file(monkeypatch, tmp_
 def test_a_bundle_key_no_config_has_is_caught_before_anything_runs(monkeypatch, tmp_path):
     from harness.grid import sweep
 
-    path = a_grid_file(monkeypatch, tmp_path, """
+    path = a_grid_file(
+        monkeypatch,
+        tmp_path,
+        """
 tasks: [listops]
 task_sweep:
   listops:
     - {name: typo, task.max_lenght: 64}
-""")
+""",
+    )
     scale, groups = sweep.expand({"grid": "mine", "scale": "tiny", "mechanisms": "softmax", "seeds": "0"})
     with pytest.raises(GridError := sweep.GridError) as raised:
         sweep._check_overrides(scale, groups, str(tmp_path / "results"))
     assert raised.value.message.startswith(
-        f"cell override rejected in bundle 'typo' ({path}, task_sweep.listops): Could not override 'task.max_lenght'")
+        f"cell override rejected in bundle 'typo' ({path}, task_sweep.listops): Could not override 'task.max_lenght'"
+    )
     assert "\n" not in raised.value.message
     # a mistake on the command line is not blamed on the bundle
-    scale, groups = sweep.expand({"grid": "mine", "scale": "tiny", "mechanisms": "softmax", "seeds": "0"},
-                                 ["modle.depth=2"])
+    scale, groups = sweep.expand(
+        {"grid": "mine", "scale": "tiny", "mechanisms": "softmax", "seeds": "0"}, ["modle.depth=2"]
+    )
     with pytest.raises(GridError) as raised:
         sweep._check_overrides(scale, groups, str(tmp_path / "results"))
     assert raised.value.message.startswith("cell override rejected: ") and "bundle" not in raised.value.message
@@ -435,9 +630,21 @@ def test_one_launch_keeps_two_workers_busy_across_groups(env):
     second group's first cell starts when the first group's short cell ends, while its long one still
     runs (one multirun per group would leave a worker idle until the long one ended)."""
     results = env[0] / "busy"
-    done = harness(env, "grid", "scale=tiny", "tasks=listops,mqar", "mechanisms=sleepy", "seeds=0", "n_jobs=2",
-                   f"results_dir={results}", "trainer.progress_bar=false", "train.max_steps=2,120",
-                   "train.eval_every=100", "train.eval_batches=1", "mechanism.seconds=0.1")
+    done = harness(
+        env,
+        "grid",
+        "scale=tiny",
+        "tasks=listops,mqar",
+        "mechanisms=sleepy",
+        "seeds=0",
+        "n_jobs=2",
+        f"results_dir={results}",
+        "trainer.progress_bar=false",
+        "train.max_steps=2,120",
+        "train.eval_every=100",
+        "train.eval_batches=1",
+        "mechanism.seconds=0.1",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len([x for x in done.stdout.splitlines() if re.match(r"\[\d/4\] ok ", x)]) == 4
     (sweep,) = (results / "sweeps").iterdir()  # one multirun for both groups
@@ -490,8 +697,9 @@ def test_a_results_folder_with_spaces_quotes_and_accents_works(env):
     """The grid hands results_dir to Hydra as an override: quoted, a path with a space, a quote and
     a non-ASCII letter is one value (it was a LexerNoViableAltException before any cell ran)."""
     results = env[0] / "my runs" / "é'q"
-    done = harness(env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax", "seeds=0",
-                   f"results_dir={results}", *CELL)
+    done = harness(
+        env, "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax", "seeds=0", f"results_dir={results}", *CELL
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records, unreadable = scan_results(results)
     assert not unreadable and [r["status"] for r in records] == ["ok"]
@@ -504,15 +712,26 @@ def test_a_cells_training_cost_is_estimated_from_its_config():
     """The dry run's steps, tokens and GPU hours (issue 23), against hand-computed values."""
     from harness.grid.sweep import GPU_SUSTAINED_TFLOPS, cell_cost
 
-    plain = {"task": {"max_len": 100}, "model": {"dim": 8, "depth": 2, "mlp_dim": 16},
-             "train": {"max_steps": 10, "batch_size": 4}}
+    plain = {
+        "task": {"max_len": 100},
+        "model": {"dim": 8, "depth": 2, "mlp_dim": 16},
+        "train": {"max_steps": 10, "batch_size": 4},
+    }
     cost = cell_cost(plain)
     dense = 6 * 4000 * 2 * (4 * 64 + 2 * 8 * 16)  # 24,576,000
-    attention = 12 * 2 * 100 ** 2 * 8 * 10 * 4  # 76,800,000
+    attention = 12 * 2 * 100**2 * 8 * 10 * 4  # 76,800,000
     assert cost["steps"] == 10 and cost["tokens"] == 4000 and cost["flops"] == dense + attention
     assert cost["gpu_hours"] == pytest.approx((dense + attention) / (GPU_SUSTAINED_TFLOPS * 1e12 * 3600))
-    warm = {**plain, "train": {"max_steps": 10, "batch_size": 4, "warmup_length": 10, "warmup_length_steps": 4,
-                               "warmup_batch_size": 8}}
+    warm = {
+        **plain,
+        "train": {
+            "max_steps": 10,
+            "batch_size": 4,
+            "warmup_length": 10,
+            "warmup_length_steps": 4,
+            "warmup_batch_size": 8,
+        },
+    }
     assert cell_cost(warm)["tokens"] == 6 * 4 * 100 + 4 * 8 * 10 and cell_cost(warm)["steps"] == 10
     assert cell_cost({**plain, "task": {"resolution": 8, "max_len": 1000}})["tokens"] == 10 * 4 * 64
 
@@ -526,8 +745,15 @@ def test_the_smoke_grid_is_two_tasks_by_softmax_and_one_mechanism_per_family(tmp
     cells = [row["cell"] for row in plan(scale, groups, str(tmp_path))]
     assert scale == "tiny" and len(cells) == 14
     assert sorted({c.task for c in cells}) == ["listops", "mqar"] and {c.seed for c in cells} == {0}
-    assert sorted({c.mechanism for c in cells}) == ["bigbird", "nystrom", "nystrom_attention", "performer", "reformer",
-                                                    "s4d", "softmax"]
+    assert sorted({c.mechanism for c in cells}) == [
+        "bigbird",
+        "nystrom",
+        "nystrom_attention",
+        "performer",
+        "reformer",
+        "s4d",
+        "softmax",
+    ]
     assert all(c.variant == "" for c in cells)  # the scale's presets
     makefile = (ROOT / "Makefile").read_text()
     assert "-m harness grid grid=smoke scale=tiny " in makefile

@@ -19,8 +19,12 @@ def evaluate(tokens: list[str]) -> int:
             stack.append([tok])
         elif tok == "]":
             op, *args = stack.pop()
-            value = {"[MIN": min, "[MAX": max, "[SM": lambda a: sum(a) % 10,
-                     "[MED": lambda a: int(statistics.median(a))}[op](args)
+            value = {
+                "[MIN": min,
+                "[MAX": max,
+                "[SM": lambda a: sum(a) % 10,
+                "[MED": lambda a: int(statistics.median(a)),
+            }[op](args)
             if stack:
                 stack[-1].append(value)
             else:
@@ -52,8 +56,22 @@ def depth_and_args(tokens: list[str]) -> tuple[int, list[int]]:
 
 
 def test_generated_rows_are_correct_and_bounded(tmp_path):
-    assert main(["tool", "listops-generate", f"data_dir={tmp_path}", "num_train=300", "num_val=40",
-                 "num_test=40", "seed=3", "min_length=20", "max_length=120"]) == 0
+    assert (
+        main(
+            [
+                "tool",
+                "listops-generate",
+                f"data_dir={tmp_path}",
+                "num_train=300",
+                "num_val=40",
+                "num_test=40",
+                "seed=3",
+                "min_length=20",
+                "max_length=120",
+            ]
+        )
+        == 0
+    )
     seen = set()
     for name in ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"):
         lines = (tmp_path / name).read_text().splitlines()

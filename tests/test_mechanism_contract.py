@@ -30,8 +30,19 @@ def caps(name):
 
 def test_registry_has_the_research_mechanisms():
     expected = {
-        "softmax", "performer", "nystrom", "rela", "rela_nystrom", "kernel_rpe", "persistent_memory",
-        "gated", "bam", "babn", "relation_aware", "polynomial", "adaptive",
+        "softmax",
+        "performer",
+        "nystrom",
+        "rela",
+        "rela_nystrom",
+        "kernel_rpe",
+        "persistent_memory",
+        "gated",
+        "bam",
+        "babn",
+        "relation_aware",
+        "polynomial",
+        "adaptive",
     }
     assert expected <= set(MECHANISMS), f"missing: {sorted(expected - set(MECHANISMS))}"
 
@@ -146,8 +157,8 @@ def test_causal_cross_attention_is_bottom_right_aligned(name, lq, lk):
         if first_unseen >= lk:
             continue
         k2, v2 = k.clone(), v.clone()
-        k2[:, :, max(first_unseen, 0):] = torch.randn_like(k2[:, :, max(first_unseen, 0):]) * 3
-        v2[:, :, max(first_unseen, 0):] = torch.randn_like(v2[:, :, max(first_unseen, 0):]) * 3
+        k2[:, :, max(first_unseen, 0) :] = torch.randn_like(k2[:, :, max(first_unseen, 0) :]) * 3
+        v2[:, :, max(first_unseen, 0) :] = torch.randn_like(v2[:, :, max(first_unseen, 0) :]) * 3
         out2 = call(mech, q, k2, v2, causal=True)
         torch.testing.assert_close(out[:, :, i], out2[:, :, i], atol=1e-5, rtol=1e-4)
 

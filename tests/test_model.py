@@ -80,7 +80,8 @@ def test_too_long_sequence_is_a_clear_error():
 def test_matcher_sees_both_documents():
     m = model(head="matcher")
     base = {
-        "input_ids_1": torch.tensor([[1, 2, 3, 4]]), "padding_mask_1": torch.zeros(1, 4, dtype=torch.bool),
+        "input_ids_1": torch.tensor([[1, 2, 3, 4]]),
+        "padding_mask_1": torch.zeros(1, 4, dtype=torch.bool),
         "input_ids_2": torch.tensor([[5, 6, 7, 0, 0, 0]]),
         "padding_mask_2": torch.tensor([[False, False, False, True, True, True]]),
     }

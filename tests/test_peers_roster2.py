@@ -19,7 +19,9 @@ def test_peers_are_registered_as_peers_with_equal_setting_names():
     for peer, ours in (("reformer_peer", "reformer"), ("sinkhorn_peer", "sinkhorn")):
         spec = get_mechanism(peer)
         assert spec.cls.peer_of == ours
-        shared = set(spec.config_class.__dataclass_fields__) & set(get_mechanism(ours).config_class.__dataclass_fields__)
+        shared = set(spec.config_class.__dataclass_fields__) & set(
+            get_mechanism(ours).config_class.__dataclass_fields__
+        )
         assert shared == set(spec.config_class.__dataclass_fields__), shared
 
 

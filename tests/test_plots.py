@@ -24,11 +24,20 @@ def every_mechanism_swept():
         for length in LENGTHS:
             seconds = 1e-3 * (length / 256) ** (2 if quadratic else 1) * (1 + i / 50)
             if length == 16384 and i % 3 == 0:
-                out.append(speed_record(name, length, status="oom" if i % 2 else "timeout", mode="attention",
-                                        peer_of=peer_of))
+                out.append(
+                    speed_record(name, length, status="oom" if i % 2 else "timeout", mode="attention", peer_of=peer_of)
+                )
             else:
-                out.append(speed_record(name, length, seconds=seconds, memory=length / 64 * (1 + i / 40),
-                                        mode="attention", peer_of=peer_of))
+                out.append(
+                    speed_record(
+                        name,
+                        length,
+                        seconds=seconds,
+                        memory=length / 64 * (1 + i / 40),
+                        mode="attention",
+                        peer_of=peer_of,
+                    )
+                )
     return out
 
 
@@ -58,8 +67,11 @@ def test_stop_labels_at_one_length_do_not_pile_up(monkeypatch, tmp_path):
     records = []
     for i, name in enumerate(["softmax", "rela", "gated", "bam", "babn"]):
         for length in LENGTHS[:3]:
-            records.append(speed_record(name, length, seconds=1e-3 * (length / 256) ** 2 * (1 + i / 100),
-                                        memory=1.0, mode="attention"))
+            records.append(
+                speed_record(
+                    name, length, seconds=1e-3 * (length / 256) ** 2 * (1 + i / 100), memory=1.0, mode="attention"
+                )
+            )
         if name != "softmax":
             records.append(speed_record(name, 16384, status="oom", mode="attention"))
     efficiency.write_plots(records, tmp_path)
@@ -75,18 +87,35 @@ def test_a_failed_cell_is_crossed_at_its_own_length_and_configs_are_not_joined(m
     at 4K. The cross sits at 4K at the foot of the panel (not at linear's 1K value), and no line
     joins softmax's 1K and 4K points (different configs)."""
     saved = capture_figures(monkeypatch)
-    records = [record(task="mqar", mechanism="softmax", accuracy=0.99, max_len=1024),
-               record(task="mqar", mechanism="linear", accuracy=0.07, max_len=1024),
-               record(task="mqar", mechanism="softmax", accuracy=0.9, max_len=4096, variant="b4",
-                      label="task.max_len=4096, train.batch_size=4"),
-               record(task="mqar", mechanism="linear", status="timeout", max_len=4096, variant="b4",
-                      label="task.max_len=4096, train.batch_size=4")]
+    records = [
+        record(task="mqar", mechanism="softmax", accuracy=0.99, max_len=1024),
+        record(task="mqar", mechanism="linear", accuracy=0.07, max_len=1024),
+        record(
+            task="mqar",
+            mechanism="softmax",
+            accuracy=0.9,
+            max_len=4096,
+            variant="b4",
+            label="task.max_len=4096, train.batch_size=4",
+        ),
+        record(
+            task="mqar",
+            mechanism="linear",
+            status="timeout",
+            max_len=4096,
+            variant="b4",
+            label="task.max_len=4096, train.batch_size=4",
+        ),
+    ]
     stats, baselines = stats_of(records, tmp_path)
     report.accuracy_length_plot(stats, baselines, tmp_path / "plot.png", "small")
     fig = saved[0]
     ax = fig.axes[0]
-    softmax_lines = [ln for ln in ax.lines if ln.get_color() == ax.lines[0].get_color()
-                     and ln.get_marker() == ax.lines[0].get_marker()]
+    softmax_lines = [
+        ln
+        for ln in ax.lines
+        if ln.get_color() == ax.lines[0].get_color() and ln.get_marker() == ax.lines[0].get_marker()
+    ]
     assert sorted(len(ln.get_xdata()) for ln in softmax_lines) == [1, 1]  # two points, not one line
     crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]
     assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [4096]
@@ -100,8 +129,10 @@ def test_accuracy_against_throughput_names_points_in_a_legend_and_ticks_do_not_c
     throughput range within one decade (whose minor labels ran together: 3×10⁴4×10⁴)."""
     saved = capture_figures(monkeypatch)
     names = ["softmax", "linear", "performer", "linformer", "nystrom", "local", "bigbird", "cosformer"]
-    records = [record(task="mqar", mechanism=m, accuracy=0.5 + i / 1000, tokens_per_s=30000 + 1500 * i,
-                      max_len=1024) for i, m in enumerate(names)]
+    records = [
+        record(task="mqar", mechanism=m, accuracy=0.5 + i / 1000, tokens_per_s=30000 + 1500 * i, max_len=1024)
+        for i, m in enumerate(names)
+    ]
     stats, baselines = stats_of(records, tmp_path)
     report.accuracy_throughput_plot(stats, baselines, tmp_path / "plot.png", "small")
     fig = saved[0]
@@ -119,8 +150,15 @@ def test_every_figure_of_a_report_reads_cleanly(monkeypatch, tmp_path):
     saved = capture_figures(monkeypatch)
     for i, m in enumerate(["softmax", "linear", "performer", "local"]):
         for length, variant in ((1024, ""), (4096, "b4")):
-            r = record(task="mqar", mechanism=m, accuracy=0.9 - i / 10, max_len=length, tokens_per_s=2e4 / (i + 1),
-                       variant=variant, label=f"task.max_len={length}" if variant else "")
+            r = record(
+                task="mqar",
+                mechanism=m,
+                accuracy=0.9 - i / 10,
+                max_len=length,
+                tokens_per_s=2e4 / (i + 1),
+                variant=variant,
+                label=f"task.max_len={length}" if variant else "",
+            )
             r["val_curve"] = [[step, 0.1 + step / 1000] for step in (60, 120, 180)]
             write(tmp_path, r)
     for k, r in enumerate(every_mechanism_swept()):

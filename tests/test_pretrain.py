@@ -39,18 +39,33 @@ def test_denoising_predicts_masked_tokens_only_and_trains_the_encoder(pooling):
 
 def test_matcher_pretrains_on_both_documents():
     _, stage = _stage("matcher")
-    batch = {"input_ids_1": torch.randint(1, 12, (2, 5)), "padding_mask_1": torch.zeros(2, 5, dtype=torch.bool),
-             "input_ids_2": torch.randint(1, 12, (2, 7)), "padding_mask_2": torch.zeros(2, 7, dtype=torch.bool),
-             "label": torch.tensor([0, 1])}
+    batch = {
+        "input_ids_1": torch.randint(1, 12, (2, 5)),
+        "padding_mask_1": torch.zeros(2, 5, dtype=torch.bool),
+        "input_ids_2": torch.randint(1, 12, (2, 7)),
+        "padding_mask_2": torch.zeros(2, 7, dtype=torch.bool),
+        "label": torch.tensor([0, 1]),
+    }
     assert [ids.shape[1] for ids, _ in stage._documents(batch)] == [5, 7]
 
 
 def test_pretraining_is_in_the_identity_and_the_record(tmp_path):
     from harness.train.run import run_cell
 
-    result = run_cell(compose(["task=listops", "scale=tiny", "train.pretrain_steps=6", "train.max_steps=4",
-                               "train.eval_every=4", "trainer.progress_bar=false", f"results_dir={tmp_path}/r",
-                               f"cache_dir={tmp_path}/c"]))
+    result = run_cell(
+        compose(
+            [
+                "task=listops",
+                "scale=tiny",
+                "train.pretrain_steps=6",
+                "train.max_steps=4",
+                "train.eval_every=4",
+                "trainer.progress_bar=false",
+                f"results_dir={tmp_path}/r",
+                f"cache_dir={tmp_path}/c",
+            ]
+        )
+    )
     assert result["status"] == "ok", result["error"]
     assert result["config"]["train"]["pretrain_steps"] == 6 and "train.pretrain_steps=6" in result["variant_label"]
     pre = result["data"]["pretrain"]

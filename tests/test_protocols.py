@@ -31,48 +31,159 @@ def flat(cfg) -> dict:
 
 # Each value as its source gives it (the YAML under harness/conf/protocol/ cites file and line of thought).
 LRA = {  # google-research/long-range-arena @ cd31e5c
-    "listops": {"task.max_len": 2000, "model.dim": 512, "model.depth": 4, "model.heads": 8, "model.qkv_dim": 512,
-                "model.mlp_dim": 1024, "model.dropout": 0.1, "model.attention_dropout": 0.1,
-                "model.positions": "sinusoidal", "model.pooling": "cls", "model.head_mlp": 1024,
-                "train.max_steps": 5000, "train.batch_size": 32, "train.schedule": "rsqrt", "train.warmup_steps": 1000,
-                "train.weight_decay": 0.1, "train.eval_every": 50},
-    "text": {"task.max_len": 1000, "model.dim": 256, "model.depth": 4, "model.heads": 4, "model.qkv_dim": 256,
-             "model.mlp_dim": 1024, "model.pooling": "cls", "model.positions": "sinusoidal", "model.head_mlp": 1024,
-             "model.attention_dropout": 0.1, "train.max_steps": 20000, "train.warmup_steps": 8000,
-             "train.schedule": "rsqrt", "train.weight_decay": 0.1, "train.eval_every": 100},
-    "retrieval": {"task.max_len": 4000, "model.dim": 128, "model.depth": 4, "model.heads": 4, "model.qkv_dim": 128,
-                  "model.mlp_dim": 512, "model.pooling": "first", "model.interaction": "concat", "model.head_mlp": 512,
-                  "model.positions": "sinusoidal", "train.max_steps": 5000, "train.warmup_steps": 8000,
-                  "train.weight_decay": 0.1},
-    "image": {"task.max_len": 1024, "model.dim": 128, "model.depth": 1, "model.heads": 8, "model.qkv_dim": 64,
-              "model.mlp_dim": 128, "model.dropout": 0.3, "model.attention_dropout": 0.2, "model.positions": "learned",
-              "model.pooling": "cls", "model.head_mlp": 128, "train.max_steps": 35000, "train.batch_size": 256,
-              "train.lr": 5e-4, "train.schedule": "cosine", "train.warmup_steps": 175, "train.weight_decay": 0.0,
-              "train.eval_batches": 39},
-    "pathfinder": {"task.max_len": 1024, "task.difficulty": "hard", "model.dim": 32, "model.depth": 4,
-                   "model.heads": 4, "model.qkv_dim": 16, "model.mlp_dim": 32, "model.dropout": 0.2,
-                   "model.attention_dropout": 0.1, "model.positions": "sinusoidal", "model.pooling": "mean",
-                   "model.head_mlp": 32, "train.max_steps": 62400, "train.batch_size": 512, "train.lr": 1e-3,
-                   "train.warmup_steps": 312, "train.eval_batches": 39},
+    "listops": {
+        "task.max_len": 2000,
+        "model.dim": 512,
+        "model.depth": 4,
+        "model.heads": 8,
+        "model.qkv_dim": 512,
+        "model.mlp_dim": 1024,
+        "model.dropout": 0.1,
+        "model.attention_dropout": 0.1,
+        "model.positions": "sinusoidal",
+        "model.pooling": "cls",
+        "model.head_mlp": 1024,
+        "train.max_steps": 5000,
+        "train.batch_size": 32,
+        "train.schedule": "rsqrt",
+        "train.warmup_steps": 1000,
+        "train.weight_decay": 0.1,
+        "train.eval_every": 50,
+    },
+    "text": {
+        "task.max_len": 1000,
+        "model.dim": 256,
+        "model.depth": 4,
+        "model.heads": 4,
+        "model.qkv_dim": 256,
+        "model.mlp_dim": 1024,
+        "model.pooling": "cls",
+        "model.positions": "sinusoidal",
+        "model.head_mlp": 1024,
+        "model.attention_dropout": 0.1,
+        "train.max_steps": 20000,
+        "train.warmup_steps": 8000,
+        "train.schedule": "rsqrt",
+        "train.weight_decay": 0.1,
+        "train.eval_every": 100,
+    },
+    "retrieval": {
+        "task.max_len": 4000,
+        "model.dim": 128,
+        "model.depth": 4,
+        "model.heads": 4,
+        "model.qkv_dim": 128,
+        "model.mlp_dim": 512,
+        "model.pooling": "first",
+        "model.interaction": "concat",
+        "model.head_mlp": 512,
+        "model.positions": "sinusoidal",
+        "train.max_steps": 5000,
+        "train.warmup_steps": 8000,
+        "train.weight_decay": 0.1,
+    },
+    "image": {
+        "task.max_len": 1024,
+        "model.dim": 128,
+        "model.depth": 1,
+        "model.heads": 8,
+        "model.qkv_dim": 64,
+        "model.mlp_dim": 128,
+        "model.dropout": 0.3,
+        "model.attention_dropout": 0.2,
+        "model.positions": "learned",
+        "model.pooling": "cls",
+        "model.head_mlp": 128,
+        "train.max_steps": 35000,
+        "train.batch_size": 256,
+        "train.lr": 5e-4,
+        "train.schedule": "cosine",
+        "train.warmup_steps": 175,
+        "train.weight_decay": 0.0,
+        "train.eval_batches": 39,
+    },
+    "pathfinder": {
+        "task.max_len": 1024,
+        "task.difficulty": "hard",
+        "model.dim": 32,
+        "model.depth": 4,
+        "model.heads": 4,
+        "model.qkv_dim": 16,
+        "model.mlp_dim": 32,
+        "model.dropout": 0.2,
+        "model.attention_dropout": 0.1,
+        "model.positions": "sinusoidal",
+        "model.pooling": "mean",
+        "model.head_mlp": 32,
+        "train.max_steps": 62400,
+        "train.batch_size": 512,
+        "train.lr": 1e-3,
+        "train.warmup_steps": 312,
+        "train.eval_batches": 39,
+    },
 }
-LRA_OPTIMIZER = {"train.betas": [0.9, 0.98], "train.eps": 1e-9, "train.weight_decay_all": True, "train.grad_clip": 0.0,
-                 "trainer.precision": "32-true"}
-PYTORCH_MODEL = {"model.dim": 64, "model.depth": 2, "model.heads": 2, "model.qkv_dim": 0, "model.mlp_dim": 128,
-                 "model.dropout": 0.1, "model.attention_dropout": 0.1, "model.positions": "learned",
-                 "model.pooling": "padded_mean", "model.head_mlp": 128, "model.interaction": "nli",
-                 "train.schedule": "onecycle", "train.betas": [0.9, 0.999], "train.eps": 1e-6, "train.weight_decay": 0.0,
-                 "trainer.precision": "16-mixed"}
+LRA_OPTIMIZER = {
+    "train.betas": [0.9, 0.98],
+    "train.eps": 1e-9,
+    "train.weight_decay_all": True,
+    "train.grad_clip": 0.0,
+    "trainer.precision": "32-true",
+}
+PYTORCH_MODEL = {
+    "model.dim": 64,
+    "model.depth": 2,
+    "model.heads": 2,
+    "model.qkv_dim": 0,
+    "model.mlp_dim": 128,
+    "model.dropout": 0.1,
+    "model.attention_dropout": 0.1,
+    "model.positions": "learned",
+    "model.pooling": "padded_mean",
+    "model.head_mlp": 128,
+    "model.interaction": "nli",
+    "train.schedule": "onecycle",
+    "train.betas": [0.9, 0.999],
+    "train.eps": 1e-6,
+    "train.weight_decay": 0.0,
+    "trainer.precision": "16-mixed",
+}
 SKYFORMER = {  # pkuzengqi/Skyformer @ 1a677cb, src/config.py
-    "listops": {"task.max_len": 2000, "train.max_steps": 50000, "train.batch_size": 32, "train.lr": 1e-4,
-                "train.warmup_steps": 1000},
-    "text": {"task.max_len": 4000, "train.max_steps": 50000, "train.batch_size": 32, "train.lr": 1e-4,
-             "train.warmup_steps": 80},
-    "retrieval": {"task.max_len": 4000, "train.max_steps": 50000, "train.batch_size": 16, "train.lr": 2e-4,
-                  "train.warmup_steps": 800},
-    "image": {"task.max_len": 1024, "train.max_steps": 50000, "train.batch_size": 256, "train.lr": 1e-4,
-              "train.warmup_steps": 175},
-    "pathfinder": {"task.max_len": 1024, "task.difficulty": "hard", "train.max_steps": 50000, "train.batch_size": 128,
-                   "train.lr": 2e-4, "train.warmup_steps": 312},
+    "listops": {
+        "task.max_len": 2000,
+        "train.max_steps": 50000,
+        "train.batch_size": 32,
+        "train.lr": 1e-4,
+        "train.warmup_steps": 1000,
+    },
+    "text": {
+        "task.max_len": 4000,
+        "train.max_steps": 50000,
+        "train.batch_size": 32,
+        "train.lr": 1e-4,
+        "train.warmup_steps": 80,
+    },
+    "retrieval": {
+        "task.max_len": 4000,
+        "train.max_steps": 50000,
+        "train.batch_size": 16,
+        "train.lr": 2e-4,
+        "train.warmup_steps": 800,
+    },
+    "image": {
+        "task.max_len": 1024,
+        "train.max_steps": 50000,
+        "train.batch_size": 256,
+        "train.lr": 1e-4,
+        "train.warmup_steps": 175,
+    },
+    "pathfinder": {
+        "task.max_len": 1024,
+        "task.difficulty": "hard",
+        "train.max_steps": 50000,
+        "train.batch_size": 128,
+        "train.lr": 2e-4,
+        "train.warmup_steps": 312,
+    },
 }
 NYSTROMFORMER = {  # mlpen/Nystromformer @ 5689313, LRA/code/lra_config.py and LRA/datasets/
     "listops": {"task.max_len": 2000, "train.max_steps": 5000, "train.batch_size": 32, "train.warmup_steps": 1000},
@@ -113,12 +224,34 @@ def test_lra_is_the_default_protocol_and_the_scale_says_which():
 
 def test_pathx_preset_is_lras_pathfinder128():
     got = flat(preset("pathfinder", None, "+preset=pathx"))
-    assert {k: got[k] for k in ("task.resolution", "task.max_len", "model.depth", "model.heads", "model.dim",
-                                 "model.qkv_dim", "model.positions", "model.pooling", "train.batch_size",
-                                 "train.grad_clip", "train.max_steps")} == {
-        "task.resolution": 128, "task.max_len": 16384, "model.depth": 1, "model.heads": 2, "model.dim": 32,
-        "model.qkv_dim": 16, "model.positions": "learned", "model.pooling": "mean", "train.batch_size": 64,
-        "train.grad_clip": 1.0, "train.max_steps": 500000}
+    assert {
+        k: got[k]
+        for k in (
+            "task.resolution",
+            "task.max_len",
+            "model.depth",
+            "model.heads",
+            "model.dim",
+            "model.qkv_dim",
+            "model.positions",
+            "model.pooling",
+            "train.batch_size",
+            "train.grad_clip",
+            "train.max_steps",
+        )
+    } == {
+        "task.resolution": 128,
+        "task.max_len": 16384,
+        "model.depth": 1,
+        "model.heads": 2,
+        "model.dim": 32,
+        "model.qkv_dim": 16,
+        "model.positions": "learned",
+        "model.pooling": "mean",
+        "train.batch_size": 64,
+        "train.grad_clip": 1.0,
+        "train.max_steps": 500000,
+    }
 
 
 def test_tasks_outside_lra_keep_their_own_presets_under_protocol_lra():
@@ -175,7 +308,13 @@ def test_later_settings_at_their_defaults_leave_the_identity_alone(tmp_path):
 
 class _Task:
     def __init__(self, head: str, num_classes: int = 3, vocab_size: int = 20, max_len: int = 16):
-        self.name, self.head, self.num_classes, self.vocab_size, self.max_len = "t", head, num_classes, vocab_size, max_len
+        self.name, self.head, self.num_classes, self.vocab_size, self.max_len = (
+            "t",
+            head,
+            num_classes,
+            vocab_size,
+            max_len,
+        )
 
 
 def _model(head="classifier", mechanism="softmax", **model):
@@ -204,8 +343,12 @@ def test_concat_interaction_is_lras_two_layer_mlp_on_x1_x2():
     model = _model(head="matcher", interaction="concat", head_mlp=12)
     assert [m.out_features for m in model.out if isinstance(m, torch.nn.Linear)] == [12, 6, 3]
     assert model.out[0].in_features == 32  # [X1, X2]
-    batch = {"input_ids_1": torch.randint(1, 20, (2, 5)), "padding_mask_1": torch.zeros(2, 5, dtype=torch.bool),
-             "input_ids_2": torch.randint(1, 20, (2, 9)), "padding_mask_2": torch.zeros(2, 9, dtype=torch.bool)}
+    batch = {
+        "input_ids_1": torch.randint(1, 20, (2, 5)),
+        "padding_mask_1": torch.zeros(2, 5, dtype=torch.bool),
+        "input_ids_2": torch.randint(1, 20, (2, 9)),
+        "padding_mask_2": torch.zeros(2, 9, dtype=torch.bool),
+    }
     assert model(batch).shape == (2, 3)
     nli = _model(head="matcher", head_mlp=12)
     assert nli.out[0].in_features == 64 and isinstance(nli.out[1], torch.nn.ReLU)
@@ -230,8 +373,9 @@ def test_attention_dropout_reaches_mechanisms_with_attention_weights_only():
     from harness.train.build import build_model
     from harness.train.model import ModelConfig
 
-    own = build_model(_Task("classifier"), ModelConfig(dim=16, depth=1, heads=2, attention_dropout=0.2), "softmax",
-                      {"dropout": 0.05})
+    own = build_model(
+        _Task("classifier"), ModelConfig(dim=16, depth=1, heads=2, attention_dropout=0.2), "softmax", {"dropout": 0.05}
+    )
     assert own.encoder.blocks[0].mix.mechanism.cfg.dropout == 0.05  # the mechanism's own setting wins
 
 
@@ -250,6 +394,7 @@ def test_a_mask_reaches_no_value_check_in_the_per_call_hook(monkeypatch):
     mask = torch.zeros(1, 5, dtype=torch.bool)
     softmax = create_mechanism("softmax", heads=2, dim_head=4, max_len=8)
     softmax(q, q, q, key_padding_mask=mask)
+
     class NoPadding(attention.Attention):
         def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
             return v
@@ -293,7 +438,9 @@ def test_onecycle_is_torchs_one_cycle_as_the_pytorch_codes_build_it():
         sched.step()
     assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9
     assert lrs[-1] < 1e-5
-    with pytest.raises(ValueError, match=r"train.schedule=onecycle needs train.warmup_steps=0 >= 2 and at least 2 steps"):
+    with pytest.raises(
+        ValueError, match=r"train.schedule=onecycle needs train.warmup_steps=0 >= 2 and at least 2 steps"
+    ):
         from harness.train.config import TrainConfig
         from harness.train.training import TaskModule
 
@@ -310,9 +457,13 @@ def _real_sources(root: Path) -> dict[str, list[str]]:
 
     from tasks import image
 
-    listops = write_listops_as_lra(root / "listops-1000", rows=[("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( [MIN 3 ) ] )", 3)] * 4)
+    listops = write_listops_as_lra(
+        root / "listops-1000", rows=[("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( [MIN 3 ) ] )", 3)] * 4
+    )
     aan = write_aan(root / "tsv_data")
-    reviews = {(s, p): [f"{p} review {i} of {s}".encode() for i in range(4)] for s in ("train", "test") for p in ("pos", "neg")}
+    reviews = {
+        (s, p): [f"{p} review {i} of {s}".encode() for i in range(4)] for s in ("train", "test") for p in ("pos", "neg")
+    }
     imdb = write_aclimdb(root / "imdb", reviews)
     cifar = root / "cifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
@@ -327,16 +478,20 @@ def _real_sources(root: Path) -> dict[str, list[str]]:
         (base / "imgs" / "0").mkdir(parents=True)
         rows = []
         for k in range(10):
-            Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8), mode="L").save(base / "imgs" / "0" / f"s{k}.png")
+            Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8), mode="L").save(
+                base / "imgs" / "0" / f"s{k}.png"
+            )
             rows.append(f"imgs/0 s{k}.png {k} {k % 2} 1.0 14 2 2 0.5 1 1")
         (base / "metadata" / "0.npy").write_text("\n".join(rows) + "\n")
         pathfinder[side] = str(root / f"pf{side}")
-    return {"listops": ["task.source=lra", f"task.data_dir={listops}"],
-            "text": ["task.source=imdb", f"task.data_dir={imdb}", "task.val_fraction=0.25"],
-            "retrieval": ["task.source=aan", f"task.data_dir={aan}"],
-            "image": ["task.source=cifar10", f"task.data_dir={cifar.parent}"],
-            "pathfinder": ["task.source=lra", f"task.data_dir={pathfinder[32]}"],
-            "pathx": ["task=pathfinder", "+preset=pathx", "task.source=lra", f"task.data_dir={pathfinder[128]}"]}
+    return {
+        "listops": ["task.source=lra", f"task.data_dir={listops}"],
+        "text": ["task.source=imdb", f"task.data_dir={imdb}", "task.val_fraction=0.25"],
+        "retrieval": ["task.source=aan", f"task.data_dir={aan}"],
+        "image": ["task.source=cifar10", f"task.data_dir={cifar.parent}"],
+        "pathfinder": ["task.source=lra", f"task.data_dir={pathfinder[32]}"],
+        "pathx": ["task=pathfinder", "+preset=pathx", "task.source=lra", f"task.data_dir={pathfinder[128]}"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -351,10 +506,22 @@ FAST = ("pytorch", "listops")
 def _four_steps(protocol, task, sources, tmp_path):
     from harness.train.run import run_cell
 
-    overrides = ["scale=lra", f"protocol={protocol}", *([f"task={task}"] if task != "pathx" else []), *sources[task],
-                 "train.max_steps=4", "train.eval_every=4", "train.warmup_steps=2", "train.batch_size=2",
-                 "train.eval_batches=1", "trainer.accelerator=cpu", "trainer.precision=32-true",
-                 "trainer.progress_bar=false", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}"]
+    overrides = [
+        "scale=lra",
+        f"protocol={protocol}",
+        *([f"task={task}"] if task != "pathx" else []),
+        *sources[task],
+        "train.max_steps=4",
+        "train.eval_every=4",
+        "train.warmup_steps=2",
+        "train.batch_size=2",
+        "train.eval_batches=1",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.progress_bar=false",
+        f"results_dir={tmp_path / 'results'}",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
     if task == "pathx":  # 16,384 tokens: a linear mechanism keeps four CPU steps in seconds
         overrides.append("mechanism=linear")
     result = run_cell(compose(overrides))
@@ -390,8 +557,17 @@ def test_task_sentinel_defaults_pass_the_config_check():
 def test_the_grid_refuses_a_protocol_without_a_preset_before_anything_runs(tmp_path, capsys):
     from harness.grid.sweep import main
 
-    code = main(["scale=lra", "protocol=pytorch", "tasks=listops,mqar", "mechanisms=softmax", "seeds=0",
-                 "dry_run=true", f"results_dir={tmp_path}"])
+    code = main(
+        [
+            "scale=lra",
+            "protocol=pytorch",
+            "tasks=listops,mqar",
+            "mechanisms=softmax",
+            "seeds=0",
+            "dry_run=true",
+            f"results_dir={tmp_path}",
+        ]
+    )
     assert code != 0
     assert "mqar: protocol=pytorch has no preset for task 'mqar'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
@@ -409,20 +585,36 @@ MECHANISMS = {
         "synthesizer": {t: {"mode": "random", "add_dot_product": True} for t in _ALL},
         # sinkhorn_transformer.py block_size=50 (64 in image/configs/*/sinkhorn_base.py); sort_activation='softmax';
         # sinkhorn_operator n_iters=1, temp=1.0, clip=1.0
-        "sinkhorn": {t: {"block_size": 64 if t in ("image", "pathfinder") else 50, "sort": "softmax",
-                         "gumbel_noise": False, "sinkhorn_iters": 1, "temperature": 1.0, "clip": 1.0, "combine": "sum"}
-                     for t in _ALL},
+        "sinkhorn": {
+            t: {
+                "block_size": 64 if t in ("image", "pathfinder") else 50,
+                "sort": "softmax",
+                "gumbel_noise": False,
+                "sinkhorn_iters": 1,
+                "temperature": 1.0,
+                "clip": 1.0,
+                "combine": "sum",
+            }
+            for t in _ALL
+        },
         # reformer_attention.py n_hashes=1, n_buckets=10: 10 chunks of the length padded by chunk_len=10
         # (CLS counted), PRNGKey(0) at every call
-        "reformer": {t: {"n_hashes": 1, "n_buckets": 10, "seed": 0, "redraw": False, "bucket_size": size}
-                     for t, size in {"listops": 201, "text": 101, "retrieval": 401, "image": 103, "pathfinder": 103}.items()},
-        # performer.py 'generalized' (deterministic ReLU features, kernel_epsilon 0.001); listops/configs/performer_base.py
-        "performer": {**{t: {"kernel": "relu_deterministic", "feature_eps": 1e-3} for t in _ALL},
-                      "listops": {"kernel": "softmax", "num_features": 2, "feature_eps": 1e-6, "redraw_interval": 1}},
+        "reformer": {
+            t: {"n_hashes": 1, "n_buckets": 10, "seed": 0, "redraw": False, "bucket_size": size}
+            for t, size in {"listops": 201, "text": 101, "retrieval": 401, "image": 103, "pathfinder": 103}.items()
+        },
+        # performer.py 'generalized' (deterministic ReLU features, kernel_epsilon 0.001);
+        # listops/configs/performer_base.py
+        "performer": {
+            **{t: {"kernel": "relu_deterministic", "feature_eps": 1e-3} for t in _ALL},
+            "listops": {"kernel": "softmax", "num_features": 2, "feature_eps": 1e-6, "redraw_interval": 1},
+        },
         "bigbird": {t: {"block_size": 64, "random_blocks": 3} for t in _ALL},  # bigbird.py, bigbird_attention.py
         # local.py block_size=50; image/configs/*/local_base.py block_size 64; each block sees itself only
-        "local": {t: {"window": 64 if t in ("image", "pathfinder") else 50, "look_backward": 0, "look_forward": 0}
-                  for t in _ALL},
+        "local": {
+            t: {"window": 64 if t in ("image", "pathfinder") else 50, "look_backward": 0, "look_forward": 0}
+            for t in _ALL
+        },
         "longformer": {t: {"window": 512, "global_tokens": 0} for t in _ALL},  # sliding_window_size=512, no global_mask
         "sparse": {t: {"stride": 50, "summary": 10} for t in _ALL},  # train_utils.py Fixed{1,2}Pattern(50, c=10)
     },
@@ -466,7 +658,9 @@ def test_mechanism_protocol_settings_stay_inside_their_protocol():
 def test_a_mechanisms_protocol_settings_are_its_preset_cell(tmp_path):
     base = resolve_cell(preset("listops", None, "mechanism=reformer", f"results_dir={tmp_path}"))
     assert base.variant == "" and base.identity["mechanism"]["n_hashes"] == 1
-    other = resolve_cell(preset("listops", None, "mechanism=reformer", "mechanism.n_hashes=2", f"results_dir={tmp_path}"))
+    other = resolve_cell(
+        preset("listops", None, "mechanism=reformer", "mechanism.n_hashes=2", f"results_dir={tmp_path}")
+    )
     assert other.variant == other.config_hash and other.variant_label == "mechanism.n_hashes=2"
 
 

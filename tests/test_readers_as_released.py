@@ -18,8 +18,11 @@ from tasks import image, listops, pathfinder, retrieval
 
 BOM = b"\xef\xbb\xbf"
 GARBAGE = b"\x89\x00\x13\xfe binary \x00\x01\x02"
-EXPRESSIONS = [("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( ( ( [SM 5 ) 7 ) ( ( ( [MIN 3 ) 4 ) ] ) ) ] )", np.int64(5)),
-               ("( ( ( [MED 1 ) 2 ) ] )", 1)]
+EXPRESSIONS = [
+    ("( ( ( [MAX 2 ) 9 ) ] )", 9),
+    ("( ( ( ( [SM 5 ) 7 ) ( ( ( [MIN 3 ) 4 ) ] ) ) ] )", np.int64(5)),
+    ("( ( ( [MED 1 ) 2 ) ] )", 1),
+]
 
 
 def crlf(blob: bytes) -> bytes:
@@ -59,7 +62,9 @@ def test_listops_lf_bom_and_crlf_read_the_same(tmp_path):
         other = write_listops_as_lra(tmp_path / variant)
         for name in listops.SPLIT_FILES.values():
             (other / name).write_bytes(data)
-        fingerprints.add(create_task("listops", source="lra", data_dir=str(other), max_len=64).load(tmp_path / "c")[1].fingerprint)
+        fingerprints.add(
+            create_task("listops", source="lra", data_dir=str(other), max_len=64).load(tmp_path / "c")[1].fingerprint
+        )
     assert len(fingerprints) == 1
     assert listops.read_tsv(folder / "basic_val.tsv")[1][1] == 5
 
@@ -94,8 +99,10 @@ def test_single_class_test_split_is_a_warning_in_the_log_and_the_info(tmp_path, 
     task = create_task("listops", source="lra", data_dir=str(folder), max_len=64)
     with caplog.at_level(logging.WARNING):
         _, info = task.load(tmp_path / "cache")
-    assert info.warnings == ["the test split holds a single class (label 9, all 2 examples): its accuracy only says "
-                             "how often the model predicts that class"]
+    assert info.warnings == [
+        "the test split holds a single class (label 9, all 2 examples): its accuracy only says "
+        "how often the model predicts that class"
+    ]
     assert "single class" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -103,13 +110,18 @@ def test_single_class_test_split_is_a_warning_in_the_log_and_the_info(tmp_path, 
     assert again.warnings == info.warnings and "single class" in caplog.text
     assert "warnings" in info.as_dict()
     two_classes = write_listops_as_lra(tmp_path / "lra2")
-    assert create_task("listops", source="lra", data_dir=str(two_classes), max_len=64).load(tmp_path / "c")[1].warnings == []
+    assert (
+        create_task("listops", source="lra", data_dir=str(two_classes), max_len=64).load(tmp_path / "c")[1].warnings
+        == []
+    )
 
 
 # ----------------------------------------------------------------------------- AAN (retrieval)
 
-AAN = [("1", "P04-1005", "W03-0401", "Parsing the <b>WSJ</b> \"corpus\"", "Shallow parsing"),
-       ("0", "A00-1001", "A00-1002", "First paper", "Second paper caf\u00e9")]
+AAN = [
+    ("1", "P04-1005", "W03-0401", 'Parsing the <b>WSJ</b> "corpus"', "Shallow parsing"),
+    ("0", "A00-1001", "A00-1002", "First paper", "Second paper caf\u00e9"),
+]
 
 
 def write_aan(folder: Path, line_end: bytes = b"\n", prefix: bytes = b"") -> Path:
@@ -158,8 +170,12 @@ def write_aclimdb(root: Path, reviews: dict[tuple[str, str], list[bytes]]) -> Pa
 
 
 def imdb_reviews(pos: bytes = b"Great film.<br /><br />Caf\xc3\xa9 scene!") -> dict:
-    return {(s, p): [pos if p == "pos" else b"Dull.<br />Boring", b"Review " + p.encode() + bytes([48 + i])]
-            for s in ("train", "test") for p in ("pos", "neg") for i in range(1)}
+    return {
+        (s, p): [pos if p == "pos" else b"Dull.<br />Boring", b"Review " + p.encode() + bytes([48 + i])]
+        for s in ("train", "test")
+        for p in ("pos", "neg")
+        for i in range(1)
+    }
 
 
 def test_aclimdb_reviews_keep_their_html_breaks_and_drop_a_bom(tmp_path):
@@ -209,10 +225,19 @@ def py2_pickle(obj) -> bytes:
             return b"}(" + b"".join(dump(k) + dump(v) for k, v in x.items()) + b"u"
         if isinstance(x, np.ndarray):
             assert x.dtype == np.uint8
-            dtype = b"cnumpy\ndtype\n" + dump((b"u1", 0, 1)) + b"R" + dump((3, b"|", None, None, None, -1, -1, 0)) + b"b"
+            dtype = (
+                b"cnumpy\ndtype\n" + dump((b"u1", 0, 1)) + b"R" + dump((3, b"|", None, None, None, -1, -1, 0)) + b"b"
+            )
             state = b"(" + dump(1) + dump(tuple(x.shape)) + dtype + dump(False) + dump(x.tobytes()) + b"t"
-            return (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + dump((0,)) + dump(b"b") + b"\x87R"
-                    + state + b"b")
+            return (
+                b"cnumpy.core.multiarray\n_reconstruct\n"
+                + b"cnumpy\nndarray\n"
+                + dump((0,))
+                + dump(b"b")
+                + b"\x87R"
+                + state
+                + b"b"
+            )
         raise TypeError(type(x))
 
     return b"\x80\x02" + dump(obj) + b"."
@@ -226,8 +251,12 @@ def test_cifar_python2_batches_as_released(tmp_path):
     for k, name in enumerate([*image.CIFAR_TRAIN_BATCHES, image.CIFAR_TEST_BATCH]):
         data = rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.permutation(np.arange(20) % 10)]
-        batch = {b"batch_label": f"training batch {k + 1} of 5".encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(20)]}
+        batch = {
+            b"batch_label": f"training batch {k + 1} of 5".encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(20)],
+        }
         (folder / name).write_bytes(py2_pickle(batch))
         written[name] = (data, labels)
     got, labels = image.read_cifar_batch(folder / "test_batch")
@@ -256,7 +285,9 @@ def write_release(root: Path, count: int = 10, *, line_end: bytes = b"\n", prefi
     rng = np.random.default_rng(1)
     rows = []
     for k in range(count):
-        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(base / "imgs" / "0" / f"sample_{k}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(
+            base / "imgs" / "0" / f"sample_{k}.png"
+        )
         rows.append(f"imgs/0 sample_{k}.png {k} {k % 2} 1.0 6 2 2 0.5 1 1".encode())
     (base / "metadata" / "0.npy").write_bytes(prefix + line_end.join(rows) + line_end)
     return base
@@ -292,8 +323,9 @@ def test_fasta_crlf_lowercase_and_bom_with_labels_tsv_from_a_spreadsheet(tmp_pat
     fasta = b"".join(f">sp|{acc}|X_HUMAN Protein\r\n{seq[:30]}\r\n{seq[30:]}\r\n".encode() for acc, seq in seqs.items())
     (src / "uniprot.fasta").write_bytes(BOM + fasta)
     # Excel's "Unicode text" / "CSV UTF-8": a BOM before the header, CRLF line ends
-    (src / "labels.tsv").write_bytes(BOM + b"id\tlabel\r\n" + b"".join(f"{acc}\tfam{i % 2}\r\n".encode()
-                                                                      for i, acc in enumerate(seqs)))
+    (src / "labels.tsv").write_bytes(
+        BOM + b"id\tlabel\r\n" + b"".join(f"{acc}\tfam{i % 2}\r\n".encode() for i, acc in enumerate(seqs))
+    )
     labels = pio.read_labels(src / "labels.tsv")
     assert len(labels) == 40 and "id" not in labels and "\ufeffid" not in labels  # the header is a header
     records = list(pio.read_fasta(src / "uniprot.fasta", pio.ResidueReader()))
@@ -304,11 +336,16 @@ def test_fasta_crlf_lowercase_and_bom_with_labels_tsv_from_a_spreadsheet(tmp_pat
 
 
 def test_stockholm_with_crlf(tmp_path):
-    sto = (b"# STOCKHOLM 1.0\r\n#=GF ID   Fam_A\r\n#=GS s1/1-8 AC P1\r\n\r\n"
-           b"s1/1-8   MK-LA.GIw\r\ns2/3-9   MKVLA-GI-\r\n#=GC SS_cons ....\r\n//\r\n")
+    sto = (
+        b"# STOCKHOLM 1.0\r\n#=GF ID   Fam_A\r\n#=GS s1/1-8 AC P1\r\n\r\n"
+        b"s1/1-8   MK-LA.GIw\r\ns2/3-9   MKVLA-GI-\r\n#=GC SS_cons ....\r\n//\r\n"
+    )
     (tmp_path / "fam.sto").write_bytes(BOM + sto)
     rows = list(pio.read_stockholm(tmp_path / "fam.sto", pio.ResidueReader()))
-    assert [(f, n, pio.decode(ids)) for f, n, ids in rows] == [("Fam_A", "s1/1-8", "MKLAGIW"), ("Fam_A", "s2/3-9", "MKVLAGI")]
+    assert [(f, n, pio.decode(ids)) for f, n, ids in rows] == [
+        ("Fam_A", "s1/1-8", "MKLAGIW"),
+        ("Fam_A", "s2/3-9", "MKVLAGI"),
+    ]
 
 
 def test_protein_hostile_files(tmp_path):

@@ -71,20 +71,29 @@ def test_broken_plugin_is_reported_and_others_still_load(plugin_dir):
 
 def test_list_json_cli_shows_plugins_and_errors(plugin_dir):
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(plugin_dir)}
-    out = subprocess.run([sys.executable, "-m", "harness", "list", "json=true"], capture_output=True, text=True,
-                         env=env, cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "list", "json=true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     info = json.loads(out)
     assert set(info) == {"mechanisms", "tasks", "errors"}
     assert info["mechanisms"]["tempered"]["config"] == {"temperature": 2.0}
     assert info["mechanisms"]["tempered"]["capabilities"]["causal"] is True
     assert any(k.endswith("broken.py") for k in info["errors"])
-    text = subprocess.run([sys.executable, "-m", "harness", "list"], capture_output=True, text=True, env=env,
-                          cwd=ROOT, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "harness", "list"], capture_output=True, text=True, env=env, cwd=ROOT, check=True
+    ).stdout
     assert "tempered" in text and "broken.py" in text
 
 
 def test_run_with_unknown_mechanism_fails_in_one_line():
-    done = subprocess.run([sys.executable, "-m", "harness", "run", "mechanism=nope"], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "mechanism=nope"], capture_output=True, text=True, cwd=ROOT
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "softmax" in lines[0] and "'nope'" in lines[0]

@@ -13,20 +13,57 @@ from harness.core.results import result_path, write_json_atomic
 from harness.report import leaderboard as report
 
 
-def record(task="listops", mechanism="softmax", *, seed=0, accuracy=0.5, status="ok", scale="small", max_len=128,
-           variant="", label="", n_test=1000, majority=0.5, tokens_per_s=1000.0, memory=100.0, params=1000,
-           fingerprint="fp", cache_path="", error=None, bits=None, wall_s=60.0):
+def record(
+    task="listops",
+    mechanism="softmax",
+    *,
+    seed=0,
+    accuracy=0.5,
+    status="ok",
+    scale="small",
+    max_len=128,
+    variant="",
+    label="",
+    n_test=1000,
+    majority=0.5,
+    tokens_per_s=1000.0,
+    memory=100.0,
+    params=1000,
+    fingerprint="fp",
+    cache_path="",
+    error=None,
+    bits=None,
+    wall_s=60.0,
+):
     test = {"bits_per_token": bits, "loss": 1.0} if bits is not None else {"accuracy": accuracy, "loss": 1.0}
     return {
-        "schema_version": 2, "task": task, "mechanism": mechanism, "scale": scale, "seed": seed, "status": status,
-        "error": error, "metrics": {"val": test, "test": test} if status == "ok" else {},
-        "params": params, "tokens_per_s": tokens_per_s, "peak_memory_mb": memory, "wall_s": wall_s,
-        "data": {"source": "generated", "fingerprint": fingerprint, "majority_accuracy": majority,
-                 "sizes": {"train": 100, "validation": 50, "test": n_test}, "length_mean": max_len / 2,
-                 "length_max": max_len - 1, "num_classes": 2, "cache_path": cache_path},
+        "schema_version": 2,
+        "task": task,
+        "mechanism": mechanism,
+        "scale": scale,
+        "seed": seed,
+        "status": status,
+        "error": error,
+        "metrics": {"val": test, "test": test} if status == "ok" else {},
+        "params": params,
+        "tokens_per_s": tokens_per_s,
+        "peak_memory_mb": memory,
+        "wall_s": wall_s,
+        "data": {
+            "source": "generated",
+            "fingerprint": fingerprint,
+            "majority_accuracy": majority,
+            "sizes": {"train": 100, "validation": 50, "test": n_test},
+            "length_mean": max_len / 2,
+            "length_max": max_len - 1,
+            "num_classes": 2,
+            "cache_path": cache_path,
+        },
         "env": {"commit": "abc1234", "torch": "2.13.0+cpu", "device": "cpu (test, 2 threads)"},
         "config": {"scale": scale, "task": {"name": task, "max_len": max_len}, "mechanism": {"name": mechanism}},
-        "variant": variant, "variant_label": label, "config_hash": variant or "h0",
+        "variant": variant,
+        "variant_label": label,
+        "config_hash": variant or "h0",
     }
 
 
@@ -55,8 +92,12 @@ def test_wilson_interval_and_the_test_size_flag():
 
 
 def test_bold_only_beyond_the_baseline_and_within_the_best(tmp_path):
-    records = [record(mechanism="softmax", accuracy=0.80), record(mechanism="nystrom", accuracy=0.79),
-               record(mechanism="performer", accuracy=0.70), record(mechanism="linear", accuracy=0.52)]
+    records = [
+        record(mechanism="softmax", accuracy=0.80),
+        record(mechanism="nystrom", accuracy=0.79),
+        record(mechanism="performer", accuracy=0.70),
+        record(mechanism="linear", accuracy=0.52),
+    ]
     stats, _ = stats_of(records, tmp_path)
     by = stats.set_index("row")
     assert by.loc["softmax"].bold and by.loc["nystrom"].bold  # 0.79 lies in softmax's interval [0.774, 0.824]
@@ -72,7 +113,10 @@ def test_cells_that_only_tie_the_majority_are_never_bold(tmp_path):
 
 
 def test_lm_bits_use_the_baseline_interval_and_lower_is_better(tmp_path):
-    records = [record(task="protein_lm", mechanism="softmax", bits=3.9), record(task="protein_lm", mechanism="performer", bits=4.3)]
+    records = [
+        record(task="protein_lm", mechanism="softmax", bits=3.9),
+        record(task="protein_lm", mechanism="performer", bits=4.3),
+    ]
     for r in records:
         r["data"]["unigram_bits_per_token"] = 4.2
         r["data"]["majority_accuracy"] = None
@@ -86,10 +130,12 @@ def test_lm_bits_use_the_baseline_interval_and_lower_is_better(tmp_path):
 
 
 def test_recommendation_keeps_the_best_interval_ordered_by_throughput(tmp_path):
-    records = [record(mechanism="softmax", accuracy=0.80, tokens_per_s=1000, max_len=1024),
-               record(mechanism="nystrom", accuracy=0.79, tokens_per_s=5000, max_len=1024),
-               record(mechanism="slow", accuracy=0.785, tokens_per_s=500, max_len=1024),
-               record(mechanism="performer", accuracy=0.70, tokens_per_s=9000, max_len=1024)]
+    records = [
+        record(mechanism="softmax", accuracy=0.80, tokens_per_s=1000, max_len=1024),
+        record(mechanism="nystrom", accuracy=0.79, tokens_per_s=5000, max_len=1024),
+        record(mechanism="slow", accuracy=0.785, tokens_per_s=500, max_len=1024),
+        record(mechanism="performer", accuracy=0.70, tokens_per_s=9000, max_len=1024),
+    ]
     stats, baselines = stats_of(records, tmp_path)
     table = report.recommendation_table(stats, baselines)
     lines = [line for line in table.splitlines()[2:]]
@@ -101,8 +147,11 @@ def test_recommendation_keeps_the_best_interval_ordered_by_throughput(tmp_path):
 
 
 def test_variants_are_kept_apart_and_seeds_average_within_one_config(tmp_path):
-    records = [record(mechanism="performer", seed=0, accuracy=0.70), record(mechanism="performer", seed=1, accuracy=0.74),
-               record(mechanism="performer", variant="a1b2c3", label="mechanism.num_features=128", accuracy=0.60)]
+    records = [
+        record(mechanism="performer", seed=0, accuracy=0.70),
+        record(mechanism="performer", seed=1, accuracy=0.74),
+        record(mechanism="performer", variant="a1b2c3", label="mechanism.num_features=128", accuracy=0.60),
+    ]
     stats, baselines = stats_of(records, tmp_path)
     by = stats.set_index("row")
     assert by.loc["performer"]["mean"] == pytest.approx(0.72) and by.loc["performer"].n_ok == 2
@@ -112,8 +161,11 @@ def test_variants_are_kept_apart_and_seeds_average_within_one_config(tmp_path):
 
 
 def test_parameters_flagged_over_ten_percent_of_softmax(tmp_path):
-    records = [record(mechanism="softmax", params=1000), record(mechanism="poly", params=1200),
-               record(mechanism="nystrom", params=1050)]
+    records = [
+        record(mechanism="softmax", params=1000),
+        record(mechanism="poly", params=1200),
+        record(mechanism="nystrom", params=1050),
+    ]
     stats, _ = stats_of(records, tmp_path)
     table = report.params_table(stats)
     assert "1,200 (+20% ⚠)" in table and "1,050 (+5%)" in table
@@ -127,7 +179,9 @@ def tiny_text_cache(path):
         ids = [(rng.integers(10, 40, size=12).tolist() + ([7] if y else [8])) for y in labels]
         return datasets.Dataset.from_dict({"input_ids": ids, "label": labels})
 
-    datasets.DatasetDict({"train": split(60), "validation": split(20), "test": split(40)}).save_to_disk(str(path / "data"))
+    datasets.DatasetDict({"train": split(60), "validation": split(20), "test": split(40)}).save_to_disk(
+        str(path / "data")
+    )
     return str(path)
 
 
@@ -137,7 +191,8 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     cache = tiny_text_cache(tmp_path / "cache")
     long = dict(max_len=1024, variant="f00d", label="task.max_len=1024, task.max_length=1024", fingerprint="long")
     records = [
-        record(mechanism="softmax", accuracy=0.60), record(mechanism="performer", accuracy=0.55),
+        record(mechanism="softmax", accuracy=0.60),
+        record(mechanism="performer", accuracy=0.55),
         record(mechanism="softmax", status="timeout", error="CellTimeout: 900 s", **long),
         record(mechanism="performer", accuracy=0.58, **long),
         record(task="text", mechanism="softmax", accuracy=0.9, n_test=40, fingerprint="text1", cache_path=cache),
@@ -151,7 +206,7 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     (runs / "broken" / "seed2.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")  # binary
     (runs / "broken" / "seed3.json").write_text('{"hello": 1}')  # no schema
     text = report.write_report(tmp_path).read_text()
-    accuracy = text[text.index("## Accuracy — scale `small`"):text.index("### Accuracy against")]
+    accuracy = text[text.index("## Accuracy — scale `small`") : text.index("### Accuracy against")]
     assert "listops L=128" in accuracy and "listops L=1K" in accuracy and "text L=128" in accuracy
     performer = next(line for line in accuracy.splitlines() if line.startswith("| performer"))
     assert "55.0" in performer and "58.0" in performer  # one row, a column per length
@@ -159,9 +214,10 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     assert "✗ timeout" in softmax
     assert "| baseline: bag-of-n-grams LR" in accuracy  # computed from the text cell's own splits
     from harness.report.baselines import VERSION
+
     assert (tmp_path / "baselines" / f"text-text1-v{VERSION}.json").exists()
     assert (tmp_path / "plots" / "accuracy_vs_length_small.png").stat().st_size > 5000
-    details = text[text.index("## Run details"):]
+    details = text[text.index("## Run details") :]
     assert details.count("✗ unreadable") == 4 and "unreadable result files: 4" in details
     for name in ("seed0.json", "seed1.json", "seed2.json", "seed3.json"):
         assert f"runs/small/listops/broken/{name}" in details
@@ -175,13 +231,22 @@ def test_length_sweep_on_a_tiny_grid_and_unreadable_files(tmp_path):
     assert "**commit(s)**: abc1234" in text  # and the cells' own
     assert "measured `make benchmark" not in text  # no clock of a make run: no line
     (tmp_path / "runs" / "make_benchmark.json").write_text(
-        '{"started": 1000, "finished": 8200, "grid_status": 0, "command": "make benchmark GRID=cpu SCALE=auto"}')
+        '{"started": 1000, "finished": 8200, "grid_status": 0, "command": "make benchmark GRID=cpu SCALE=auto"}'
+    )
     text = report.write_report(tmp_path).read_text()
     assert "- **measured `make benchmark GRID=cpu SCALE=auto`**: 2.00 h start to end" in text
     assert "Tay et al. 2021" in text
     transformer = next(line for line in text.splitlines() if line.startswith("| Transformer "))
     assert [c.strip() for c in transformer.strip("|").split("|")] == [
-        "Transformer", "published", "36.37", "64.27", "57.46", "42.44", "71.40", "54.39"]
+        "Transformer",
+        "published",
+        "36.37",
+        "64.27",
+        "57.46",
+        "42.44",
+        "71.40",
+        "54.39",
+    ]
     skyformer = next(line for line in text.splitlines() if line.startswith("| Skyformer "))
     cells = [c.strip() for c in skyformer.strip("|").split("|")]
     assert cells[2:] == ["38.69", "64.70", "82.06", "40.77", "70.73", "59.39"] and cells[1] == "published [1]"
@@ -210,13 +275,17 @@ def test_the_length_plot_legend_fits_the_figure_with_many_series(tmp_path, monke
     import matplotlib.figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    records = [record(mechanism=f"mech{i:02d}", accuracy=0.5 + i / 100, max_len=length, fingerprint=f"f{length}")
-               for i in range(33) for length in (128, 1024)]
+    records = [
+        record(mechanism=f"mech{i:02d}", accuracy=0.5 + i / 100, max_len=length, fingerprint=f"f{length}")
+        for i in range(33)
+        for length in (128, 1024)
+    ]
     stats, baselines = stats_of(records, tmp_path)
     saved = []
     real_savefig = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1])
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1]
+    )
     report.accuracy_length_plot(stats, baselines, tmp_path / "plot.png", "small")
     fig = saved[0]
     renderer = FigureCanvasAgg(fig).get_renderer()
@@ -229,10 +298,12 @@ def test_the_length_plot_legend_fits_the_figure_with_many_series(tmp_path, monke
 
 def test_long_variant_labels_get_short_ids_and_a_key(tmp_path):
     grid = "model.depth=1, model.dim=32, model.heads=2, train.batch_size=8, train.max_steps=120"
-    records = [record(mechanism="softmax", variant="a1", label=grid + ", task.max_len=1024", max_len=1024),
-               record(mechanism="linear", variant="b2", label=grid + ", task.max_len=1024", max_len=1024),
-               record(mechanism="linear", variant="c3", label=grid + ", task.max_len=128"),
-               record(mechanism="performer", variant="d4", label="mechanism.num_features=16")]
+    records = [
+        record(mechanism="softmax", variant="a1", label=grid + ", task.max_len=1024", max_len=1024),
+        record(mechanism="linear", variant="b2", label=grid + ", task.max_len=1024", max_len=1024),
+        record(mechanism="linear", variant="c3", label=grid + ", task.max_len=128"),
+        record(mechanism="performer", variant="d4", label="mechanism.num_features=16"),
+    ]
     cells = report.cells_frame(records)
     # L=128 holds two configs: rows keep their variant; L=1024 holds one: plain rows, the id in the title
     assert sorted(set(cells.row)) == ["linear", "linear [v1]", "performer [mechanism.num_features=16]", "softmax"]
@@ -248,10 +319,22 @@ def test_a_column_whose_cells_share_one_config_names_it_once_and_a_mechanism_kee
     is one row across both columns, so it gets an average; the config is in the column title."""
     small = "model.dim=32, train.max_steps=120"
     records = [record(mechanism=m, accuracy=a, n_test=1000) for m, a in (("softmax", 0.40), ("linear", 0.30))]
-    records += [record(mechanism=m, variant=v, label=small + ", task.max_len=1024", max_len=1024, accuracy=a,
-                       n_test=1000, fingerprint="long") for m, v, a in (("softmax", "a1", 0.20), ("linear", "b2", 0.25))]
-    records += [record(task="text", mechanism=m, variant=v, label=small, accuracy=0.7, fingerprint="t")
-                for m, v in (("softmax", "c3"), ("linear", "d4"))]
+    records += [
+        record(
+            mechanism=m,
+            variant=v,
+            label=small + ", task.max_len=1024",
+            max_len=1024,
+            accuracy=a,
+            n_test=1000,
+            fingerprint="long",
+        )
+        for m, v, a in (("softmax", "a1", 0.20), ("linear", "b2", 0.25))
+    ]
+    records += [
+        record(task="text", mechanism=m, variant=v, label=small, accuracy=0.7, fingerprint="t")
+        for m, v in (("softmax", "c3"), ("linear", "d4"))
+    ]
     stats, baselines = stats_of(records, tmp_path)
     assert sorted(stats.row.unique()) == ["linear", "softmax"]
     table, averages = report.accuracy_table(stats, baselines)
@@ -260,15 +343,18 @@ def test_a_column_whose_cells_share_one_config_names_it_once_and_a_mechanism_kee
     # chance-normalised (majority 0.5 in both), listops at its most-populated length (ties: shortest)
     assert averages["softmax"] == pytest.approx(((0.40 - 0.5) / 0.5 + (0.70 - 0.5) / 0.5) / 2)
     assert "| softmax " in table and "[a1]" not in table
-    mixed = records + [record(mechanism="performer", variant="e5", label="mechanism.num_features=16",
-                              max_len=1024, fingerprint="long")]
+    mixed = records + [
+        record(mechanism="performer", variant="e5", label="mechanism.num_features=16", max_len=1024, fingerprint="long")
+    ]
     rows = set(report.cells_frame(mixed).row)
     assert {"softmax [" + small + "]", "performer [mechanism.num_features=16]"} <= rows  # two configs at 1K: labelled
 
 
 def test_a_band_where_nothing_beats_the_shortcut_says_no_signal_and_ranks_cost_only(tmp_path):
-    records = [record(mechanism=m, accuracy=0.5, tokens_per_s=t, max_len=1024, majority=0.5)
-               for m, t in (("softmax", 1000), ("fnet", 9000), ("linear", 5000), ("slow", 500))]
+    records = [
+        record(mechanism=m, accuracy=0.5, tokens_per_s=t, max_len=1024, majority=0.5)
+        for m, t in (("softmax", 1000), ("fnet", 9000), ("linear", 5000), ("slow", 500))
+    ]
     stats, baselines = stats_of(records, tmp_path)
     assert not stats.beats_baseline.any()
     lines = report.recommendation_table(stats, baselines).splitlines()[2:]
@@ -288,9 +374,17 @@ def with_items(r, correct, *, count=None, clusters=None):
 
 def shortcut(baselines, correct, key=("listops", 128)):
     """Make the column's strongest baseline one with per-item outcomes (as harness.report.baselines records them)."""
-    baselines[key]["baselines"].append({"name": "shortcut", "metric": "accuracy", "value": sum(correct) / len(correct),
-                                        "n_test": len(correct), "half_width": None, "note": "",
-                                        "items": {"correct": list(correct), "count": [1] * len(correct)}})
+    baselines[key]["baselines"].append(
+        {
+            "name": "shortcut",
+            "metric": "accuracy",
+            "value": sum(correct) / len(correct),
+            "n_test": len(correct),
+            "half_width": None,
+            "note": "",
+            "items": {"correct": list(correct), "count": [1] * len(correct)},
+        }
+    )
 
 
 def test_beating_the_baseline_is_a_paired_test_on_the_same_items(tmp_path):
@@ -318,8 +412,11 @@ def test_bold_needs_to_be_not_significantly_below_the_best_under_the_paired_test
     best = [1] * 180 + [0] * 20  # 0.90
     close = [1] * 172 + [0] * 8 + [1] * 4 + [0] * 16  # 8 items lost, 4 won against the best: within it
     below = [1] * 150 + [0] * 50  # 30 items fewer, all of them where the best is right
-    records = [with_items(record(mechanism=m, seed=s, majority=0.3), c) for m, c in
-               (("best", best), ("close", close), ("below", below)) for s in range(3)]
+    records = [
+        with_items(record(mechanism=m, seed=s, majority=0.3), c)
+        for m, c in (("best", best), ("close", close), ("below", below))
+        for s in range(3)
+    ]
     cells = report.cells_frame(records)
     baselines = report.column_baselines(cells, tmp_path / "b")
     shortcut(baselines, base)
@@ -336,7 +433,9 @@ def test_intervals_add_seed_variance_and_respect_clusters(tmp_path):
     alike = [1] * 120 + [0] * 80
     clusters = [i // 10 for i in range(n)]  # outcomes are constant within each cluster of 10
     calm = [with_items(record(mechanism="calm", seed=s), alike) for s in range(3)]
-    jumpy = [with_items(record(mechanism="jumpy", seed=s), [1] * k + [0] * (n - k)) for s, k in enumerate((80, 120, 160))]
+    jumpy = [
+        with_items(record(mechanism="jumpy", seed=s), [1] * k + [0] * (n - k)) for s, k in enumerate((80, 120, 160))
+    ]
     grouped = [with_items(record(mechanism="grouped", seed=s), alike, clusters=clusters) for s in range(3)]
     stats, _ = stats_of(calm + jumpy + grouped, tmp_path)
     by = stats.set_index("row")
@@ -350,16 +449,21 @@ def test_intervals_add_seed_variance_and_respect_clusters(tmp_path):
 
 
 def test_softmax_in_disguise_is_marked_and_left_out_of_the_recommendation(tmp_path):
-    records = [record(mechanism="softmax", accuracy=0.8), record(mechanism="local", accuracy=0.8),
-               record(mechanism="linear", accuracy=0.75)]
+    records = [
+        record(mechanism="softmax", accuracy=0.8),
+        record(mechanism="local", accuracy=0.8),
+        record(mechanism="linear", accuracy=0.75),
+    ]
     records[1]["softmax_equivalent"] = True
     records[0]["softmax_equivalent"] = True  # softmax itself is never marked
     stats, baselines = stats_of(records, tmp_path)
     by = stats.set_index("row")
     assert by.loc["local"].softmax_equivalent and not by.loc["softmax"].softmax_equivalent
     assert "≡softmax" in report.cell_text(by.loc["local"]) and "≡softmax" not in report.cell_text(by.loc["softmax"])
-    names = [[c.strip() for c in line.strip("|").split("|")][3]
-             for line in report.recommendation_table(stats, baselines).splitlines()[2:]]
+    names = [
+        [c.strip() for c in line.strip("|").split("|")][3]
+        for line in report.recommendation_table(stats, baselines).splitlines()[2:]
+    ]
     assert "local" not in names and "softmax" in names
 
 
@@ -386,21 +490,33 @@ def test_accuracy_against_the_cells_throughput_is_plotted_per_column(tmp_path):
 def test_a_row_on_other_data_is_judged_against_its_own_datas_baselines(tmp_path):
     """Two datasets in one column (a variant with another generator setting): the column shows the
     common data's baselines; the variant is judged against its own and marked †."""
+
     def splits(labels_test):
-        return datasets.DatasetDict({
-            "train": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 4, "label": [0, 0, 0, 1]}),
-            "validation": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 2, "label": [0, 1]}),
-            "test": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * len(labels_test), "label": labels_test})})
+        return datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 4, "label": [0, 0, 0, 1]}),
+                "validation": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 2, "label": [0, 1]}),
+                "test": datasets.Dataset.from_dict({"input_ids": [[1, 2]] * len(labels_test), "label": labels_test}),
+            }
+        )
 
     easy, hard = tmp_path / "easy", tmp_path / "hard"
     splits([0] * 90 + [1] * 10).save_to_disk(str(easy))  # majority 0.9
     splits([0] * 50 + [1] * 50).save_to_disk(str(hard))  # majority 0.5
-    records = [record(mechanism="softmax", accuracy=0.92, n_test=100, fingerprint="easy", cache_path=str(easy),
-                      majority=0.9),
-               record(mechanism="linear", accuracy=0.92, n_test=100, fingerprint="easy", cache_path=str(easy),
-                      majority=0.9),
-               record(mechanism="softmax", variant="v9", label="task.num_distractors=4", accuracy=0.75, n_test=100,
-                      fingerprint="hard", cache_path=str(hard), majority=0.5)]
+    records = [
+        record(mechanism="softmax", accuracy=0.92, n_test=100, fingerprint="easy", cache_path=str(easy), majority=0.9),
+        record(mechanism="linear", accuracy=0.92, n_test=100, fingerprint="easy", cache_path=str(easy), majority=0.9),
+        record(
+            mechanism="softmax",
+            variant="v9",
+            label="task.num_distractors=4",
+            accuracy=0.75,
+            n_test=100,
+            fingerprint="hard",
+            cache_path=str(hard),
+            majority=0.5,
+        ),
+    ]
     stats, baselines = stats_of(records, tmp_path)
     assert report.strongest(baselines[("listops", 128)]["baselines"], True)["value"] >= 0.9
     assert ("listops", 128, "hard") in baselines and ("listops", 128, "easy") not in baselines
@@ -421,8 +537,8 @@ def test_published_rows_sit_only_beside_cells_of_their_protocol():
         r["config"]["protocol"] = protocol
         records.append(r)
     section = report.reference_section(report.cells_frame(records))
-    lra = section[section.index("### LRA's own protocol"):section.index("### The PyTorch")]
-    pytorch = section[section.index("### The PyTorch"):]
+    lra = section[section.index("### LRA's own protocol") : section.index("### The PyTorch")]
+    pytorch = section[section.index("### The PyTorch") :]
     assert "| Transformer" in lra and "Skyformer" not in lra
     assert "measured here, `protocol=lra` | 37.00" in lra and "39.00" not in lra
     assert "| Skyformer" in pytorch and "Transformer " not in pytorch

@@ -43,7 +43,8 @@ def test_the_schema_version_is_checked():
     assert "schema_version 'one'" in record_problem({**record(), "schema_version": "one"})
     assert record_problem({**record(), "schema_version": SCHEMA_VERSION + 1}) == (
         f"schema_version {SCHEMA_VERSION + 1}: this harness reads records of version 1 up to version "
-        f"{SCHEMA_VERSION} (a newer harness wrote it?)")
+        f"{SCHEMA_VERSION} (a newer harness wrote it?)"
+    )
     assert "up to version" in record_problem({**record(), "schema_version": 0})
 
 
@@ -100,9 +101,14 @@ def test_a_version_1_record_from_before_the_config_was_recorded_gets_one_from_it
     del v1["config"], v1["config_hash"]
     upgraded = upgrade_record(v1)
     assert record_problem(v1) is None and record_problem(upgraded) is None
-    assert upgraded["config"] == {"scale": "lra", "task": {"name": "listops", **v1["task_config"]},
-                                  "mechanism": {"name": "performer", **v1["mechanism_config"]},
-                                  "model": v1["model_config"], "train": v1["train_config"], "protocol": "lra"}
+    assert upgraded["config"] == {
+        "scale": "lra",
+        "task": {"name": "listops", **v1["task_config"]},
+        "mechanism": {"name": "performer", **v1["mechanism_config"]},
+        "model": v1["model_config"],
+        "train": v1["train_config"],
+        "protocol": "lra",
+    }
     assert not set(V1_COPIES) & set(upgraded)
 
 
@@ -119,16 +125,20 @@ def test_the_settings_are_stored_once():
         key = setting.rsplit(".", 1)[1]
         assert [c for c in columns if c.rsplit(".", 1)[-1] == key and c.split(".")[0] != "data"] == [setting], setting
     assert not [c for c in columns if c.split(".")[0] in V1_COPIES]
-    assert len(pd.json_normalize([v1]).columns) - len(columns) == 14  # the copies: 3 task + 2 mechanism + 4 + 4 + protocol
+    assert (
+        len(pd.json_normalize([v1]).columns) - len(columns) == 14
+    )  # the copies: 3 task + 2 mechanism + 4 + 4 + protocol
 
 
 def test_the_version_2_shape_is_validated():
     v2 = v1_as_v2(json.loads(V1_RECORD))
     assert record_problem(v2) is None
     assert record_problem({**v2, "task_config": {"max_len": 2000}}) == (
-        "task_config: settings outside config in a version-2 record (they live in config.task, config.mechanism, ...)")
+        "task_config: settings outside config in a version-2 record (they live in config.task, config.mechanism, ...)"
+    )
     assert record_problem({k: v for k, v in v2.items() if k != "config"}) == (
-        "config is null, not the cell's settings (an object)")
+        "config is null, not the cell's settings (an object)"
+    )
     assert record_problem({**v2, "config": {**v2["config"], "model": [512]}}) == "config.model is [512], not an object"
     wrong = {**v2, "config": {**v2["config"], "task": {"name": "text"}}}
     assert record_problem(wrong) == "config.task.name is 'text' but the record's task is 'listops'"

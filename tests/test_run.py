@@ -15,8 +15,22 @@ from harness.train.config import compose
 from harness.train.run import run_cell
 
 TINY = ["scale=tiny", "trainer.progress_bar=false", "train.max_steps=12", "train.eval_every=6"]
-KEYS = {"task", "mechanism", "config", "scale", "seed", "status", "error", "metrics", "params",
-        "tokens_per_s", "peak_memory_mb", "wall_s", "data", "env"}
+KEYS = {
+    "task",
+    "mechanism",
+    "config",
+    "scale",
+    "seed",
+    "status",
+    "error",
+    "metrics",
+    "params",
+    "tokens_per_s",
+    "peak_memory_mb",
+    "wall_s",
+    "data",
+    "env",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +62,9 @@ def test_tiny_cell_writes_a_valid_result(workdir, capsys):
     path = result_path(workdir / "results", "tiny", "listops", "softmax", 0, result["variant"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)  # last line printed: the path
     written = json.loads(path.read_text())
-    assert written["status"] == "ok" and written["schema_version"] == SCHEMA_VERSION == 2  # the record's layout, versioned
+    assert (
+        written["status"] == "ok" and written["schema_version"] == SCHEMA_VERSION == 2
+    )  # the record's layout, versioned
     from harness.report.frames import load_frame
 
     frame = load_frame(workdir / "results")  # the documented loader reads it back
@@ -70,9 +86,14 @@ def test_recorded_cell_is_skipped_unless_asked(workdir):
     assert redo["status"] == "ok"
 
 
-@pytest.mark.parametrize("mechanism,status,error", [("raises", "failed", "deliberate failure"),
-                                                     ("makes_nan", "nan", "non-finite training loss"),
-                                                     ("no_padding", "unsupported", "key_padding")])
+@pytest.mark.parametrize(
+    "mechanism,status,error",
+    [
+        ("raises", "failed", "deliberate failure"),
+        ("makes_nan", "nan", "non-finite training loss"),
+        ("no_padding", "unsupported", "key_padding"),
+    ],
+)
 def test_failures_are_recorded_with_status_and_error(workdir, mechanism, status, error):
     result = run_cell(cell(workdir, f"mechanism={mechanism}"))
     assert result["status"] == status and error in result["error"]
@@ -118,9 +139,21 @@ def test_report_renders_ok_failed_and_unsupported(workdir):
 def test_cli_run_exits_nonzero_on_a_failed_cell(workdir):
     env_plugins = str(workdir / "plugins")
     done = subprocess.run(
-        [sys.executable, "-m", "harness", "run", "mechanism=raises", "seed=7", *TINY,
-         f"results_dir={workdir / 'results'}", f"cache_dir={workdir / 'cache'}"],
-        capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "HARNESS_PLUGIN_PATH": env_plugins},
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "run",
+            "mechanism=raises",
+            "seed=7",
+            *TINY,
+            f"results_dir={workdir / 'results'}",
+            f"cache_dir={workdir / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "HARNESS_PLUGIN_PATH": env_plugins},
     )
     assert done.returncode == 1
     path = Path(done.stdout.strip().splitlines()[-1])
@@ -139,13 +172,28 @@ def test_grid_runs_every_cell_records_failures_and_resumes(workdir):
     import os
 
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins")}
-    args = [sys.executable, "-m", "harness", "grid", "scale=tiny", "tasks=listops", "mechanisms=softmax,raises",
-            "seeds=11,12", f"results_dir={workdir / 'grid'}", f"cache_dir={workdir / 'cache'}",
-            "trainer.progress_bar=false", "train.max_steps=8"]
+    args = [
+        sys.executable,
+        "-m",
+        "harness",
+        "grid",
+        "scale=tiny",
+        "tasks=listops",
+        "mechanisms=softmax,raises",
+        "seeds=11,12",
+        f"results_dir={workdir / 'grid'}",
+        f"cache_dir={workdir / 'cache'}",
+        "trainer.progress_bar=false",
+        "train.max_steps=8",
+    ]
     first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     assert first.returncode == 1, first.stderr[-2000:]  # the failing cells make the grid report failure
     records = read_results(workdir / "grid")
     assert sorted((r["mechanism"], r["seed"], r["status"]) for r in records) == [
-        ("raises", 11, "failed"), ("raises", 12, "failed"), ("softmax", 11, "ok"), ("softmax", 12, "ok")]
+        ("raises", 11, "failed"),
+        ("raises", 12, "failed"),
+        ("softmax", 11, "ok"),
+        ("softmax", 12, "ok"),
+    ]
     second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     assert second.stdout.count("skip") + second.stderr.count("skip") >= 4  # resumed: nothing re-run

@@ -58,7 +58,14 @@ def test_total_memory_is_the_machines():
 def test_softmax_first_lengths_and_failure_marks():
     rows = ["linear", "softmax [v1]", "bam", "softmax", "linear", "softmax_like"]
     assert softmax_first(rows) == ["softmax", "softmax [v1]", "bam", "linear", "softmax_like"]
-    assert [length_label(x) for x in (512, 1024, 4096, 1500, None, float("nan"))] == ["512", "1K", "4K", "1500", "?", "?"]
+    assert [length_label(x) for x in (512, 1024, 4096, 1500, None, float("nan"))] == [
+        "512",
+        "1K",
+        "4K",
+        "1500",
+        "?",
+        "?",
+    ]
     assert set(STATUSES) - {"ok", "unsupported"} <= set(FAILURE_MARK)  # every cell failure has its mark
     assert FAILURE_MARK["skipped"] == "– skipped"  # a speed measurement not run past a failure
 

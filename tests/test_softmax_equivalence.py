@@ -8,8 +8,9 @@ from harness.core.registry import create_mechanism
 
 
 def check(name, length, causal=False, **overrides):
-    return computes_softmax(create_mechanism(name, heads=2, dim_head=16, max_len=length, **overrides), length,
-                            causal=causal)
+    return computes_softmax(
+        create_mechanism(name, heads=2, dim_head=16, max_len=length, **overrides), length, causal=causal
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -55,14 +55,48 @@ class SpeedSleeps(Attention):
 '''
 
 TINY = {
-    "lengths": [16, 32], "batch_size": 1, "heads": 2, "dim_head": 8, "scale": "tiny",
+    "lengths": [16, 32],
+    "batch_size": 1,
+    "heads": 2,
+    "dim_head": 8,
+    "scale": "tiny",
     "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "dropout": 0.0},
-    "warmup": 1, "min_reps": 2, "max_reps": 2, "min_time_s": 0.0, "threads": 1,
-    "progress": False, "overhead": False, "isolate": False, "device": "cpu",
+    "warmup": 1,
+    "min_reps": 2,
+    "max_reps": 2,
+    "min_time_s": 0.0,
+    "threads": 1,
+    "progress": False,
+    "overhead": False,
+    "isolate": False,
+    "device": "cpu",
 }
-RECORD_KEYS = {"kind", "mechanism", "mechanism_config", "peer_of", "mode", "causal", "length", "batch_size", "heads",
-               "dim_head", "precision", "dtype", "status", "error", "params", "tokens_per_s", "step_time_s", "time_s",
-               "peak_memory_mb", "threads", "method", "env", "settings_key", "measured_at"}
+RECORD_KEYS = {
+    "kind",
+    "mechanism",
+    "mechanism_config",
+    "peer_of",
+    "mode",
+    "causal",
+    "length",
+    "batch_size",
+    "heads",
+    "dim_head",
+    "precision",
+    "dtype",
+    "status",
+    "error",
+    "params",
+    "tokens_per_s",
+    "step_time_s",
+    "time_s",
+    "peak_memory_mb",
+    "threads",
+    "method",
+    "env",
+    "settings_key",
+    "measured_at",
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +126,13 @@ def test_every_mechanism_writes_valid_records_at_two_lengths(tmp_path, causal):
     names = built_in_mechanisms()
     threads = torch.get_num_threads()
     records = speed.run_sweep(config(tmp_path, mechanisms=names, causal=[causal]))
-    expected = {(mode, causal, length, name) for mode in speed.MODES for length in (16, 32)
-                for name in names if not causal or get_mechanism(name).capabilities.causal}
+    expected = {
+        (mode, causal, length, name)
+        for mode in speed.MODES
+        for length in (16, 32)
+        for name in names
+        if not causal or get_mechanism(name).capabilities.causal
+    }
     assert set(by_key(records)) == expected
     for r in records:
         assert RECORD_KEYS <= set(r), sorted(RECORD_KEYS - set(r))
@@ -104,7 +143,13 @@ def test_every_mechanism_writes_valid_records_at_two_lengths(tmp_path, causal):
         assert r["peak_memory_mb"] >= 0 and r["params"] >= 0 and r["threads"] == 1
         assert r["dtype"] == "float32" and r["env"]["torch"] == torch.__version__ and r["env"]["hardware"]["cpu"]
         assert r["method"]["warmup"] == 1 and "median" in r["method"]["timing"] and r["method"]["memory"]
-        path = tmp_path / "speed" / r["mode"] / r["mechanism"] / f"{'causal' if r['causal'] else 'noncausal'}-L{r['length']}.json"
+        path = (
+            tmp_path
+            / "speed"
+            / r["mode"]
+            / r["mechanism"]
+            / f"{'causal' if r['causal'] else 'noncausal'}-L{r['length']}.json"
+        )
         assert json.loads(path.read_text())["settings_key"] == r["settings_key"]
     train = [r for r in records if r["mode"] == "train_step"]
     assert all(r["params"] > 0 for r in train) and all(r["model"]["dim"] == 16 for r in train)
@@ -112,8 +157,13 @@ def test_every_mechanism_writes_valid_records_at_two_lengths(tmp_path, causal):
 
 
 def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, faulty_plugins):
-    cfg = config(tmp_path, mechanisms=["speed_raises", "softmax", "speed_oom"], lengths=[16, 32, 64], modes=["attention"],
-                 causal=[False])
+    cfg = config(
+        tmp_path,
+        mechanisms=["speed_raises", "softmax", "speed_oom"],
+        lengths=[16, 32, 64],
+        modes=["attention"],
+        causal=[False],
+    )
     records = by_key(speed.run_sweep(cfg))
     raises = [records[("attention", False, L, "speed_raises")] for L in (16, 32, 64)]
     assert [r["status"] for r in raises] == ["ok", "failed", "failed"]  # a plain failure does not stop the series
@@ -126,8 +176,15 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, faulty_plugins):
 
 
 def test_a_measurement_past_its_time_limit_is_a_timeout_and_longer_lengths_are_skipped(tmp_path, faulty_plugins):
-    cfg = config(tmp_path, mechanisms=["speed_sleeps"], lengths=[16, 32, 64], modes=["attention"], causal=[False],
-                 timeout_s=0.5, mechanism_config={"speed_sleeps": {"fail_from": 32, "sleep_s": 0.4}})
+    cfg = config(
+        tmp_path,
+        mechanisms=["speed_sleeps"],
+        lengths=[16, 32, 64],
+        modes=["attention"],
+        causal=[False],
+        timeout_s=0.5,
+        mechanism_config={"speed_sleeps": {"fail_from": 32, "sleep_s": 0.4}},
+    )
     records = by_key(speed.run_sweep(cfg))
     statuses = [records[("attention", False, L, "speed_sleeps")]["status"] for L in (16, 32, 64)]
     assert statuses == ["ok", "timeout", "skipped"]
@@ -157,8 +214,17 @@ def test_a_measurement_runs_in_a_fresh_process(tmp_path):
 
 @pytest.mark.slow
 def test_a_hung_measurement_process_is_killed_and_recorded_as_timeout(tmp_path, faulty_plugins):
-    cfg = config(tmp_path, mechanisms=["speed_sleeps", "softmax"], lengths=[16, 32], modes=["attention"], causal=[False],
-                 isolate=True, warmup=0, timeout_s=1.0, mechanism_config={"speed_sleeps": {"fail_from": 16, "sleep_s": 600}})
+    cfg = config(
+        tmp_path,
+        mechanisms=["speed_sleeps", "softmax"],
+        lengths=[16, 32],
+        modes=["attention"],
+        causal=[False],
+        isolate=True,
+        warmup=0,
+        timeout_s=1.0,
+        mechanism_config={"speed_sleeps": {"fail_from": 16, "sleep_s": 600}},
+    )
     records = by_key(speed.run_sweep(cfg))
     hung = records[("attention", False, 16, "speed_sleeps")]
     assert hung["status"] == "timeout" and "killed after timeout_s=1" in hung["error"]
@@ -183,13 +249,22 @@ def test_peers_run_with_their_counterparts_settings_right_after_them():
     assert peer_of == "performer" and performer == {"num_features": 48, "kernel": "relu"}
     nystrom, peer_of = speed.resolve_mechanism_config("nystrom_attention", overrides)
     assert peer_of == "nystrom" and nystrom["num_landmarks"] == 8
-    order = speed.ordered_mechanisms(["performer_pytorch", "rela", "nystrom_attention", "performer", "softmax", "nystrom"])
+    order = speed.ordered_mechanisms(
+        ["performer_pytorch", "rela", "nystrom_attention", "performer", "softmax", "nystrom"]
+    )
     assert order == ["softmax", "nystrom", "nystrom_attention", "performer", "performer_pytorch", "rela"]
 
 
 def test_command_line_settings_are_typed_and_checked():
-    cfg = speed.parse_config(["lengths=[256,512]", "mechanisms=[softmax,performer]", "causal=[false]",
-                              "mechanism_config.performer.num_features=64", "timeout_s=30"])
+    cfg = speed.parse_config(
+        [
+            "lengths=[256,512]",
+            "mechanisms=[softmax,performer]",
+            "causal=[false]",
+            "mechanism_config.performer.num_features=64",
+            "timeout_s=30",
+        ]
+    )
     assert cfg.lengths == [256, 512] and cfg.mechanisms == ["softmax", "performer"] and cfg.causal == [False]
     assert cfg.mechanism_config == {"performer": {"num_features": 64}} and cfg.timeout_s == 30.0
     assert speed.parse_config(["mechanisms=softmax,rela"]).mechanisms == ["softmax", "rela"]
@@ -208,15 +283,28 @@ def test_overhead_measures_both_ratios(tmp_path):
     from harness.bench import overhead
 
     threads = torch.get_num_threads()
-    record = overhead.run_overhead(results_dir=str(tmp_path), scale="tiny", max_steps=12, rounds=1, progress_bar=False,
-                                   contract_lengths=[32], contract_min_run_time=0.05, cache_dir=str(tmp_path / "cache"),
-                                   device="cpu", threads=1)
+    record = overhead.run_overhead(
+        results_dir=str(tmp_path),
+        scale="tiny",
+        max_steps=12,
+        rounds=1,
+        progress_bar=False,
+        contract_lengths=[32],
+        contract_min_run_time=0.05,
+        cache_dir=str(tmp_path / "cache"),
+        device="cpu",
+        threads=1,
+    )
     assert json.loads((tmp_path / "speed" / "overhead.json").read_text())["kind"] == "overhead"
     training = record["training"]
-    assert training["steps"] == 12 and len(training["lightning_tokens_per_s"]) == len(training["bare_tokens_per_s"]) == 1
+    assert (
+        training["steps"] == 12 and len(training["lightning_tokens_per_s"]) == len(training["bare_tokens_per_s"]) == 1
+    )
     assert training["ratio"] == pytest.approx(training["lightning_tokens_per_s"][0] / training["bare_tokens_per_s"][0])
-    assert overhead.median_paired_ratio([("a", 2.0), ("b", 1.0), ("b", 4.0), ("a", 4.0), ("a", 9.0), ("b", 3.0)],
-                                        "a", "b") == 2.0
+    assert (
+        overhead.median_paired_ratio([("a", 2.0), ("b", 1.0), ("b", 4.0), ("a", 4.0), ("a", 9.0), ("b", 3.0)], "a", "b")
+        == 2.0
+    )
     assert [(r["length"], r["causal"]) for r in record["contract"]] == [(32, False), (32, True)]
     assert all(r["contract_s"] > 0 and r["sdpa_s"] > 0 for r in record["contract"])
     assert torch.get_num_threads() == threads
@@ -251,7 +339,7 @@ def test_overhead_runs_only_when_asked(tmp_path, monkeypatch):
     assert calls == [("overhead_main", ["max_steps=3"])], "`speed overhead` runs the overhead study alone"
 
 
-# ----------------------------------------------------------------------------- speed compare=A:B (harness.bench.compare)
+# ---------------------------------------------------------------------------- speed compare=A:B (harness.bench.compare)
 
 
 def test_compare_pairs_are_parsed_and_malformed_ones_refused():
@@ -261,10 +349,16 @@ def test_compare_pairs_are_parsed_and_malformed_ones_refused():
     assert cfg.compare == [("local", "softmax")]
     assert cfg.lengths == [4096, 16384] and cfg.threads == 1 and cfg.causal == [False] and cfg.rounds >= 2
     listed = compare.parse_config(["compare=[local:local_attention_peer,performer:performer_pytorch]", "rounds=5"])
-    assert listed.compare == [("local", "local_attention_peer"), ("performer", "performer_pytorch")] and listed.rounds == 5
-    assert compare.parse_pairs("softmax:local,nystrom:nystrom_attention") == [("softmax", "local"),
-                                                                               ("nystrom", "nystrom_attention")]
-    assert compare.parse_config(["compare=[local: softmax]"]).compare == [("local", "softmax")]  # Hydra's grammar: a string
+    assert (
+        listed.compare == [("local", "local_attention_peer"), ("performer", "performer_pytorch")] and listed.rounds == 5
+    )
+    assert compare.parse_pairs("softmax:local,nystrom:nystrom_attention") == [
+        ("softmax", "local"),
+        ("nystrom", "nystrom_attention"),
+    ]
+    assert compare.parse_config(["compare=[local: softmax]"]).compare == [
+        ("local", "softmax")
+    ]  # Hydra's grammar: a string
     for bad in ("compare=local", "compare=a:b:c", "compare=[softmax:]", "compare=[]"):
         with pytest.raises(UsageError, match="A:B|empty"):
             compare.parse_config([bad])
@@ -312,8 +406,18 @@ def test_compare_ratio_arithmetic_on_a_hand_made_sequence():
 def test_a_tiny_comparison_runs_alternating_in_a_fresh_process(tmp_path):
     from harness.bench import compare
 
-    cfg = compare.CompareConfig(compare=[("local", "softmax")], lengths=[32], rounds=2, warmup=1, heads=2, dim_head=8,
-                                scale="tiny", device="cpu", results_dir=str(tmp_path), timeout_s=120)
+    cfg = compare.CompareConfig(
+        compare=[("local", "softmax")],
+        lengths=[32],
+        rounds=2,
+        warmup=1,
+        heads=2,
+        dim_head=8,
+        scale="tiny",
+        device="cpu",
+        results_dir=str(tmp_path),
+        timeout_s=120,
+    )
     [record] = compare.run_compare(cfg)
     assert record["status"] == "ok", record["error"]
     assert record["kind"] == "compare" and (record["a"], record["b"], record["length"]) == ("local", "softmax", 32)
@@ -333,8 +437,21 @@ def test_a_tiny_comparison_runs_alternating_in_a_fresh_process(tmp_path):
 def test_compare_from_the_command_line_prints_the_table(tmp_path, capsys):
     pytest.importorskip("harness_peers")
     out = tmp_path / "speed"
-    code = cmd_speed(["compare=[local:local_attention_peer]", "lengths=[40]", "causal=[true]", "rounds=2", "warmup=1",
-                       "heads=2", "dim_head=8", "scale=tiny", "device=cpu", "isolate=false", f"results_dir={tmp_path}"])
+    code = cmd_speed(
+        [
+            "compare=[local:local_attention_peer]",
+            "lengths=[40]",
+            "causal=[true]",
+            "rounds=2",
+            "warmup=1",
+            "heads=2",
+            "dim_head=8",
+            "scale=tiny",
+            "device=cpu",
+            "isolate=false",
+            f"results_dir={tmp_path}",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "local_attention_peer" in printed and "causal" in printed
     record = json.loads((out / "compare" / "local-vs-local_attention_peer" / "causal-L40.json").read_text())

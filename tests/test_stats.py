@@ -94,6 +94,8 @@ def test_a_cells_own_interval_is_cluster_robust_over_its_sequences():
     spread = {"correct": [2] * 100, "count": [4] * 100}  # 0.5, half of each sequence
     lo_w, hi_w = _test_interval(whole, None)
     lo_s, hi_s = _test_interval(spread, None)
-    assert lo_w < 0.5 < hi_w and hi_w - lo_w == pytest.approx(2 * 1.959963984540054 * math.sqrt(100 / 99 * 0.25 / 100), rel=1e-4)
+    assert lo_w < 0.5 < hi_w and hi_w - lo_w == pytest.approx(
+        2 * 1.959963984540054 * math.sqrt(100 / 99 * 0.25 / 100), rel=1e-4
+    )
     assert hi_s - lo_s < 1e-9  # every sequence scores exactly 0.5: no sampling variance left
     assert _test_interval({}, None) is None

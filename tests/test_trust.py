@@ -94,7 +94,8 @@ class SignalsItself(Attention):
     """Sends its own process a signal at a training step, once per signal (as kill or Ctrl-C would)."""
 
     def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
-        if self.training and context is not None and context.step == self.cfg.at_step and self.cfg.signum not in SIGNALLED:
+        at_step = context is not None and context.step == self.cfg.at_step
+        if self.training and at_step and self.cfg.signum not in SIGNALLED:
             SIGNALLED.append(self.cfg.signum)
             import os
             os.kill(os.getpid(), self.cfg.signum)
@@ -124,14 +125,27 @@ def workdir(tmp_path_factory):
 
 
 def cell(workdir, *overrides, tiny=True):
-    return compose([*(TINY if tiny else ["scale=tiny", "trainer.progress_bar=false"]),
-                    f"results_dir={workdir / 'results'}", f"cache_dir={workdir / 'cache'}", *overrides])
+    return compose(
+        [
+            *(TINY if tiny else ["scale=tiny", "trainer.progress_bar=false"]),
+            f"results_dir={workdir / 'results'}",
+            f"cache_dir={workdir / 'cache'}",
+            *overrides,
+        ]
+    )
 
 
 def cli(workdir, *args, timeout=300, **kwargs):
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------- identity
@@ -162,8 +176,15 @@ def test_source_and_data_dir_are_part_of_the_identity(workdir):
 
 def test_a_record_of_older_presets_is_set_aside_not_reused(workdir):
     target = resolve_cell(cell(workdir, "mechanism=softmax", "seed=3", tiny=False))
-    stale = {"task": "listops", "mechanism": "softmax", "scale": "tiny", "seed": 3, "status": "ok",
-             "config_hash": "0123456789", "metrics": {"test": {"accuracy": 0.99}}}
+    stale = {
+        "task": "listops",
+        "mechanism": "softmax",
+        "scale": "tiny",
+        "seed": 3,
+        "status": "ok",
+        "config_hash": "0123456789",
+        "metrics": {"test": {"accuracy": 0.99}},
+    }
     target.result_path.parent.mkdir(parents=True, exist_ok=True)
     target.result_path.write_text(json.dumps(stale))
     fresh = run_cell(cell(workdir, "mechanism=softmax", "seed=3", tiny=False))
@@ -173,22 +194,48 @@ def test_a_record_of_older_presets_is_set_aside_not_reused(workdir):
 
 
 def test_a_skipped_cell_prints_its_result_path_last(workdir):
-    first = cli(workdir, "run", "mechanism=softmax", "seed=4", *TINY, f"results_dir={workdir / 'results'}",
-                f"cache_dir={workdir / 'cache'}")
+    first = cli(
+        workdir,
+        "run",
+        "mechanism=softmax",
+        "seed=4",
+        *TINY,
+        f"results_dir={workdir / 'results'}",
+        f"cache_dir={workdir / 'cache'}",
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     path = first.stdout.strip().splitlines()[-1]
-    again = cli(workdir, "run", "mechanism=softmax", "seed=4", *TINY, f"results_dir={workdir / 'results'}",
-                f"cache_dir={workdir / 'cache'}")
+    again = cli(
+        workdir,
+        "run",
+        "mechanism=softmax",
+        "seed=4",
+        *TINY,
+        f"results_dir={workdir / 'results'}",
+        f"cache_dir={workdir / 'cache'}",
+    )
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == path
     assert "skip" in again.stdout + again.stderr
 
 
-@pytest.mark.parametrize("override,message", [("rerun=sometimes", "rerun='sometimes' is not one of none, failed, all"),
-                                              ("scale.name=../../escape", "is not a plain name"),
-                                              ("mechanism.name=../x", "unknown mechanism")])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rerun=sometimes", "rerun='sometimes' is not one of none, failed, all"),
+        ("scale.name=../../escape", "is not a plain name"),
+        ("mechanism.name=../x", "unknown mechanism"),
+    ],
+)
 def test_bad_settings_are_one_line_and_write_nothing(workdir, override, message):
-    done = cli(workdir, "run", "mechanism=softmax", *TINY, f"results_dir={workdir / 'bad'}",
-               f"cache_dir={workdir / 'cache'}", override)
+    done = cli(
+        workdir,
+        "run",
+        "mechanism=softmax",
+        *TINY,
+        f"results_dir={workdir / 'bad'}",
+        f"cache_dir={workdir / 'cache'}",
+        override,
+    )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not (workdir / "bad" / "runs").exists() and not (workdir.parent / "escape").exists()
 
@@ -226,8 +273,14 @@ def test_a_plugin_that_exits_on_import_is_reported_not_fatal(tmp_path):
     discover(extra_paths=[tmp_path])
     errors = plugin_errors()
     assert any("exits.py" in k and "SystemExit" in v for k, v in errors.items())
-    listing = subprocess.run([sys.executable, "-m", "harness", "list"], capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "HARNESS_PLUGIN_PATH": str(tmp_path)}, timeout=300)
+    listing = subprocess.run(
+        [sys.executable, "-m", "harness", "list"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HARNESS_PLUGIN_PATH": str(tmp_path)},
+        timeout=300,
+    )
     assert listing.returncode == 0 and "softmax" in listing.stdout and "exits.py" in listing.stdout
 
 
@@ -254,7 +307,9 @@ def test_checkpoints_are_loaded_weights_only(workdir, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     target.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {}, "evil": Evil()}, target.checkpoint_dir / "last.ckpt", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save(
+        {"state_dict": {}, "evil": Evil()}, target.checkpoint_dir / "last.ckpt", pickle_protocol=pickle.HIGHEST_PROTOCOL
+    )
     marker_json = target.checkpoint_dir.with_name(target.checkpoint_dir.name + ".cell.json")
     marker_json.write_text(json.dumps({"config_hash": target.config_hash}))
     result = run_cell(cell(workdir, "mechanism=softmax", "seed=9"))
@@ -281,19 +336,42 @@ def test_checkpoints_of_another_config_are_never_resumed(workdir):
 def test_a_locked_cell_is_skipped_by_a_second_process(workdir):
     target = resolve_cell(cell(workdir, "mechanism=softmax", "seed=21"))
     with cell_lock(target):
-        done = cli(workdir, "run", "mechanism=softmax", "seed=21", *TINY, f"results_dir={workdir / 'results'}",
-                   f"cache_dir={workdir / 'cache'}")
+        done = cli(
+            workdir,
+            "run",
+            "mechanism=softmax",
+            "seed=21",
+            *TINY,
+            f"results_dir={workdir / 'results'}",
+            f"cache_dir={workdir / 'cache'}",
+        )
     assert done.returncode == 0 and "running in another process" in done.stdout + done.stderr
     assert not target.result_path.exists()
 
 
 @pytest.mark.slow
 def test_two_processes_on_one_cell_train_it_once(workdir):
-    args = ["run", "mechanism=slow", "mechanism.seconds=0.02", "seed=22", *TINY, f"results_dir={workdir / 'results'}",
-            f"cache_dir={workdir / 'cache'}"]
+    args = [
+        "run",
+        "mechanism=slow",
+        "mechanism.seconds=0.02",
+        "seed=22",
+        *TINY,
+        f"results_dir={workdir / 'results'}",
+        f"cache_dir={workdir / 'cache'}",
+    ]
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=ROOT, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "harness", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     trained = [o for o in outputs if "running in another process" not in o]
@@ -305,8 +383,14 @@ def test_two_processes_on_one_cell_train_it_once(workdir):
 
 def kill_after_a_checkpoint(args, env, target) -> None:
     """Run the cell as a real process and SIGKILL it (its whole group) once it has checkpointed."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=ROOT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
     last = target.checkpoint_dir / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and not (last.exists() and proc.poll() is None):
@@ -318,9 +402,19 @@ def kill_after_a_checkpoint(args, env, target) -> None:
 
 
 def test_a_killed_cell_resumes_and_records_it(workdir):
-    args = ["run", "mechanism=slow", "mechanism.seconds=0.15", "seed=23", "scale=tiny", "trainer.progress_bar=false",
-            "train.max_steps=30", "train.eval_every=5", "keep_checkpoints=false",
-            f"results_dir={workdir / 'results'}", f"cache_dir={workdir / 'cache'}"]
+    args = [
+        "run",
+        "mechanism=slow",
+        "mechanism.seconds=0.15",
+        "seed=23",
+        "scale=tiny",
+        "trainer.progress_bar=false",
+        "train.max_steps=30",
+        "train.eval_every=5",
+        "keep_checkpoints=false",
+        f"results_dir={workdir / 'results'}",
+        f"cache_dir={workdir / 'cache'}",
+    ]
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
     target = resolve_cell(compose(args[1:]))
     kill_after_a_checkpoint(args, env, target)
@@ -341,10 +435,22 @@ def test_a_killed_cell_resumes_and_records_it(workdir):
 def test_a_killed_warm_start_resumes_without_repeating_its_warm_up(workdir):
     """A warm-start cell (mqar: 12 steps at 32 tokens, then 256) killed after its first checkpoint
     resumes and trains only the warm-up batches the killed run had not (issue 20)."""
-    args = ["run", "task=mqar", "mechanism=slow", "mechanism.seconds=0.1", "seed=25", "scale=tiny",
-            "trainer.progress_bar=false", "train.max_steps=20", "train.eval_every=4", "train.warmup_length=32",
-            "train.warmup_length_steps=12", "train.eval_batches=1",
-            f"results_dir={workdir / 'results'}", f"cache_dir={workdir / 'cache'}"]
+    args = [
+        "run",
+        "task=mqar",
+        "mechanism=slow",
+        "mechanism.seconds=0.1",
+        "seed=25",
+        "scale=tiny",
+        "trainer.progress_bar=false",
+        "train.max_steps=20",
+        "train.eval_every=4",
+        "train.warmup_length=32",
+        "train.warmup_length_steps=12",
+        "train.eval_batches=1",
+        f"results_dir={workdir / 'results'}",
+        f"cache_dir={workdir / 'cache'}",
+    ]
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
     target = resolve_cell(compose(args[1:]))
     kill_after_a_checkpoint(args, env, target)
@@ -359,16 +465,35 @@ def test_a_killed_warm_start_resumes_without_repeating_its_warm_up(workdir):
 def test_a_redo_of_a_failed_cell_killed_half_way_resumes(workdir):
     """rerun=failed moves the failed record out of the results before training, so killing the
     redo leaves an unrecorded cell that the next run resumes instead of starting over."""
-    args = ["run", "mechanism=slow", "mechanism.seconds=0.15", "seed=24", "scale=tiny", "trainer.progress_bar=false",
-            "train.max_steps=30", "train.eval_every=5", "rerun=failed", f"results_dir={workdir / 'results'}",
-            f"cache_dir={workdir / 'cache'}"]
+    args = [
+        "run",
+        "mechanism=slow",
+        "mechanism.seconds=0.15",
+        "seed=24",
+        "scale=tiny",
+        "trainer.progress_bar=false",
+        "train.max_steps=30",
+        "train.eval_every=5",
+        "rerun=failed",
+        f"results_dir={workdir / 'results'}",
+        f"cache_dir={workdir / 'cache'}",
+    ]
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
     target = resolve_cell(compose(args[1:]))
     from harness.core.results import write_json_atomic
 
-    failed = {"task": target.task, "mechanism": target.mechanism, "scale": target.scale, "seed": target.seed,
-              "status": "timeout", "error": "an earlier time limit", "config_hash": target.config_hash,
-              "variant": target.variant, "variant_label": target.variant_label, "metrics": {}}
+    failed = {
+        "task": target.task,
+        "mechanism": target.mechanism,
+        "scale": target.scale,
+        "seed": target.seed,
+        "status": "timeout",
+        "error": "an earlier time limit",
+        "config_hash": target.config_hash,
+        "variant": target.variant,
+        "variant_label": target.variant_label,
+        "metrics": {},
+    }
     write_json_atomic(target.result_path, failed)
     kill_after_a_checkpoint(args, env, target)
     kept = list((target.log_dir / "replaced").glob("*-timeout.json"))
@@ -382,19 +507,31 @@ def test_a_redo_of_a_failed_cell_killed_half_way_resumes(workdir):
 # ----------------------------------------------------------------------------- appended keys and values (issue 25)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("+train.max_step=10", "train.max_step is not a train setting; did you mean max_steps"),
-    ("+task.max_lenn=64", "task.max_lenn is not a task setting; did you mean max_len"),
-    ("+mechanism.dropuot=0.1", "mechanism.dropuot is not a mechanism setting"),
-    ("+model.dimm=8", "model.dimm is not a model setting; did you mean dim"),
-    ("+trainer.precison=bf16", "trainer.precison is not a trainer setting; did you mean precision"),
-    ("+seeed=1", "seeed is not a setting; did you mean seed"),
-    ("train.max_steps=0", "train.max_steps=0 must be a number >= 1"),
-    ("train.time_limit_s=-1", "train.time_limit_s=-1"),
-    ("train.batch_size=-4", "train.batch_size=-4 must be a number >= 1")])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+train.max_step=10", "train.max_step is not a train setting; did you mean max_steps"),
+        ("+task.max_lenn=64", "task.max_lenn is not a task setting; did you mean max_len"),
+        ("+mechanism.dropuot=0.1", "mechanism.dropuot is not a mechanism setting"),
+        ("+model.dimm=8", "model.dimm is not a model setting; did you mean dim"),
+        ("+trainer.precison=bf16", "trainer.precison is not a trainer setting; did you mean precision"),
+        ("+seeed=1", "seeed is not a setting; did you mean seed"),
+        ("train.max_steps=0", "train.max_steps=0 must be a number >= 1"),
+        ("train.time_limit_s=-1", "train.time_limit_s=-1"),
+        ("train.batch_size=-4", "train.batch_size=-4 must be a number >= 1"),
+    ],
+)
 def test_unknown_keys_and_nonsense_values_are_one_line_before_anything_runs(workdir, tmp_path, override, message):
-    done = cli(workdir, "run", "mechanism=softmax", *TINY, f"results_dir={tmp_path / 'r'}",
-               f"cache_dir={tmp_path / 'cache'}", override, timeout=120)
+    done = cli(
+        workdir,
+        "run",
+        "mechanism=softmax",
+        *TINY,
+        f"results_dir={tmp_path / 'r'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        override,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "r" / "runs").exists() and not (tmp_path / "cache").exists()  # no data read, no record
@@ -405,8 +542,15 @@ def test_trainer_passthrough_is_part_of_the_identity_and_the_test_size_is_record
     limited = resolve_cell(cell(workdir, "mechanism=softmax", "+trainer.limit_test_batches=1"))
     assert limited.config_hash != plain.config_hash and limited.variant
     assert "trainer.limit_test_batches=1" in limited.variant_label
-    done = run_cell(cell(workdir, "mechanism=softmax", "+trainer.limit_test_batches=1", "train.batch_size=4",
-                         f"results_dir={tmp_path}"))
+    done = run_cell(
+        cell(
+            workdir,
+            "mechanism=softmax",
+            "+trainer.limit_test_batches=1",
+            "train.batch_size=4",
+            f"results_dir={tmp_path}",
+        )
+    )
     assert done["status"] == "ok" and done["variant"]
     assert done["data"]["test_examples_evaluated"] == 4 < done["data"]["sizes"]["test"]
 
@@ -429,8 +573,12 @@ def test_a_task_default_of_none_or_auto_is_not_a_nonsense_value(scale):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupted_cell_records_nothing_keeps_its_checkpoints_and_resumes(workdir, tmp_path, signum):
     """In process (fast): the signal arrives at step 4, after the step-2 checkpoint."""
-    overrides = ["mechanism=signals_itself", f"mechanism.signum={int(signum)}", "train.eval_every=2",
-                 f"results_dir={tmp_path}"]
+    overrides = [
+        "mechanism=signals_itself",
+        f"mechanism.signum={int(signum)}",
+        "train.eval_every=2",
+        f"results_dir={tmp_path}",
+    ]
     target = resolve_cell(cell(workdir, *overrides))
     stopped = None
     try:
@@ -456,8 +604,14 @@ def test_a_resumed_cell_ends_at_the_uninterrupted_cells_number(workdir, tmp_path
 
     signalled = sys.modules[get_mechanism("signals_itself").cls.__module__].SIGNALLED
     signalled.clear()
-    overrides = ["mechanism=signals_itself", "mechanism.at_step=5", "train.eval_every=2", f"model.dropout={dropout}",
-                 "train.batch_size=4", "task.num_train=8"]
+    overrides = [
+        "mechanism=signals_itself",
+        "mechanism.at_step=5",
+        "train.eval_every=2",
+        f"model.dropout={dropout}",
+        "train.batch_size=4",
+        "task.num_train=8",
+    ]
     resumed_dir, plain_dir = tmp_path / "resumed", tmp_path / "plain"
     with pytest.raises(BaseException) as stopped:
         run_cell(cell(workdir, *overrides, f"results_dir={resumed_dir}"))
@@ -472,8 +626,15 @@ def test_a_resumed_cell_ends_at_the_uninterrupted_cells_number(workdir, tmp_path
 
 def signal_after_a_checkpoint(command, env, last, signum, *, group=False):
     """Start a real process, send it (or its group) ``signum`` once ``last`` exists; its exit code."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *command], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not last.exists() and proc.poll() is None:
         time.sleep(0.2)
@@ -484,15 +645,27 @@ def signal_after_a_checkpoint(command, env, last, signum, *, group=False):
     return proc.returncode, err
 
 
-SLOW_CELL = ["mechanism=slow", "mechanism.seconds=0.15", "scale=tiny", "trainer.progress_bar=false",
-             "train.max_steps=30", "train.eval_every=5", "keep_checkpoints=false"]
+SLOW_CELL = [
+    "mechanism=slow",
+    "mechanism.seconds=0.15",
+    "scale=tiny",
+    "trainer.progress_bar=false",
+    "train.max_steps=30",
+    "train.eval_every=5",
+    "keep_checkpoints=false",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_stopped_by_a_signal_resumes_on_a_plain_rerun(workdir, signum):
-    args = ["run", *SLOW_CELL, f"seed={30 + int(signum)}", f"results_dir={workdir / 'results'}",
-            f"cache_dir={workdir / 'cache'}"]
+    args = [
+        "run",
+        *SLOW_CELL,
+        f"seed={30 + int(signum)}",
+        f"results_dir={workdir / 'results'}",
+        f"cache_dir={workdir / 'cache'}",
+    ]
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1"}
     target = resolve_cell(compose(args[1:]))
     rc, err = signal_after_a_checkpoint(args, env, target.checkpoint_dir / "last.ckpt", signum)
@@ -506,8 +679,10 @@ def test_run_stopped_by_a_signal_resumes_on_a_plain_rerun(workdir, signum):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how,signum", [("grid", signal.SIGTERM), ("grid", signal.SIGINT),
-                                        ("multirun", signal.SIGINT), ("multirun", signal.SIGTERM)])
+@pytest.mark.parametrize(
+    "how,signum",
+    [("grid", signal.SIGTERM), ("grid", signal.SIGINT), ("multirun", signal.SIGINT), ("multirun", signal.SIGTERM)],
+)
 def test_a_sweep_stopped_by_a_signal_resumes_its_cell_on_a_plain_rerun(workdir, tmp_path, how, signum):
     """SIGTERM (kill, preemption) or SIGINT (Ctrl-C) to the grid, or to a hand-started sweep's
     whole process group (a terminal's Ctrl-C, SLURM's SIGTERM to every process): the cell stops
@@ -515,13 +690,25 @@ def test_a_sweep_stopped_by_a_signal_resumes_its_cell_on_a_plain_rerun(workdir, 
     if how == "grid":
         command = ["grid", "tasks=listops", "mechanisms=slow", "seeds=0", f"results_dir={tmp_path}", *SLOW_CELL[1:]]
     else:
-        command = ["run", "--multirun", "task=listops", "mechanism=slow", "seed=0", f"results_dir={tmp_path}",
-                   *SLOW_CELL[1:]]
-    env = {**os.environ, "HARNESS_PLUGIN_PATH": str(workdir / "plugins"), "OMP_NUM_THREADS": "1",
-           "HARNESS_CACHE_DIR": str(workdir / "cache")}
+        command = [
+            "run",
+            "--multirun",
+            "task=listops",
+            "mechanism=slow",
+            "seed=0",
+            f"results_dir={tmp_path}",
+            *SLOW_CELL[1:],
+        ]
+    env = {
+        **os.environ,
+        "HARNESS_PLUGIN_PATH": str(workdir / "plugins"),
+        "OMP_NUM_THREADS": "1",
+        "HARNESS_CACHE_DIR": str(workdir / "cache"),
+    }
     target = resolve_cell(compose(["mechanism=slow", "task=listops", *SLOW_CELL[1:], f"results_dir={tmp_path}"]))
-    rc, err = signal_after_a_checkpoint(command, env, target.checkpoint_dir / "last.ckpt", signum,
-                                        group=how == "multirun")
+    rc, err = signal_after_a_checkpoint(
+        command, env, target.checkpoint_dir / "last.ckpt", signum, group=how == "multirun"
+    )
     assert rc != 0 and "Traceback" not in err, err[-3000:]
     if how == "multirun":
         assert rc == 128 + signum and "rerun the same command to resume" in err.splitlines()[-1], err[-3000:]
@@ -538,13 +725,30 @@ def test_a_sweep_stopped_by_a_signal_resumes_its_cell_on_a_plain_rerun(workdir, 
 
 
 def a_record(**changes):
-    record = {"task": "listops", "mechanism": "softmax", "mechanism_config": {}, "scale": "tiny", "seed": 0,
-              "status": "ok", "error": None,
-              "metrics": {"val": {"accuracy": 0.2}, "test": {"accuracy": 0.1875, "accuracy_ci95": [0.13, 0.26]}},
-              "params": 1000, "tokens_per_s": 100.0, "peak_memory_mb": 10.0, "wall_s": 5.0,
-              "data": {"source": "generated", "fingerprint": "fp", "majority_accuracy": 0.15,
-                       "sizes": {"train": 10, "validation": 5, "test": 128}},
-              "env": {"commit": "abc1234"}, "variant": "", "variant_label": "", "config_hash": "h0"}
+    record = {
+        "task": "listops",
+        "mechanism": "softmax",
+        "mechanism_config": {},
+        "scale": "tiny",
+        "seed": 0,
+        "status": "ok",
+        "error": None,
+        "metrics": {"val": {"accuracy": 0.2}, "test": {"accuracy": 0.1875, "accuracy_ci95": [0.13, 0.26]}},
+        "params": 1000,
+        "tokens_per_s": 100.0,
+        "peak_memory_mb": 10.0,
+        "wall_s": 5.0,
+        "data": {
+            "source": "generated",
+            "fingerprint": "fp",
+            "majority_accuracy": 0.15,
+            "sizes": {"train": 10, "validation": 5, "test": 128},
+        },
+        "env": {"commit": "abc1234"},
+        "variant": "",
+        "variant_label": "",
+        "config_hash": "h0",
+    }
     record.update(changes)
     return record
 
@@ -565,38 +769,51 @@ def test_copies_misplaced_records_and_seed_file_name_disagreements_are_listed_no
     assert reasons == {
         "tiny/listops/softmax/seed0 copy.json": "file name 'seed0 copy.json' is not seed<k>.json (a copy?)",
         "tiny/listops/softmax/seed1.json": "record's seed is 0 but the file is seed1.json",
-        "tiny/listops/performer/seed0.json":
-            "record's mechanism is 'softmax' but it lies in folder 'performer' (a misplaced record)",
-        "tiny/listops/softmax/abcdef1234/seed0.json":
-            "record's variant is '' but it lies in folder 'abcdef1234' (a misplaced record)",
-        "tiny/seed0.json": "lies 1 folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]"}
+        "tiny/listops/performer/seed0.json": (
+            "record's mechanism is 'softmax' but it lies in folder 'performer' (a misplaced record)"
+        ),
+        "tiny/listops/softmax/abcdef1234/seed0.json": (
+            "record's variant is '' but it lies in folder 'abcdef1234' (a misplaced record)"
+        ),
+        "tiny/seed0.json": "lies 1 folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]",
+    }
 
 
-@pytest.mark.parametrize("changes,reason", [
-    ({"metrics": {"test": {"accuracy": 1.7}}}, "metrics.test.accuracy is 1.7, outside [0, 1]"),
-    ({"metrics": {"test": {"accuracy": -0.1}}}, "metrics.test.accuracy is -0.1, outside [0, 1]"),
-    ({"metrics": {"test": {"accuracy": "0.5"}}}, "metrics.test.accuracy is '0.5', not a number"),
-    ({"metrics": {"test": {"accuracy": [0.5]}}}, "metrics.test.accuracy is [0.5], not a number"),
-    ({"metrics": {"test": {"accuracy_ci95": [0.4, 1.2]}}}, "metrics.test.accuracy_ci95 is [0.4, 1.2], outside [0, 1]"),
-    ({"metrics": {"test": {"accuracy_ci95": [0.6, 0.4]}}}, "metrics.test.accuracy_ci95 is [0.6, 0.4], not an interval"),
-    ({"metrics": {"test": {"accuracy": True}}}, "metrics.test.accuracy is true, not a number"),
-    ({"metrics": {"test": {"exact_hard": 2.0}}}, "metrics.test.exact_hard is 2.0, outside [0, 1]"),
-    ({"metrics": {"test": {"loss": -1.0}}}, "metrics.test.loss is -1.0, negative"),
-    ({"metrics": {"test": 0.5}}, "metrics.test is 0.5, not an object"),
-    ({"metrics": [0.5]}, "metrics is [0.5], not an object"),
-    ({"seed": "0"}, "seed is '0', not a whole number >= 0"),
-    ({"seed": -1}, "seed is -1, not a whole number >= 0"),
-    ({"seed": 0.5}, "seed is 0.5, not a whole number >= 0"),
-    ({"wall_s": "5"}, "wall_s is '5', not a number >= 0"),
-    ({"params": "1000"}, "params is '1000', not a whole number >= 0"),
-    ({"tokens_per_s": -3.0}, "tokens_per_s is -3.0, not a number >= 0"),
-    ({"scale": None}, "scale is null, not text"),
-    ({"task": ""}, "task is empty"),
-    ({"status": "done"}, "unknown status 'done'"),
-    ({"error": 3}, "error is 3, not text"),
-    ({"data": {"majority_accuracy": 1.5}}, "data.majority_accuracy is 1.5, not a number in [0, 1]"),
-    ({"data": "generated"}, "data is 'generated', not an object"),
-    ({"test_items": {"correct": [1, "x"]}}, "test_items.correct is not a list of whole numbers >= 0")])
+@pytest.mark.parametrize(
+    "changes,reason",
+    [
+        ({"metrics": {"test": {"accuracy": 1.7}}}, "metrics.test.accuracy is 1.7, outside [0, 1]"),
+        ({"metrics": {"test": {"accuracy": -0.1}}}, "metrics.test.accuracy is -0.1, outside [0, 1]"),
+        ({"metrics": {"test": {"accuracy": "0.5"}}}, "metrics.test.accuracy is '0.5', not a number"),
+        ({"metrics": {"test": {"accuracy": [0.5]}}}, "metrics.test.accuracy is [0.5], not a number"),
+        (
+            {"metrics": {"test": {"accuracy_ci95": [0.4, 1.2]}}},
+            "metrics.test.accuracy_ci95 is [0.4, 1.2], outside [0, 1]",
+        ),
+        (
+            {"metrics": {"test": {"accuracy_ci95": [0.6, 0.4]}}},
+            "metrics.test.accuracy_ci95 is [0.6, 0.4], not an interval",
+        ),
+        ({"metrics": {"test": {"accuracy": True}}}, "metrics.test.accuracy is true, not a number"),
+        ({"metrics": {"test": {"exact_hard": 2.0}}}, "metrics.test.exact_hard is 2.0, outside [0, 1]"),
+        ({"metrics": {"test": {"loss": -1.0}}}, "metrics.test.loss is -1.0, negative"),
+        ({"metrics": {"test": 0.5}}, "metrics.test is 0.5, not an object"),
+        ({"metrics": [0.5]}, "metrics is [0.5], not an object"),
+        ({"seed": "0"}, "seed is '0', not a whole number >= 0"),
+        ({"seed": -1}, "seed is -1, not a whole number >= 0"),
+        ({"seed": 0.5}, "seed is 0.5, not a whole number >= 0"),
+        ({"wall_s": "5"}, "wall_s is '5', not a number >= 0"),
+        ({"params": "1000"}, "params is '1000', not a whole number >= 0"),
+        ({"tokens_per_s": -3.0}, "tokens_per_s is -3.0, not a number >= 0"),
+        ({"scale": None}, "scale is null, not text"),
+        ({"task": ""}, "task is empty"),
+        ({"status": "done"}, "unknown status 'done'"),
+        ({"error": 3}, "error is 3, not text"),
+        ({"data": {"majority_accuracy": 1.5}}, "data.majority_accuracy is 1.5, not a number in [0, 1]"),
+        ({"data": "generated"}, "data is 'generated', not an object"),
+        ({"test_items": {"correct": [1, "x"]}}, "test_items.correct is not a list of whole numbers >= 0"),
+    ],
+)
 def test_a_record_against_the_schema_is_listed_with_its_reason_and_the_report_survives(tmp_path, changes, reason):
     from harness.core.results import write_json_atomic
     from harness.report.leaderboard import write_report
@@ -619,8 +836,14 @@ def report_under_a_file_size_limit(results, limit):
     def cap():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.run([sys.executable, "-c", f"from harness.report.leaderboard import write_report; write_report({str(results)!r})"],
-                          capture_output=True, text=True, cwd=ROOT, preexec_fn=cap, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", f"from harness.report.leaderboard import write_report; write_report({str(results)!r})"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=cap,
+        timeout=300,
+    )
 
 
 def test_the_leaderboard_and_plots_survive_a_write_that_fails_part_way(tmp_path):
@@ -631,8 +854,10 @@ def test_the_leaderboard_and_plots_survive_a_write_that_fails_part_way(tmp_path)
     folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
     write_json_atomic(folder / "seed0.json", a_record())
     for seed in range(1, 151):  # many failures with long errors: a leaderboard larger than its plot
-        write_json_atomic(folder / f"seed{seed}.json", a_record(seed=seed, status="failed", metrics={},
-                                                                error=f"RuntimeError {seed}: " + "x" * 2000))
+        write_json_atomic(
+            folder / f"seed{seed}.json",
+            a_record(seed=seed, status="failed", metrics={}, error=f"RuntimeError {seed}: " + "x" * 2000),
+        )
     board = write_report(tmp_path)
     plot = tmp_path / "plots" / "accuracy_vs_length_tiny.png"
     before_board, before_plot = board.read_bytes(), plot.read_bytes()
@@ -652,7 +877,8 @@ def test_the_leaderboard_and_plots_survive_a_write_that_fails_part_way(tmp_path)
 
 
 def test_a_record_names_its_data_cache_relative_to_the_cache_root_and_the_report_finds_it_from_anywhere(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """A cell run with the default relative cache (.cache/data) in one folder; the report run
     from another still computes the baselines from that cell's cached splits."""
     from harness.core.registry import create_task
@@ -700,7 +926,8 @@ def test_a_report_of_fewer_results_does_not_replace_a_leaderboard_built_from_mor
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'leaderboard.md'} was built from {built_from} cell results and only 0 exist now; "
-        "not overwritten (force=true replaces it)"]
+        "not overwritten (force=true replaces it)"
+    ]
     assert (tmp_path / "leaderboard.md").read_bytes() == committed and not (tmp_path / "plots").exists()
     write_json_atomic(tmp_path / "runs" / "tiny" / "listops" / "softmax" / "seed0.json", a_record())
     assert cli(workdir, "report", f"results_dir={tmp_path}", timeout=120).returncode == 1  # 1 < N: still refused
@@ -741,8 +968,15 @@ def test_a_cell_out_of_memory_under_ulimit_v_is_oom_with_its_peak_memory(workdir
     def limit_address_space():
         resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
 
-    done = cli(workdir, "run", "mechanism=allocates", *TINY, f"results_dir={tmp_path}", f"cache_dir={workdir / 'cache'}",
-               preexec_fn=limit_address_space)
+    done = cli(
+        workdir,
+        "run",
+        "mechanism=allocates",
+        *TINY,
+        f"results_dir={tmp_path}",
+        f"cache_dir={workdir / 'cache'}",
+        preexec_fn=limit_address_space,
+    )
     assert done.returncode == 1, done.stderr[-3000:]
     records, _ = scan_results(tmp_path)
     assert len(records) == 1 and records[0]["status"] == "oom", records
@@ -751,7 +985,7 @@ def test_a_cell_out_of_memory_under_ulimit_v_is_oom_with_its_peak_memory(workdir
 
 # ----------------------------------------------------------------------------- plugins (issue 25)
 
-PLUGIN = '''
+PLUGIN = """
 from dataclasses import dataclass
 
 from harness.core.attention import Attention
@@ -767,7 +1001,7 @@ class Config:
 class Plugin(Attention):
     def forward(self, q, k, v, *, key_padding_mask=None, causal=False, context=None):
         return v * {factor}
-'''
+"""
 
 
 def plugin(name, scale=1.0, imports="", factor="self.cfg.scale"):
@@ -808,13 +1042,29 @@ def test_a_plugin_imports_its_own_helper_module_and_is_imported_once_per_run(wor
     folder.mkdir()
     (folder / "_helper_of_uses_helper.py").write_text("FACTOR = 1.0\n")
     count = tmp_path / "imports.txt"
-    imports = (f"from _helper_of_uses_helper import FACTOR\nwith open({str(count)!r}, 'a') as _f:\n"
-               "    _f.write('imported\\n')\n")
+    imports = (
+        f"from _helper_of_uses_helper import FACTOR\nwith open({str(count)!r}, 'a') as _f:\n"
+        "    _f.write('imported\\n')\n"
+    )
     (folder / "uses_helper.py").write_text(plugin("uses_helper", imports=imports, factor="FACTOR"))
     env = {**os.environ, "HARNESS_PLUGIN_PATH": str(folder), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "harness", "run", "mechanism=uses_helper", *TINY,
-                           f"results_dir={tmp_path / 'r'}", f"cache_dir={workdir / 'cache'}"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "run",
+            "mechanism=uses_helper",
+            *TINY,
+            f"results_dir={tmp_path / 'r'}",
+            f"cache_dir={workdir / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records, _ = scan_results(tmp_path / "r")
     assert [r["status"] for r in records] == ["ok"]
@@ -835,8 +1085,10 @@ def _builtin_mechanisms():
 def test_the_same_seed_gives_the_same_record_twice(workdir, tmp_path, mechanism):
     """One tiny cell of each mechanism trained twice (trainer.deterministic=true, CPU): the
     records' metrics and per-item results are identical, not merely close."""
-    first, second = (run_cell(cell(workdir, f"mechanism={mechanism}", f"results_dir={tmp_path / name}"))
-                     for name in ("first", "second"))
+    first, second = (
+        run_cell(cell(workdir, f"mechanism={mechanism}", f"results_dir={tmp_path / name}"))
+        for name in ("first", "second")
+    )
     assert first["status"] == second["status"]
     assert first["metrics"] == second["metrics"] and first["test_items"] == second["test_items"]
 
@@ -845,8 +1097,13 @@ def test_the_same_seed_gives_the_same_record_twice(workdir, tmp_path, mechanism)
 
 
 def git(repo, *args):
-    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=repo,
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def test_code_state_names_the_imported_files_that_differ_from_the_commit(tmp_path):
@@ -874,10 +1131,13 @@ def test_code_state_names_the_imported_files_that_differ_from_the_commit(tmp_pat
 
     clean = code_state([m / "committed.py"], root=repo)
     assert clean["commit"] == commit and clean["dirty"] is False and clean["dirty_files"] == []
-    state = code_state([m / "committed.py", m / "edited.py", m / "untracked.py", m / "ignored_x.py", outside], root=repo)
+    state = code_state(
+        [m / "committed.py", m / "edited.py", m / "untracked.py", m / "ignored_x.py", outside], root=repo
+    )
     assert state["commit"] == commit and state["dirty"] is True
-    assert state["dirty_files"] == sorted(["mechanisms/edited.py", "mechanisms/untracked.py", "mechanisms/ignored_x.py",
-                                           str(outside.resolve())])
+    assert state["dirty_files"] == sorted(
+        ["mechanisms/edited.py", "mechanisms/untracked.py", "mechanisms/ignored_x.py", str(outside.resolve())]
+    )
     git(repo, "add", "mechanisms/edited.py")  # staged, not committed: still not the commit's code
     assert "mechanisms/edited.py" in code_state([m / "edited.py"], root=repo)["dirty_files"]
 
@@ -886,7 +1146,9 @@ def test_the_imported_code_is_the_projects_and_the_plugins_not_tests_or_packages
     from harness.core.results import PROJECT_ROOT, imported_code_files
 
     files = imported_code_files()
-    assert PROJECT_ROOT / "harness" / "train" / "run.py" in files and PROJECT_ROOT / "mechanisms" / "softmax.py" in files
+    assert (
+        PROJECT_ROOT / "harness" / "train" / "run.py" in files and PROJECT_ROOT / "mechanisms" / "softmax.py" in files
+    )
     assert workdir / "plugins" / "faults.py" in files  # a $HARNESS_PLUGIN_PATH plugin this process imported
     assert "tests" not in {f.relative_to(PROJECT_ROOT).parts[0] for f in files if f.is_relative_to(PROJECT_ROOT)}
     assert not [f for f in files if "site-packages" in f.parts] and all(f.is_file() for f in files)
@@ -942,13 +1204,27 @@ def test_a_cell_resumed_across_a_code_change_records_every_commit_it_trained_und
     git(repo, "commit", "-q", "-m", "A")
     first = git(repo, "rev-parse", "--short", "HEAD")
     results = tmp_path / "results"
-    args = ["run", "mechanism=slow_in_git", "scale=tiny", "trainer.progress_bar=false", "train.max_steps=16",
-            "train.eval_every=4", f"results_dir={results}", f"cache_dir={workdir / 'cache'}"]  # a variant
+    args = [
+        "run",
+        "mechanism=slow_in_git",
+        "scale=tiny",
+        "trainer.progress_bar=false",
+        "train.max_steps=16",
+        "train.eval_every=4",
+        f"results_dir={results}",
+        f"cache_dir={workdir / 'cache'}",
+    ]  # a variant
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_PLUGIN_PATH"}
     env["OMP_NUM_THREADS"] = "1"
     checkpoints = results / "checkpoints" / "tiny" / "listops" / "slow_in_git"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=repo, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=repo,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not list(checkpoints.rglob("last.ckpt")) and proc.poll() is None:
         time.sleep(0.2)
@@ -964,8 +1240,9 @@ def test_a_cell_resumed_across_a_code_change_records_every_commit_it_trained_und
     git(repo, "commit", "-q", "-am", "B")
     second = git(repo, "rev-parse", "--short", "HEAD")
     (repo / "mechanisms" / "uncommitted.py").write_text(SLOW_IN_GIT.replace('"slow_in_git"', '"uncommitted"'))
-    done = subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=repo, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=repo, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [record_path] = runs.rglob("seed0.json")
     record = json.loads(record_path.read_text())
@@ -986,14 +1263,28 @@ def test_the_leaderboard_header_says_when_a_cells_code_is_not_one_commit(tmp_pat
     from harness.report.leaderboard import write_report
 
     folder = tmp_path / "runs" / "tiny" / "listops" / "softmax"
-    write_json_atomic(folder / "seed0.json", a_record(env={"commit": "abc1234", "commits": ["abc1234"], "dirty": False}))
+    write_json_atomic(
+        folder / "seed0.json", a_record(env={"commit": "abc1234", "commits": ["abc1234"], "dirty": False})
+    )
     text = write_report(tmp_path).read_text()
     assert "**commit(s)**: abc1234\n" in text
-    write_json_atomic(folder / "seed1.json", a_record(seed=1, env={
-        "commit": "def5678", "commits": ["abc1234", "def5678"], "dirty": True, "dirty_files": ["mechanisms/x.py"]}))
+    write_json_atomic(
+        folder / "seed1.json",
+        a_record(
+            seed=1,
+            env={
+                "commit": "def5678",
+                "commits": ["abc1234", "def5678"],
+                "dirty": True,
+                "dirty_files": ["mechanisms/x.py"],
+            },
+        ),
+    )
     text = write_report(tmp_path).read_text()
-    assert ("**commit(s)**: abc1234, def5678 (1 cell(s) ran code that differs from its commit (env.dirty_files); "
-            "1 cell(s) trained under several commits (env.segments))") in text
+    assert (
+        "**commit(s)**: abc1234, def5678 (1 cell(s) ran code that differs from its commit (env.dirty_files); "
+        "1 cell(s) trained under several commits (env.segments))"
+    ) in text
 
 
 # ----------------------------------------------------------------------------- a results folder that cannot be written
@@ -1004,12 +1295,28 @@ def test_a_results_folder_under_a_file_is_one_line_before_anything_runs(workdir,
     blocker.write_text("not a folder")
     results = blocker / "results"
     expected = f"error: cannot write to results_dir={results}: {blocker} is a file, not a folder"
-    done = cli(workdir, "run", "mechanism=softmax", *TINY, f"results_dir={results}", f"cache_dir={tmp_path / 'cache'}",
-               timeout=120)
+    done = cli(
+        workdir,
+        "run",
+        "mechanism=softmax",
+        *TINY,
+        f"results_dir={results}",
+        f"cache_dir={tmp_path / 'cache'}",
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [expected], done.stderr[-3000:]
     assert not (tmp_path / "cache").exists()  # nothing read or built
-    grid = cli(workdir, "grid", "tasks=listops", "mechanisms=softmax", "seeds=0", *TINY, f"results_dir={results}",
-               f"cache_dir={tmp_path / 'cache'}", timeout=120)
+    grid = cli(
+        workdir,
+        "grid",
+        "tasks=listops",
+        "mechanisms=softmax",
+        "seeds=0",
+        *TINY,
+        f"results_dir={results}",
+        f"cache_dir={tmp_path / 'cache'}",
+        timeout=120,
+    )
     assert grid.returncode == 2 and grid.stderr.strip().splitlines() == [expected], grid.stderr[-3000:]
     assert "rerun=failed" not in grid.stdout + grid.stderr and "Traceback" not in grid.stderr
 
@@ -1023,7 +1330,9 @@ def test_a_results_folder_without_write_permission_is_one_line(tmp_path, monkeyp
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked else real_access(path, mode))
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: False if Path(path) == locked else real_access(path, mode)
+    )
     results = locked / "results"
     expected = f"cannot write to results_dir={results}: {locked} is not writable"
     with pytest.raises(UnwritableFolder, match="^" + expected):
@@ -1042,8 +1351,15 @@ def test_a_results_folder_without_write_permission_is_one_line(tmp_path, monkeyp
 def test_a_mistyped_key_leaves_no_folder_behind(workdir, tmp_path):
     """Hydra created the cell's log folder (and the grid its sweep folder) before the keys were checked."""
     for command in (["run", "mechanism=softmax"], ["grid", "tasks=listops", "mechanisms=softmax", "seeds=0"]):
-        done = cli(workdir, *command, *TINY, "+train.max_step=10", f"results_dir={tmp_path / 'r'}",
-                   f"cache_dir={tmp_path / 'cache'}", timeout=120)
+        done = cli(
+            workdir,
+            *command,
+            *TINY,
+            "+train.max_step=10",
+            f"results_dir={tmp_path / 'r'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            timeout=120,
+        )
         assert done.returncode == 2 and "train.max_step is not a train setting" in done.stderr, done.stderr[-3000:]
         assert "Traceback" not in done.stderr
         assert not (tmp_path / "r").exists() and not (tmp_path / "cache").exists()
@@ -1053,13 +1369,16 @@ def test_a_grid_advises_rerun_failed_only_for_recorded_failures(tmp_path, capsys
     from harness.core.results import write_json_atomic
     from harness.grid.sweep import expand, summarize
 
-    scale, groups = expand({"grid": "default", "scale": "tiny", "tasks": "listops", "mechanisms": "softmax,linear",
-                            "seeds": "0"})
+    scale, groups = expand(
+        {"grid": "default", "scale": "tiny", "tasks": "listops", "mechanisms": "softmax,linear", "seeds": "0"}
+    )
     assert summarize(scale, groups, str(tmp_path), 0) == 1  # nothing recorded: a plain rerun runs them
     out = capsys.readouterr().out
     assert "rerun=failed" not in out and "run when the same command runs again" in out
-    write_json_atomic(tmp_path / "runs" / "tiny" / "listops" / "softmax" / "seed0.json",
-                      a_record(status="failed", metrics={}, error="RuntimeError: boom"))
+    write_json_atomic(
+        tmp_path / "runs" / "tiny" / "listops" / "softmax" / "seed0.json",
+        a_record(status="failed", metrics={}, error="RuntimeError: boom"),
+    )
     assert summarize(scale, groups, str(tmp_path), 0) == 1
     assert "rerun=failed" in capsys.readouterr().out
 
@@ -1082,17 +1401,28 @@ def test_the_dry_run_estimates_from_whole_process_times_and_says_from_how_many_r
     from harness.core.results import write_json_atomic
     from harness.grid.sweep import dry_run, expand
 
-    scale, groups = expand({"grid": "default", "scale": "tiny", "tasks": "listops",
-                            "mechanisms": "softmax,linear,performer", "seeds": "0,1"})
+    scale, groups = expand(
+        {
+            "grid": "default",
+            "scale": "tiny",
+            "tasks": "listops",
+            "mechanisms": "softmax,linear,performer",
+            "seeds": "0,1",
+        }
+    )
     runs = tmp_path / "runs" / "tiny" / "listops"
     write_json_atomic(runs / "softmax" / "seed0.json", a_record(wall_s=5.0, process_wall_s=20.0))
     dry_run(scale, groups, str(tmp_path), 1)
     out = capsys.readouterr().out
     # 5 cells left, each from the one recorded cell's 20 s (its wall_s, 5 s, leaves out start-up and data)
-    assert "estimated time left: 100 s (5 of 5 cells left estimated from 1 recorded cell's whole process time, " \
-           "1 at a time)" in out, out
+    assert (
+        "estimated time left: 100 s (5 of 5 cells left estimated from 1 recorded cell's whole process time, "
+        "1 at a time)" in out
+    ), out
     write_json_atomic(runs / "linear" / "seed0.json", a_record(mechanism="linear", wall_s=6.0))  # an older record
     dry_run(scale, groups, str(tmp_path), 2)
     out = capsys.readouterr().out
-    assert "4 of 4 cells left estimated from 2 recorded cells' whole process time; 1 of those records only " \
-           "training time" in out, out
+    assert (
+        "4 of 4 cells left estimated from 2 recorded cells' whole process time; 1 of those records only "
+        "training time" in out
+    ), out

@@ -36,6 +36,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -157,8 +158,10 @@ def check_pairs(pairs: list[tuple[str, str]], causal_flags: list[bool]) -> None:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"compare: unknown mechanism '{name}'{hint}; registered: {', '.join(names)}")
         if any(causal_flags) and not get_mechanism(name).capabilities.causal:
-            raise ValueError(f"compare: mechanism '{name}' has no causal capability; drop causal=true "
-                             f"(causal=[false]) or compare mechanisms that support it")
+            raise ValueError(
+                f"compare: mechanism '{name}' has no causal capability; drop causal=true "
+                f"(causal=[false]) or compare mechanisms that support it"
+            )
 
 
 def plan_pairs(cfg: CompareConfig) -> tuple[list[PairJob], dict[str, Any]]:
@@ -168,17 +171,38 @@ def plan_pairs(cfg: CompareConfig) -> tuple[list[PairJob], dict[str, Any]]:
     check_pairs(pairs, causal_flags)
     names = list(dict.fromkeys(n for pair in pairs for n in pair))
     sweep = SpeedConfig(
-        mechanisms=names, lengths=list(cfg.lengths), modes=["attention"], causal=list(causal_flags), scale=cfg.scale,
-        mechanism_config=dict(cfg.mechanism_config), batch_size=cfg.batch_size, heads=cfg.heads,
-        dim_head=cfg.dim_head, precision=cfg.precision, device=cfg.device, threads=cfg.threads, warmup=cfg.warmup,
-        min_reps=1, max_reps=1, timeout_s=cfg.timeout_s, memory_limit_mb=cfg.memory_limit_mb, seed=cfg.seed,
+        mechanisms=names,
+        lengths=list(cfg.lengths),
+        modes=["attention"],
+        causal=list(causal_flags),
+        scale=cfg.scale,
+        mechanism_config=dict(cfg.mechanism_config),
+        batch_size=cfg.batch_size,
+        heads=cfg.heads,
+        dim_head=cfg.dim_head,
+        precision=cfg.precision,
+        device=cfg.device,
+        threads=cfg.threads,
+        warmup=cfg.warmup,
+        min_reps=1,
+        max_reps=1,
+        timeout_s=cfg.timeout_s,
+        memory_limit_mb=cfg.memory_limit_mb,
+        seed=cfg.seed,
     )
     jobs, shared = plan(sweep)
     by_key = {(j.mechanism, j.causal, j.length): j for j in jobs}
     pair_jobs = [
-        PairJob(a=by_key[(a, bool(causal), int(length))], b=by_key[(b, bool(causal), int(length))],
-                rounds=cfg.rounds, warmup=cfg.warmup, timeout_s=cfg.timeout_s)
-        for a, b in pairs for causal in causal_flags for length in sorted(int(x) for x in cfg.lengths)
+        PairJob(
+            a=by_key[(a, bool(causal), int(length))],
+            b=by_key[(b, bool(causal), int(length))],
+            rounds=cfg.rounds,
+            warmup=cfg.warmup,
+            timeout_s=cfg.timeout_s,
+        )
+        for a, b in pairs
+        for causal in causal_flags
+        for length in sorted(int(x) for x in cfg.lengths)
     ]
     return pair_jobs, shared
 
@@ -189,7 +213,9 @@ def plan_pairs(cfg: CompareConfig) -> tuple[list[PairJob], dict[str, Any]]:
 def alternation(rounds: int, warmup: int) -> list[tuple[str, bool]]:
     """The order of calls: (side, timed) — ``warmup`` untimed rounds, then ``rounds`` timed
     ones, each round A then B."""
-    return [(side, False) for _ in range(warmup) for side in SIDES] + [(side, True) for _ in range(rounds) for side in SIDES]
+    return [(side, False) for _ in range(warmup) for side in SIDES] + [
+        (side, True) for _ in range(rounds) for side in SIDES
+    ]
 
 
 def measure_pair(pair: PairJob, *, limit_memory: bool = False) -> dict[str, Any]:
@@ -238,8 +264,10 @@ def measure_pair(pair: PairJob, *, limit_memory: bool = False) -> dict[str, Any]
             if side == "B" and not timed and index == 2 * pair.warmup - 1 and pair.timeout_s:
                 projected = time.perf_counter() - started + pair.rounds * (last["A"] + last["B"])
                 if projected > pair.timeout_s:
-                    raise MeasurementTimeout(f"a warm-up round took {last['A'] + last['B']:.1f}s: {pair.rounds} rounds "
-                                             f"would end at {projected:.0f}s > timeout_s={pair.timeout_s:g}")
+                    raise MeasurementTimeout(
+                        f"a warm-up round took {last['A'] + last['B']:.1f}s: {pair.rounds} rounds "
+                        f"would end at {projected:.0f}s > timeout_s={pair.timeout_s:g}"
+                    )
         outcome.update(status="ok", sequence=sequence)
     except Exception as exc:  # recorded: the other comparisons go on
         outcome.update(status=status_of(exc), error=f"{stage}: {last_line(exc)}")
@@ -275,8 +303,14 @@ def summarize_ratios(ratios: list[float], *, resamples: int = 2000, seed: int = 
     rng = random.Random(seed)
     medians = [statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples)]
     low, high = (quantile(medians, 0.025), quantile(medians, 0.975)) if medians else (min(ratios), max(ratios))
-    return {"median": statistics.median(ratios), "ci95": [low, high], "min": min(ratios), "max": max(ratios),
-            "rounds": len(ratios), "bootstrap_resamples": resamples}
+    return {
+        "median": statistics.median(ratios),
+        "ci95": [low, high],
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
+        "bootstrap_resamples": resamples,
+    }
 
 
 def _times(values: list[float]) -> dict[str, float] | None:
@@ -291,8 +325,15 @@ def record_path(out: str | Path, pair: PairJob) -> Path:
     return Path(out) / "compare" / f"{pair.a.mechanism}-vs-{pair.b.mechanism}" / f"{masking}-L{pair.a.length}.json"
 
 
-def make_record(pair: PairJob, outcome: dict[str, Any], env: dict[str, Any], *, isolated: bool, bootstrap: int,
-                load: dict[str, list[float]]) -> dict[str, Any]:
+def make_record(
+    pair: PairJob,
+    outcome: dict[str, Any],
+    env: dict[str, Any],
+    *,
+    isolated: bool,
+    bootstrap: int,
+    load: dict[str, list[float]],
+) -> dict[str, Any]:
     a, b = pair.a, pair.b
     sequence = outcome.get("sequence") or []
     ok = outcome.get("status") == "ok"
@@ -300,31 +341,46 @@ def make_record(pair: PairJob, outcome: dict[str, Any], env: dict[str, Any], *, 
     sync = "torch.cuda.synchronize() around each call; " if a.device == "cuda" else ""
     return {
         "kind": "compare",
-        "a": a.mechanism, "b": b.mechanism,
-        "a_config": a.mechanism_config, "b_config": b.mechanism_config,
-        "b_peer_of": b.peer_of, "a_peer_of": a.peer_of,
-        "mode": "attention", "causal": a.causal, "length": a.length, "batch_size": a.batch_size, "heads": a.heads,
-        "dim_head": a.dim_head, "precision": a.precision, "dtype": dtype, "device": a.device,
+        "a": a.mechanism,
+        "b": b.mechanism,
+        "a_config": a.mechanism_config,
+        "b_config": b.mechanism_config,
+        "b_peer_of": b.peer_of,
+        "a_peer_of": a.peer_of,
+        "mode": "attention",
+        "causal": a.causal,
+        "length": a.length,
+        "batch_size": a.batch_size,
+        "heads": a.heads,
+        "dim_head": a.dim_head,
+        "precision": a.precision,
+        "dtype": dtype,
+        "device": a.device,
         "threads": outcome.get("threads") or a.threads,
-        "status": outcome.get("status", "failed"), "error": outcome.get("error"),
+        "status": outcome.get("status", "failed"),
+        "error": outcome.get("error"),
         "ratio": summarize_ratios(paired_ratios(sequence), resamples=bootstrap, seed=a.seed) if ok else None,
         "time_a_s": _times([t for s, t in sequence if s == "A"]) if ok else None,
         "time_b_s": _times([t for s, t in sequence if s == "B"]) if ok else None,
         "sequence": [[s, t] for s, t in sequence],
         "method": {
             "timed": "one mechanism call on q, k, v (B, H, L, D) plus the backward pass of <out, g>; the same q, k, v, "
-                     "g for A and B",
+            "g for A and B",
             "order": f"{pair.warmup} untimed round(s), then {pair.rounds} timed rounds, each A then B; {sync}"
-                     "time.perf_counter per call",
+            "time.perf_counter per call",
             "ratio": "per round time(B) / time(A); median over rounds, 95% percentile-bootstrap interval of the "
-                     "median, min and max",
+            "median, min and max",
             "isolation": "a fresh forked process per pair, masking and length, holding both"
-                         if isolated else "in the calling process",
-            "rounds": pair.rounds, "warmup": pair.warmup, "timeout_s": pair.timeout_s,
+            if isolated
+            else "in the calling process",
+            "rounds": pair.rounds,
+            "warmup": pair.warmup,
+            "timeout_s": pair.timeout_s,
         },
         "load_average": load,  # 1, 5, 15-minute load averages before and after: was the machine shared?
         "env": env,
-        "wall_s": outcome.get("wall_s"), "pid": outcome.get("pid"),
+        "wall_s": outcome.get("wall_s"),
+        "pid": outcome.get("pid"),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -349,13 +405,24 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     if cfg.isolate:
         preload = mechanism_modules(plugins=False)
         runner = IsolatedRunner(["harness.bench.compare", *preload], target=_compare_child)
-        run = runner.run
+        run: Callable[[PairJob], dict[str, Any]] = runner.run
     else:
         run = measure_pair
-    log.info("compare: %d comparison(s) on %s (%s, %s), batch %d, %d heads × %d dims, %d thread(s), %d rounds A,B "
-             "after %d warm-up -> %s", len(pairs), env["hardware"].get("gpu") or env["hardware"]["cpu"],
-             shared["device"], shared["precision"], shared["batch_size"], shared["heads"], shared["dim_head"],
-             cfg.threads, cfg.rounds, cfg.warmup, records_dir(cfg) / "compare")
+    log.info(
+        "compare: %d comparison(s) on %s (%s, %s), batch %d, %d heads × %d dims, %d thread(s), %d rounds A,B "
+        "after %d warm-up -> %s",
+        len(pairs),
+        env["hardware"].get("gpu") or env["hardware"]["cpu"],
+        shared["device"],
+        shared["precision"],
+        shared["batch_size"],
+        shared["heads"],
+        shared["dim_head"],
+        cfg.threads,
+        cfg.rounds,
+        cfg.warmup,
+        records_dir(cfg) / "compare",
+    )
     records = []
     for pair in pairs:
         before = _load_average()
@@ -387,12 +454,31 @@ def table(records: list[dict[str, Any]]) -> str:
             rows.append([*head, "", "", "", f"{r['status']}: {r['error']}", "", ""])
             continue
         ratio, load = r["ratio"], r.get("load_average") or {}
-        rows.append([*head, 1e3 * r["time_a_s"]["median"], 1e3 * r["time_b_s"]["median"], ratio["rounds"],
-                     f"{ratio['median']:.3f}", f"{ratio['ci95'][0]:.3f}–{ratio['ci95'][1]:.3f}",
-                     f"{ratio['min']:.3f}–{ratio['max']:.3f}",
-                     f"{(load.get('before') or ['?'])[0]}→{(load.get('after') or ['?'])[0]}"])
-    headers = ["A", "B", "masking", "L", "A ms (median)", "B ms (median)", "rounds", "B/A median", "95% CI",
-               "min–max", "load 1 min"]
+        rows.append(
+            [
+                *head,
+                1e3 * r["time_a_s"]["median"],
+                1e3 * r["time_b_s"]["median"],
+                ratio["rounds"],
+                f"{ratio['median']:.3f}",
+                f"{ratio['ci95'][0]:.3f}–{ratio['ci95'][1]:.3f}",
+                f"{ratio['min']:.3f}–{ratio['max']:.3f}",
+                f"{(load.get('before') or ['?'])[0]}→{(load.get('after') or ['?'])[0]}",
+            ]
+        )
+    headers = [
+        "A",
+        "B",
+        "masking",
+        "L",
+        "A ms (median)",
+        "B ms (median)",
+        "rounds",
+        "B/A median",
+        "95% CI",
+        "min–max",
+        "load 1 min",
+    ]
     return tabulate(rows, headers=headers, floatfmt=".2f", tablefmt="simple")
 
 

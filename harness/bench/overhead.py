@@ -100,20 +100,20 @@ def _cell_config(cfg: OverheadConfig, scale: str):
 def _build(cell, seed: int):
     """(task, data module, TaskModule) for one path, from the same seed."""
     import lightning as L
-    from omegaconf import OmegaConf
 
     from harness.core.registry import create_task
     from harness.train.build import build_model
+    from harness.train.config import as_dict, train_settings
     from harness.train.model import ModelConfig
     from harness.train.training import TaskDataModule, TaskModule
 
-    task_cfg = {k: v for k, v in OmegaConf.to_container(cell.task, resolve=True).items() if k != "name"}
-    mech_cfg = {k: v for k, v in OmegaConf.to_container(cell.mechanism, resolve=True).items() if k != "name"}
+    task_cfg = {k: v for k, v in as_dict(cell.task).items() if k != "name"}
+    mech_cfg = {k: v for k, v in as_dict(cell.mechanism).items() if k != "name"}
     task = create_task(cell.task.name, scale=cell.scale.name, **task_cfg)
     dsd, _ = task.load(cell.cache_dir)
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_model(task, ModelConfig(**OmegaConf.to_container(cell.model, resolve=True)), cell.mechanism.name, mech_cfg)
-    train = OmegaConf.to_object(cell.train)
+    model = build_model(task, ModelConfig(**as_dict(cell.model)), cell.mechanism.name, mech_cfg)
+    train = train_settings(cell.train)
     module = TaskModule(model, train)
     data = TaskDataModule(dsd, batch_size=train.batch_size, seed=seed, num_workers=cell.trainer.num_workers)
     return module, data, train
@@ -137,10 +137,19 @@ def lightning_epoch(cell, cfg: OverheadConfig, steps: int, device_type: str) -> 
     if cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, train.eval_every // 5)))
     trainer = L.Trainer(
-        accelerator="cuda" if device_type == "cuda" else "cpu", devices=1, precision=cell.trainer.precision,
-        max_epochs=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
-        gradient_clip_val=train.grad_clip or None, deterministic="warn" if cell.trainer.deterministic else False,
-        callbacks=callbacks, enable_progress_bar=cfg.progress_bar, logger=False, enable_checkpointing=False,
+        accelerator="cuda" if device_type == "cuda" else "cpu",
+        devices=1,
+        precision=cell.trainer.precision,
+        max_epochs=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=train.grad_clip or None,
+        deterministic="warn" if cell.trainer.deterministic else False,
+        callbacks=callbacks,
+        enable_progress_bar=cfg.progress_bar,
+        logger=False,
+        enable_checkpointing=False,
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
@@ -204,14 +213,23 @@ def lightning_vs_bare(cfg: OverheadConfig, scale: str, device_type: str) -> dict
         torch.use_deterministic_algorithms(deterministic_before)
     ratio = median_paired_ratio(sequence, "lightning", "bare")
     return {
-        "task": cfg.task, "scale": scale, "mechanism": cfg.mechanism, "steps": steps, "skip": cfg.skip,
-        "batch_size": train.batch_size, "precision": str(cell.trainer.precision),
-        "deterministic": bool(cell.trainer.deterministic), "progress_bar": cfg.progress_bar,
-        "lightning_tokens_per_s": throughput["lightning"], "bare_tokens_per_s": throughput["bare"],
-        "ratio": ratio, "target": LIGHTNING_TARGET, "meets_target": ratio >= LIGHTNING_TARGET,
+        "task": cfg.task,
+        "scale": scale,
+        "mechanism": cfg.mechanism,
+        "steps": steps,
+        "skip": cfg.skip,
+        "batch_size": train.batch_size,
+        "precision": str(cell.trainer.precision),
+        "deterministic": bool(cell.trainer.deterministic),
+        "progress_bar": cfg.progress_bar,
+        "lightning_tokens_per_s": throughput["lightning"],
+        "bare_tokens_per_s": throughput["bare"],
+        "ratio": ratio,
+        "target": LIGHTNING_TARGET,
+        "meets_target": ratio >= LIGHTNING_TARGET,
         "method": "median over adjacent pairs of alternating rounds (A B | B A | ...) of Lightning tokens/s / bare "
-                  "tokens/s (pairs cancel slow drifts in machine load); tokens/s = padded tokens of batches after "
-                  "`skip` / wall time from the end of batch skip-1 to the end of the last batch",
+        "tokens/s (pairs cancel slow drifts in machine load); tokens/s = padded tokens of batches after "
+        "`skip` / wall time from the end of batch skip-1 to the end of the last batch",
     }
 
 
@@ -228,7 +246,9 @@ def median_paired_ratio(sequence: list[tuple[str, float]], numerator: str, denom
 # ----------------------------------------------------------------------------- contract vs bare SDPA
 
 
-def contract_vs_sdpa(cfg: OverheadConfig, *, batch_size: int, heads: int, dim_head: int, device_type: str) -> list[dict]:
+def contract_vs_sdpa(
+    cfg: OverheadConfig, *, batch_size: int, heads: int, dim_head: int, device_type: str
+) -> list[dict]:
     import torch
     import torch.nn.functional as F
     from torch.utils.benchmark import Timer
@@ -242,15 +262,20 @@ def contract_vs_sdpa(cfg: OverheadConfig, *, batch_size: int, heads: int, dim_he
             q, k, v = (torch.randn(batch_size, heads, length, dim_head, device=device_type) for _ in range(3))
             mech = create_mechanism("softmax", heads=heads, dim_head=dim_head, max_len=length).to(device_type).eval()
             with torch.no_grad():
-                torch.testing.assert_close(mech(q, k, v, causal=causal),
-                                           F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                torch.testing.assert_close(
+                    mech(q, k, v, causal=causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                )
             timers = {
-                "contract": Timer("mech(q, k, v, causal=causal)", globals={"mech": mech, "q": q, "k": k, "v": v,
-                                                                            "causal": causal},
-                                  num_threads=torch.get_num_threads()),
-                "sdpa": Timer("F.scaled_dot_product_attention(q, k, v, is_causal=causal)",
-                              globals={"F": F, "q": q, "k": k, "v": v, "causal": causal},
-                              num_threads=torch.get_num_threads()),
+                "contract": Timer(
+                    "mech(q, k, v, causal=causal)",
+                    globals={"mech": mech, "q": q, "k": k, "v": v, "causal": causal},
+                    num_threads=torch.get_num_threads(),
+                ),
+                "sdpa": Timer(
+                    "F.scaled_dot_product_attention(q, k, v, is_causal=causal)",
+                    globals={"F": F, "q": q, "k": k, "v": v, "causal": causal},
+                    num_threads=torch.get_num_threads(),
+                ),
             }
             medians: dict[str, list[float]] = {"contract": [], "sdpa": []}
             sequence = []
@@ -260,11 +285,28 @@ def contract_vs_sdpa(cfg: OverheadConfig, *, batch_size: int, heads: int, dim_he
                     sequence.append((name, medians[name][-1]))
             contract, sdpa = statistics.median(medians["contract"]), statistics.median(medians["sdpa"])
             ratio = median_paired_ratio(sequence, "contract", "sdpa")
-            rows.append({"length": length, "causal": causal, "batch_size": batch_size, "heads": heads,
-                         "dim_head": dim_head, "contract_s": contract, "sdpa_s": sdpa, "ratio": ratio,
-                         "overhead_us": 1e6 * (contract - sdpa), "meets_target": ratio <= CONTRACT_TARGET})
-            log.info("overhead: softmax contract vs SDPA, L=%d %s: %.3f ms vs %.3f ms (paired ratio %.3f)", length,
-                     "causal" if causal else "non-causal", 1e3 * contract, 1e3 * sdpa, ratio)
+            rows.append(
+                {
+                    "length": length,
+                    "causal": causal,
+                    "batch_size": batch_size,
+                    "heads": heads,
+                    "dim_head": dim_head,
+                    "contract_s": contract,
+                    "sdpa_s": sdpa,
+                    "ratio": ratio,
+                    "overhead_us": 1e6 * (contract - sdpa),
+                    "meets_target": ratio <= CONTRACT_TARGET,
+                }
+            )
+            log.info(
+                "overhead: softmax contract vs SDPA, L=%d %s: %.3f ms vs %.3f ms (paired ratio %.3f)",
+                length,
+                "causal" if causal else "non-causal",
+                1e3 * contract,
+                1e3 * sdpa,
+                ratio,
+            )
     return rows
 
 
@@ -302,8 +344,11 @@ def _measure_and_write(cfg: OverheadConfig) -> dict[str, Any]:
     model = settings.get("model", {})
     heads = int(model.get("heads", 4))
     contract = contract_vs_sdpa(
-        cfg, batch_size=cfg.contract_batch_size or int(settings.get("train", {}).get("batch_size", 32)),
-        heads=heads, dim_head=int(model.get("dim", 64)) // heads, device_type=device,
+        cfg,
+        batch_size=cfg.contract_batch_size or int(settings.get("train", {}).get("batch_size", 32)),
+        heads=heads,
+        dim_head=int(model.get("dim", 64)) // heads,
+        device_type=device,
     )
     record = {
         "kind": "overhead",
@@ -316,8 +361,13 @@ def _measure_and_write(cfg: OverheadConfig) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
     }
     path = write_json_atomic(records_dir(cfg) / "overhead.json", record)
-    log.info("overhead: Lightning/bare throughput %.3f (target >= %.2f); contract/SDPA %s -> %s",
-             training["ratio"], LIGHTNING_TARGET, ", ".join(f"{r['ratio']:.3f}" for r in contract), path)
+    log.info(
+        "overhead: Lightning/bare throughput %.3f (target >= %.2f); contract/SDPA %s -> %s",
+        training["ratio"],
+        LIGHTNING_TARGET,
+        ", ".join(f"{r['ratio']:.3f}" for r in contract),
+        path,
+    )
     return record
 
 

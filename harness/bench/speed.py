@@ -90,7 +90,9 @@ class SpeedConfig:
     batch_size: int = 0  # 0 = auto: 1 on CPU, 8 on CUDA
     heads: int = 0  # attention mode; 0 = the scale model's heads
     dim_head: int = 0  # attention mode; 0 = the scale model's dim / heads
-    precision: str = "auto"  # 32-true | bf16-mixed | 16-mixed; auto = the scale's trainer.precision on CUDA, else 32-true
+    precision: str = (
+        "auto"  # 32-true | bf16-mixed | 16-mixed; auto = the scale's trainer.precision on CUDA, else 32-true
+    )
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads in each measurement; 0 = torch's default
     warmup: int = 1  # untimed iterations first
@@ -145,7 +147,11 @@ class Job:
     def settings_key(self, env_device: str, torch_version: str) -> str:
         """Hash of everything that determines the numbers (limits excluded: they decide only
         whether a measurement finishes)."""
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("timeout_s", "memory_limit_mb", "plugin_dirs")}
+        settings = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("timeout_s", "memory_limit_mb", "plugin_dirs")
+        }
         blob = json.dumps({**settings, "device_name": env_device, "torch": torch_version}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -268,12 +274,14 @@ def _build_train_step(job: Job, device):
     from harness.train.model import ClassifierHead, Encoder, LanguageModelHead, ModelConfig, count_parameters
 
     cfg = ModelConfig(**job.model)
-    encoder = Encoder(cfg, vocab_size=VOCAB_SIZE, max_len=job.length, mechanism=job.mechanism,
-                      mechanism_cfg=job.mechanism_config)
+    encoder = Encoder(
+        cfg, vocab_size=VOCAB_SIZE, max_len=job.length, mechanism=job.mechanism, mechanism_cfg=job.mechanism_config
+    )
     model = (LanguageModelHead(encoder, VOCAB_SIZE) if job.causal else ClassifierHead(encoder, NUM_CLASSES)).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.optimizer["lr"], weight_decay=job.optimizer["weight_decay"],
-                                  betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=job.optimizer["lr"], weight_decay=job.optimizer["weight_decay"], betas=(0.9, 0.98)
+    )
     batch = {
         "input_ids": torch.randint(1, VOCAB_SIZE, (job.batch_size, job.length), device=device),
         "padding_mask": torch.zeros(job.batch_size, job.length, dtype=torch.bool, device=device),
@@ -377,8 +385,14 @@ def measure(job: Job, *, limit_memory: bool = False) -> dict[str, Any]:
         outcome.update(
             status="ok",
             params=params,
-            time_s={"median": median, "iqr": quantile(times, 0.75) - quantile(times, 0.25),
-                    "min": min(times), "max": max(times), "reps": len(times), "times": times},
+            time_s={
+                "median": median,
+                "iqr": quantile(times, 0.75) - quantile(times, 0.25),
+                "min": min(times),
+                "max": max(times),
+                "reps": len(times),
+                "times": times,
+            },
             step_time_s=median,
             tokens_per_s=job.batch_size * job.length / median,
             peak_memory_mb=round(memory.peak_mb(), 2),
@@ -433,16 +447,22 @@ class IsolatedRunner:
         if outcome is None and process.is_alive():
             process.kill()
             process.join()
-            return {"status": "timeout", "error": f"killed after timeout_s={job.timeout_s:g}s",
-                    "wall_s": round(time.perf_counter() - started, 3)}
+            return {
+                "status": "timeout",
+                "error": f"killed after timeout_s={job.timeout_s:g}s",
+                "wall_s": round(time.perf_counter() - started, 3),
+            }
         process.join()
         if outcome is None:
             code = process.exitcode
             killed = code is not None and code < 0 and -code == 9
-            return {"status": "oom" if killed else "failed",
-                    "error": "killed by SIGKILL (the kernel's out-of-memory killer)" if killed
-                    else f"measurement process exited with code {code} and no result",
-                    "wall_s": round(time.perf_counter() - started, 3)}
+            return {
+                "status": "oom" if killed else "failed",
+                "error": "killed by SIGKILL (the kernel's out-of-memory killer)"
+                if killed
+                else f"measurement process exited with code {code} and no result",
+                "wall_s": round(time.perf_counter() - started, 3),
+            }
         return outcome
 
 
@@ -468,8 +488,12 @@ def hardware(device: str) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "memory_gb": round(total_memory_mb() / 1024, 1),
-                            "torch_threads_default": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "memory_gb": round(total_memory_mb() / 1024, 1),
+        "torch_threads_default": torch.get_num_threads(),
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
@@ -538,8 +562,11 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], dict[str, Any]]:
 
     model = dataclasses.asdict(ModelConfig(**model))  # validates
     train = settings.get("train", {})
-    optimizer = {"lr": float(train.get("lr", 1e-3)), "weight_decay": float(train.get("weight_decay", 0.01)),
-                 "grad_clip": float(train.get("grad_clip", 1.0))}
+    optimizer = {
+        "lr": float(train.get("lr", 1e-3)),
+        "weight_decay": float(train.get("weight_decay", 0.01)),
+        "grad_clip": float(train.get("grad_clip", 1.0)),
+    }
     precision = cfg.precision
     if precision == "auto":
         precision = settings.get("trainer", {}).get("precision", "32-true") if device == "cuda" else "32-true"
@@ -560,24 +587,52 @@ def plan(cfg: SpeedConfig) -> tuple[list[Job], dict[str, Any]]:
                     if causal and not spec.capabilities.causal:
                         continue
                     mech_cfg, peer_of = resolve_mechanism_config(name, mech_overrides)
-                    jobs.append(Job(
-                        mechanism=name, mechanism_config=mech_cfg, peer_of=peer_of, mode=mode, causal=bool(causal),
-                        length=length, batch_size=batch, heads=heads, dim_head=dim_head, model=model,
-                        optimizer=optimizer, precision=precision, device=device, threads=cfg.threads,
-                        warmup=cfg.warmup, min_reps=cfg.min_reps, max_reps=max(cfg.max_reps, cfg.min_reps),
-                        min_time_s=cfg.min_time_s, timeout_s=cfg.timeout_s, memory_limit_mb=memory_limit,
-                        seed=cfg.seed, plugin_dirs=_plugin_dirs(spec),
-                    ))
-    shared = {"scale": scale, "device": device, "precision": precision, "batch_size": batch, "heads": heads,
-              "dim_head": dim_head, "model": model, "optimizer": optimizer, "memory_limit_mb": memory_limit}
+                    jobs.append(
+                        Job(
+                            mechanism=name,
+                            mechanism_config=mech_cfg,
+                            peer_of=peer_of,
+                            mode=mode,
+                            causal=bool(causal),
+                            length=length,
+                            batch_size=batch,
+                            heads=heads,
+                            dim_head=dim_head,
+                            model=model,
+                            optimizer=optimizer,
+                            precision=precision,
+                            device=device,
+                            threads=cfg.threads,
+                            warmup=cfg.warmup,
+                            min_reps=cfg.min_reps,
+                            max_reps=max(cfg.max_reps, cfg.min_reps),
+                            min_time_s=cfg.min_time_s,
+                            timeout_s=cfg.timeout_s,
+                            memory_limit_mb=memory_limit,
+                            seed=cfg.seed,
+                            plugin_dirs=_plugin_dirs(spec),
+                        )
+                    )
+    shared = {
+        "scale": scale,
+        "device": device,
+        "precision": precision,
+        "batch_size": batch,
+        "heads": heads,
+        "dim_head": dim_head,
+        "model": model,
+        "optimizer": optimizer,
+        "memory_limit_mb": memory_limit,
+    }
     return jobs, shared
 
 
 def _plugin_dirs(spec) -> list[str]:
     """A mechanism loaded from a plugin file is loaded again from its folder in the child."""
     module = sys.modules.get(spec.module)
-    if spec.module.startswith("harness_plugin_") and module is not None and getattr(module, "__file__", None):
-        return [str(Path(module.__file__).parent)]
+    file = getattr(module, "__file__", None) if module is not None else None
+    if spec.module.startswith("harness_plugin_") and file:
+        return [str(Path(file).parent)]
     return []
 
 
@@ -587,19 +642,25 @@ def record_path(out: str | Path, job: Job) -> Path:
 
 
 def method_description(job: Job, isolated: bool) -> dict[str, Any]:
-    what = ("one mechanism call on q, k, v (B, H, L, D) plus the backward pass of <out, g>"
-            if job.mode == "attention" else
-            "one training step of the scale model on random tokens: forward, backward, gradient clipping, AdamW "
-            f"({'language-model head' if job.causal else 'classifier head'})")
+    what = (
+        "one mechanism call on q, k, v (B, H, L, D) plus the backward pass of <out, g>"
+        if job.mode == "attention"
+        else "one training step of the scale model on random tokens: forward, backward, gradient clipping, AdamW "
+        f"({'language-model head' if job.causal else 'classifier head'})"
+    )
     sync = "torch.cuda.synchronize() around each iteration; " if job.device == "cuda" else ""
     return {
         "timed": what,
         "timing": f"{job.warmup} untimed warm-up iteration(s), then >= {job.min_reps} timed iterations (up to "
-                  f"{job.max_reps}, until {job.min_time_s:g}s of timed work); {sync}time.perf_counter per iteration; "
-                  "median and inter-quartile range",
+        f"{job.max_reps}, until {job.min_time_s:g}s of timed work); {sync}time.perf_counter per iteration; "
+        "median and inter-quartile range",
         "isolation": "a fresh forked process per measurement (forkserver)" if isolated else "in the calling process",
-        "warmup": job.warmup, "min_reps": job.min_reps, "max_reps": job.max_reps, "min_time_s": job.min_time_s,
-        "timeout_s": job.timeout_s, "memory_limit_mb": job.memory_limit_mb if job.device == "cpu" else None,
+        "warmup": job.warmup,
+        "min_reps": job.min_reps,
+        "max_reps": job.max_reps,
+        "min_time_s": job.min_time_s,
+        "timeout_s": job.timeout_s,
+        "memory_limit_mb": job.memory_limit_mb if job.device == "cpu" else None,
     }
 
 
@@ -679,9 +740,18 @@ def run_sweep(cfg: SpeedConfig) -> list[dict[str, Any]]:
     runner = IsolatedRunner(preload) if cfg.isolate else InProcessRunner()
     stopped: dict[tuple[str, str, bool], tuple[str, int]] = {}  # series -> (status, length) of its oom/timeout
     records = []
-    log.info("speed sweep: %d measurements on %s (%s, %s), batch %d, %d heads × %d dims, scale %s -> %s",
-             len(jobs), env["hardware"].get("gpu") or env["hardware"]["cpu"], shared["device"], shared["precision"],
-             shared["batch_size"], shared["heads"], shared["dim_head"], shared["scale"], records_dir(cfg))
+    log.info(
+        "speed sweep: %d measurements on %s (%s, %s), batch %d, %d heads × %d dims, scale %s -> %s",
+        len(jobs),
+        env["hardware"].get("gpu") or env["hardware"]["cpu"],
+        shared["device"],
+        shared["precision"],
+        shared["batch_size"],
+        shared["heads"],
+        shared["dim_head"],
+        shared["scale"],
+        records_dir(cfg),
+    )
     bar = _progress(len(jobs), cfg.progress)
     counts: dict[str, int] = {}
     try:
@@ -692,7 +762,9 @@ def run_sweep(cfg: SpeedConfig) -> list[dict[str, Any]]:
             bar.set_description(label)
             if job.series in stopped:
                 status, at = stopped[job.series]
-                record = make_record(job, {"status": "skipped", "error": f"skipped: {status} at L={at}"}, env, cfg.isolate)
+                record = make_record(
+                    job, {"status": "skipped", "error": f"skipped: {status} at L={at}"}, env, cfg.isolate
+                )
                 write_json_atomic(path, record)
             else:
                 existing = _read(path)
@@ -701,8 +773,10 @@ def run_sweep(cfg: SpeedConfig) -> list[dict[str, Any]]:
                     record = make_record(job, outcome, env, cfg.isolate)
                     write_json_atomic(path, record)
                     bar.write(_one_line(record))
-                else:
+                elif existing is not None:  # needs_measurement is true without one
                     record = existing
+                else:
+                    raise RuntimeError(f"{path}: no record and no measurement")
                 if record["status"] in STOPPING_STATUSES:
                     stopped[job.series] = (record["status"], job.length)
             counts[record["status"]] = counts.get(record["status"], 0) + 1
@@ -715,13 +789,17 @@ def run_sweep(cfg: SpeedConfig) -> list[dict[str, Any]]:
 
 
 def _one_line(record: dict[str, Any]) -> str:
-    head = (f"{record['mode']:<10} {'causal' if record['causal'] else 'bidir':<6} {record['mechanism']:<18} "
-            f"L={record['length']:<6}")
+    head = (
+        f"{record['mode']:<10} {'causal' if record['causal'] else 'bidir':<6} {record['mechanism']:<18} "
+        f"L={record['length']:<6}"
+    )
     if record["status"] != "ok":
         return f"{head} {record['status']}: {record['error']}"
     t = record["time_s"]
-    return (f"{head} {1e3 * t['median']:9.2f} ms ± {1e3 * t['iqr'] / 2:.2f} (n={t['reps']})  "
-            f"{record['tokens_per_s']:12,.0f} tok/s  {record['peak_memory_mb']:9.1f} MB")
+    return (
+        f"{head} {1e3 * t['median']:9.2f} ms ± {1e3 * t['iqr'] / 2:.2f} (n={t['reps']})  "
+        f"{record['tokens_per_s']:12,.0f} tok/s  {record['peak_memory_mb']:9.1f} MB"
+    )
 
 
 class _NoProgress:

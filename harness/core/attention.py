@@ -81,14 +81,16 @@ class Attention(nn.Module):
     # the values alone; the contract tests then expect no gradient for them (rather than a fake one).
     ignored_inputs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: Any = None, *, heads: int | None = None, dim_head: int | None = None,
-                 max_len: int | None = None):
+    def __init__(
+        self, cfg: Any = None, *, heads: int | None = None, dim_head: int | None = None, max_len: int | None = None
+    ):
         super().__init__()
         if cfg is None and heads is None:  # `super().__init__()` with no arguments, the usual PyTorch way
             if not _BUILDING:
                 raise TypeError(
-                    f"{type(self).__name__}: build mechanisms with harness.core.registry.create_mechanism(name, heads=, "
-                    "dim_head=, max_len=), or call super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)"
+                    f"{type(self).__name__}: build mechanisms with "
+                    "harness.core.registry.create_mechanism(name, heads=, dim_head=, max_len=), "
+                    "or call super().__init__(cfg, heads=heads, dim_head=dim_head, max_len=max_len)"
                 )
             cfg, heads, dim_head, max_len = _BUILDING[-1]
         elif heads is None or dim_head is None or max_len is None:
@@ -135,8 +137,9 @@ class Attention(nn.Module):
         # No look at the mask's values here (``.any()`` would be a device sync on every call): a
         # caller passes None for an unpadded batch (the Encoder drops all-False masks, once per forward).
         if key_padding_mask is not None and not caps.key_padding:
-            raise UnsupportedCapability(f"mechanism '{self.name}' does not support key padding masks (pass None "
-                                        "for a batch without padding)")
+            raise UnsupportedCapability(
+                f"mechanism '{self.name}' does not support key padding masks (pass None for a batch without padding)"
+            )
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, cfg={self.cfg}"
@@ -178,9 +181,7 @@ def _check_output(module: Attention, args: tuple, kwargs: dict, out: Any) -> Non
     expected = (*q.shape[:-1], v.shape[-1])
     if not isinstance(out, Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ContractViolation(
-            f"mechanism '{module.name}' returned {got}; the contract is (B, H, Lq, D) = {expected}"
-        )
+        raise ContractViolation(f"mechanism '{module.name}' returned {got}; the contract is (B, H, Lq, D) = {expected}")
 
 
 # ----------------------------------------------------------------------------- masks

@@ -24,9 +24,12 @@ import io
 import textwrap
 import tokenize
 import typing
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a settings schema: a dataclass
 
 
 class UsageError(ValueError):
@@ -81,13 +84,14 @@ def split(argv: typing.Iterable[str], command: str) -> list[tuple[str, str]]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key or key.startswith("-"):
-            raise UsageError(f"{command} takes key=value arguments, got '{arg}' (see python -m harness {command} --help)")
+            raise UsageError(
+                f"{command} takes key=value arguments, got '{arg}' (see python -m harness {command} --help)"
+            )
         pairs.append((key, value))
     return pairs
 
 
-def parse(schema: type[T], argv: typing.Iterable[str], *, command: str,
-          refused: dict[str, str] | None = None) -> T:
+def parse(schema: type[T], argv: typing.Iterable[str], *, command: str, refused: dict[str, str] | None = None) -> T:
     """``key=value`` arguments -> an instance of the dataclass ``schema``, checked: every key a field
     (a dotted key reaches into a dict field), every value of the field's type. ``refused`` maps an
     old spelling to the hint its error gives (``{"out": "use results_dir="}``)."""
@@ -130,8 +134,9 @@ def check_choice(key: str, value: Any, choices: typing.Iterable[Any]) -> None:
     """A UsageError unless ``value`` is one of ``choices``."""
     choices = list(choices)
     if value not in choices:
-        raise UsageError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}"
-                         f"{did_you_mean(str(value), map(str, choices))}")
+        raise UsageError(
+            f"{key}={value!r} is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}"
+        )
 
 
 def to_yaml(settings: Any) -> str:
@@ -148,7 +153,7 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
@@ -171,7 +176,9 @@ def field_comments(schema: type) -> dict[str, str]:
     out = {}
     for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = " ".join(comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments)
+            text = " ".join(
+                comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments
+            )
             if text:
                 out[node.target.id] = text
     return out
@@ -190,8 +197,8 @@ def _type_name(tp: Any) -> str:
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return "(required)"
 
 
@@ -229,8 +236,12 @@ def schema_help(usage: str, paragraph: str, schema: type | None, *, extra: str =
 
     parts = [f"usage: {usage}", textwrap.fill(" ".join(paragraph.split()), width=100)]
     if schema is not None:
-        table = tabulate([list(r) for r in schema_rows(schema)], headers=["key", "type", "default", "description"],
-                         tablefmt="plain", maxcolwidths=[None, 24, 28, 70])
+        table = tabulate(
+            [list(r) for r in schema_rows(schema)],
+            headers=["key", "type", "default", "description"],
+            tablefmt="plain",
+            maxcolwidths=[None, 24, 28, 70],
+        )
         parts.append("keys (key=value; lists as [a,b]):\n" + textwrap.indent(table, "  "))
     if extra:
         parts.append(extra.strip("\n"))

@@ -41,7 +41,7 @@ import os
 import pkgutil
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,14 +185,18 @@ def _protocol_settings(
     for protocol, per_task in (protocols or {}).items():
         tasks = protocol_tasks(protocol)
         if not tasks:
-            raise ValueError(f"mechanism '{name}': protocols= names '{protocol}', which has no harness/conf/protocol/{protocol}/")
+            raise ValueError(
+                f"mechanism '{name}': protocols= names '{protocol}', which has no harness/conf/protocol/{protocol}/"
+            )
         unknown_tasks = sorted(set(per_task) - {"*", *tasks})
         if unknown_tasks:
             raise ValueError(f"mechanism '{name}': protocol {protocol} has no task {unknown_tasks}; it covers {tasks}")
         for settings in per_task.values():
             unknown = sorted(set(settings) - fields)
             if unknown:
-                raise TypeError(f"mechanism '{name}': protocol {protocol} sets unknown fields {unknown}; valid: {sorted(fields)}")
+                raise TypeError(
+                    f"mechanism '{name}': protocol {protocol} sets unknown fields {unknown}; valid: {sorted(fields)}"
+                )
         common = per_task.get("*", {})
         out[protocol] = {t: {**common, **per_task.get(t, {})} for t in tasks if common or t in per_task}
     return out
@@ -230,8 +234,12 @@ def register_mechanism(
         store.store(group="mechanism", name=name, node=_config_node(name, config_class))
         for protocol, per_task in settings.items():
             for task_name, values in per_task.items():
-                store.store(group="mechanism_protocol", name=f"{name}_{protocol}_{task_name}",
-                            node={"mechanism": dict(values)}, package="_global_")
+                store.store(
+                    group="mechanism_protocol",
+                    name=f"{name}_{protocol}_{task_name}",
+                    node={"mechanism": dict(values)},
+                    package="_global_",
+                )
         _MECHANISMS[name] = MechanismSpec(name, cls, config_class, caps, cls.__module__, file, family, settings)
         return cls
 
@@ -261,8 +269,12 @@ def register_task(
 
     def decorate(cls: type) -> type:
         file = _check_new("task", _TASKS, name, cls)
-        for attribute, value in (("name", name), ("config_class", config_class), ("sources", tuple(sources)),
-                                 ("requires", frozenset(requires))):
+        for attribute, value in (
+            ("name", name),
+            ("config_class", config_class),
+            ("sources", tuple(sources)),
+            ("requires", frozenset(requires)),
+        ):
             setattr(cls, attribute, value)
         store = ConfigStore.instance()
         store.store(group="task", name=name, node=_config_node(name, config_class))
@@ -322,7 +334,7 @@ def _guarded_import(label: str, load: Callable[[], Any]) -> None:
         log.warning("plugin %s failed to load: %s", label, _ERRORS[label])
 
 
-def discover(extra_paths: list[str | Path] | None = None, *, force: bool = False) -> None:
+def discover(extra_paths: Sequence[str | Path] | None = None, *, force: bool = False) -> None:
     """Import every mechanism and task: built-in packages, entry points, plugin paths.
 
     Safe to call many times; built-ins and entry points load once unless ``force``."""

@@ -50,7 +50,7 @@ class Result:
     seed: int
     status: str
     error: str | None = None
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     params: int | None = None
     tokens_per_s: float | None = None
     peak_memory_mb: float | None = None
@@ -152,7 +152,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-BUILT_FROM = re.compile(r"\bfrom (\d+) cell results\b")  # the leaderboard's header: "Generated … from 78 cell results …"
+BUILT_FROM = re.compile(
+    r"\bfrom (\d+) cell results\b"
+)  # the leaderboard's header: "Generated … from 78 cell results …"
 
 
 class WouldShrink(ValueError):
@@ -173,8 +175,10 @@ def check_not_shrinking(leaderboard: str | Path, n_records: int, *, force: bool 
         return
     match = BUILT_FROM.search(head)
     if match and int(match.group(1)) > n_records:
-        raise WouldShrink(f"{leaderboard} was built from {match.group(1)} cell results and only {n_records} exist "
-                          f"now; not overwritten (force=true replaces it)")
+        raise WouldShrink(
+            f"{leaderboard} was built from {match.group(1)} cell results and only {n_records} exist "
+            f"now; not overwritten (force=true replaces it)"
+        )
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -244,11 +248,13 @@ def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
     else:
         config = {"scale": record.get("scale")}
         for section in ("task", "mechanism"):
-            if isinstance(old[f"{section}_config"], dict):
-                config[section] = {"name": record.get(section), **old[f"{section}_config"]}
+            settings = old[f"{section}_config"]
+            if isinstance(settings, dict):
+                config[section] = {"name": record.get(section), **settings}
         for section in ("model", "train"):
-            if isinstance(old[f"{section}_config"], dict):
-                config[section] = dict(old[f"{section}_config"])
+            settings = old[f"{section}_config"]
+            if isinstance(settings, dict):
+                config[section] = dict(settings)
     if old["protocol"] and "protocol" not in config:
         config["protocol"] = old["protocol"]
     record["config"] = config
@@ -334,6 +340,7 @@ def load_result(path: str | Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the record's schema
 
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -366,8 +373,10 @@ def record_problem(record: dict[str, Any]) -> str | None:
     mechanism). Optional fields may be absent or null; present ones must have their type."""
     version = record.get("schema_version", 1)
     if not _is_count(version) or not 1 <= version <= SCHEMA_VERSION:
-        return (f"schema_version {_shown(version)}: this harness reads records of version 1 up to version "
-                f"{SCHEMA_VERSION} (a newer harness wrote it?)")
+        return (
+            f"schema_version {_shown(version)}: this harness reads records of version 1 up to version "
+            f"{SCHEMA_VERSION} (a newer harness wrote it?)"
+        )
     if version == 1:
         for key in V1_COPIES[:-1]:
             if record.get(key) is not None and not isinstance(record[key], dict):
@@ -380,8 +389,10 @@ def record_problem(record: dict[str, Any]) -> str | None:
     else:
         copies = [key for key in V1_COPIES if key in record]
         if copies:
-            return (f"{', '.join(copies)}: settings outside config in a version-{version} record "
-                    "(they live in config.task, config.mechanism, ...)")
+            return (
+                f"{', '.join(copies)}: settings outside config in a version-{version} record "
+                "(they live in config.task, config.mechanism, ...)"
+            )
         if not isinstance(record.get("config"), dict) or not record["config"]:
             return f"config is {_shown(record.get('config'))}, not the cell's settings (an object)"
     config = record.get("config") or {}
@@ -391,7 +402,9 @@ def record_problem(record: dict[str, Any]) -> str | None:
     for section in ("task", "mechanism"):
         name = (config.get(section) or {}).get("name")
         if name is not None and name != record.get(section):
-            return f"config.{section}.name is {_shown(name)} but the record's {section} is {_shown(record.get(section))}"
+            return (
+                f"config.{section}.name is {_shown(name)} but the record's {section} is {_shown(record.get(section))}"
+            )
     for key in _TEXT:
         if key in record and not isinstance(record[key], str):
             return f"{key} is {_shown(record[key])}, not text"
@@ -478,8 +491,12 @@ def path_problem(record: dict[str, Any], path: Path, runs: Path) -> str | None:
     parts = path.relative_to(runs).parts[:-1]
     if len(parts) not in (3, 4):
         return f"lies {len(parts)} folders below runs/, not at <scale>/<task>/<mechanism>/[<variant>/]"
-    expected = {"scale": parts[0], "task": parts[1], "mechanism": parts[2],
-                "variant": parts[3] if len(parts) == 4 else ""}
+    expected = {
+        "scale": parts[0],
+        "task": parts[1],
+        "mechanism": parts[2],
+        "variant": parts[3] if len(parts) == 4 else "",
+    }
     for key, folder in expected.items():
         if record.get(key, "") != folder:
             where = f"folder '{folder}'" if folder else "the presets' folder (no variant)"
@@ -531,14 +548,23 @@ def code_commit() -> tuple[str | None, bool]:
     a regenerated leaderboard is not a change of code). The report's own header; a cell records
     ``code_state()``, the state of the code it imported."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
         dirty = bool(
             subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
-                capture_output=True, text=True,
-                cwd=Path(__file__).parent, timeout=5,
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
             ).stdout.strip()
         )
     except (OSError, subprocess.SubprocessError):
@@ -567,15 +593,18 @@ def imported_code_files(root: Path = PROJECT_ROOT) -> list[Path]:
     plugin_dirs = {os.path.dirname(f) for n, f in files.items() if n.startswith("harness_plugin_")}
     plugin_dirs |= {os.path.abspath(p) for p in os.environ.get("HARNESS_PLUGIN_PATH", "").split(os.pathsep) if p}
     try:
-        packages = {ep.value.split(":")[0].split(".")[0] for group in PLUGIN_ENTRY_POINT_GROUPS
-                    for ep in importlib.metadata.entry_points(group=group)}
+        packages = {
+            ep.value.split(":")[0].split(".")[0]
+            for group in PLUGIN_ENTRY_POINT_GROUPS
+            for ep in importlib.metadata.entry_points(group=group)
+        }
     except Exception:  # a broken distribution's metadata: its entry points are registry's to report
         packages = set()
     prefix = str(root) + os.sep
     keep = set()
     for name, file in files.items():
         if file.startswith(prefix):
-            parts = Path(file[len(prefix):]).parts
+            parts = Path(file[len(prefix) :]).parts
             if parts[0] not in NOT_CODE_FOLDERS and not any(p.startswith(".") or p == "site-packages" for p in parts):
                 keep.add(Path(file))
         elif os.path.dirname(file) in plugin_dirs or name.split(".")[0] in packages:
@@ -586,8 +615,9 @@ def imported_code_files(root: Path = PROJECT_ROOT) -> list[Path]:
 def _git(folder: Path, *args: str) -> str | None:
     """``git args`` run in ``folder``: its output, or None when git fails (not a repository, no git)."""
     try:
-        done = subprocess.run(["git", "--literal-pathspecs", *args], capture_output=True, text=True, cwd=folder,
-                              timeout=10)
+        done = subprocess.run(
+            ["git", "--literal-pathspecs", *args], capture_output=True, text=True, cwd=folder, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout if done.returncode == 0 else None
@@ -625,8 +655,8 @@ def code_state(files: list[Path] | None = None, root: Path = PROJECT_ROOT) -> di
     for file in files:
         folder = file.parent
         if folder not in tops:
-            top = _git(folder, "rev-parse", "--show-toplevel") if folder.is_dir() else None
-            tops[folder] = Path(top.strip()).resolve() if top and top.strip() else None
+            toplevel = _git(folder, "rev-parse", "--show-toplevel") if folder.is_dir() else None
+            tops[folder] = Path(toplevel.strip()).resolve() if toplevel and toplevel.strip() else None
         by_top.setdefault(tops[folder], []).append(file.resolve())
     differing, others = set(), {}
     for top, group in by_top.items():
@@ -643,8 +673,12 @@ def code_state(files: list[Path] | None = None, root: Path = PROJECT_ROOT) -> di
         except ValueError:
             return str(path)
 
-    state = {"commit": commit, "dirty": bool(differing) if commit else None,
-             "dirty_files": sorted(shown(f) for f in differing), "code_files": len(files)}
+    state: dict[str, Any] = {
+        "commit": commit,
+        "dirty": bool(differing) if commit else None,
+        "dirty_files": sorted(shown(f) for f in differing),
+        "code_files": len(files),
+    }
     if others:
         state["other_commits"] = others
     return state
@@ -684,8 +718,10 @@ def check_writable_folder(path: str | Path, setting: str = "results_dir") -> Non
         what = "is a file, not a folder" if probe.is_file() else "is not a folder (a broken link?)"
         raise UnwritableFolder(f"cannot write to {setting}={path}: {probe} {what}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UnwritableFolder(f"cannot write to {setting}={path}: {probe} is not writable (its permissions, or a "
-                               "read-only file system); choose another folder")
+        raise UnwritableFolder(
+            f"cannot write to {setting}={path}: {probe} is not writable (its permissions, or a "
+            "read-only file system); choose another folder"
+        )
 
 
 def environment() -> dict[str, Any]:

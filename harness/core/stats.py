@@ -36,7 +36,7 @@ def mcnemar(a: Sequence[int], b: Sequence[int]) -> dict[str, float]:
         raise ValueError(f"paired outcomes of different lengths ({x.size} vs {y.size}): not the same test items")
     a_only, b_only = int((x & ~y).sum()), int((~x & y).sum())
     n, k = a_only + b_only, min(a_only, b_only)
-    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
     return {"a_only": a_only, "b_only": b_only, "p_value": p}
 
 
@@ -45,8 +45,15 @@ def _item_scores(correct: Sequence[float], count: Sequence[float] | None) -> tup
     return y, (np.ones_like(y) if count is None else np.asarray(count, dtype=float))
 
 
-def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *, count: Sequence[int] | None = None,
-                     clusters: Sequence[int] | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(
+    a: Sequence[Sequence[int]],
+    b: Sequence[Sequence[int]],
+    *,
+    count: Sequence[int] | None = None,
+    clusters: Sequence[int] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
     """A − B accuracy over the same test items: ``a`` and ``b`` are per-seed lists of per-item
     correct counts (seeds × items; a baseline has one row), ``count`` the predictions per item
     (1 each by default; queries per sequence for MQAR). Each resample draws clusters (items by
@@ -77,8 +84,13 @@ def paired_bootstrap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], *, 
     return {"diff": diff, "low": float(low), "high": float(high), "p_value": float((boot <= 0).mean())}
 
 
-def clustered_interval(correct: Sequence[float], clusters: Sequence[int] | None = None, *,
-                       count: Sequence[float] | None = None, z: float = Z95) -> dict[str, float]:
+def clustered_interval(
+    correct: Sequence[float],
+    clusters: Sequence[int] | None = None,
+    *,
+    count: Sequence[float] | None = None,
+    z: float = Z95,
+) -> dict[str, float]:
     """Accuracy, its cluster-robust 95% half-width and the effective number of units.
 
     With cluster totals y_g (correct) and m_g (count), p = Σy / Σm and the ratio estimator's
@@ -91,25 +103,34 @@ def clustered_interval(correct: Sequence[float], clusters: Sequence[int] | None 
     total = mg.sum()
     p = float(yg.sum() / total)
     g = len(yg)
-    var = g / (g - 1) * float(((yg - p * mg) ** 2).sum()) / total ** 2 if g > 1 else math.inf
+    var = g / (g - 1) * float(((yg - p * mg) ** 2).sum()) / total**2 if g > 1 else math.inf
     binomial = p * (1 - p) / total
     deff = var / binomial if binomial > 0 else 1.0
     # n_eff is capped at n: a design effect below 1 (units within a cluster that disagree more
     # than chance would) narrows the interval, but is never read as more units than predictions
-    return {"accuracy": p, "half_width": z * math.sqrt(var), "n": float(total), "clusters": float(g),
-            "n_eff": float(min(total, total / deff)) if deff > 0 else float(total)}
+    return {
+        "accuracy": p,
+        "half_width": z * math.sqrt(var),
+        "n": float(total),
+        "clusters": float(g),
+        "n_eff": float(min(total, total / deff)) if deff > 0 else float(total),
+    }
 
 
-def seeds_and_items_interval(per_seed_accuracy: Sequence[float], item_half_width: float, *,
-                             z: float = Z95) -> dict[str, float]:
+def seeds_and_items_interval(
+    per_seed_accuracy: Sequence[float], item_half_width: float, *, z: float = Z95
+) -> dict[str, float]:
     """The mean over seeds and a 95% half-width that adds both sources of variance: the test
     set's (``item_half_width`` of one seed's accuracy, e.g. from ``clustered_interval``) and the
     seeds' (their sample variance, over the number of seeds): var = s²/k + (h/z)²."""
     acc = np.asarray(per_seed_accuracy, dtype=float)
     k = len(acc)
     seed_var = float(acc.var(ddof=1)) / k if k > 1 else 0.0
-    return {"mean": float(acc.mean()), "half_width": z * math.sqrt(seed_var + (item_half_width / z) ** 2),
-            "seeds": float(k)}
+    return {
+        "mean": float(acc.mean()),
+        "half_width": z * math.sqrt(seed_var + (item_half_width / z) ** 2),
+        "seeds": float(k),
+    }
 
 
 def chance_normalised(accuracy: float, chance: float) -> float:
@@ -138,4 +159,3 @@ def shared_unit_clusters(pairs: Sequence[tuple]) -> list[int]:
             parent[rb] = ra
     ids: dict = {}
     return [ids.setdefault(find(a), len(ids)) for a, _ in pairs]
-

@@ -17,6 +17,16 @@ from harness.data.task import (
 )
 
 __all__ = [
-    "PAD_ID", "SPLITS", "DataInfo", "DataSourceError", "MalformedRecord", "Task", "collate", "debian_path",
-    "fetch_package", "stratified_split", "text_lines", "unseen_splits",
+    "PAD_ID",
+    "SPLITS",
+    "DataInfo",
+    "DataSourceError",
+    "MalformedRecord",
+    "Task",
+    "collate",
+    "debian_path",
+    "fetch_package",
+    "stratified_split",
+    "text_lines",
+    "unseen_splits",
 ]

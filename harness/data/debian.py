@@ -128,8 +128,9 @@ def verify_deb(deb: Path, package: str) -> dict[str, str]:
     """The apt lists' record of the downloaded ``deb``, once ``dpkg-deb`` has read it as a
     Debian archive of ``package`` and its sha256 is the record's ``SHA256``; otherwise a
     one-line DataSourceError naming the file (nothing is unpacked)."""
-    fields = subprocess.run(["dpkg-deb", "--field", str(deb), "Package", "Version", "Architecture"],
-                            capture_output=True, text=True)
+    fields = subprocess.run(
+        ["dpkg-deb", "--field", str(deb), "Package", "Version", "Architecture"], capture_output=True, text=True
+    )
     if fields.returncode != 0:
         detail = fields.stderr.strip().splitlines()[-1:] or ["unreadable"]
         raise DataSourceError(f"{deb.name}: not a valid Debian archive ({detail[0]}); refused, not unpacked")
@@ -139,8 +140,9 @@ def verify_deb(deb: Path, package: str) -> dict[str, str]:
     version, arch = control.get("Version", ""), control.get("Architecture", "")
     records = [r for r in apt_records(f"{package}={version}") if r.get("Architecture") == arch and "SHA256" in r]
     if not records:
-        raise DataSourceError(f"{deb.name}: {package} {version} ({arch}) has no SHA256 in the apt package lists; "
-                              f"refused, not unpacked")
+        raise DataSourceError(
+            f"{deb.name}: {package} {version} ({arch}) has no SHA256 in the apt package lists; refused, not unpacked"
+        )
     got = sha256_file(deb)
     matching = [r for r in records if r["SHA256"] == got]  # the same version from two archives: either one
     check_sha256(deb, (matching or records)[0]["SHA256"], pinned_by=f"apt-cache show {package}={version}")

@@ -92,14 +92,20 @@ def decode_text(path: str | Path, raw: bytes, *, encoding: str = "utf-8", what: 
     if len(raw.translate(None, _BINARY_BYTES)) != len(raw):
         at = next(i for i, b in enumerate(raw) if b in _BINARY_BYTES)
         line_start = raw.rfind(b"\n", 0, at) + 1
-        raise MalformedRecord(path, raw.count(b"\n", 0, at) + 1, f"byte 0x{raw[at]:02x} at column {at - line_start + 1}: "
-                                                                 f"binary data, not {what}")
+        raise MalformedRecord(
+            path,
+            raw.count(b"\n", 0, at) + 1,
+            f"byte 0x{raw[at]:02x} at column {at - line_start + 1}: binary data, not {what}",
+        )
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         line_start = raw.rfind(b"\n", 0, exc.start) + 1
-        raise MalformedRecord(path, raw.count(b"\n", 0, exc.start) + 1, f"not {encoding} text ({exc.reason} at column "
-                                                                         f"{exc.start - line_start + 1}); expected {what}") from exc
+        raise MalformedRecord(
+            path,
+            raw.count(b"\n", 0, exc.start) + 1,
+            f"not {encoding} text ({exc.reason} at column {exc.start - line_start + 1}); expected {what}",
+        ) from exc
     return text.replace("\r\n", "\n")
 
 
@@ -121,18 +127,20 @@ def text_lines(path: str | Path, *, encoding: str = "utf-8", what: str = "a text
         with opener(path, "rb") as f:
             for line_no, raw in enumerate(f, start=1):
                 if line_no == 1 and raw.startswith(UTF8_BOM):
-                    raw = raw[len(UTF8_BOM):]
+                    raw = raw[len(UTF8_BOM) :]
                 if raw.endswith(b"\n"):
                     raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
                 column = _binary_column(raw)
                 if column:
-                    raise MalformedRecord(path, line_no, f"byte 0x{raw[column - 1]:02x} at column {column}: binary data, "
-                                                         f"not {what}")
+                    raise MalformedRecord(
+                        path, line_no, f"byte 0x{raw[column - 1]:02x} at column {column}: binary data, not {what}"
+                    )
                 try:
                     line = raw.decode(encoding)
                 except UnicodeDecodeError as exc:
-                    raise MalformedRecord(path, line_no, f"not {encoding} text ({exc.reason} at column {exc.start + 1}); "
-                                                         f"expected {what}") from exc
+                    raise MalformedRecord(
+                        path, line_no, f"not {encoding} text ({exc.reason} at column {exc.start + 1}); expected {what}"
+                    ) from exc
                 empty = empty and not line.strip()
                 yield line_no, line
     except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated stream
@@ -171,8 +179,11 @@ def remove_orphans(folder: Path) -> list[Path]:
         except Timeout:  # a build of that cache is running and owns the folder
             continue
     if removed:
-        log.info("removed %d temporary cache folder(s) left by interrupted builds: %s", len(removed),
-                 ", ".join(str(p) for p in removed))
+        log.info(
+            "removed %d temporary cache folder(s) left by interrupted builds: %s",
+            len(removed),
+            ", ".join(str(p) for p in removed),
+        )
     return removed
 
 
@@ -213,7 +224,9 @@ class DataInfo:
     length_mean: float = 0.0
     length_max: int = 0
     cache_path: str = ""
-    warnings: list[str] = field(default_factory=list)  # about the data (e.g. a single-class test split); into the result
+    warnings: list[str] = field(
+        default_factory=list
+    )  # about the data (e.g. a single-class test split); into the result
     cache_root: str = ""  # the cache's root, absolute, when it was loaded (``cache_path`` lies below it)
     # per test example, the cluster of test units it shares with others (a ``cluster`` column: windows
     # of one page, pairs sharing a document); the report's intervals are cluster-robust over them
@@ -232,7 +245,6 @@ class DataInfo:
             except ValueError:  # not below the root (a link): the absolute path
                 out["cache_path"] = str(Path(self.cache_path).resolve())
         return out
-
 
 
 def unseen_splits(generate, sizes: tuple[int, int, int], seed: int, *, fails: str) -> dict[str, tuple]:
@@ -257,6 +269,7 @@ def unseen_splits(generate, sizes: tuple[int, int, int], seed: int, *, fails: st
         seen.update(row.tobytes() for row in x)
         out[split] = (x, y)
     return out
+
 
 class Task:
     """Base class of a task. Subclasses are registered with ``register_task`` and set:
@@ -374,8 +387,10 @@ class Task:
         except Exception as exc:  # noqa: BLE001 - any failure to read means the cache is broken
             problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if rebuilt:
-                raise DataSourceError(f"the data cache {path} was just built but cannot be read ({problem}); "
-                                      f"check the disk (space, permissions) and run again") from exc
+                raise DataSourceError(
+                    f"the data cache {path} was just built but cannot be read ({problem}); "
+                    f"check the disk (space, permissions) and run again"
+                ) from exc
             if not quiet:
                 log.warning("data cache %s cannot be read (%s); rebuilding it", path, problem)
                 aside = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
@@ -435,9 +450,11 @@ class Task:
             for split in ("validation", "test"):
                 classes = Counter(dsd[split]["label"])
                 if len(classes) == 1:
-                    (label, count), = classes.items()
-                    warnings.append(f"the {split} split holds a single class (label {label}, all {count} examples): "
-                                    f"its accuracy only says how often the model predicts that class")
+                    ((label, count),) = classes.items()
+                    warnings.append(
+                        f"the {split} split holds a single class (label {label}, all {count} examples): "
+                        f"its accuracy only says how often the model predicts that class"
+                    )
         return DataInfo(
             source=self.source,
             fingerprint=digest.hexdigest()[:16],
@@ -485,7 +502,11 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         if key.startswith("input_ids"):
             suffix = key[len("input_ids") :]
             batch[key], batch[f"padding_mask{suffix}"] = pad_sequences(values)
-        elif values and isinstance(values[0], str) or (isinstance(values[0], list) and values[0] and isinstance(values[0][0], str)):
+        elif (
+            values
+            and isinstance(values[0], str)
+            or (isinstance(values[0], list) and values[0] and isinstance(values[0][0], str))
+        ):
             batch[key] = values
         elif key == "relations" or key.endswith("_ids") or key.endswith("_links"):
             batch[key] = pad_nested(values)

@@ -25,7 +25,8 @@ Hydra instantiates launchers only from its ``hydra_plugins`` namespace, so the c
 sees is ``hydra_plugins.harness_launcher.process_launcher.ProcessLauncher``, a thin
 subclass of the one here. The grid launches all its cells at once through
 ``hydra/sweeper=cells`` (``CellListSweeperBase`` here, ``hydra_plugins.harness_launcher.cells_sweeper``
-there): a list of cells rather than a crossed product, in one ``launch`` call of any launcher. Hydra's own machinery stays: the sweeper expands the overrides (``glob()``, ``choice()``,
+there): a list of cells rather than a crossed product, in one ``launch`` call of any launcher. Hydra's own
+machinery stays: the sweeper expands the overrides (``glob()``, ``choice()``,
 ``range()``), ``load_sweep_config`` composes each job, callbacks see every job, and the
 joblib and submitit launchers remain one override away.
 """
@@ -124,8 +125,11 @@ class ProcessLauncherBase(Launcher):
             for signum, handler in old.items():
                 signal.signal(signum, handler)
         if self._stopping is not None:
-            log.warning("sweep interrupted by %s: running cells stopped unrecorded (checkpoints kept); "
-                        "rerun the same command to resume", signal.Signals(self._stopping).name)
+            log.warning(
+                "sweep interrupted by %s: running cells stopped unrecorded (checkpoints kept); "
+                "rerun the same command to resume",
+                signal.Signals(self._stopping).name,
+            )
             raise SweepInterrupted(self._stopping)
         return returns
 
@@ -156,10 +160,17 @@ class ProcessLauncherBase(Launcher):
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
+        if self.task_function is None:
+            raise RuntimeError("the launcher runs a job before Hydra's setup() gave it the task function")
         callbacks = self.hydra_context.callbacks
         callbacks.on_job_start(config=sweep_config, task_function=self.task_function)
-        ret = JobReturn(overrides=overrides, cfg=sweep_config, hydra_cfg=sweep_config, task_name="harness.train.run",
-                        working_dir=os.getcwd())
+        ret = JobReturn(
+            overrides=overrides,
+            cfg=sweep_config,
+            hydra_cfg=sweep_config,
+            task_name="harness.train.run",
+            working_dir=os.getcwd(),
+        )
         try:
             with _RESOLVE:
                 cell = resolve_cell(sweep_config)
@@ -185,8 +196,14 @@ class ProcessLauncherBase(Launcher):
             with self._procs:
                 if self._stopping is not None:
                     return self._interrupted(cell)
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+                proc = subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+                )
                 self._running.add(proc)
             try:
                 rc = proc.wait()
@@ -203,8 +220,9 @@ class ProcessLauncherBase(Launcher):
             return self._interrupted(cell, rc)
         lived = round(time.time() - started, 2)
         if rc < 0 and not fresh:  # killed by a signal before it could write its result
-            return self._record_killed(cell, -rc, last_line(cell.log_dir / "cell.log") or last_line(out_path),
-                                       process_wall_s=lived)
+            return self._record_killed(
+                cell, -rc, last_line(cell.log_dir / "cell.log") or last_line(out_path), process_wall_s=lived
+            )
         if record is None:
             tail = last_line(out_path)
             if "running in another process" in tail or "running in another process" in _tail_text(out_path):
@@ -217,11 +235,20 @@ class ProcessLauncherBase(Launcher):
         """A cell stopped by an interrupt (or never started because of one): nothing recorded."""
         how = "not started" if returncode is None else f"stopped (exit {returncode})"
         log.warning("interrupted %s: %s, nothing recorded; a rerun resumes it", cell.name, how)
-        return {"status": "interrupted", "task": cell.task, "mechanism": cell.mechanism, "scale": cell.scale,
-                "seed": cell.seed, "variant": cell.variant, "error": f"interrupted: {how}", "_skipped": returncode is None}
+        return {
+            "status": "interrupted",
+            "task": cell.task,
+            "mechanism": cell.mechanism,
+            "scale": cell.scale,
+            "seed": cell.seed,
+            "variant": cell.variant,
+            "error": f"interrupted: {how}",
+            "_skipped": returncode is None,
+        }
 
-    def _record_killed(self, cell, signum: int | None, last: str, returncode: int | None = None,
-                       process_wall_s: float | None = None) -> dict[str, Any]:
+    def _record_killed(
+        self, cell, signum: int | None, last: str, returncode: int | None = None, process_wall_s: float | None = None
+    ) -> dict[str, Any]:
         """Write the result of a cell whose process died without writing one (``process_wall_s``:
         how long its process lived)."""
         from harness.core.results import write_result
@@ -231,11 +258,14 @@ class ProcessLauncherBase(Launcher):
         if signum is not None:
             name = signal.Signals(signum).name if signum in {s.value for s in signal.Signals} else str(signum)
             status = "oom" if signum == signal.SIGKILL else "failed"
-            why = f"cell process killed by {name}" + (" (the kernel's OOM killer sends SIGKILL)" if status == "oom" else "")
+            why = f"cell process killed by {name}" + (
+                " (the kernel's OOM killer sends SIGKILL)" if status == "oom" else ""
+            )
         else:
             status, why = "failed", f"cell process exited with code {returncode} without writing a result"
-        result = new_result(cell, status, error=f"{why}; last log line: {last}" if last else why,
-                            process_wall_s=process_wall_s)
+        result = new_result(
+            cell, status, error=f"{why}; last log line: {last}" if last else why, process_wall_s=process_wall_s
+        )
         with cell_lock(cell):
             write_result(cell.results_dir, result)
         log.error("%s %s: %s", status, cell.name, result.error)
@@ -266,8 +296,9 @@ def read_cells(path: str | Path) -> list[dict[str, Any]]:
     import json
 
     cells = json.loads(Path(path).read_text())
-    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("overrides"), list)
-                                              for c in cells):
+    if not isinstance(cells, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("overrides"), list) for c in cells
+    ):
         raise ValueError(f"{path}: not a cells file (a JSON list of {{name, overrides}})")
     return cells
 
@@ -290,8 +321,9 @@ class CellListSweeperBase(Sweeper):
         from hydra.core.plugins import Plugins
 
         self.config, self.hydra_context = config, hydra_context
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
-                                                                task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -301,10 +333,12 @@ class CellListSweeperBase(Sweeper):
         if not self.cells_file:
             raise ValueError("hydra/sweeper=cells needs hydra.sweeper.cells_file=<a JSON list of cells>")
         common = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(arguments)
-        swept = [o.input_line for o in common if o.is_sweep_override()]
+        swept = [str(o.input_line) for o in common if o.is_sweep_override()]  # parse_overrides keeps the text
         if swept:
-            raise ValueError(f"hydra/sweeper=cells takes its cells from {self.cells_file}; sweep them there, not "
-                             f"with {', '.join(swept)}")
+            raise ValueError(
+                f"hydra/sweeper=cells takes its cells from {self.cells_file}; sweep them there, not "
+                f"with {', '.join(swept)}"
+            )
         jobs = [[*cell["overrides"], *(o.input_line for o in common)] for cell in read_cells(self.cells_file)]
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

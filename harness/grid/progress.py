@@ -94,8 +94,11 @@ class CellProgress(Callback):
             status = record.get("status", "?")
             ran = not record.get("_skipped")
             tag = self._label(config, num) or record.get("variant")
-            name = f"{record.get('task')}/{record.get('mechanism')}" + (f"[{tag}]" if tag else "") + (
-                f"/seed{record.get('seed')}")
+            name = (
+                f"{record.get('task')}/{record.get('mechanism')}"
+                + (f"[{tag}]" if tag else "")
+                + (f"/seed{record.get('seed')}")
+            )
             detail = key_metric(record) if status != "running" else "running in another process"
         else:
             status = "done" if job_return.status == JobStatus.COMPLETED else "failed"

@@ -54,18 +54,23 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from harness.core.memory import total_memory_mb
-from harness.train.config import RERUN, conf_file, load_conf
+from harness.train.config import RERUN, as_dict, conf_file, load_conf
 
 GRID_KEYS = ("grid", "scale", "seeds", "tasks", "mechanisms", "launcher", "n_jobs", "results_dir", "dry_run")
-# launcher= -> hydra/launcher=; submitit_local: the SLURM path's submitit machinery, run locally (tests/test_submitit.py)
-LAUNCHERS = {"process": "process", "local": "process", "joblib": "joblib", "slurm": "slurm",
-             "submitit_local": "submitit_local"}
+# launcher= -> hydra/launcher=; submitit_local: the SLURM path's submitit machinery, run locally
+# (tests/test_submitit.py)
+LAUNCHERS = {
+    "process": "process",
+    "local": "process",
+    "joblib": "joblib",
+    "slurm": "slurm",
+    "submitit_local": "submitit_local",
+}
 GRID_FILE_KEYS = ("tasks", "mechanisms", "seeds", "sweep", "task_sweep", "overrides", "task_overrides")
 # config groups a cell chooses that are not keys of the composed config (protocol=lra picks settings)
 CHOICE_GROUPS = ("protocol",)
 # what a cell override of these names most likely meant
 MISSPELLED = {"task": "tasks", "mechanism": "mechanisms", "seed": "seeds"}
-
 
 
 @dataclass
@@ -171,8 +176,10 @@ def sweep_values(override, what: str) -> list[str]:
     from hydra.core.override_parser.types import Glob
 
     if isinstance(override.value(), Glob) or not override.is_discrete_sweep():
-        raise GridError(f"{what}: the grid sweeps lists of values (a,b), choice(...) or range(...); interval() "
-                        "and glob() it cannot list")
+        raise GridError(
+            f"{what}: the grid sweeps lists of values (a,b), choice(...) or range(...); interval() "
+            "and glob() it cannot list"
+        )
     return list(override.sweep_string_iterator())
 
 
@@ -204,8 +211,9 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     own, passthrough = {}, []
     for arg, (key, value) in zip(argv, pairs):
         if key in MISSPELLED:
-            raise GridError(f"'{arg}' would run every cell with {key}={value}; the grid key is "
-                            f"{MISSPELLED[key]}={value}")
+            raise GridError(
+                f"'{arg}' would run every cell with {key}={value}; the grid key is {MISSPELLED[key]}={value}"
+            )
         if key in GRID_KEYS:
             own[key] = value
         else:
@@ -278,7 +286,9 @@ def resolve_scale(scale: str) -> str:
 CELL_MEMORY_GB = 4  # n_jobs=auto: the most a CPU cell was measured to need (peak RSS 2.9 GB, local at 1K) plus room
 
 
-def resolve_n_jobs(value: str, *, cores: int | None = None, memory_gb: float | None = None, gpu: bool | None = None) -> int:
+def resolve_n_jobs(
+    value: str, *, cores: int | None = None, memory_gb: float | None = None, gpu: bool | None = None
+) -> int:
     """``n_jobs=auto``: one cell at a time on a GPU (cells share nothing else there); on a CPU one
     cell per core (each then gets one thread: small models use a second thread poorly, so two
     one-thread cells finish about twice the work of one two-thread cell), at most one per
@@ -329,7 +339,7 @@ def grid_path(name: str) -> Path:
 
 def load_grid(name: str) -> dict[str, Any]:
     path = grid_path(name)
-    grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    grid = as_dict(OmegaConf.load(path))
     unknown = sorted(set(grid) - set(GRID_FILE_KEYS))
     if unknown:
         raise GridError(f"{path}: unknown key(s) {unknown}; a grid has {', '.join(GRID_FILE_KEYS)}")
@@ -346,7 +356,9 @@ def bundles(entries: list[Any], where: str) -> list[tuple[str, list[str]]]:
         raise GridError(f"{where}: an empty list of bundles; give at least one {{name: NAME, key: value, ...}}")
     for number, bundle in enumerate(entries, 1):
         if not isinstance(bundle, dict):
-            raise GridError(f"{where}: bundle {number} is {bundle!r}; a bundle is a mapping {{name: NAME, key: value, ...}}")
+            raise GridError(
+                f"{where}: bundle {number} is {bundle!r}; a bundle is a mapping {{name: NAME, key: value, ...}}"
+            )
         name = str(bundle.get("name") or "").strip()
         keys = [str(k) for k in bundle if k != "name"]
         if not name:
@@ -355,8 +367,9 @@ def bundles(entries: list[Any], where: str) -> list[tuple[str, list[str]]]:
             raise GridError(f"{where}: two bundles are named '{name}'; names tell the bundles apart")
         bad = [k for k in keys if not k or any(c in k for c in ",= ")]
         if bad:
-            raise GridError(f"{where}: bundle '{name}': {bad[0]!r} is not a config key (one key per entry, e.g. "
-                            "task.max_len: 1024)")
+            raise GridError(
+                f"{where}: bundle '{name}': {bad[0]!r} is not a config key (one key per entry, e.g. task.max_len: 1024)"
+            )
         if not keys:
             raise GridError(f"{where}: bundle '{name}' sets nothing; a bundle is {{name: NAME, key: value, ...}}")
         if first is None:
@@ -367,8 +380,10 @@ def bundles(entries: list[Any], where: str) -> list[tuple[str, list[str]]]:
             if missing or extra:
                 what = [f"lacks {', '.join(missing)}"] if missing else []
                 what += [f"sets {', '.join(extra)}, which bundle '{first[0]}' does not"] if extra else []
-                raise GridError(f"{where}: bundle '{name}' {' and '.join(what)} (the bundles of one task set the same "
-                                f"keys: {', '.join(first[1])})")
+                raise GridError(
+                    f"{where}: bundle '{name}' {' and '.join(what)} (the bundles of one task set the same "
+                    f"keys: {', '.join(first[1])})"
+                )
         out.append((name, [f"{k}={_value(bundle[k])}" for k in keys]))
     return out
 
@@ -377,10 +392,13 @@ def _old_positional_form(where: str, keys: str, values: Any) -> str:
     """The one-line refusal of ``"a,b": [[1, 2], ...]``, showing the bundle it becomes."""
     names = [k.strip() for k in keys.split(",")]
     first = values[0] if isinstance(values, list) and values and isinstance(values[0], list) else []
-    settings = ", ".join(f"{k}: {_value(v)}" for k, v in zip(names, first)) if first else ", ".join(
-        f"{k}: ..." for k in names)
-    return (f"{where}: keys joined by a comma ('{keys}') are the old positional form; write one named bundle per "
-            f"value instead: - {{name: NAME, {settings}}}")
+    settings = (
+        ", ".join(f"{k}: {_value(v)}" for k, v in zip(names, first)) if first else ", ".join(f"{k}: ..." for k in names)
+    )
+    return (
+        f"{where}: keys joined by a comma ('{keys}') are the old positional form; write one named bundle per "
+        f"value instead: - {{name: NAME, {settings}}}"
+    )
 
 
 def sweep_entry(entry: Any, where: str) -> list[tuple[str, list[str], dict[str, list[str]]]]:
@@ -392,8 +410,10 @@ def sweep_entry(entry: Any, where: str) -> list[tuple[str, list[str], dict[str, 
     if isinstance(entry, list):
         return [(name, overrides, {}) for name, overrides in bundles(entry, where)]
     if not isinstance(entry, dict):
-        raise GridError(f"{where}: a mapping of keys to values (crossed) or a list of bundles "
-                        f"[{{name: NAME, key: value, ...}}], not {entry!r}")
+        raise GridError(
+            f"{where}: a mapping of keys to values (crossed) or a list of bundles "
+            f"[{{name: NAME, key: value, ...}}], not {entry!r}"
+        )
     crossed = {}
     for key, values in entry.items():
         if "," in str(key):
@@ -419,12 +439,15 @@ def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[s
     for key in ("task_sweep", "task_overrides"):
         unknown = sorted(set(grid.get(key) or {}) - set(valid_tasks))
         if unknown:
-            raise GridError(f"{path}: {key} names unknown task(s) {', '.join(unknown)}; registered tasks: "
-                            f"{', '.join(valid_tasks)}")
+            raise GridError(
+                f"{path}: {key} names unknown task(s) {', '.join(unknown)}; registered tasks: {', '.join(valid_tasks)}"
+            )
     fixed = [f"{k}={_value(v)}" for k, v in (grid.get("overrides") or {}).items()]
     default_sweep = sweep_entry(grid.get("sweep"), f"{path}, sweep")
-    task_sweeps = {task: sweep_entry(entry, f"{path}, task_sweep.{task}")  # every entry checked, used or not
-                   for task, entry in (grid.get("task_sweep") or {}).items()}
+    task_sweeps = {
+        task: sweep_entry(entry, f"{path}, task_sweep.{task}")  # every entry checked, used or not
+        for task, entry in (grid.get("task_sweep") or {}).items()
+    }
     cli_fixed, cli_swept = command_line_sweep(passthrough)
     cli_hydra = [o for o in cli_fixed if parse_override(o).is_hydra_override()]
     cli_cells = [o for o in cli_fixed if o not in cli_hydra]
@@ -433,10 +456,19 @@ def expand(own: dict[str, str], passthrough: list[str] | None = None) -> tuple[s
         per_task = [f"{k}={_value(v)}" for k, v in ((grid.get("task_overrides") or {}).get(task) or {}).items()]
         source = f"{path}, task_sweep.{task}" if task in task_sweeps else f"{path}, sweep"
         for bundle, bundle_overrides, crossed in task_sweeps.get(task, default_sweep):
-            groups.append(Group(task, mechanisms, seeds, {**crossed, **cli_swept},
-                                [*fixed, *per_task, *bundle_overrides, *cli_cells], bundle=bundle,
-                                source=source if bundle else "", bundle_overrides=bundle_overrides,
-                                hydra_overrides=cli_hydra))
+            groups.append(
+                Group(
+                    task,
+                    mechanisms,
+                    seeds,
+                    {**crossed, **cli_swept},
+                    [*fixed, *per_task, *bundle_overrides, *cli_cells],
+                    bundle=bundle,
+                    source=source if bundle else "",
+                    bundle_overrides=bundle_overrides,
+                    hydra_overrides=cli_hydra,
+                )
+            )
     return scale, groups
 
 
@@ -500,8 +532,15 @@ def plan(scale: str, groups: list[Group], results_dir: str) -> list[dict[str, An
         for label, overrides in group.labelled_cells():
             cell = resolve_cell(compose_isolated([*overrides, f"scale={scale}", f"results_dir={quoted(results_dir)}"]))
             record = read_result(cell.result_path)
-            rows.append({"cell": cell, "record": record, "status": record["status"] if record else "todo",
-                         "label": label, "bundle": group.bundle})
+            rows.append(
+                {
+                    "cell": cell,
+                    "record": record,
+                    "status": record["status"] if record else "todo",
+                    "label": label,
+                    "bundle": group.bundle,
+                }
+            )
     return rows
 
 
@@ -573,15 +612,24 @@ def cell_cost(identity: dict[str, Any]) -> dict[str, float]:
     length = min(caps) if caps else 0
     d, depth, mlp = int(model.get("dim", 0)), int(model.get("depth", 0)), int(model.get("mlp_dim", 0))
     warm_steps = int(train.get("warmup_length_steps") or 0)
-    phases = [(int(train.get("max_steps", 0)) - warm_steps, int(train.get("batch_size", 0)), length),
-              (warm_steps, int(train.get("warmup_batch_size") or train.get("batch_size", 0)),
-               int(train.get("warmup_length") or 0)),
-              (int(train.get("pretrain_steps") or 0), int(train.get("batch_size", 0)), length)]
+    phases = [
+        (int(train.get("max_steps", 0)) - warm_steps, int(train.get("batch_size", 0)), length),
+        (
+            warm_steps,
+            int(train.get("warmup_batch_size") or train.get("batch_size", 0)),
+            int(train.get("warmup_length") or 0),
+        ),
+        (int(train.get("pretrain_steps") or 0), int(train.get("batch_size", 0)), length),
+    ]
     steps = sum(p[0] for p in phases)
     tokens = sum(n * b * L for n, b, L in phases)
     flops = 6 * tokens * depth * (4 * d * d + 2 * d * mlp) + sum(12 * depth * L * L * d * n * b for n, b, L in phases)
-    return {"steps": steps, "tokens": tokens, "flops": float(flops),
-            "gpu_hours": flops / (GPU_SUSTAINED_TFLOPS * 1e12) / 3600}
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "flops": float(flops),
+        "gpu_hours": flops / (GPU_SUSTAINED_TFLOPS * 1e12) / 3600,
+    }
 
 
 def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> int:
@@ -595,18 +643,25 @@ def dry_run(scale: str, groups: list[Group], results_dir: str, n_jobs: int) -> i
         cost = cell_cost(c.identity)
         if row["status"] not in ("ok", "unsupported"):
             total_hours += cost["gpu_hours"]
-        print(f"{row['status']:<11} {c.name}{label}  {cost['steps']:,} steps, {cost['tokens'] / 1e6:,.1f}M tokens, "
-              f"~{cost['gpu_hours']:.2g} GPU-h")
+        print(
+            f"{row['status']:<11} {c.name}{label}  {cost['steps']:,} steps, {cost['tokens'] / 1e6:,.1f}M tokens, "
+            f"~{cost['gpu_hours']:.2g} GPU-h"
+        )
     counts = Counter(row["status"] for row in rows)
     todo = sum(v for k, v in counts.items() if k not in ("ok", "unsupported"))
     estimate = estimate_s(rows, results_dir)
     print(f"{len(rows)} cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    print(f"estimated GPU time of the cells left: ~{total_hours:.2g} GPU-h (training FLOPs from each config at "
-          f"{GPU_SUSTAINED_TFLOPS:g} TFLOP/s sustained, softmax's attention cost as the upper bound; "
-          f"harness.grid.sweep.cell_cost)")
+    print(
+        f"estimated GPU time of the cells left: ~{total_hours:.2g} GPU-h (training FLOPs from each config at "
+        f"{GPU_SUSTAINED_TFLOPS:g} TFLOP/s sustained, softmax's attention cost as the upper bound; "
+        f"harness.grid.sweep.cell_cost)"
+    )
     if todo:
-        print(f"estimated time left: {format_duration(estimate.seconds / max(1, n_jobs)) if estimate.cells else 'unknown'}"
-              f" ({estimate_basis(estimate, todo)}, {n_jobs} at a time)")
+        print(
+            "estimated time left: "
+            f"{format_duration(estimate.seconds / max(1, n_jobs)) if estimate.cells else 'unknown'}"
+            f" ({estimate_basis(estimate, todo)}, {n_jobs} at a time)"
+        )
     return 0
 
 
@@ -620,8 +675,10 @@ def estimate_basis(estimate: Estimate, todo: int) -> str:
     if estimate.cells < todo:
         text += f"; {todo - estimate.cells} with no recorded peer are not counted"
     if estimate.training_only:
-        text += (f"; {estimate.training_only} of those record{'s' if estimate.training_only == 1 else ''} only "
-                 "training time (an older record): too low")
+        text += (
+            f"; {estimate.training_only} of those record{'s' if estimate.training_only == 1 else ''} only "
+            "training time (an older record): too low"
+        )
     return text
 
 
@@ -651,9 +708,12 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
     n_jobs = int(own.get("n_jobs", 1))  # resolved by main()
     launcher = LAUNCHERS[launcher]
     if launcher in ("joblib", "slurm", "submitit_local") and os.environ.get("HARNESS_PLUGIN_PATH"):
-        print(f"warning: launcher={launcher} pickles the configs to its workers; mechanisms loaded from "
-              "$HARNESS_PLUGIN_PATH files can't be unpickled there. Use launcher=process (the default), or "
-              "install them as a package with a harness.mechanisms entry point", file=sys.stderr)
+        print(
+            f"warning: launcher={launcher} pickles the configs to its workers; mechanisms loaded from "
+            "$HARNESS_PLUGIN_PATH files can't be unpickled there. Use launcher=process (the default), or "
+            "install them as a package with a harness.mechanisms entry point",
+            file=sys.stderr,
+        )
     if launcher in ("slurm", "submitit_local"):
         try:
             import hydra_plugins.hydra_submitit_launcher  # noqa: F401
@@ -670,17 +730,34 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
     sweep_root = Path(results_dir) / "sweeps" / stamp
     cells_file = sweep_root / "cells.json"
     write_cells(cells_file, cells)
-    env = {**os.environ, "HARNESS_GRID_TOTAL": str(total), "HARNESS_GRID_JOBS": str(n_jobs),
-           "HARNESS_GRID_PROGRESS": str(sweep_root / "progress.tsv")}
+    env = {
+        **os.environ,
+        "HARNESS_GRID_TOTAL": str(total),
+        "HARNESS_GRID_JOBS": str(n_jobs),
+        "HARNESS_GRID_PROGRESS": str(sweep_root / "progress.tsv"),
+    }
     launcher_args = [f"hydra/launcher={launcher}"]
     if launcher in ("process", "joblib") and "n_jobs" in own:
         launcher_args.append(f"hydra.launcher.n_jobs={n_jobs}")
     hydra_args = list(dict.fromkeys(o for g in groups for o in g.hydra_overrides))  # the command line's, once
-    print(f"grid: {len({g.task for g in groups})} task(s), {total} cells at scale={scale}, launcher={launcher}"
-          f"{f' x{n_jobs}' if n_jobs > 1 else ''} (recorded cells are skipped)", flush=True)
-    command = [sys.executable, "-m", "harness.train.run", "--multirun", f"scale={scale}",
-               f"results_dir={quoted(results_dir)}", f"hydra.sweep.dir={quoted(sweep_root)}",
-               "hydra/sweeper=cells", f"hydra.sweeper.cells_file={quoted(cells_file)}", *launcher_args, *hydra_args]
+    print(
+        f"grid: {len({g.task for g in groups})} task(s), {total} cells at scale={scale}, launcher={launcher}"
+        f"{f' x{n_jobs}' if n_jobs > 1 else ''} (recorded cells are skipped)",
+        flush=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "harness.train.run",
+        "--multirun",
+        f"scale={scale}",
+        f"results_dir={quoted(results_dir)}",
+        f"hydra.sweep.dir={quoted(sweep_root)}",
+        "hydra/sweeper=cells",
+        f"hydra.sweeper.cells_file={quoted(cells_file)}",
+        *launcher_args,
+        *hydra_args,
+    ]
     proc = subprocess.Popen(command, env=env, preexec_fn=_own_group_dying_with_parent)
     try:
         returncode = proc.wait()
@@ -707,8 +784,10 @@ def summarize(scale: str, groups: list[Group], results_dir: str, returncode: int
     if any(row["record"] is not None for row in unfinished):  # a recorded failure: rerun=failed redoes it
         print("retry failed cells with: python -m harness grid ... rerun=failed")
     if any(row["record"] is None for row in unfinished):  # never recorded: a plain rerun runs them
-        print("cells without a record (interrupted, running elsewhere, or never started) run when the same command "
-              "runs again")
+        print(
+            "cells without a record (interrupted, running elsewhere, or never started) run when the same command "
+            "runs again"
+        )
     return 0 if returncode == 0 and not unfinished else 1
 
 
@@ -748,8 +827,9 @@ def main(argv: list[str] | None = None) -> int:
             own["n_jobs"] = str(resolve_n_jobs(own["n_jobs"]))
         scale, groups = expand(own, passthrough)
         if show_cfg:
-            print(OmegaConf.to_yaml({"scale": scale, "results_dir": results_dir,
-                                     "groups": [g.__dict__ for g in groups]}))
+            print(
+                OmegaConf.to_yaml({"scale": scale, "results_dir": results_dir, "groups": [g.__dict__ for g in groups]})
+            )
             return 0
         _check_overrides(scale, groups, results_dir)
         if own.get("dry_run") != "true":  # a dry run only reads

@@ -52,14 +52,31 @@ LM_ALPHAS = (0.01, 0.1, 0.5, 1.0)
 Z95 = 1.959963984540054
 
 
-def baseline(name: str, metric: str, value: float, n_test: int, *, half_width: float | None = None,
-             note: str = "", choice: Any = None, correct=None, count=None) -> dict[str, Any]:
+def baseline(
+    name: str,
+    metric: str,
+    value: float,
+    n_test: int,
+    *,
+    half_width: float | None = None,
+    note: str = "",
+    choice: Any = None,
+    correct=None,
+    count=None,
+) -> dict[str, Any]:
     """One baseline result: ``value`` of ``metric`` on ``n_test`` test examples (sequences for
     bits/token), its 95% half-width where it is not a binomial proportion, the knob chosen on
     validation, and (accuracy baselines) its outcome on every test item in test-split order,
     ``items = {"correct": [...], "count": [...]}`` as cells record them, for paired tests."""
-    out = {"name": name, "metric": metric, "value": float(value), "n_test": int(n_test),
-           "half_width": None if half_width is None else float(half_width), "note": note, "choice": choice}
+    out = {
+        "name": name,
+        "metric": metric,
+        "value": float(value),
+        "n_test": int(n_test),
+        "half_width": None if half_width is None else float(half_width),
+        "note": note,
+        "choice": choice,
+    }
     if correct is not None:
         correct = np.asarray(correct).astype(int)
         count = np.ones_like(correct) if count is None else np.asarray(count).astype(int)
@@ -143,8 +160,14 @@ def majority_baseline(dsd) -> dict[str, Any]:
     test = np.asarray(dsd["test"]["label"])
     values, counts = np.unique(train, return_counts=True)
     label = values[int(np.argmax(counts))]
-    return baseline("majority", "accuracy", float((test == label).mean()) if len(test) else math.nan, len(test),
-                    choice=int(label), correct=test == label)
+    return baseline(
+        "majority",
+        "accuracy",
+        float((test == label).mean()) if len(test) else math.nan,
+        len(test),
+        choice=int(label),
+        correct=test == label,
+    )
 
 
 def bag_of_ngrams_baseline(dsd, *, seed: int = 0) -> dict[str, Any]:
@@ -170,7 +193,7 @@ def _cosines(first: list[np.ndarray], second: list[np.ndarray], vocab: int) -> n
     columns, inverse = np.unique(np.concatenate([c1, c2]), return_inverse=True)
     shape = (len(first), len(columns))
     x1 = sparse.csr_matrix((np.ones(len(r1)), (r1, inverse[: len(c1)])), shape=shape)
-    x2 = sparse.csr_matrix((np.ones(len(r2)), (r2, inverse[len(c1):])), shape=shape)
+    x2 = sparse.csr_matrix((np.ones(len(r2)), (r2, inverse[len(c1) :])), shape=shape)
     dot = np.asarray(x1.multiply(x2).sum(axis=1)).ravel()
     norms = np.sqrt(np.asarray(x1.multiply(x1).sum(axis=1)).ravel() * np.asarray(x2.multiply(x2).sum(axis=1)).ravel())
     return np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
@@ -186,9 +209,15 @@ def trigram_cosine_baseline(dsd) -> dict[str, Any]:
         labels[split] = np.asarray(dsd[split]["label"])
     threshold, greater = best_threshold(scores["validation"], labels["validation"])
     correct = threshold_correct(scores["test"], labels["test"], threshold, greater)
-    return baseline("byte-trigram cosine", "accuracy", correct.mean(), len(labels["test"]), choice=round(threshold, 4),
-                    correct=correct,
-                    note=f"match iff cosine {'≥' if greater else '≤'} {threshold:.3f} (threshold on validation)")
+    return baseline(
+        "byte-trigram cosine",
+        "accuracy",
+        correct.mean(),
+        len(labels["test"]),
+        choice=round(threshold, 4),
+        correct=correct,
+        note=f"match iff cosine {'≥' if greater else '≤'} {threshold:.3f} (threshold on validation)",
+    )
 
 
 def dot_distances(images: np.ndarray) -> np.ndarray:
@@ -227,9 +256,15 @@ def dot_distance_baseline(dsd) -> dict[str, Any]:
         labels[split] = np.asarray(dsd[split]["label"])
     threshold, greater = best_threshold(scores["validation"], labels["validation"])
     correct = threshold_correct(scores["test"], labels["test"], threshold, greater)
-    return baseline("dot distance", "accuracy", correct.mean(), len(labels["test"]), choice=round(threshold, 3),
-                    correct=correct,
-                    note=f"connected iff distance {'≥' if greater else '≤'} {threshold:.1f} px (threshold on validation)")
+    return baseline(
+        "dot distance",
+        "accuracy",
+        correct.mean(),
+        len(labels["test"]),
+        choice=round(threshold, 3),
+        correct=correct,
+        note=f"connected iff distance {'≥' if greater else '≤'} {threshold:.1f} px (threshold on validation)",
+    )
 
 
 def _lm_bits(log2p: np.ndarray, lengths: np.ndarray) -> tuple[float, float]:
@@ -271,8 +306,17 @@ def ngram_lm_baselines(dsd) -> list[dict[str, Any]]:
     for order, name in ((1, "unigram"), (2, "bigram")):
         alpha = min(LM_ALPHAS, key=lambda a: _lm_bits(*log2p("validation", order, a))[0])
         value, half = _lm_bits(*log2p("test", order, alpha))
-        out.append(baseline(name, "bits_per_token", value, len(seqs["test"]), half_width=half, choice=alpha,
-                            note=f"add-{alpha} smoothed {name} of train over {k} target tokens"))
+        out.append(
+            baseline(
+                name,
+                "bits_per_token",
+                value,
+                len(seqs["test"]),
+                half_width=half,
+                choice=alpha,
+                note=f"add-{alpha} smoothed {name} of train over {k} target tokens",
+            )
+        )
     return out
 
 
@@ -284,17 +328,20 @@ def _fit_lr(x: dict, labels: dict, name: str, note: str, items: np.ndarray | Non
     maps each test row to its test item (per-position tasks: a query to its sequence)."""
     from sklearn.linear_model import LogisticRegression
 
-    best = None
+    best: tuple[float, float, Any] | None = None
     for c in LR_C:
         model = LogisticRegression(C=c, max_iter=300).fit(x["train"], labels["train"])
         val = float((model.predict(x["validation"]) == labels["validation"]).mean())
         if best is None or val > best[0]:
             best = (val, c, model)
+    if best is None:
+        raise ValueError("no regularisation strength to try: LR_C is empty")
     _, c, model = best
     hit = model.predict(x["test"]) == labels["test"]
     correct, count = per_item(hit, items)
-    return baseline(name, "accuracy", float(hit.mean()), len(labels["test"]), choice=c, note=note,
-                    correct=correct, count=count)
+    return baseline(
+        name, "accuracy", float(hit.mean()), len(labels["test"]), choice=c, note=note, correct=correct, count=count
+    )
 
 
 def per_item(hit: np.ndarray, items: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -346,7 +393,7 @@ def kmer_lr_baseline(dsd, *, k: int = 3, seed: int = 0) -> dict[str, Any]:
         for i, a in enumerate(rows):
             if len(a) < k:
                 continue
-            ids = sum(a[j: len(a) - k + 1 + j] * vocab ** j for j in range(k)) % buckets
+            ids = sum(a[j : len(a) - k + 1 + j] * vocab**j for j in range(k)) % buckets
             r.append(np.full(len(ids), i))
             c.append(ids)
         r = np.concatenate(r) if r else np.zeros(0, np.int64)
@@ -391,20 +438,37 @@ def tagger_baselines(dsd, *, seed: int = 0) -> list[dict[str, Any]]:
     label = values[int(np.argmax(counts))]
     test_items = np.asarray([i for i, _, _ in data["test"][1]], dtype=np.int64)
     correct, count = per_item(y["test"] == label, test_items)
-    out = [baseline("majority", "accuracy", float((y["test"] == label).mean()), len(y["test"]), choice=int(label),
-                    note="per query", correct=correct, count=count)]
+    out = [
+        baseline(
+            "majority",
+            "accuracy",
+            float((y["test"] == label).mean()),
+            len(y["test"]),
+            choice=int(label),
+            note="per query",
+            correct=correct,
+            count=count,
+        )
+    ]
     vocab = 1 + max(int(a.max()) for seqs, _ in data.values() for a in seqs if len(a))
     tfidf = TfidfTransformer(sublinear_tf=True)
     x = {}
     for split, (seqs, rows) in data.items():
         counts_ = ngram_counts([seqs[i] for i, _, _ in rows], vocab)
         counts_ = tfidf.fit_transform(counts_) if split == "train" else tfidf.transform(counts_)
-        query = sparse.csr_matrix((np.ones(len(rows)), (np.arange(len(rows)), [q for _, q, _ in rows])),
-                                  shape=(len(rows), vocab))
+        query = sparse.csr_matrix(
+            (np.ones(len(rows)), (np.arange(len(rows)), [q for _, q, _ in rows])), shape=(len(rows), vocab)
+        )
         x[split] = sparse.hstack([query, counts_]).tocsr()
-    out.append(_fit_lr(x, y, "bag-of-n-grams LR",
-                       "per query: query token + its sequence's unigram+bigram TF-IDF, C on validation",
-                       items=test_items))
+    out.append(
+        _fit_lr(
+            x,
+            y,
+            "bag-of-n-grams LR",
+            "per query: query token + its sequence's unigram+bigram TF-IDF, C on validation",
+            items=test_items,
+        )
+    )
     return out
 
 
@@ -418,10 +482,25 @@ def spider_lookup_baselines(dsd) -> list[dict[str, Any]]:
     query = max(set(dsd["train"]["query"]), key=list(dsd["train"]["query"]).count)
     majority, lookup = exact_hits([query] * len(test), test), lookup_exact(dsd)
     n = max(1, len(test))
-    return [baseline("majority", "accuracy", sum(majority) / n, len(test), choice=query, correct=majority,
-                     note="the most frequent training query, exact set match"),
-            baseline("template lookup", "accuracy", sum(lookup) / n, len(test), correct=lookup,
-                     note="nearest training question's SQL, names and values filled by string match; exact set match")]
+    return [
+        baseline(
+            "majority",
+            "accuracy",
+            sum(majority) / n,
+            len(test),
+            choice=query,
+            correct=majority,
+            note="the most frequent training query, exact set match",
+        ),
+        baseline(
+            "template lookup",
+            "accuracy",
+            sum(lookup) / n,
+            len(test),
+            correct=lookup,
+            note="nearest training question's SQL, names and values filled by string match; exact set match",
+        ),
+    ]
 
 
 def compute_baselines(dsd, task: str) -> list[dict[str, Any]]:
@@ -458,13 +537,21 @@ def baselines_for(task: str, fingerprint: str | None, cache_path: str | None, st
         except (OSError, ValueError) as exc:
             log.warning("recomputing baselines: cannot read %s (%s)", path, exc)
     if not cache_path or not (Path(cache_path) / "data").exists():
-        return {"baselines": [], "error": f"data cache {cache_path or '(none recorded)'} not found; "
-                                          f"run the cell again (or `python -m harness data`) to rebuild it"}
+        return {
+            "baselines": [],
+            "error": f"data cache {cache_path or '(none recorded)'} not found; "
+            f"run the cell again (or `python -m harness data`) to rebuild it",
+        }
     try:
         import datasets
 
         dsd = datasets.load_from_disk(str(Path(cache_path) / "data"))
-        result = {"task": task, "fingerprint": fingerprint, "version": VERSION, "baselines": compute_baselines(dsd, task)}
+        result = {
+            "task": task,
+            "fingerprint": fingerprint,
+            "version": VERSION,
+            "baselines": compute_baselines(dsd, task),
+        }
     except Exception as exc:  # a baseline must never stop the report
         log.warning("baselines of %s (%s) failed: %s", task, cache_path, exc)
         return {"baselines": [], "error": f"{type(exc).__name__}: {exc}"}

@@ -63,14 +63,36 @@ def speed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         if r.get("kind") != "speed":
             continue
-        rows.append({
-            "mechanism": r["mechanism"], "peer_of": r.get("peer_of"), "mode": r["mode"], "causal": bool(r["causal"]),
-            "length": int(r["length"]), "status": r["status"], "error": r.get("error"),
-            "tokens_per_s": r.get("tokens_per_s"), "time_s": r.get("step_time_s"),
-            "iqr_s": (r.get("time_s") or {}).get("iqr"), "memory_mb": r.get("peak_memory_mb"), "params": r.get("params"),
-        })
-    columns = ["mechanism", "peer_of", "mode", "causal", "length", "status", "error", "tokens_per_s", "time_s",
-               "iqr_s", "memory_mb", "params"]
+        rows.append(
+            {
+                "mechanism": r["mechanism"],
+                "peer_of": r.get("peer_of"),
+                "mode": r["mode"],
+                "causal": bool(r["causal"]),
+                "length": int(r["length"]),
+                "status": r["status"],
+                "error": r.get("error"),
+                "tokens_per_s": r.get("tokens_per_s"),
+                "time_s": r.get("step_time_s"),
+                "iqr_s": (r.get("time_s") or {}).get("iqr"),
+                "memory_mb": r.get("peak_memory_mb"),
+                "params": r.get("params"),
+            }
+        )
+    columns = [
+        "mechanism",
+        "peer_of",
+        "mode",
+        "causal",
+        "length",
+        "status",
+        "error",
+        "tokens_per_s",
+        "time_s",
+        "iqr_s",
+        "memory_mb",
+        "params",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -140,10 +162,11 @@ def _status_cell(group: pd.DataFrame, mech: str, length: int) -> str | None:
 
 
 def _ratio_cell(value: float | None, softmax_status: str | None) -> str:
+    mark = None if softmax_status is None else FAILURE_MARK.get(softmax_status, softmax_status)
     if value is None:
-        return "–" if softmax_status in (None, "ok") else f"softmax {FAILURE_MARK.get(softmax_status, softmax_status)}"
+        return "–" if softmax_status in (None, "ok") else f"softmax {mark}"
     if math.isinf(value):
-        return f"faster (softmax {FAILURE_MARK.get(softmax_status, softmax_status)})"
+        return f"faster (softmax {mark})"
     return f"{value:.2f}"
 
 
@@ -160,7 +183,9 @@ def relative_tables(group: pd.DataFrame) -> tuple[str, str, str]:
         for length in lengths:
             failure = _status_cell(group, mech, length)
             if failure is not None:
-                s_row.append(failure), m_row.append(failure), a_row.append(failure)
+                s_row.append(failure)
+                m_row.append(failure)
+                a_row.append(failure)
                 continue
             s_row.append(_ratio_cell(speed.get((mech, length)), softmax_status.get(length)))
             m_row.append(_ratio_cell(memory.get((mech, length)), softmax_status.get(length)))
@@ -172,8 +197,11 @@ def relative_tables(group: pd.DataFrame) -> tuple[str, str, str]:
         absolute_rows.append(a_row)
     header = ["mechanism"] + [length_label(L) for L in lengths]
     fmt = {"tablefmt": "github", "disable_numparse": True}
-    return (tabulate(speed_rows, headers=header + ["faster than softmax from"], **fmt),
-            tabulate(memory_rows, headers=header, **fmt), tabulate(absolute_rows, headers=header, **fmt))
+    return (
+        tabulate(speed_rows, headers=header + ["faster than softmax from"], **fmt),
+        tabulate(memory_rows, headers=header, **fmt),
+        tabulate(absolute_rows, headers=header, **fmt),
+    )
 
 
 def _crossover_cell(group: pd.DataFrame, speed: dict, mech: str, lengths: list[int]) -> str:
@@ -220,8 +248,11 @@ def peer_table(frame: pd.DataFrame) -> str | None:
                     continue
                 a, b = mine.loc[length], theirs.loc[length]
                 if a.status != "ok" or b.status != "ok":
-                    row.append(f"ours {FAILURE_MARK.get(a.status, a.status)}" if a.status != "ok"
-                               else f"peer {FAILURE_MARK.get(b.status, b.status)}")
+                    row.append(
+                        f"ours {FAILURE_MARK.get(a.status, a.status)}"
+                        if a.status != "ok"
+                        else f"peer {FAILURE_MARK.get(b.status, b.status)}"
+                    )
                     continue
                 memory = f"{a.memory_mb / b.memory_mb:.2f}" if b.memory_mb else "–"
                 row.append(f"{b.time_s / a.time_s:.2f} · {memory}")
@@ -236,16 +267,28 @@ def parameter_table(frame: pd.DataFrame, params: dict[str, int]) -> str:
     names = softmax_first(set(frame.mechanism) | set(params))
     rows = []
     for mech in names:
-        step = frame[(frame.mechanism == mech) & (frame["mode"] == "train_step") & (frame.status == "ok") & ~frame.causal]
+        step = frame[
+            (frame.mechanism == mech) & (frame["mode"] == "train_step") & (frame.status == "ok") & ~frame.causal
+        ]
         layer = frame[(frame.mechanism == mech) & (frame["mode"] == "attention") & (frame.status == "ok")]
-        rows.append([
-            mech,
-            f"{int(params[mech]):,}" if mech in params and pd.notna(params[mech]) else "–",
-            f"{int(step.sort_values('length').params.iloc[0]):,}" if not step.empty and pd.notna(step.params.iloc[0]) else "–",
-            f"{int(layer.sort_values('length').params.iloc[0]):,}" if not layer.empty and pd.notna(layer.params.iloc[0]) else "–",
-        ])
-    return tabulate(rows, headers=["mechanism", "ListOps model (grid)", "speed model (train step)",
-                                   "mechanism alone (per layer)"], tablefmt="github", disable_numparse=True)
+        rows.append(
+            [
+                mech,
+                f"{int(params[mech]):,}" if mech in params and pd.notna(params[mech]) else "–",
+                f"{int(step.sort_values('length').params.iloc[0]):,}"
+                if not step.empty and pd.notna(step.params.iloc[0])
+                else "–",
+                f"{int(layer.sort_values('length').params.iloc[0]):,}"
+                if not layer.empty and pd.notna(layer.params.iloc[0])
+                else "–",
+            ]
+        )
+    return tabulate(
+        rows,
+        headers=["mechanism", "ListOps model (grid)", "speed model (train step)", "mechanism alone (per layer)"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
 
 
 def overhead_markdown(record: dict[str, Any]) -> str:
@@ -258,21 +301,40 @@ def overhead_markdown(record: dict[str, Any]) -> str:
             f"({training['steps']} steps of batch {training['batch_size']}, the first {training['skip']} untimed), "
             f"Lightning path (`TaskModule` + `Trainer`) vs a bare PyTorch loop: "
             f"**{training['ratio']:.3f}** of the bare loop's throughput (target ≥ {training['target']:.2f} {mark}); "
-            f"{si_number(_median(training['lightning_tokens_per_s']))} vs {si_number(_median(training['bare_tokens_per_s']))} "
-            "tokens/s (medians; the ratio is the median over adjacent pairs of alternating rounds).", "",
+            f"{si_number(_median(training['lightning_tokens_per_s']))} vs "
+            f"{si_number(_median(training['bare_tokens_per_s']))} "
+            "tokens/s (medians; the ratio is the median over adjacent pairs of alternating rounds).",
+            "",
         ]
     contract = record.get("contract") or []
     if contract:
         target = record.get("contract_target", 1.05)
-        rows = [[r["length"], "causal" if r["causal"] else "non-causal", f"{1e3 * r['contract_s']:.3f}",
-                 f"{1e3 * r['sdpa_s']:.3f}", f"{r['ratio']:.3f}", f"{r['overhead_us']:.0f}",
-                 "✓" if r["ratio"] <= target else "✗"] for r in contract]
+        rows = [
+            [
+                r["length"],
+                "causal" if r["causal"] else "non-causal",
+                f"{1e3 * r['contract_s']:.3f}",
+                f"{1e3 * r['sdpa_s']:.3f}",
+                f"{r['ratio']:.3f}",
+                f"{r['overhead_us']:.0f}",
+                "✓" if r["ratio"] <= target else "✗",
+            ]
+            for r in contract
+        ]
         first = contract[0]
-        lines += [f"Softmax through the mechanism contract vs a bare `scaled_dot_product_attention` call, forward, "
-                  f"batch {first['batch_size']}, {first['heads']} heads × {first['dim_head']} dims "
-                  f"(target: within {100 * (target - 1):.0f}%):", "",
-                  tabulate(rows, headers=["L", "masking", "contract ms", "SDPA ms", "ratio", "overhead µs",
-                                          f"≤ {target:.2f}"], tablefmt="github", disable_numparse=True), ""]
+        lines += [
+            f"Softmax through the mechanism contract vs a bare `scaled_dot_product_attention` call, forward, "
+            f"batch {first['batch_size']}, {first['heads']} heads × {first['dim_head']} dims "
+            f"(target: within {100 * (target - 1):.0f}%):",
+            "",
+            tabulate(
+                rows,
+                headers=["L", "masking", "contract ms", "SDPA ms", "ratio", "overhead µs", f"≤ {target:.2f}"],
+                tablefmt="github",
+                disable_numparse=True,
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -293,11 +355,15 @@ def method_markdown(records: list[dict[str, Any]]) -> str:
         f"{sample.get('heads')} heads × {sample.get('dim_head')} dims per head.",
     ]
     if model:
-        parts.append(f"Training step: the scale model (dim {model['dim']}, depth {model['depth']}, "
-                     f"{model['heads']} heads, MLP {model['mlp_dim']}) on random tokens, AdamW.")
+        parts.append(
+            f"Training step: the scale model (dim {model['dim']}, depth {model['depth']}, "
+            f"{model['heads']} heads, MLP {model['mlp_dim']}) on random tokens, AdamW."
+        )
     varying = _varying_settings(speed)
-    parts.append(f"Timing: {method.get('timing', '?')}. Memory: {method.get('memory') or '?'}. "
-                 f"Isolation: {method.get('isolation', '?')}; per-measurement limit {method.get('timeout_s', '?')} s.")
+    parts.append(
+        f"Timing: {method.get('timing', '?')}. Memory: {method.get('memory') or '?'}. "
+        f"Isolation: {method.get('isolation', '?')}; per-measurement limit {method.get('timeout_s', '?')} s."
+    )
     if varying:
         parts.append(f"Not all records share these settings ({varying}): each record holds its own method.")
     return " ".join(parts)
@@ -312,7 +378,9 @@ def _varying_settings(speed: list[dict[str, Any]]) -> str:
             values.setdefault(key, set()).add((r.get("method") or {}).get(key))
         for key in ("threads", "batch_size", "heads", "dim_head", "dtype"):
             values.setdefault(key, set()).add(r.get(key))
-    return "; ".join(f"{k}: {' / '.join(str(v) for v in sorted(vs, key=str))}" for k, vs in values.items() if len(vs) > 1)
+    return "; ".join(
+        f"{k}: {' / '.join(str(v) for v in sorted(vs, key=str))}" for k, vs in values.items() if len(vs) > 1
+    )
 
 
 # ----------------------------------------------------------------------------- the section
@@ -324,22 +392,45 @@ def efficiency_markdown(records: list[dict[str, Any]], params: dict[str, int] | 
     frame = speed_frame(records)
     lines = ["## Efficiency", ""]
     if not frame.empty:
-        lines += [method_markdown(records), "",
-                  "Speed: softmax's time / the mechanism's time at the same length (> 1: faster than softmax); "
-                  "memory: the mechanism's peak / softmax's (< 1: less). `✗ oom` / `✗ timeout`: the measurement ran "
-                  "out of memory or time; `– skipped`: a shorter length already did; `–`: not measured.", ""]
+        lines += [
+            method_markdown(records),
+            "",
+            "Speed: softmax's time / the mechanism's time at the same length (> 1: faster than softmax); "
+            "memory: the mechanism's peak / softmax's (< 1: less). `✗ oom` / `✗ timeout`: the measurement ran "
+            "out of memory or time; `– skipped`: a shorter length already did; `–`: not measured.",
+            "",
+        ]
         for mode, causal, group in _groups(frame):
             title = f"{MODE_TITLES.get(mode, mode)}, {'causal' if causal else 'non-causal'}"
             speed, memory, absolute = relative_tables(group)
-            lines += [f"### {title}", "", "Speed relative to softmax:", "", speed, "",
-                      "Peak memory relative to softmax:", "", memory, "",
-                      "Absolute: tokens/s · peak MB:", "", absolute, ""]
+            lines += [
+                f"### {title}",
+                "",
+                "Speed relative to softmax:",
+                "",
+                speed,
+                "",
+                "Peak memory relative to softmax:",
+                "",
+                memory,
+                "",
+                "Absolute: tokens/s · peak MB:",
+                "",
+                absolute,
+                "",
+            ]
         peers = peer_table(frame)
         if peers:
-            lines += ["### Ours vs peer implementations", "",
-                      "Same settings (the peer takes our configuration: features, landmarks). Each cell: "
-                      "speed = peer time / our time (> 1: ours faster) · memory = our peak / peer peak (< 1: ours "
-                      "smaller).", "", peers, ""]
+            lines += [
+                "### Ours vs peer implementations",
+                "",
+                "Same settings (the peer takes our configuration: features, landmarks). Each cell: "
+                "speed = peer time / our time (> 1: ours faster) · memory = our peak / peer peak (< 1: ours "
+                "smaller).",
+                "",
+                peers,
+                "",
+            ]
         lines += ["### Parameters", "", parameter_table(frame, params), ""]
     overhead = [r for r in records if r.get("kind") == "overhead"]
     if overhead:
@@ -371,9 +462,12 @@ def series_style(names: list[str]) -> dict[str, dict[str, Any]]:
     palette = [cmap(i) for i in range(0, 20, 2) if i != 14] + [cmap(i) for i in range(1, 20, 2) if i != 15]
     style = {}
     for i, name in enumerate(names):
-        style[name] = {"color": palette[i % len(palette)], "marker": MARKERS[i % len(MARKERS)],
-                       "linestyle": "-" if (i // len(palette)) % 2 == 0 else "--",
-                       "linewidth": 2.2 if name == "softmax" else 1.4}
+        style[name] = {
+            "color": palette[i % len(palette)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": "-" if (i // len(palette)) % 2 == 0 else "--",
+            "linewidth": 2.2 if name == "softmax" else 1.4,
+        }
     return style
 
 
@@ -384,8 +478,13 @@ def _style(mechanisms: list[str], frame: pd.DataFrame) -> dict[str, dict[str, An
     style = series_style(ours)
     for mech, counterpart in peer_of.items():
         base = style.get(counterpart, {"color": "grey", "marker": "o"})
-        style[mech] = {"color": base["color"], "marker": base["marker"], "linestyle": "--", "linewidth": 1.4,
-                       "markerfacecolor": "none"}
+        style[mech] = {
+            "color": base["color"],
+            "marker": base["marker"],
+            "linestyle": "--",
+            "linewidth": 1.4,
+            "markerfacecolor": "none",
+        }
     return style
 
 
@@ -429,8 +528,15 @@ def mark_stops(ax, stops: list[tuple[tuple[float, float, float, str], Any]]) -> 
         for _, status in marks:
             counts[status] = counts.get(status, 0) + 1
         text = ", ".join(f"{status} ×{n}" if n > 1 else status for status, n in sorted(counts.items()))
-        ax.annotate(text, (length, min(level for level, _ in marks)), textcoords="offset points", xytext=(-8, -4),
-                    ha="right", va="top", fontsize=7)
+        ax.annotate(
+            text,
+            (length, min(level for level, _ in marks)),
+            textcoords="offset points",
+            xytext=(-8, -4),
+            ha="right",
+            va="top",
+            fontsize=7,
+        )
 
 
 def _guides(ax, anchor: tuple[float, float], lengths: list[int], kind: str, y_range: tuple[float, float]) -> None:
@@ -504,13 +610,19 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     what = "Throughput" if kind == "throughput" else "Peak memory"
     measured = MODE_TITLES.get(modes[0], modes[0]) if len(modes) == 1 else "each panel's mode"
-    fig.suptitle(wrapped(f"{what} vs sequence length, a panel per family, softmax (black) in each: {measured}; "
-                         f"{'causal' if causal else 'non-causal'}, log-log; ✕ where a series stops",
-                         fig.get_figwidth(), 11), fontsize=11)
+    fig.suptitle(
+        wrapped(
+            f"{what} vs sequence length, a panel per family, softmax (black) in each: {measured}; "
+            f"{'causal' if causal else 'non-causal'}, log-log; ✕ where a series stops",
+            fig.get_figwidth(),
+            11,
+        ),
+        fontsize=11,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
@@ -522,8 +634,11 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     point is at least as fast and as accurate and better in one."""
     front = []
     for name, (speed, accuracy) in points.items():
-        dominated = any(s >= speed and a >= accuracy and (s > speed or a > accuracy)
-                        for other, (s, a) in points.items() if other != name)
+        dominated = any(
+            s >= speed and a >= accuracy and (s > speed or a > accuracy)
+            for other, (s, a) in points.items()
+            if other != name
+        )
         if not dominated:
             front.append(name)
     return sorted(front, key=lambda n: points[n][0])

@@ -52,8 +52,13 @@ LENGTH_OVERRIDES = ("task.max_len", "task.max_length", "task.min_length", "task.
 BANDS = ((256, "≤ 256"), (512, "257–512"), (1024, "513–1K"), (2048, "1K–2K"), (4096, "2K–4K"), (math.inf, "> 4K"))
 SCALE_ORDER = ("tiny", "small", "lra")
 # Sources that are the published data a paper's number was measured on (task -> sources).
-REAL_SOURCES = {"listops": {"lra"}, "text": {"imdb"}, "retrieval": {"aan"}, "image": {"cifar10", "cifar10_hf"},
-                "pathfinder": {"lra"}}
+REAL_SOURCES = {
+    "listops": {"lra"},
+    "text": {"imdb"},
+    "retrieval": {"aan"},
+    "image": {"cifar10", "cifar10_hf"},
+    "pathfinder": {"lra"},
+}
 
 # Tay et al., "Long Range Arena: A Benchmark for Efficient Transformers", ICLR 2021, arXiv:2011.04006,
 # Table 1 (also the leaderboard of github.com/google-research/long-range-arena, README as of 8 Nov 2020).
@@ -71,16 +76,22 @@ LRA_TABLE1 = [
     ("Linear Trans.", 16.13, 65.90, 53.09, 42.34, 75.30, 50.55),
     ("Performer", 18.01, 65.40, 53.82, 42.77, 77.05, 51.41),
 ]
-LRA_CITATION = ("Tay et al. 2021, *Long Range Arena* (ICLR 2021, arXiv:2011.04006), Table 1; "
-                "github.com/google-research/long-range-arena README")
+LRA_CITATION = (
+    "Tay et al. 2021, *Long Range Arena* (ICLR 2021, arXiv:2011.04006), Table 1; "
+    "github.com/google-research/long-range-arena README"
+)
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 # Later papers re-ran LRA in PyTorch with their own settings (not LRA's): their rows are a separate
 # source, never comparable cell-for-cell with Table 1. Only rows checked against a second source are
 # here: Skyformer's own row (also quoted by later papers); the other rows of the Nyströmformer and
 # Skyformer tables are not yet, so they are left out rather than typed from memory.
 REIMPLEMENTED_ROWS = [  # (name, citation, the protocol it was measured under, values)
-    ("Skyformer", "Chen et al. 2021, *Skyformer* (NeurIPS 2021, arXiv:2111.00035), PyTorch LRA re-implementation",
-     "pytorch", (38.69, 64.70, 82.06, 40.77, 70.73, 59.39)),
+    (
+        "Skyformer",
+        "Chen et al. 2021, *Skyformer* (NeurIPS 2021, arXiv:2111.00035), PyTorch LRA re-implementation",
+        "pytorch",
+        (38.69, 64.70, 82.06, 40.77, 70.73, 59.39),
+    ),
 ]
 
 
@@ -143,8 +154,9 @@ def variant_ids(labels) -> dict[str, str]:
 
 def variant_key(cells: pd.DataFrame) -> str:
     """The key of the short variant ids used in the rows of ``cells``."""
-    pairs = sorted({(i, label) for i, label in zip(cells.variant_id, cells.variant_other) if i},
-                   key=lambda x: int(x[0][1:]))
+    pairs = sorted(
+        {(i, label) for i, label in zip(cells.variant_id, cells.variant_other) if i}, key=lambda x: int(x[0][1:])
+    )
     return "Variants: " + "; ".join(f"**{i}** = `{label}`" for i, label in pairs) if pairs else ""
 
 
@@ -169,37 +181,95 @@ def cells_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         env = r.get("env") or {}
         sizes = data.get("sizes") or {}
         other = other_differences(r.get("variant_label", ""))
-        rows.append({
-            "scale": r["scale"], "task": r["task"], "mechanism": r["mechanism"], "seed": r["seed"],
-            "variant": r.get("variant") or "", "variant_label": r.get("variant_label") or "",
-            "variant_other": other,
-            "length": sequence_length(r), "status": r["status"], "error": r.get("error"),
-            # text-to-SQL (Spider): the accuracy column is exact set match of the decoded query
-            "metric": metric, "higher_better": higher,
-            "test": test.get("exact", test.get(metric)) if metric == "accuracy" else test.get(metric),
-            "params": r.get("params"), "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
-            "wall_s": r.get("wall_s"), "source": data.get("source"), "fingerprint": data.get("fingerprint"),
-            "cache_path": record_cache_path(r), "majority": data.get("majority_accuracy"),
-            "unigram_bits": data.get("unigram_bits_per_token"), "sizes": sizes, "n_test": sizes.get("test"),
-            "length_mean": data.get("length_mean"), "length_max": data.get("length_max"),
-            "num_classes": data.get("num_classes"), "commit": env.get("commit"), "device": env.get("device"),
-            # every commit the cell trained under (a resumed cell may have several), and whether its code differed
-            "commits": tuple(c for c in (env.get("commits") or [env.get("commit")]) if c), "dirty": env.get("dirty"),
-            "torch": env.get("torch"), "log": log_folder(r),
-            # per test item (paired tests), the test units' clusters, the validation curve, softmax in disguise
-            "items_correct": (r.get("test_items") or {}).get("correct"),
-            "items_count": (r.get("test_items") or {}).get("count"),
-            "clusters": data.get("test_clusters"), "val_curve": r.get("val_curve") or None,
-            "softmax_equivalent": r.get("softmax_equivalent"),
-            "warmup_steps": ((data.get("warmup") or {}).get("steps")),
-            "protocol": (r.get("config") or {}).get("protocol") or "",
-        })
-    columns = ["scale", "task", "mechanism", "seed", "variant", "variant_label", "variant_other", "length", "status",
-               "error", "metric", "higher_better", "test", "params", "tokens_per_s", "peak_memory_mb", "wall_s",
-               "source", "fingerprint", "cache_path", "majority", "unigram_bits", "sizes", "n_test", "length_mean",
-               "length_max", "num_classes", "commit", "commits", "dirty", "device", "torch", "log", "items_correct",
-               "items_count",
-               "clusters", "val_curve", "softmax_equivalent", "warmup_steps", "protocol"]
+        rows.append(
+            {
+                "scale": r["scale"],
+                "task": r["task"],
+                "mechanism": r["mechanism"],
+                "seed": r["seed"],
+                "variant": r.get("variant") or "",
+                "variant_label": r.get("variant_label") or "",
+                "variant_other": other,
+                "length": sequence_length(r),
+                "status": r["status"],
+                "error": r.get("error"),
+                # text-to-SQL (Spider): the accuracy column is exact set match of the decoded query
+                "metric": metric,
+                "higher_better": higher,
+                "test": test.get("exact", test.get(metric)) if metric == "accuracy" else test.get(metric),
+                "params": r.get("params"),
+                "tokens_per_s": r.get("tokens_per_s"),
+                "peak_memory_mb": r.get("peak_memory_mb"),
+                "wall_s": r.get("wall_s"),
+                "source": data.get("source"),
+                "fingerprint": data.get("fingerprint"),
+                "cache_path": record_cache_path(r),
+                "majority": data.get("majority_accuracy"),
+                "unigram_bits": data.get("unigram_bits_per_token"),
+                "sizes": sizes,
+                "n_test": sizes.get("test"),
+                "length_mean": data.get("length_mean"),
+                "length_max": data.get("length_max"),
+                "num_classes": data.get("num_classes"),
+                "commit": env.get("commit"),
+                "device": env.get("device"),
+                # every commit the cell trained under (a resumed cell may have several), and whether its code differed
+                "commits": tuple(c for c in (env.get("commits") or [env.get("commit")]) if c),
+                "dirty": env.get("dirty"),
+                "torch": env.get("torch"),
+                "log": log_folder(r),
+                # per test item (paired tests), the test units' clusters, the validation curve, softmax in disguise
+                "items_correct": (r.get("test_items") or {}).get("correct"),
+                "items_count": (r.get("test_items") or {}).get("count"),
+                "clusters": data.get("test_clusters"),
+                "val_curve": r.get("val_curve") or None,
+                "softmax_equivalent": r.get("softmax_equivalent"),
+                "warmup_steps": ((data.get("warmup") or {}).get("steps")),
+                "protocol": (r.get("config") or {}).get("protocol") or "",
+            }
+        )
+    columns = [
+        "scale",
+        "task",
+        "mechanism",
+        "seed",
+        "variant",
+        "variant_label",
+        "variant_other",
+        "length",
+        "status",
+        "error",
+        "metric",
+        "higher_better",
+        "test",
+        "params",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "wall_s",
+        "source",
+        "fingerprint",
+        "cache_path",
+        "majority",
+        "unigram_bits",
+        "sizes",
+        "n_test",
+        "length_mean",
+        "length_max",
+        "num_classes",
+        "commit",
+        "commits",
+        "dirty",
+        "device",
+        "torch",
+        "log",
+        "items_correct",
+        "items_count",
+        "clusters",
+        "val_curve",
+        "softmax_equivalent",
+        "warmup_steps",
+        "protocol",
+    ]
     frame = pd.DataFrame(rows, columns=columns)
     ids = variant_ids(frame.variant_other)
     frame["variant_id"] = frame.variant_other.map(lambda x: ids.get(x, ""))
@@ -219,8 +289,11 @@ def column_configs(frame: pd.DataFrame) -> list[str]:
     configs: dict[tuple, set[str]] = {}
     for key, other in zip(keys, frame.variant_other):
         configs.setdefault(key, set()).add(other)
-    shared = {key: next(iter(c)) for key, c in configs.items()
-              if len(c) == 1 and not any(p.strip().startswith("mechanism.") for p in next(iter(c)).split(","))}
+    shared = {
+        key: next(iter(c))
+        for key, c in configs.items()
+        if len(c) == 1 and not any(p.strip().startswith("mechanism.") for p in next(iter(c)).split(","))
+    }
     return [shared.get(key, "") for key in keys]
 
 
@@ -260,11 +333,27 @@ def _baselines_of(task: str, first: pd.Series, store: Path) -> dict[str, Any]:
     if not found.get("baselines"):  # fall back on what the result itself records
         recorded = []
         if pd.notna(first.majority) and first.metric == "accuracy":
-            recorded.append({"name": "majority", "metric": "accuracy", "value": float(first.majority),
-                             "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
+            recorded.append(
+                {
+                    "name": "majority",
+                    "metric": "accuracy",
+                    "value": float(first.majority),
+                    "n_test": first.n_test,
+                    "half_width": None,
+                    "note": "recorded in the result",
+                }
+            )
         if pd.notna(first.unigram_bits):
-            recorded.append({"name": "unigram", "metric": "bits_per_token", "value": float(first.unigram_bits),
-                             "n_test": first.n_test, "half_width": None, "note": "recorded in the result"})
+            recorded.append(
+                {
+                    "name": "unigram",
+                    "metric": "bits_per_token",
+                    "value": float(first.unigram_bits),
+                    "n_test": first.n_test,
+                    "half_width": None,
+                    "note": "recorded in the result",
+                }
+            )
         found = {"baselines": recorded, "error": found.get("error")}
     return found
 
@@ -335,23 +424,40 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
     and is not significantly below the column's best (paired too); softmax in disguise marked."""
     rows = []
     for (task, length, row, variant), group in cells.groupby(
-            ["task", cells.length.fillna(-1).astype(int), "row", "variant"], sort=False):
+        ["task", cells.length.fillna(-1).astype(int), "row", "variant"], sort=False
+    ):
         ok = group[group.status == "ok"].dropna(subset=["test"])
         higher = bool(group.higher_better.iloc[0])
         n_test = group.n_test.dropna().iloc[0] if group.n_test.notna().any() else None
         mechanism = group.mechanism.iloc[0]
-        entry = {"task": task, "length": int(length), "row": row, "mechanism": mechanism,
-                 "column_config": group.column_config.iloc[0],
-                 "variant": variant, "higher": higher, "statuses": list(group.status), "seeds": len(group),
-                 "n_ok": len(ok), "n_test": n_test, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan,
-                 "n_eff": math.nan, "items": None, "p_baseline": math.nan, "p_best": math.nan,
-                 "softmax_equivalent": mechanism != "softmax" and bool((ok.softmax_equivalent == True).any()),  # noqa: E712
-                 "curve": [c for c in ok.val_curve if isinstance(c, list) and c],
-                 "warmup_steps": ok.warmup_steps.dropna().max() if ok.warmup_steps.notna().any() else math.nan,
-                 "tokens_per_s": ok.tokens_per_s.median() if len(ok) else math.nan,
-                 "peak_memory_mb": ok.peak_memory_mb.median() if len(ok) else math.nan,
-                 "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan,
-                 "fingerprint": group.fingerprint.dropna().mode().iloc[0] if group.fingerprint.notna().any() else None}
+        entry = {
+            "task": task,
+            "length": int(length),
+            "row": row,
+            "mechanism": mechanism,
+            "column_config": group.column_config.iloc[0],
+            "variant": variant,
+            "higher": higher,
+            "statuses": list(group.status),
+            "seeds": len(group),
+            "n_ok": len(ok),
+            "n_test": n_test,
+            "mean": math.nan,
+            "std": math.nan,
+            "lo": math.nan,
+            "hi": math.nan,
+            "n_eff": math.nan,
+            "items": None,
+            "p_baseline": math.nan,
+            "p_best": math.nan,
+            "softmax_equivalent": mechanism != "softmax" and bool((ok.softmax_equivalent == True).any()),  # noqa: E712
+            "curve": [c for c in ok.val_curve if isinstance(c, list) and c],
+            "warmup_steps": ok.warmup_steps.dropna().max() if ok.warmup_steps.notna().any() else math.nan,
+            "tokens_per_s": ok.tokens_per_s.median() if len(ok) else math.nan,
+            "peak_memory_mb": ok.peak_memory_mb.median() if len(ok) else math.nan,
+            "params": ok.params.dropna().iloc[0] if ok.params.notna().any() else math.nan,
+            "fingerprint": group.fingerprint.dropna().mode().iloc[0] if group.fingerprint.notna().any() else None,
+        }
         entry["own_data"] = (task, int(length), entry["fingerprint"]) in baselines
         own = data_baselines(baselines, task, length, entry["fingerprint"])
         if len(ok):
@@ -367,9 +473,9 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
                     entry["lo"], entry["hi"] = max(0.0, mean - half), min(1.0, mean + half)
             else:
                 best = strongest(own.get("baselines", []), higher=False)
-                half = best.get("half_width") if best else None
-                if half is not None and math.isfinite(half):
-                    entry["lo"], entry["hi"] = mean - half, mean + half
+                width = best.get("half_width") if best else None
+                if width is not None and math.isfinite(width):
+                    entry["lo"], entry["hi"] = mean - width, mean + width
         rows.append(entry)
     stats = pd.DataFrame(rows)
     if stats.empty:
@@ -394,8 +500,13 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
                 continue
             else:  # no per-item outcomes (older records): the interval's lower bound against the baseline
                 beats = entry.lo > base["value"] if higher else entry.hi < base["value"]
-            if higher and index != best.name and items is not None and best["items"] is not None \
-                    and len(best["items"]["correct"][0]) == len(items["correct"][0]):
+            if (
+                higher
+                and index != best.name
+                and items is not None
+                and best["items"] is not None
+                and len(best["items"]["correct"][0]) == len(items["correct"][0])
+            ):
                 p_best = paired_p(best["items"], items["correct"])  # is the best significantly above this row?
                 within = p_best >= ALPHA
                 stats.at[index, "p_best"] = p_best
@@ -410,12 +521,18 @@ def group_stats(cells: pd.DataFrame, baselines: dict[tuple[str, int], dict[str, 
 # ----------------------------------------------------------------------------- tables
 
 
-def _value(entry, digits: int) -> str:
+def _value(entry, digits: int) -> tuple[str, str]:
     if entry.higher:
-        text = f"{100 * entry['mean']:.1f}" if entry.n_ok == 1 else f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+        text = (
+            f"{100 * entry['mean']:.1f}" if entry.n_ok == 1 else f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+        )
         interval = f" [{100 * entry.lo:.1f}, {100 * entry.hi:.1f}]" if math.isfinite(entry.lo) else ""
     else:
-        text = f"{entry['mean']:.{digits}f}" if entry.n_ok == 1 else f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+        text = (
+            f"{entry['mean']:.{digits}f}"
+            if entry.n_ok == 1
+            else f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+        )
         interval = f" [{entry.lo:.{digits}f}, {entry.hi:.{digits}f}]" if math.isfinite(entry.lo) else ""
     return text, interval
 
@@ -456,8 +573,11 @@ def columns_of(stats: pd.DataFrame) -> list[tuple[str, int]]:
 
 def column_title(task: str, length: int, higher: bool = True, config: str = "") -> str:
     """``text L=1K``, with the config the whole column shares (``[v1]``) and ``(bits ↓)`` for LM tasks."""
-    return (f"{task} L={length_label(length if length >= 0 else None)}" + (f" [{config}]" if config else "")
-            + ("" if higher else " (bits ↓)"))
+    return (
+        f"{task} L={length_label(length if length >= 0 else None)}"
+        + (f" [{config}]" if config else "")
+        + ("" if higher else " (bits ↓)")
+    )
 
 
 def column_config(stats: pd.DataFrame, task: str, length: int) -> str:
@@ -492,10 +612,15 @@ def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series
     columns = columns_of(stats)
     higher = {c: bool(stats[(stats.task == c[0]) & (stats.length == c[1])].higher.iloc[0]) for c in columns}
     primary = primary_columns(stats)
-    header = (["mechanism"] + [column_title(t, L, higher[(t, L)], column_config(stats, t, L)) for t, L in columns]
-              + ["average (chance-normalised)"])
-    names = sorted({b["name"] for c in columns for b in baselines.get(c, {}).get("baselines", [])},
-                   key=lambda n: (n != "majority", n))
+    header = (
+        ["mechanism"]
+        + [column_title(t, L, higher[(t, L)], column_config(stats, t, L)) for t, L in columns]
+        + ["average (chance-normalised)"]
+    )
+    names = sorted(
+        {b["name"] for c in columns for b in baselines.get(c, {}).get("baselines", [])},
+        key=lambda n: (n != "majority", n),
+    )
     rows = []
     for name in names:
         row = [f"baseline: {name}"]
@@ -517,8 +642,11 @@ def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series
             chance = chance_rate(stats, baselines, c)
             if higher[c] and primary.get(c[0]) == c[1] and entry.n_ok and math.isfinite(chance) and chance < 1:
                 accs.append(chance_normalised(entry["mean"], chance))
-        wanted = [t for t in primary if higher[(t, primary[t])]
-                  and math.isfinite(chance_rate(stats, baselines, (t, primary[t])))]
+        wanted = [
+            t
+            for t in primary
+            if higher[(t, primary[t])] and math.isfinite(chance_rate(stats, baselines, (t, primary[t])))
+        ]
         complete = bool(accs) and len(accs) == len(wanted)
         averages[label] = sum(accs) / len(accs) if complete else math.nan
         row.append(f"{round(100 * averages[label], 1) + 0.0:.1f}" if complete else "–")
@@ -528,7 +656,9 @@ def accuracy_table(stats: pd.DataFrame, baselines: dict) -> tuple[str, pd.Series
 
 def tasks_table(cells: pd.DataFrame) -> str:
     rows = []
-    for (task, source, fingerprint), group in cells.dropna(subset=["fingerprint"]).groupby(["task", "source", "fingerprint"]):
+    for (task, source, fingerprint), group in cells.dropna(subset=["fingerprint"]).groupby(
+        ["task", "source", "fingerprint"]
+    ):
         first = group.iloc[0]
         sizes = first.sizes or {}
         n = sizes.get("test")
@@ -536,15 +666,30 @@ def tasks_table(cells: pd.DataFrame) -> str:
         n_units = effective if math.isfinite(effective) else n  # predictions per sequence count, clusters shrink it
         half = worst_half_width(int(n_units)) if n_units else math.nan
         flag = "" if not math.isfinite(half) or half <= CI_TARGET_POINTS else " ⚠ too small for ±3 points"
-        rows.append([
-            task, source, length_label(first.length), f"{sizes.get('train', '?')}/{sizes.get('validation', '?')}/{n or '?'}",
-            f"{first.length_mean:.0f} / {first.length_max}" if pd.notna(first.length_mean) else "–",
-            int(first.num_classes) if pd.notna(first.num_classes) else "–",
-            (f"±{half:.1f}" if math.isfinite(half) else "–") + flag, units, fingerprint,
-        ])
-    headers = ["task", "source", "L", "train/val/test", "length mean / max (test)", "classes",
-               "95% half-width at 50% (points, effective units)", "test units: predictions / clusters → effective",
-               "fingerprint"]
+        rows.append(
+            [
+                task,
+                source,
+                length_label(first.length),
+                f"{sizes.get('train', '?')}/{sizes.get('validation', '?')}/{n or '?'}",
+                f"{first.length_mean:.0f} / {first.length_max}" if pd.notna(first.length_mean) else "–",
+                int(first.num_classes) if pd.notna(first.num_classes) else "–",
+                (f"±{half:.1f}" if math.isfinite(half) else "–") + flag,
+                units,
+                fingerprint,
+            ]
+        )
+    headers = [
+        "task",
+        "source",
+        "L",
+        "train/val/test",
+        "length mean / max (test)",
+        "classes",
+        "95% half-width at 50% (points, effective units)",
+        "test units: predictions / clusters → effective",
+        "fingerprint",
+    ]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -608,7 +753,9 @@ def params_table(stats: pd.DataFrame) -> str:
                 text += f" ({100 * (ratio - 1):+.0f}%{' ⚠' if ratio > PARAMS_BUDGET else ''})"
             row.append(text)
         rows.append(row)
-    headers = ["mechanism"] + [column_title(t, L, config=column_config(stats, t, L)) for t, L in sorted(primary.items())]
+    headers = ["mechanism"] + [
+        column_title(t, L, config=column_config(stats, t, L)) for t, L in sorted(primary.items())
+    ]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -627,25 +774,58 @@ def recommendation_table(stats: pd.DataFrame, baselines: dict) -> str:
     ok["band"] = [band_of(L) for L in ok.length]
     rows = []
     band_order = [label for _, label in BANDS]
-    for (task, band), group in sorted(ok.groupby(["task", "band"]), key=lambda kv: (kv[0][0], band_order.index(kv[0][1]))):
+    for (task, band), group in sorted(
+        ok.groupby(["task", "band"]), key=lambda kv: (kv[0][0], band_order.index(kv[0][1]))
+    ):
         higher = bool(group.higher.iloc[0])
         signal = group[group.beats_baseline & group.within_best]
         if signal.empty:
             fastest = group.sort_values("tokens_per_s", ascending=False, na_position="last").head(3)
             for e in (e for _, e in fastest.iterrows()):
-                rows.append([task, band, length_label(e.length), e.row, _short_value(e, higher), *_cost(e),
-                             "", "no accuracy signal: cost ranking only"])
+                rows.append(
+                    [
+                        task,
+                        band,
+                        length_label(e.length),
+                        e.row,
+                        _short_value(e, higher),
+                        *_cost(e),
+                        "",
+                        "no accuracy signal: cost ranking only",
+                    ]
+                )
             continue
         signal = signal.sort_values("tokens_per_s", ascending=False, na_position="last")
-        points = {i: (e.tokens_per_s if pd.notna(e.tokens_per_s) else 0.0, e["mean"] if higher else -e["mean"])
-                  for i, e in signal.iterrows()}
+        points = {
+            i: (e.tokens_per_s if pd.notna(e.tokens_per_s) else 0.0, e["mean"] if higher else -e["mean"])
+            for i, e in signal.iterrows()
+        }
         front = set(pareto_front(points))
         for i, e in signal.iterrows():
             config = f" [{e.column_config}]" if e.get("column_config") else ""
-            rows.append([task, band, length_label(e.length) + config, e.row, _short_value(e, higher), *_cost(e),
-                         "✓" if i in front else "", ""])
-    headers = ["task", "length band", "L", "mechanism", "accuracy (or bits ↓)", "train tokens/s", "peak MB",
-               "Pareto", "note"]
+            rows.append(
+                [
+                    task,
+                    band,
+                    length_label(e.length) + config,
+                    e.row,
+                    _short_value(e, higher),
+                    *_cost(e),
+                    "✓" if i in front else "",
+                    "",
+                ]
+            )
+    headers = [
+        "task",
+        "length band",
+        "L",
+        "mechanism",
+        "accuracy (or bits ↓)",
+        "train tokens/s",
+        "peak MB",
+        "Pareto",
+        "note",
+    ]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -654,15 +834,20 @@ def _short_value(e, higher: bool) -> str:
 
 
 def _cost(e) -> list[str]:
-    return [f"{e.tokens_per_s / 1e3:,.1f}k" if pd.notna(e.tokens_per_s) else "–",
-            f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–"]
+    return [
+        f"{e.tokens_per_s / 1e3:,.1f}k" if pd.notna(e.tokens_per_s) else "–",
+        f"{e.peak_memory_mb:,.0f}" if pd.notna(e.peak_memory_mb) else "–",
+    ]
 
 
 def _our_rows(cells: pd.DataFrame, protocols: tuple[str, ...]) -> list[list[str]]:
     """Our ``scale=lra`` cells of these protocols on the real sources, a row per mechanism."""
     ours = cells[(cells.scale == "lra") & (cells.status == "ok") & cells.protocol.isin(protocols)]
-    ours = ours[pd.Series([s in REAL_SOURCES.get(t, set()) for t, s in zip(ours.task, ours.source)], index=ours.index,
-                          dtype=bool)]
+    ours = ours[
+        pd.Series(
+            [s in REAL_SOURCES.get(t, set()) for t, s in zip(ours.task, ours.source)], index=ours.index, dtype=bool
+        )
+    ]
     mine = []
     for (mech, protocol), group in ours.groupby(["mechanism", "protocol"]):
         values = []
@@ -670,9 +855,14 @@ def _our_rows(cells: pd.DataFrame, protocols: tuple[str, ...]) -> list[list[str]
             scores = group[group.task == task].test.dropna()
             values.append(100 * scores.mean() if len(scores) else math.nan)
         complete = all(math.isfinite(v) for v in values)
-        mine.append([f"{mech} (ours)", f"measured here, `protocol={protocol}`",
-                     *[f"{v:.2f}" if math.isfinite(v) else "–" for v in values],
-                     f"{sum(values) / len(values):.2f}" if complete else "–"])
+        mine.append(
+            [
+                f"{mech} (ours)",
+                f"measured here, `protocol={protocol}`",
+                *[f"{v:.2f}" if math.isfinite(v) else "–" for v in values],
+                f"{sum(values) / len(values):.2f}" if complete else "–",
+            ]
+        )
     return mine
 
 
@@ -683,24 +873,39 @@ def reference_section(cells: pd.DataFrame) -> str:
     retrieval head and budgets). A cell of another protocol is never set beside them."""
     header = ["model", "source", *[t for t in LRA_TASKS], "avg"]
     lra = [[name, "published", *[f"{v:.2f}" for v in values[:5]], f"{values[5]:.2f}"] for name, *values in LRA_TABLE1]
-    lines = ["## Published reference numbers", "",
-             "Published rows appear only beside our `scale=lra` cells of the protocol they were measured under "
-             "(`protocol=lra|pytorch|nystromformer`, recorded in every cell), on the same real sources (LRA's "
-             "ListOps, IMDB bytes, AAN, CIFAR-10, Pathfinder-32 hard), mean over seeds. They are never part of our "
-             "means or bold marks. The settings of each protocol and their sources: `docs/protocols.md`.", "",
-             f"### LRA's own protocol (`protocol=lra`): {LRA_CITATION}", "",
-             tabulate(lra + _our_rows(cells, ("lra",)), headers=header, tablefmt="github", disable_numparse=True), ""]
+    lines = [
+        "## Published reference numbers",
+        "",
+        "Published rows appear only beside our `scale=lra` cells of the protocol they were measured under "
+        "(`protocol=lra|pytorch|nystromformer`, recorded in every cell), on the same real sources (LRA's "
+        "ListOps, IMDB bytes, AAN, CIFAR-10, Pathfinder-32 hard), mean over seeds. They are never part of our "
+        "means or bold marks. The settings of each protocol and their sources: `docs/protocols.md`.",
+        "",
+        f"### LRA's own protocol (`protocol=lra`): {LRA_CITATION}",
+        "",
+        tabulate(lra + _our_rows(cells, ("lra",)), headers=header, tablefmt="github", disable_numparse=True),
+        "",
+    ]
     for protocol in sorted({p for _, _, p, _ in REIMPLEMENTED_ROWS}):
-        rows = [[name, f"published [{i + 1}]", *[f"{v:.2f}" for v in values]]
-                for i, (name, _, p, values) in enumerate(REIMPLEMENTED_ROWS) if p == protocol]
-        lines += [f"### The PyTorch re-implementations' protocol (`protocol={protocol}`)", "",
-                  tabulate(rows + _our_rows(cells, (protocol,)), headers=header, tablefmt="github",
-                           disable_numparse=True), "",
-                  *[f"[{i + 1}] {citation}." for i, (_, citation, p, _) in enumerate(REIMPLEMENTED_ROWS)
-                    if p == protocol], ""]
+        rows = [
+            [name, f"published [{i + 1}]", *[f"{v:.2f}" for v in values]]
+            for i, (name, _, p, values) in enumerate(REIMPLEMENTED_ROWS)
+            if p == protocol
+        ]
+        lines += [
+            f"### The PyTorch re-implementations' protocol (`protocol={protocol}`)",
+            "",
+            tabulate(rows + _our_rows(cells, (protocol,)), headers=header, tablefmt="github", disable_numparse=True),
+            "",
+            *[f"[{i + 1}] {citation}." for i, (_, citation, p, _) in enumerate(REIMPLEMENTED_ROWS) if p == protocol],
+            "",
+        ]
     if not _our_rows(cells, tuple(["lra", *{p for _, _, p, _ in REIMPLEMENTED_ROWS}])):
-        lines += ["_No `scale=lra` cells on the real sources yet: run `make benchmark SCALE=lra` with the LRA data "
-                  "(see README, tasks; `protocol=pytorch` for the re-implementations' setup)._", ""]
+        lines += [
+            "_No `scale=lra` cells on the real sources yet: run `make benchmark SCALE=lra` with the LRA data "
+            "(see README, tasks; `protocol=pytorch` for the re-implementations' setup)._",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -710,8 +915,18 @@ def details_section(cells: pd.DataFrame, unreadable: list[dict[str, str]], resul
     rows = []
     for _, c in bad.sort_values(["scale", "task", "mechanism", "variant", "seed"]).iterrows():
         links = f"[log]({c.log}/cell.log) · [curves]({c.log}/curves/metrics.csv)"
-        rows.append([c.scale, c.task, c.mechanism, c.variant_label or "default", c.seed, FAILURE_MARK[c.status],
-                     (c.error or "")[:120].replace("|", "\\|"), links])
+        rows.append(
+            [
+                c.scale,
+                c.task,
+                c.mechanism,
+                c.variant_label or "default",
+                c.seed,
+                FAILURE_MARK[c.status],
+                (c.error or "")[:120].replace("|", "\\|"),
+                links,
+            ]
+        )
     for item in unreadable:
         path = Path(item["path"])
         try:
@@ -721,11 +936,23 @@ def details_section(cells: pd.DataFrame, unreadable: list[dict[str, str]], resul
         rows.append(["?", "?", "?", "?", "?", "✗ unreadable", item["reason"].replace("|", "\\|"), f"`{shown}`"])
     counts = cells[~cells.status.isin(NOT_OK)].status.value_counts()
     rest = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
-    lines = ["## Run details", "", f"Cells not ok: {len(bad)}; unreadable result files: {len(unreadable)}; "
-             f"the other cells: {rest}. Links are relative to this file's folder.", ""]
+    lines = [
+        "## Run details",
+        "",
+        f"Cells not ok: {len(bad)}; unreadable result files: {len(unreadable)}; "
+        f"the other cells: {rest}. Links are relative to this file's folder.",
+        "",
+    ]
     if rows:
-        lines += [tabulate(rows, headers=["scale", "task", "mechanism", "variant", "seed", "status", "error", "files"],
-                           tablefmt="github", disable_numparse=True), ""]
+        lines += [
+            tabulate(
+                rows,
+                headers=["scale", "task", "mechanism", "variant", "seed", "status", "error", "files"],
+                tablefmt="github",
+                disable_numparse=True,
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -734,12 +961,13 @@ def details_section(cells: pd.DataFrame, unreadable: list[dict[str, str]], resul
 
 def figure_legend(fig, axes, ncol: int = 1) -> None:
     """One legend right of the panels, each label once (the panels share series)."""
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", fontsize=8, frameon=False,
-               ncol=ncol)
+    fig.legend(
+        list(handles.values()), list(handles.keys()), loc="outside right center", fontsize=8, frameon=False, ncol=ncol
+    )
 
 
 def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str) -> Path | None:
@@ -765,8 +993,9 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     height = 4 * rows_n
     legend_cols = max(1, math.ceil(entries * 0.19 / (height - 0.6)))
     legend_width = 2.4 * legend_cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + legend_width, height), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows_n, cols, figsize=(5 * cols + legend_width, height), squeeze=False, layout="constrained"
+    )
     for ax, task in zip(axes.flat, tasks):
         group = stats[(stats.task == task) & (stats.length > 0)]
         higher = bool(group.higher.iloc[0]) if len(group) else True
@@ -781,14 +1010,24 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
             # differs between lengths, e.g. a smaller batch at 4K): otherwise the points stand alone
             runs = (done.column_config != done.column_config.shift()).cumsum() if len(done) else []
             for i, (_, run) in enumerate(done.groupby(runs, sort=False) if len(done) else []):
-                ax.plot(run.length, scale_y * run["mean"], label=label if i == 0 else None, markersize=5,
-                        **style[label])
+                ax.plot(
+                    run.length, scale_y * run["mean"], label=label if i == 0 else None, markersize=5, **style[label]
+                )
             stopped = series[(series.n_ok == 0) & series.statuses.map(lambda s: any(x in NOT_OK for x in s))]
             for _, e in stopped.iterrows():  # no value: a cross at the foot of the panel, at its own length
                 status = next(x for x in e.statuses if x in NOT_OK)
-                ax.plot([e.length], [0.03], marker="x", markersize=9, markeredgewidth=2, color=style[label]["color"],
-                        linestyle="none", transform=ax.get_xaxis_transform(), clip_on=False,
-                        label=None if len(done) else label)
+                ax.plot(
+                    [e.length],
+                    [0.03],
+                    marker="x",
+                    markersize=9,
+                    markeredgewidth=2,
+                    color=style[label]["color"],
+                    linestyle="none",
+                    transform=ax.get_xaxis_transform(),
+                    clip_on=False,
+                    label=None if len(done) else label,
+                )
                 failures.append((float(e.length), status, style[label]["color"]))
         base_points = []
         for length in sorted(group.length.unique()):
@@ -796,8 +1035,15 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
             if base:
                 base_points.append((length, scale_y * base["value"]))
         if base_points:
-            ax.plot(*zip(*base_points), color="grey", linestyle="--", linewidth=1.2, marker="_", markersize=14,
-                    label="strongest baseline")
+            ax.plot(
+                *zip(*base_points),
+                color="grey",
+                linestyle="--",
+                linewidth=1.2,
+                marker="_",
+                markersize=14,
+                label="strongest baseline",
+            )
         lengths = sorted(group.length.unique())
         if lengths:
             ax.set_xscale("log", base=2)
@@ -806,19 +1052,36 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         stacked: dict[float, int] = {}
         for length, status, color in failures:  # the status beside its cross, stacked upwards at one length
             k = stacked[length] = stacked.get(length, -1) + 1
-            ax.annotate(status, (length, 0.03), xycoords=ax.get_xaxis_transform(), textcoords="offset points",
-                        xytext=(6, -3 + 9 * k), fontsize=7, color=color)
+            ax.annotate(
+                status,
+                (length, 0.03),
+                xycoords=ax.get_xaxis_transform(),
+                textcoords="offset points",
+                xytext=(6, -3 + 9 * k),
+                fontsize=7,
+                color=color,
+            )
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("sequence length L (tokens)")
         ax.set_ylabel("test accuracy (%)" if higher else "test bits/token (lower is better)")
         ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     figure_legend(fig, axes, ncol=legend_cols)
-    shared = " · each length at its column's config (the table's column titles)" if stats.column_config.astype(bool).any() else ""
-    fig.suptitle(wrapped(f"Accuracy vs sequence length — scale `{scale}` (✕ at the foot: no cell finished there; "
-                         f"lines join only lengths run with one config){shared}", fig.get_figwidth(), 11),
-                 fontsize=11)
+    shared = (
+        " · each length at its column's config (the table's column titles)"
+        if stats.column_config.astype(bool).any()
+        else ""
+    )
+    fig.suptitle(
+        wrapped(
+            f"Accuracy vs sequence length — scale `{scale}` (✕ at the foot: no cell finished there; "
+            f"lines join only lengths run with one config){shared}",
+            fig.get_figwidth(),
+            11,
+        ),
+        fontsize=11,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
@@ -843,8 +1106,7 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     style = series_style(softmax_first(shown.row))
     cols = min(3, len(columns))
     rows_n = math.ceil(len(columns) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 2.4, 3.8 * rows_n), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols + 2.4, 3.8 * rows_n), squeeze=False, layout="constrained")
     for ax, (task, length) in zip(axes.flat, columns):
         column = shown[(shown.task == task) & (shown.length == length)]
         for label in style:
@@ -859,8 +1121,7 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
             ax.plot(steps, [100 * np.mean(by_step[x]) for x in steps], label=label, markersize=4, **style[label])
         base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), True)
         if base:
-            ax.axhline(100 * base["value"], color="grey", linestyle="--", linewidth=1.2,
-                       label="strongest baseline")
+            ax.axhline(100 * base["value"], color="grey", linestyle="--", linewidth=1.2, label="strongest baseline")
         warm = column.warmup_steps.dropna()
         if len(warm):  # trained at the short length before this step (validation is at the column's length)
             ax.axvline(float(warm.max()), color="black", linestyle=":", linewidth=1.0, label="end of the warm start")
@@ -869,18 +1130,21 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         ax.set_xlabel("training step")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(columns):]:
+    for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     figure_legend(fig, axes)
-    fig.suptitle(wrapped(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)",
-                         fig.get_figwidth(), 11), fontsize=11)
+    fig.suptitle(
+        wrapped(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)", fig.get_figwidth(), 11),
+        fontsize=11,
+    )
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
-def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str,
-                             min_rows: int = 3) -> Path | None:
+def accuracy_throughput_plot(
+    stats: pd.DataFrame, baselines: dict, path: Path, scale: str, min_rows: int = 3
+) -> Path | None:
     """Accuracy against the cells' own training throughput, a panel per task and length (LRA's
     figure 3 from the grid itself, so it needs no speed sweep), and per config (presets or one
     variant): the Pareto front dashed, the strongest baseline dotted; panels with at least
@@ -895,8 +1159,9 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
 
     ok = stats[(stats.n_ok > 0) & stats.higher & stats.tokens_per_s.notna() & (stats.length > 0)].copy()
     # one panel per config too: throughputs of a preset model and a 4x smaller variant do not compare
-    ok["config"] = [row.split(" [", 1)[1].rstrip("]") if " [" in row else column
-                    for row, column in zip(ok.row, ok.column_config)]
+    ok["config"] = [
+        row.split(" [", 1)[1].rstrip("]") if " [" in row else column for row, column in zip(ok.row, ok.column_config)
+    ]
     panels = [(t, L, c) for (t, L, c), g in ok.groupby(["task", "length", "config"]) if len(g) >= min_rows]
     if not panels:
         return None
@@ -910,11 +1175,19 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
         for label, (x, y) in points.items():  # named in the panel's legend: labels beside points collide
             ax.scatter(x, y, color=style[label]["color"], marker=style[label]["marker"], s=36, alpha=0.8, label=label)
         front = pareto_front(points)  # ordered by throughput
-        ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", linestyle="--",
-                linewidth=1, label="Pareto front")
+        ax.plot(
+            [points[m][0] for m in front],
+            [points[m][1] for m in front],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="Pareto front",
+        )
         base = strongest(baselines.get((task, int(length)), {}).get("baselines", []), True)
         if base:
-            ax.axhline(100 * base["value"], color="grey", linestyle=":", linewidth=1.2, label=f"baseline: {base['name']}")
+            ax.axhline(
+                100 * base["value"], color="grey", linestyle=":", linewidth=1.2, label=f"baseline: {base['name']}"
+            )
         ax.set_xscale("log")
         # ticks at 1, 2 and 5 per decade, written 20k / 50k: the default minor labels of a range
         # within one decade run together (3×10⁴4×10⁴)
@@ -927,10 +1200,16 @@ def accuracy_throughput_plot(stats: pd.DataFrame, baselines: dict, path: Path, s
         ax.grid(True, alpha=0.3)
         ax.margins(0.12)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(wrapped(f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config",
-                         fig.get_figwidth(), 11), fontsize=11)
+    fig.suptitle(
+        wrapped(
+            f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config",
+            fig.get_figwidth(),
+            11,
+        ),
+        fontsize=11,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
@@ -944,8 +1223,11 @@ def header_lines(cells: pd.DataFrame, speed_records: list[dict[str, Any]], resul
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit, dirty = code_commit()
     at = f" at commit {commit}{' (with uncommitted changes)' if dirty else ''}" if commit else ""
-    lines = [f"Generated {stamp} from {len(cells)} cell results in `{results_dir}/runs` by `python -m harness report`"
-             f"{at}; the cells' own commits are below.", ""]
+    lines = [
+        f"Generated {stamp} from {len(cells)} cell results in `{results_dir}/runs` by `python -m harness report`"
+        f"{at}; the cells' own commits are below.",
+        "",
+    ]
     if cells.empty:
         return lines
     seeds = "; ".join(f"`{s}`: {', '.join(str(x) for x in sorted(set(g.seed)))}" for s, g in cells.groupby("scale"))
@@ -956,10 +1238,12 @@ def header_lines(cells: pd.DataFrame, speed_records: list[dict[str, Any]], resul
         f"- **scale(s)**: {', '.join(f'`{s}`' for s in sorted(cells.scale.unique()))}; **seeds**: {seeds}",
         f"- **hardware**: {', '.join(sorted(set(cells.device.dropna()))) or '?'}; "
         f"**torch**: {', '.join(sorted(set(cells.torch.dropna()))) or '?'}; "
-        f"**commit(s)**: {', '.join(sorted({c for cs in cells.commits for c in cs} | set(cells.commit.dropna()))) or '?'}"
+        "**commit(s)**: "
+        f"{', '.join(sorted({c for cs in cells.commits for c in cs} | set(cells.commit.dropna()))) or '?'}"
         + code_caveat(cells),
         f"- **total wall time**: {total / 3600:.2f} h (cells {grid_wall / 3600:.2f} h + speed sweep "
-        f"{speed_wall / 3600:.2f} h, summed from the records)"]
+        f"{speed_wall / 3600:.2f} h, summed from the records)",
+    ]
     measured = make_benchmark_line(results_dir)
     return lines + ([measured] if measured else []) + [""]
 
@@ -970,7 +1254,8 @@ def code_caveat(cells: pd.DataFrame) -> str:
     dirty = int((cells.dirty == True).sum())  # noqa: E712 - None (not recorded) is not dirty
     several = int(sum(len(c) > 1 for c in cells.commits))
     parts = ([f"{dirty} cell(s) ran code that differs from its commit (env.dirty_files)"] if dirty else []) + (
-        [f"{several} cell(s) trained under several commits (env.segments)"] if several else [])
+        [f"{several} cell(s) trained under several commits (env.segments)"] if several else []
+    )
     return f" ({'; '.join(parts)})" if parts else ""
 
 
@@ -984,27 +1269,31 @@ def make_benchmark_line(results_dir: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     when = datetime.fromtimestamp(finished, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"- **measured `{run.get('command', 'make benchmark')}`**: {(finished - started) / 3600:.2f} h "
-            f"start to end (finished {when}; grid exit status {run.get('grid_status', '?')})")
+    return (
+        f"- **measured `{run.get('command', 'make benchmark')}`**: {(finished - started) / 3600:.2f} h "
+        f"start to end (finished {when}; grid exit status {run.get('grid_status', '?')})"
+    )
 
 
-LEGEND = ("Test metric of the checkpoint selected on validation: accuracy (%) or bits/token (↓). Each cell: "
-          "mean ± std over seeds (one config), then a 95% interval that adds the seeds' variance to the test "
-          "set's (cluster-robust where test units come in clusters: the queries of one sequence, windows of one "
-          "page; Wilson's on the test size for records without per-item outcomes; ±1.96 SE over test sequences "
-          "for bits). **Bold**: beats the strongest baseline row of its column under a paired test on the same "
-          "test items (paired bootstrap over items and seeds, one-sided p < 0.05) *and* is not significantly "
-          "below the column's best (the same test). ◦: does not beat the strongest (shortcut) baseline. "
-          "≡softmax: at this length the mechanism computes exactly softmax attention (its window or blocks "
-          "cover the sequence; measured against the float64 oracle), so the row is not independent evidence "
-          "and is left out of the recommendation. Baselines are computed from the same splits "
-          "(`harness/report/baselines.py`). A label in brackets is a variant (its config differs from the scale's "
-          "presets); length is the column; a bracket in a column's title is the config every cell of that "
-          "column shares, whose rows are then plain mechanism names. `n/a`: the mechanism lacks a capability "
-          "the task needs; `✗ status`: failed (see run details). †: trained on other data than the column's "
-          "baseline rows; judged against the baselines of its own data. Average: of chance-normalised accuracy "
-          "(acc − c) / (1 − c), c = the column's majority rate, over accuracy tasks at each task's "
-          "most-populated length; a row missing one of them has none.")
+LEGEND = (
+    "Test metric of the checkpoint selected on validation: accuracy (%) or bits/token (↓). Each cell: "
+    "mean ± std over seeds (one config), then a 95% interval that adds the seeds' variance to the test "
+    "set's (cluster-robust where test units come in clusters: the queries of one sequence, windows of one "
+    "page; Wilson's on the test size for records without per-item outcomes; ±1.96 SE over test sequences "
+    "for bits). **Bold**: beats the strongest baseline row of its column under a paired test on the same "
+    "test items (paired bootstrap over items and seeds, one-sided p < 0.05) *and* is not significantly "
+    "below the column's best (the same test). ◦: does not beat the strongest (shortcut) baseline. "
+    "≡softmax: at this length the mechanism computes exactly softmax attention (its window or blocks "
+    "cover the sequence; measured against the float64 oracle), so the row is not independent evidence "
+    "and is left out of the recommendation. Baselines are computed from the same splits "
+    "(`harness/report/baselines.py`). A label in brackets is a variant (its config differs from the scale's "
+    "presets); length is the column; a bracket in a column's title is the config every cell of that "
+    "column shares, whose rows are then plain mechanism names. `n/a`: the mechanism lacks a capability "
+    "the task needs; `✗ status`: failed (see run details). †: trained on other data than the column's "
+    "baseline rows; judged against the baselines of its own data. Average: of chance-normalised accuracy "
+    "(acc − c) / (1 − c), c = the column's majority rate, over accuracy tasks at each task's "
+    "most-populated length; a row missing one of them has none."
+)
 
 
 def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> list[str]:
@@ -1015,39 +1304,67 @@ def scale_section(scale: str, cells: pd.DataFrame, results_dir: Path) -> list[st
     key = variant_key(cells)
     if key:
         lines += [key, ""]
-    errors = sorted({f"{key[0]} L={length_label(key[1])}{' (data ' + key[2] + ')' if len(key) > 2 else ''}: {v['error']}"
-                     for key, v in baselines.items() if v.get("error")})
+    errors = sorted(
+        {
+            f"{key[0]} L={length_label(key[1])}{' (data ' + key[2] + ')' if len(key) > 2 else ''}: {v['error']}"
+            for key, v in baselines.items()
+            if v.get("error")
+        }
+    )
     if errors:
         lines += ["Baselines not computed from the splits: " + "; ".join(errors), ""]
     plot = accuracy_length_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_length_{scale}.png", scale)
     lines += [f"### Accuracy against sequence length — scale `{scale}`", ""]
     if plot:
         lines += [f"![accuracy vs length]({plot.relative_to(results_dir).as_posix()})", ""]
-    speed_plot = accuracy_throughput_plot(stats, baselines, results_dir / "plots" / f"accuracy_vs_throughput_{scale}.png",
-                                          scale)
+    speed_plot = accuracy_throughput_plot(
+        stats, baselines, results_dir / "plots" / f"accuracy_vs_throughput_{scale}.png", scale
+    )
     if speed_plot:
         lines += [f"![accuracy vs throughput]({speed_plot.relative_to(results_dir).as_posix()})", ""]
     curves = learning_curves_plot(stats, baselines, results_dir / "plots" / f"learning_curves_{scale}.png", scale)
     if curves:
-        lines += [f"### Learning curves — scale `{scale}`", "",
-                  "Validation accuracy while training (mean over seeds): a row still rising at its last step is "
-                  "a slow learner at this budget; a flat one near the baseline did not find the task.", "",
-                  f"![learning curves]({curves.relative_to(results_dir).as_posix()})", ""]
-    lines += [f"### Recommendation — scale `{scale}`", "",
-              "Per task and length band: the mechanisms that beat the strongest baseline and are not significantly "
-              "below the band's best (both by the paired test), fastest training first (tokens/s and peak memory "
-              "of the cells themselves); ✓: on the Pareto front of accuracy and throughput. Rows that are "
-              "softmax in disguise at that length are left out. Where no row beats the baseline the band has "
-              "no accuracy signal and lists its fastest rows as a cost ranking only.", "",
-              recommendation_table(stats, baselines), ""]
+        lines += [
+            f"### Learning curves — scale `{scale}`",
+            "",
+            "Validation accuracy while training (mean over seeds): a row still rising at its last step is "
+            "a slow learner at this budget; a flat one near the baseline did not find the task.",
+            "",
+            f"![learning curves]({curves.relative_to(results_dir).as_posix()})",
+            "",
+        ]
+    lines += [
+        f"### Recommendation — scale `{scale}`",
+        "",
+        "Per task and length band: the mechanisms that beat the strongest baseline and are not significantly "
+        "below the band's best (both by the paired test), fastest training first (tokens/s and peak memory "
+        "of the cells themselves); ✓: on the Pareto front of accuracy and throughput. Rows that are "
+        "softmax in disguise at that length are left out. Where no row beats the baseline the band has "
+        "no accuracy signal and lists its fastest rows as a cost ranking only.",
+        "",
+        recommendation_table(stats, baselines),
+        "",
+    ]
     lines += [f"### Tasks — scale `{scale}`", "", tasks_table(cells), ""]
-    lines += [f"### Training throughput — scale `{scale}`", "",
-              "Measured during the grid's own training (median over seeds): thousands of padded tokens per "
-              "second of training steps after warm-up · peak memory in MB (CUDA max allocated, or the "
-              "process's peak RSS on CPU). Compare within a column.", "", throughput_table(stats), ""]
-    lines += [f"### Parameters — scale `{scale}`", "",
-              "Model parameters per task (at its most-populated length), relative to softmax; ⚠: more than 10% "
-              "over softmax (LRA's parameter budget).", "", params_table(stats), ""]
+    lines += [
+        f"### Training throughput — scale `{scale}`",
+        "",
+        "Measured during the grid's own training (median over seeds): thousands of padded tokens per "
+        "second of training steps after warm-up · peak memory in MB (CUDA max allocated, or the "
+        "process's peak RSS on CPU). Compare within a column.",
+        "",
+        throughput_table(stats),
+        "",
+    ]
+    lines += [
+        f"### Parameters — scale `{scale}`",
+        "",
+        "Model parameters per task (at its most-populated length), relative to softmax; ⚠: more than 10% "
+        "over softmax (LRA's parameter budget).",
+        "",
+        params_table(stats),
+        "",
+    ]
     return lines
 
 
@@ -1102,8 +1419,12 @@ def main(argv: list[str] | None = None) -> int:
     """Write the report; exit 1 when it refuses (a table that would shrink without force=true)."""
     from harness.core.overrides import parse
 
-    settings = parse(ReportSettings, sys.argv[1:] if argv is None else argv, command="report",
-                     refused={"out": "use results_dir= (the folder holding runs/ and speed/)"})
+    settings = parse(
+        ReportSettings,
+        sys.argv[1:] if argv is None else argv,
+        command="report",
+        refused={"out": "use results_dir= (the folder holding runs/ and speed/)"},
+    )
     try:
         path = write_report(settings.results_dir, force=settings.force)
     except WouldShrink as exc:

@@ -11,6 +11,14 @@ from harness.train.run import run_cell
 from harness.train.training import TaskDataModule, TaskModule
 
 __all__ = [
-    "Cell", "ModelConfig", "TaskDataModule", "TaskModule", "TrainConfig", "build_model", "compose",
-    "count_parameters", "resolve_cell", "run_cell",
+    "Cell",
+    "ModelConfig",
+    "TaskDataModule",
+    "TaskModule",
+    "TrainConfig",
+    "build_model",
+    "compose",
+    "count_parameters",
+    "resolve_cell",
+    "run_cell",
 ]

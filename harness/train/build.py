@@ -15,7 +15,11 @@ def build_model(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: Any
     if task.head == "seq2seq":
         return build_seq2seq(task, model_cfg, mechanism, mechanism_cfg)
     if task.head not in HEADS:
-        raise ValueError(f"task '{task.name}' asks for head '{task.head}'; valid heads: {', '.join([*HEADS, 'seq2seq'])}")
-    encoder = Encoder(model_cfg, vocab_size=task.vocab_size, max_len=task.max_len, mechanism=mechanism, mechanism_cfg=mechanism_cfg)
+        raise ValueError(
+            f"task '{task.name}' asks for head '{task.head}'; valid heads: {', '.join([*HEADS, 'seq2seq'])}"
+        )
+    encoder = Encoder(
+        model_cfg, vocab_size=task.vocab_size, max_len=task.max_len, mechanism=mechanism, mechanism_cfg=mechanism_cfg
+    )
     size = task.vocab_size if task.head == "lm" else task.num_classes
     return HEADS[task.head](encoder, size)

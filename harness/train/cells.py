@@ -47,8 +47,14 @@ def _plain(node: Any) -> Any:
 # not make every recorded cell a stranger to its own presets. Any other value is identity.
 LATER_SETTINGS = {
     "model": {"qkv_dim": 0, "attention_dropout": 0.0, "head_mlp": 0, "interaction": "nli"},
-    "train": {"betas": [0.9, 0.98], "eps": 1e-8, "weight_decay_all": False, "grad_clip_algorithm": "norm",
-              "pretrain_steps": 0, "pretrain_mask": 0.15},
+    "train": {
+        "betas": [0.9, 0.98],
+        "eps": 1e-8,
+        "weight_decay_all": False,
+        "grad_clip_algorithm": "norm",
+        "pretrain_steps": 0,
+        "pretrain_mask": 0.15,
+    },
 }
 
 
@@ -104,8 +110,10 @@ def difference(identity: dict[str, Any], preset: dict[str, Any]) -> str:
     """How ``identity`` differs from ``preset``, as overrides: ``model.depth=2, train.lr=0.001``."""
     a, b = _flatten(identity), _flatten(preset)
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
-    return ", ".join(f"{k}={json.dumps(a[k]) if not isinstance(a.get(k), (int, float, str)) else a[k]}"
-                     if k in a else f"~{k}" for k in keys)
+    return ", ".join(
+        f"{k}={json.dumps(a[k]) if not isinstance(a.get(k), (int, float, str)) else a[k]}" if k in a else f"~{k}"
+        for k in keys
+    )
 
 
 def preset_identity(task: str, mechanism: str, scale: str, protocol: str = "") -> dict[str, Any]:
@@ -118,7 +126,12 @@ def preset_identity(task: str, mechanism: str, scale: str, protocol: str = "") -
 def _preset_identity_json(task: str, mechanism: str, scale: str, protocol: str = "") -> str:
     from harness.train.config import compose_isolated
 
-    overrides = [f"task={task}", f"mechanism={mechanism}", f"scale={scale}", *([f"protocol={protocol}"] if protocol else [])]
+    overrides = [
+        f"task={task}",
+        f"mechanism={mechanism}",
+        f"scale={scale}",
+        *([f"protocol={protocol}"] if protocol else []),
+    ]
     identity = cell_identity(compose_isolated(overrides))
     return json.dumps(identity, default=str)
 
@@ -187,10 +200,19 @@ def resolve_cell(cfg: DictConfig) -> Cell:
         variant, label = (protocol, f"protocol={protocol}") if other_protocol else ("", "")
     else:
         variant = digest
-        label = ", ".join(x for x in (f"protocol={protocol}" if other_protocol else "", difference(identity, preset)) if x)
+        label = ", ".join(
+            x for x in (f"protocol={protocol}" if other_protocol else "", difference(identity, preset)) if x
+        )
     return Cell(
-        results_dir=Path(cfg.results_dir), scale=cfg.scale.name, task=cfg.task.name, mechanism=cfg.mechanism.name,
-        seed=int(cfg.seed), identity=identity, config_hash=digest, variant=variant, variant_label=label,
+        results_dir=Path(cfg.results_dir),
+        scale=cfg.scale.name,
+        task=cfg.task.name,
+        mechanism=cfg.mechanism.name,
+        seed=int(cfg.seed),
+        identity=identity,
+        config_hash=digest,
+        variant=variant,
+        variant_label=label,
     )
 
 

@@ -36,7 +36,31 @@ def load_conf(group: str, name: str) -> dict[str, Any]:
     """The contents of ``conf_file(group, name)``, resolved, as plain Python values."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(conf_file(group, name)), resolve=True) or {}
+    return as_dict(OmegaConf.load(conf_file(group, name)))
+
+
+def as_dict(node: Any) -> dict[str, Any]:
+    """A config section (a ``DictConfig``, or a mapping already) as a plain ``dict[str, Any]``,
+    interpolations resolved; an empty (``None``) section is ``{}``. TypeError when it is not a mapping."""
+    from omegaconf import OmegaConf
+
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, dict):
+        raise TypeError(f"expected a mapping of settings, got {type(node).__name__}")
+    return {str(k): v for k, v in node.items()}
+
+
+def train_settings(section: DictConfig) -> TrainConfig:
+    """The ``train`` section of a composed config as its typed ``TrainConfig`` object."""
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.to_object(section)
+    if not isinstance(train, TrainConfig):
+        raise TypeError(f"train: expected the TrainConfig schema, got {type(train).__name__}")
+    return train
 
 
 @dataclass
@@ -72,7 +96,8 @@ class TrainConfig:
     warmup_length: int = 0
     warmup_length_steps: int = 0
     warmup_batch_size: int = 0
-    # -- the reference protocols' optimiser (harness/conf/protocol/, docs/protocols.md); the defaults are the harness's own
+    # -- the reference protocols' optimiser (harness/conf/protocol/, docs/protocols.md); the defaults are the
+    # harness's own
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # Adam(W)'s (beta1, beta2)
     eps: float = 1e-8  # Adam(W)'s epsilon (LRA: 1e-9; the PyTorch re-implementations: 1e-6)
     weight_decay_all: bool = False  # decay every parameter, as Flax's Adam does (LRA); else not norms/biases/embeddings
@@ -84,21 +109,27 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.grad_clip_algorithm not in GRAD_CLIP_ALGORITHMS:
-            raise ValueError(f"train.grad_clip_algorithm='{self.grad_clip_algorithm}'; valid: {', '.join(GRAD_CLIP_ALGORITHMS)}")
+            raise ValueError(
+                f"train.grad_clip_algorithm='{self.grad_clip_algorithm}'; valid: {', '.join(GRAD_CLIP_ALGORITHMS)}"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas={list(self.betas)} must be two numbers in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"train.eps={self.eps} must be > 0")
         if self.pretrain_steps < 0 or not 0 < self.pretrain_mask < 1:
-            raise ValueError(f"train.pretrain_steps={self.pretrain_steps} must be >= 0 and train.pretrain_mask="
-                             f"{self.pretrain_mask} in (0, 1)")
+            raise ValueError(
+                f"train.pretrain_steps={self.pretrain_steps} must be >= 0 and train.pretrain_mask="
+                f"{self.pretrain_mask} in (0, 1)"
+            )
         if self.warmup_length < 0 or self.warmup_length_steps < 0 or self.warmup_batch_size < 0:
             raise ValueError("train.warmup_length, train.warmup_length_steps and train.warmup_batch_size must be >= 0")
         if bool(self.warmup_length) != bool(self.warmup_length_steps):
             raise ValueError("a warm start needs both train.warmup_length and train.warmup_length_steps (or neither)")
         if self.warmup_length_steps >= self.max_steps > 0 and self.warmup_length:
-            raise ValueError(f"train.warmup_length_steps={self.warmup_length_steps} leaves no step of "
-                             f"train.max_steps={self.max_steps} at the task's own length")
+            raise ValueError(
+                f"train.warmup_length_steps={self.warmup_length_steps} leaves no step of "
+                f"train.max_steps={self.max_steps} at the task's own length"
+            )
 
 
 @dataclass
@@ -195,13 +226,17 @@ def check_protocol(cfg: DictConfig) -> None:
     protocol, accepted = scale.get("protocol") or "", list(scale.get("protocols") or [])
     if not accepted:
         if protocol:
-            raise ValueError(f"protocol={protocol} is a setting of scale=lra; scale={scale.name} has no protocols "
-                             "(drop protocol=, or add scale=lra)")
+            raise ValueError(
+                f"protocol={protocol} is a setting of scale=lra; scale={scale.name} has no protocols "
+                "(drop protocol=, or add scale=lra)"
+            )
         return
     if protocol not in accepted:
         raise ValueError(f"protocol={protocol or 'none'} at scale={scale.name}; valid: {', '.join(accepted)}")
     task = cfg.task.name
     if protocol != "lra" and not protocol_preset(protocol, task).exists():
         have = sorted(p.stem for p in (CONF_DIR / "protocol" / protocol).glob("[!_]*.yaml"))
-        raise ValueError(f"protocol={protocol} has no preset for task '{task}' (it covers {', '.join(have)}); "
-                         "use protocol=lra for it")
+        raise ValueError(
+            f"protocol={protocol} has no preset for task '{task}' (it covers {', '.join(have)}); "
+            "use protocol=lra for it"
+        )

@@ -25,12 +25,11 @@ class EvaluateSettings:
 def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "test") -> dict:
     import lightning as L
     import torch
-    from omegaconf import OmegaConf
 
     from harness.core.registry import create_task
     from harness.train.build import build_model
     from harness.train.cells import resolve_cell
-    from harness.train.config import compose
+    from harness.train.config import compose, train_settings
     from harness.train.model import ModelConfig
     from harness.train.training import TaskDataModule, TaskModule
 
@@ -38,18 +37,30 @@ def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "
     cell = resolve_cell(cfg)
     path = Path(checkpoint) if checkpoint else cell.checkpoint_dir / "best.ckpt"
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; run the cell with keep_checkpoints=true, or pass checkpoint=PATH")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; run the cell with keep_checkpoints=true, or pass checkpoint=PATH"
+        )
     task_cfg = {k: v for k, v in cell.identity["task"].items() if k != "name"}
     task = create_task(cell.task, scale=cell.scale, **task_cfg)
     dsd, info = task.load(cfg.cache_dir)
-    model = build_model(task, ModelConfig(**cell.identity["model"]), cell.mechanism,
-                        {k: v for k, v in cell.identity["mechanism"].items() if k != "name"})
-    module = TaskModule(model, OmegaConf.to_object(cfg.train))
+    model = build_model(
+        task,
+        ModelConfig(**cell.identity["model"]),
+        cell.mechanism,
+        {k: v for k, v in cell.identity["mechanism"].items() if k != "name"},
+    )
+    module = TaskModule(model, train_settings(cfg.train))
     state = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
     data = TaskDataModule(dsd, batch_size=cfg.train.batch_size, seed=cell.seed)
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     if split == "test":
         trainer.test(module, datamodule=data, verbose=False)
     elif split == "validation":
@@ -57,8 +68,14 @@ def evaluate(overrides: list[str], checkpoint: str | None = None, split: str = "
     else:
         raise ValueError(f"split={split!r}; valid: test, validation")
     metrics = module.final_metrics["test" if split == "test" else "val"]
-    return {"cell": cell.name, "checkpoint": str(path), "step": state.get("global_step"), "split": split,
-            "data": {"source": info.source, "fingerprint": info.fingerprint}, "metrics": metrics}
+    return {
+        "cell": cell.name,
+        "checkpoint": str(path),
+        "step": state.get("global_step"),
+        "split": split,
+        "data": {"source": info.source, "fingerprint": info.fingerprint},
+        "metrics": metrics,
+    }
 
 
 def parse(argv: list[str]) -> tuple[EvaluateSettings, list[str]]:

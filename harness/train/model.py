@@ -41,7 +41,8 @@ class ModelConfig:
     pooling: str = "mean"  # mean (over non-pad tokens) | cls | first (no CLS token) | padded_mean (sum / max_len)
     feedforward: str = "mlp"  # mlp | none (all-attention blocks, e.g. persistent memory replacing the MLP)
     short_conv: int = 0  # kernel of a causal depthwise convolution over the embeddings (0: none); see Encoder
-    # -- the reference protocols' options (harness/conf/protocol/, docs/protocols.md); the defaults are the harness's own model
+    # -- the reference protocols' options (harness/conf/protocol/, docs/protocols.md); the defaults are the
+    # harness's own model
     qkv_dim: int = 0  # total width of Q/K/V over all heads (LRA's qkv_dim); 0 = dim
     attention_dropout: float = 0.0  # dropout on attention weights, for mechanisms with a `dropout` setting left at 0
     head_mlp: int = 0  # hidden width of the head's ReLU MLP (LRA: Dense(mlp_dim) -> ReLU -> Dense); 0 = one Linear
@@ -114,7 +115,8 @@ class Block(nn.Module):
         super().__init__()
         self.norm_mix = nn.LayerNorm(cfg.dim)
         self.mix = MultiHeadMixing(cfg.dim, cfg.heads, mechanism, inner=cfg.qkv_dim)
-        self.norm_mlp = self.mlp = None
+        self.norm_mlp: nn.LayerNorm | None = None
+        self.mlp: nn.Sequential | None = None
         if cfg.feedforward == "mlp":
             self.norm_mlp = nn.LayerNorm(cfg.dim)
             self.mlp = nn.Sequential(
@@ -124,7 +126,7 @@ class Block(nn.Module):
 
     def forward(self, x, *, key_padding_mask=None, causal=False, context=None) -> Tensor:
         x = x + self.drop(self.mix(self.norm_mix(x), key_padding_mask=key_padding_mask, causal=causal, context=context))
-        if self.mlp is None:
+        if self.mlp is None or self.norm_mlp is None:
             return x
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
@@ -167,7 +169,10 @@ class Encoder(nn.Module):
             Block(
                 cfg,
                 create_mechanism(
-                    mechanism, heads=cfg.heads, dim_head=(cfg.qkv_dim or cfg.dim) // cfg.heads, max_len=self.max_len,
+                    mechanism,
+                    heads=cfg.heads,
+                    dim_head=(cfg.qkv_dim or cfg.dim) // cfg.heads,
+                    max_len=self.max_len,
                     **overrides,
                 ),
             )
@@ -178,7 +183,7 @@ class Encoder(nn.Module):
 
     @property
     def mechanisms(self) -> list[Attention]:
-        return [block.mix.mechanism for block in self.blocks]
+        return [_block(block).mix.mechanism for block in self.blocks]
 
     def aux_loss(self) -> Tensor | None:
         """The sum of its mechanisms' auxiliary losses (``Attention.aux_loss`` of the last forward,
@@ -208,7 +213,9 @@ class Encoder(nn.Module):
         elif self.pos is not None:
             x = x + self.pos.weight[:n]
         x = self.drop(x)
-        context = AttentionContext(positions=torch.arange(n, device=x.device).expand(b, n), relations=relations, step=step)
+        context = AttentionContext(
+            positions=torch.arange(n, device=x.device).expand(b, n), relations=relations, step=step
+        )
         # All-False masks are dropped so mechanisms without key_padding run unpadded batches.
         kpm = padding_mask if bool(padding_mask.any()) else None
         for block in self.blocks:
@@ -229,6 +236,13 @@ class Encoder(nn.Module):
         return (states * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
+def _block(module: nn.Module) -> Block:
+    """An ``Encoder.blocks`` entry as the ``Block`` it is (a ModuleList yields plain Modules)."""
+    if not isinstance(module, Block):
+        raise TypeError(f"an encoder block is a Block, not {type(module).__name__}")
+    return module
+
+
 def as_overrides(mechanism_cfg: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -238,7 +252,7 @@ def as_overrides(mechanism_cfg: Any) -> dict[str, Any]:
         return {}
     if isinstance(mechanism_cfg, DictConfig):
         mechanism_cfg = OmegaConf.to_container(mechanism_cfg, resolve=True)
-    elif dataclasses.is_dataclass(mechanism_cfg):
+    elif dataclasses.is_dataclass(mechanism_cfg) and not isinstance(mechanism_cfg, type):
         mechanism_cfg = dataclasses.asdict(mechanism_cfg)
     return {k: v for k, v in dict(mechanism_cfg).items() if k != "name"}
 
@@ -281,8 +295,13 @@ class Head(nn.Module):
         labels = batch["label"]
         loss = F.cross_entropy(logits.float(), labels)
         hits = logits.argmax(-1) == labels
-        return loss, {"correct": hits.sum(), "count": torch.tensor(labels.numel()), "nll": loss.detach() * labels.numel(),
-                      "item_correct": hits.long(), "item_count": torch.ones_like(labels)}
+        return loss, {
+            "correct": hits.sum(),
+            "count": torch.tensor(labels.numel()),
+            "nll": loss.detach() * labels.numel(),
+            "item_correct": hits.long(),
+            "item_count": torch.ones_like(labels),
+        }
 
 
 class ClassifierHead(Head):
@@ -293,7 +312,9 @@ class ClassifierHead(Head):
         self.out = _head_mlp(encoder.cfg.dim, encoder.cfg.head_mlp, num_classes)
 
     def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
-        states, mask = self.encoder(batch["input_ids"], batch["padding_mask"], relations=batch.get("relations"), step=step)
+        states, mask = self.encoder(
+            batch["input_ids"], batch["padding_mask"], relations=batch.get("relations"), step=step
+        )
         return self.out(self.encoder.pool(states, mask))
 
 
@@ -314,8 +335,9 @@ class MatcherHead(Head):
             if cfg.head_mlp < 2:
                 raise ValueError("model.interaction=concat needs model.head_mlp >= 2 (LRA: the model's mlp_dim)")
             h = cfg.head_mlp
-            self.out = nn.Sequential(nn.Linear(2 * cfg.dim, h), nn.ReLU(), nn.Linear(h, h // 2), nn.ReLU(),
-                                     nn.Linear(h // 2, num_classes))
+            self.out: nn.Module = nn.Sequential(
+                nn.Linear(2 * cfg.dim, h), nn.ReLU(), nn.Linear(h, h // 2), nn.ReLU(), nn.Linear(h // 2, num_classes)
+            )
         elif cfg.head_mlp:
             self.out = _head_mlp(4 * cfg.dim, cfg.head_mlp, num_classes)
         else:
@@ -324,7 +346,9 @@ class MatcherHead(Head):
     def forward(self, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         # Both towers in one encoder pass (stacked along the batch), so the mechanisms'
         # aux losses and metrics cover both documents.
-        ids, mask = _stack_padded([batch["input_ids_1"], batch["input_ids_2"]], [batch["padding_mask_1"], batch["padding_mask_2"]])
+        ids, mask = _stack_padded(
+            [batch["input_ids_1"], batch["input_ids_2"]], [batch["padding_mask_1"], batch["padding_mask_2"]]
+        )
         x1, x2 = self.encoder.pool(*self.encoder(ids, mask, step=step)).chunk(2, dim=0)
         if self.interaction == "concat":
             return self.out(torch.cat([x1, x2], dim=-1))
@@ -388,8 +412,13 @@ class TaggerHead(Head):
         count = valid.sum()
         loss = nll.sum() / count.clamp_min(1)
         hits = (logits.argmax(-1) == targets) & valid
-        return loss, {"correct": hits.sum(), "count": count, "nll": nll.detach().sum(),
-                      "item_correct": hits.sum(1), "item_count": valid.sum(1)}
+        return loss, {
+            "correct": hits.sum(),
+            "count": count,
+            "nll": nll.detach().sum(),
+            "item_correct": hits.sum(1),
+            "item_count": valid.sum(1),
+        }
 
 
 HEADS = {"classifier": ClassifierHead, "matcher": MatcherHead, "lm": LanguageModelHead, "tagger": TaggerHead}

@@ -42,7 +42,11 @@ class MaskedDenoising(L.LightningModule):
     def _documents(self, batch: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
         if "input_ids" in batch:
             return [(batch["input_ids"], batch["padding_mask"])]
-        return [(batch[k], batch[k.replace("input_ids", "padding_mask")]) for k in sorted(batch) if k.startswith("input_ids_")]
+        return [
+            (batch[k], batch[k.replace("input_ids", "padding_mask")])
+            for k in sorted(batch)
+            if k.startswith("input_ids_")
+        ]
 
     def denoising_loss(self, ids: Tensor, padding_mask: Tensor) -> Tensor:
         enc = self.encoder
@@ -73,8 +77,9 @@ class MaskedDenoising(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.train_cfg
-        optimizer = torch.optim.AdamW(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
         warmup, total = max(1, min(cfg.warmup_steps, cfg.pretrain_steps // 10 or 1)), cfg.pretrain_steps
 
         def factor(step: int) -> float:
@@ -86,17 +91,33 @@ class MaskedDenoising(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def self_pretrain(model: Head, task, train_cfg: Any, data: L.LightningDataModule, trainer_kwargs: dict[str, Any]) -> dict:
+def self_pretrain(
+    model: Head, task, train_cfg: Any, data: L.LightningDataModule, trainer_kwargs: dict[str, Any]
+) -> dict:
     """Run the first stage on ``model``'s encoder in place; returns what the record keeps."""
     if task.head not in PRETRAINABLE_HEADS:
-        raise ValueError(f"train.pretrain_steps: task '{task.name}' has a {task.head} head; self-pretraining covers "
-                         f"{', '.join(PRETRAINABLE_HEADS)} heads (an LM already trains on its inputs); unset it")
+        raise ValueError(
+            f"train.pretrain_steps: task '{task.name}' has a {task.head} head; self-pretraining covers "
+            f"{', '.join(PRETRAINABLE_HEADS)} heads (an LM already trains on its inputs); unset it"
+        )
     stage = MaskedDenoising(model, train_cfg, task.vocab_size)
-    trainer = L.Trainer(max_steps=train_cfg.pretrain_steps, limit_val_batches=0, num_sanity_val_steps=0,
-                        enable_checkpointing=False, logger=False, enable_model_summary=False,
-                        gradient_clip_val=train_cfg.grad_clip or None,
-                        gradient_clip_algorithm=train_cfg.grad_clip_algorithm, **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=train_cfg.pretrain_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        logger=False,
+        enable_model_summary=False,
+        gradient_clip_val=train_cfg.grad_clip or None,
+        gradient_clip_algorithm=train_cfg.grad_clip_algorithm,
+        **trainer_kwargs,
+    )
     trainer.fit(stage, train_dataloaders=data.train_dataloader())
-    tail = stage.losses[-max(1, len(stage.losses) // 10):]
-    return {"steps": int(trainer.global_step), "mask": train_cfg.pretrain_mask, "objective": "masked denoising",
-            "first_loss": stage.losses[0] if stage.losses else None, "final_loss": sum(tail) / len(tail) if tail else None}
+    tail = stage.losses[-max(1, len(stage.losses) // 10) :]
+    return {
+        "steps": int(trainer.global_step),
+        "mask": train_cfg.pretrain_mask,
+        "objective": "masked denoising",
+        "first_loss": stage.losses[0] if stage.losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+    }

@@ -129,10 +129,6 @@ def _interrupt_signal(exc: BaseException) -> int | None:
     return None
 
 
-def _container(node: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-
-
 def check_run_settings(cfg: DictConfig) -> None:
     """Settings with a fixed set of values fail with one line listing them."""
     from harness.train.config import ON_LOCKED, RERUN
@@ -165,13 +161,17 @@ def check_config(cfg: DictConfig) -> None:
     from harness.train.config import LoggerConfig, RunConfig, ScaleConfig, TrainConfig, TrainerConfig, check_protocol
     from harness.train.model import ModelConfig
 
-    schemas = {"train": _fields(TrainConfig), "model": _fields(ModelConfig), "scale": _fields(ScaleConfig),
-               "logger": _fields(LoggerConfig),
-               "task": _fields(get_task(cfg.task.name).config_class) | {"name"},
-               "mechanism": _fields(get_mechanism(cfg.mechanism.name).config_class) | {"name"},
-               "trainer": _fields(TrainerConfig) | trainer_arguments()}
+    schemas = {
+        "train": _fields(TrainConfig),
+        "model": _fields(ModelConfig),
+        "scale": _fields(ScaleConfig),
+        "logger": _fields(LoggerConfig),
+        "task": _fields(get_task(cfg.task.name).config_class) | {"name"},
+        "mechanism": _fields(get_mechanism(cfg.mechanism.name).config_class) | {"name"},
+        "trainer": _fields(TrainerConfig) | trainer_arguments(),
+    }
     top = _fields(RunConfig)
-    for key in cfg:
+    for key in map(str, cfg):
         if key not in top:
             raise ValueError(f"{key} is not a setting; {_close(key, top)}")
     for group, valid in schemas.items():
@@ -179,13 +179,21 @@ def check_config(cfg: DictConfig) -> None:
             if key not in valid:
                 raise ValueError(f"{group}.{key} is not a {group} setting; {_close(key, valid)}")
     train, trainer, model = cfg.train, cfg.trainer, cfg.model
-    at_least = {"train.max_steps": (train.max_steps, 1), "train.batch_size": (train.batch_size, 1),
-                "train.eval_every": (train.eval_every, 1), "train.warmup_steps": (train.warmup_steps, 0),
-                "train.eval_batches": (train.eval_batches, 0), "train.weight_decay": (train.weight_decay, 0),
-                "train.grad_clip": (train.grad_clip, 0), "train.time_limit_s": (train.time_limit_s, 0),
-                "trainer.accumulate_grad_batches": (trainer.accumulate_grad_batches, 1),
-                "trainer.num_workers": (trainer.num_workers, 0), "model.dim": (model.dim, 1),
-                "model.depth": (model.depth, 1), "model.heads": (model.heads, 1)}
+    at_least = {
+        "train.max_steps": (train.max_steps, 1),
+        "train.batch_size": (train.batch_size, 1),
+        "train.eval_every": (train.eval_every, 1),
+        "train.warmup_steps": (train.warmup_steps, 0),
+        "train.eval_batches": (train.eval_batches, 0),
+        "train.weight_decay": (train.weight_decay, 0),
+        "train.grad_clip": (train.grad_clip, 0),
+        "train.time_limit_s": (train.time_limit_s, 0),
+        "trainer.accumulate_grad_batches": (trainer.accumulate_grad_batches, 1),
+        "trainer.num_workers": (trainer.num_workers, 0),
+        "model.dim": (model.dim, 1),
+        "model.depth": (model.depth, 1),
+        "model.heads": (model.heads, 1),
+    }
     for key, (value, low) in at_least.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{key}={value!r} must be a number >= {low}")
@@ -198,8 +206,13 @@ def check_config(cfg: DictConfig) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(get_task(cfg.task.name).config_class)}
     for key, value in cfg.task.items():
         default = defaults.get(key)
-        if (key.startswith("num_") or key.startswith("max_")) and isinstance(value, int) and value < 1 \
-                and isinstance(default, int) and default >= 1:
+        if (
+            (key.startswith("num_") or key.startswith("max_"))
+            and isinstance(value, int)
+            and value < 1
+            and isinstance(default, int)
+            and default >= 1
+        ):
             raise ValueError(f"task.{key}={value!r} must be >= 1")
     trainer_passthrough(cfg)
     check_protocol(cfg)
@@ -244,11 +257,21 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     try:
         lock.acquire(timeout=0 if cfg.get("on_locked", "skip") == "skip" else -1)
     except Timeout:
-        log.warning("skip %s: it is running in another process (lock %s; on_locked=wait to wait for it)",
-                    cell.name, cell.lock_path)
+        log.warning(
+            "skip %s: it is running in another process (lock %s; on_locked=wait to wait for it)",
+            cell.name,
+            cell.lock_path,
+        )
         print(cell.result_path, flush=True)
-        return {"status": "running", "task": cell.task, "mechanism": cell.mechanism, "scale": cell.scale,
-                "seed": cell.seed, "variant": cell.variant, "_path": str(cell.result_path)}
+        return {
+            "status": "running",
+            "task": cell.task,
+            "mechanism": cell.mechanism,
+            "scale": cell.scale,
+            "seed": cell.seed,
+            "variant": cell.variant,
+            "_path": str(cell.result_path),
+        }
     handler = _cell_log_handler(cell)
     try:
         with _StopSignals():
@@ -275,13 +298,21 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     previous = read_result(cell.result_path)
     if previous is not None and previous.get("config_hash") != cell.config_hash:
         moved = _set_aside(cell, previous)
-        log.warning("%s held a result of another config (%s); kept as %s, running this config anew",
-                    cell.result_path, previous.get("config_hash") or "unrecorded", moved)
+        log.warning(
+            "%s held a result of another config (%s); kept as %s, running this config anew",
+            cell.result_path,
+            previous.get("config_hash") or "unrecorded",
+            moved,
+        )
         previous = None
     if previous is not None and cfg.rerun != "all":
         if previous["status"] in FINISHED or cfg.rerun == "none":
-            log.info("skip %s: recorded as %s (rerun=%s to redo)", cell.name, previous["status"],
-                     "all" if previous["status"] in FINISHED else "failed")
+            log.info(
+                "skip %s: recorded as %s (rerun=%s to redo)",
+                cell.name,
+                previous["status"],
+                "all" if previous["status"] in FINISHED else "failed",
+            )
             print(cell.result_path, flush=True)
             return {**previous, "_skipped": True}
 
@@ -300,9 +331,14 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
     except BaseException as exc:  # recorded, never lost
         signum = _interrupt_signal(exc)
         if signum is not None:  # stopped from outside: no record, checkpoints kept, resumed by a rerun
-            kept = "last.ckpt kept" if (cell.checkpoint_dir / "last.ckpt").exists() else "no checkpoint yet"
-            log.warning("interrupted %s by %s after %s: nothing recorded (%s); rerun the same command to resume",
-                        cell.name, signal.Signals(signum).name, f"{time.perf_counter() - start:.1f} s", kept)
+            checkpoint = "last.ckpt kept" if (cell.checkpoint_dir / "last.ckpt").exists() else "no checkpoint yet"
+            log.warning(
+                "interrupted %s by %s after %s: nothing recorded (%s); rerun the same command to resume",
+                cell.name,
+                signal.Signals(signum).name,
+                f"{time.perf_counter() - start:.1f} s",
+                checkpoint,
+            )
             raise CellInterrupted(signum) from None
         result.status, result.error = status_of(exc), last_line(exc)
         log.error("cell %s %s: %s", cell.name, result.status, result.error)
@@ -332,8 +368,16 @@ def new_result(cell: Cell, status: str = "failed", **fields: Any) -> Result:
     """A record of ``cell``: its names, its settings (``config``: the cell's identity), this
     process's environment, ``status`` and any other ``fields`` (e.g. ``error``)."""
     return Result(
-        task=cell.task, mechanism=cell.mechanism, scale=cell.scale, seed=cell.seed, status=status, env=environment(),
-        variant=cell.variant, variant_label=cell.variant_label, config_hash=cell.config_hash, config=cell.identity,
+        task=cell.task,
+        mechanism=cell.mechanism,
+        scale=cell.scale,
+        seed=cell.seed,
+        status=status,
+        env=environment(),
+        variant=cell.variant,
+        variant_label=cell.variant_label,
+        config_hash=cell.config_hash,
+        config=cell.identity,
         **fields,
     )
 
@@ -342,7 +386,11 @@ def _ddp_worker_rank() -> int:
     """The local rank of a process Lightning's DDP launcher started (0 in the main one)."""
     import os
 
-    return int(os.environ.get("LOCAL_RANK", "0") or 0) if "PL_GLOBAL_SEED" in os.environ or "WORLD_SIZE" in os.environ else 0
+    return (
+        int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if "PL_GLOBAL_SEED" in os.environ or "WORLD_SIZE" in os.environ
+        else 0
+    )
 
 
 def _route_lightning_logs() -> None:
@@ -357,11 +405,23 @@ def _route_lightning_logs() -> None:
 OUR_TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_workers", "deterministic", "progress_bar")
 
 
-MANAGED_TRAINER_KEYS = frozenset({
-    "max_steps", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches", "callbacks",
-    "use_distributed_sampler",
-    "gradient_clip_val", "gradient_clip_algorithm", "enable_progress_bar", "logger", "log_every_n_steps", "num_sanity_val_steps",
-    "enable_model_summary"})
+MANAGED_TRAINER_KEYS = frozenset(
+    {
+        "max_steps",
+        "val_check_interval",
+        "check_val_every_n_epoch",
+        "limit_val_batches",
+        "callbacks",
+        "use_distributed_sampler",
+        "gradient_clip_val",
+        "gradient_clip_algorithm",
+        "enable_progress_bar",
+        "logger",
+        "log_every_n_steps",
+        "num_sanity_val_steps",
+        "enable_model_summary",
+    }
+)
 
 
 def trainer_arguments() -> set[str]:
@@ -380,7 +440,9 @@ def trainer_passthrough(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning as L
 
-    extra = {k: v for k, v in _container(cfg.trainer).items() if k not in OUR_TRAINER_KEYS}
+    from harness.train.config import as_dict
+
+    extra = {k: v for k, v in as_dict(cfg.trainer).items() if k not in OUR_TRAINER_KEYS}
     valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     managed = MANAGED_TRAINER_KEYS
     unknown = sorted(set(extra) - valid)
@@ -413,8 +475,7 @@ def build_logger(cfg: DictConfig, cell: Cell):
             raise ValueError("logger=wandb needs wandb: pip install -e '.[wandb]'") from exc
         from lightning.pytorch.loggers import WandbLogger
 
-        return WandbLogger(project=cfg.logger.project, name=cell.name, save_dir=str(cell.log_dir),
-                           config=cell.identity)
+        return WandbLogger(project=cfg.logger.project, name=cell.name, save_dir=str(cell.log_dir), config=cell.identity)
     raise ValueError(f"logger={name!r}; valid loggers: csv, tensorboard, wandb")
 
 
@@ -428,8 +489,12 @@ def _claim_checkpoints(cell: Cell) -> None:
         except (OSError, ValueError):
             recorded = None
         if recorded != cell.config_hash:
-            log.warning("checkpoints in %s are of another config (%s); starting %s from scratch",
-                        cell.checkpoint_dir, recorded or "unrecorded", cell.name)
+            log.warning(
+                "checkpoints in %s are of another config (%s); starting %s from scratch",
+                cell.checkpoint_dir,
+                recorded or "unrecorded",
+                cell.name,
+            )
             shutil.rmtree(cell.checkpoint_dir, ignore_errors=True)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"config_hash": cell.config_hash, "config": cell.identity}, indent=1, default=str))
@@ -438,12 +503,18 @@ def _claim_checkpoints(cell: Cell) -> None:
 def _summary(result: Result) -> str:
     test = result.metrics.get("test", {})
     ci = test.get("accuracy_ci95")
-    parts = [f"test accuracy {test['accuracy']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "") + f" (seed {result.seed})"
-             if "accuracy" in test else None,
-             f"test bits/token {test['bits_per_token']:.4f}" if "bits_per_token" in test else None,
-             f"majority {result.data['majority_accuracy']:.4f}" if result.data.get("majority_accuracy") else None,
-             f"{result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s else None,
-             f"{result.wall_s}s" if result.wall_s else None, result.error]
+    parts = [
+        f"test accuracy {test['accuracy']:.4f}"
+        + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        + f" (seed {result.seed})"
+        if "accuracy" in test
+        else None,
+        f"test bits/token {test['bits_per_token']:.4f}" if "bits_per_token" in test else None,
+        f"majority {result.data['majority_accuracy']:.4f}" if result.data.get("majority_accuracy") else None,
+        f"{result.tokens_per_s:.0f} tokens/s" if result.tokens_per_s else None,
+        f"{result.wall_s}s" if result.wall_s else None,
+        result.error,
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -455,6 +526,7 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     from harness.core.attention import computes_softmax
     from harness.core.registry import create_task, get_mechanism
     from harness.train.build import build_model
+    from harness.train.config import train_settings
     from harness.train.model import ModelConfig, count_parameters
     from harness.train.training import CellMeter, CodeSegments, RandomStates, TaskDataModule, TaskModule
 
@@ -479,30 +551,47 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
     model = build_model(task, model_cfg, result.mechanism, config_section(cell.identity, "mechanism"))
     result.params = count_parameters(model)
     log.info("model: %s with %s, %d parameters", task.head, result.mechanism, result.params)
-    result.softmax_equivalent = computes_softmax(model.encoder.mechanisms[0], model.encoder.max_len,
-                                                 causal=model.causal) if model.encoder.mechanisms else None
+    result.softmax_equivalent = (
+        computes_softmax(model.encoder.mechanisms[0], model.encoder.max_len, causal=model.causal)
+        if model.encoder.mechanisms
+        else None
+    )
     if result.softmax_equivalent and result.mechanism != "softmax":
-        log.info("%s computes exactly softmax at %d tokens: the report marks this row", result.mechanism,
-                 model.encoder.max_len)
+        log.info(
+            "%s computes exactly softmax at %d tokens: the report marks this row",
+            result.mechanism,
+            model.encoder.max_len,
+        )
 
-    train = OmegaConf.to_object(cfg.train)
+    train = train_settings(cfg.train)
     module = TaskModule(model, train)
     warm = None
     if train.warmup_length:  # the warm start: the first steps on the same task at a shorter length
         at_length = getattr(task, "at_length", None)
         if at_length is None:
-            raise ValueError(f"train.warmup_length is set, but task '{task.name}' cannot change its length "
-                             f"(it has no at_length); unset train.warmup_length")
+            raise ValueError(
+                f"train.warmup_length is set, but task '{task.name}' cannot change its length "
+                f"(it has no at_length); unset train.warmup_length"
+            )
         short = create_task(result.task, scale=result.scale, **at_length(train.warmup_length))
         warm_dsd, warm_info = short.load(cfg.cache_dir)
-        result.data["warmup"] = {"max_len": train.warmup_length, "fingerprint": warm_info.fingerprint,
-                                 "steps": train.warmup_length_steps,
-                                 "cache_path": warm_info.as_record()["cache_path"]}
+        result.data["warmup"] = {
+            "max_len": train.warmup_length,
+            "fingerprint": warm_info.fingerprint,
+            "steps": train.warmup_length_steps,
+            "cache_path": warm_info.as_record()["cache_path"],
+        }
         warm = (warm_dsd["train"], train.warmup_length_steps, train.warmup_batch_size or train.batch_size)
-        log.info("warm start: %d steps at %d tokens, then %d steps at %d", train.warmup_length_steps,
-                 train.warmup_length, train.max_steps - train.warmup_length_steps, task.max_len)
-    data = TaskDataModule(dsd, batch_size=train.batch_size, seed=result.seed, num_workers=cfg.trainer.num_workers,
-                          warmup=warm)
+        log.info(
+            "warm start: %d steps at %d tokens, then %d steps at %d",
+            train.warmup_length_steps,
+            train.warmup_length,
+            train.max_steps - train.warmup_length_steps,
+            task.max_len,
+        )
+    data = TaskDataModule(
+        dsd, batch_size=train.batch_size, seed=result.seed, num_workers=cfg.trainer.num_workers, warmup=warm
+    )
     ckpt_dir = cell.checkpoint_dir
     # Select on validation accuracy, or on validation loss (bits/token) for a language model.
     monitor, mode = ("val/loss", "min") if model.causal else ("val/accuracy", "max")
@@ -543,9 +632,18 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
 
             meter.start_timer()
             result.data["pretrain"] = self_pretrain(
-                model, task, train, data, {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices,
-                                           "precision": cfg.trainer.precision, "enable_progress_bar": False,
-                                           "deterministic": "warn" if cfg.trainer.deterministic else False})
+                model,
+                task,
+                train,
+                data,
+                {
+                    "accelerator": cfg.trainer.accelerator,
+                    "devices": cfg.trainer.devices,
+                    "precision": cfg.trainer.precision,
+                    "enable_progress_bar": False,
+                    "deterministic": "warn" if cfg.trainer.deterministic else False,
+                },
+            )
             log.info("self-pretraining: %s", result.data["pretrain"])
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None, weights_only=True)
         result.resumed_from_step = meter.resumed_from_step
@@ -582,8 +680,11 @@ def _train_and_test(cfg: DictConfig, cell: Cell, result: Result) -> None:
         if earlier_curves:
             _prepend_curves(curves, earlier_curves, before_step=meter.resumed_from_step)
         result.val_curve = _earlier_val_curve(earlier_curves, meter.resumed_from_step) + module.val_curve
-    result.mechanism_metrics = {k: v for k, v in result.metrics["test"].items()
-                                if k not in ("accuracy", "loss", "bits_per_token", "accuracy_ci95")}
+    result.mechanism_metrics = {
+        k: v
+        for k, v in result.metrics["test"].items()
+        if k not in ("accuracy", "loss", "bits_per_token", "accuracy_ci95")
+    }
     result.tokens_per_s = meter.tokens_per_s
     result.status = "ok"
     if not cfg.keep_checkpoints and _ddp_worker_rank() == 0:
@@ -629,8 +730,10 @@ def _test_interval(items: dict[str, list[int]], clusters: list[int] | None) -> l
     found = clustered_interval(correct, units, count=count)
     if not math.isfinite(found["half_width"]):
         return None
-    return [round(max(0.0, found["accuracy"] - found["half_width"]), 6),
-            round(min(1.0, found["accuracy"] + found["half_width"]), 6)]
+    return [
+        round(max(0.0, found["accuracy"] - found["half_width"]), 6),
+        round(min(1.0, found["accuracy"] + found["half_width"]), 6),
+    ]
 
 
 def _earlier_val_curve(rows: list[dict[str, str]], before_step: int | None) -> list[list[float]]:
@@ -679,6 +782,8 @@ def _first_job(args: list[str]) -> list[str] | None:
         for override in OverridesParser.create().parse_overrides(args):
             if override.is_sweep_override():
                 out.append(f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}")
+            elif override.input_line is None:  # parse_overrides keeps each override's text
+                raise ValueError(f"override {override} has no input line")
             else:
                 out.append(override.input_line)
         return out
@@ -690,7 +795,6 @@ def compose_checked(overrides: list[str], command: str = "run") -> DictConfig:
     """``compose`` whose refusals are one-line ``UsageError``s: an unknown key lists the valid ones
     (with the closest), an unknown group option the valid options, a bad value its key."""
     from hydra.errors import HydraException, MissingConfigException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from harness.core.overrides import UsageError, did_you_mean, unknown_key
@@ -713,8 +817,9 @@ def compose_checked(overrides: list[str], command: str = "run") -> DictConfig:
         lines = [ln.strip() for ln in str(exc).splitlines()]
         start = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("Available options")), len(lines))
         options = [ln for ln in lines[start:] if ln and not ln.startswith(("Config search path", "provider="))]
-        raise UsageError(f"{command}: unknown {group} '{option}'{did_you_mean(option, options)}; valid: "
-                         f"{', '.join(options)}") from None
+        raise UsageError(
+            f"{command}: unknown {group} '{option}'{did_you_mean(option, options)}; valid: {', '.join(options)}"
+        ) from None
     except (HydraException, OmegaConfBaseException) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if text.startswith("Could not override '"):
@@ -723,7 +828,8 @@ def compose_checked(overrides: list[str], command: str = "run") -> DictConfig:
             base = compose([a for a in overrides if not a.startswith(f"{key}=")])
             node = OmegaConf.select(base, parent) if parent else base
             if node is not None and hasattr(node, "keys"):
-                valid = [f"{parent}.{k}" if parent else str(k) for k in node.keys()]
+                keys = [str(k) for k in node.keys()]
+                valid = [f"{parent}.{k}" if parent else k for k in keys]
                 raise unknown_key(key, valid, command) from None
         cause = exc.__cause__
         detail = f": {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else ""
@@ -745,11 +851,14 @@ def check_before_hydra(args: list[str]) -> None:
     flags = [a for a in args if a.startswith("-")]
     if any(f not in ("--multirun", "-m") for f in flags):  # --cfg, --help, --info ...: Hydra's own
         return
-    overrides = [a for a in args if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    overrides = [
+        a for a in args if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))
+    ]
     if flags:
-        overrides = _first_job(overrides)
-        if overrides is None:
+        first = _first_job(overrides)
+        if first is None:
             return
+        overrides = first
     from harness.core.overrides import UsageError
 
     try:
@@ -793,17 +902,23 @@ def main() -> None:
         except CellInterrupted as exc:
             print(f"{exc}: nothing recorded, checkpoints kept; rerun the same command to resume", file=sys.stderr)
             sys.exit(exc.exit_code)
-        multirun = HydraConfig.get().mode.name == "MULTIRUN"
+        mode = HydraConfig.get().mode
+        multirun = mode is not None and mode.name == "MULTIRUN"
         if record["status"] not in (*FINISHED, "running") and not multirun:
             sys.exit(1)
         return record  # a launcher's callbacks (the grid's progress line) read it
 
     try:
         _main()
-    except KeyboardInterrupt as exc:  # a sweep stopped (harness.grid.launcher.SweepInterrupted) or Ctrl-C outside a cell
+    except (
+        KeyboardInterrupt
+    ) as exc:  # a sweep stopped (harness.grid.launcher.SweepInterrupted) or Ctrl-C outside a cell
         signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"interrupted by {signal.Signals(signum).name}: unfinished cells are not recorded and keep their "
-              "checkpoints; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"interrupted by {signal.Signals(signum).name}: unfinished cells are not recorded and keep their "
+            "checkpoints; rerun the same command to resume",
+            file=sys.stderr,
+        )
         sys.exit(128 + signum)
 
 

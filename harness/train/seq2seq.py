@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.core.attention import AttentionContext
+from harness.core.attention import Attention, AttentionContext
 from harness.core.registry import create_mechanism
 from harness.train.model import Encoder, Head, ModelConfig, MultiHeadMixing, as_overrides, sinusoidal_positions
 
@@ -51,16 +51,24 @@ class Seq2SeqEncoder(Encoder):
     """The backbone's encoder; ``mechanisms`` also lists the decoder's when they are the
     mechanism under test (so the trainer adds their aux losses)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.extra_mechanisms: list = []  # plain list: the modules are registered in the decoder
+        self.extra_mechanisms: list[Attention] = []  # plain list: the modules are registered in the decoder
 
     @property
     def mechanisms(self):
         return [block.mix.mechanism for block in self.blocks] + list(self.extra_mechanisms)
 
-    def forward(self, ids: Tensor, padding_mask: Tensor, *, pieces: Tensor | None = None, causal=False, relations=None,
-                step: int = 0):
+    def forward(
+        self,
+        ids: Tensor,
+        padding_mask: Tensor,
+        *,
+        pieces: Tensor | None = None,
+        causal=False,
+        relations=None,
+        step: int = 0,
+    ):
         """As ``Encoder.forward``; with ``pieces`` (B, L, P) word-piece ids (0 = none) a
         token's embedding is the mean of its pieces' embeddings (``total_phenols`` =
         mean(total, phenols)), so schema names share the question's words."""
@@ -79,10 +87,16 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, self_mechanism, cross_mechanism):
         super().__init__()
-        self.norm_self, self.norm_cross, self.norm_mlp = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.norm_self, self.norm_cross, self.norm_mlp = (
+            nn.LayerNorm(cfg.dim),
+            nn.LayerNorm(cfg.dim),
+            nn.LayerNorm(cfg.dim),
+        )
         self.self_mix = MultiHeadMixing(cfg.dim, cfg.heads, self_mechanism)
         self.cross_mix = MultiHeadMixing(cfg.dim, cfg.heads, cross_mechanism)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.mlp_dim, cfg.dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.mlp_dim, cfg.dim)
+        )
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, y, memory, memory_mask, context) -> Tensor:
@@ -92,8 +106,9 @@ class DecoderBlock(nn.Module):
         return y + self.drop(self.mlp(self.norm_mlp(y)))
 
 
-def copy_generate_log_probs(h: Tensor, memory: Tensor, memory_mask: Tensor | None, vocab_logits: Tensor,
-                            copy_query: Tensor, gate_logit: Tensor) -> Tensor:
+def copy_generate_log_probs(
+    h: Tensor, memory: Tensor, memory_mask: Tensor | None, vocab_logits: Tensor, copy_query: Tensor, gate_logit: Tensor
+) -> Tensor:
     """log P over [vocabulary | input positions].
 
     h: (B, T, dim), memory: (B, Ls, dim), memory_mask: (B, Ls) or (B, T, Ls) True where no
@@ -130,8 +145,9 @@ def copy_blocked(target_in: Tensor, roles: Tensor, quote_id: int, table_slot_ids
     for slot in table_slot_ids:
         table_slot = table_slot | (target_in == slot)
     r = roles[:, None, :]
-    outside_ok = torch.where(table_slot[..., None], r == ROLE_TABLE,
-                             (r == ROLE_COLUMN) | (r == ROLE_TABLE) | (r == ROLE_QUESTION_NUMBER))
+    outside_ok = torch.where(
+        table_slot[..., None], r == ROLE_TABLE, (r == ROLE_COLUMN) | (r == ROLE_TABLE) | (r == ROLE_QUESTION_NUMBER)
+    )
     inside_ok = (r == ROLE_QUESTION_WORD) | (r == ROLE_QUESTION_NUMBER)
     return ~torch.where(inside, inside_ok, outside_ok)
 
@@ -142,9 +158,17 @@ class Seq2SeqHead(Head):
     ``source_target_ids`` (each source token's output-vocabulary id), ``target_ids``
     (``<bos> … <eos>``), optionally ``schema_links`` for relations."""
 
-    def __init__(self, encoder: Seq2SeqEncoder, blocks: list[DecoderBlock], *, target_vocab_size: int, max_target_len: int,
-                 relations_fn: Callable[[dict], Tensor] | None = None, quote_id: int | None = None,
-                 table_slot_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        encoder: Seq2SeqEncoder,
+        blocks: list[DecoderBlock],
+        *,
+        target_vocab_size: int,
+        max_target_len: int,
+        relations_fn: Callable[[dict], Tensor] | None = None,
+        quote_id: int | None = None,
+        table_slot_ids: tuple[int, ...] = (),
+    ):
         super().__init__(encoder)
         # Output ids of the string-literal quote and of FROM/JOIN; with source_role_ids, copies are constrained.
         self.quote_id, self.table_slot_ids = quote_id, tuple(table_slot_ids)
@@ -160,16 +184,30 @@ class Seq2SeqHead(Head):
         self.read = nn.Linear(dim, dim)  # selective read of the copied input (CopyNet)
         self.drop = nn.Dropout(encoder.cfg.dropout)
         self.relations_fn = relations_fn
-        self.uses_relations = relations_fn is not None and all(m.capabilities.relations for m in encoder.mechanisms[: len(encoder.blocks)])
+        self.uses_relations = relations_fn is not None and all(
+            m.capabilities.relations for m in encoder.mechanisms[: len(encoder.blocks)]
+        )
 
     def encode(self, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, Tensor | None]:
-        relations = self.relations_fn(batch) if self.uses_relations else None
-        memory, mask = self.encoder(batch["input_ids"], batch["padding_mask"], pieces=batch.get("source_piece_ids"),
-                                    relations=relations, step=step)
+        relations = self.relations_fn(batch) if self.uses_relations and self.relations_fn is not None else None
+        memory, mask = self.encoder(
+            batch["input_ids"],
+            batch["padding_mask"],
+            pieces=batch.get("source_piece_ids"),
+            relations=relations,
+            step=step,
+        )
         return memory, (mask if bool(mask.any()) else None)
 
-    def decode(self, target_in: Tensor, memory: Tensor, memory_mask: Tensor | None, step: int = 0,
-               sources: Tensor | None = None, roles: Tensor | None = None) -> Tensor:
+    def decode(
+        self,
+        target_in: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None,
+        step: int = 0,
+        sources: Tensor | None = None,
+        roles: Tensor | None = None,
+    ) -> Tensor:
         """target_in (B, T) -> log P (B, T, V + Ls). ``sources`` (B, T, Ls) bool marks the input
         positions holding each target token's string: its input embedding adds a read of
         their memory (CopyNet's selective read, Gu et al. 2016, arXiv:1603.06393), so a
@@ -201,14 +239,24 @@ class Seq2SeqHead(Head):
 
     def forward(self, batch: dict[str, Any], step: int = 0) -> Tensor:
         memory, mask = self.encode(batch, step)
-        return self.decode(batch["target_ids"][:, :-1], memory, mask, step, self.sources(batch["target_copy_ids"][:, :-1], batch),
-                           batch.get("source_role_ids"))
+        return self.decode(
+            batch["target_ids"][:, :-1],
+            memory,
+            mask,
+            step,
+            self.sources(batch["target_copy_ids"][:, :-1], batch),
+            batch.get("source_role_ids"),
+        )
 
     @staticmethod
     def sources(copy_ids: Tensor, batch: dict[str, Any]) -> Tensor:
         """(B, T, Ls) bool: input positions whose string is that of each target token."""
         source = batch["source_copy_ids"]
-        return (source[:, None, :] == copy_ids[..., None]) & (source[:, None, :] != PAD_ID) & (copy_ids[..., None] != PAD_ID)
+        return (
+            (source[:, None, :] == copy_ids[..., None])
+            & (source[:, None, :] != PAD_ID)
+            & (copy_ids[..., None] != PAD_ID)
+        )
 
     def loss(self, logits: Tensor, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """NLL per token of the mixture; stats per query: ``correct`` = all its tokens right."""
@@ -237,8 +285,9 @@ class Seq2SeqHead(Head):
         return loss, {"correct": correct, "count": count, "nll": nll.detach().sum()}
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_len: int | None = None, beam_size: int = 1,
-                 return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def generate(
+        self, batch: dict[str, Any], max_len: int | None = None, beam_size: int = 1, return_scores: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Beam search (greedy at ``beam_size=1``): (B, steps) indices into [vocabulary |
         input positions] of each row's best hypothesis by summed log-probability; a
         finished hypothesis is <eos> to the end. ``return_scores`` adds (B,) log P of it.
@@ -247,9 +296,15 @@ class Seq2SeqHead(Head):
         k = max(1, int(beam_size))
         memory, mask = self.encode(batch)
         b, v = memory.shape[0], self.target_vocab_size
-        grow = lambda t: t.repeat_interleave(k, dim=0) if t is not None else None  # noqa: E731  (B, ...) -> (B*K, ...)
-        memory, mask = grow(memory), grow(mask)
-        source_str, source_tgt, roles = grow(batch["source_copy_ids"]), grow(batch["source_target_ids"]), grow(batch.get("source_role_ids"))
+
+        def grow(t: Tensor) -> Tensor:  # (B, ...) -> (B*K, ...)
+            return t.repeat_interleave(k, dim=0)
+
+        memory = grow(memory)
+        mask = grow(mask) if mask is not None else None
+        source_str, source_tgt = grow(batch["source_copy_ids"]), grow(batch["source_target_ids"])
+        roles = batch.get("source_role_ids")
+        roles = grow(roles) if roles is not None else None
         n = v + source_str.shape[1]
         device = memory.device
         never = torch.zeros(n, dtype=torch.bool, device=device)
@@ -276,8 +331,11 @@ class Seq2SeqHead(Head):
             at = (choice - v).clamp_min(0)[:, None]
             as_input = torch.where(copied, source_tgt.gather(1, at)[:, 0], choice)
             # The chosen string's input positions, as in training (string identity).
-            read = torch.where(copied[:, None], source_str == source_str.gather(1, at),
-                               (source_tgt == choice[:, None]) & (choice[:, None] != UNK_ID))
+            read = torch.where(
+                copied[:, None],
+                source_str == source_str.gather(1, at),
+                (source_tgt == choice[:, None]) & (choice[:, None] != UNK_ID),
+            )
             sources = torch.cat([sources, (read & (source_str != PAD_ID))[:, None]], dim=1)
             inputs = torch.cat([inputs, as_input[:, None]], dim=1)
             if bool(done.all()):
@@ -296,18 +354,29 @@ def build_seq2seq(task, model_cfg: ModelConfig, mechanism: str, mechanism_cfg: A
     if scope not in ("encoder", "all"):
         raise ValueError(f"mechanism_scope='{scope}'; valid: encoder, all")
     enc_cfg = dataclasses.replace(model_cfg, pooling="mean")  # no CLS token in front of the source
-    encoder = Seq2SeqEncoder(enc_cfg, vocab_size=task.vocab_size, max_len=task.max_len, mechanism=mechanism,
-                             mechanism_cfg=mechanism_cfg)
+    encoder = Seq2SeqEncoder(
+        enc_cfg, vocab_size=task.vocab_size, max_len=task.max_len, mechanism=mechanism, mechanism_cfg=mechanism_cfg
+    )
     dec_name, dec_overrides = (mechanism, as_overrides(mechanism_cfg)) if scope == "all" else ("softmax", {})
     heads, dim_head = model_cfg.heads, model_cfg.dim // model_cfg.heads
     cross_len = max(task.max_len, task.max_target_len)
-    blocks = [DecoderBlock(model_cfg,
-                           create_mechanism(dec_name, heads=heads, dim_head=dim_head, max_len=task.max_target_len, **dec_overrides),
-                           create_mechanism(dec_name, heads=heads, dim_head=dim_head, max_len=cross_len, **dec_overrides))
-              for _ in range(model_cfg.depth)]
-    head = Seq2SeqHead(encoder, blocks, target_vocab_size=task.target_vocab_size, max_target_len=task.max_target_len,
-                       relations_fn=getattr(task, "batch_relations", None), quote_id=getattr(task, "target_quote_id", None),
-                       table_slot_ids=getattr(task, "target_table_slot_ids", ()))
+    blocks = [
+        DecoderBlock(
+            model_cfg,
+            create_mechanism(dec_name, heads=heads, dim_head=dim_head, max_len=task.max_target_len, **dec_overrides),
+            create_mechanism(dec_name, heads=heads, dim_head=dim_head, max_len=cross_len, **dec_overrides),
+        )
+        for _ in range(model_cfg.depth)
+    ]
+    head = Seq2SeqHead(
+        encoder,
+        blocks,
+        target_vocab_size=task.target_vocab_size,
+        max_target_len=task.max_target_len,
+        relations_fn=getattr(task, "batch_relations", None),
+        quote_id=getattr(task, "target_quote_id", None),
+        table_slot_ids=getattr(task, "target_table_slot_ids", ()),
+    )
     if scope == "all":
-        encoder.extra_mechanisms = [m for blk in head.blocks for m in (blk.self_mix.mechanism, blk.cross_mix.mechanism)]
+        encoder.extra_mechanisms = [m for blk in blocks for m in (blk.self_mix.mechanism, blk.cross_mix.mechanism)]
     return head

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -57,10 +58,13 @@ def one_cycle(optimizer, lr: float, warmup: int, total: int):
     (Nyströmformer's run_tasks.py, Skyformer's main.py): linear up from lr/25 over ``warmup``
     steps, linear down to lr/25e4 at ``total``, beta1 cycled 0.95 <-> 0.85 (its defaults)."""
     if not (warmup >= 2 and total - warmup >= 2):  # a phase of one step: OneCycleLR divides by zero
-        raise ValueError(f"train.schedule=onecycle needs train.warmup_steps={warmup} >= 2 and at least 2 steps after it "
-                         f"(train.max_steps={total})")
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=warmup / total,
-                                               anneal_strategy="linear")
+        raise ValueError(
+            f"train.schedule=onecycle needs train.warmup_steps={warmup} >= 2 and at least 2 steps after it "
+            f"(train.max_steps={total})"
+        )
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=total, pct_start=warmup / total, anneal_strategy="linear"
+    )
 
 
 class TaskModule(L.LightningModule):
@@ -104,8 +108,8 @@ class TaskModule(L.LightningModule):
             else:
                 sums[key] = sums.get(key, 0.0) + float(value)
         for mech in self.model.encoder.mechanisms:
-            for key, value in mech.metrics().items():
-                sums[f"mech/{key}"] = sums.get(f"mech/{key}", 0.0) + float(value)
+            for key, number in mech.metrics().items():
+                sums[f"mech/{key}"] = sums.get(f"mech/{key}", 0.0) + float(number)
         sums["batches"] = sums.get("batches", 0.0) + 1.0
 
     def _eval_end(self, split: str) -> None:
@@ -117,7 +121,9 @@ class TaskModule(L.LightningModule):
             self.final_items[split] = items
         if self.trainer.world_size > 1:  # exact metrics under DDP: add up every rank's sums
             keys = sorted(sums)
-            total = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum")
+            total = self.trainer.strategy.reduce(
+                torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum"
+            )
             sums = dict(zip(keys, total.tolist()))
         self.evaluated[split] = int(sums.pop("examples", 0.0))
         count = max(sums["count"], 1.0)
@@ -166,15 +172,25 @@ class TaskModule(L.LightningModule):
         if cfg.schedule == "onecycle":
             scheduler = one_cycle(optimizer, cfg.lr, cfg.warmup_steps, cfg.max_steps)
         else:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.max_steps))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.max_steps)
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class TaskDataModule(L.LightningDataModule):
     """Batches of a prepared DatasetDict, padded per batch (``harness.data.task.collate``)."""
 
-    def __init__(self, dataset_dict, *, batch_size: int, seed: int, num_workers: int = 0, eval_batch_size: int | None = None,
-                 warmup: tuple[Any, int, int] | None = None):
+    def __init__(
+        self,
+        dataset_dict,
+        *,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+        warmup: tuple[Any, int, int] | None = None,
+    ):
         """``warmup``: (a train split at a shorter length, steps, batch size): the warm start's
         first batches, before any of ``dataset_dict["train"]`` (see ``ResumableBatches``)."""
         super().__init__()
@@ -196,13 +212,28 @@ class TaskDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         done = (lambda: trainer.global_step * trainer.accumulate_grad_batches) if trainer is not None else None
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableBatches(len(short), len(self.dsd["train"]), steps=steps, short_batch=short_batch,
-                                   batch=self.batch_size, seed=self.seed, batches_done=done, rank=rank, world=world)
+        sampler = ResumableBatches(
+            len(short),
+            len(self.dsd["train"]),
+            steps=steps,
+            short_batch=short_batch,
+            batch=self.batch_size,
+            seed=self.seed,
+            batches_done=done,
+            rank=rank,
+            world=world,
+        )
         if self.warmup:
             self.warm_sampler = sampler
         dataset = ConcatDataset([short, self.dsd["train"]]) if self.warmup else self.dsd["train"]
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=self._generator(),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            generator=self._generator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _generator(self) -> torch.Generator:
         """A loader's own generator: an iterator draws its workers' base seed from it, not from
@@ -210,9 +241,15 @@ class TaskDataModule(L.LightningDataModule):
         return torch.Generator().manual_seed(self.seed)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.dsd[split], batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
-                          generator=self._generator(), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.dsd[split],
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            generator=self._generator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self):
         return self._eval_loader("validation")
@@ -234,8 +271,19 @@ class ResumableBatches(torch.utils.data.Sampler):
     processes; the trainer runs with ``use_distributed_sampler=False``) rank r takes batches r,
     r + world, ... of each epoch, the same number on every rank (a remainder is dropped)."""
 
-    def __init__(self, n_short: int, n_long: int, *, steps: int, short_batch: int, batch: int, seed: int,
-                 batches_done=None, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        n_short: int,
+        n_long: int,
+        *,
+        steps: int,
+        short_batch: int,
+        batch: int,
+        seed: int,
+        batches_done=None,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.n_short, self.n_long, self.steps = n_short, n_long, steps
         self.short_batch, self.batch, self.seed = short_batch, batch, seed
         self.batches_done = batches_done
@@ -280,12 +328,14 @@ class ResumableBatches(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
         if epoch == 0 and self.steps:
             need = self.steps * self.short_batch
-            order = torch.cat([torch.randperm(self.n_short, generator=g) for _ in range(math.ceil(need / self.n_short))])
+            order = torch.cat(
+                [torch.randperm(self.n_short, generator=g) for _ in range(math.ceil(need / self.n_short))]
+            )
             for i in range(self.steps):
-                yield order[i * self.short_batch:(i + 1) * self.short_batch].tolist()
+                yield order[i * self.short_batch : (i + 1) * self.short_batch].tolist()
         order = torch.randperm(self.n_long, generator=g) + self.n_short
         for i in range(self._long_batches()):
-            yield order[i * self.batch:(i + 1) * self.batch].tolist()
+            yield order[i * self.batch : (i + 1) * self.batch].tolist()
 
 
 class RandomStates(L.Callback):
@@ -299,12 +349,17 @@ class RandomStates(L.Callback):
 
         import numpy as np
 
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = np.random.get_state(legacy=True)
+        if isinstance(state, dict):  # only for a bit generator other than numpy's global MT19937
+            raise TypeError(f"numpy's global random state is not MT19937: {state.get('bit_generator')}")
+        name, keys, pos, has_gauss, cached = state
         version, python_state, gauss_next = random.getstate()
-        return {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-                "python": [version, list(python_state), gauss_next]}
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(python_state), gauss_next],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import random
@@ -347,8 +402,12 @@ class CellMeter(L.Callback):
 
     # -- state saved in checkpoints -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "train_time": self.train_time, "steps": self.steps,
-                "elapsed": self.elapsed_before + (time.perf_counter() - self._start)}
+        return {
+            "tokens": self.tokens,
+            "train_time": self.train_time,
+            "steps": self.steps,
+            "elapsed": self.elapsed_before + (time.perf_counter() - self._start),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._fit_done:  # testing a checkpoint after fit restores callbacks too: keep this run's numbers
@@ -430,7 +489,7 @@ class CodeSegments(L.Callback):
     A run killed before its next checkpoint leaves no segment: the work it did is not in the
     checkpoint the next run resumes from either."""
 
-    def __init__(self, code_state):
+    def __init__(self, code_state: Callable[[], dict[str, Any]]) -> None:
         self._code_state = code_state  # () -> {"commit", "dirty", "dirty_files", ...}
         self.earlier: list[dict[str, Any]] = []  # the runs before this one (from the checkpoint)
         self.current: dict[str, Any] | None = None
@@ -439,9 +498,13 @@ class CodeSegments(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.current is None:  # after the model, data and trainer: the code training runs is imported
             state = self._code_state()
-            self.current = {"commit": state.get("commit"), "dirty": state.get("dirty"),
-                            "dirty_files": list(state.get("dirty_files") or []), "from_step": int(trainer.global_step),
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self.current = {
+                "commit": state.get("commit"),
+                "dirty": state.get("dirty"),
+                "dirty_files": list(state.get("dirty_files") or []),
+                "from_step": int(trainer.global_step),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._fit_done = True

@@ -117,7 +117,9 @@ def test_cifar_hf_parquet_layout_gives_the_same_tokens(tmp_path, cifar_dir):
     for split, names in (("train", image.CIFAR_TRAIN_BATCHES), ("test", [image.CIFAR_TEST_BATCH])):
         images = np.concatenate([data[n][0] for n in names])
         labels = [y for n in names for y in data[n][1]]
-        ds = datasets.Dataset.from_dict({"img": [Image.fromarray(x) for x in images], "label": labels}, features=features)
+        ds = datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(x) for x in images], "label": labels}, features=features
+        )
         (tmp_path / "hf" / "plain_text").mkdir(parents=True, exist_ok=True)
         ds.to_parquet(str(tmp_path / "hf" / "plain_text" / f"{split}-00000-of-00001.parquet"))
     from_pickles, _ = create_task("image", source="cifar10", data_dir=str(folder)).load(tmp_path / "c1")
@@ -160,8 +162,17 @@ def test_missing_cifar_says_what_to_download(tmp_path):
 
 
 def test_tiny_image_cell_end_to_end(tmp_path):
-    cfg = compose(["task=image", "scale=tiny", "trainer.progress_bar=false", "train.max_steps=12", "train.eval_every=6",
-                   f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}"])
+    cfg = compose(
+        [
+            "task=image",
+            "scale=tiny",
+            "trainer.progress_bar=false",
+            "train.max_steps=12",
+            "train.eval_every=6",
+            f"results_dir={tmp_path / 'results'}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     result = run_cell(cfg)
     assert result["status"] == "ok", result["error"]
     assert result["data"]["source"] == "fashion_mnist" and result["config"]["task"]["resolution"] == 16

@@ -46,13 +46,16 @@ def test_seeded_and_no_held_out_sequence_is_a_train_sequence():
         assert not any(row.tobytes() in train for row in splits[split][0])
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(num_pairs=40, num_keys=64, num_values=64), "cannot hold 40 pairs"),
-    (dict(num_keys=4), "keys must be distinct"),
-    (dict(num_values=4), "values must be distinct"),
-    (dict(num_noise=0), "task.num_noise must be >= 1"),
-    (dict(num_train_short=-1), "task.num_train_short must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(num_pairs=40, num_keys=64, num_values=64), "cannot hold 40 pairs"),
+        (dict(num_keys=4), "keys must be distinct"),
+        (dict(num_values=4), "values must be distinct"),
+        (dict(num_noise=0), "task.num_noise must be >= 1"),
+        (dict(num_train_short=-1), "task.num_train_short must be >= 0"),
+    ],
+)
 def test_bad_settings_are_one_clear_error(bad, message):
     with pytest.raises(ValueError, match=message):
         MQARConfig(**{**SMALL, **bad})
@@ -119,8 +122,12 @@ def test_bag_of_ngrams_on_mqar_sits_near_chance():
     from harness.report.baselines import compute_baselines
 
     cfg = MQARConfig(**{**SMALL, "num_train": 600, "num_val": 100, "num_test": 100})
-    dsd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
-                                for s, (x, y) in generate_splits(cfg).items()})
+    dsd = datasets.DatasetDict(
+        {
+            s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
+            for s, (x, y) in generate_splits(cfg).items()
+        }
+    )
     rows = {b["name"]: b for b in compute_baselines(dsd, "mqar")}
     chance = 1 / cfg.num_values
     assert rows["majority"]["n_test"] == 100 * cfg.num_pairs
@@ -144,6 +151,7 @@ def test_a_resumed_warm_start_continues_where_it_stopped():
     first, second = list(plain), list(plain)
     assert sorted(i for b in first for i in b) == list(range(10)) and [len(b) for b in first] == [4, 4, 2]
     assert first != second and sorted(i for b in second for i in b) == list(range(10))
+
 
 def test_under_ddp_each_rank_takes_its_share_of_every_epoch():
     """Two ranks: rank r takes batches r, r + 2, ... of the epoch, as many on each rank (the odd

@@ -437,4 +437,6 @@ def test_tiny_cell_end_to_end(tmp_path):
     assert result["data"]["source"] == "fasta" and result["data"]["num_classes"] == 4
     assert result["data"]["majority_accuracy"] == pytest.approx(0.25, abs=0.05)
     assert 0 <= result["metrics"]["test"]["accuracy"] <= 1 and result["metrics"]["val"]["accuracy"] >= 0
-    assert len(list((tmp_path / "results/runs/tiny/protein/softmax").rglob("seed0.json"))) == 1  # (a variant folder: not the presets)
+    assert (
+        len(list((tmp_path / "results/runs/tiny/protein/softmax").rglob("seed0.json"))) == 1
+    )  # (a variant folder: not the presets)

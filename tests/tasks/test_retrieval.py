@@ -103,7 +103,9 @@ def test_documents_hide_their_links(sample, pairs):
         docs_of: dict[int, set] = {}
         for (a, b, _), c in zip(rows, clusters):
             docs_of.setdefault(c, set()).update((a, b))
-        clusters_of_doc = [[c for c, docs in docs_of.items() if key in docs] for key in {k for r in rows for k in r[:2]}]
+        clusters_of_doc = [
+            [c for c, docs in docs_of.items() if key in docs] for key in {k for r in rows for k in r[:2]}
+        ]
         assert all(len(c) == 1 for c in clusters_of_doc)  # pairs sharing a document share a cluster
         for (a, b, _), x1, x2, f1, f2 in zip(rows, ids1, ids2, full[split][0], full[split][1]):
             assert 1 <= len(x1) <= 96 and 1 <= len(x2) <= 96 and all(1 <= t <= 256 for t in x1 + x2)
@@ -116,20 +118,31 @@ def test_documents_hide_their_links(sample, pairs):
         assert body.startswith("NAME\n") and (len(body) < len(page.text()) or not see_also_keys(page))
         assert not re.search(r"\nSEE ALSO\n[^\n]*\w\(\d", body), key  # the section (heading + references) is gone
         for name in page.names:
-            assert not re.search(rf"(?<![\w.]){re.escape(name)}\({page.section}\w*\)", body), (key, name)  # no self-mention
+            assert not re.search(rf"(?<![\w.]){re.escape(name)}\({page.section}\w*\)", body), (
+                key,
+                name,
+            )  # no self-mention
 
 
 # ----------------------------------------------------------------------------- AAN
 
 AAN_ROWS = {
     "new_aan_pairs.train.tsv": [
-        ("1", "P05-1057", "W08-1003", "Statistical parsing with \"quoted\" text", "Parsing caf\u00e9 corpora"),
-        ("0", "P05-1057", "J93-2004", "Statistical parsing with a longer abstract here", "Building a large annotated corpus"),
+        ("1", "P05-1057", "W08-1003", 'Statistical parsing with "quoted" text', "Parsing caf\u00e9 corpora"),
+        (
+            "0",
+            "P05-1057",
+            "J93-2004",
+            "Statistical parsing with a longer abstract here",
+            "Building a large annotated corpus",
+        ),
         ("1", "N03-1033", "J93-2004", "Shallow parsing of treebank data", "Building a large annotated corpus"),
     ],
     "new_aan_pairs.eval.tsv": [("0", "A00-1001", "A00-1002", "One paper", "Another paper")],
-    "new_aan_pairs.test.tsv": [("1", "A00-1003", "A00-1004", "Third paper", "Cites the third"),
-                               ("0", "A00-1005", "A00-1006", "Fifth paper", "Sixth paper")],
+    "new_aan_pairs.test.tsv": [
+        ("1", "A00-1003", "A00-1004", "Third paper", "Cites the third"),
+        ("0", "A00-1005", "A00-1006", "Fifth paper", "Sixth paper"),
+    ],
 }
 
 
@@ -149,7 +162,7 @@ def test_aan_loader_reads_lra_layout(tmp_path):
     assert set(dsd["train"].column_names) == {"input_ids_1", "input_ids_2", "label"}
     assert list(dsd["train"]["label"]) == [1, 0, 1] and list(dsd["test"]["label"]) == [1, 0]
     first = dsd["train"][0]
-    assert decode(first["input_ids_1"]) == b'Statistical parsing with'  # 24 bytes, quotes not special
+    assert decode(first["input_ids_1"]) == b"Statistical parsing with"  # 24 bytes, quotes not special
     assert decode(first["input_ids_2"]) == "Parsing caf\u00e9 corpora".encode()  # é: two bytes, each + 1
     assert first["input_ids_2"][11:13] == [0xC3 + 1, 0xA9 + 1]
 
@@ -228,13 +241,24 @@ def test_two_tower_head_is_symmetric_when_trained_so_and_uses_both_documents(sam
 
 @pytest.mark.slow
 def test_tiny_retrieval_cell_end_to_end(tmp_path):
-    cfg = compose(["task=retrieval", "mechanism=softmax", "scale=tiny", "trainer.progress_bar=false",
-                   "train.max_steps=12", "train.eval_every=6", f"results_dir={tmp_path / 'results'}",
-                   f"cache_dir={tmp_path / 'cache'}"])
+    cfg = compose(
+        [
+            "task=retrieval",
+            "mechanism=softmax",
+            "scale=tiny",
+            "trainer.progress_bar=false",
+            "train.max_steps=12",
+            "train.eval_every=6",
+            f"results_dir={tmp_path / 'results'}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert cfg.task.max_len == 64  # the task's tiny preset
     result = run_cell(cfg)
     assert result["status"] == "ok", result["error"]
     assert result["data"]["source"] == "manpages" and result["data"]["majority_accuracy"] == 0.5
     assert result["data"]["length_max"] == 64 and result["data"]["num_classes"] == 2
     assert 0 <= result["metrics"]["test"]["accuracy"] <= 1 and result["tokens_per_s"] > 0
-    assert len(list((tmp_path / "results/runs/tiny/retrieval/softmax").rglob("seed0.json"))) == 1  # (a variant folder: not the presets)
+    assert (
+        len(list((tmp_path / "results/runs/tiny/retrieval/softmax").rglob("seed0.json"))) == 1
+    )  # (a variant folder: not the presets)

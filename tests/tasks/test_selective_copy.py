@@ -59,13 +59,16 @@ def test_seeded_and_no_held_out_sequence_is_a_train_sequence():
         generate_splits(SelectiveCopyConfig(max_len=4, num_tokens=2, num_values=2, num_train=20, num_val=5, num_test=5))
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(num_tokens=50, num_values=50), r"task.max_len=96 cannot hold 50 data tokens and 50 markers"),
-    (dict(num_values=4), r"task.num_values=4 < task.num_tokens=8"),
-    (dict(num_noise=0), r"task.num_noise must be >= 1"),
-    (dict(num_tokens=0), r"task.num_tokens must be >= 1"),
-    (dict(num_test=0), r"task.num_test must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(num_tokens=50, num_values=50), r"task.max_len=96 cannot hold 50 data tokens and 50 markers"),
+        (dict(num_values=4), r"task.num_values=4 < task.num_tokens=8"),
+        (dict(num_noise=0), r"task.num_noise must be >= 1"),
+        (dict(num_tokens=0), r"task.num_tokens must be >= 1"),
+        (dict(num_test=0), r"task.num_test must be >= 1"),
+    ],
+)
 def test_bad_settings_are_one_clear_error(bad, message):
     with pytest.raises(ValueError, match=message):
         SelectiveCopyConfig(**{**SMALL, **bad})
@@ -79,10 +82,15 @@ def test_bag_of_ngrams_per_marker_sits_near_chance(numbered):
 
     from harness.report.baselines import compute_baselines
 
-    cfg = SelectiveCopyConfig(**{**SMALL, "num_noise": 4, "numbered_markers": numbered,
-                                 "num_train": 600, "num_val": 100, "num_test": 100})
-    dsd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
-                                for s, (x, y) in generate_splits(cfg).items()})
+    cfg = SelectiveCopyConfig(
+        **{**SMALL, "num_noise": 4, "numbered_markers": numbered, "num_train": 600, "num_val": 100, "num_test": 100}
+    )
+    dsd = datasets.DatasetDict(
+        {
+            s: datasets.Dataset.from_dict({"input_ids": x.tolist(), "targets": y.tolist()})
+            for s, (x, y) in generate_splits(cfg).items()
+        }
+    )
     rows = {b["name"]: b for b in compute_baselines(dsd, "selective_copy")}
     chance = 1 / cfg.num_values
     assert rows["majority"]["n_test"] == 100 * cfg.num_tokens
@@ -92,14 +100,24 @@ def test_bag_of_ngrams_per_marker_sits_near_chance(numbered):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["train.warmup_length=32", "train.warmup_length_steps=10"]],
-                         ids=["plain", "warm-start"])
+@pytest.mark.parametrize(
+    "extra", [[], ["train.warmup_length=32", "train.warmup_length_steps=10"]], ids=["plain", "warm-start"]
+)
 def test_a_tiny_cell_runs_end_to_end(tmp_path, extra):
     from harness.train.config import compose
     from harness.train.run import run_cell
 
-    cfg = compose(["task=selective_copy", "mechanism=softmax", "scale=tiny", "trainer.progress_bar=false",
-                   f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", *extra])
+    cfg = compose(
+        [
+            "task=selective_copy",
+            "mechanism=softmax",
+            "scale=tiny",
+            "trainer.progress_bar=false",
+            f"results_dir={tmp_path / 'results'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            *extra,
+        ]
+    )
     result = run_cell(cfg)
     assert result["status"] == "ok", result["error"]
     assert result["task"] == "selective_copy" and result["data"]["source"] == "generated"

@@ -37,10 +37,18 @@ from tasks.spider import (
 def make_layout(root: Path) -> Path:
     """Two small databases in Spider's layout, with questions for both."""
     shop = [
-        build.Table("singer", ["id", "name", "country", "age"],
-                    [(1, "Joe", "France", 30), (2, "Ann", "Spain", 25), (3, "Bo", "France", 41), (4, "Cy", "Italy", 25)]),
-        build.Table("song", ["id", "title", "singer_id", "sales"],
-                    [(1, "Rain", 1, 10.5), (2, "Sun", 1, 3.0), (3, "Sky", 3, 7.25)], "id", {"singer_id": ("singer", "id")}),
+        build.Table(
+            "singer",
+            ["id", "name", "country", "age"],
+            [(1, "Joe", "France", 30), (2, "Ann", "Spain", 25), (3, "Bo", "France", 41), (4, "Cy", "Italy", 25)],
+        ),
+        build.Table(
+            "song",
+            ["id", "title", "singer_id", "sales"],
+            [(1, "Rain", 1, 10.5), (2, "Sun", 1, 3.0), (3, "Sky", 3, 7.25)],
+            "id",
+            {"singer_id": ("singer", "id")},
+        ),
     ]
     zoo = [build.Table("animal", ["id", "kind", "legs"], [(1, "cat", 4), (2, "bird", 2), (3, "dog", 4)])]
     entries = []
@@ -48,13 +56,20 @@ def make_layout(root: Path) -> Path:
         build.write_sqlite(root / "database" / db_id / f"{db_id}.sqlite", tables)
         entries.append(build.tables_entry(db_id, tables))
     (root / "tables.json").write_text(json.dumps(entries))
-    train = [{"db_id": "shop", "question": "how many singers are there ?", "query": "SELECT count(*) FROM singer"},
-             {"db_id": "shop", "question": "names of singers from France", "query": "SELECT name FROM singer WHERE country = 'France'"},
-             {"db_id": "zoo", "question": "how many animal are there ?", "query": "SELECT count(*) FROM animal"},
-             {"db_id": "zoo", "question": "kind of animal with 4 legs", "query": "SELECT kind FROM animal WHERE legs = 4"}]
+    train = [
+        {"db_id": "shop", "question": "how many singers are there ?", "query": "SELECT count(*) FROM singer"},
+        {
+            "db_id": "shop",
+            "question": "names of singers from France",
+            "query": "SELECT name FROM singer WHERE country = 'France'",
+        },
+        {"db_id": "zoo", "question": "how many animal are there ?", "query": "SELECT count(*) FROM animal"},
+        {"db_id": "zoo", "question": "kind of animal with 4 legs", "query": "SELECT kind FROM animal WHERE legs = 4"},
+    ]
     (root / "train_spider.json").write_text(json.dumps(train))
-    (root / "dev.json").write_text(json.dumps([{"db_id": "zoo", "question": "list the kind of all animal",
-                                               "query": "SELECT kind FROM animal"}]))
+    (root / "dev.json").write_text(
+        json.dumps([{"db_id": "zoo", "question": "list the kind of all animal", "query": "SELECT kind FROM animal"}])
+    )
     return root
 
 
@@ -138,7 +153,11 @@ def test_full_offline_source_splits_by_database(tmp_path):
     task = Spider(SpiderConfig(questions_per_db=20, split="database"), scale="tiny")
     dsd, _ = task.load(tmp_path)
     dbs = {s: set(dsd[s]["db_id"]) for s in ("train", "validation", "test")}
-    assert not (dbs["train"] & dbs["validation"]) and not (dbs["train"] & dbs["test"]) and not (dbs["validation"] & dbs["test"])
+    assert (
+        not (dbs["train"] & dbs["validation"])
+        and not (dbs["train"] & dbs["test"])
+        and not (dbs["validation"] & dbs["test"])
+    )
     assert len(set().union(*dbs.values())) >= 6 and "chinook" in set().union(*dbs.values())
 
 
@@ -151,7 +170,9 @@ def test_full_offline_source_query_split_holds_out_skeletons(tmp_path):
     assert not (skeletons["train"] & skeletons["test"]) and not (skeletons["train"] & skeletons["validation"])
     assert stats["test"]["skeletons_seen_in_train"] == 0 and stats["test"]["skeletons"] == len(skeletons["test"]) >= 20
     assert all(stats["test"]["hardness"][level] > 0 for level in ("easy", "medium", "hard", "extra"))
-    assert 0.12 < stats["test"]["questions"] / sum(stats[s]["questions"] for s in ("train", "validation", "test")) < 0.25
+    assert (
+        0.12 < stats["test"]["questions"] / sum(stats[s]["questions"] for s in ("train", "validation", "test")) < 0.25
+    )
     assert "chinook" in set(dsd["test"]["db_id"])  # every database in every split
 
 
@@ -162,12 +183,21 @@ def test_sql_skeleton_blanks_names_and_values():
     a = "SELECT T2.name FROM cars AS T1 JOIN origins AS T2 ON T1.origins_id = T2.id WHERE T1.date > '2001' LIMIT 3"
     b = "SELECT T2.title FROM songs AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id WHERE T1.year > 7 LIMIT 1"
     assert build.sql_skeleton(a) == build.sql_skeleton(b)
-    assert build.sql_skeleton("SELECT a FROM t WHERE b LIKE '%x%'") != build.sql_skeleton("SELECT a FROM t WHERE b NOT LIKE '%x%'")
+    assert build.sql_skeleton("SELECT a FROM t WHERE b LIKE '%x%'") != build.sql_skeleton(
+        "SELECT a FROM t WHERE b NOT LIKE '%x%'"
+    )
 
 
 def test_skeleton_split_holds_out_whole_skeletons():
-    items = [{"query": f"SELECT c{i % 7} FROM t WHERE x{i} = {i}" if i % 3 else f"SELECT count(*) FROM t{i} GROUP BY a{i % 5}",
-              "level": "easy" if i % 3 else "medium"} for i in range(300)]
+    items = [
+        {
+            "query": f"SELECT c{i % 7} FROM t WHERE x{i} = {i}"
+            if i % 3
+            else f"SELECT count(*) FROM t{i} GROUP BY a{i % 5}",
+            "level": "easy" if i % 3 else "medium",
+        }
+        for i in range(300)
+    ]
     items += [{"query": f"SELECT a FROM t ORDER BY b{i} LIMIT {i}", "level": "easy"} for i in range(40)]
     kept, held = build.skeleton_split(items, 0.2, 0, lambda it: it["level"])
     assert len(kept) + len(held) == len(items)
@@ -195,14 +225,29 @@ def generated():
 def test_generator_covers_spider_constructs(generated):
     items, schemas, _ = generated
     sqls = [it["query"] for it in items]
-    for construct in (" INTERSECT ", " UNION ", " EXCEPT ", " LIKE '%", " NOT LIKE '%", "SELECT DISTINCT ", " BETWEEN ",
-                      " IN (SELECT ", " NOT IN (SELECT ", " HAVING count(*) ", " > (SELECT avg(", " OR ", " LIMIT "):
+    for construct in (
+        " INTERSECT ",
+        " UNION ",
+        " EXCEPT ",
+        " LIKE '%",
+        " NOT LIKE '%",
+        "SELECT DISTINCT ",
+        " BETWEEN ",
+        " IN (SELECT ",
+        " NOT IN (SELECT ",
+        " HAVING count(*) ",
+        " > (SELECT avg(",
+        " OR ",
+        " LIMIT ",
+    ):
         assert any(construct in q for q in sqls), construct
     assert any(q.count(" JOIN ") >= 2 for q in sqls)  # joins over 3 tables
     joined_keys = {q.split(" ON ")[1].split()[0].split(".")[1] for q in sqls if " JOIN " in q}
     assert len(joined_keys) >= 5  # joins over many foreign keys, not one per database
-    levels = {lv: sum(hardness(parse_sql(it["query"], schemas[it["db_id"]])) == lv for it in items) / len(items)
-              for lv in ("easy", "medium", "hard", "extra")}
+    levels = {
+        lv: sum(hardness(parse_sql(it["query"], schemas[it["db_id"]])) == lv for it in items) / len(items)
+        for lv in ("easy", "medium", "hard", "extra")
+    }
     assert levels["medium"] > levels["easy"] and all(0.08 < share < 0.55 for share in levels.values()), levels
 
 
@@ -227,18 +272,31 @@ def test_questions_paraphrase_names_and_constructs(generated):
 # ----------------------------------------------------------------------------- exact match + hardness
 
 
-@pytest.mark.parametrize("pred, gold, same", [
-    ("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id",
-     "select a.name from song as b join singer as a on b.singer_id = a.id", True),  # aliases, join order
-    ("SELECT name FROM singer WHERE age > 20 AND country = 'Spain'",
-     "SELECT name FROM singer WHERE country = 'France' AND age > 30", True),  # condition order; values ignored
-    ("SELECT age, name FROM singer", "SELECT name, age FROM singer", True),  # column order in SELECT
-    ("SELECT name FROM singer WHERE age > 20", "SELECT name FROM singer WHERE age < 20", False),  # operator
-    ("SELECT name FROM singer WHERE age > 20 OR country = 'x'", "SELECT name FROM singer WHERE age > 20 AND country = 'x'", False),
-    ("SELECT max(age) FROM singer", "SELECT min(age) FROM singer", False),
-    ("SELECT name FROM singer ORDER BY age DESC", "SELECT name FROM singer ORDER BY age DESC LIMIT 1", False),
-    ("SELECT name FROM singer", "SELECT name FROM singer INTERSECT SELECT name FROM singer WHERE age > 3", False),
-])
+@pytest.mark.parametrize(
+    "pred, gold, same",
+    [
+        (
+            "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id",
+            "select a.name from song as b join singer as a on b.singer_id = a.id",
+            True,
+        ),  # aliases, join order
+        (
+            "SELECT name FROM singer WHERE age > 20 AND country = 'Spain'",
+            "SELECT name FROM singer WHERE country = 'France' AND age > 30",
+            True,
+        ),  # condition order; values ignored
+        ("SELECT age, name FROM singer", "SELECT name, age FROM singer", True),  # column order in SELECT
+        ("SELECT name FROM singer WHERE age > 20", "SELECT name FROM singer WHERE age < 20", False),  # operator
+        (
+            "SELECT name FROM singer WHERE age > 20 OR country = 'x'",
+            "SELECT name FROM singer WHERE age > 20 AND country = 'x'",
+            False,
+        ),
+        ("SELECT max(age) FROM singer", "SELECT min(age) FROM singer", False),
+        ("SELECT name FROM singer ORDER BY age DESC", "SELECT name FROM singer ORDER BY age DESC LIMIT 1", False),
+        ("SELECT name FROM singer", "SELECT name FROM singer INTERSECT SELECT name FROM singer WHERE age > 3", False),
+    ],
+)
 def test_exact_match_pairs(shop, pred, gold, same):
     assert exact_match(parse_sql(pred, shop), parse_sql(gold, shop)) is same
 
@@ -250,12 +308,19 @@ def test_values_compared_when_asked(shop):
     assert not exact_match(parse_sql(a, shop, values=True), parse_sql(b, shop, values=True))
 
 
-@pytest.mark.parametrize("sql, level", [
-    ("SELECT count(*) FROM singer", "easy"),
-    ("SELECT name FROM singer ORDER BY age DESC LIMIT 1", "medium"),
-    ("SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer)", "hard"),
-    ("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id GROUP BY T2.singer_id ORDER BY count(*) DESC LIMIT 1", "extra"),
-])
+@pytest.mark.parametrize(
+    "sql, level",
+    [
+        ("SELECT count(*) FROM singer", "easy"),
+        ("SELECT name FROM singer ORDER BY age DESC LIMIT 1", "medium"),
+        ("SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer)", "hard"),
+        (
+            "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id "
+            "GROUP BY T2.singer_id ORDER BY count(*) DESC LIMIT 1",
+            "extra",
+        ),
+    ],
+)
 def test_hardness_levels(shop, sql, level):
     assert hardness(parse_sql(sql, shop)) == level
 
@@ -265,10 +330,12 @@ def test_hardness_levels(shop, sql, level):
 
 def test_execution_accuracy_multisets_and_order(layout, shop):
     schemas = {"shop": shop}
-    items = [("SELECT name FROM singer ORDER BY age", "SELECT name FROM singer ORDER BY age DESC", "shop"),
-             ("SELECT name FROM singer", "SELECT name FROM singer ORDER BY age DESC", "shop"),
-             ("SELECT name, age FROM singer WHERE age > 26", "SELECT age, name FROM singer WHERE age >= 30", "shop"),
-             ("SELECT count(*) FROM singer", "SELECT count(*) FROM song", "shop")]
+    items = [
+        ("SELECT name FROM singer ORDER BY age", "SELECT name FROM singer ORDER BY age DESC", "shop"),
+        ("SELECT name FROM singer", "SELECT name FROM singer ORDER BY age DESC", "shop"),
+        ("SELECT name, age FROM singer WHERE age > 26", "SELECT age, name FROM singer WHERE age >= 30", "shop"),
+        ("SELECT count(*) FROM singer", "SELECT count(*) FROM song", "shop"),
+    ]
     scores = evaluate(items, schemas, layout / "database")
     assert [it["execution"] for it in scores["items"]] == [False, True, True, False]
     assert results_equal([(1,), (1,), (2,)], [(2,), (1,), (1,)], ordered=False)
@@ -278,13 +345,23 @@ def test_execution_accuracy_multisets_and_order(layout, shop):
 
 def test_hostile_predictions_leave_files_identical_and_score_wrong(layout, shop):
     before = digest(layout)
-    hostile = ["DROP TABLE singer", "UPDATE singer SET age = 0", "ATTACH DATABASE '/tmp/x.sqlite' AS x",
-               "SELECT load_extension('/tmp/evil')", "PRAGMA query_only = OFF", "SELECT 1; DROP TABLE singer",
-               "INSERT INTO singer VALUES (9, 'x', 'y', 1)",
-               "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c"]
+    hostile = [
+        "DROP TABLE singer",
+        "UPDATE singer SET age = 0",
+        "ATTACH DATABASE '/tmp/x.sqlite' AS x",
+        "SELECT load_extension('/tmp/evil')",
+        "PRAGMA query_only = OFF",
+        "SELECT 1; DROP TABLE singer",
+        "INSERT INTO singer VALUES (9, 'x', 'y', 1)",
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c",
+    ]
     start = time.perf_counter()
-    scores = evaluate([("SELECT count(*) FROM singer", h, "shop") for h in hostile], {"shop": shop}, layout / "database",
-                      timeout_s=0.3)
+    scores = evaluate(
+        [("SELECT count(*) FROM singer", h, "shop") for h in hostile],
+        {"shop": shop},
+        layout / "database",
+        timeout_s=0.3,
+    )
     elapsed = time.perf_counter() - start
     assert all(not it["execution"] and not it["exact"] and it["error"] for it in scores["items"]), scores["items"]
     assert "time budget" in scores["items"][-1]["error"]
@@ -301,8 +378,20 @@ def test_cli_json_shape(layout, tmp_path, capsys):
     pred.write_text("SELECT name FROM singer WHERE age > 29\nSELECT legs FROM animal\n")
     from harness.cli import main
 
-    assert main(["tool", "spider-evaluate", f"gold={gold}", f"pred={pred}", f"tables={layout / 'tables.json'}",
-                 f"db_dir={layout / 'database'}", "json=true"]) == 0
+    assert (
+        main(
+            [
+                "tool",
+                "spider-evaluate",
+                f"gold={gold}",
+                f"pred={pred}",
+                f"tables={layout / 'tables.json'}",
+                f"db_dir={layout / 'database'}",
+                "json=true",
+            ]
+        )
+        == 0
+    )
     scores = json.loads(capsys.readouterr().out)
     assert set(scores) == {"exact", "execution", "valid_sql", "items"}
     assert scores["exact"]["all"] == 0.5 and scores["execution"]["all"] == 0.5 and scores["valid_sql"] == 1.0
@@ -346,11 +435,21 @@ def test_seq2seq_head_trains_decodes_and_evaluates(layout):
     from harness.train.model import ModelConfig
 
     for mechanism, scope in (("relation_aware", "encoder"), ("softmax", "all")):
-        task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, max_target_len=24,
-                                   mechanism_scope=scope))
+        task = Spider(
+            SpiderConfig(
+                source="spider",
+                data_dir=str(layout),
+                val_fraction=0.5,
+                min_freq=1,
+                max_target_len=24,
+                mechanism_scope=scope,
+            )
+        )
         dsd = task.build()
-        task._vocab = {k: [t for t, kk in zip(dsd["vocabulary"]["token"], dsd["vocabulary"]["kind"]) if kk == k]
-                       for k in ("source", "target")}
+        task._vocab = {
+            k: [t for t, kk in zip(dsd["vocabulary"]["token"], dsd["vocabulary"]["kind"]) if kk == k]
+            for k in ("source", "target")
+        }
         torch.manual_seed(0)
         model = build_model(task, ModelConfig(dim=32, depth=1, heads=2, mlp_dim=32, dropout=0.0), mechanism)
         assert model.uses_relations is (mechanism == "relation_aware")
@@ -375,11 +474,17 @@ def test_copying_produces_unseen_tokens(layout):
 
     b, t, s, v, d = 1, 1, 3, 4, 8
     h = torch.zeros(b, t, d)
-    log_p = copy_generate_log_probs(h, torch.randn(b, s, d), torch.tensor([[False, False, True]]), torch.zeros(b, t, v),
-                                    torch.zeros(b, t, d), torch.zeros(b, t, 1))
+    log_p = copy_generate_log_probs(
+        h,
+        torch.randn(b, s, d),
+        torch.tensor([[False, False, True]]),
+        torch.zeros(b, t, v),
+        torch.zeros(b, t, d),
+        torch.zeros(b, t, 1),
+    )
     assert torch.allclose(log_p.exp().sum(-1), torch.ones(1, 1))
     assert log_p[0, 0, v + 2] == float("-inf")  # padded source position
-    assert torch.allclose(log_p[0, 0, v:v + 2].exp(), torch.full((2,), 0.25))
+    assert torch.allclose(log_p[0, 0, v : v + 2].exp(), torch.full((2,), 0.25))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -387,15 +492,29 @@ def test_copying_produces_unseen_tokens(layout):
 
 @pytest.mark.slow
 def test_tiny_cell_end_to_end(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "harness", "run", "task=spider", "mechanism=softmax", "scale=tiny",
-                          f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "trainer.progress_bar=false"],
-                         capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "run",
+            "task=spider",
+            "mechanism=softmax",
+            "scale=tiny",
+            f"results_dir={tmp_path}",
+            f"cache_dir={tmp_path / 'cache'}",
+            "trainer.progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads(Path(out.stdout.strip().splitlines()[-1]).read_text())
     assert record["status"] == "ok" and record["task"] == "spider"
 
 
-# ----------------------------------------------------------------------------- word pieces, placeholders, copy-only names
+# ------------------------------------------------------------------------ word pieces, placeholders, copy-only names
 
 
 def test_word_pieces_split_names_into_question_words():
@@ -432,8 +551,9 @@ def test_schema_names_are_copy_only_and_pieces_reach_the_input(layout):
     tokens, pieces = shop["source_tokens"], shop["source_piece_ids"]
     name_id, plain_id = pieces[tokens.index("singer_id")], pieces[tokens.index("id")]
     assert name_id[1] == plain_id[0] != 0 and name_id[0] not in (0, name_id[1])  # singer_id = (singer, id): 'id' shared
-    with_names = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1,
-                                     copy_only_schema=False)).build()["vocabulary"]
+    with_names = Spider(
+        SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, copy_only_schema=False)
+    ).build()["vocabulary"]
     assert {t for t, k in zip(with_names["token"], with_names["kind"]) if k == "target"} & {"singer", "animal"}
 
 
@@ -449,7 +569,9 @@ def test_piece_embedding_is_the_mean_of_pieces_and_matches_plain_ids():
         mask = ids == 0
         plain, _ = enc(ids, mask)
         one_piece, _ = enc(ids, mask, pieces=torch.stack([ids, torch.zeros_like(ids)], -1))
-        assert torch.allclose(plain[:, :3], one_piece[:, :3], atol=1e-6)  # one piece per token = the backbone path (pads aside)
+        assert torch.allclose(
+            plain[:, :3], one_piece[:, :3], atol=1e-6
+        )  # one piece per token = the backbone path (pads aside)
     captured = []
     hook = enc.drop.register_forward_hook(lambda m, i, o: captured.append(i[0]))
     enc(ids, mask, pieces=torch.tensor([[[4, 0], [5, 6], [6, 0], [0, 0]]]))
@@ -471,10 +593,18 @@ def test_copy_constraint_by_decoding_state():
     assert allowed[5].tolist() == allowed[0].tolist()  # the literal closed
     blocked = torch.ones(1, 2, 3, dtype=torch.bool)
     blocked[0, 0, 1] = False
-    log_p = copy_generate_log_probs(torch.zeros(1, 2, 4), torch.randn(1, 3, 4), blocked, torch.randn(1, 2, 5),
-                                    torch.randn(1, 2, 4), torch.zeros(1, 2, 1))
+    log_p = copy_generate_log_probs(
+        torch.zeros(1, 2, 4),
+        torch.randn(1, 3, 4),
+        blocked,
+        torch.randn(1, 2, 5),
+        torch.randn(1, 2, 4),
+        torch.zeros(1, 2, 1),
+    )
     assert torch.allclose(log_p.exp().sum(-1), torch.ones(1, 2)) and not log_p.isnan().any()
-    assert torch.isclose(log_p[0, 0, 5 + 1].exp(), torch.tensor(0.5)) and torch.isinf(log_p[0, 0, [5, 7]]).all()  # gate 1/2
+    assert (
+        torch.isclose(log_p[0, 0, 5 + 1].exp(), torch.tensor(0.5)) and torch.isinf(log_p[0, 0, [5, 7]]).all()
+    )  # gate 1/2
     assert torch.isinf(log_p[0, 1, 5:]).all()  # nothing to copy from: all mass on the vocabulary
 
 
@@ -498,13 +628,23 @@ def test_beam_search_scores_at_least_greedy_and_never_emits_specials(layout):
 
     task = Spider(SpiderConfig(source="spider", data_dir=str(layout), val_fraction=0.5, min_freq=1, max_target_len=12))
     dsd = task.build()
-    task._vocab = {k: [t for t, kk in zip(dsd["vocabulary"]["token"], dsd["vocabulary"]["kind"]) if kk == k]
-                   for k in ("source", "target")}
+    task._vocab = {
+        k: [t for t, kk in zip(dsd["vocabulary"]["token"], dsd["vocabulary"]["kind"]) if kk == k]
+        for k in ("source", "target")
+    }
     torch.manual_seed(0)
     model = build_model(task, ModelConfig(dim=16, depth=1, heads=2, mlp_dim=16, dropout=0.0), "softmax").eval()
     ds = dsd["train"]
-    batch = collate([{c: ds[i][c] for c in ds.column_names if c not in ("source_tokens", "query", "db_id", "question", "hardness")}
-                     for i in range(len(ds))])
+    batch = collate(
+        [
+            {
+                c: ds[i][c]
+                for c in ds.column_names
+                if c not in ("source_tokens", "query", "db_id", "question", "hardness")
+            }
+            for i in range(len(ds))
+        ]
+    )
     greedy, greedy_score = model.generate(batch, beam_size=1, return_scores=True)
     beam, beam_score = model.generate(batch, beam_size=4, return_scores=True)
     assert (beam_score >= greedy_score - 1e-5).all()  # not a theorem of beam search, but holds on this seeded example
@@ -538,18 +678,25 @@ def test_template_lookup_fills_seen_skeletons_and_misses_unseen_ones(layout):
     from harness.report.baselines import compute_baselines
     from tasks._spider_lookup import lookup_predictions
 
-    train = [("list the kind of animal whose legs is 4 .", "SELECT kind FROM animal WHERE legs = 4", "zoo"),
-             ("which animal have legs above 3 ? give their kind", "SELECT kind FROM animal WHERE legs > 3", "zoo"),
-             ("how many animal are there ?", "SELECT count(*) FROM animal", "zoo"),
-             ("how many animal are there ?", "SELECT count(*) FROM animal", "zoo")]
-    test = [("list the country of singer whose age is 30 .", "SELECT country FROM singer WHERE age = 30", "shop"),
-            ("which singer have age above 20 ? give their name", "SELECT name FROM singer WHERE age > 20", "shop"),
-            ("how many song are there ?", "SELECT count(*) FROM song", "shop"),
-            ("what is the maximum age of singer ?", "SELECT max(age) FROM singer", "shop")]  # skeleton unseen in train
+    train = [
+        ("list the kind of animal whose legs is 4 .", "SELECT kind FROM animal WHERE legs = 4", "zoo"),
+        ("which animal have legs above 3 ? give their kind", "SELECT kind FROM animal WHERE legs > 3", "zoo"),
+        ("how many animal are there ?", "SELECT count(*) FROM animal", "zoo"),
+        ("how many animal are there ?", "SELECT count(*) FROM animal", "zoo"),
+    ]
+    test = [
+        ("list the country of singer whose age is 30 .", "SELECT country FROM singer WHERE age = 30", "shop"),
+        ("which singer have age above 20 ? give their name", "SELECT name FROM singer WHERE age > 20", "shop"),
+        ("how many song are there ?", "SELECT count(*) FROM song", "shop"),
+        ("what is the maximum age of singer ?", "SELECT max(age) FROM singer", "shop"),
+    ]  # skeleton unseen in train
     dsd = lookup_dsd(layout, train, test)
     preds = lookup_predictions(dsd)
-    assert preds[:3] == ["SELECT country FROM singer WHERE age = 30", "SELECT name FROM singer WHERE age > 20",
-                         "SELECT count (*) FROM song"], preds
+    assert preds[:3] == [
+        "SELECT country FROM singer WHERE age = 30",
+        "SELECT name FROM singer WHERE age > 20",
+        "SELECT count (*) FROM song",
+    ], preds
     rows = {b["name"]: b for b in compute_baselines(dsd, "spider")}
     assert rows["template lookup"]["value"] == 0.75 and rows["template lookup"]["metric"] == "accuracy"
     assert rows["template lookup"]["items"]["correct"] == [1, 1, 1, 0]  # per question, for paired tests

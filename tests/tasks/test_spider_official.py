@@ -24,45 +24,121 @@ needs_data = pytest.mark.skipif(not (DATA / "tables.json").is_file(), reason=f"n
 
 # song.singer_id -> singer.id, concert.song_id -> song.id, song.id -> singer.id: the third link
 # joins the first cluster only (Spider's keyset_in_list), so concert.song_id maps to song.id
-ENTRY = {"db_id": "shop", "table_names_original": ["singer", "song", "concert"],
-         "column_names_original": [[-1, "*"], [0, "id"], [0, "name"], [0, "country"], [0, "age"], [1, "id"], [1, "title"],
-                                   [1, "singer_id"], [1, "sales"], [2, "id"], [2, "singer_id"], [2, "song_id"], [2, "year"]],
-         "foreign_keys": [[7, 1], [11, 5], [5, 1]]}
+ENTRY = {
+    "db_id": "shop",
+    "table_names_original": ["singer", "song", "concert"],
+    "column_names_original": [
+        [-1, "*"],
+        [0, "id"],
+        [0, "name"],
+        [0, "country"],
+        [0, "age"],
+        [1, "id"],
+        [1, "title"],
+        [1, "singer_id"],
+        [1, "sales"],
+        [2, "id"],
+        [2, "singer_id"],
+        [2, "song_id"],
+        [2, "year"],
+    ],
+    "foreign_keys": [[7, 1], [11, 5], [5, 1]],
+}
 FAIL = "fail"  # the official parser cannot read the prediction: exact match 0
 
 # (pred, gold, official exact verdict, official hardness of gold): each verdict was produced
 # by running taoyds/spider's evaluation.py (b7b5b8c) on the pair
 RULES = [
-    ("SELECT name FROM singer WHERE age = 30", "SELECT name FROM singer WHERE age = id", True, "easy"),  # column vs column: value
-    ("SELECT id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id",
-     "SELECT T1.id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id", True, "easy"),  # unqualified: first FROM table
+    (
+        "SELECT name FROM singer WHERE age = 30",
+        "SELECT name FROM singer WHERE age = id",
+        True,
+        "easy",
+    ),  # column vs column: value
+    (
+        "SELECT id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id",
+        "SELECT T1.id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id",
+        True,
+        "easy",
+    ),  # unqualified: first FROM table
     ("SELECT T1.name FROM singer T1", "SELECT T1.name FROM singer AS T1", FAIL, "easy"),  # alias without AS
     ("SELECT count(*) AS n FROM singer", "SELECT count(*) FROM singer", FAIL, "easy"),  # select-list alias
-    ("SELECT name FROM singer UNION ALL SELECT title FROM song", "SELECT name FROM singer UNION SELECT title FROM song", FAIL, "hard"),
-    ("SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer WHERE country = 'x')",
-     "SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer WHERE country = 'y')", True, "hard"),  # nested values go
-    ("SELECT name FROM singer WHERE id IN (SELECT DISTINCT singer_id FROM song)",
-     "SELECT name FROM singer WHERE id IN (SELECT singer_id FROM song)", False, "hard"),  # nested DISTINCT stays
-    ("SELECT name FROM singer WHERE id IN (SELECT T2.id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id)",
-     "SELECT name FROM singer WHERE id IN (SELECT T1.singer_id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id)",
-     False, "hard"),  # no foreign-key merging inside a nested query
-    ("SELECT T2.id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id",
-     "SELECT T1.singer_id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id", True, "easy"),  # ... but outside
-    ("SELECT name FROM singer GROUP BY name WHERE age > 3", "SELECT name FROM singer GROUP BY name", True, "easy"),  # clause order
-    ("SELECT T2.song_id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id",
-     "SELECT T1.singer_id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id", False, "easy"),  # fk clusters
+    (
+        "SELECT name FROM singer UNION ALL SELECT title FROM song",
+        "SELECT name FROM singer UNION SELECT title FROM song",
+        FAIL,
+        "hard",
+    ),
+    (
+        "SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer WHERE country = 'x')",
+        "SELECT name FROM singer WHERE age > (SELECT avg(age) FROM singer WHERE country = 'y')",
+        True,
+        "hard",
+    ),  # nested values go
+    (
+        "SELECT name FROM singer WHERE id IN (SELECT DISTINCT singer_id FROM song)",
+        "SELECT name FROM singer WHERE id IN (SELECT singer_id FROM song)",
+        False,
+        "hard",
+    ),  # nested DISTINCT stays
+    (
+        "SELECT name FROM singer WHERE id IN (SELECT T2.id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id)",
+        "SELECT name FROM singer WHERE id IN "
+        "(SELECT T1.singer_id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id)",
+        False,
+        "hard",
+    ),  # no foreign-key merging inside a nested query
+    (
+        "SELECT T2.id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id",
+        "SELECT T1.singer_id FROM song AS T1 JOIN singer AS T2 ON T1.singer_id = T2.id",
+        True,
+        "easy",
+    ),  # ... but outside
+    (
+        "SELECT name FROM singer GROUP BY name WHERE age > 3",
+        "SELECT name FROM singer GROUP BY name",
+        True,
+        "easy",
+    ),  # clause order
+    (
+        "SELECT T2.song_id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id",
+        "SELECT T1.singer_id FROM song AS T1 JOIN concert AS T2 ON T1.id = T2.song_id",
+        False,
+        "easy",
+    ),  # fk clusters
     ("SELECT name FROM singer, song", "SELECT name FROM singer JOIN song", FAIL, "easy"),
-    ("SELECT name FROM singer WHERE (age > 3 OR age < 1)", "SELECT name FROM singer WHERE age > 3 OR age < 1", FAIL, "medium"),
-    ("SELECT name FROM singer WHERE country IN ('a', 'b')",
-     "SELECT name FROM singer WHERE country IN (SELECT country FROM singer)", FAIL, "hard"),
+    (
+        "SELECT name FROM singer WHERE (age > 3 OR age < 1)",
+        "SELECT name FROM singer WHERE age > 3 OR age < 1",
+        FAIL,
+        "medium",
+    ),
+    (
+        "SELECT name FROM singer WHERE country IN ('a', 'b')",
+        "SELECT name FROM singer WHERE country IN (SELECT country FROM singer)",
+        FAIL,
+        "hard",
+    ),
     ("SELECT name FROM singer WHERE age <> 3", "SELECT name FROM singer WHERE age != 3", FAIL, "easy"),
-    ("SELECT T1.name FROM singer AS T1 LEFT JOIN song AS T2 ON T1.id = T2.singer_id",
-     "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id", FAIL, "easy"),
+    (
+        "SELECT T1.name FROM singer AS T1 LEFT JOIN song AS T2 ON T1.id = T2.singer_id",
+        "SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id",
+        FAIL,
+        "easy",
+    ),
     ("SELECT name FROM singer WHERE country IS NULL", "SELECT name FROM singer WHERE country = 'x'", FAIL, "easy"),
-    ("SELECT T1.name FROM singer AS T1 WHERE T1.id IN (SELECT T1.singer_id FROM song AS T1)",
-     "SELECT T1.name FROM singer AS T1 WHERE T1.id IN (SELECT T2.singer_id FROM song AS T2)", FAIL, "hard"),  # T1: last AS wins
-    ("SELECT name FROM singer UNION SELECT name FROM singer EXCEPT SELECT title FROM song",
-     "SELECT name FROM singer UNION SELECT name FROM singer EXCEPT SELECT title FROM song", True, "hard"),  # A UNION (B EXCEPT C)
+    (
+        "SELECT T1.name FROM singer AS T1 WHERE T1.id IN (SELECT T1.singer_id FROM song AS T1)",
+        "SELECT T1.name FROM singer AS T1 WHERE T1.id IN (SELECT T2.singer_id FROM song AS T2)",
+        FAIL,
+        "hard",
+    ),  # T1: last AS wins
+    (
+        "SELECT name FROM singer UNION SELECT name FROM singer EXCEPT SELECT title FROM song",
+        "SELECT name FROM singer UNION SELECT name FROM singer EXCEPT SELECT title FROM song",
+        True,
+        "hard",
+    ),  # A UNION (B EXCEPT C)
 ]
 
 
@@ -162,7 +238,7 @@ def test_execution_agrees_with_test_suite(schemas, distinct):
 
 @needs_data
 def test_pathological_predictions_are_item_errors(schemas):
-    (gold, _, db), = dev_items()[0][:1]
+    ((gold, _, db),) = dev_items()[0][:1]
     preds = ["(" * 50 + "SELECT 1" + ")" * 50, "SELECT 'unclosed", "\x00\x01\xff binary", "SELECT a FROM", ""]
     scores = evaluate([(gold, p, db) for p in preds], schemas, DATA / "database")
     assert all(not it["exact"] for it in scores["items"])
@@ -182,8 +258,11 @@ def test_huge_values_stop_within_time_and_memory(tmp_path):
     conn.commit()
     conn.close()
     db = ReadOnlyDatabase(path, timeout_s=0.5)
-    for sql in ["SELECT randomblob(400000000)", "SELECT zeroblob(300000000) || zeroblob(300000000)",
-                "SELECT randomblob(900000) FROM t AS a JOIN t AS b"]:
+    for sql in [
+        "SELECT randomblob(400000000)",
+        "SELECT zeroblob(300000000) || zeroblob(300000000)",
+        "SELECT randomblob(900000) FROM t AS a JOIN t AS b",
+    ]:
         start = time.perf_counter()
         rows, error = db.run(sql)
         assert rows is None and error, sql
@@ -204,16 +283,38 @@ def run_cli(tmp_path, pred_bytes: bytes, *extra: str) -> subprocess.CompletedPro
     conn.execute("INSERT INTO animal VALUES (1, 'cat')")
     conn.commit()
     conn.close()
-    entry = {"db_id": "zoo", "table_names_original": ["animal"], "column_names_original": [[-1, "*"], [0, "id"], [0, "kind"]],
-             "column_names": [[-1, "*"], [0, "id"], [0, "kind"]], "table_names": ["animal"], "column_types": ["text"] * 3,
-             "primary_keys": [], "foreign_keys": []}
+    entry = {
+        "db_id": "zoo",
+        "table_names_original": ["animal"],
+        "column_names_original": [[-1, "*"], [0, "id"], [0, "kind"]],
+        "column_names": [[-1, "*"], [0, "id"], [0, "kind"]],
+        "table_names": ["animal"],
+        "column_types": ["text"] * 3,
+        "primary_keys": [],
+        "foreign_keys": [],
+    }
     (tmp_path / "tables.json").write_text(json.dumps([entry]))
     (tmp_path / "gold.tsv").write_text("SELECT kind FROM animal\tzoo\nSELECT count(*) FROM animal\tzoo\n")
     (tmp_path / "pred.txt").write_bytes(pred_bytes)
-    return subprocess.run([sys.executable, "-m", "harness", "tool", "spider-evaluate", f"gold={tmp_path / 'gold.tsv'}",
-                           f"pred={tmp_path / 'pred.txt'}", f"tables={tmp_path / 'tables.json'}",
-                           f"db_dir={tmp_path / 'db'}", "json=true", *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "tool",
+            "spider-evaluate",
+            f"gold={tmp_path / 'gold.tsv'}",
+            f"pred={tmp_path / 'pred.txt'}",
+            f"tables={tmp_path / 'tables.json'}",
+            f"db_dir={tmp_path / 'db'}",
+            "json=true",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_cli_reads_binary_predictions_line_by_line(tmp_path):

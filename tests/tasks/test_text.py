@@ -84,7 +84,9 @@ def test_sections_are_validated():
 # ----------------------------------------------------------------------------- IMDB
 
 REVIEWS = {
-    ("train", "pos"): [(i, 7 + i % 4, f"A fine film number {i}.<br /><br />Loved it, caf\u00e9 scene included.") for i in range(10)],
+    ("train", "pos"): [
+        (i, 7 + i % 4, f"A fine film number {i}.<br /><br />Loved it, caf\u00e9 scene included.") for i in range(10)
+    ],
     ("train", "neg"): [(i, 1 + i % 4, f"Dull film {i}. I walked out after an hour.") for i in range(10, 20)],
     ("test", "pos"): [(i, 10, f"Brilliant {i}!") for i in range(3)],
     ("test", "neg"): [(i, 2, f"Awful {i}.") for i in range(3, 6)],
@@ -108,8 +110,12 @@ def write_aclimdb(root):
 
 
 def imdb_rows(split):
-    return [(review, 1 if polarity == "pos" else 0) for (s, polarity), rows in REVIEWS.items() if s == split
-            for _, _, review in rows]
+    return [
+        (review, 1 if polarity == "pos" else 0)
+        for (s, polarity), rows in REVIEWS.items()
+        if s == split
+        for _, _, review in rows
+    ]
 
 
 def test_aclimdb_layout_with_validation_carved_from_train(tmp_path):
@@ -119,12 +125,18 @@ def test_aclimdb_layout_with_validation_carved_from_train(tmp_path):
     assert info.source == "imdb" and info.sizes == {"train": 16, "validation": 4, "test": 6}
     assert info.majority_accuracy == 0.5 and task.num_classes == 2
     train_rows = {(review.encode()[:40], y) for review, y in imdb_rows("train")}
-    seen = [(decode(x), y) for split in ("train", "validation") for x, y in zip(dsd[split]["input_ids"], dsd[split]["label"])]
+    seen = [
+        (decode(x), y)
+        for split in ("train", "validation")
+        for x, y in zip(dsd[split]["input_ids"], dsd[split]["label"])
+    ]
     assert sorted(seen) == sorted(train_rows)  # train + validation = IMDB's train, disjoint
     assert Counter(dsd["validation"]["label"]) == {0: 2, 1: 2}  # stratified
     test = sorted((decode(x), y) for x, y in zip(dsd["test"]["input_ids"], dsd["test"]["label"]))
     assert test == sorted((review.encode()[:40], y) for review, y in imdb_rows("test"))  # IMDB's own test set
-    cafe = next(x for x in [*dsd["train"]["input_ids"], *dsd["validation"]["input_ids"]] if decode(x).startswith(b"A fine"))
+    cafe = next(
+        x for x in [*dsd["train"]["input_ids"], *dsd["validation"]["input_ids"]] if decode(x).startswith(b"A fine")
+    )
     assert cafe == [b + 1 for b in b"A fine film number"] + cafe[18:]
     other = create_task("text", source="imdb", data_dir=str(data_dir), max_len=40, val_fraction=0.2, data_seed=3)
     again = create_task("text", source="imdb", data_dir=str(data_dir), max_len=40, val_fraction=0.2)
@@ -135,7 +147,9 @@ def test_aclimdb_layout_with_validation_carved_from_train(tmp_path):
 def test_aclimdb_bytes_are_utf8_shifted_by_one(tmp_path):
     data_dir = write_aclimdb(tmp_path / "imdb")
     dsd, _ = create_task("text", source="imdb", data_dir=str(data_dir), max_len=1000).load(tmp_path / "cache")
-    ids = next(x for x in [*dsd["train"]["input_ids"], *dsd["validation"]["input_ids"]] if decode(x).startswith(b"A fine"))
+    ids = next(
+        x for x in [*dsd["train"]["input_ids"], *dsd["validation"]["input_ids"]] if decode(x).startswith(b"A fine")
+    )
     assert decode(ids).decode("utf-8").endswith("caf\u00e9 scene included.")
     at = decode(ids).index("\u00e9".encode())
     assert ids[at : at + 2] == [0xC3 + 1, 0xA9 + 1]  # é is two bytes, each + 1
@@ -150,8 +164,10 @@ def write_hf_parquet(root):
     folder.mkdir(parents=True)
     for split in ("train", "test"):
         rows = imdb_rows(split)
-        pq.write_table(pa.table({"text": [r for r, _ in rows], "label": [y for _, y in rows]}),
-                       folder / f"{split}-00000-of-00001.parquet")
+        pq.write_table(
+            pa.table({"text": [r for r, _ in rows], "label": [y for _, y in rows]}),
+            folder / f"{split}-00000-of-00001.parquet",
+        )
     pq.write_table(pa.table({"text": ["no label"], "label": [-1]}), folder / "unsupervised-00000-of-00001.parquet")
     return root
 
@@ -165,10 +181,15 @@ def test_hf_parquet_and_save_to_disk_layouts(tmp_path):
     assert sorted(dsd["test"]["label"]) == [0, 0, 0, 1, 1, 1]
 
     saved = tmp_path / "saved"
-    datasets.DatasetDict({
-        split: datasets.Dataset.from_dict({"text": [r for r, _ in imdb_rows(split)], "label": [y for _, y in imdb_rows(split)]})
-        for split in ("train", "test")
-    } | {"unsupervised": datasets.Dataset.from_dict({"text": ["x"], "label": [-1]})}).save_to_disk(str(saved))
+    datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"text": [r for r, _ in imdb_rows(split)], "label": [y for _, y in imdb_rows(split)]}
+            )
+            for split in ("train", "test")
+        }
+        | {"unsupervised": datasets.Dataset.from_dict({"text": ["x"], "label": [-1]})}
+    ).save_to_disk(str(saved))
     dsd2, info2 = create_task("text", source="imdb", data_dir=str(saved), max_len=64).load(tmp_path / "cache")
     assert info2.fingerprint == info.fingerprint  # same reviews, same split, whatever the layout
     assert list(dsd2["train"]["input_ids"]) == list(dsd["train"]["input_ids"])
@@ -194,8 +215,9 @@ def test_malformed_imdb_records_name_file_and_record(tmp_path):
         create_task("text", source="imdb", data_dir=str(data_dir)).load(tmp_path / "cache")
 
     data_dir = write_hf_parquet(tmp_path / "bad_label")
-    pq.write_table(pa.table({"text": ["good", "bad label"], "label": [1, 5]}),
-                   data_dir / "plain_text/train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.table({"text": ["good", "bad label"], "label": [1, 5]}), data_dir / "plain_text/train-00000-of-00001.parquet"
+    )
     with pytest.raises(MalformedRecord, match=r"train-00000-of-00001\.parquet, record 1: 'label' 5 is not 0"):
         create_task("text", source="imdb", data_dir=str(data_dir)).load(tmp_path / "cache")
 
@@ -212,12 +234,24 @@ def test_missing_imdb_says_what_to_download(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_text_cell_end_to_end(tmp_path):
-    cfg = compose(["task=text", "mechanism=softmax", "scale=tiny", "trainer.progress_bar=false", "train.max_steps=12",
-                   "train.eval_every=6", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}"])
+    cfg = compose(
+        [
+            "task=text",
+            "mechanism=softmax",
+            "scale=tiny",
+            "trainer.progress_bar=false",
+            "train.max_steps=12",
+            "train.eval_every=6",
+            f"results_dir={tmp_path / 'results'}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert cfg.task.max_len == 256  # the task's tiny preset
     result = run_cell(cfg)
     assert result["status"] == "ok", result["error"]
     assert result["data"]["source"] == "manpages" and result["data"]["majority_accuracy"] == 0.5
     assert result["data"]["length_max"] == 256 and result["data"]["num_classes"] == 2
     assert 0 <= result["metrics"]["test"]["accuracy"] <= 1 and result["tokens_per_s"] > 0
-    assert len(list((tmp_path / "results/runs/tiny/text/softmax").rglob("seed0.json"))) == 1  # (a variant folder: not the presets)
+    assert (
+        len(list((tmp_path / "results/runs/tiny/text/softmax").rglob("seed0.json"))) == 1
+    )  # (a variant folder: not the presets)

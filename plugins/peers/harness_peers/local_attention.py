@@ -50,10 +50,17 @@ class LocalAttentionPeer(Attention):
         from local_attention import LocalAttention
 
         if cfg.window < 1 or cfg.look_backward < 0 or cfg.look_forward < 0:
-            raise ValueError(f"local_attention_peer needs window >= 1, look_backward >= 0, look_forward >= 0; got {cfg}")
+            raise ValueError(
+                f"local_attention_peer needs window >= 1, look_backward >= 0, look_forward >= 0; got {cfg}"
+            )
         common = dict(
-            window_size=cfg.window, look_backward=cfg.look_backward, exact_windowsize=cfg.exact_window,
-            autopad=True, use_rotary_pos_emb=False, shared_qk=False, dropout=0.0,
+            window_size=cfg.window,
+            look_backward=cfg.look_backward,
+            exact_windowsize=cfg.exact_window,
+            autopad=True,
+            use_rotary_pos_emb=False,
+            shared_qk=False,
+            dropout=0.0,
         )
         self.bidirectional = LocalAttention(causal=False, look_forward=cfg.look_forward, **common)
         self.causal = LocalAttention(causal=True, look_forward=0, **common)
@@ -69,5 +76,9 @@ class LocalAttentionPeer(Attention):
         context: AttentionContext | None = None,
     ) -> Tensor:
         b, _, n, _ = q.shape
-        keep = torch.ones(b, n, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask.bool()
+        keep = (
+            torch.ones(b, n, dtype=torch.bool, device=q.device)
+            if key_padding_mask is None
+            else ~key_padding_mask.bool()
+        )
         return (self.causal if causal else self.bidirectional)(q, k, v, mask=keep)  # (B, H, L, D)

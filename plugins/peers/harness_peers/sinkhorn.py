@@ -63,8 +63,14 @@ class SinkhornPeer(Attention):
         if cfg.block_size < 1 or cfg.sinkhorn_iters < 0 or cfg.temperature <= 0:
             raise ValueError(f"sinkhorn_peer needs block_size >= 1, sinkhorn_iters >= 0, temperature > 0, got {cfg}")
         self.peer = SinkhornAttention(
-            cfg.block_size, heads * dim_head, dim_head, heads, max_len,
-            temperature=cfg.temperature, non_permutative=False, sinkhorn_iter=cfg.sinkhorn_iters,
+            cfg.block_size,
+            heads * dim_head,
+            dim_head,
+            heads,
+            max_len,
+            temperature=cfg.temperature,
+            non_permutative=False,
+            sinkhorn_iter=cfg.sinkhorn_iters,
         )
 
     def forward(
