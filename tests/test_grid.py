@@ -485,7 +485,7 @@ def test_a_command_line_override_with_several_values_is_swept():
 def test_a_command_line_sweep_the_grid_cannot_list_is_one_line(arg, message):
     from harness.grid.sweep import GridError, command_line_sweep
 
-    with pytest.raises(GridError) as raised:
+    with pytest.raises(GridError, match="^" + re.escape(message)) as raised:
         command_line_sweep([arg])
     assert raised.value.message.startswith(message) and "\n" not in raised.value.message
 
@@ -574,7 +574,8 @@ def test_a_malformed_bundle_is_one_line_naming_it_and_its_file(monkeypatch, tmp_
     from harness.grid.sweep import GridError, expand
 
     path = a_grid_file(monkeypatch, tmp_path, f"tasks: [mqar]\ntask_sweep:\n  listops: {sweep}\n")
-    with pytest.raises(GridError) as raised:  # listops's entry is checked though the grid runs mqar only
+    # listops's entry is checked though the grid runs mqar only
+    with pytest.raises(GridError, match="^" + re.escape(f"{path}, {message}")) as raised:
         expand({"grid": "mine", "scale": "tiny"})
     assert raised.value.message.startswith(f"{path}, {message}"), raised.value.message
     assert "\n" not in raised.value.message
@@ -594,7 +595,7 @@ task_sweep:
 """,
     )
     scale, groups = sweep.expand({"grid": "mine", "scale": "tiny", "mechanisms": "softmax", "seeds": "0"})
-    with pytest.raises(GridError := sweep.GridError) as raised:
+    with pytest.raises(sweep.GridError, match=r"^cell override rejected in bundle 'typo'") as raised:
         sweep._check_overrides(scale, groups, str(tmp_path / "results"))
     assert raised.value.message.startswith(
         f"cell override rejected in bundle 'typo' ({path}, task_sweep.listops): Could not override 'task.max_lenght'"
@@ -604,7 +605,7 @@ task_sweep:
     scale, groups = sweep.expand(
         {"grid": "mine", "scale": "tiny", "mechanisms": "softmax", "seeds": "0"}, ["modle.depth=2"]
     )
-    with pytest.raises(GridError) as raised:
+    with pytest.raises(sweep.GridError, match="^cell override rejected: ") as raised:
         sweep._check_overrides(scale, groups, str(tmp_path / "results"))
     assert raised.value.message.startswith("cell override rejected: ") and "bundle" not in raised.value.message
     assert not (tmp_path / "results").exists()
@@ -667,7 +668,7 @@ def test_n_jobs_auto_is_one_cell_per_core_within_memory_and_one_on_a_gpu():
     assert resolve_n_jobs("auto", cores=16, memory_gb=128, gpu=True) == 1
     assert resolve_n_jobs("3") == 3
     for bad in ("0", "two", "-1"):
-        with pytest.raises(GridError) as raised:
+        with pytest.raises(GridError, match="a positive integer or auto") as raised:
             resolve_n_jobs(bad)
         assert "a positive integer or auto" in raised.value.message
 
@@ -768,7 +769,7 @@ def test_an_opt_in_launcher_without_its_package_names_the_extra(monkeypatch, tmp
     for package, extra in (("hydra_joblib_launcher", "joblib"), ("hydra_submitit_launcher", "slurm")):
         monkeypatch.setitem(sys.modules, f"hydra_plugins.{package}", None)  # import fails as if absent
         launcher = "joblib" if extra == "joblib" else "slurm"
-        with pytest.raises(GridError) as raised:
+        with pytest.raises(GridError, match=re.escape(f"pip install -e '.[{extra}]'")) as raised:
             launch(scale, groups, {"launcher": launcher}, str(tmp_path))
         assert f"pip install -e '.[{extra}]'" in raised.value.message
     assert not (tmp_path / "sweeps").exists()

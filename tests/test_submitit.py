@@ -29,7 +29,7 @@ def test_submitit_local_without_the_package_names_the_extra(monkeypatch, tmp_pat
 
     scale, groups = expand({"scale": "tiny", "tasks": "listops", "mechanisms": "softmax", "seeds": "0"})
     monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_submitit_launcher", None)  # import fails as if absent
-    with pytest.raises(GridError) as raised:
+    with pytest.raises(GridError, match="^launcher=submitit_local needs hydra-submitit-launcher") as raised:
         launch(scale, groups, {"launcher": "submitit_local"}, str(tmp_path))
     assert raised.value.message == ("launcher=submitit_local needs hydra-submitit-launcher: pip install -e '.[slurm]'")
     assert not (tmp_path / "sweeps").exists()

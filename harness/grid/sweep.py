@@ -100,6 +100,9 @@ class GridError(SystemExit):
         super().__init__(2)
         self.message = message
 
+    def __str__(self) -> str:
+        return self.message
+
 
 @dataclass
 class Group:
