@@ -452,6 +452,18 @@ def wrapped(text: str, width_in: float, fontsize: float) -> str:
     return "\n".join(textwrap.wrap(text, max(20, int(width_in * 72 / (0.55 * fontsize)))))
 
 
+def finish_figure(fig: Any, title: str, path: Path) -> Path:
+    """Every plot's last step: ``title`` wrapped to the figure's width as its suptitle, the figure
+    written atomically to ``path`` (110 dpi), and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(wrapped(title, fig.get_figwidth(), 11), fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure_atomic(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def series_style(names: list[str]) -> dict[str, dict[str, Any]]:
     """A distinct (colour, marker, line style) per name, for 15+ series: 18 tab20 colours (strong
     shades first) crossed with 14 markers, solid lines first, then dashed; softmax drawn thicker."""
@@ -614,19 +626,12 @@ def _scaling_plot(frame: pd.DataFrame, causal: bool, kind: str, path: Path) -> P
         ax.axis("off")
     what = "Throughput" if kind == "throughput" else "Peak memory"
     measured = MODE_TITLES.get(modes[0], modes[0]) if len(modes) == 1 else "each panel's mode"
-    fig.suptitle(
-        wrapped(
-            f"{what} vs sequence length, a panel per family, softmax (black) in each: {measured}; "
-            f"{'causal' if causal else 'non-causal'}, log-log; ✕ where a series stops",
-            fig.get_figwidth(),
-            11,
-        ),
-        fontsize=11,
+    return finish_figure(
+        fig,
+        f"{what} vs sequence length, a panel per family, softmax (black) in each: {measured}; "
+        f"{'causal' if causal else 'non-causal'}, log-log; ✕ where a series stops",
+        path,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:

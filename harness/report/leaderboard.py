@@ -36,7 +36,6 @@ from harness.core.results import (
     check_not_shrinking,
     code_commit,
     record_cache_path,
-    save_figure_atomic,
     scan_results,
     write_text_atomic,
 )
@@ -979,7 +978,7 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from harness.report.efficiency import series_style, wrapped
+    from harness.report.efficiency import finish_figure, series_style
 
     tasks = sorted(stats.task.unique())
     if not tasks:
@@ -1073,19 +1072,12 @@ def accuracy_length_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
         if stats.column_config.astype(bool).any()
         else ""
     )
-    fig.suptitle(
-        wrapped(
-            f"Accuracy vs sequence length — scale `{scale}` (✕ at the foot: no cell finished there; "
-            f"lines join only lengths run with one config){shared}",
-            fig.get_figwidth(),
-            11,
-        ),
-        fontsize=11,
+    return finish_figure(
+        fig,
+        f"Accuracy vs sequence length — scale `{scale}` (✕ at the foot: no cell finished there; "
+        f"lines join only lengths run with one config){shared}",
+        path,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale: str) -> Path | None:
@@ -1097,7 +1089,7 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from harness.report.efficiency import series_style, wrapped
+    from harness.report.efficiency import finish_figure, series_style
 
     shown = stats[stats.higher & stats.curve.map(bool)]
     columns = columns_of(shown) if len(shown) else []
@@ -1133,13 +1125,7 @@ def learning_curves_plot(stats: pd.DataFrame, baselines: dict, path: Path, scale
     for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     figure_legend(fig, axes)
-    fig.suptitle(
-        wrapped(f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)", fig.get_figwidth(), 11),
-        fontsize=11,
-    )
-    save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, f"Learning curves — scale `{scale}` (validation accuracy, mean over seeds)", path)
 
 
 def accuracy_throughput_plot(
@@ -1155,7 +1141,7 @@ def accuracy_throughput_plot(
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from harness.report.efficiency import pareto_front, series_style, si_number, wrapped
+    from harness.report.efficiency import finish_figure, pareto_front, series_style, si_number
 
     ok = stats[(stats.n_ok > 0) & stats.higher & stats.tokens_per_s.notna() & (stats.length > 0)].copy()
     # one panel per config too: throughputs of a preset model and a 4x smaller variant do not compare
@@ -1202,18 +1188,9 @@ def accuracy_throughput_plot(
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(
-        wrapped(
-            f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config",
-            fig.get_figwidth(),
-            11,
-        ),
-        fontsize=11,
+    return finish_figure(
+        fig, f"Accuracy vs training throughput — scale `{scale}`, a panel per task, length and config", path
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- the page
