@@ -169,6 +169,9 @@ def test_a_typod_mechanism_is_exit_2_and_one_line(argv, capsys):
             "unknown key 'task.max_lenn' for data (did you mean 'task.max_len'?)",
         ),
         (["lst"], "unknown command 'lst' (did you mean 'list'?)"),
+        (["speed", "scale=huge"], "scale=huge: unknown scale 'huge'; valid: lra, small, tiny"),
+        (["speed", "compare=softmax:linear", "scale=huge"], "scale=huge: unknown scale 'huge'"),
+        (["speed", "overhead", "scale=huge"], "scale=huge: unknown scale 'huge'"),
     ],
 )
 def test_bad_values_and_names_are_exit_2_and_one_line(argv, message, capsys):

@@ -49,6 +49,7 @@ from harness.bench.speed import (
     SpeedConfig,
     attention_inputs,
     build_attention_step,
+    check_scale,
     hardware,
     limit_address_space,
     plan,
@@ -139,6 +140,7 @@ def parse_config(argv: list[str]) -> CompareConfig:
         raise UsageError(str(exc)) from None
     if cfg.rounds < 1 or cfg.warmup < 0:
         raise UsageError(f"compare needs rounds >= 1 and warmup >= 0; got rounds={cfg.rounds}, warmup={cfg.warmup}")
+    check_scale(cfg.scale)
     discover()
     try:
         check_pairs(cfg.compare, cfg.causal)  # unknown names (did you mean), missing capabilities: one line

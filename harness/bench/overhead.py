@@ -386,11 +386,12 @@ def after_sweep(speed_cfg: Any) -> None:
 
 def parse_config(argv: list[str]) -> OverheadConfig:
     """``k=v`` arguments (the one grammar, ``harness.core.overrides``) -> a checked OverheadConfig."""
-    from harness.bench.speed import REFUSED
+    from harness.bench.speed import REFUSED, check_scale
     from harness.core.overrides import parse
     from harness.core.registry import discover, get_mechanism, get_task
 
     cfg = parse(OverheadConfig, argv, command="speed overhead", refused=REFUSED)
+    check_scale(cfg.scale)
     discover()
     get_mechanism(cfg.mechanism)  # UnknownNameError: one line with the registered names
     get_task(cfg.task)

@@ -832,6 +832,18 @@ def records_dir(cfg: Any) -> Path:
 REFUSED = {"out": "use results_dir= (the records go to <results_dir>/speed)"}
 
 
+def check_scale(scale: str) -> None:
+    """``scale=`` of a speed command: ``auto`` or a file of harness/conf/scale/ (UsageError naming them)."""
+    from harness.core.overrides import UsageError
+    from harness.train.config import conf_file
+
+    if scale != "auto":
+        try:
+            conf_file("scale", scale)
+        except ValueError as exc:
+            raise UsageError(f"scale={scale}: {exc}") from None
+
+
 def parse_config(argv: list[str]) -> SpeedConfig:
     """``k=v`` arguments (the one grammar, ``harness.core.overrides``: e.g. ``lengths=[256,512]``,
     ``mechanism_config.performer.num_features=128``) -> a checked SpeedConfig (UsageError if not)."""
@@ -845,6 +857,7 @@ def parse_config(argv: list[str]) -> SpeedConfig:
     check_choice("rerun", cfg.rerun, ("none", "failed", "all"))
     check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
     check_choice("precision", cfg.precision, ("auto", *PRECISIONS))
+    check_scale(cfg.scale)
     if cfg.mechanisms != "all":
         from harness.core.registry import discover, get_mechanism
 
