@@ -369,7 +369,9 @@ def test_compare_pairs_are_parsed_and_malformed_ones_refused():
 def test_compare_refuses_unknown_names_and_missing_capabilities_in_one_line():
     from harness.bench import compare
 
-    with pytest.raises(ValueError, match=r"unknown mechanism 'softmx' \(did you mean softmax.*registered: .*local"):
+    with pytest.raises(
+        ValueError, match=r"unknown mechanism 'softmx' \(did you mean 'softmax'\?\); registered mechanisms: .*local"
+    ):
         compare.check_pairs([("local", "softmx")], [False])
     with pytest.raises(ValueError, match="'nystrom' has no causal capability"):
         compare.check_pairs([("local", "nystrom")], [False, True])

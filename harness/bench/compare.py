@@ -29,7 +29,6 @@ always measured anew (a comparison is about the machine now), and a table on std
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import random
@@ -151,15 +150,14 @@ def parse_config(argv: list[str]) -> CompareConfig:
 
 def check_pairs(pairs: list[tuple[str, str]], causal_flags: list[bool]) -> None:
     """Every name registered (else the valid ones, closest first) and able to run every masking asked."""
-    from harness.core.registry import get_mechanism, list_mechanisms
+    from harness.core.registry import UnknownNameError, get_mechanism
 
-    names = list_mechanisms()
     for name in dict.fromkeys(n for pair in pairs for n in pair):
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"compare: unknown mechanism '{name}'{hint}; registered: {', '.join(names)}")
-        if any(causal_flags) and not get_mechanism(name).capabilities.causal:
+        try:
+            spec = get_mechanism(name)
+        except UnknownNameError as exc:  # a KeyError: its one line, as a ValueError of the command
+            raise ValueError(f"compare: {exc.args[0]}") from None
+        if any(causal_flags) and not spec.capabilities.causal:
             raise ValueError(
                 f"compare: mechanism '{name}' has no causal capability; drop causal=true "
                 f"(causal=[false]) or compare mechanisms that support it"
@@ -277,14 +275,6 @@ def measure_pair(pair: PairJob, *, limit_memory: bool = False) -> dict[str, Any]
         torch.set_num_threads(threads_before)
     outcome["wall_s"] = round(time.perf_counter() - started, 3)
     return outcome
-
-
-def _compare_child(pair: PairJob, conn) -> None:
-    """Entry point of a forked comparison process: measure, send the outcome, exit."""
-    try:
-        conn.send(measure_pair(pair, limit_memory=True))
-    finally:
-        conn.close()
 
 
 # ----------------------------------------------------------------------------- the arithmetic
@@ -406,7 +396,7 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     env = {**environment(), "hardware": hardware(shared["device"])}
     if cfg.isolate:
         preload = mechanism_modules(plugins=False)
-        runner = IsolatedRunner(["harness.bench.compare", *preload], target=_compare_child)
+        runner = IsolatedRunner(["harness.bench.compare", *preload], measure_job=measure_pair)
         run: Callable[[PairJob], dict[str, Any]] = runner.run
     else:
         run = measure_pair

@@ -406,10 +406,11 @@ def measure(job: Job, *, limit_memory: bool = False) -> dict[str, Any]:
     return outcome
 
 
-def _child_main(job: Job, conn) -> None:
-    """Entry point of a forked measurement process: measure, send the outcome, exit."""
+def _child_main(measure_job, job, conn) -> None:
+    """Entry point of a forked measurement process: ``measure_job(job, limit_memory=True)``
+    (``measure`` here, ``compare.measure_pair`` for a comparison), send the outcome, exit."""
     try:
-        conn.send(measure(job, limit_memory=True))
+        conn.send(measure_job(job, limit_memory=True))
     finally:
         conn.close()
 
@@ -421,17 +422,17 @@ class IsolatedRunner:
     """One fresh process per measurement, forked from a forkserver that has imported torch
     and every mechanism module but computed nothing (so forking is cheap and safe)."""
 
-    def __init__(self, preload: list[str], target=None):
+    def __init__(self, preload: list[str], measure_job=None):
         import multiprocessing as mp
 
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["torch", "harness.train.model", "harness.bench.speed", *preload])
-        self.target = target or _child_main  # (job, connection) -> sends the outcome
+        self.measure_job = measure_job or measure  # (job, limit_memory=) -> outcome; module-level, picklable
 
     def run(self, job) -> dict[str, Any]:
-        """``job``: a Job, or a PairJob for ``target=_compare_child`` (both have timeout_s and label)."""
+        """``job``: a Job, or a PairJob for ``measure_job=compare.measure_pair`` (both have timeout_s and label)."""
         receive, send = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=self.target, args=(job, send), daemon=True, name=job.label)
+        process = self.ctx.Process(target=_child_main, args=(self.measure_job, job, send), daemon=True, name=job.label)
         started = time.perf_counter()
         process.start()
         send.close()

@@ -194,12 +194,13 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory called), or ``"???"`` (OmegaConf's MISSING) when required."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
-    return "(required)"
+    return "???"
 
 
 def _show(value: Any) -> str:
@@ -225,7 +226,7 @@ def schema_rows(schema: type) -> list[tuple[str, str, str, str]]:
     rows = []
     for f in dataclasses.fields(schema):
         text = f.metadata.get("help") or comments.get(f.name, "")
-        rows.append((f.name, _type_name(hints.get(f.name, f.type)), _show(_default(f)), text))
+        rows.append((f.name, _type_name(hints.get(f.name, f.type)), _show(field_default(f)), text))
     return rows
 
 

@@ -374,7 +374,10 @@ def _lookup(kind: str, registry: dict, name: str):
     if name not in registry:
         valid = ", ".join(sorted(registry)) or "(none)"
         hint = f" (failed plugins: {', '.join(sorted(_ERRORS))})" if _ERRORS else ""
-        raise UnknownNameError(f"unknown {kind} '{name}'; registered {kind}s: {valid}{hint}")
+        from harness.core.overrides import did_you_mean
+
+        close = did_you_mean(name, registry)
+        raise UnknownNameError(f"unknown {kind} '{name}'{close}; registered {kind}s: {valid}{hint}")
     return registry[name]
 
 
@@ -470,10 +473,7 @@ def describe() -> dict[str, Any]:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:  # a required field
-        return "???"
+    from harness.core.overrides import field_default
+
+    value = field_default(f)
     return value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else repr(value)
