@@ -172,9 +172,9 @@ def test_killing_the_grid_kills_its_cells(env):
     )
     deadline = time.time() + 300
     folder = str(results)  # the grid hands it on quoted (results_dir='...'): look for the path itself
-    while time.time() < deadline and not _processes_with(folder, "harness.train.run\x00task="):
+    while time.time() < deadline and not _processes_with(folder, "harness.train\x00task="):
         time.sleep(0.5)
-    assert _processes_with(folder, "harness.train.run\x00task="), "the cell never started"
+    assert _processes_with(folder, "harness.train\x00task="), "the cell never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30

@@ -1426,3 +1426,40 @@ def test_the_dry_run_estimates_from_whole_process_times_and_says_from_how_many_r
         "4 of 4 cells left estimated from 2 recorded cells' whole process time; 1 of those records only "
         "training time" in out
     ), out
+
+
+@pytest.mark.parametrize(
+    "rerun,status,starts",
+    [
+        ("none", "ok", False),
+        ("none", "failed", False),
+        ("failed", "ok", False),
+        ("failed", "failed", True),
+        ("all", "ok", True),
+    ],
+)
+def test_the_grid_skips_a_standing_record_without_starting_a_process(workdir, monkeypatch, rerun, status, starts):
+    """A recorded cell whose record stands (run's own rule, ``record_stands``) is skipped by the launcher
+    itself, so resuming a grid costs no process start per recorded cell; anything else starts one."""
+    from harness.core.results import write_json_atomic
+    from harness.grid import launcher
+
+    target = resolve_cell(cell(workdir, "mechanism=softmax", "seed=11", f"rerun={rerun}"))
+    record = {**run_cell(cell(workdir, "mechanism=softmax", "seed=11")), "status": status}
+    record.pop("_path", None)
+    write_json_atomic(target.result_path, record)
+
+    class Started(Exception):
+        pass
+
+    def popen(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen)
+    runner = launcher.ProcessLauncherBase(n_jobs=1)
+    if starts:
+        with pytest.raises(Started):
+            runner._run_cell_process(target, [], rerun)
+    else:
+        kept = runner._run_cell_process(target, [], rerun)
+        assert kept["_skipped"] is True and kept["status"] == status and kept["seed"] == 11

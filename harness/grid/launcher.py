@@ -3,7 +3,7 @@
 
 Why not the basic launcher: it runs every cell inside the sweep's process, so one cell the
 kernel kills (out of memory, a segfault in a kernel) ends the whole grid, and every cell
-reads the sweep's peak memory. Here each cell is ``python -m harness.train.run <its overrides>``:
+reads the sweep's peak memory. Here each cell is ``python -m harness.train <its overrides>``:
 
 * a cell that dies without writing its result (SIGKILL from the OOM killer, a segfault, an
   abort) is recorded by the launcher, under the cell's lock, as ``oom`` (killed by SIGKILL)
@@ -174,7 +174,10 @@ class ProcessLauncherBase(Launcher):
         try:
             with _RESOLVE:
                 cell = resolve_cell(sweep_config)
-            record = self._run_cell_process(cell, overrides) if self._stopping is None else self._interrupted(cell)
+            rerun = str(sweep_config.get("rerun", "none"))
+            record = (
+                self._run_cell_process(cell, overrides, rerun) if self._stopping is None else self._interrupted(cell)
+            )
             ret.status, ret._return_value = JobStatus.COMPLETED, record
         except Exception as exc:  # a bad cell config: recorded in the sweep, never the end of it
             log.error("cell #%d (%s) could not start: %s", idx, " ".join(filter_overrides(overrides)), exc)
@@ -182,12 +185,16 @@ class ProcessLauncherBase(Launcher):
         callbacks.on_job_end(config=sweep_config, job_return=ret)
         return ret
 
-    def _run_cell_process(self, cell, overrides: list[str]) -> dict[str, Any]:
+    def _run_cell_process(self, cell, overrides: list[str], rerun: str = "none") -> dict[str, Any]:
         from harness.core.results import read_result
+        from harness.train.run import record_stands
 
+        kept = read_result(cell.result_path)
+        if kept is not None and kept.get("config_hash") == cell.config_hash and record_stands(kept, rerun):
+            return {**kept, "_skipped": True}  # what the cell's own process would do, without starting one
         cell.log_dir.mkdir(parents=True, exist_ok=True)
         out_path = cell.log_dir / "process.out"
-        command = [sys.executable, "-m", "harness.train.run", *overrides]
+        command = [sys.executable, "-m", "harness.train", *overrides]
         started = time.time()
         env = cell_environment(self.n_jobs)
         with open(out_path, "ab") as out:

@@ -100,6 +100,8 @@ class CellProgress(Callback):
                 + (f"/seed{record.get('seed')}")
             )
             detail = key_metric(record) if status != "running" else "running in another process"
+            if not ran:
+                detail += " (recorded before: skipped)"
         else:
             status = "done" if job_return.status == JobStatus.COMPLETED else "failed"
             ran = True

@@ -22,7 +22,7 @@ of every bundle is composed). The overrides of a cell, in order: ``overrides``, 
 ``task_overrides``, its bundle, the command line's, then the swept keys.
 
 The grid expands into groups (a task and a bundle: mechanisms x seeds x swept values) and launches
-every cell of every group through one Hydra multirun (``python -m harness.train.run --multirun``
+every cell of every group through one Hydra multirun (``python -m harness.train --multirun``
 with ``hydra/sweeper=cells``, which hands the launcher the list of cells), so ``n_jobs`` cells run
 side by side until the last one, groups whose cells cost most (``cell_cost``) first. The launcher:
 ``launcher=process`` (default: each cell in its own fresh process, ``n_jobs=N`` side by side),
@@ -751,7 +751,7 @@ def launch(scale: str, groups: list[Group], own: dict[str, str], results_dir: st
     command = [
         sys.executable,
         "-m",
-        "harness.train.run",
+        "harness.train",
         "--multirun",
         f"scale={scale}",
         f"results_dir={quoted(results_dir)}",

@@ -236,6 +236,12 @@ def _set_aside(cell: Cell, previous: dict[str, Any]) -> Path | None:
     return target
 
 
+def record_stands(previous: dict[str, Any], rerun: str) -> bool:
+    """Whether a cell's record of its own config stands, so the cell is skipped: finished
+    (``ok``/``unsupported``) unless ``rerun=all``, any status under ``rerun=none``."""
+    return rerun != "all" and (previous["status"] in FINISHED or rerun == "none")
+
+
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run one cell (or skip it when already recorded); return its result record.
 
@@ -305,16 +311,15 @@ def _run_locked(cfg: DictConfig, cell: Cell) -> dict[str, Any]:
             moved,
         )
         previous = None
-    if previous is not None and cfg.rerun != "all":
-        if previous["status"] in FINISHED or cfg.rerun == "none":
-            log.info(
-                "skip %s: recorded as %s (rerun=%s to redo)",
-                cell.name,
-                previous["status"],
-                "all" if previous["status"] in FINISHED else "failed",
-            )
-            print(cell.result_path, flush=True)
-            return {**previous, "_skipped": True}
+    if previous is not None and record_stands(previous, cfg.rerun):
+        log.info(
+            "skip %s: recorded as %s (rerun=%s to redo)",
+            cell.name,
+            previous["status"],
+            "all" if previous["status"] in FINISHED else "failed",
+        )
+        print(cell.result_path, flush=True)
+        return {**previous, "_skipped": True}
 
     ckpt = cell.checkpoint_dir
     if previous is not None:  # a recorded cell redone starts afresh; only a killed (unrecorded) one resumes
@@ -877,7 +882,8 @@ def check_before_hydra(args: list[str]) -> None:
 
 
 def main() -> None:
-    """Hydra entry point (``python -m harness.train.run ...``, or ``--multirun`` for a sweep)."""
+    """Hydra entry point (``python -m harness.train ...`` or ``python -m harness run ...``;
+    ``--multirun`` for a sweep)."""
     import hydra
 
     from harness.core.registry import discover
